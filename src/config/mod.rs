@@ -1,0 +1,102 @@
+//! Plugin and task configuration: the typed values, their defaults and
+//! validation, and the hclspec schema next to them so a field cannot exist in
+//! one and not the other (see the drift tests in `tests/schema_roundtrip.rs`).
+
+pub mod plugin;
+pub mod task;
+pub mod units;
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+
+/// One problem with a config value: which field, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `disk[0].source.image`.
+    pub field: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// Every problem found in one config, reported together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// Which config: "plugin config" or "task config".
+    pub what: &'static str,
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: ", self.what)?;
+        for (index, error) in self.errors.iter().enumerate() {
+            if index > 0 {
+                write!(f, "; ")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects field errors while validating.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<FieldError>);
+
+impl Problems {
+    pub fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError { field: field.into(), message: message.into() });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_result<T>(self, what: &'static str, value: T) -> Result<T, ConfigError> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigError { what, errors: self.0 })
+        }
+    }
+}
+
+/// Decodes cty-msgpack (as Nomad encodes it) into a typed config, naming the
+/// field on a type error. Empty input means "no config block".
+pub fn decode_msgpack<T: DeserializeOwned + Default>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, ConfigError> {
+    if bytes.is_empty() {
+        return Ok(T::default());
+    }
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let field = error.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        let message = explain_decode_error(&error.inner().to_string());
+        ConfigError { what, errors: vec![FieldError { field, message }] }
+    })
+}
+
+/// Turns serde's wording into advice a job author can act on.
+fn explain_decode_error(raw: &str) -> String {
+    if let Some(rest) = raw.strip_prefix("unknown field ") {
+        format!("unknown attribute or block {rest}")
+    } else if raw.starts_with("invalid type") {
+        format!("wrong type ({raw})")
+    } else {
+        raw.to_string()
+    }
+}

@@ -1,0 +1,322 @@
+//! The plugin config: the `plugin "nomad-driver-virt" { config { ... } }`
+//! block of a Nomad client, its schema, defaults and validation.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tracing_subscriber::filter::LevelFilter;
+
+use super::{ConfigError, Problems};
+use crate::nomad::hclspec::Spec;
+
+/// libvirt URI used when the plugin config names none.
+pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
+/// Name and path of the storage pool used when none is configured.
+pub const DEFAULT_POOL_NAME: &str = "nomad-virt";
+pub const DEFAULT_POOL_PATH: &str = "/var/lib/nomad-driver-virt/pools/nomad-virt";
+
+/// The plugin config as Nomad encodes it (every field optional on the wire).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    pub provider: Option<ProviderConfig>,
+    pub image_paths: Option<Vec<String>>,
+    pub storage_pools: Option<StoragePoolsConfig>,
+    pub accelerator: Option<String>,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub libvirt: Option<LibvirtConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    pub uri: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoragePoolsConfig {
+    pub default: Option<String>,
+    pub directory: Option<BTreeMap<String, DirectoryPoolConfig>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryPoolConfig {
+    pub path: Option<String>,
+}
+
+/// The schema Nomad decodes the plugin config block with.
+pub fn schema() -> Spec {
+    Spec::object([
+        (
+            "provider",
+            Spec::block(Spec::object([(
+                "libvirt",
+                Spec::block(Spec::object([
+                    ("uri", Spec::attr_with_default("uri", "string", &format!("{DEFAULT_LIBVIRT_URI:?}"))),
+                    ("user", Spec::attr("string")),
+                    ("password", Spec::attr("string")),
+                ])),
+            )])),
+        ),
+        ("image_paths", Spec::attr("list(string)")),
+        (
+            "storage_pools",
+            Spec::block(Spec::object([
+                ("default", Spec::attr("string")),
+                ("directory", Spec::block_map("name", Spec::object([("path", Spec::required_attr("string"))]))),
+            ])),
+        ),
+        ("accelerator", Spec::attr_with_default("accelerator", "string", "\"auto\"")),
+        ("log_level", Spec::attr("string")),
+    ])
+}
+
+/// Which QEMU accelerator domains use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceleratorChoice {
+    /// KVM when /dev/kvm is usable and libvirt offers it, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// A directory storage pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryPool {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// The validated plugin settings with defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub libvirt_uri: String,
+    pub libvirt_credentials: Option<(String, String)>,
+    pub image_paths: Vec<PathBuf>,
+    pub pools: Vec<DirectoryPool>,
+    pub default_pool: String,
+    pub accelerator: AcceleratorChoice,
+    pub log_level: Option<LevelFilter>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        PluginConfig::default()
+            .validate()
+            .unwrap_or_else(|_| unreachable_default())
+    }
+}
+
+// The empty config always validates (tested); this only satisfies the types.
+fn unreachable_default() -> Settings {
+    Settings {
+        libvirt_uri: DEFAULT_LIBVIRT_URI.into(),
+        libvirt_credentials: None,
+        image_paths: Vec::new(),
+        pools: vec![DirectoryPool { name: DEFAULT_POOL_NAME.into(), path: DEFAULT_POOL_PATH.into() }],
+        default_pool: DEFAULT_POOL_NAME.into(),
+        accelerator: AcceleratorChoice::Auto,
+        log_level: None,
+    }
+}
+
+/// A libvirt object name we create or look up: no path separators or XML
+/// specials, reasonable length.
+pub fn is_valid_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+}
+
+impl PluginConfig {
+    /// Checks every field and applies defaults; reports all problems at once.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let mut problems = Problems::default();
+        let libvirt = self.provider.as_ref().and_then(|p| p.libvirt.clone()).unwrap_or_default();
+
+        let libvirt_uri = libvirt.uri.clone().unwrap_or_else(|| DEFAULT_LIBVIRT_URI.into());
+        if libvirt_uri.trim().is_empty() || !libvirt_uri.contains(':') {
+            problems.add(
+                "provider.libvirt.uri",
+                format!("{libvirt_uri:?} is not a libvirt URI; use e.g. \"qemu:///system\" or \"qemu+ssh://host/system\""),
+            );
+        }
+        let user = libvirt.user.as_deref().filter(|user| !user.is_empty());
+        let password = libvirt.password.as_deref().filter(|password| !password.is_empty());
+        let libvirt_credentials = match (user, password) {
+            (None, None) => None,
+            (Some(user), Some(password)) => Some((user.to_string(), password.to_string())),
+            (Some(_), None) => {
+                problems.add("provider.libvirt.password", "is required when provider.libvirt.user is set");
+                None
+            }
+            (None, Some(_)) => {
+                problems.add("provider.libvirt.user", "is required when provider.libvirt.password is set");
+                None
+            }
+        };
+
+        let mut image_paths = Vec::new();
+        for (index, path) in self.image_paths.iter().flatten().enumerate() {
+            let candidate = PathBuf::from(path);
+            if !candidate.is_absolute() {
+                problems.add(format!("image_paths[{index}]"), format!("{path:?} must be an absolute path"));
+            } else {
+                image_paths.push(candidate);
+            }
+        }
+
+        let pools_config = self.storage_pools.clone().unwrap_or_default();
+        let mut pools = Vec::new();
+        for (name, pool) in pools_config.directory.iter().flatten() {
+            let field = format!("storage_pools.directory[{name:?}]");
+            if !is_valid_object_name(name) {
+                problems.add(
+                    field.clone(),
+                    "pool names may use letters, digits, '-', '_' and '.', up to 64 characters",
+                );
+            }
+            match pool.path.as_deref() {
+                Some(path) if PathBuf::from(path).is_absolute() => {
+                    pools.push(DirectoryPool { name: name.clone(), path: PathBuf::from(path) })
+                }
+                Some(path) => problems.add(format!("{field}.path"), format!("{path:?} must be an absolute path")),
+                None => problems.add(format!("{field}.path"), "is required: the directory that holds the pool's volumes"),
+            }
+        }
+        let configured_pools = pools_config.directory.as_ref().map_or(0, BTreeMap::len);
+        if configured_pools == 0 {
+            pools.push(DirectoryPool { name: DEFAULT_POOL_NAME.into(), path: DEFAULT_POOL_PATH.into() });
+        }
+        let default_pool = match pools_config.default.as_deref() {
+            Some(name) if configured_pools > 0 => {
+                if !pools_config.directory.iter().flatten().any(|(pool, _)| pool == name) {
+                    let known: Vec<&str> = pools_config.directory.iter().flatten().map(|(n, _)| n.as_str()).collect();
+                    problems.add("storage_pools.default", format!("{name:?} is not a configured pool; configured: {}", known.join(", ")));
+                }
+                name.to_string()
+            }
+            Some(name) => {
+                problems.add("storage_pools.default", format!("{name:?} names a pool but no storage_pools.directory block is configured"));
+                name.to_string()
+            }
+            None if configured_pools > 1 => {
+                problems.add("storage_pools.default", "is required when more than one pool is configured");
+                String::new()
+            }
+            None => pools.first().map(|pool| pool.name.clone()).unwrap_or_default(),
+        };
+
+        let accelerator = match self.accelerator.as_deref().unwrap_or("auto") {
+            "auto" => AcceleratorChoice::Auto,
+            "kvm" => AcceleratorChoice::Kvm,
+            "tcg" => AcceleratorChoice::Tcg,
+            other => {
+                problems.add("accelerator", format!("{other:?} is not one of \"auto\", \"kvm\", \"tcg\""));
+                AcceleratorChoice::Auto
+            }
+        };
+
+        let log_level = match self.log_level.as_deref() {
+            None | Some("") => None,
+            Some(level) => match crate::plugin::hclog::parse_level(level) {
+                Some(level) => Some(level),
+                None => {
+                    problems.add("log_level", format!("{level:?} is not one of trace, debug, info, warn, error, off"));
+                    None
+                }
+            },
+        };
+
+        problems.into_result(
+            "plugin config",
+            Settings {
+                libvirt_uri,
+                libvirt_credentials,
+                image_paths,
+                pools,
+                default_pool,
+                accelerator,
+                log_level,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_gets_defaults() {
+        let settings = PluginConfig::default().validate().expect("defaults are valid");
+        assert_eq!(settings.libvirt_uri, DEFAULT_LIBVIRT_URI);
+        assert_eq!(settings.default_pool, DEFAULT_POOL_NAME);
+        assert_eq!(settings.accelerator, AcceleratorChoice::Auto);
+        assert_eq!(settings, Settings::default());
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let config = PluginConfig {
+            provider: Some(ProviderConfig {
+                libvirt: Some(LibvirtConfig { uri: Some("nonsense".into()), user: Some("u".into()), password: None }),
+            }),
+            image_paths: Some(vec!["relative/dir".into()]),
+            storage_pools: Some(StoragePoolsConfig {
+                default: Some("missing".into()),
+                directory: Some(BTreeMap::from([
+                    ("ok".to_string(), DirectoryPoolConfig { path: Some("/srv/pool".into()) }),
+                    ("bad/name".to_string(), DirectoryPoolConfig { path: None }),
+                ])),
+            }),
+            accelerator: Some("hvf".into()),
+            log_level: Some("loud".into()),
+        };
+        let error = config.validate().expect_err("invalid");
+        let text = error.to_string();
+        for field in [
+            "provider.libvirt.uri",
+            "provider.libvirt.password",
+            "image_paths[0]",
+            "storage_pools.directory[\"bad/name\"]",
+            "storage_pools.directory[\"bad/name\"].path",
+            "storage_pools.default",
+            "accelerator",
+            "log_level",
+        ] {
+            assert!(error.errors.iter().any(|e| e.field == field), "{field} missing from {text}");
+        }
+        assert!(text.contains("\"auto\", \"kvm\", \"tcg\""), "{text}");
+    }
+
+    #[test]
+    fn two_pools_need_a_default() {
+        let config = PluginConfig {
+            storage_pools: Some(StoragePoolsConfig {
+                default: None,
+                directory: Some(BTreeMap::from([
+                    ("a".to_string(), DirectoryPoolConfig { path: Some("/a".into()) }),
+                    ("b".to_string(), DirectoryPoolConfig { path: Some("/b".into()) }),
+                ])),
+            }),
+            ..Default::default()
+        };
+        let error = config.validate().expect_err("ambiguous default");
+        assert_eq!(error.errors[0].field, "storage_pools.default");
+    }
+}

@@ -1,0 +1,129 @@
+//! Lenient decoding of values whose msgpack form varies: Nomad sends whole
+//! numbers as ints, exact fractions as float64 and inexact ones as strings.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
+
+/// A byte size as written by a job author: `10737418240`, `"10GiB"`, `"20GB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ByteSize(pub u64);
+
+impl<'de> serde::Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ByteSizeVisitor)
+    }
+}
+
+struct ByteSizeVisitor;
+
+const SIZE_HELP: &str = "a whole number of bytes or a size such as \"512MiB\", \"10GiB\" or \"20GB\"";
+
+impl<'de> Visitor<'de> for ByteSizeVisitor {
+    type Value = ByteSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(SIZE_HELP)
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<ByteSize, E> {
+        Ok(ByteSize(value))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<ByteSize, E> {
+        u64::try_from(value)
+            .map(ByteSize)
+            .map_err(|_| E::custom(format!("{value} is negative; expected {SIZE_HELP}")))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<ByteSize, E> {
+        if value.fract() == 0.0 && value >= 0.0 && value <= u64::MAX as f64 {
+            Ok(ByteSize(value as u64))
+        } else {
+            Err(E::custom(format!("{value} is not a whole number of bytes; expected {SIZE_HELP}")))
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<ByteSize, E> {
+        parse_size(value).map(ByteSize).map_err(E::custom)
+    }
+}
+
+/// Parses `"10GiB"`, `"20GB"`, `"512M"`, `"1.5GiB"`, `"4096"`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1000u64.pow(2),
+        "g" | "gb" => 1000u64.pow(3),
+        "t" | "tb" => 1000u64.pow(4),
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        "ti" | "tib" => 1 << 40,
+        _ => return Err(format!("{text:?} has an unknown unit; expected {SIZE_HELP}")),
+    };
+    if number.is_empty() {
+        return Err(format!("{text:?} has no number; expected {SIZE_HELP}"));
+    }
+    let bytes = match number.split_once('.') {
+        None => number
+            .parse::<u64>()
+            .ok()
+            .and_then(|whole| whole.checked_mul(multiplier)),
+        Some((whole, fraction)) => {
+            if fraction.contains('.') || fraction.len() > 9 {
+                None
+            } else {
+                // Exact decimal arithmetic: whole*m + fraction*m/10^digits.
+                let whole: u64 = if whole.is_empty() { Some(0) } else { whole.parse().ok() }.unwrap_or(u64::MAX);
+                let scale = 10u128.pow(fraction.len() as u32);
+                let fraction: u128 = if fraction.is_empty() { Some(0) } else { fraction.parse().ok() }.unwrap_or(u128::MAX);
+                let fractional = fraction.checked_mul(u128::from(multiplier)).map(|v| (v, v % scale == 0, v / scale));
+                match fractional {
+                    Some((_, true, part)) if whole != u64::MAX => (whole as u128)
+                        .checked_mul(u128::from(multiplier))
+                        .and_then(|w| w.checked_add(part))
+                        .and_then(|total| u64::try_from(total).ok()),
+                    _ => None,
+                }
+            }
+        }
+    };
+    bytes.ok_or_else(|| format!("{text:?} is not a whole number of bytes that fits in 64 bits; expected {SIZE_HELP}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("20GB"), Ok(20_000_000_000));
+        assert_eq!(parse_size("512M"), Ok(512_000_000));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size(" 4096 "), Ok(4096));
+        assert_eq!(parse_size("7b"), Ok(7));
+    }
+
+    #[test]
+    fn bad_sizes_are_rejected_with_help() {
+        for bad in ["", "GiB", "10XB", "1.2.3G", "0.1", "99999999999999999999", "18446744073709551615KiB", "-5"] {
+            let error = parse_size(bad).expect_err(bad);
+            assert!(error.contains("expected"), "{bad}: {error}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_size_never_panics(text in ".{0,40}") {
+            let _ = parse_size(&text);
+        }
+    }
+}

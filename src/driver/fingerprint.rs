@@ -1,0 +1,98 @@
+//! Fingerprinting: what `nomad node status` shows about this driver, and
+//! whether the scheduler may place VMs here.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::{Driver, PLUGIN_VERSION};
+use crate::config::plugin::Settings;
+use crate::libvirt::host::{self, HostInfo};
+use crate::nomad::attribute;
+use crate::pb::hashicorp::nomad::plugins::drivers::proto::fingerprint_response::HealthState;
+use crate::pb::hashicorp::nomad::plugins::drivers::proto::FingerprintResponse;
+use crate::pb::hashicorp::nomad::plugins::shared::structs::Attribute;
+
+/// A full fingerprint is sent at least this often.
+pub const FINGERPRINT_PERIOD: Duration = Duration::from_secs(30);
+/// Health is checked this often so a change reaches Nomad quickly.
+pub const HEALTH_CHECK_PERIOD: Duration = Duration::from_secs(5);
+
+/// Nomad's nominal healthy description.
+pub const HEALTHY_DESCRIPTION: &str = "Healthy";
+
+/// Attribute keys that depend on a working libvirt connection; blanked
+/// (Nomad deletes a node attribute whose value is "") when it is lost.
+const LIBVIRT_KEYS: [&str; 8] = [
+    "driver.virt.provider.libvirt",
+    "driver.virt.provider.libvirt.uri",
+    "driver.virt.provider.libvirt.version",
+    "driver.virt.provider.libvirt.version.readable",
+    "driver.virt.provider.libvirt.driver",
+    "driver.virt.provider.libvirt.driver.version",
+    "driver.virt.provider.libvirt.driver.version.readable",
+    "driver.virt.accelerator",
+];
+
+/// Builds the response for a healthy host. Pure.
+pub fn healthy(settings: &Settings, info: &HostInfo, kvm_device_usable: bool) -> FingerprintResponse {
+    let accelerator = host::choose_accelerator(settings.accelerator, info.kvm_offered, kvm_device_usable);
+    let mut attributes = base_attributes();
+    attributes.insert("driver.virt.provider.libvirt".into(), attribute::bool(true));
+    attributes.insert("driver.virt.provider.libvirt.uri".into(), attribute::string(&settings.libvirt_uri));
+    attributes.insert("driver.virt.provider.libvirt.version".into(), attribute::int(i64::from(info.lib_version)));
+    attributes.insert(
+        "driver.virt.provider.libvirt.version.readable".into(),
+        attribute::string(&host::readable_version(info.lib_version)),
+    );
+    attributes.insert("driver.virt.provider.libvirt.driver".into(), attribute::string(&info.driver));
+    attributes.insert(
+        "driver.virt.provider.libvirt.driver.version".into(),
+        attribute::int(i64::from(info.driver_version)),
+    );
+    attributes.insert(
+        "driver.virt.provider.libvirt.driver.version.readable".into(),
+        attribute::string(&host::readable_version(info.driver_version)),
+    );
+    attributes.insert("driver.virt.accelerator".into(), attribute::string(accelerator));
+    FingerprintResponse {
+        attributes,
+        health: HealthState::Healthy as i32,
+        health_description: HEALTHY_DESCRIPTION.into(),
+        err: String::new(),
+    }
+}
+
+/// Builds the response when libvirt cannot be used. Pure.
+pub fn unhealthy(description: String) -> FingerprintResponse {
+    let mut attributes = base_attributes();
+    for key in LIBVIRT_KEYS {
+        attributes.insert(key.into(), attribute::string(""));
+    }
+    FingerprintResponse {
+        attributes,
+        health: HealthState::Unhealthy as i32,
+        health_description: description,
+        err: String::new(),
+    }
+}
+
+fn base_attributes() -> HashMap<String, Attribute> {
+    HashMap::from([
+        ("driver.virt".to_string(), attribute::bool(true)),
+        ("driver.virt.version".to_string(), attribute::string(PLUGIN_VERSION)),
+    ])
+}
+
+impl Driver {
+    /// Takes one fingerprint of the host now.
+    pub async fn fingerprint_once(&self) -> FingerprintResponse {
+        let settings = self.settings();
+        match self.libvirt().call(|connection| host::host_info(connection)).await {
+            Ok(info) => healthy(&settings, &info, host::kvm_device_usable()),
+            Err(error) => {
+                tracing::warn!(error = %error, "libvirt fingerprint failed");
+                unhealthy(error.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The BasePlugin and Driver gRPC services. Thin: decode, validate, call the
+//! domain modules, encode.
+
+mod base;
+pub mod capabilities;
+pub mod fingerprint;
+mod service;
+
+use std::sync::{Arc, OnceLock, RwLock, Weak};
+
+use tokio::sync::watch;
+
+use crate::config::plugin::Settings;
+use crate::libvirt::Libvirt;
+
+/// The plugin name jobs use: `driver = "virt"`.
+pub const PLUGIN_NAME: &str = "virt";
+/// Nomad's driver plugin API version we speak.
+pub const PLUGIN_API_VERSION: &str = "v0.1.0";
+/// This build's version, reported to Nomad and in `driver.virt.version`.
+pub const PLUGIN_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Port range Nomad gives for dynamic ports, from SetConfig's nomad_config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientPortRange {
+    pub min: u32,
+    pub max: u32,
+}
+
+/// The driver: plugin settings, the libvirt connection and shutdown wiring.
+pub struct Driver {
+    settings: RwLock<Arc<Settings>>,
+    libvirt: Libvirt,
+    port_range: RwLock<Option<ClientPortRange>>,
+    shutdown: OnceLock<watch::Receiver<bool>>,
+    /// Background work (fingerprint loops) holds this, not a strong ref.
+    me: Weak<Driver>,
+}
+
+impl Driver {
+    /// A driver with default settings; SetConfig replaces them.
+    pub fn new() -> Arc<Self> {
+        let settings = Settings::default();
+        let libvirt = Libvirt::new(settings.libvirt_uri.clone(), settings.libvirt_credentials.clone());
+        Arc::new_cyclic(|me| Self {
+            settings: RwLock::new(Arc::new(settings)),
+            libvirt,
+            port_range: RwLock::new(None),
+            shutdown: OnceLock::new(),
+            me: me.clone(),
+        })
+    }
+
+    /// Streams end when this receiver turns true.
+    pub fn attach_shutdown(&self, receiver: watch::Receiver<bool>) {
+        let _ = self.shutdown.set(receiver);
+    }
+
+    /// A receiver that turns true at shutdown (never, if none is attached).
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        match self.shutdown.get() {
+            Some(receiver) => receiver.clone(),
+            None => {
+                let (sender, receiver) = watch::channel(false);
+                // Keep the sender alive so the receiver never reports closed.
+                std::mem::forget(sender);
+                receiver
+            }
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        match self.settings.read() {
+            Ok(settings) => settings.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn apply_settings(&self, settings: Settings) {
+        self.libvirt.reconfigure(&settings.libvirt_uri, settings.libvirt_credentials.clone());
+        crate::plugin::hclog::set_level_from_config(settings.log_level);
+        match self.settings.write() {
+            Ok(mut slot) => *slot = Arc::new(settings),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(settings),
+        }
+    }
+
+    pub(crate) fn self_arc(&self) -> Weak<Driver> {
+        self.me.clone()
+    }
+
+    /// The shared libvirt connection.
+    pub fn libvirt(&self) -> &Libvirt {
+        &self.libvirt
+    }
+
+    /// The dynamic port range Nomad told us about, if any.
+    pub fn port_range(&self) -> Option<ClientPortRange> {
+        self.port_range.read().ok().and_then(|range| *range)
+    }
+}

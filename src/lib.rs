@@ -1,0 +1,12 @@
+//! nomad-driver-virt: a Nomad task-driver plugin that runs virtual machines
+//! through libvirt, speaking go-plugin gRPC to the Nomad client.
+
+pub mod pb;
+
+pub mod config;
+pub mod driver;
+pub mod libvirt;
+pub mod net;
+pub mod nomad;
+pub mod nomad_client;
+pub mod plugin;

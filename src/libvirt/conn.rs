@@ -1,0 +1,169 @@
+//! One libvirt connection per plugin, opened lazily, checked before each use
+//! and reopened when it was lost (libvirtd restarted, socket closed).
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use virt::connect::{Connect, ConnectAuth, ConnectCredential, ConnectCredentialType};
+
+/// Errors talking to libvirt, with what we were doing.
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error("cannot connect to {uri}: {message}; is libvirtd running and is the URI right (plugin config provider.libvirt.uri)?")]
+    Connect { uri: String, message: String },
+    #[error("libvirt call failed while {action}: {message}")]
+    Call { action: String, message: String, code: u32 },
+    #[error("libvirt worker thread failed: {0}")]
+    Worker(String),
+}
+
+impl LibvirtError {
+    /// Wraps a libvirt error with the action that failed.
+    pub fn call(action: impl Into<String>, error: virt::error::Error) -> Self {
+        LibvirtError::Call { action: action.into(), message: error.message().to_string(), code: error.code().to_raw() }
+    }
+}
+
+struct ConnectionState {
+    uri: String,
+    credentials: Option<(String, String)>,
+    connection: Option<Connect>,
+}
+
+/// The plugin's shared libvirt connection.
+#[derive(Clone)]
+pub struct Libvirt {
+    state: Arc<Mutex<ConnectionState>>,
+}
+
+/// libvirt's auth callback is a plain fn pointer with no user data we can
+/// reach from safe code, so the credentials of the open in progress live here.
+static PENDING_CREDENTIALS: Mutex<Option<(String, String)>> = Mutex::new(None);
+static OPEN_LOCK: Mutex<()> = Mutex::new(());
+
+fn answer_credentials(credentials: &mut Vec<ConnectCredential>) {
+    let pending = PENDING_CREDENTIALS.lock().ok().and_then(|guard| guard.clone());
+    for credential in credentials.iter_mut() {
+        credential.result = match (&credential.typed, &pending) {
+            (ConnectCredentialType::AuthName | ConnectCredentialType::UserName, Some((user, _))) => Some(user.clone()),
+            (ConnectCredentialType::Passphrase, Some((_, password))) => Some(password.clone()),
+            _ => None,
+        };
+    }
+}
+
+/// Process-wide libvirt setup: silence libvirt's own printing of errors to
+/// stderr (we log them ourselves) and run the default event loop, which
+/// keepalives and domain events need.
+pub fn init_process() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        virt::error::clear_error_callback();
+        match virt::event::event_register_default_impl() {
+            Ok(()) => {
+                let spawned = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| loop {
+                    if let Err(error) = virt::event::event_run_default_impl() {
+                        tracing::warn!(error = %error, "libvirt event loop iteration failed");
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                });
+                if let Err(error) = spawned {
+                    tracing::error!(error = %error, "cannot start the libvirt event loop thread");
+                }
+            }
+            Err(error) => tracing::error!(error = %error, "cannot register libvirt's default event loop"),
+        }
+    });
+}
+
+impl Libvirt {
+    pub fn new(uri: impl Into<String>, credentials: Option<(String, String)>) -> Self {
+        init_process();
+        Self {
+            state: Arc::new(Mutex::new(ConnectionState { uri: uri.into(), credentials, connection: None })),
+        }
+    }
+
+    /// Points the connection at another URI or credentials; reconnects lazily.
+    pub fn reconfigure(&self, uri: &str, credentials: Option<(String, String)>) {
+        if let Ok(mut state) = self.state.lock() {
+            if state.uri != uri || state.credentials != credentials {
+                state.uri = uri.to_string();
+                state.credentials = credentials;
+                close_quietly(state.connection.take());
+            }
+        }
+    }
+
+    /// The URI in use.
+    pub fn uri(&self) -> String {
+        self.state.lock().map(|state| state.uri.clone()).unwrap_or_default()
+    }
+
+    /// Runs `work` with a live connection on the blocking pool.
+    pub async fn call<T, F>(&self, work: F) -> Result<T, LibvirtError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T, LibvirtError> + Send + 'static,
+    {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut state = state.lock().map_err(|_| LibvirtError::Worker("connection lock poisoned".into()))?;
+            let connection = ensure_connected(&mut state)?;
+            work(&connection)
+        })
+        .await
+        .map_err(|error| LibvirtError::Worker(error.to_string()))?
+    }
+}
+
+/// Returns a live connection, reopening it if it was lost.
+fn ensure_connected(state: &mut ConnectionState) -> Result<Connect, LibvirtError> {
+    if let Some(connection) = &state.connection {
+        if connection.is_alive().unwrap_or(false) {
+            return Ok(connection.clone());
+        }
+        tracing::warn!(uri = %state.uri, "libvirt connection lost; reconnecting");
+        close_quietly(state.connection.take());
+    }
+    let connection = open(&state.uri, state.credentials.as_ref())?;
+    // Keepalive lets libvirt notice a dead daemon; the test driver lacks it.
+    if let Err(error) = connection.set_keep_alive(5, 3) {
+        tracing::debug!(error = %error.message(), "libvirt keepalive not available on this connection");
+    }
+    tracing::info!(uri = %state.uri, "connected to libvirt");
+    state.connection = Some(connection.clone());
+    Ok(connection)
+}
+
+fn open(uri: &str, credentials: Option<&(String, String)>) -> Result<Connect, LibvirtError> {
+    let connect_error = |error: virt::error::Error| LibvirtError::Connect { uri: uri.to_string(), message: error.message().to_string() };
+    match credentials {
+        None => Connect::open(Some(uri)).map_err(connect_error),
+        Some(credentials) => {
+            let _serialised = OPEN_LOCK.lock().map_err(|_| LibvirtError::Worker("open lock poisoned".into()))?;
+            if let Ok(mut pending) = PENDING_CREDENTIALS.lock() {
+                *pending = Some(credentials.clone());
+            }
+            let mut auth = ConnectAuth::new(
+                vec![ConnectCredentialType::AuthName, ConnectCredentialType::Passphrase],
+                answer_credentials,
+            );
+            let result = Connect::open_auth(Some(uri), &mut auth, 0).map_err(connect_error);
+            if let Ok(mut pending) = PENDING_CREDENTIALS.lock() {
+                *pending = None;
+            }
+            result
+        }
+    }
+}
+
+/// Drops a connection; the `virt` crate panics if closing fails (a dead
+/// connection), which must not take the plugin down.
+fn close_quietly(connection: Option<Connect>) {
+    if let Some(connection) = connection {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(connection)));
+        if result.is_err() {
+            tracing::debug!("closing a dead libvirt connection reported an error");
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The hypervisor module: one shared libvirt connection and what the driver
+//! asks of libvirt. Every call blocks, so callers go through `Libvirt::call`,
+//! which runs them on tokio's blocking pool.
+
+pub mod conn;
+pub mod host;
+
+pub use conn::{Libvirt, LibvirtError};

@@ -1,0 +1,6 @@
+//! Nomad's vocabulary: hclspec schemas, cty values and their msgpack form,
+//! and fingerprint attributes.
+
+pub mod attribute;
+pub mod cty;
+pub mod hclspec;
