@@ -210,6 +210,11 @@ impl PluginClient {
         self.stderr.lock().map(|lines| lines.clone()).unwrap_or_default()
     }
 
+    /// The live stderr line buffer (outlives `kill`).
+    pub fn stderr_buffer(&self) -> Arc<Mutex<Vec<String>>> {
+        self.stderr.clone()
+    }
+
     /// The plugin config schema it advertises.
     pub async fn plugin_config_schema(&self) -> anyhow::Result<Spec> {
         let response = self.base().config_schema(ConfigSchemaRequest {}).await?.into_inner();
