@@ -87,7 +87,7 @@ impl Driver {
     /// Takes one fingerprint of the host now.
     pub async fn fingerprint_once(&self) -> FingerprintResponse {
         let settings = self.settings();
-        match self.libvirt().call(|connection| host::host_info(connection)).await {
+        match self.libvirt().call(host::host_info).await {
             Ok(info) => healthy(&settings, &info, host::kvm_device_usable()),
             Err(error) => {
                 tracing::warn!(error = %error, "libvirt fingerprint failed");

@@ -40,6 +40,8 @@ pub struct Libvirt {
 static PENDING_CREDENTIALS: Mutex<Option<(String, String)>> = Mutex::new(None);
 static OPEN_LOCK: Mutex<()> = Mutex::new(());
 
+// The signature is fixed by virt's `ConnectAuthCallback` type.
+#[allow(clippy::ptr_arg)]
 fn answer_credentials(credentials: &mut Vec<ConnectCredential>) {
     let pending = PENDING_CREDENTIALS.lock().ok().and_then(|guard| guard.clone());
     for credential in credentials.iter_mut() {

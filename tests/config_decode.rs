@@ -1,0 +1,241 @@
+//! Decoding config msgpack exactly as Nomad encodes it (cty/msgpack):
+//! every attribute present, nil when unset, sorted keys, compact ints,
+//! exact fractions as float64 and inexact ones as strings.
+
+use nomad_driver_virt::config::plugin::PluginConfig;
+use nomad_driver_virt::config::task::{decode_and_validate, TaskConfig};
+use nomad_driver_virt::config::units::ByteSize;
+use nomad_driver_virt::config::{decode_msgpack, ConfigError};
+use proptest::prelude::*;
+
+/// A tiny msgpack builder for hand-made inputs.
+enum Mp {
+    Nil,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'static str),
+    Array(Vec<Mp>),
+    Map(Vec<(&'static str, Mp)>),
+}
+
+fn encode(value: &Mp, out: &mut Vec<u8>) {
+    match value {
+        Mp::Nil => rmp::encode::write_nil(out).expect("write"),
+        Mp::Bool(flag) => rmp::encode::write_bool(out, *flag).expect("write"),
+        Mp::Int(number) => {
+            rmp::encode::write_sint(out, *number).expect("write");
+        }
+        Mp::Float(number) => rmp::encode::write_f64(out, *number).expect("write"),
+        Mp::Str(text) => rmp::encode::write_str(out, text).expect("write"),
+        Mp::Array(items) => {
+            rmp::encode::write_array_len(out, items.len() as u32).expect("write");
+            for item in items {
+                encode(item, out);
+            }
+        }
+        Mp::Map(entries) => {
+            rmp::encode::write_map_len(out, entries.len() as u32).expect("write");
+            for (key, item) in entries {
+                rmp::encode::write_str(out, key).expect("write");
+                encode(item, out);
+            }
+        }
+    }
+}
+
+fn bytes(value: Mp) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode(&value, &mut out);
+    out
+}
+
+/// A task config map with every attribute present and nil, as Nomad sends
+/// an empty `config {}` block, with `overrides` replacing some entries.
+fn task(overrides: Vec<(&'static str, Mp)>) -> Vec<u8> {
+    let mut entries: Vec<(&'static str, Mp)> = [
+        "cmds",
+        "default_user_authorized_ssh_key",
+        "default_user_password",
+        "disk",
+        "hostname",
+        "network_interface",
+        "os",
+        "timezone",
+        "user_data",
+    ]
+    .into_iter()
+    .map(|key| (key, Mp::Nil))
+    .collect();
+    for (key, value) in overrides {
+        if let Some(slot) = entries.iter_mut().find(|(k, _)| *k == key) {
+            slot.1 = value;
+        } else {
+            entries.push((key, value));
+        }
+    }
+    bytes(Mp::Map(entries))
+}
+
+fn disk(size: Mp) -> Mp {
+    Mp::Map(vec![
+        ("bus_type", Mp::Nil),
+        ("chained", Mp::Nil),
+        ("devname", Mp::Nil),
+        ("driver", Mp::Nil),
+        ("format", Mp::Nil),
+        ("kind", Mp::Str("disk")),
+        ("pool", Mp::Nil),
+        ("primary", Mp::Bool(true)),
+        ("read_only", Mp::Nil),
+        ("size", size),
+        ("source", Mp::Nil),
+        ("sparse", Mp::Nil),
+        ("volume", Mp::Nil),
+    ])
+}
+
+fn first_error(error: ConfigError) -> (String, String) {
+    let first = error.errors.into_iter().next().expect("at least one error");
+    (first.field, first.message)
+}
+
+#[test]
+fn nil_and_missing_are_both_unset() {
+    let with_nils: TaskConfig = decode_msgpack("task config", &task(vec![])).expect("all nil");
+    let missing: TaskConfig = decode_msgpack("task config", &bytes(Mp::Map(vec![]))).expect("empty map");
+    assert_eq!(with_nils, TaskConfig::default());
+    assert_eq!(missing, TaskConfig::default());
+    let empty: TaskConfig = decode_msgpack("task config", &[]).expect("no config block at all");
+    assert_eq!(empty, TaskConfig::default());
+}
+
+#[test]
+fn sizes_arrive_as_ints_floats_or_strings() {
+    for (size, expected) in [
+        (Mp::Int(1024), 1024),
+        (Mp::Int(10_737_418_240), 10 << 30),
+        (Mp::Float(4096.0), 4096),
+        (Mp::Str("10GiB"), 10 << 30),
+        (Mp::Str("1.5GiB"), 3 << 29),
+    ] {
+        let config = decode_and_validate(&task(vec![("disk", Mp::Array(vec![disk(size)]))])).expect("valid size");
+        let disks = config.disk.expect("disks");
+        assert_eq!(disks[0].size, Some(ByteSize(expected)));
+    }
+}
+
+#[test]
+fn inexact_fractions_arrive_as_strings_and_are_rejected_by_field() {
+    // cty encodes 0.1 as the string "0.1" (not exact in binary64) and 0.5 as float64.
+    for size in [Mp::Str("0.1"), Mp::Float(0.5)] {
+        let error = decode_and_validate(&task(vec![("disk", Mp::Array(vec![disk(size)]))])).expect_err("fraction");
+        let (field, message) = first_error(error);
+        assert_eq!(field, "disk[0].size");
+        assert!(message.contains("whole number of bytes"), "{message}");
+    }
+}
+
+#[test]
+fn one_or_many_blocks() {
+    let one = decode_and_validate(&task(vec![("disk", Mp::Array(vec![disk(Mp::Int(1))]))])).expect("one");
+    assert_eq!(one.disk.map(|d| d.len()), Some(1));
+    let three = decode_msgpack::<TaskConfig>(
+        "task config",
+        &task(vec![("disk", Mp::Array(vec![disk(Mp::Int(1)), disk(Mp::Int(2)), disk(Mp::Int(3))]))]),
+    )
+    .expect("three");
+    assert_eq!(three.disk.map(|d| d.len()), Some(3));
+}
+
+#[test]
+fn wrong_types_name_the_field() {
+    let (field, message) = first_error(
+        decode_msgpack::<TaskConfig>("task config", &task(vec![("hostname", Mp::Int(5))])).expect_err("int hostname"),
+    );
+    assert_eq!(field, "hostname");
+    assert!(message.contains("wrong type"), "{message}");
+
+    let (field, _) = first_error(
+        decode_msgpack::<TaskConfig>("task config", &task(vec![("cmds", Mp::Str("echo"))])).expect_err("string cmds"),
+    );
+    assert_eq!(field, "cmds");
+
+    let (field, message) = first_error(
+        decode_msgpack::<TaskConfig>("task config", &task(vec![("surprise", Mp::Bool(true))])).expect_err("unknown key"),
+    );
+    assert!(message.contains("unknown attribute or block `surprise`"), "{field}: {message}");
+
+    let bad_mode = Mp::Array(vec![Mp::Map(vec![
+        ("bridge", Mp::Nil),
+        ("macvtap", Mp::Map(vec![("device", Mp::Str("eth0")), ("mode", Mp::Str("bridged"))])),
+    ])]);
+    let (field, message) = first_error(
+        decode_and_validate(&task(vec![("network_interface", bad_mode)])).expect_err("bad mode"),
+    );
+    assert_eq!(field, "network_interface[0].macvtap.mode");
+    assert!(message.contains("\"private\""), "{message}");
+}
+
+#[test]
+fn plugin_config_decodes_repeated_labelled_blocks() {
+    let config = bytes(Mp::Map(vec![
+        ("accelerator", Mp::Str("tcg")),
+        ("image_paths", Mp::Array(vec![Mp::Str("/var/lib/virt/images")])),
+        ("log_level", Mp::Nil),
+        (
+            "provider",
+            Mp::Map(vec![(
+                "libvirt",
+                Mp::Map(vec![("password", Mp::Nil), ("uri", Mp::Str("test:///default")), ("user", Mp::Nil)]),
+            )]),
+        ),
+        (
+            "storage_pools",
+            Mp::Map(vec![
+                ("default", Mp::Str("b")),
+                (
+                    "directory",
+                    Mp::Map(vec![
+                        ("a", Mp::Map(vec![("path", Mp::Str("/srv/a"))])),
+                        ("b", Mp::Map(vec![("path", Mp::Str("/srv/b"))])),
+                    ]),
+                ),
+            ]),
+        ),
+    ]));
+    let decoded: PluginConfig = decode_msgpack("plugin config", &config).expect("decodes");
+    let settings = decoded.validate().expect("valid");
+    assert_eq!(settings.pools.len(), 2);
+    assert_eq!(settings.default_pool, "b");
+    assert_eq!(settings.libvirt_uri, "test:///default");
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = decode_msgpack::<TaskConfig>("task config", &input);
+        let _ = decode_msgpack::<PluginConfig>("plugin config", &input);
+    }
+
+    #[test]
+    fn mutated_valid_configs_never_panic(position in 0usize..400, byte in any::<u8>()) {
+        let mut input = task(vec![("disk", Mp::Array(vec![disk(Mp::Str("10GiB"))])), ("hostname", Mp::Str("web"))]);
+        let index = position % input.len();
+        input[index] = byte;
+        let _ = decode_and_validate(&input);
+    }
+}
+
+#[test]
+fn huge_declared_lengths_do_not_allocate_or_panic() {
+    // array32 / map32 / str32 headers claiming ~4 GiB with no data behind them.
+    for input in [
+        vec![0xdd, 0xff, 0xff, 0xff, 0xff],
+        vec![0xdf, 0xff, 0xff, 0xff, 0xff],
+        vec![0x81, 0xa4, b'c', b'm', b'd', b's', 0xdd, 0xff, 0xff, 0xff, 0xff],
+        vec![0xdb, 0xff, 0xff, 0xff, 0xff],
+    ] {
+        assert!(decode_msgpack::<TaskConfig>("task config", &input).is_err());
+    }
+}
