@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use nomad_driver_virt::driver::{Driver, PLUGIN_VERSION};
 use nomad_driver_virt::plugin::{self, handshake, hclog};
 
-const USAGE: &str = "nomad-driver-virt: a Nomad task driver that runs virtual machines through libvirt
+const USAGE: &str =
+    "nomad-driver-virt: a Nomad task driver that runs virtual machines through libvirt
 
 Nomad starts this binary from its plugin_dir; it is not meant to be run by hand
 except through these commands:
@@ -34,7 +35,10 @@ fn serve_plugin(args: &[String]) -> ExitCode {
     if !args.is_empty() {
         tracing::warn!(args = ?args, "ignoring plugin arguments; this plugin takes none");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             tracing::error!(error = %error, "cannot start the async runtime");

@@ -56,7 +56,10 @@ pub struct Problems(Vec<FieldError>);
 
 impl Problems {
     pub fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError { field: field.into(), message: message.into() });
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -67,7 +70,10 @@ impl Problems {
         if self.0.is_empty() {
             Ok(value)
         } else {
-            Err(ConfigError { what, errors: self.0 })
+            Err(ConfigError {
+                what,
+                errors: self.0,
+            })
         }
     }
 }
@@ -86,7 +92,10 @@ pub fn decode_msgpack<T: DeserializeOwned + Default>(
         let field = error.path().to_string();
         let field = if field == "." { String::new() } else { field };
         let message = explain_decode_error(&error.inner().to_string());
-        ConfigError { what, errors: vec![FieldError { field, message }] }
+        ConfigError {
+            what,
+            errors: vec![FieldError { field, message }],
+        }
     })
 }
 

@@ -62,7 +62,14 @@ pub fn schema() -> Spec {
             Spec::block(Spec::object([(
                 "libvirt",
                 Spec::block(Spec::object([
-                    ("uri", Spec::attr_with_default("uri", "string", &format!("{DEFAULT_LIBVIRT_URI:?}"))),
+                    (
+                        "uri",
+                        Spec::attr_with_default(
+                            "uri",
+                            "string",
+                            &format!("{DEFAULT_LIBVIRT_URI:?}"),
+                        ),
+                    ),
                     ("user", Spec::attr("string")),
                     ("password", Spec::attr("string")),
                 ])),
@@ -73,10 +80,19 @@ pub fn schema() -> Spec {
             "storage_pools",
             Spec::block(Spec::object([
                 ("default", Spec::attr("string")),
-                ("directory", Spec::block_map("name", Spec::object([("path", Spec::required_attr("string"))]))),
+                (
+                    "directory",
+                    Spec::block_map(
+                        "name",
+                        Spec::object([("path", Spec::required_attr("string"))]),
+                    ),
+                ),
             ])),
         ),
-        ("accelerator", Spec::attr_with_default("accelerator", "string", "\"auto\"")),
+        (
+            "accelerator",
+            Spec::attr_with_default("accelerator", "string", "\"auto\""),
+        ),
         ("log_level", Spec::attr("string")),
     ])
 }
@@ -124,7 +140,10 @@ fn unreachable_default() -> Settings {
         libvirt_uri: DEFAULT_LIBVIRT_URI.into(),
         libvirt_credentials: None,
         image_paths: Vec::new(),
-        pools: vec![DirectoryPool { name: DEFAULT_POOL_NAME.into(), path: DEFAULT_POOL_PATH.into() }],
+        pools: vec![DirectoryPool {
+            name: DEFAULT_POOL_NAME.into(),
+            path: DEFAULT_POOL_PATH.into(),
+        }],
         default_pool: DEFAULT_POOL_NAME.into(),
         accelerator: AcceleratorChoice::Auto,
         log_level: None,
@@ -146,9 +165,16 @@ impl PluginConfig {
     /// Checks every field and applies defaults; reports all problems at once.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
         let mut problems = Problems::default();
-        let libvirt = self.provider.as_ref().and_then(|p| p.libvirt.clone()).unwrap_or_default();
+        let libvirt = self
+            .provider
+            .as_ref()
+            .and_then(|p| p.libvirt.clone())
+            .unwrap_or_default();
 
-        let libvirt_uri = libvirt.uri.clone().unwrap_or_else(|| DEFAULT_LIBVIRT_URI.into());
+        let libvirt_uri = libvirt
+            .uri
+            .clone()
+            .unwrap_or_else(|| DEFAULT_LIBVIRT_URI.into());
         if libvirt_uri.trim().is_empty() || !libvirt_uri.contains(':') {
             problems.add(
                 "provider.libvirt.uri",
@@ -156,16 +182,25 @@ impl PluginConfig {
             );
         }
         let user = libvirt.user.as_deref().filter(|user| !user.is_empty());
-        let password = libvirt.password.as_deref().filter(|password| !password.is_empty());
+        let password = libvirt
+            .password
+            .as_deref()
+            .filter(|password| !password.is_empty());
         let libvirt_credentials = match (user, password) {
             (None, None) => None,
             (Some(user), Some(password)) => Some((user.to_string(), password.to_string())),
             (Some(_), None) => {
-                problems.add("provider.libvirt.password", "is required when provider.libvirt.user is set");
+                problems.add(
+                    "provider.libvirt.password",
+                    "is required when provider.libvirt.user is set",
+                );
                 None
             }
             (None, Some(_)) => {
-                problems.add("provider.libvirt.user", "is required when provider.libvirt.password is set");
+                problems.add(
+                    "provider.libvirt.user",
+                    "is required when provider.libvirt.password is set",
+                );
                 None
             }
         };
@@ -174,7 +209,10 @@ impl PluginConfig {
         for (index, path) in self.image_paths.iter().flatten().enumerate() {
             let candidate = PathBuf::from(path);
             if !candidate.is_absolute() {
-                problems.add(format!("image_paths[{index}]"), format!("{path:?} must be an absolute path"));
+                problems.add(
+                    format!("image_paths[{index}]"),
+                    format!("{path:?} must be an absolute path"),
+                );
             } else {
                 image_paths.push(candidate);
             }
@@ -191,34 +229,71 @@ impl PluginConfig {
                 );
             }
             match pool.path.as_deref() {
-                Some(path) if PathBuf::from(path).is_absolute() => {
-                    pools.push(DirectoryPool { name: name.clone(), path: PathBuf::from(path) })
-                }
-                Some(path) => problems.add(format!("{field}.path"), format!("{path:?} must be an absolute path")),
-                None => problems.add(format!("{field}.path"), "is required: the directory that holds the pool's volumes"),
+                Some(path) if PathBuf::from(path).is_absolute() => pools.push(DirectoryPool {
+                    name: name.clone(),
+                    path: PathBuf::from(path),
+                }),
+                Some(path) => problems.add(
+                    format!("{field}.path"),
+                    format!("{path:?} must be an absolute path"),
+                ),
+                None => problems.add(
+                    format!("{field}.path"),
+                    "is required: the directory that holds the pool's volumes",
+                ),
             }
         }
         let configured_pools = pools_config.directory.as_ref().map_or(0, BTreeMap::len);
         if configured_pools == 0 {
-            pools.push(DirectoryPool { name: DEFAULT_POOL_NAME.into(), path: DEFAULT_POOL_PATH.into() });
+            pools.push(DirectoryPool {
+                name: DEFAULT_POOL_NAME.into(),
+                path: DEFAULT_POOL_PATH.into(),
+            });
         }
         let default_pool = match pools_config.default.as_deref() {
             Some(name) if configured_pools > 0 => {
-                if !pools_config.directory.iter().flatten().any(|(pool, _)| pool == name) {
-                    let known: Vec<&str> = pools_config.directory.iter().flatten().map(|(n, _)| n.as_str()).collect();
-                    problems.add("storage_pools.default", format!("{name:?} is not a configured pool; configured: {}", known.join(", ")));
+                if !pools_config
+                    .directory
+                    .iter()
+                    .flatten()
+                    .any(|(pool, _)| pool == name)
+                {
+                    let known: Vec<&str> = pools_config
+                        .directory
+                        .iter()
+                        .flatten()
+                        .map(|(n, _)| n.as_str())
+                        .collect();
+                    problems.add(
+                        "storage_pools.default",
+                        format!(
+                            "{name:?} is not a configured pool; configured: {}",
+                            known.join(", ")
+                        ),
+                    );
                 }
                 name.to_string()
             }
             Some(name) => {
-                problems.add("storage_pools.default", format!("{name:?} names a pool but no storage_pools.directory block is configured"));
+                problems.add(
+                    "storage_pools.default",
+                    format!(
+                        "{name:?} names a pool but no storage_pools.directory block is configured"
+                    ),
+                );
                 name.to_string()
             }
             None if configured_pools > 1 => {
-                problems.add("storage_pools.default", "is required when more than one pool is configured");
+                problems.add(
+                    "storage_pools.default",
+                    "is required when more than one pool is configured",
+                );
                 String::new()
             }
-            None => pools.first().map(|pool| pool.name.clone()).unwrap_or_default(),
+            None => pools
+                .first()
+                .map(|pool| pool.name.clone())
+                .unwrap_or_default(),
         };
 
         let accelerator = match self.accelerator.as_deref().unwrap_or("auto") {
@@ -226,7 +301,10 @@ impl PluginConfig {
             "kvm" => AcceleratorChoice::Kvm,
             "tcg" => AcceleratorChoice::Tcg,
             other => {
-                problems.add("accelerator", format!("{other:?} is not one of \"auto\", \"kvm\", \"tcg\""));
+                problems.add(
+                    "accelerator",
+                    format!("{other:?} is not one of \"auto\", \"kvm\", \"tcg\""),
+                );
                 AcceleratorChoice::Auto
             }
         };
@@ -236,7 +314,10 @@ impl PluginConfig {
             Some(level) => match crate::plugin::hclog::parse_level(level) {
                 Some(level) => Some(level),
                 None => {
-                    problems.add("log_level", format!("{level:?} is not one of trace, debug, info, warn, error, off"));
+                    problems.add(
+                        "log_level",
+                        format!("{level:?} is not one of trace, debug, info, warn, error, off"),
+                    );
                     None
                 }
             },
@@ -263,7 +344,9 @@ mod tests {
 
     #[test]
     fn empty_config_gets_defaults() {
-        let settings = PluginConfig::default().validate().expect("defaults are valid");
+        let settings = PluginConfig::default()
+            .validate()
+            .expect("defaults are valid");
         assert_eq!(settings.libvirt_uri, DEFAULT_LIBVIRT_URI);
         assert_eq!(settings.default_pool, DEFAULT_POOL_NAME);
         assert_eq!(settings.accelerator, AcceleratorChoice::Auto);
@@ -274,13 +357,22 @@ mod tests {
     fn every_problem_is_named() {
         let config = PluginConfig {
             provider: Some(ProviderConfig {
-                libvirt: Some(LibvirtConfig { uri: Some("nonsense".into()), user: Some("u".into()), password: None }),
+                libvirt: Some(LibvirtConfig {
+                    uri: Some("nonsense".into()),
+                    user: Some("u".into()),
+                    password: None,
+                }),
             }),
             image_paths: Some(vec!["relative/dir".into()]),
             storage_pools: Some(StoragePoolsConfig {
                 default: Some("missing".into()),
                 directory: Some(BTreeMap::from([
-                    ("ok".to_string(), DirectoryPoolConfig { path: Some("/srv/pool".into()) }),
+                    (
+                        "ok".to_string(),
+                        DirectoryPoolConfig {
+                            path: Some("/srv/pool".into()),
+                        },
+                    ),
                     ("bad/name".to_string(), DirectoryPoolConfig { path: None }),
                 ])),
             }),
@@ -299,7 +391,10 @@ mod tests {
             "accelerator",
             "log_level",
         ] {
-            assert!(error.errors.iter().any(|e| e.field == field), "{field} missing from {text}");
+            assert!(
+                error.errors.iter().any(|e| e.field == field),
+                "{field} missing from {text}"
+            );
         }
         assert!(text.contains("\"auto\", \"kvm\", \"tcg\""), "{text}");
     }
@@ -310,8 +405,18 @@ mod tests {
             storage_pools: Some(StoragePoolsConfig {
                 default: None,
                 directory: Some(BTreeMap::from([
-                    ("a".to_string(), DirectoryPoolConfig { path: Some("/a".into()) }),
-                    ("b".to_string(), DirectoryPoolConfig { path: Some("/b".into()) }),
+                    (
+                        "a".to_string(),
+                        DirectoryPoolConfig {
+                            path: Some("/a".into()),
+                        },
+                    ),
+                    (
+                        "b".to_string(),
+                        DirectoryPoolConfig {
+                            path: Some("/b".into()),
+                        },
+                    ),
                 ])),
             }),
             ..Default::default()

@@ -77,7 +77,10 @@ pub fn schema() -> Spec {
         ("timezone", Spec::attr("string")),
         (
             "os",
-            Spec::block(Spec::object([("arch", Spec::attr("string")), ("machine", Spec::attr("string"))])),
+            Spec::block(Spec::object([
+                ("arch", Spec::attr("string")),
+                ("machine", Spec::attr("string")),
+            ])),
         ),
         (
             "disk",
@@ -86,7 +89,10 @@ pub fn schema() -> Spec {
                 ("volume", Spec::attr("string")),
                 ("devname", Spec::attr("string")),
                 ("driver", Spec::attr("string")),
-                ("kind", Spec::attr_with_default("kind", "string", "\"disk\"")),
+                (
+                    "kind",
+                    Spec::attr_with_default("kind", "string", "\"disk\""),
+                ),
                 ("bus_type", Spec::attr("string")),
                 ("format", Spec::attr("string")),
                 ("primary", Spec::attr("bool")),
@@ -114,7 +120,9 @@ pub fn is_dns_label(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
         && bytes.first() != Some(&b'-')
         && bytes.last() != Some(&b'-')
 }
@@ -155,7 +163,9 @@ impl TaskConfig {
         if let Some(timezone) = &self.timezone {
             let valid = !timezone.is_empty()
                 && timezone.len() <= 64
-                && timezone.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '+'))
+                && timezone
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '+'))
                 && !timezone.contains("..");
             if !valid {
                 problems.add("timezone", format!("{timezone:?} is not a tz database name such as \"Europe/Berlin\" or \"UTC\""));
@@ -164,8 +174,15 @@ impl TaskConfig {
         if let Some(os) = &self.os {
             for (field, value) in [("os.arch", &os.arch), ("os.machine", &os.machine)] {
                 if let Some(value) = value {
-                    if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-                        problems.add(field, format!("{value:?} is not a libvirt {} name", &field[3..]));
+                    if value.is_empty()
+                        || !value
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                    {
+                        problems.add(
+                            field,
+                            format!("{value:?} is not a libvirt {} name", &field[3..]),
+                        );
                     }
                 }
             }
@@ -173,46 +190,88 @@ impl TaskConfig {
         if let Some(commands) = &self.cmds {
             for (index, command) in commands.iter().enumerate() {
                 if command.trim().is_empty() {
-                    problems.add(format!("cmds[{index}]"), "is empty; remove it or give a command");
+                    problems.add(
+                        format!("cmds[{index}]"),
+                        "is empty; remove it or give a command",
+                    );
                 }
             }
         }
         self.validate_disks(&mut problems);
-        net_config::validate(self.network_interface.as_deref().unwrap_or_default(), &mut problems);
+        net_config::validate(
+            self.network_interface.as_deref().unwrap_or_default(),
+            &mut problems,
+        );
         problems.into_result("task config", ())
     }
 
     fn validate_disks(&self, problems: &mut Problems) {
         let disks = self.disk.as_deref().unwrap_or_default();
-        let primaries = disks.iter().filter(|disk| disk.primary == Some(true)).count();
+        let primaries = disks
+            .iter()
+            .filter(|disk| disk.primary == Some(true))
+            .count();
         if primaries > 1 {
-            problems.add("disk", format!("{primaries} disks are marked primary; mark at most one"));
+            problems.add(
+                "disk",
+                format!("{primaries} disks are marked primary; mark at most one"),
+            );
         }
         for (index, disk) in disks.iter().enumerate() {
             let field = format!("disk[{index}]");
             let kind = disk.kind.as_deref().unwrap_or("disk");
             if !DISK_KINDS.contains(&kind) {
-                problems.add(format!("{field}.kind"), format!("{kind:?} is not one of \"disk\", \"cdrom\""));
+                problems.add(
+                    format!("{field}.kind"),
+                    format!("{kind:?} is not one of \"disk\", \"cdrom\""),
+                );
             }
             if let Some(bus) = &disk.bus_type {
                 if !BUS_TYPES.contains(&bus.as_str()) {
-                    problems.add(format!("{field}.bus_type"), format!("{bus:?} is not one of {}", quoted(&BUS_TYPES)));
+                    problems.add(
+                        format!("{field}.bus_type"),
+                        format!("{bus:?} is not one of {}", quoted(&BUS_TYPES)),
+                    );
                 }
             }
-            for (name, format) in [("format", &disk.format), ("source.format", &disk.source.as_ref().and_then(|s| s.format.clone()))] {
+            for (name, format) in [
+                ("format", &disk.format),
+                (
+                    "source.format",
+                    &disk.source.as_ref().and_then(|s| s.format.clone()),
+                ),
+            ] {
                 if let Some(format) = format {
                     if !DISK_FORMATS.contains(&format.as_str()) {
-                        problems.add(format!("{field}.{name}"), format!("{format:?} is not one of {}", quoted(&DISK_FORMATS)));
+                        problems.add(
+                            format!("{field}.{name}"),
+                            format!("{format:?} is not one of {}", quoted(&DISK_FORMATS)),
+                        );
                     }
                 }
             }
             if let Some(devname) = &disk.devname {
-                let valid = devname.len() <= 8 && !devname.is_empty() && devname.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+                let valid = devname.len() <= 8
+                    && !devname.is_empty()
+                    && devname
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
                 if !valid {
-                    problems.add(format!("{field}.devname"), format!("{devname:?} is not a guest device name such as \"vda\" or \"sdb\""));
+                    problems.add(
+                        format!("{field}.devname"),
+                        format!(
+                            "{devname:?} is not a guest device name such as \"vda\" or \"sdb\""
+                        ),
+                    );
                 }
             }
-            for (name, value) in [("pool", &disk.pool), ("source.volume", &disk.source.as_ref().and_then(|s| s.volume.clone()))] {
+            for (name, value) in [
+                ("pool", &disk.pool),
+                (
+                    "source.volume",
+                    &disk.source.as_ref().and_then(|s| s.volume.clone()),
+                ),
+            ] {
                 if let Some(value) = value {
                     if !crate::config::plugin::is_valid_object_name(value) {
                         problems.add(format!("{field}.{name}"), format!("{value:?} is not a valid libvirt object name (letters, digits, '-', '_', '.')"));
@@ -221,17 +280,35 @@ impl TaskConfig {
             }
             if let Some(source) = &disk.source {
                 if source.image.is_some() && source.volume.is_some() {
-                    problems.add(format!("{field}.source"), "set either image or volume, not both");
+                    problems.add(
+                        format!("{field}.source"),
+                        "set either image or volume, not both",
+                    );
                 }
                 if source.image.as_deref() == Some("") {
-                    problems.add(format!("{field}.source.image"), "is empty; give the image path");
+                    problems.add(
+                        format!("{field}.source.image"),
+                        "is empty; give the image path",
+                    );
                 }
             }
-            if disk.chained == Some(true) && disk.source.as_ref().and_then(|s| s.image.as_ref()).is_none() {
-                problems.add(format!("{field}.chained"), "needs source.image: a chained disk is an overlay on an image");
+            if disk.chained == Some(true)
+                && disk
+                    .source
+                    .as_ref()
+                    .and_then(|s| s.image.as_ref())
+                    .is_none()
+            {
+                problems.add(
+                    format!("{field}.chained"),
+                    "needs source.image: a chained disk is an overlay on an image",
+                );
             }
             if disk.source.is_none() && disk.size.is_none() && kind == "disk" {
-                problems.add(format!("{field}.size"), "is required for an empty disk (no source); e.g. size = \"10GiB\"");
+                problems.add(
+                    format!("{field}.size"),
+                    "is required for an empty disk (no source); e.g. size = \"10GiB\"",
+                );
             }
             if disk.size == Some(ByteSize(0)) {
                 problems.add(format!("{field}.size"), "must be greater than zero");
@@ -241,7 +318,11 @@ impl TaskConfig {
 }
 
 fn quoted(values: &[&str]) -> String {
-    values.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(", ")
+    values
+        .iter()
+        .map(|v| format!("{v:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Validates and wraps a decode failure the same way.
@@ -275,16 +356,33 @@ mod tests {
                     kind: Some("floppy".into()),
                     bus_type: Some("pci".into()),
                     primary: Some(true),
-                    source: Some(DiskSourceConfig { image: Some("a".into()), volume: Some("b".into()), format: Some("vmdk".into()) }),
+                    source: Some(DiskSourceConfig {
+                        image: Some("a".into()),
+                        volume: Some("b".into()),
+                        format: Some("vmdk".into()),
+                    }),
                     ..Default::default()
                 },
-                DiskConfig { primary: Some(true), chained: Some(true), ..Default::default() },
+                DiskConfig {
+                    primary: Some(true),
+                    chained: Some(true),
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         };
         let error = config.validate().expect_err("invalid");
         let fields: Vec<&str> = error.errors.iter().map(|e| e.field.as_str()).collect();
-        for expected in ["hostname", "disk", "disk[0].kind", "disk[0].bus_type", "disk[0].source.format", "disk[0].source", "disk[1].chained", "disk[1].size"] {
+        for expected in [
+            "hostname",
+            "disk",
+            "disk[0].kind",
+            "disk[0].bus_type",
+            "disk[0].source.format",
+            "disk[0].source",
+            "disk[1].chained",
+            "disk[1].size",
+        ] {
             assert!(fields.contains(&expected), "{expected} not in {fields:?}");
         }
     }

@@ -17,7 +17,8 @@ impl<'de> serde::Deserialize<'de> for ByteSize {
 
 struct ByteSizeVisitor;
 
-const SIZE_HELP: &str = "a whole number of bytes or a size such as \"512MiB\", \"10GiB\" or \"20GB\"";
+const SIZE_HELP: &str =
+    "a whole number of bytes or a size such as \"512MiB\", \"10GiB\" or \"20GB\"";
 
 impl<'de> Visitor<'de> for ByteSizeVisitor {
     type Value = ByteSize;
@@ -40,7 +41,9 @@ impl<'de> Visitor<'de> for ByteSizeVisitor {
         if value.fract() == 0.0 && value >= 0.0 && value <= u64::MAX as f64 {
             Ok(ByteSize(value as u64))
         } else {
-            Err(E::custom(format!("{value} is not a whole number of bytes; expected {SIZE_HELP}")))
+            Err(E::custom(format!(
+                "{value} is not a whole number of bytes; expected {SIZE_HELP}"
+            )))
         }
     }
 
@@ -66,7 +69,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "mi" | "mib" => 1 << 20,
         "gi" | "gib" => 1 << 30,
         "ti" | "tib" => 1 << 40,
-        _ => return Err(format!("{text:?} has an unknown unit; expected {SIZE_HELP}")),
+        _ => {
+            return Err(format!(
+                "{text:?} has an unknown unit; expected {SIZE_HELP}"
+            ))
+        }
     };
     if number.is_empty() {
         return Err(format!("{text:?} has no number; expected {SIZE_HELP}"));
@@ -81,10 +88,22 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
                 None
             } else {
                 // Exact decimal arithmetic: whole*m + fraction*m/10^digits.
-                let whole: u64 = if whole.is_empty() { Some(0) } else { whole.parse().ok() }.unwrap_or(u64::MAX);
+                let whole: u64 = if whole.is_empty() {
+                    Some(0)
+                } else {
+                    whole.parse().ok()
+                }
+                .unwrap_or(u64::MAX);
                 let scale = 10u128.pow(fraction.len() as u32);
-                let fraction: u128 = if fraction.is_empty() { Some(0) } else { fraction.parse().ok() }.unwrap_or(u128::MAX);
-                let fractional = fraction.checked_mul(u128::from(multiplier)).map(|v| (v, v % scale == 0, v / scale));
+                let fraction: u128 = if fraction.is_empty() {
+                    Some(0)
+                } else {
+                    fraction.parse().ok()
+                }
+                .unwrap_or(u128::MAX);
+                let fractional = fraction
+                    .checked_mul(u128::from(multiplier))
+                    .map(|v| (v, v % scale == 0, v / scale));
                 match fractional {
                     Some((_, true, part)) if whole != u64::MAX => (whole as u128)
                         .checked_mul(u128::from(multiplier))
@@ -95,7 +114,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             }
         }
     };
-    bytes.ok_or_else(|| format!("{text:?} is not a whole number of bytes that fits in 64 bits; expected {SIZE_HELP}"))
+    bytes.ok_or_else(|| {
+        format!(
+            "{text:?} is not a whole number of bytes that fits in 64 bits; expected {SIZE_HELP}"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -114,7 +137,16 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_rejected_with_help() {
-        for bad in ["", "GiB", "10XB", "1.2.3G", "0.1", "99999999999999999999", "18446744073709551615KiB", "-5"] {
+        for bad in [
+            "",
+            "GiB",
+            "10XB",
+            "1.2.3G",
+            "0.1",
+            "99999999999999999999",
+            "18446744073709551615KiB",
+            "-5",
+        ] {
             let error = parse_size(bad).expect_err(bad);
             assert!(error.contains("expected"), "{bad}: {error}");
         }

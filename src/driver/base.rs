@@ -6,13 +6,16 @@ use super::{ClientPortRange, Driver, PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VER
 use crate::config::plugin::{self, PluginConfig};
 use crate::pb::hashicorp::nomad::plugins::base::proto::base_plugin_server::BasePlugin;
 use crate::pb::hashicorp::nomad::plugins::base::proto::{
-    ConfigSchemaRequest, ConfigSchemaResponse, PluginInfoRequest, PluginInfoResponse, PluginType, SetConfigRequest,
-    SetConfigResponse,
+    ConfigSchemaRequest, ConfigSchemaResponse, PluginInfoRequest, PluginInfoResponse, PluginType,
+    SetConfigRequest, SetConfigResponse,
 };
 
 #[tonic::async_trait]
 impl BasePlugin for Driver {
-    async fn plugin_info(&self, _request: Request<PluginInfoRequest>) -> Result<Response<PluginInfoResponse>, Status> {
+    async fn plugin_info(
+        &self,
+        _request: Request<PluginInfoRequest>,
+    ) -> Result<Response<PluginInfoResponse>, Status> {
         Ok(Response::new(PluginInfoResponse {
             r#type: PluginType::Driver as i32,
             plugin_api_versions: vec![PLUGIN_API_VERSION.to_string()],
@@ -25,17 +28,28 @@ impl BasePlugin for Driver {
         &self,
         _request: Request<ConfigSchemaRequest>,
     ) -> Result<Response<ConfigSchemaResponse>, Status> {
-        Ok(Response::new(ConfigSchemaResponse { spec: Some((&plugin::schema()).into()) }))
+        Ok(Response::new(ConfigSchemaResponse {
+            spec: Some((&plugin::schema()).into()),
+        }))
     }
 
-    async fn set_config(&self, request: Request<SetConfigRequest>) -> Result<Response<SetConfigResponse>, Status> {
+    async fn set_config(
+        &self,
+        request: Request<SetConfigRequest>,
+    ) -> Result<Response<SetConfigResponse>, Status> {
         let request = request.into_inner();
-        let config: PluginConfig = crate::config::decode_msgpack("plugin config", &request.msgpack_config)
+        let config: PluginConfig =
+            crate::config::decode_msgpack("plugin config", &request.msgpack_config)
+                .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        let settings = config
+            .validate()
             .map_err(|error| Status::invalid_argument(error.to_string()))?;
-        let settings = config.validate().map_err(|error| Status::invalid_argument(error.to_string()))?;
         if let Some(driver) = request.nomad_config.and_then(|nomad| nomad.driver) {
             if let Ok(mut range) = self.port_range.write() {
-                *range = Some(ClientPortRange { min: driver.client_min_port, max: driver.client_max_port });
+                *range = Some(ClientPortRange {
+                    min: driver.client_min_port,
+                    max: driver.client_max_port,
+                });
             }
         }
         tracing::info!(

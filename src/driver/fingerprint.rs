@@ -34,17 +34,31 @@ const LIBVIRT_KEYS: [&str; 8] = [
 ];
 
 /// Builds the response for a healthy host. Pure.
-pub fn healthy(settings: &Settings, info: &HostInfo, kvm_device_usable: bool) -> FingerprintResponse {
-    let accelerator = host::choose_accelerator(settings.accelerator, info.kvm_offered, kvm_device_usable);
+pub fn healthy(
+    settings: &Settings,
+    info: &HostInfo,
+    kvm_device_usable: bool,
+) -> FingerprintResponse {
+    let accelerator =
+        host::choose_accelerator(settings.accelerator, info.kvm_offered, kvm_device_usable);
     let mut attributes = base_attributes();
     attributes.insert("driver.virt.provider.libvirt".into(), attribute::bool(true));
-    attributes.insert("driver.virt.provider.libvirt.uri".into(), attribute::string(&settings.libvirt_uri));
-    attributes.insert("driver.virt.provider.libvirt.version".into(), attribute::int(i64::from(info.lib_version)));
+    attributes.insert(
+        "driver.virt.provider.libvirt.uri".into(),
+        attribute::string(&settings.libvirt_uri),
+    );
+    attributes.insert(
+        "driver.virt.provider.libvirt.version".into(),
+        attribute::int(i64::from(info.lib_version)),
+    );
     attributes.insert(
         "driver.virt.provider.libvirt.version.readable".into(),
         attribute::string(&host::readable_version(info.lib_version)),
     );
-    attributes.insert("driver.virt.provider.libvirt.driver".into(), attribute::string(&info.driver));
+    attributes.insert(
+        "driver.virt.provider.libvirt.driver".into(),
+        attribute::string(&info.driver),
+    );
     attributes.insert(
         "driver.virt.provider.libvirt.driver.version".into(),
         attribute::int(i64::from(info.driver_version)),
@@ -53,7 +67,10 @@ pub fn healthy(settings: &Settings, info: &HostInfo, kvm_device_usable: bool) ->
         "driver.virt.provider.libvirt.driver.version.readable".into(),
         attribute::string(&host::readable_version(info.driver_version)),
     );
-    attributes.insert("driver.virt.accelerator".into(), attribute::string(accelerator));
+    attributes.insert(
+        "driver.virt.accelerator".into(),
+        attribute::string(accelerator),
+    );
     FingerprintResponse {
         attributes,
         health: HealthState::Healthy as i32,
@@ -79,7 +96,10 @@ pub fn unhealthy(description: String) -> FingerprintResponse {
 fn base_attributes() -> HashMap<String, Attribute> {
     HashMap::from([
         ("driver.virt".to_string(), attribute::bool(true)),
-        ("driver.virt.version".to_string(), attribute::string(PLUGIN_VERSION)),
+        (
+            "driver.virt.version".to_string(),
+            attribute::string(PLUGIN_VERSION),
+        ),
     ])
 }
 

@@ -41,7 +41,10 @@ impl Driver {
     /// A driver with default settings; SetConfig replaces them.
     pub fn new() -> Arc<Self> {
         let settings = Settings::default();
-        let libvirt = Libvirt::new(settings.libvirt_uri.clone(), settings.libvirt_credentials.clone());
+        let libvirt = Libvirt::new(
+            settings.libvirt_uri.clone(),
+            settings.libvirt_credentials.clone(),
+        );
         Arc::new_cyclic(|me| Self {
             settings: RwLock::new(Arc::new(settings)),
             libvirt,
@@ -78,7 +81,8 @@ impl Driver {
     }
 
     fn apply_settings(&self, settings: Settings) {
-        self.libvirt.reconfigure(&settings.libvirt_uri, settings.libvirt_credentials.clone());
+        self.libvirt
+            .reconfigure(&settings.libvirt_uri, settings.libvirt_credentials.clone());
         crate::plugin::hclog::set_level_from_config(settings.log_level);
         match self.settings.write() {
             Ok(mut slot) => *slot = Arc::new(settings),

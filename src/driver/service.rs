@@ -30,14 +30,18 @@ impl DriverService for Driver {
         &self,
         _request: Request<TaskConfigSchemaRequest>,
     ) -> Result<Response<TaskConfigSchemaResponse>, Status> {
-        Ok(Response::new(TaskConfigSchemaResponse { spec: Some((&crate::config::task::schema()).into()) }))
+        Ok(Response::new(TaskConfigSchemaResponse {
+            spec: Some((&crate::config::task::schema()).into()),
+        }))
     }
 
     async fn capabilities(
         &self,
         _request: Request<CapabilitiesRequest>,
     ) -> Result<Response<CapabilitiesResponse>, Status> {
-        Ok(Response::new(CapabilitiesResponse { capabilities: Some(super::capabilities::capabilities()) }))
+        Ok(Response::new(CapabilitiesResponse {
+            capabilities: Some(super::capabilities::capabilities()),
+        }))
     }
 
     async fn fingerprint(
@@ -60,7 +64,9 @@ impl DriverService for Driver {
                     _ = stop.wait_for(|stopping| *stopping) => return,
                     _ = sender.closed() => return,
                 }
-                let Some(driver) = driver.upgrade() else { return };
+                let Some(driver) = driver.upgrade() else {
+                    return;
+                };
                 let response = driver.fingerprint_once().await;
                 drop(driver);
                 let changed = response.health != last_health;
@@ -79,27 +85,45 @@ impl DriverService for Driver {
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
-    async fn recover_task(&self, _request: Request<RecoverTaskRequest>) -> Result<Response<RecoverTaskResponse>, Status> {
+    async fn recover_task(
+        &self,
+        _request: Request<RecoverTaskRequest>,
+    ) -> Result<Response<RecoverTaskResponse>, Status> {
         Err(not_yet("RecoverTask"))
     }
 
-    async fn start_task(&self, _request: Request<StartTaskRequest>) -> Result<Response<StartTaskResponse>, Status> {
+    async fn start_task(
+        &self,
+        _request: Request<StartTaskRequest>,
+    ) -> Result<Response<StartTaskResponse>, Status> {
         Err(not_yet("StartTask"))
     }
 
-    async fn wait_task(&self, _request: Request<WaitTaskRequest>) -> Result<Response<WaitTaskResponse>, Status> {
+    async fn wait_task(
+        &self,
+        _request: Request<WaitTaskRequest>,
+    ) -> Result<Response<WaitTaskResponse>, Status> {
         Err(not_yet("WaitTask"))
     }
 
-    async fn stop_task(&self, _request: Request<StopTaskRequest>) -> Result<Response<StopTaskResponse>, Status> {
+    async fn stop_task(
+        &self,
+        _request: Request<StopTaskRequest>,
+    ) -> Result<Response<StopTaskResponse>, Status> {
         Err(not_yet("StopTask"))
     }
 
-    async fn destroy_task(&self, _request: Request<DestroyTaskRequest>) -> Result<Response<DestroyTaskResponse>, Status> {
+    async fn destroy_task(
+        &self,
+        _request: Request<DestroyTaskRequest>,
+    ) -> Result<Response<DestroyTaskResponse>, Status> {
         Err(not_yet("DestroyTask"))
     }
 
-    async fn inspect_task(&self, _request: Request<InspectTaskRequest>) -> Result<Response<InspectTaskResponse>, Status> {
+    async fn inspect_task(
+        &self,
+        _request: Request<InspectTaskRequest>,
+    ) -> Result<Response<InspectTaskResponse>, Status> {
         Err(not_yet("InspectTask"))
     }
 
@@ -116,20 +140,31 @@ impl DriverService for Driver {
     ) -> Result<Response<BoxStream<DriverTaskEvent>>, Status> {
         // No task emits events yet; hold the stream open until shutdown so
         // Nomad does not reopen it in a loop.
-        Ok(Response::new(crate::plugin::idle_until_shutdown(self.shutdown_signal())))
+        Ok(Response::new(crate::plugin::idle_until_shutdown(
+            self.shutdown_signal(),
+        )))
     }
 
-    async fn shutdown(&self, _request: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {
+    async fn shutdown(
+        &self,
+        _request: Request<ShutdownRequest>,
+    ) -> Result<Response<ShutdownResponse>, Status> {
         Ok(Response::new(ShutdownResponse {}))
     }
 
-    async fn signal_task(&self, _request: Request<SignalTaskRequest>) -> Result<Response<SignalTaskResponse>, Status> {
+    async fn signal_task(
+        &self,
+        _request: Request<SignalTaskRequest>,
+    ) -> Result<Response<SignalTaskResponse>, Status> {
         Err(Status::unimplemented(
             "signals are not supported by the virt driver: there is no channel into the guest (capabilities: send_signals=false)",
         ))
     }
 
-    async fn exec_task(&self, _request: Request<ExecTaskRequest>) -> Result<Response<ExecTaskResponse>, Status> {
+    async fn exec_task(
+        &self,
+        _request: Request<ExecTaskRequest>,
+    ) -> Result<Response<ExecTaskResponse>, Status> {
         Err(Status::unimplemented(
             "exec is not supported by the virt driver: there is no guest agent channel (capabilities: exec=false)",
         ))

@@ -11,7 +11,11 @@ pub enum LibvirtError {
     #[error("cannot connect to {uri}: {message}; is libvirtd running and is the URI right (plugin config provider.libvirt.uri)?")]
     Connect { uri: String, message: String },
     #[error("libvirt call failed while {action}: {message}")]
-    Call { action: String, message: String, code: u32 },
+    Call {
+        action: String,
+        message: String,
+        code: u32,
+    },
     #[error("libvirt worker thread failed: {0}")]
     Worker(String),
 }
@@ -19,7 +23,11 @@ pub enum LibvirtError {
 impl LibvirtError {
     /// Wraps a libvirt error with the action that failed.
     pub fn call(action: impl Into<String>, error: virt::error::Error) -> Self {
-        LibvirtError::Call { action: action.into(), message: error.message().to_string(), code: error.code().to_raw() }
+        LibvirtError::Call {
+            action: action.into(),
+            message: error.message().to_string(),
+            code: error.code().to_raw(),
+        }
     }
 }
 
@@ -43,10 +51,16 @@ static OPEN_LOCK: Mutex<()> = Mutex::new(());
 // The signature is fixed by virt's `ConnectAuthCallback` type.
 #[allow(clippy::ptr_arg)]
 fn answer_credentials(credentials: &mut Vec<ConnectCredential>) {
-    let pending = PENDING_CREDENTIALS.lock().ok().and_then(|guard| guard.clone());
+    let pending = PENDING_CREDENTIALS
+        .lock()
+        .ok()
+        .and_then(|guard| guard.clone());
     for credential in credentials.iter_mut() {
         credential.result = match (&credential.typed, &pending) {
-            (ConnectCredentialType::AuthName | ConnectCredentialType::UserName, Some((user, _))) => Some(user.clone()),
+            (
+                ConnectCredentialType::AuthName | ConnectCredentialType::UserName,
+                Some((user, _)),
+            ) => Some(user.clone()),
             (ConnectCredentialType::Passphrase, Some((_, password))) => Some(password.clone()),
             _ => None,
         };
@@ -62,17 +76,21 @@ pub fn init_process() {
         virt::error::clear_error_callback();
         match virt::event::event_register_default_impl() {
             Ok(()) => {
-                let spawned = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| loop {
-                    if let Err(error) = virt::event::event_run_default_impl() {
-                        tracing::warn!(error = %error, "libvirt event loop iteration failed");
-                        std::thread::sleep(std::time::Duration::from_millis(200));
-                    }
-                });
+                let spawned = std::thread::Builder::new()
+                    .name("libvirt-events".into())
+                    .spawn(|| loop {
+                        if let Err(error) = virt::event::event_run_default_impl() {
+                            tracing::warn!(error = %error, "libvirt event loop iteration failed");
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                        }
+                    });
                 if let Err(error) = spawned {
                     tracing::error!(error = %error, "cannot start the libvirt event loop thread");
                 }
             }
-            Err(error) => tracing::error!(error = %error, "cannot register libvirt's default event loop"),
+            Err(error) => {
+                tracing::error!(error = %error, "cannot register libvirt's default event loop")
+            }
         }
     });
 }
@@ -81,7 +99,11 @@ impl Libvirt {
     pub fn new(uri: impl Into<String>, credentials: Option<(String, String)>) -> Self {
         init_process();
         Self {
-            state: Arc::new(Mutex::new(ConnectionState { uri: uri.into(), credentials, connection: None })),
+            state: Arc::new(Mutex::new(ConnectionState {
+                uri: uri.into(),
+                credentials,
+                connection: None,
+            })),
         }
     }
 
@@ -98,7 +120,10 @@ impl Libvirt {
 
     /// The URI in use.
     pub fn uri(&self) -> String {
-        self.state.lock().map(|state| state.uri.clone()).unwrap_or_default()
+        self.state
+            .lock()
+            .map(|state| state.uri.clone())
+            .unwrap_or_default()
     }
 
     /// Runs `work` with a live connection on the blocking pool.
@@ -109,7 +134,9 @@ impl Libvirt {
     {
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
-            let mut state = state.lock().map_err(|_| LibvirtError::Worker("connection lock poisoned".into()))?;
+            let mut state = state
+                .lock()
+                .map_err(|_| LibvirtError::Worker("connection lock poisoned".into()))?;
             let connection = ensure_connected(&mut state)?;
             work(&connection)
         })
@@ -138,16 +165,24 @@ fn ensure_connected(state: &mut ConnectionState) -> Result<Connect, LibvirtError
 }
 
 fn open(uri: &str, credentials: Option<&(String, String)>) -> Result<Connect, LibvirtError> {
-    let connect_error = |error: virt::error::Error| LibvirtError::Connect { uri: uri.to_string(), message: error.message().to_string() };
+    let connect_error = |error: virt::error::Error| LibvirtError::Connect {
+        uri: uri.to_string(),
+        message: error.message().to_string(),
+    };
     match credentials {
         None => Connect::open(Some(uri)).map_err(connect_error),
         Some(credentials) => {
-            let _serialised = OPEN_LOCK.lock().map_err(|_| LibvirtError::Worker("open lock poisoned".into()))?;
+            let _serialised = OPEN_LOCK
+                .lock()
+                .map_err(|_| LibvirtError::Worker("open lock poisoned".into()))?;
             if let Ok(mut pending) = PENDING_CREDENTIALS.lock() {
                 *pending = Some(credentials.clone());
             }
             let mut auth = ConnectAuth::new(
-                vec![ConnectCredentialType::AuthName, ConnectCredentialType::Passphrase],
+                vec![
+                    ConnectCredentialType::AuthName,
+                    ConnectCredentialType::Passphrase,
+                ],
                 answer_credentials,
             );
             let result = Connect::open_auth(Some(uri), &mut auth, 0).map_err(connect_error);
@@ -163,7 +198,8 @@ fn open(uri: &str, credentials: Option<&(String, String)>) -> Result<Connect, Li
 /// connection), which must not take the plugin down.
 fn close_quietly(connection: Option<Connect>) {
     if let Some(connection) = connection {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(connection)));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(connection)));
         if result.is_err() {
             tracing::debug!("closing a dead libvirt connection reported an error");
         }

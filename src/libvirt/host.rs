@@ -20,25 +20,46 @@ pub struct HostInfo {
 
 /// libvirt's integer version as "major.minor.release".
 pub fn readable_version(version: u32) -> String {
-    format!("{}.{}.{}", version / 1_000_000, (version / 1000) % 1000, version % 1000)
+    format!(
+        "{}.{}.{}",
+        version / 1_000_000,
+        (version / 1000) % 1000,
+        version % 1000
+    )
 }
 
 /// Reads versions and capabilities over the connection.
 pub fn host_info(connection: &Connect) -> Result<HostInfo, LibvirtError> {
-    let lib_version = connection.lib_version().map_err(|e| LibvirtError::call("reading the libvirt version", e))?;
-    let driver = connection.driver_type().map_err(|e| LibvirtError::call("reading the hypervisor driver", e))?;
+    let lib_version = connection
+        .lib_version()
+        .map_err(|e| LibvirtError::call("reading the libvirt version", e))?;
+    let driver = connection
+        .driver_type()
+        .map_err(|e| LibvirtError::call("reading the hypervisor driver", e))?;
     let driver_version = connection.hyp_version().unwrap_or(0);
-    let capabilities = connection.capabilities().map_err(|e| LibvirtError::call("reading host capabilities", e))?;
-    Ok(HostInfo { lib_version, driver, driver_version, kvm_offered: offers_kvm(&capabilities) })
+    let capabilities = connection
+        .capabilities()
+        .map_err(|e| LibvirtError::call("reading host capabilities", e))?;
+    Ok(HostInfo {
+        lib_version,
+        driver,
+        driver_version,
+        kvm_offered: offers_kvm(&capabilities),
+    })
 }
 
 /// Whether a capabilities document lists a `kvm` domain type.
 pub fn offers_kvm(capabilities_xml: &str) -> bool {
-    capabilities_xml.contains("<domain type='kvm'") || capabilities_xml.contains("<domain type=\"kvm\"")
+    capabilities_xml.contains("<domain type='kvm'")
+        || capabilities_xml.contains("<domain type=\"kvm\"")
 }
 
 /// The accelerator domains will use, given the plugin's choice.
-pub fn choose_accelerator(choice: AcceleratorChoice, kvm_offered: bool, kvm_device_usable: bool) -> &'static str {
+pub fn choose_accelerator(
+    choice: AcceleratorChoice,
+    kvm_offered: bool,
+    kvm_device_usable: bool,
+) -> &'static str {
     match choice {
         AcceleratorChoice::Kvm => "kvm",
         AcceleratorChoice::Tcg => "tcg",
@@ -49,7 +70,11 @@ pub fn choose_accelerator(choice: AcceleratorChoice, kvm_offered: bool, kvm_devi
 
 /// Whether /dev/kvm can be opened read-write by this process.
 pub fn kvm_device_usable() -> bool {
-    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -64,16 +89,35 @@ mod tests {
 
     #[test]
     fn accelerator_choice() {
-        assert_eq!(choose_accelerator(AcceleratorChoice::Auto, true, true), "kvm");
-        assert_eq!(choose_accelerator(AcceleratorChoice::Auto, true, false), "tcg");
-        assert_eq!(choose_accelerator(AcceleratorChoice::Auto, false, true), "tcg");
-        assert_eq!(choose_accelerator(AcceleratorChoice::Tcg, true, true), "tcg");
-        assert_eq!(choose_accelerator(AcceleratorChoice::Kvm, false, false), "kvm");
+        assert_eq!(
+            choose_accelerator(AcceleratorChoice::Auto, true, true),
+            "kvm"
+        );
+        assert_eq!(
+            choose_accelerator(AcceleratorChoice::Auto, true, false),
+            "tcg"
+        );
+        assert_eq!(
+            choose_accelerator(AcceleratorChoice::Auto, false, true),
+            "tcg"
+        );
+        assert_eq!(
+            choose_accelerator(AcceleratorChoice::Tcg, true, true),
+            "tcg"
+        );
+        assert_eq!(
+            choose_accelerator(AcceleratorChoice::Kvm, false, false),
+            "kvm"
+        );
     }
 
     #[test]
     fn kvm_in_capabilities() {
-        assert!(offers_kvm("<guest><arch name='x86_64'><domain type='qemu'/><domain type='kvm'/></arch></guest>"));
-        assert!(!offers_kvm("<guest><arch name='x86_64'><domain type='qemu'/></arch></guest>"));
+        assert!(offers_kvm(
+            "<guest><arch name='x86_64'><domain type='qemu'/><domain type='kvm'/></arch></guest>"
+        ));
+        assert!(!offers_kvm(
+            "<guest><arch name='x86_64'><domain type='qemu'/></arch></guest>"
+        ));
     }
 }

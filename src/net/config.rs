@@ -57,10 +57,19 @@ impl MacvtapMode {
 
     /// Parses a mode, or explains which modes exist.
     pub fn parse(text: &str) -> Result<Self, String> {
-        Self::ALL.into_iter().find(|mode| mode.as_str() == text).ok_or_else(|| {
-            let valid: Vec<String> = Self::ALL.iter().map(|m| format!("{:?}", m.as_str())).collect();
-            format!("{text:?} is not a macvtap mode; use one of {}", valid.join(", "))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == text)
+            .ok_or_else(|| {
+                let valid: Vec<String> = Self::ALL
+                    .iter()
+                    .map(|m| format!("{:?}", m.as_str()))
+                    .collect();
+                format!(
+                    "{text:?} is not a macvtap mode; use one of {}",
+                    valid.join(", ")
+                )
+            })
     }
 }
 
@@ -72,8 +81,13 @@ impl NetworkInterfaceMacvtapConfig {
 }
 
 /// The interfaces that take part in host port mapping and lease discovery.
-pub fn configurable_only(interfaces: &[NetworkInterfaceConfig]) -> Vec<&NetworkInterfaceBridgeConfig> {
-    interfaces.iter().filter_map(|interface| interface.bridge.as_ref()).collect()
+pub fn configurable_only(
+    interfaces: &[NetworkInterfaceConfig],
+) -> Vec<&NetworkInterfaceBridgeConfig> {
+    interfaces
+        .iter()
+        .filter_map(|interface| interface.bridge.as_ref())
+        .collect()
 }
 
 /// The hclspec of the `network_interface` block list.
@@ -90,7 +104,10 @@ pub fn schema() -> Spec {
             "macvtap",
             Spec::block(Spec::object([
                 ("device", Spec::required_attr("string")),
-                ("mode", Spec::attr_with_default("mode", "string", "\"bridge\"")),
+                (
+                    "mode",
+                    Spec::attr_with_default("mode", "string", "\"bridge\""),
+                ),
             ])),
         ),
     ]))
@@ -112,7 +129,9 @@ pub fn is_valid_device_name(name: &str) -> bool {
 pub fn is_valid_port_label(label: &str) -> bool {
     !label.is_empty()
         && label.len() <= 64
-        && label.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
 }
 
 /// Validates the interface list, recording problems under `network_interface`.
@@ -120,23 +139,34 @@ pub fn validate(interfaces: &[NetworkInterfaceConfig], problems: &mut Problems) 
     if interfaces.len() > 1 {
         problems.add(
             "network_interface",
-            format!("{} blocks given; only one network_interface is supported per task", interfaces.len()),
+            format!(
+                "{} blocks given; only one network_interface is supported per task",
+                interfaces.len()
+            ),
         );
     }
     for (index, interface) in interfaces.iter().enumerate() {
         let field = format!("network_interface[{index}]");
         match (&interface.bridge, &interface.macvtap) {
-            (Some(_), Some(_)) => problems.add(&field, "set either a bridge or a macvtap block, not both"),
+            (Some(_), Some(_)) => {
+                problems.add(&field, "set either a bridge or a macvtap block, not both")
+            }
             (None, None) => problems.add(&field, "needs a bridge or a macvtap block"),
             _ => {}
         }
         if let Some(bridge) = &interface.bridge {
             if bridge.name.is_empty() {
-                problems.add(format!("{field}.bridge.name"), "is required: the bridge of a libvirt network, e.g. \"virbr0\"");
+                problems.add(
+                    format!("{field}.bridge.name"),
+                    "is required: the bridge of a libvirt network, e.g. \"virbr0\"",
+                );
             } else if !is_valid_device_name(&bridge.name) {
                 problems.add(
                     format!("{field}.bridge.name"),
-                    format!("{:?} is not a valid bridge name (up to 15 letters, digits, '-', '_', '.')", bridge.name),
+                    format!(
+                        "{:?} is not a valid bridge name (up to 15 letters, digits, '-', '_', '.')",
+                        bridge.name
+                    ),
                 );
             }
             for (port_index, label) in bridge.ports.iter().flatten().enumerate() {
@@ -150,7 +180,10 @@ pub fn validate(interfaces: &[NetworkInterfaceConfig], problems: &mut Problems) 
         }
         if let Some(macvtap) = &interface.macvtap {
             if macvtap.device.is_empty() {
-                problems.add(format!("{field}.macvtap.device"), "is required: the host network device, e.g. \"eth0\"");
+                problems.add(
+                    format!("{field}.macvtap.device"),
+                    "is required: the host network device, e.g. \"eth0\"",
+                );
             } else if !is_valid_device_name(&macvtap.device) {
                 problems.add(
                     format!("{field}.macvtap.device"),
@@ -192,7 +225,10 @@ mod tests {
         assert!(problems_of(&[bridge("virbr0", &["http", "ssh_2"])]).is_empty());
         let macvtap = NetworkInterfaceConfig {
             bridge: None,
-            macvtap: Some(NetworkInterfaceMacvtapConfig { device: "eth0".into(), mode: Some("vepa".into()) }),
+            macvtap: Some(NetworkInterfaceMacvtapConfig {
+                device: "eth0".into(),
+                mode: Some("vepa".into()),
+            }),
         };
         assert!(problems_of(&[macvtap]).is_empty());
     }
@@ -202,24 +238,49 @@ mod tests {
         let two = problems_of(&[bridge("virbr0", &[]), bridge("virbr1", &[])]);
         assert!(two[0].contains("only one network_interface"), "{two:?}");
         let both = problems_of(&[NetworkInterfaceConfig {
-            bridge: Some(NetworkInterfaceBridgeConfig { name: "virbr0".into(), ports: None }),
-            macvtap: Some(NetworkInterfaceMacvtapConfig { device: "eth0".into(), mode: None }),
+            bridge: Some(NetworkInterfaceBridgeConfig {
+                name: "virbr0".into(),
+                ports: None,
+            }),
+            macvtap: Some(NetworkInterfaceMacvtapConfig {
+                device: "eth0".into(),
+                mode: None,
+            }),
         }]);
         assert!(both[0].contains("not both"), "{both:?}");
         let neither = problems_of(&[NetworkInterfaceConfig::default()]);
-        assert!(neither[0].contains("needs a bridge or a macvtap"), "{neither:?}");
+        assert!(
+            neither[0].contains("needs a bridge or a macvtap"),
+            "{neither:?}"
+        );
         let unnamed = problems_of(&[bridge("", &[])]);
-        assert!(unnamed[0].starts_with("network_interface[0].bridge.name"), "{unnamed:?}");
+        assert!(
+            unnamed[0].starts_with("network_interface[0].bridge.name"),
+            "{unnamed:?}"
+        );
         let mode = problems_of(&[NetworkInterfaceConfig {
             bridge: None,
-            macvtap: Some(NetworkInterfaceMacvtapConfig { device: "eth0".into(), mode: Some("bridged".into()) }),
+            macvtap: Some(NetworkInterfaceMacvtapConfig {
+                device: "eth0".into(),
+                mode: Some("bridged".into()),
+            }),
         }]);
-        assert!(mode[0].contains("\"bridge\", \"private\", \"vepa\", \"passthrough\""), "{mode:?}");
+        assert!(
+            mode[0].contains("\"bridge\", \"private\", \"vepa\", \"passthrough\""),
+            "{mode:?}"
+        );
     }
 
     #[test]
     fn hostile_names_cannot_inject_arguments() {
-        for name in ["virbr0 -j ACCEPT", "br'0", "br0\n", "a-very-long-bridge-name", "../x", "br<0>"] {
+        for name in [
+            "virbr0 -j ACCEPT",
+            "br'0",
+            "br0\n",
+            "a-very-long-bridge-name",
+            "../x",
+            "br<0>",
+        ] {
             let errors = problems_of(&[bridge(name, &[])]);
             assert!(!errors.is_empty(), "{name:?} accepted");
         }
@@ -235,7 +296,10 @@ mod tests {
         assert_eq!(crate::net::is_active_string(false), "inactive");
         let macvtap = NetworkInterfaceConfig {
             bridge: None,
-            macvtap: Some(NetworkInterfaceMacvtapConfig { device: "eth0".into(), mode: None }),
+            macvtap: Some(NetworkInterfaceMacvtapConfig {
+                device: "eth0".into(),
+                mode: None,
+            }),
         };
         let list = [bridge("virbr0", &["http"]), macvtap];
         let configurable = configurable_only(&list);

@@ -4,15 +4,24 @@ use crate::pb::hashicorp::nomad::plugins::shared::structs::attribute::Value;
 use crate::pb::hashicorp::nomad::plugins::shared::structs::Attribute;
 
 pub fn string(value: &str) -> Attribute {
-    Attribute { value: Some(Value::StringVal(value.to_string())), unit: String::new() }
+    Attribute {
+        value: Some(Value::StringVal(value.to_string())),
+        unit: String::new(),
+    }
 }
 
 pub fn bool(value: bool) -> Attribute {
-    Attribute { value: Some(Value::BoolVal(value)), unit: String::new() }
+    Attribute {
+        value: Some(Value::BoolVal(value)),
+        unit: String::new(),
+    }
 }
 
 pub fn int(value: i64) -> Attribute {
-    Attribute { value: Some(Value::IntVal(value)), unit: String::new() }
+    Attribute {
+        value: Some(Value::IntVal(value)),
+        unit: String::new(),
+    }
 }
 
 /// The text `nomad node status` shows for an attribute (Go's GoString:
@@ -36,7 +45,19 @@ mod tests {
     fn rendering_matches_nomad() {
         assert_eq!(render(&bool(true)), "true");
         assert_eq!(render(&int(9_000_000)), "9000000");
-        assert_eq!(render(&Attribute { value: Some(Value::IntVal(5)), unit: "MiB".into() }), "5MiB");
-        assert_eq!(render(&Attribute { value: None, unit: String::new() }), "");
+        assert_eq!(
+            render(&Attribute {
+                value: Some(Value::IntVal(5)),
+                unit: "MiB".into()
+            }),
+            "5MiB"
+        );
+        assert_eq!(
+            render(&Attribute {
+                value: None,
+                unit: String::new()
+            }),
+            ""
+        );
     }
 }

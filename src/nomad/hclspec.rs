@@ -15,19 +15,48 @@ pub enum Spec {
     /// A tuple of specs.
     Array(Vec<Spec>),
     /// An attribute `name = value` of HCL type expression `ty`.
-    Attr { name: String, ty: String, required: bool },
+    Attr {
+        name: String,
+        ty: String,
+        required: bool,
+    },
     /// A single optional or required block.
-    Block { name: String, required: bool, nested: Box<Spec> },
+    Block {
+        name: String,
+        required: bool,
+        nested: Box<Spec>,
+    },
     /// A block whose attributes form a map of type `ty`.
-    BlockAttrs { name: String, ty: String, required: bool },
+    BlockAttrs {
+        name: String,
+        ty: String,
+        required: bool,
+    },
     /// Repeated blocks decoded into a list.
-    BlockList { name: String, min_items: u64, max_items: u64, nested: Box<Spec> },
+    BlockList {
+        name: String,
+        min_items: u64,
+        max_items: u64,
+        nested: Box<Spec>,
+    },
     /// Repeated blocks decoded into a set.
-    BlockSet { name: String, min_items: u64, max_items: u64, nested: Box<Spec> },
+    BlockSet {
+        name: String,
+        min_items: u64,
+        max_items: u64,
+        nested: Box<Spec>,
+    },
     /// Labelled blocks decoded into (nested) maps keyed by label.
-    BlockMap { name: String, labels: Vec<String>, nested: Box<Spec> },
+    BlockMap {
+        name: String,
+        labels: Vec<String>,
+        nested: Box<Spec>,
+    },
     /// `primary`, or `default` when `primary` yields null.
-    Default { primary: Box<Spec>, default: Box<Spec> },
+    Default {
+        primary: Box<Spec>,
+        default: Box<Spec>,
+    },
     /// An HCL expression, e.g. `"\"bash\""` or `10`.
     Literal(String),
 }
@@ -40,36 +69,61 @@ impl Spec {
 
     /// An optional attribute named by its object key.
     pub fn attr(ty: &str) -> Spec {
-        Spec::Attr { name: String::new(), ty: ty.to_string(), required: false }
+        Spec::Attr {
+            name: String::new(),
+            ty: ty.to_string(),
+            required: false,
+        }
     }
 
     /// A required attribute named by its object key.
     pub fn required_attr(ty: &str) -> Spec {
-        Spec::Attr { name: String::new(), ty: ty.to_string(), required: true }
+        Spec::Attr {
+            name: String::new(),
+            ty: ty.to_string(),
+            required: true,
+        }
     }
 
     /// An attribute with a default value. Inside `Default` no name is implied,
     /// so the attribute carries its name explicitly.
     pub fn attr_with_default(name: &str, ty: &str, literal: &str) -> Spec {
         Spec::Default {
-            primary: Box::new(Spec::Attr { name: name.to_string(), ty: ty.to_string(), required: false }),
+            primary: Box::new(Spec::Attr {
+                name: name.to_string(),
+                ty: ty.to_string(),
+                required: false,
+            }),
             default: Box::new(Spec::Literal(literal.to_string())),
         }
     }
 
     /// An optional single block named by its object key.
     pub fn block(nested: Spec) -> Spec {
-        Spec::Block { name: String::new(), required: false, nested: Box::new(nested) }
+        Spec::Block {
+            name: String::new(),
+            required: false,
+            nested: Box::new(nested),
+        }
     }
 
     /// A list of blocks named by its object key, with no item limits.
     pub fn block_list(nested: Spec) -> Spec {
-        Spec::BlockList { name: String::new(), min_items: 0, max_items: 0, nested: Box::new(nested) }
+        Spec::BlockList {
+            name: String::new(),
+            min_items: 0,
+            max_items: 0,
+            nested: Box::new(nested),
+        }
     }
 
     /// Blocks with one label, decoded into a map keyed by that label.
     pub fn block_map(label: &str, nested: Spec) -> Spec {
-        Spec::BlockMap { name: String::new(), labels: vec![label.to_string()], nested: Box::new(nested) }
+        Spec::BlockMap {
+            name: String::new(),
+            labels: vec![label.to_string()],
+            nested: Box::new(nested),
+        }
     }
 
     /// The explicit name of this node, if it names anything.
@@ -94,33 +148,60 @@ impl From<&Spec> for proto::Spec {
         let boxed = |nested: &Spec| Some(Box::new(proto::Spec::from(nested)));
         let kind = match spec {
             Spec::Object(fields) => Kind::Object(proto::Object {
-                attributes: fields.iter().map(|(key, value)| (key.clone(), value.into())).collect(),
+                attributes: fields
+                    .iter()
+                    .map(|(key, value)| (key.clone(), value.into()))
+                    .collect(),
             }),
-            Spec::Array(values) => Kind::Array(proto::Array { values: values.iter().map(Into::into).collect() }),
-            Spec::Attr { name, ty, required } => {
-                Kind::Attr(proto::Attr { name: name.clone(), r#type: ty.clone(), required: *required })
-            }
-            Spec::Block { name, required, nested } => Kind::BlockValue(Box::new(proto::Block {
+            Spec::Array(values) => Kind::Array(proto::Array {
+                values: values.iter().map(Into::into).collect(),
+            }),
+            Spec::Attr { name, ty, required } => Kind::Attr(proto::Attr {
+                name: name.clone(),
+                r#type: ty.clone(),
+                required: *required,
+            }),
+            Spec::Block {
+                name,
+                required,
+                nested,
+            } => Kind::BlockValue(Box::new(proto::Block {
                 name: name.clone(),
                 required: *required,
                 nested: boxed(nested),
             })),
-            Spec::BlockAttrs { name, ty, required } => {
-                Kind::BlockAttrs(proto::BlockAttrs { name: name.clone(), r#type: ty.clone(), required: *required })
-            }
-            Spec::BlockList { name, min_items, max_items, nested } => Kind::BlockList(Box::new(proto::BlockList {
+            Spec::BlockAttrs { name, ty, required } => Kind::BlockAttrs(proto::BlockAttrs {
+                name: name.clone(),
+                r#type: ty.clone(),
+                required: *required,
+            }),
+            Spec::BlockList {
+                name,
+                min_items,
+                max_items,
+                nested,
+            } => Kind::BlockList(Box::new(proto::BlockList {
                 name: name.clone(),
                 min_items: *min_items,
                 max_items: *max_items,
                 nested: boxed(nested),
             })),
-            Spec::BlockSet { name, min_items, max_items, nested } => Kind::BlockSet(Box::new(proto::BlockSet {
+            Spec::BlockSet {
+                name,
+                min_items,
+                max_items,
+                nested,
+            } => Kind::BlockSet(Box::new(proto::BlockSet {
                 name: name.clone(),
                 min_items: *min_items,
                 max_items: *max_items,
                 nested: boxed(nested),
             })),
-            Spec::BlockMap { name, labels, nested } => Kind::BlockMap(Box::new(proto::BlockMap {
+            Spec::BlockMap {
+                name,
+                labels,
+                nested,
+            } => Kind::BlockMap(Box::new(proto::BlockMap {
                 name: name.clone(),
                 labels: labels.clone(),
                 nested: boxed(nested),
@@ -129,7 +210,9 @@ impl From<&Spec> for proto::Spec {
                 primary: boxed(primary),
                 default: boxed(default),
             })),
-            Spec::Literal(value) => Kind::Literal(proto::Literal { value: value.clone() }),
+            Spec::Literal(value) => Kind::Literal(proto::Literal {
+                value: value.clone(),
+            }),
         };
         proto::Spec { block: Some(kind) }
     }
@@ -157,11 +240,19 @@ fn from_proto(spec: &proto::Spec, path: &str) -> Result<Spec, SpecError> {
         let child_path = format!("{path}.{name}");
         match nested {
             Some(child) => Ok(Box::new(from_proto(child, &child_path)?)),
-            None => Err(SpecError { path: child_path, problem: "nested spec is missing".into() }),
+            None => Err(SpecError {
+                path: child_path,
+                problem: "nested spec is missing".into(),
+            }),
         }
     };
     Ok(match &spec.block {
-        None => return Err(SpecError { path: path.into(), problem: "spec has no kind set".into() }),
+        None => {
+            return Err(SpecError {
+                path: path.into(),
+                problem: "spec has no kind set".into(),
+            })
+        }
         Some(Kind::Object(object)) => Spec::Object(
             object
                 .attributes
@@ -177,13 +268,21 @@ fn from_proto(spec: &proto::Spec, path: &str) -> Result<Spec, SpecError> {
                 .map(|(index, value)| from_proto(value, &format!("{path}[{index}]")))
                 .collect::<Result<_, _>>()?,
         ),
-        Some(Kind::Attr(attr)) => Spec::Attr { name: attr.name.clone(), ty: attr.r#type.clone(), required: attr.required },
-        Some(Kind::BlockValue(block)) => {
-            Spec::Block { name: block.name.clone(), required: block.required, nested: nested(&block.nested, &block.name)? }
-        }
-        Some(Kind::BlockAttrs(block)) => {
-            Spec::BlockAttrs { name: block.name.clone(), ty: block.r#type.clone(), required: block.required }
-        }
+        Some(Kind::Attr(attr)) => Spec::Attr {
+            name: attr.name.clone(),
+            ty: attr.r#type.clone(),
+            required: attr.required,
+        },
+        Some(Kind::BlockValue(block)) => Spec::Block {
+            name: block.name.clone(),
+            required: block.required,
+            nested: nested(&block.nested, &block.name)?,
+        },
+        Some(Kind::BlockAttrs(block)) => Spec::BlockAttrs {
+            name: block.name.clone(),
+            ty: block.r#type.clone(),
+            required: block.required,
+        },
         Some(Kind::BlockList(block)) => Spec::BlockList {
             name: block.name.clone(),
             min_items: block.min_items,
@@ -198,9 +297,16 @@ fn from_proto(spec: &proto::Spec, path: &str) -> Result<Spec, SpecError> {
         },
         Some(Kind::BlockMap(block)) => {
             if block.labels.is_empty() {
-                return Err(SpecError { path: path.into(), problem: "block_map needs at least one label".into() });
+                return Err(SpecError {
+                    path: path.into(),
+                    problem: "block_map needs at least one label".into(),
+                });
             }
-            Spec::BlockMap { name: block.name.clone(), labels: block.labels.clone(), nested: nested(&block.nested, &block.name)? }
+            Spec::BlockMap {
+                name: block.name.clone(),
+                labels: block.labels.clone(),
+                nested: nested(&block.nested, &block.name)?,
+            }
         }
         Some(Kind::Default(default)) => Spec::Default {
             primary: nested(&default.primary, "primary")?,
@@ -219,11 +325,35 @@ mod tests {
         let spec = Spec::object([
             ("a", Spec::attr("string")),
             ("b", Spec::attr_with_default("b", "number", "10")),
-            ("c", Spec::block_list(Spec::object([("d", Spec::required_attr("bool"))]))),
-            ("e", Spec::block_map("name", Spec::object([("f", Spec::attr("list(string)"))]))),
-            ("g", Spec::block(Spec::Array(vec![Spec::Literal("1".into())]))),
-            ("h", Spec::BlockAttrs { name: String::new(), ty: "string".into(), required: false }),
-            ("i", Spec::BlockSet { name: String::new(), min_items: 1, max_items: 2, nested: Box::new(Spec::attr("any")) }),
+            (
+                "c",
+                Spec::block_list(Spec::object([("d", Spec::required_attr("bool"))])),
+            ),
+            (
+                "e",
+                Spec::block_map("name", Spec::object([("f", Spec::attr("list(string)"))])),
+            ),
+            (
+                "g",
+                Spec::block(Spec::Array(vec![Spec::Literal("1".into())])),
+            ),
+            (
+                "h",
+                Spec::BlockAttrs {
+                    name: String::new(),
+                    ty: "string".into(),
+                    required: false,
+                },
+            ),
+            (
+                "i",
+                Spec::BlockSet {
+                    name: String::new(),
+                    min_items: 1,
+                    max_items: 2,
+                    nested: Box::new(Spec::attr("any")),
+                },
+            ),
         ]);
         let wire = proto::Spec::from(&spec);
         assert_eq!(Spec::try_from(&wire), Ok(spec));

@@ -28,7 +28,10 @@ pub enum HandshakeError {
 }
 
 /// Parses and checks one handshake line.
-pub fn parse_handshake(line: &str, accepted_app_versions: &[u32]) -> Result<Handshake, HandshakeError> {
+pub fn parse_handshake(
+    line: &str,
+    accepted_app_versions: &[u32],
+) -> Result<Handshake, HandshakeError> {
     let trimmed = line.trim();
     let parts: Vec<&str> = trimmed.split('|').collect();
     if parts.len() < 4 {
@@ -43,7 +46,10 @@ pub fn parse_handshake(line: &str, accepted_app_versions: &[u32]) -> Result<Hand
         .parse::<u32>()
         .ok()
         .filter(|version| accepted_app_versions.contains(version))
-        .ok_or_else(|| HandshakeError::AppVersion { plugin: parts[1].to_string(), client: accepted_app_versions.to_vec() })?;
+        .ok_or_else(|| HandshakeError::AppVersion {
+            plugin: parts[1].to_string(),
+            client: accepted_app_versions.to_vec(),
+        })?;
     let network = parts[2].to_string();
     if network != "unix" && network != "tcp" {
         return Err(HandshakeError::Network(network));
@@ -56,7 +62,13 @@ pub fn parse_handshake(line: &str, accepted_app_versions: &[u32]) -> Result<Hand
     if parts.get(5).is_some_and(|cert| cert.len() > 50) {
         return Err(HandshakeError::UnexpectedCertificate);
     }
-    Ok(Handshake { core_version, app_version, network, address: parts[3].to_string(), protocol })
+    Ok(Handshake {
+        core_version,
+        app_version,
+        network,
+        address: parts[3].to_string(),
+        protocol,
+    })
 }
 
 #[cfg(test)]
@@ -65,7 +77,10 @@ mod tests {
 
     #[test]
     fn accepts_both_go_plugin_forms() {
-        for line in ["1|2|unix|/tmp/plugin1|grpc|\n", "1|2|unix|/tmp/plugin1|grpc"] {
+        for line in [
+            "1|2|unix|/tmp/plugin1|grpc|\n",
+            "1|2|unix|/tmp/plugin1|grpc",
+        ] {
             let handshake = parse_handshake(line, &[2]).expect(line);
             assert_eq!(handshake.address, "/tmp/plugin1");
         }
@@ -73,12 +88,30 @@ mod tests {
 
     #[test]
     fn rejects_like_go_plugin() {
-        assert!(matches!(parse_handshake("hello", &[2]), Err(HandshakeError::Unrecognized(_))));
-        assert!(matches!(parse_handshake("2|2|unix|/x|grpc|", &[2]), Err(HandshakeError::CoreVersion(_))));
-        assert!(matches!(parse_handshake("1|1|unix|/x|grpc|", &[2]), Err(HandshakeError::AppVersion { .. })));
-        assert!(matches!(parse_handshake("1|2|udp|/x|grpc|", &[2]), Err(HandshakeError::Network(_))));
-        assert!(matches!(parse_handshake("1|2|unix|/x", &[2]), Err(HandshakeError::Protocol(_))));
+        assert!(matches!(
+            parse_handshake("hello", &[2]),
+            Err(HandshakeError::Unrecognized(_))
+        ));
+        assert!(matches!(
+            parse_handshake("2|2|unix|/x|grpc|", &[2]),
+            Err(HandshakeError::CoreVersion(_))
+        ));
+        assert!(matches!(
+            parse_handshake("1|1|unix|/x|grpc|", &[2]),
+            Err(HandshakeError::AppVersion { .. })
+        ));
+        assert!(matches!(
+            parse_handshake("1|2|udp|/x|grpc|", &[2]),
+            Err(HandshakeError::Network(_))
+        ));
+        assert!(matches!(
+            parse_handshake("1|2|unix|/x", &[2]),
+            Err(HandshakeError::Protocol(_))
+        ));
         let cert = "A".repeat(60);
-        assert_eq!(parse_handshake(&format!("1|2|unix|/x|grpc|{cert}"), &[2]), Err(HandshakeError::UnexpectedCertificate));
+        assert_eq!(
+            parse_handshake(&format!("1|2|unix|/x|grpc|{cert}"), &[2]),
+            Err(HandshakeError::UnexpectedCertificate)
+        );
     }
 }

@@ -21,7 +21,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::nomad::hclspec::Spec;
 use crate::pb::hashicorp::nomad::plugins::base::proto::base_plugin_client::BasePluginClient;
-use crate::pb::hashicorp::nomad::plugins::base::proto::{ConfigSchemaRequest, NomadConfig, SetConfigRequest};
+use crate::pb::hashicorp::nomad::plugins::base::proto::{
+    ConfigSchemaRequest, NomadConfig, SetConfigRequest,
+};
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::driver_client::DriverClient;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::TaskConfigSchemaRequest;
 use crate::pb::plugin::grpc_broker_client::GrpcBrokerClient;
@@ -119,16 +121,22 @@ impl PluginClient {
             None => command.env_remove(MAGIC_COOKIE_KEY),
         };
         command.envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let mut child = command.spawn().with_context(|| format!("cannot start plugin {}", binary.display()))?;
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start plugin {}", binary.display()))?;
 
         let stderr = Arc::new(Mutex::new(Vec::new()));
         if let Some(pipe) = child.stderr.take() {
             collect_lines(pipe, stderr.clone(), options.echo_stderr);
         }
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("plugin stdout not captured"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("plugin stdout not captured"))?;
         let mut stdout = BufReader::new(stdout);
         let mut first_line = String::new();
-        let read = tokio::time::timeout(options.start_timeout, stdout.read_line(&mut first_line)).await;
+        let read =
+            tokio::time::timeout(options.start_timeout, stdout.read_line(&mut first_line)).await;
         match read {
             Err(_) => {
                 let _ = child.kill().await;
@@ -150,7 +158,13 @@ impl PluginClient {
         collect_lines(stdout, stdout_extra.clone(), false);
 
         let channel = dial(&handshake).await?;
-        let client = Self { child, handshake, channel, stdout_extra, stderr };
+        let client = Self {
+            child,
+            handshake,
+            channel,
+            stdout_extra,
+            stderr,
+        };
         client.open_go_plugin_streams();
         Ok(client)
     }
@@ -202,12 +216,18 @@ impl PluginClient {
 
     /// Lines the plugin wrote to stdout after the handshake (should be none).
     pub fn extra_stdout_lines(&self) -> Vec<String> {
-        self.stdout_extra.lock().map(|lines| lines.clone()).unwrap_or_default()
+        self.stdout_extra
+            .lock()
+            .map(|lines| lines.clone())
+            .unwrap_or_default()
     }
 
     /// Everything the plugin wrote to stderr so far.
     pub fn stderr_lines(&self) -> Vec<String> {
-        self.stderr.lock().map(|lines| lines.clone()).unwrap_or_default()
+        self.stderr
+            .lock()
+            .map(|lines| lines.clone())
+            .unwrap_or_default()
     }
 
     /// The live stderr line buffer (outlives `kill`).
@@ -217,21 +237,35 @@ impl PluginClient {
 
     /// The plugin config schema it advertises.
     pub async fn plugin_config_schema(&self) -> anyhow::Result<Spec> {
-        let response = self.base().config_schema(ConfigSchemaRequest {}).await?.into_inner();
-        let spec = response.spec.ok_or_else(|| anyhow!("plugin advertises no config schema"))?;
+        let response = self
+            .base()
+            .config_schema(ConfigSchemaRequest {})
+            .await?
+            .into_inner();
+        let spec = response
+            .spec
+            .ok_or_else(|| anyhow!("plugin advertises no config schema"))?;
         Ok(Spec::try_from(&spec)?)
     }
 
     /// The task config schema it advertises.
     pub async fn task_config_schema(&self) -> anyhow::Result<Spec> {
-        let response = self.driver().task_config_schema(TaskConfigSchemaRequest {}).await?.into_inner();
+        let response = self
+            .driver()
+            .task_config_schema(TaskConfigSchemaRequest {})
+            .await?
+            .into_inner();
         let spec = response.spec.ok_or_else(|| anyhow!("nil spec given"))?;
         Ok(Spec::try_from(&spec)?)
     }
 
     /// Encodes the body of a `plugin { config { ... } }` block as Nomad would
     /// and sends SetConfig.
-    pub async fn set_config_hcl(&self, config_body: &str, nomad_config: Option<NomadConfig>) -> anyhow::Result<()> {
+    pub async fn set_config_hcl(
+        &self,
+        config_body: &str,
+        nomad_config: Option<NomadConfig>,
+    ) -> anyhow::Result<()> {
         let spec = self.plugin_config_schema().await?;
         let bytes = hcldec::encode_hcl(&spec, config_body, &hcl::eval::Context::new())?;
         self.base()
@@ -246,7 +280,11 @@ impl PluginClient {
 
     /// Encodes a task `config { ... }` body against the advertised task
     /// schema, with the task environment available for interpolation.
-    pub async fn encode_task_config(&self, config_body: &str, env: &HashMap<String, String>) -> anyhow::Result<Vec<u8>> {
+    pub async fn encode_task_config(
+        &self,
+        config_body: &str,
+        env: &HashMap<String, String>,
+    ) -> anyhow::Result<Vec<u8>> {
         let spec = self.task_config_schema().await?;
         let context = interpolation_context(env);
         Ok(hcldec::encode_hcl(&spec, config_body, &context)?)
@@ -254,7 +292,11 @@ impl PluginClient {
 
     /// What go-plugin's Kill() does: Shutdown, wait up to 2 s, then SIGKILL.
     pub async fn kill(mut self) -> anyhow::Result<ExitStatus> {
-        let _ = tokio::time::timeout(KILL_GRACE, self.controller().shutdown(crate::pb::plugin::Empty {})).await;
+        let _ = tokio::time::timeout(
+            KILL_GRACE,
+            self.controller().shutdown(crate::pb::plugin::Empty {}),
+        )
+        .await;
         match tokio::time::timeout(KILL_GRACE, self.child.wait()).await {
             Ok(status) => Ok(status?),
             Err(_) => {

@@ -14,7 +14,8 @@ pub const CORE_PROTOCOL_VERSION: u32 = 1;
 pub const APP_PROTOCOL_VERSION: u32 = 2;
 
 /// Printed on stderr when run by hand, as go-plugin servers do.
-pub const NOT_A_PLUGIN_MESSAGE: &str = "This binary is a plugin. These are not meant to be executed directly.\n\
+pub const NOT_A_PLUGIN_MESSAGE: &str =
+    "This binary is a plugin. These are not meant to be executed directly.\n\
 Nomad starts it from its plugin_dir (see the README for the client config);\n\
 run `nomad-driver-virt help` for the commands meant for people.\n";
 

@@ -53,7 +53,11 @@ where
             }
         }
         event.record(&mut fields);
-        let line = hclog_line(event.metadata().level(), event.metadata().target(), fields.0);
+        let line = hclog_line(
+            event.metadata().level(),
+            event.metadata().target(),
+            fields.0,
+        );
         writeln!(writer, "{line}")
     }
 }
@@ -72,11 +76,19 @@ pub fn hclog_line(level: &Level, target: &str, mut fields: Map<String, Value>) -
     object.insert("@module".into(), Value::String(module_name(target)));
     object.insert(
         "@timestamp".into(),
-        Value::String(chrono::Local::now().format(HCLOG_TIMESTAMP_FORMAT).to_string()),
+        Value::String(
+            chrono::Local::now()
+                .format(HCLOG_TIMESTAMP_FORMAT)
+                .to_string(),
+        ),
     );
     for (key, value) in fields {
         // Keys starting with '@' are reserved for hclog's own fields.
-        let key = if key.starts_with('@') { format!("field{key}") } else { key };
+        let key = if key.starts_with('@') {
+            format!("field{key}")
+        } else {
+            key
+        };
         object.insert(key, value);
     }
     Value::Object(object).to_string()
@@ -96,9 +108,10 @@ fn level_name(level: &Level) -> &'static str {
 fn module_name(target: &str) -> String {
     let mut parts = target.split("::");
     match parts.next() {
-        Some("nomad_driver_virt") | Some("nomad-driver-virt") => {
-            std::iter::once("virt").chain(parts).collect::<Vec<_>>().join(".")
-        }
+        Some("nomad_driver_virt") | Some("nomad-driver-virt") => std::iter::once("virt")
+            .chain(parts)
+            .collect::<Vec<_>>()
+            .join("."),
         _ => format!("virt.{}", target.replace("::", ".")),
     }
 }
@@ -110,10 +123,12 @@ struct SpanFields(Map<String, Value>);
 
 impl Visit for JsonFields {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().into(), Value::String(format!("{value:?}")));
+        self.0
+            .insert(field.name().into(), Value::String(format!("{value:?}")));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), Value::String(value.into()));
+        self.0
+            .insert(field.name().into(), Value::String(value.into()));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.0.insert(field.name().into(), Value::from(value));
@@ -128,7 +143,8 @@ impl Visit for JsonFields {
         self.0.insert(field.name().into(), Value::from(value));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.insert(field.name().into(), Value::String(value.to_string()));
+        self.0
+            .insert(field.name().into(), Value::String(value.to_string()));
     }
 }
 
@@ -179,14 +195,18 @@ pub fn parse_level(name: &str) -> Option<LevelFilter> {
 
 /// The level from the environment, if set and valid.
 pub fn env_level() -> Option<LevelFilter> {
-    std::env::var(LOG_LEVEL_ENV).ok().and_then(|value| parse_level(&value))
+    std::env::var(LOG_LEVEL_ENV)
+        .ok()
+        .and_then(|value| parse_level(&value))
 }
 
 /// Installs the global subscriber writing to stderr. Safe to call once.
 pub fn init(format: LogFormat) {
     let (filter, handle) = reload::Layer::new(env_level().unwrap_or(DEFAULT_LOG_LEVEL));
     let _ = RELOAD.set(handle);
-    let registry = tracing_subscriber::registry().with(filter).with(SpanFieldLayer);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(SpanFieldLayer);
     let result = match format {
         LogFormat::HclogJson => registry
             .with(
@@ -223,7 +243,10 @@ mod tests {
     #[test]
     fn line_has_hclog_keys_and_go_timestamp() {
         let mut fields = Map::new();
-        fields.insert("message".into(), Value::String("starting \"task\"\nnext".into()));
+        fields.insert(
+            "message".into(),
+            Value::String("starting \"task\"\nnext".into()),
+        );
         fields.insert("alloc_id".into(), Value::String("abc".into()));
         fields.insert("@level".into(), Value::String("spoof".into()));
         let line = hclog_line(&Level::WARN, "nomad_driver_virt::driver", fields);
@@ -235,9 +258,16 @@ mod tests {
         assert_eq!(parsed["alloc_id"], "abc");
         assert_eq!(parsed["field@level"], "spoof");
         let stamp = parsed["@timestamp"].as_str().expect("string timestamp");
-        assert!(chrono::DateTime::parse_from_str(stamp, HCLOG_TIMESTAMP_FORMAT).is_ok(), "{stamp}");
+        assert!(
+            chrono::DateTime::parse_from_str(stamp, HCLOG_TIMESTAMP_FORMAT).is_ok(),
+            "{stamp}"
+        );
         let fraction = stamp.split('.').nth(1).expect("fraction");
-        assert_eq!(fraction.chars().take_while(|c| c.is_ascii_digit()).count(), 6, "{stamp}");
+        assert_eq!(
+            fraction.chars().take_while(|c| c.is_ascii_digit()).count(),
+            6,
+            "{stamp}"
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! Nomad opens the stdio and broker streams at connect and never uses them
 //! for drivers; we hold them open until shutdown so the client sees no errors.
 
-use tokio::sync::watch;
 use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::codegen::BoxStream;
@@ -30,7 +30,9 @@ impl Shutdown {
 
 /// A stream that yields nothing and ends when shutdown starts or the
 /// client goes away.
-pub(crate) fn idle_until_shutdown<T: Send + 'static>(mut stop: watch::Receiver<bool>) -> BoxStream<T> {
+pub(crate) fn idle_until_shutdown<T: Send + 'static>(
+    mut stop: watch::Receiver<bool>,
+) -> BoxStream<T> {
     let (sender, receiver) = mpsc::channel::<Result<T, Status>>(1);
     tokio::spawn(async move {
         tokio::select! {
@@ -72,7 +74,10 @@ impl Stdio {
 
 #[tonic::async_trait]
 impl GrpcStdio for Stdio {
-    async fn stream_stdio(&self, _request: Request<()>) -> Result<Response<BoxStream<StdioData>>, Status> {
+    async fn stream_stdio(
+        &self,
+        _request: Request<()>,
+    ) -> Result<Response<BoxStream<StdioData>>, Status> {
         // Our stdout/stderr are not redirected: logs go to the real stderr.
         Ok(Response::new(idle_until_shutdown(self.stop.clone())))
     }

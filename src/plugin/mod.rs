@@ -29,10 +29,18 @@ pub use internal::Shutdown;
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error("cannot bind the plugin socket {path}: {source}")]
-    Bind { path: PathBuf, source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot set permissions on the plugin socket {path}: {source}")]
-    Permissions { path: PathBuf, source: std::io::Error },
-    #[error("PLUGIN_UNIX_SOCKET_GROUP {group:?} is neither a group name nor a numeric gid on this host")]
+    Permissions {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "PLUGIN_UNIX_SOCKET_GROUP {group:?} is neither a group name nor a numeric gid on this host"
+    )]
     UnknownGroup { group: String },
     #[error("cannot write the handshake line: {0}")]
     Handshake(std::io::Error),
@@ -59,9 +67,15 @@ pub async fn serve(driver: Arc<Driver>) -> Result<(), PluginError> {
 
     let socket_dir = std::env::var("PLUGIN_UNIX_SOCKET_DIR").ok();
     let path = handshake::socket_path(socket_dir.as_deref());
-    let listener = UnixListener::bind(&path).map_err(|source| PluginError::Bind { path: path.clone(), source })?;
+    let listener = UnixListener::bind(&path).map_err(|source| PluginError::Bind {
+        path: path.clone(),
+        source,
+    })?;
     let _socket_guard = SocketFile(path.clone());
-    restrict_socket(&path, std::env::var("PLUGIN_UNIX_SOCKET_GROUP").ok().as_deref())?;
+    restrict_socket(
+        &path,
+        std::env::var("PLUGIN_UNIX_SOCKET_GROUP").ok().as_deref(),
+    )?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown = Shutdown::new(shutdown_tx);
@@ -98,9 +112,15 @@ pub async fn serve(driver: Arc<Driver>) -> Result<(), PluginError> {
 
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(GrpcControllerServer::new(internal::Controller::new(shutdown.clone())))
-        .add_service(GrpcStdioServer::new(internal::Stdio::new(shutdown_rx.clone())))
-        .add_service(GrpcBrokerServer::new(internal::Broker::new(shutdown_rx.clone())))
+        .add_service(GrpcControllerServer::new(internal::Controller::new(
+            shutdown.clone(),
+        )))
+        .add_service(GrpcStdioServer::new(internal::Stdio::new(
+            shutdown_rx.clone(),
+        )))
+        .add_service(GrpcBrokerServer::new(internal::Broker::new(
+            shutdown_rx.clone(),
+        )))
         .add_service(BasePluginServer::from_arc(driver.clone()))
         .add_service(DriverServer::from_arc(driver.clone()));
 
@@ -108,7 +128,9 @@ pub async fn serve(driver: Arc<Driver>) -> Result<(), PluginError> {
     let line = handshake::handshake_line(app_version, &path);
     {
         let mut stdout = std::io::stdout().lock();
-        stdout.write_all(line.as_bytes()).map_err(PluginError::Handshake)?;
+        stdout
+            .write_all(line.as_bytes())
+            .map_err(PluginError::Handshake)?;
         stdout.flush().map_err(PluginError::Handshake)?;
     }
     tracing::info!(socket = %path.display(), version = env!("CARGO_PKG_VERSION"), "plugin serving");
@@ -117,7 +139,8 @@ pub async fn serve(driver: Arc<Driver>) -> Result<(), PluginError> {
     let stop_signal = async move {
         let _ = stop_rx.wait_for(|stopping| *stopping).await;
     };
-    let server = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop_signal);
+    let server =
+        router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop_signal);
     tokio::pin!(server);
     let mut grace_rx = shutdown_rx.clone();
     tokio::select! {
@@ -147,14 +170,21 @@ impl Drop for SocketFile {
 
 /// Owner-only by default; with a group, owner and group (go-plugin's 0660).
 fn restrict_socket(path: &Path, group: Option<&str>) -> Result<(), PluginError> {
-    let permissions_error = |source| PluginError::Permissions { path: path.to_path_buf(), source };
+    let permissions_error = |source| PluginError::Permissions {
+        path: path.to_path_buf(),
+        source,
+    };
     match group {
         Some(group) if !group.is_empty() => {
-            let gid = resolve_group(group).ok_or_else(|| PluginError::UnknownGroup { group: group.to_string() })?;
+            let gid = resolve_group(group).ok_or_else(|| PluginError::UnknownGroup {
+                group: group.to_string(),
+            })?;
             std::os::unix::fs::chown(path, None, Some(gid)).map_err(permissions_error)?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(permissions_error)
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                .map_err(permissions_error)
         }
-        _ => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(permissions_error),
+        _ => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(permissions_error),
     }
 }
 
