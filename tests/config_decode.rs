@@ -103,7 +103,8 @@ fn first_error(error: ConfigError) -> (String, String) {
 #[test]
 fn nil_and_missing_are_both_unset() {
     let with_nils: TaskConfig = decode_msgpack("task config", &task(vec![])).expect("all nil");
-    let missing: TaskConfig = decode_msgpack("task config", &bytes(Mp::Map(vec![]))).expect("empty map");
+    let missing: TaskConfig =
+        decode_msgpack("task config", &bytes(Mp::Map(vec![]))).expect("empty map");
     assert_eq!(with_nils, TaskConfig::default());
     assert_eq!(missing, TaskConfig::default());
     let empty: TaskConfig = decode_msgpack("task config", &[]).expect("no config block at all");
@@ -119,7 +120,8 @@ fn sizes_arrive_as_ints_floats_or_strings() {
         (Mp::Str("10GiB"), 10 << 30),
         (Mp::Str("1.5GiB"), 3 << 29),
     ] {
-        let config = decode_and_validate(&task(vec![("disk", Mp::Array(vec![disk(size)]))])).expect("valid size");
+        let config = decode_and_validate(&task(vec![("disk", Mp::Array(vec![disk(size)]))]))
+            .expect("valid size");
         let disks = config.disk.expect("disks");
         assert_eq!(disks[0].size, Some(ByteSize(expected)));
     }
@@ -129,7 +131,8 @@ fn sizes_arrive_as_ints_floats_or_strings() {
 fn inexact_fractions_arrive_as_strings_and_are_rejected_by_field() {
     // cty encodes 0.1 as the string "0.1" (not exact in binary64) and 0.5 as float64.
     for size in [Mp::Str("0.1"), Mp::Float(0.5)] {
-        let error = decode_and_validate(&task(vec![("disk", Mp::Array(vec![disk(size)]))])).expect_err("fraction");
+        let error = decode_and_validate(&task(vec![("disk", Mp::Array(vec![disk(size)]))]))
+            .expect_err("fraction");
         let (field, message) = first_error(error);
         assert_eq!(field, "disk[0].size");
         assert!(message.contains("whole number of bytes"), "{message}");
@@ -138,11 +141,15 @@ fn inexact_fractions_arrive_as_strings_and_are_rejected_by_field() {
 
 #[test]
 fn one_or_many_blocks() {
-    let one = decode_and_validate(&task(vec![("disk", Mp::Array(vec![disk(Mp::Int(1))]))])).expect("one");
+    let one =
+        decode_and_validate(&task(vec![("disk", Mp::Array(vec![disk(Mp::Int(1))]))])).expect("one");
     assert_eq!(one.disk.map(|d| d.len()), Some(1));
     let three = decode_msgpack::<TaskConfig>(
         "task config",
-        &task(vec![("disk", Mp::Array(vec![disk(Mp::Int(1)), disk(Mp::Int(2)), disk(Mp::Int(3))]))]),
+        &task(vec![(
+            "disk",
+            Mp::Array(vec![disk(Mp::Int(1)), disk(Mp::Int(2)), disk(Mp::Int(3))]),
+        )]),
     )
     .expect("three");
     assert_eq!(three.disk.map(|d| d.len()), Some(3));
@@ -151,24 +158,36 @@ fn one_or_many_blocks() {
 #[test]
 fn wrong_types_name_the_field() {
     let (field, message) = first_error(
-        decode_msgpack::<TaskConfig>("task config", &task(vec![("hostname", Mp::Int(5))])).expect_err("int hostname"),
+        decode_msgpack::<TaskConfig>("task config", &task(vec![("hostname", Mp::Int(5))]))
+            .expect_err("int hostname"),
     );
     assert_eq!(field, "hostname");
     assert!(message.contains("wrong type"), "{message}");
 
     let (field, _) = first_error(
-        decode_msgpack::<TaskConfig>("task config", &task(vec![("cmds", Mp::Str("echo"))])).expect_err("string cmds"),
+        decode_msgpack::<TaskConfig>("task config", &task(vec![("cmds", Mp::Str("echo"))]))
+            .expect_err("string cmds"),
     );
     assert_eq!(field, "cmds");
 
     let (field, message) = first_error(
-        decode_msgpack::<TaskConfig>("task config", &task(vec![("surprise", Mp::Bool(true))])).expect_err("unknown key"),
+        decode_msgpack::<TaskConfig>("task config", &task(vec![("surprise", Mp::Bool(true))]))
+            .expect_err("unknown key"),
     );
-    assert!(message.contains("unknown attribute or block `surprise`"), "{field}: {message}");
+    assert!(
+        message.contains("unknown attribute or block `surprise`"),
+        "{field}: {message}"
+    );
 
     let bad_mode = Mp::Array(vec![Mp::Map(vec![
         ("bridge", Mp::Nil),
-        ("macvtap", Mp::Map(vec![("device", Mp::Str("eth0")), ("mode", Mp::Str("bridged"))])),
+        (
+            "macvtap",
+            Mp::Map(vec![
+                ("device", Mp::Str("eth0")),
+                ("mode", Mp::Str("bridged")),
+            ]),
+        ),
     ])]);
     let (field, message) = first_error(
         decode_and_validate(&task(vec![("network_interface", bad_mode)])).expect_err("bad mode"),
@@ -181,13 +200,20 @@ fn wrong_types_name_the_field() {
 fn plugin_config_decodes_repeated_labelled_blocks() {
     let config = bytes(Mp::Map(vec![
         ("accelerator", Mp::Str("tcg")),
-        ("image_paths", Mp::Array(vec![Mp::Str("/var/lib/virt/images")])),
+        (
+            "image_paths",
+            Mp::Array(vec![Mp::Str("/var/lib/virt/images")]),
+        ),
         ("log_level", Mp::Nil),
         (
             "provider",
             Mp::Map(vec![(
                 "libvirt",
-                Mp::Map(vec![("password", Mp::Nil), ("uri", Mp::Str("test:///default")), ("user", Mp::Nil)]),
+                Mp::Map(vec![
+                    ("password", Mp::Nil),
+                    ("uri", Mp::Str("test:///default")),
+                    ("user", Mp::Nil),
+                ]),
             )]),
         ),
         (
@@ -233,7 +259,9 @@ fn huge_declared_lengths_do_not_allocate_or_panic() {
     for input in [
         vec![0xdd, 0xff, 0xff, 0xff, 0xff],
         vec![0xdf, 0xff, 0xff, 0xff, 0xff],
-        vec![0x81, 0xa4, b'c', b'm', b'd', b's', 0xdd, 0xff, 0xff, 0xff, 0xff],
+        vec![
+            0x81, 0xa4, b'c', b'm', b'd', b's', 0xdd, 0xff, 0xff, 0xff, 0xff,
+        ],
         vec![0xdb, 0xff, 0xff, 0xff, 0xff],
     ] {
         assert!(decode_msgpack::<TaskConfig>("task config", &input).is_err());

@@ -25,9 +25,16 @@ fn run_without_nomad(cookie: Option<&str>) -> std::process::Output {
 fn without_cookie_it_explains_and_exits_1() {
     let output = run_without_nomad(None);
     assert_eq!(output.status.code(), Some(1));
-    assert!(output.stdout.is_empty(), "stdout: {:?}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        output.stdout.is_empty(),
+        "stdout: {:?}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.starts_with("This binary is a plugin. These are not meant to be executed directly."), "{stderr}");
+    assert!(
+        stderr.starts_with("This binary is a plugin. These are not meant to be executed directly."),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -45,29 +52,51 @@ async fn client_without_version_2_rejects_the_handshake() {
         accepted_app_versions: vec![1],
         ..LaunchOptions::default()
     };
-    let error = nomad_driver_virt::nomad_client::PluginClient::launch(&common::plugin_binary(), options)
-        .await
-        .err()
-        .expect("handshake must be refused");
-    assert!(error.to_string().contains("Incompatible API version with plugin. Plugin version: 2"), "{error}");
+    let error =
+        nomad_driver_virt::nomad_client::PluginClient::launch(&common::plugin_binary(), options)
+            .await
+            .err()
+            .expect("handshake must be refused");
+    assert!(
+        error
+            .to_string()
+            .contains("Incompatible API version with plugin. Plugin version: 2"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn socket_dir_is_honoured_private_and_removed_after_shutdown() {
     let dir = tempfile::tempdir().expect("tempdir");
     let options = LaunchOptions {
-        env: vec![("PLUGIN_UNIX_SOCKET_DIR".into(), dir.path().display().to_string())],
+        env: vec![(
+            "PLUGIN_UNIX_SOCKET_DIR".into(),
+            dir.path().display().to_string(),
+        )],
         ..LaunchOptions::default()
     };
     let plugin = common::launch_with(options).await;
     let socket = plugin.socket_path();
-    assert_eq!(socket.parent(), Some(dir.path()), "socket {socket:?} not in the requested dir");
-    let mode = std::fs::metadata(&socket).expect("socket exists").permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "socket must not be usable by other users: {mode:o}");
+    assert_eq!(
+        socket.parent(),
+        Some(dir.path()),
+        "socket {socket:?} not in the requested dir"
+    );
+    let mode = std::fs::metadata(&socket)
+        .expect("socket exists")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        mode, 0o600,
+        "socket must not be usable by other users: {mode:o}"
+    );
 
     let mut health = HealthClient::new(plugin.channel());
     let status = health
-        .check(HealthCheckRequest { service: "plugin".into() })
+        .check(HealthCheckRequest {
+            service: "plugin".into(),
+        })
         .await
         .expect("health check")
         .into_inner()
@@ -85,7 +114,10 @@ async fn socket_group_is_honoured() {
     // gid 1 ("daemon" on Debian) differs from root's group 0.
     let options = LaunchOptions {
         env: vec![
-            ("PLUGIN_UNIX_SOCKET_DIR".into(), dir.path().display().to_string()),
+            (
+                "PLUGIN_UNIX_SOCKET_DIR".into(),
+                dir.path().display().to_string(),
+            ),
             ("PLUGIN_UNIX_SOCKET_GROUP".into(), "daemon".into()),
         ],
         ..LaunchOptions::default()
@@ -100,7 +132,10 @@ async fn socket_group_is_honoured() {
 #[tokio::test]
 async fn unknown_socket_group_fails_clearly() {
     let output = tokio::process::Command::new(common::plugin_binary())
-        .env(MAGIC_COOKIE_KEY, nomad_driver_virt::plugin::handshake::MAGIC_COOKIE_VALUE)
+        .env(
+            MAGIC_COOKIE_KEY,
+            nomad_driver_virt::plugin::handshake::MAGIC_COOKIE_VALUE,
+        )
         .env("PLUGIN_UNIX_SOCKET_GROUP", "no-such-group-here")
         .output()
         .await
@@ -116,7 +151,9 @@ async fn internal_services_answer_and_only_one_stdout_line_is_written() {
     let mut health = HealthClient::new(plugin.channel());
     for service in ["plugin", ""] {
         let status = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .expect("health")
             .into_inner()
@@ -125,28 +162,52 @@ async fn internal_services_answer_and_only_one_stdout_line_is_written() {
     }
 
     // Stdio: the stream opens and stays open (no data, no error).
-    let mut stdio = nomad_driver_virt::pb::plugin::grpc_stdio_client::GrpcStdioClient::new(plugin.channel());
-    let mut stream = stdio.stream_stdio(()).await.expect("stdio stream opens").into_inner();
+    let mut stdio =
+        nomad_driver_virt::pb::plugin::grpc_stdio_client::GrpcStdioClient::new(plugin.channel());
+    let mut stream = stdio
+        .stream_stdio(())
+        .await
+        .expect("stdio stream opens")
+        .into_inner();
     let idle = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
     assert!(idle.is_err(), "stdio stream should idle, got {idle:?}");
 
     // Broker: accepts our connection info and holds the stream open.
-    let mut broker = nomad_driver_virt::pb::plugin::grpc_broker_client::GrpcBrokerClient::new(plugin.channel());
-    let outgoing = tokio_stream::iter(vec![ConnInfo { service_id: 7, network: "unix".into(), address: "/x".into(), knock: None }])
-        .chain(tokio_stream::pending());
-    let mut incoming = broker.start_stream(outgoing).await.expect("broker stream opens").into_inner();
+    let mut broker =
+        nomad_driver_virt::pb::plugin::grpc_broker_client::GrpcBrokerClient::new(plugin.channel());
+    let outgoing = tokio_stream::iter(vec![ConnInfo {
+        service_id: 7,
+        network: "unix".into(),
+        address: "/x".into(),
+        knock: None,
+    }])
+    .chain(tokio_stream::pending());
+    let mut incoming = broker
+        .start_stream(outgoing)
+        .await
+        .expect("broker stream opens")
+        .into_inner();
     let idle = tokio::time::timeout(Duration::from_millis(300), incoming.message()).await;
     assert!(idle.is_err(), "broker stream should idle, got {idle:?}");
 
     // Shutdown ends the open streams and the process.
     let mut controller = plugin.controller();
-    controller.shutdown(Empty {}).await.expect("shutdown answers");
+    controller
+        .shutdown(Empty {})
+        .await
+        .expect("shutdown answers");
     let ended = tokio::time::timeout(Duration::from_secs(3), stream.message()).await;
-    assert!(matches!(ended, Ok(Ok(None)) | Ok(Err(_))), "stdio stream must end at shutdown: {ended:?}");
+    assert!(
+        matches!(ended, Ok(Ok(None)) | Ok(Err(_))),
+        "stdio stream must end at shutdown: {ended:?}"
+    );
     let extra = plugin.extra_stdout_lines();
     let status = plugin.kill().await.expect("exit");
     assert!(status.success(), "{status:?}");
-    assert!(extra.is_empty(), "stdout must hold only the handshake: {extra:?}");
+    assert!(
+        extra.is_empty(),
+        "stdout must hold only the handshake: {extra:?}"
+    );
 }
 
 use tokio_stream::StreamExt;
@@ -159,13 +220,19 @@ async fn sigint_is_ignored_and_sigterm_exits_cleanly() {
     assert!(plugin.is_running(), "SIGINT must not stop the plugin");
     let mut health = HealthClient::new(plugin.channel());
     health
-        .check(HealthCheckRequest { service: "plugin".into() })
+        .check(HealthCheckRequest {
+            service: "plugin".into(),
+        })
         .await
         .expect("still serving after SIGINT");
 
     let socket = plugin.socket_path();
     plugin.signal(libc::SIGTERM).expect("send SIGTERM");
-    let status = plugin.wait_exit(Duration::from_secs(5)).await.expect("wait").expect("exits after SIGTERM");
+    let status = plugin
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("wait")
+        .expect("exits after SIGTERM");
     assert!(status.success(), "{status:?}");
     assert!(!socket.exists(), "socket removed after SIGTERM");
 }
@@ -174,28 +241,52 @@ async fn sigint_is_ignored_and_sigterm_exits_cleanly() {
 async fn stderr_lines_are_hclog_json() {
     let plugin = common::launch().await;
     let mut base = plugin.base();
-    base.plugin_info(nomad_driver_virt::pb::hashicorp::nomad::plugins::base::proto::PluginInfoRequest {})
-        .await
-        .expect("plugin info");
+    base.plugin_info(
+        nomad_driver_virt::pb::hashicorp::nomad::plugins::base::proto::PluginInfoRequest {},
+    )
+    .await
+    .expect("plugin info");
     let status = plugin_kill_and_lines(plugin).await;
-    assert!(!status.is_empty(), "the plugin logs at least its start and stop");
+    assert!(
+        !status.is_empty(),
+        "the plugin logs at least its start and stop"
+    );
     for line in status {
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        let level = value["@level"].as_str().unwrap_or_else(|| panic!("@level not a string: {line}"));
-        assert!(["trace", "debug", "info", "warn", "error"].contains(&level), "{line}");
+        let value: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let level = value["@level"]
+            .as_str()
+            .unwrap_or_else(|| panic!("@level not a string: {line}"));
+        assert!(
+            ["trace", "debug", "info", "warn", "error"].contains(&level),
+            "{line}"
+        );
         assert!(value["@message"].is_string(), "{line}");
-        assert!(value["@module"].as_str().is_some_and(|m| m.starts_with("virt")), "{line}");
-        let stamp = value["@timestamp"].as_str().unwrap_or_else(|| panic!("no timestamp: {line}"));
+        assert!(
+            value["@module"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("virt")),
+            "{line}"
+        );
+        let stamp = value["@timestamp"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no timestamp: {line}"));
         assert!(
             chrono::DateTime::parse_from_str(stamp, "%Y-%m-%dT%H:%M:%S%.6f%:z").is_ok(),
             "timestamp {stamp} does not match Go's 2006-01-02T15:04:05.000000Z07:00"
         );
         let fraction = stamp.split('.').nth(1).unwrap_or_default();
-        assert_eq!(fraction.chars().take_while(char::is_ascii_digit).count(), 6, "{stamp}");
+        assert_eq!(
+            fraction.chars().take_while(char::is_ascii_digit).count(),
+            6,
+            "{stamp}"
+        );
     }
 }
 
-async fn plugin_kill_and_lines(plugin: nomad_driver_virt::nomad_client::PluginClient) -> Vec<String> {
+async fn plugin_kill_and_lines(
+    plugin: nomad_driver_virt::nomad_client::PluginClient,
+) -> Vec<String> {
     // Keep a handle on the line buffer before kill() consumes the client.
     let lines = plugin.stderr_buffer();
     plugin.kill().await.expect("exit");
