@@ -10,3 +10,4 @@ pub mod net;
 pub mod nomad;
 pub mod nomad_client;
 pub mod plugin;
+pub mod storage;

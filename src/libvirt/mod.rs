@@ -3,6 +3,10 @@
 //! which runs them on tokio's blocking pool.
 
 pub mod conn;
+pub mod domain_xml;
+pub mod events;
 pub mod host;
+pub mod lifecycle;
+pub mod stats;
 
 pub use conn::{Libvirt, LibvirtError};
