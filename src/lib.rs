@@ -3,6 +3,7 @@
 
 pub mod pb;
 
+pub mod cloudinit;
 pub mod config;
 pub mod driver;
 pub mod libvirt;
@@ -11,3 +12,4 @@ pub mod nomad;
 pub mod nomad_client;
 pub mod plugin;
 pub mod storage;
+pub mod task;

@@ -3,4 +3,5 @@
 
 pub mod attribute;
 pub mod cty;
+pub mod driver_state;
 pub mod hclspec;

@@ -1,0 +1,270 @@
+//! Pure planning: turns Nomad's task description and the typed task config
+//! into names, resources, device letters and guest mount commands.
+
+use std::collections::BTreeSet;
+
+use crate::config::task::DiskConfig;
+
+/// The libvirt domain name: `<task>-<last 8 chars of the task id>`.
+///
+/// Nomad task ids are `<alloc id>/<task name>/<8 random chars>`; the task
+/// name is reduced to characters libvirt names allow.
+pub fn domain_name(task_name: &str, task_id: &str) -> String {
+    let suffix: String = task_id
+        .rsplit('/')
+        .next()
+        .unwrap_or(task_id)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let suffix: String = suffix
+        .chars()
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let mut base = String::new();
+    for c in task_name.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+            base.push(c);
+        } else if !base.ends_with('-') {
+            base.push('-');
+        }
+    }
+    let base: String = base.trim_matches('-').chars().take(48).collect();
+    let base = if base.is_empty() {
+        "task".to_string()
+    } else {
+        base
+    };
+    if suffix.is_empty() {
+        base
+    } else {
+        format!("{base}-{suffix}")
+    }
+}
+
+/// Memory and CPU for the domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmResources {
+    /// Maximum memory (Nomad's memory_max, else memory), KiB.
+    pub memory_kib: u64,
+    /// Memory at boot (Nomad's memory), KiB.
+    pub current_memory_kib: u64,
+    pub vcpus: u32,
+    /// Host cores reserved for the task (`resources { cores }`), libvirt syntax.
+    pub cpuset: Option<String>,
+    /// Relative CPU weight (Nomad's cpu MHz as shares).
+    pub cpu_shares: Option<u64>,
+}
+
+/// Smallest memory we boot a VM with.
+pub const MIN_MEMORY_MB: i64 = 64;
+
+/// Derives VM resources from what Nomad allocated.
+///
+/// vCPUs: one per reserved core when cores are reserved; otherwise enough
+/// cores to cover the task's MHz at the host's per-core speed, at least one,
+/// at most the host's CPU count.
+pub fn vm_resources(
+    memory_mb: i64,
+    memory_max_mb: i64,
+    cpu_mhz: i64,
+    cpuset_cpus: &str,
+    host_mhz_per_core: u64,
+    host_cpus: u32,
+) -> Result<VmResources, String> {
+    if memory_mb < MIN_MEMORY_MB {
+        return Err(format!(
+            "resources.memory is {memory_mb} MB; a VM needs at least {MIN_MEMORY_MB} MB"
+        ));
+    }
+    let max_mb = memory_max_mb.max(memory_mb);
+    let cores = parse_cpuset(cpuset_cpus)?;
+    let vcpus = if !cores.is_empty() {
+        cores.len() as u32
+    } else if cpu_mhz > 0 && host_mhz_per_core > 0 {
+        let needed = (cpu_mhz as u64).div_ceil(host_mhz_per_core);
+        needed.clamp(1, u64::from(host_cpus.max(1))) as u32
+    } else {
+        1
+    };
+    Ok(VmResources {
+        memory_kib: max_mb as u64 * 1024,
+        current_memory_kib: memory_mb as u64 * 1024,
+        vcpus,
+        cpuset: (!cores.is_empty()).then(|| cpuset_cpus.trim().to_string()),
+        cpu_shares: (cpu_mhz > 0).then_some(cpu_mhz as u64),
+    })
+}
+
+/// Parses Nomad's reserved-core list ("0,2-3") into core numbers.
+pub fn parse_cpuset(text: &str) -> Result<BTreeSet<u32>, String> {
+    let mut cores = BTreeSet::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("reserved cores {text:?} are not a cpuset list such as \"0,2-3\"");
+        match part.split_once('-') {
+            Some((start, end)) => {
+                let start: u32 = start.parse().map_err(|_| bad())?;
+                let end: u32 = end.parse().map_err(|_| bad())?;
+                if end < start || end - start > 4096 {
+                    return Err(bad());
+                }
+                cores.extend(start..=end);
+            }
+            None => {
+                cores.insert(part.parse().map_err(|_| bad())?);
+            }
+        }
+    }
+    Ok(cores)
+}
+
+/// Guest device names for the task's disks plus one more for the seed
+/// cdrom, unique per bus prefix: vdX for virtio, hdX for ide, sdX otherwise.
+pub fn device_names(disks: &[DiskConfig], seed_bus: &str) -> Result<(Vec<String>, String), String> {
+    let mut used: BTreeSet<String> = disks.iter().filter_map(|d| d.devname.clone()).collect();
+    let mut next = |bus: &str| -> Result<String, String> {
+        let prefix = bus_prefix(bus);
+        for letter in 'a'..='z' {
+            let candidate = format!("{prefix}{letter}");
+            if used.insert(candidate.clone()) {
+                return Ok(candidate);
+            }
+        }
+        Err(format!("too many disks on the {bus} bus"))
+    };
+    let mut names = Vec::new();
+    for disk in disks {
+        match &disk.devname {
+            Some(name) => names.push(name.clone()),
+            None => names.push(next(&default_bus(disk))?),
+        }
+    }
+    let seed = next(seed_bus)?;
+    Ok((names, seed))
+}
+
+/// The bus a disk uses when `bus_type` is unset: virtio, IDE for cdroms.
+pub fn default_bus(disk: &DiskConfig) -> String {
+    match (&disk.bus_type, disk.kind.as_deref()) {
+        (Some(bus), _) => bus.clone(),
+        (None, Some("cdrom")) => "ide".into(),
+        (None, _) => "virtio".into(),
+    }
+}
+
+fn bus_prefix(bus: &str) -> &'static str {
+    match bus {
+        "virtio" => "vd",
+        "ide" => "hd",
+        _ => "sd",
+    }
+}
+
+/// A host directory shared into the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestShare {
+    pub host_dir: std::path::PathBuf,
+    pub tag: String,
+    pub guest_path: String,
+    pub read_only: bool,
+}
+
+/// Quotes a string for a POSIX shell.
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// The guest commands (cloud-init bootcmd) that mount each share.
+pub fn mount_commands(shares: &[GuestShare]) -> Vec<String> {
+    shares
+        .iter()
+        .map(|share| {
+            let options = if share.read_only {
+                "trans=virtio,version=9p2000.L,ro"
+            } else {
+                "trans=virtio,version=9p2000.L"
+            };
+            let path = shell_quote(&share.guest_path);
+            format!(
+                "mkdir -p {path} && mount -t 9p -o {options} {} {path}",
+                shell_quote(&share.tag)
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_names() {
+        assert_eq!(domain_name("web", "f1e2/web/abcd1234"), "web-abcd1234");
+        assert_eq!(
+            domain_name("my task!", "x/my task!/12345678"),
+            "my-task-12345678"
+        );
+        assert_eq!(domain_name("'/><evil", "a/b/1234abcd"), "evil-1234abcd");
+        let long = domain_name(&"n".repeat(100), "a/b/12345678");
+        assert!(long.len() <= 64, "{long}");
+    }
+
+    #[test]
+    fn resources_from_cores_or_mhz() {
+        let reserved = vm_resources(512, 0, 1000, "0,2-3", 2000, 8).expect("valid");
+        assert_eq!(reserved.vcpus, 3);
+        assert_eq!(reserved.cpuset.as_deref(), Some("0,2-3"));
+        assert_eq!(reserved.memory_kib, 512 * 1024);
+        let shared = vm_resources(512, 1024, 4500, "", 2000, 8).expect("valid");
+        assert_eq!(
+            shared.vcpus, 3,
+            "4500 MHz at 2000 MHz per core needs 3 cores"
+        );
+        assert_eq!(shared.memory_kib, 1024 * 1024);
+        assert_eq!(shared.current_memory_kib, 512 * 1024);
+        assert_eq!(shared.cpu_shares, Some(4500));
+        let capped = vm_resources(512, 0, 100_000, "", 2000, 2).expect("valid");
+        assert_eq!(capped.vcpus, 2);
+        assert!(vm_resources(32, 0, 100, "", 2000, 2)
+            .unwrap_err()
+            .contains("at least 64 MB"));
+        assert!(vm_resources(512, 0, 100, "0-x", 2000, 2).is_err());
+    }
+
+    #[test]
+    fn device_letters_do_not_collide() {
+        let disks = vec![
+            DiskConfig::default(),
+            DiskConfig {
+                devname: Some("vdb".into()),
+                ..Default::default()
+            },
+            DiskConfig::default(),
+            DiskConfig {
+                kind: Some("cdrom".into()),
+                ..Default::default()
+            },
+        ];
+        let (names, seed) = device_names(&disks, "ide").expect("names");
+        assert_eq!(names, vec!["vda", "vdb", "vdc", "hda"]);
+        assert_eq!(seed, "hdb");
+    }
+
+    #[test]
+    fn mount_commands_quote_everything() {
+        let shares = vec![GuestShare {
+            host_dir: "/x".into(),
+            tag: "alloc".into(),
+            guest_path: "/data/it's".into(),
+            read_only: true,
+        }];
+        assert_eq!(
+            mount_commands(&shares),
+            vec!["mkdir -p '/data/it'\\''s' && mount -t 9p -o trans=virtio,version=9p2000.L,ro 'alloc' '/data/it'\\''s'"]
+        );
+    }
+}
