@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "tests/ci.sh: run as root (it installs packages and starts libvirtd)" >&2; exit 1; }
 
 bash tests/setup/host.sh
+# The tiny guest the end-to-end tests boot (cached between runs).
+bash tests/setup/guest.sh
 
 # rustup's toolchain may live in root's home when CI runs with a bare PATH.
 if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then

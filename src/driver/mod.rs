@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::plugin::Settings;
 use crate::libvirt::Libvirt;
+use crate::task::Tasks;
 
 /// The plugin name jobs use: `driver = "virt"`.
 pub const PLUGIN_NAME: &str = "virt";
@@ -31,6 +32,7 @@ pub struct ClientPortRange {
 pub struct Driver {
     settings: RwLock<Arc<Settings>>,
     libvirt: Libvirt,
+    tasks: Arc<Tasks>,
     port_range: RwLock<Option<ClientPortRange>>,
     shutdown: OnceLock<watch::Receiver<bool>>,
     /// Background work (fingerprint loops) holds this, not a strong ref.
@@ -45,9 +47,11 @@ impl Driver {
             settings.libvirt_uri.clone(),
             settings.libvirt_credentials.clone(),
         );
+        let tasks = Tasks::new(libvirt.clone());
         Arc::new_cyclic(|me| Self {
             settings: RwLock::new(Arc::new(settings)),
             libvirt,
+            tasks,
             port_range: RwLock::new(None),
             shutdown: OnceLock::new(),
             me: me.clone(),
@@ -97,6 +101,11 @@ impl Driver {
     /// The shared libvirt connection.
     pub fn libvirt(&self) -> &Libvirt {
         &self.libvirt
+    }
+
+    /// The task tracker.
+    pub fn tasks(&self) -> &Arc<Tasks> {
+        &self.tasks
     }
 
     /// The dynamic port range Nomad told us about, if any.

@@ -1,6 +1,6 @@
 //! The Driver gRPC service.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -12,13 +12,8 @@ use super::Driver;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::driver_server::Driver as DriverService;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::*;
 
-/// Answer for RPCs whose implementation has not landed yet.
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not implemented yet by the virt driver (plugin version {})",
-        super::PLUGIN_VERSION
-    ))
-}
+/// StopTask timeout when Nomad sends none (Nomad's default kill timeout).
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[tonic::async_trait]
 impl DriverService for Driver {
@@ -87,62 +82,122 @@ impl DriverService for Driver {
 
     async fn recover_task(
         &self,
-        _request: Request<RecoverTaskRequest>,
+        request: Request<RecoverTaskRequest>,
     ) -> Result<Response<RecoverTaskResponse>, Status> {
-        Err(not_yet("RecoverTask"))
+        let handle = request
+            .into_inner()
+            .handle
+            .ok_or_else(|| Status::invalid_argument("RecoverTask needs a task handle"))?;
+        self.tasks().recover(handle).await?;
+        Ok(Response::new(RecoverTaskResponse {}))
     }
 
     async fn start_task(
         &self,
-        _request: Request<StartTaskRequest>,
+        request: Request<StartTaskRequest>,
     ) -> Result<Response<StartTaskResponse>, Status> {
-        Err(not_yet("StartTask"))
+        let task = request
+            .into_inner()
+            .task
+            .ok_or_else(|| Status::invalid_argument("StartTask needs a task config"))?;
+        let response = self.tasks().start(task, self.settings()).await?;
+        Ok(Response::new(response))
     }
 
     async fn wait_task(
         &self,
-        _request: Request<WaitTaskRequest>,
+        request: Request<WaitTaskRequest>,
     ) -> Result<Response<WaitTaskResponse>, Status> {
-        Err(not_yet("WaitTask"))
+        let response = self.tasks().wait(&request.into_inner().task_id).await?;
+        Ok(Response::new(response))
     }
 
     async fn stop_task(
         &self,
-        _request: Request<StopTaskRequest>,
+        request: Request<StopTaskRequest>,
     ) -> Result<Response<StopTaskResponse>, Status> {
-        Err(not_yet("StopTask"))
+        let request = request.into_inner();
+        let timeout = request
+            .timeout
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(DEFAULT_STOP_TIMEOUT);
+        self.tasks()
+            .stop(&request.task_id, timeout, &request.signal)
+            .await?;
+        Ok(Response::new(StopTaskResponse {}))
     }
 
     async fn destroy_task(
         &self,
-        _request: Request<DestroyTaskRequest>,
+        request: Request<DestroyTaskRequest>,
     ) -> Result<Response<DestroyTaskResponse>, Status> {
-        Err(not_yet("DestroyTask"))
+        let request = request.into_inner();
+        self.tasks()
+            .destroy(&request.task_id, request.force)
+            .await?;
+        Ok(Response::new(DestroyTaskResponse {}))
     }
 
     async fn inspect_task(
         &self,
-        _request: Request<InspectTaskRequest>,
+        request: Request<InspectTaskRequest>,
     ) -> Result<Response<InspectTaskResponse>, Status> {
-        Err(not_yet("InspectTask"))
+        Ok(Response::new(
+            self.tasks().inspect(&request.into_inner().task_id)?,
+        ))
     }
 
     async fn task_stats(
         &self,
-        _request: Request<TaskStatsRequest>,
+        request: Request<TaskStatsRequest>,
     ) -> Result<Response<BoxStream<TaskStatsResponse>>, Status> {
-        Err(not_yet("TaskStats"))
+        let request = request.into_inner();
+        let interval = request
+            .collection_interval
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(Duration::from_secs(1));
+        let stream = self
+            .tasks()
+            .stats(&request.task_id, interval, self.shutdown_signal())?;
+        Ok(Response::new(stream))
     }
 
     async fn task_events(
         &self,
         _request: Request<TaskEventsRequest>,
     ) -> Result<Response<BoxStream<DriverTaskEvent>>, Status> {
-        // No task emits events yet; hold the stream open until shutdown so
-        // Nomad does not reopen it in a loop.
-        Ok(Response::new(crate::plugin::idle_until_shutdown(
-            self.shutdown_signal(),
-        )))
+        let mut events = self.tasks().subscribe_events();
+        let mut stop = self.shutdown_signal();
+        let (sender, receiver) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                if *stop.borrow() {
+                    return;
+                }
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    changed = stop.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    _ = sender.closed() => return,
+                };
+                match event {
+                    Ok(event) => {
+                        if sender.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
+                        tracing::warn!(skipped, "task event stream fell behind; events dropped");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
     async fn shutdown(

@@ -1,9 +1,13 @@
 //! One libvirt connection per plugin, opened lazily, checked before each use
 //! and reopened when it was lost (libvirtd restarted, socket closed).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use virt::connect::{Connect, ConnectAuth, ConnectCredential, ConnectCredentialType};
+
+use super::events::{register_lifecycle_events, EventRegistration, LifecycleEvent};
 
 /// Errors talking to libvirt, with what we were doing.
 #[derive(Debug, thiserror::Error)]
@@ -35,12 +39,18 @@ struct ConnectionState {
     uri: String,
     credentials: Option<(String, String)>,
     connection: Option<Connect>,
+    /// Lifecycle events of the current connection go here.
+    event_sink: Option<Sender<LifecycleEvent>>,
+    registration: Option<EventRegistration>,
 }
 
 /// The plugin's shared libvirt connection.
 #[derive(Clone)]
 pub struct Libvirt {
     state: Arc<Mutex<ConnectionState>>,
+    /// Bumped on every new connection: events may have been missed, so
+    /// whoever tracks domains reconciles with their real state.
+    generation: Arc<AtomicU64>,
 }
 
 /// libvirt's auth callback is a plain fn pointer with no user data we can
@@ -103,7 +113,10 @@ impl Libvirt {
                 uri: uri.into(),
                 credentials,
                 connection: None,
+                event_sink: None,
+                registration: None,
             })),
+            generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -113,7 +126,7 @@ impl Libvirt {
             if state.uri != uri || state.credentials != credentials {
                 state.uri = uri.to_string();
                 state.credentials = credentials;
-                close_quietly(state.connection.take());
+                disconnect(&mut state);
             }
         }
     }
@@ -126,41 +139,74 @@ impl Libvirt {
             .unwrap_or_default()
     }
 
+    /// Sends lifecycle events of every domain to `sink`, across reconnects.
+    pub fn subscribe_events(&self, sink: Sender<LifecycleEvent>) {
+        if let Ok(mut state) = self.state.lock() {
+            state.event_sink = Some(sink);
+            disconnect(&mut state);
+        }
+    }
+
+    /// How many connections have been opened so far.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Runs `work` with a live connection on this thread (which may block).
+    pub fn call_blocking<T, F>(&self, work: F) -> Result<T, LibvirtError>
+    where
+        F: FnOnce(&Connect) -> Result<T, LibvirtError>,
+    {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| LibvirtError::Worker("connection lock poisoned".into()))?;
+        let connection = ensure_connected(&mut state, &self.generation)?;
+        drop(state);
+        work(&connection)
+    }
+
     /// Runs `work` with a live connection on the blocking pool.
     pub async fn call<T, F>(&self, work: F) -> Result<T, LibvirtError>
     where
         T: Send + 'static,
         F: FnOnce(&Connect) -> Result<T, LibvirtError> + Send + 'static,
     {
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut state = state
-                .lock()
-                .map_err(|_| LibvirtError::Worker("connection lock poisoned".into()))?;
-            let connection = ensure_connected(&mut state)?;
-            work(&connection)
-        })
-        .await
-        .map_err(|error| LibvirtError::Worker(error.to_string()))?
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.call_blocking(work))
+            .await
+            .map_err(|error| LibvirtError::Worker(error.to_string()))?
     }
 }
 
 /// Returns a live connection, reopening it if it was lost.
-fn ensure_connected(state: &mut ConnectionState) -> Result<Connect, LibvirtError> {
+fn ensure_connected(
+    state: &mut ConnectionState,
+    generation: &AtomicU64,
+) -> Result<Connect, LibvirtError> {
     if let Some(connection) = &state.connection {
         if connection.is_alive().unwrap_or(false) {
             return Ok(connection.clone());
         }
         tracing::warn!(uri = %state.uri, "libvirt connection lost; reconnecting");
-        close_quietly(state.connection.take());
+        disconnect(state);
     }
     let connection = open(&state.uri, state.credentials.as_ref())?;
     // Keepalive lets libvirt notice a dead daemon; the test driver lacks it.
     if let Err(error) = connection.set_keep_alive(5, 3) {
         tracing::debug!(error = %error.message(), "libvirt keepalive not available on this connection");
     }
+    if let Some(sink) = &state.event_sink {
+        match register_lifecycle_events(&connection, sink.clone()) {
+            Ok(registration) => state.registration = Some(registration),
+            Err(error) => {
+                tracing::warn!(error = %error.message(), "cannot subscribe to libvirt domain events")
+            }
+        }
+    }
     tracing::info!(uri = %state.uri, "connected to libvirt");
     state.connection = Some(connection.clone());
+    generation.fetch_add(1, Ordering::SeqCst);
     Ok(connection)
 }
 
@@ -192,6 +238,20 @@ fn open(uri: &str, credentials: Option<&(String, String)>) -> Result<Connect, Li
             result
         }
     }
+}
+
+/// Drops the event registration, then the connection.
+fn disconnect(state: &mut ConnectionState) {
+    if let Some(registration) = state.registration.take() {
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(registration)));
+        if result.is_err() {
+            tracing::debug!(
+                "dropping an event registration on a dead connection reported an error"
+            );
+        }
+    }
+    close_quietly(state.connection.take());
 }
 
 /// Drops a connection; the `virt` crate panics if closing fails (a dead

@@ -22,7 +22,6 @@ use crate::pb::plugin::grpc_broker_server::GrpcBrokerServer;
 use crate::pb::plugin::grpc_controller_server::GrpcControllerServer;
 use crate::pb::plugin::grpc_stdio_server::GrpcStdioServer;
 
-pub(crate) use internal::idle_until_shutdown;
 pub use internal::Shutdown;
 
 /// Errors that stop the plugin from serving.

@@ -1,5 +1,334 @@
 //! Storage: directory pools, volumes for task disks, and the image allow-list.
+//!
+//! - [`images`] resolves a job's `disk[N].source.image` against the allowed
+//!   directories and reads image headers (no libvirt).
+//! - [`pool`] makes sure the configured directory pools exist and are active.
+//! - [`volume`] names, creates, uploads, overlays and deletes volumes.
+//!
+//! Every function that talks to libvirt blocks; the driver calls them inside
+//! `spawn_blocking`.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
 
 pub mod images;
 pub mod pool;
 pub mod volume;
+
+pub use images::{
+    check_image_safe, detect_format, image_virtual_size, qcow2_virtual_size, resolve_image,
+    ImageFormat,
+};
+pub use pool::{ensure_directory_pool, pool_fingerprint, refresh_pool};
+pub use volume::{
+    create_empty, create_from_image, create_overlay, delete_volume, disk_volume_name,
+    ensure_parent, existing_path, image_cache_key, parent_volume_name, path_of,
+    prune_unused_parents, seed_volume_name, upload_bytes, PARENT_PREFIX,
+};
+
+/// Errors of the storage module. Each names the pool, volume or path
+/// involved and, where there is one, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Another storage error, attributed to a job field such as
+    /// `disk[0].source.image` (see [`StorageError::in_field`]).
+    #[error("{field}: {inner}")]
+    InField {
+        field: String,
+        inner: Box<StorageError>,
+    },
+    #[error("image {requested:?} was not found; tried {}", list_paths(tried))]
+    ImageNotFound {
+        requested: String,
+        tried: Vec<PathBuf>,
+    },
+    #[error(
+        "image {requested:?} resolves to {}, which is outside the allowed directories ({}); \
+         put the image in one of them or add its directory to the plugin config's image_paths",
+        resolved.display(),
+        list_paths(allowed)
+    )]
+    ImageNotAllowed {
+        requested: String,
+        resolved: PathBuf,
+        allowed: Vec<PathBuf>,
+    },
+    #[error("image {requested:?} resolves to {}, which is not a regular file", path.display())]
+    ImageNotFile { requested: String, path: PathBuf },
+    #[error("image {} cannot be used: {reason}", path.display())]
+    UnsafeImage { path: PathBuf, reason: String },
+    #[error("cannot {action} {}: {error}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("qemu-img {action} failed for {}: {message}; is qemu-img (package qemu-utils) installed and the image intact?", path.display())]
+    QemuImg {
+        action: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error(
+        "storage pool {pool:?} already exists with target path {} but the plugin config wants {}; \
+         fix storage_pools.directory.{pool}.path, or use another pool name",
+        existing.display(),
+        wanted.display()
+    )]
+    PoolPathMismatch {
+        pool: String,
+        existing: PathBuf,
+        wanted: PathBuf,
+    },
+    #[error(
+        "storage pool {pool:?} already exists with type {pool_type:?}; a directory pool must have \
+         type \"dir\" (or \"fs\"/\"netfs\"): use another pool name"
+    )]
+    PoolType { pool: String, pool_type: String },
+    #[error("storage pool {pool:?}: libvirt failed while {action}: {message}")]
+    Pool {
+        pool: String,
+        action: String,
+        message: String,
+        code: u32,
+    },
+    #[error(
+        "volume {volume:?} already exists in storage pool {pool:?}; delete it first \
+         (a leftover of an earlier attempt?)"
+    )]
+    VolumeExists { pool: String, volume: String },
+    #[error(
+        "volume {volume:?} does not exist in storage pool {pool:?}; create it first \
+         (e.g. `virsh vol-create-as {pool} {volume} 10G --format qcow2`) or fix the name"
+    )]
+    VolumeNotFound { pool: String, volume: String },
+    #[error("volume name {volume:?} is invalid: {reason}")]
+    VolumeName { volume: String, reason: String },
+    #[error(
+        "volume {volume:?} in storage pool {pool:?}: libvirt failed while {action}: {message}"
+    )]
+    Volume {
+        pool: String,
+        volume: String,
+        action: String,
+        message: String,
+        code: u32,
+    },
+}
+
+impl StorageError {
+    /// Attributes the error to a job field, e.g.
+    /// `resolve_image(..).map_err(|e| e.in_field(format!("disk[{i}].source.image")))`.
+    pub fn in_field(self, field: impl Into<String>) -> Self {
+        StorageError::InField {
+            field: field.into(),
+            inner: Box::new(self),
+        }
+    }
+
+    /// The error under any [`StorageError::InField`] wrappers.
+    pub fn root(&self) -> &StorageError {
+        match self {
+            StorageError::InField { inner, .. } => inner.root(),
+            other => other,
+        }
+    }
+
+    pub(crate) fn pool(pool: &str, action: impl Into<String>, error: virt::error::Error) -> Self {
+        StorageError::Pool {
+            pool: pool.to_string(),
+            action: action.into(),
+            message: error.message().to_string(),
+            code: error.code().to_raw(),
+        }
+    }
+
+    pub(crate) fn volume(
+        pool: &str,
+        volume: &str,
+        action: impl Into<String>,
+        error: virt::error::Error,
+    ) -> Self {
+        StorageError::Volume {
+            pool: pool.to_string(),
+            volume: volume.to_string(),
+            action: action.into(),
+            message: error.message().to_string(),
+            code: error.code().to_raw(),
+        }
+    }
+}
+
+fn list_paths(paths: &[PathBuf]) -> String {
+    if paths.is_empty() {
+        return "none".to_string();
+    }
+    let mut out = String::new();
+    for (i, path) in paths.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let _ = write!(out, "{}", path.display());
+    }
+    out
+}
+
+/// Whether a libvirt error has the given code.
+pub(crate) fn has_code(error: &virt::error::Error, code: virt::error::ErrorNumber) -> bool {
+    error.code() == virt::error::ErrorNumberEnum::Known(code)
+}
+
+/// Escapes text for an XML element body or a quoted attribute.
+pub(crate) fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Reverses [`xml_escape`] plus numeric character references, enough for
+/// the text libvirt writes into its XML descriptions.
+pub(crate) fn xml_unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let Some(end) = rest.find(';') else { break };
+        let entity = &rest[1..end];
+        let decoded = match entity {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "apos" => Some('\''),
+            "quot" => Some('"'),
+            _ => entity
+                .strip_prefix("#x")
+                .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+                .or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
+                .and_then(char::from_u32),
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The unescaped text of the first `<tag>…</tag>` inside the first
+/// `<parent>…</parent>` (or anywhere, when `parent` is None). Enough for
+/// libvirt's own pool and volume XML; not a general XML parser.
+pub(crate) fn xml_child_text(xml: &str, parent: Option<&str>, tag: &str) -> Option<String> {
+    let scope = match parent {
+        Some(parent) => {
+            let open = format!("<{parent}>");
+            let close = format!("</{parent}>");
+            let start = xml.find(&open)? + open.len();
+            let end = start + xml[start..].find(&close)?;
+            &xml[start..end]
+        }
+        None => xml,
+    };
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let start = scope.find(&open)? + open.len();
+    let end = start + scope[start..].find(&close)?;
+    Some(xml_unescape(scope[start..end].trim()))
+}
+
+/// The value of attribute `attr` on the first `<element …>` start tag.
+pub(crate) fn xml_attr(xml: &str, element: &str, attr: &str) -> Option<String> {
+    let open = format!("<{element}");
+    let mut search = xml;
+    let tag = loop {
+        let at = search.find(&open)?;
+        let after = &search[at + open.len()..];
+        // `<pool` must not match `<poolx`.
+        if after.starts_with(|c: char| c.is_whitespace() || c == '>' || c == '/') {
+            let end = after.find('>')?;
+            break &after[..end];
+        }
+        search = after;
+    };
+    for quote in ['\'', '"'] {
+        let key = format!("{attr}={quote}");
+        let mut from = 0;
+        while let Some(at) = tag[from..].find(&key) {
+            let at = from + at;
+            let boundary = at == 0 || tag[..at].ends_with(char::is_whitespace);
+            let start = at + key.len();
+            if boundary {
+                let end = start + tag[start..].find(quote)?;
+                return Some(xml_unescape(&tag[start..end]));
+            }
+            from = start;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_round_trips() {
+        let text = "a<b>&'c\"/d é";
+        assert_eq!(xml_escape(text), "a&lt;b&gt;&amp;&apos;c&quot;/d é");
+        assert_eq!(xml_unescape(&xml_escape(text)), text);
+        assert_eq!(xml_unescape("&#47;x&#x2F;&bogus;&"), "/x/&bogus;&");
+    }
+
+    #[test]
+    fn child_text_and_attr() {
+        let xml = "<pool type='dir'>\n  <name>a&amp;b</name>\n  <source>\n  </source>\n  \
+                   <target>\n    <path>/var/x&lt;y</path>\n  </target>\n</pool>";
+        assert_eq!(
+            xml_child_text(xml, Some("target"), "path").as_deref(),
+            Some("/var/x<y")
+        );
+        assert_eq!(xml_child_text(xml, None, "name").as_deref(), Some("a&b"));
+        assert_eq!(xml_child_text(xml, Some("source"), "path"), None);
+        assert_eq!(xml_attr(xml, "pool", "type").as_deref(), Some("dir"));
+        assert_eq!(
+            xml_attr(
+                "<poolx type='no'/><pool subtype='a' type=\"fs\">",
+                "pool",
+                "type"
+            )
+            .as_deref(),
+            Some("fs")
+        );
+        assert_eq!(xml_attr(xml, "pool", "missing"), None);
+    }
+
+    #[test]
+    fn in_field_prefixes_the_message() {
+        let error = StorageError::ImageNotFound {
+            requested: "x.img".into(),
+            tried: vec!["/a/x.img".into(), "/b/x.img".into()],
+        }
+        .in_field("disk[0].source.image");
+        assert_eq!(
+            error.to_string(),
+            "disk[0].source.image: image \"x.img\" was not found; tried /a/x.img, /b/x.img"
+        );
+        assert!(matches!(error.root(), StorageError::ImageNotFound { .. }));
+    }
+}

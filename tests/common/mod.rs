@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests.
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::path::{Path, PathBuf};
 
 use nomad_driver_virt::nomad_client::{LaunchOptions, PluginClient};
