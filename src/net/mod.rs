@@ -3,6 +3,8 @@
 //! already because the task config schema includes them.
 
 pub mod config;
+pub mod dhcp;
+pub mod iptables;
 
 /// Prefix of every network fingerprint attribute.
 pub const ATTRIBUTE_PREFIX: &str = "driver.virt.network.";
