@@ -19,3 +19,21 @@ fi
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets 2>&1 | tee /tmp/nomad-driver-virt-test.log
+
+# Nothing the tests created may remain on the host.
+leftovers=$(
+  {
+    virsh -q -c qemu:///system list --all --name
+    virsh -q -c qemu:///system pool-list --all --name
+    virsh -q -c qemu:///system net-dumpxml default
+    ip netns list
+    ip link show
+    iptables-save
+  } 2>/dev/null | grep -i ndvtest || true
+)
+if [ -n "$leftovers" ]; then
+  echo "tests/ci.sh: the test suite left these behind:" >&2
+  echo "$leftovers" >&2
+  exit 1
+fi
+echo "tests/ci.sh: no test leftovers on the host"

@@ -64,6 +64,71 @@ async fn healthy_against_the_test_driver() {
 }
 
 #[tokio::test]
+async fn storage_pools_and_credentials_are_fingerprinted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = dir.path().join("auth-node.xml");
+    let with_auth = common::TEST_NODE_XML.replacen(
+        "<node>",
+        "<node>\n  <auth>\n    <user password='s3cret'>admin</user>\n  </auth>",
+        1,
+    );
+    std::fs::write(&node, with_auth).expect("write node");
+    let plugin = common::launch().await;
+    let config = |password: &str| {
+        format!(
+            "provider {{\n  libvirt {{\n    uri = \"test://{}\"\n    user = \"admin\"\n    password = \"{password}\"\n  }}\n}}\nstorage_pools {{\n  default = \"ndvpool\"\n  directory \"ndvpool\" {{\n    path = \"/var/lib/ndvpool\"\n  }}\n  directory \"later\" {{\n    path = \"/var/lib/later\"\n  }}\n}}\n",
+            node.display()
+        )
+    };
+    plugin
+        .set_config_hcl(&config("wrong"), None)
+        .await
+        .expect("set config");
+    let mut stream = plugin
+        .driver()
+        .fingerprint(FingerprintRequest {})
+        .await
+        .expect("fingerprint")
+        .into_inner();
+    let denied = stream.message().await.expect("stream").expect("message");
+    assert_eq!(
+        denied.health,
+        HealthState::Unhealthy as i32,
+        "wrong password must not connect"
+    );
+    drop(stream);
+
+    plugin
+        .set_config_hcl(&config("s3cret"), None)
+        .await
+        .expect("set config");
+    let mut stream = plugin
+        .driver()
+        .fingerprint(FingerprintRequest {})
+        .await
+        .expect("fingerprint")
+        .into_inner();
+    let first = stream.message().await.expect("stream").expect("message");
+    assert_eq!(first.health, HealthState::Healthy as i32, "{first:?}");
+    let attributes = rendered(&first);
+    assert_eq!(attributes["driver.virt.storage_pool.ndvpool"], "dir");
+    assert_eq!(
+        attributes["driver.virt.storage_pool.ndvpool.state"],
+        "active"
+    );
+    assert_eq!(
+        attributes["driver.virt.storage_pool.ndvpool.default"],
+        "true"
+    );
+    assert_eq!(
+        attributes["driver.virt.storage_pool.later.state"],
+        "missing"
+    );
+    assert!(!attributes.contains_key("driver.virt.storage_pool.later.default"));
+    plugin.kill().await.expect("exit");
+}
+
+#[tokio::test]
 async fn unreachable_uri_is_unhealthy_with_advice_and_recovers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = dir.path().join("node-appears-later.xml");

@@ -93,6 +93,42 @@ pub fn unhealthy(description: String) -> FingerprintResponse {
     }
 }
 
+/// `driver.virt.storage_pool.<name>` = pool type, `.state` = active or
+/// inactive (or "missing" for a configured pool libvirt does not have yet:
+/// it is created on first use), `.default = true` for the default pool.
+pub fn add_pool_attributes(
+    response: &mut FingerprintResponse,
+    settings: &Settings,
+    pools: &[(String, bool, String)],
+) {
+    for configured in &settings.pools {
+        let prefix = format!("driver.virt.storage_pool.{}", configured.name);
+        let found = pools.iter().find(|(name, _, _)| name == &configured.name);
+        let (kind, state) = match found {
+            Some((_, active, kind)) => (
+                kind.clone(),
+                crate::net::is_active_string(*active).to_string(),
+            ),
+            None => ("directory".to_string(), "missing".to_string()),
+        };
+        response
+            .attributes
+            .insert(prefix.clone(), attribute::string(&kind));
+        response
+            .attributes
+            .insert(format!("{prefix}.state"), attribute::string(&state));
+        response.attributes.insert(
+            format!("{prefix}.path"),
+            attribute::string(&configured.path.display().to_string()),
+        );
+        if configured.name == settings.default_pool {
+            response
+                .attributes
+                .insert(format!("{prefix}.default"), attribute::bool(true));
+        }
+    }
+}
+
 fn base_attributes() -> HashMap<String, Attribute> {
     HashMap::from([
         ("driver.virt".to_string(), attribute::bool(true)),
@@ -107,8 +143,20 @@ impl Driver {
     /// Takes one fingerprint of the host now.
     pub async fn fingerprint_once(&self) -> FingerprintResponse {
         let settings = self.settings();
-        match self.libvirt().call(host::host_info).await {
-            Ok(info) => healthy(&settings, &info, host::kvm_device_usable()),
+        let result = self
+            .libvirt()
+            .call(|connection| {
+                let info = host::host_info(connection)?;
+                let pools = crate::storage::pool::pool_fingerprint(connection).unwrap_or_default();
+                Ok((info, pools))
+            })
+            .await;
+        match result {
+            Ok((info, pools)) => {
+                let mut response = healthy(&settings, &info, host::kvm_device_usable());
+                add_pool_attributes(&mut response, &settings, &pools);
+                response
+            }
             Err(error) => {
                 tracing::warn!(error = %error, "libvirt fingerprint failed");
                 unhealthy(error.to_string())

@@ -306,7 +306,8 @@ pub fn create_and_boot(
                 DiskDevice::Disk
             },
             read_only: disk.read_only == Some(true) || cdrom,
-            boot_order: None,
+            // The primary disk boots first; without one, the first disk does.
+            boot_order: (disk.primary == Some(true)).then_some(1),
         });
     }
     for (index, block) in start_plan.block_devices.iter().enumerate() {

@@ -42,6 +42,12 @@ pub const TEST_NODE_XML: &str = r#"<node>
       </dhcp>
     </ip>
   </network>
+  <pool type='dir'>
+    <name>ndvpool</name>
+    <target>
+      <path>/var/lib/ndvpool</path>
+    </target>
+  </pool>
 </node>
 "#;
 
