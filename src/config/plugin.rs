@@ -25,6 +25,7 @@ pub struct PluginConfig {
     pub storage_pools: Option<StoragePoolsConfig>,
     pub accelerator: Option<String>,
     pub log_level: Option<String>,
+    pub dhcp_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -94,8 +95,15 @@ pub fn schema() -> Spec {
             Spec::attr_with_default("accelerator", "string", "\"auto\""),
         ),
         ("log_level", Spec::attr("string")),
+        (
+            "dhcp_timeout",
+            Spec::attr_with_default("dhcp_timeout", "string", "\"2m\""),
+        ),
     ])
 }
+
+/// How long StartTask waits for a bridge-attached guest's DHCP lease.
+pub const DEFAULT_DHCP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Which QEMU accelerator domains use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +132,7 @@ pub struct Settings {
     pub default_pool: String,
     pub accelerator: AcceleratorChoice,
     pub log_level: Option<LevelFilter>,
+    pub dhcp_timeout: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -147,6 +156,7 @@ fn unreachable_default() -> Settings {
         default_pool: DEFAULT_POOL_NAME.into(),
         accelerator: AcceleratorChoice::Auto,
         log_level: None,
+        dhcp_timeout: DEFAULT_DHCP_TIMEOUT,
     }
 }
 
@@ -323,6 +333,24 @@ impl PluginConfig {
             },
         };
 
+        let dhcp_timeout = match self.dhcp_timeout.as_deref() {
+            None => DEFAULT_DHCP_TIMEOUT,
+            Some(text) => match super::units::parse_duration(text) {
+                Ok(duration) if duration >= std::time::Duration::from_secs(1) => duration,
+                Ok(_) => {
+                    problems.add(
+                        "dhcp_timeout",
+                        format!("{text:?} is too short; use at least \"1s\""),
+                    );
+                    DEFAULT_DHCP_TIMEOUT
+                }
+                Err(message) => {
+                    problems.add("dhcp_timeout", message);
+                    DEFAULT_DHCP_TIMEOUT
+                }
+            },
+        };
+
         problems.into_result(
             "plugin config",
             Settings {
@@ -333,6 +361,7 @@ impl PluginConfig {
                 default_pool,
                 accelerator,
                 log_level,
+                dhcp_timeout,
             },
         )
     }
@@ -378,6 +407,7 @@ mod tests {
             }),
             accelerator: Some("hvf".into()),
             log_level: Some("loud".into()),
+            dhcp_timeout: Some("soon".into()),
         };
         let error = config.validate().expect_err("invalid");
         let text = error.to_string();
@@ -390,6 +420,7 @@ mod tests {
             "storage_pools.default",
             "accelerator",
             "log_level",
+            "dhcp_timeout",
         ] {
             assert!(
                 error.errors.iter().any(|e| e.field == field),

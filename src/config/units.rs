@@ -121,9 +121,55 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     })
 }
 
+/// Parses a Go-style duration such as `"90s"`, `"2m"`, `"1m30s"`, `"500ms"`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let help = || format!("{text:?} is not a duration such as \"90s\", \"2m\" or \"1m30s\"");
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(help());
+    }
+    let mut total = std::time::Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(help());
+        }
+        let number: u64 = rest[..digits].parse().map_err(|_| help())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => std::time::Duration::from_millis(number),
+            "s" => std::time::Duration::from_secs(number),
+            "m" => std::time::Duration::from_secs(number.saturating_mul(60)),
+            "h" => std::time::Duration::from_secs(number.saturating_mul(3600)),
+            _ => return Err(help()),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "s", "10", "1.5s", "-3s", "3 s", "1x"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes_parse() {
