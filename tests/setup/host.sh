@@ -28,7 +28,7 @@ WAIT_SECS=${LIBVIRT_WAIT_SECS:-60}
 # Packages installed at whatever version apt picks.
 PKGS=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-  qemu-system-x86 dnsmasq-base iptables iproute2 genisoimage curl libxml2-utils cloud-init
+  qemu-system-x86 dnsmasq-base iptables iproute2 genisoimage curl libxml2-utils cloud-init dnsmasq-utils
   # guest image build (tests/setup/guest.sh)
   grub-pc-bin grub-common xorriso mtools cpio gzip xz-utils
 )
