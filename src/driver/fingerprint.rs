@@ -155,6 +155,9 @@ impl Driver {
             Ok((info, pools)) => {
                 let mut response = healthy(&settings, &info, host::kvm_device_usable());
                 add_pool_attributes(&mut response, &settings, &pools);
+                self.tasks()
+                    .network_fingerprint(&mut response.attributes)
+                    .await;
                 response
             }
             Err(error) => {

@@ -12,12 +12,17 @@ use super::Driver;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::driver_server::Driver as DriverService;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::*;
 
+/// Time Nomad gets to recover running tasks before orphaned port-mapping
+/// rules are removed.
+pub(crate) const RECONCILE_DELAY: Duration = Duration::from_secs(60);
+
 /// StopTask timeout when Nomad sends none (Nomad's default kill timeout).
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[tonic::async_trait]
 impl DriverService for Driver {
     async fn init(&self, _request: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
+        self.tasks().init_host(RECONCILE_DELAY);
         Ok(Response::new(InitResponse {}))
     }
 

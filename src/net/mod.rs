@@ -1,10 +1,21 @@
-//! VM networking: the `Net` contract's types. The trait and its libvirt
-//! implementation arrive with the networking work; the config types live here
-//! already because the task config schema includes them.
+//! VM networking: the `Net` contract the driver calls, its types, and the
+//! libvirt implementation (bridge and macvtap attachment, DHCP lease
+//! discovery and reservation, iptables port mapping).
 
 pub mod config;
 pub mod dhcp;
 pub mod iptables;
+pub mod libvirt;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use self::config::NetworkInterfacesConfig;
+use self::dhcp::Reservation;
+use self::iptables::rules::IptablesRule;
+use crate::pb::hashicorp::nomad::plugins::shared::structs::Attribute;
 
 /// Prefix of every network fingerprint attribute.
 pub const ATTRIBUTE_PREFIX: &str = "driver.virt.network.";
@@ -15,5 +26,193 @@ pub fn is_active_string(active: bool) -> &'static str {
         "active"
     } else {
         "inactive"
+    }
+}
+
+/// One port Nomad allocated to the task group (`network { port ... }`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocatedPort {
+    pub label: String,
+    /// The host port.
+    pub value: u16,
+    /// The port inside the guest (`to`); 0 means the same as `value`.
+    pub to: u16,
+    /// The host address the port is allocated on.
+    pub host_ip: String,
+}
+
+/// What `vm_started_build` needs about a started VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmStartedBuildRequest {
+    pub vm_name: String,
+    pub hostname: String,
+    /// Identifies the task's host rules (iptables comment) for teardown and
+    /// reconciliation.
+    pub task_tag: String,
+    pub net_config: NetworkInterfacesConfig,
+    /// The ports Nomad allocated to the task's group.
+    pub resources: Vec<AllocatedPort>,
+    /// MAC addresses of the VM's interfaces, in `net_config` order.
+    pub hwaddrs: Vec<String>,
+}
+
+/// The guest address Nomad may use for services with address_mode "driver".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriverNetwork {
+    pub ip: Ipv4Addr,
+    /// Port label → guest port.
+    pub port_map: HashMap<String, u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmStartedBuildResponse {
+    pub driver_network: Option<DriverNetwork>,
+    pub teardown_spec: TeardownSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmTerminatedTeardownRequest {
+    pub teardown_spec: TeardownSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmTerminatedTeardownResponse {}
+
+/// Exactly what `vm_started_build` put on the host, kept in the task handle
+/// so teardown (even by a restarted plugin) undoes it without re-deriving.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeardownSpec {
+    /// The comment tag on every rule of this task.
+    #[serde(default)]
+    pub task_tag: String,
+    #[serde(default)]
+    pub iptables_rules: Vec<IptablesRule>,
+    #[serde(default)]
+    pub dhcp_reservation: Option<Reservation>,
+    /// The libvirt network the VM joined, if any.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// That network's bridge (for the DHCP release).
+    #[serde(default)]
+    pub bridge: Option<String>,
+}
+
+/// An interface to put in the domain XML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attachment {
+    /// Join a libvirt network (found by its bridge name).
+    Network {
+        network: String,
+        bridge: String,
+        mac: String,
+    },
+    /// A macvtap (`direct`) interface on a host device.
+    Direct {
+        device: String,
+        mode: String,
+        mac: String,
+    },
+}
+
+/// Errors from networking, each naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A problem with the job's config or ports (not worth retrying).
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Dhcp(#[from] dhcp::DhcpError),
+    #[error(transparent)]
+    Iptables(#[from] iptables::apply::IptablesError),
+    #[error(transparent)]
+    Libvirt(#[from] crate::libvirt::LibvirtError),
+    #[error("network teardown incomplete: {0}")]
+    Teardown(String),
+}
+
+/// The networking contract the driver calls. Methods block; call them from
+/// blocking threads.
+pub trait Net: Send + Sync {
+    /// Prepares the host (chains and jump rules). Idempotent.
+    fn init(&self) -> Result<(), NetError>;
+    /// Adds `driver.virt.network.*` attributes; errors are logged, never fatal.
+    fn fingerprint(&self, attributes: &mut HashMap<String, Attribute>);
+    /// Resolves the job's interfaces into domain interfaces before boot,
+    /// checking everything that can be checked then (bridge exists, port
+    /// labels are allocated, loopback forwarding is possible).
+    fn attachments(
+        &self,
+        net_config: &NetworkInterfacesConfig,
+        ports: &[AllocatedPort],
+        hwaddrs: &[String],
+    ) -> Result<Vec<Attachment>, NetError>;
+    /// After boot: finds the guest's address, reserves it, maps ports.
+    /// On failure it removes whatever it added before returning.
+    fn vm_started_build(
+        &self,
+        request: &VmStartedBuildRequest,
+    ) -> Result<VmStartedBuildResponse, NetError>;
+    /// Undoes exactly what the spec lists; safe to call again.
+    fn vm_terminated_teardown(
+        &self,
+        request: &VmTerminatedTeardownRequest,
+    ) -> Result<VmTerminatedTeardownResponse, NetError>;
+    /// Removes host rules of tasks not in `live_tags`; returns removed tags.
+    fn reconcile(
+        &self,
+        live_tags: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<String>, NetError>;
+}
+
+/// A stable, locally administered MAC for a task's interface.
+pub fn mac_for(task_id: &str, index: usize) -> String {
+    // FNV-1a: stable across releases, unlike std's hasher.
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in task_id.bytes().chain(std::iter::once(index as u8)) {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let bytes = hash.to_be_bytes();
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        bytes[1], bytes[2], bytes[3]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_stable_and_distinct() {
+        let a = mac_for("alloc/web/12345678", 0);
+        assert_eq!(a, mac_for("alloc/web/12345678", 0));
+        assert_ne!(a, mac_for("alloc/web/87654321", 0));
+        assert_ne!(a, mac_for("alloc/web/12345678", 1));
+        assert!(a.starts_with("52:54:00:") && a.len() == 17, "{a}");
+    }
+
+    #[test]
+    fn teardown_spec_round_trips_and_tolerates_older_handles() {
+        let spec = TeardownSpec {
+            task_tag: "nomad-driver-virt:a/b/c".into(),
+            iptables_rules: vec![IptablesRule {
+                table: "nat".into(),
+                chain: "NOMAD_VT_PRT".into(),
+                args: vec!["-j".into(), "ACCEPT".into()],
+            }],
+            dhcp_reservation: None,
+            network: Some("default".into()),
+            bridge: Some("virbr0".into()),
+        };
+        let json = serde_json::to_string(&spec).expect("json");
+        assert_eq!(
+            serde_json::from_str::<TeardownSpec>(&json).expect("back"),
+            spec
+        );
+        assert_eq!(
+            serde_json::from_str::<TeardownSpec>("{}").expect("empty"),
+            TeardownSpec::default()
+        );
     }
 }

@@ -38,6 +38,12 @@ pub struct DriverState {
     pub stdout_path: String,
     /// The decoded task config (Nomad may hand back an empty one on recovery).
     pub task_config: TaskConfig,
+    /// What networking put on the host, undone at destroy.
+    #[serde(default)]
+    pub net: Option<crate::net::TeardownSpec>,
+    /// The guest address found at start, if any.
+    #[serde(default)]
+    pub guest_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// Why a handle's driver state cannot be used.
@@ -94,6 +100,11 @@ mod tests {
                 hostname: Some("web".into()),
                 ..Default::default()
             },
+            net: Some(crate::net::TeardownSpec {
+                task_tag: "nomad-driver-virt:a1/web/12345678".into(),
+                ..Default::default()
+            }),
+            guest_ip: Some(std::net::Ipv4Addr::new(192, 168, 122, 10)),
         }
     }
 

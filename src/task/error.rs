@@ -25,6 +25,8 @@ pub enum TaskError {
     DomainXml(#[from] DomainXmlError),
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
     #[error("task {0:?} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -51,6 +53,8 @@ impl TaskError {
                     | StorageError::VolumeName { .. }
             ),
             TaskError::Libvirt(_) => true,
+            TaskError::Net(crate::net::NetError::Invalid(_)) => false,
+            TaskError::Net(_) => true,
             TaskError::NotFound(_) | TaskError::Conflict(_) => false,
         }
     }
@@ -65,6 +69,8 @@ impl TaskError {
             TaskError::Storage(_) => Code::Internal,
             TaskError::Libvirt(LibvirtError::Connect { .. }) => Code::Unavailable,
             TaskError::Libvirt(_) => Code::Internal,
+            TaskError::Net(crate::net::NetError::Invalid(_)) => Code::InvalidArgument,
+            TaskError::Net(_) => Code::Internal,
             TaskError::NotFound(_) => Code::NotFound,
             TaskError::Conflict(_) => Code::FailedPrecondition,
         }

@@ -26,9 +26,12 @@ use crate::libvirt::events::LifecycleEvent;
 use crate::libvirt::lifecycle::{self, DomainEvent, ExitOutcome};
 use crate::libvirt::stats::{self, CpuSample, MemorySample};
 use crate::libvirt::Libvirt;
+use crate::net::iptables::{task_tag, Iptables};
+use crate::net::libvirt::LibvirtNet;
+use crate::net::{Net, VmStartedBuildRequest, VmTerminatedTeardownRequest};
 use crate::nomad::driver_state::{DriverState, DRIVER_STATE_VERSION, TASK_HANDLE_VERSION};
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::{
-    DriverTaskEvent, ExitResult, InspectTaskResponse, StartTaskResponse,
+    DriverTaskEvent, ExitResult, InspectTaskResponse, NetworkOverride, StartTaskResponse,
     TaskConfig as NomadTaskConfig, TaskDriverStatus, TaskHandle, TaskState, TaskStats,
     TaskStatsResponse, TaskStatus, WaitTaskResponse,
 };
@@ -40,7 +43,9 @@ const DESTROY_WAIT: Duration = Duration::from_secs(10);
 pub struct Tasks {
     store: TaskStore,
     libvirt: Libvirt,
+    net: Arc<LibvirtNet>,
     events: broadcast::Sender<DriverTaskEvent>,
+    host_initialised: std::sync::atomic::AtomicBool,
 }
 
 fn now_timestamp() -> prost_types::Timestamp {
@@ -66,10 +71,17 @@ impl Tasks {
     /// Creates the task tracker and subscribes to libvirt's domain events.
     pub fn new(libvirt: Libvirt) -> Arc<Self> {
         let (events, _) = broadcast::channel(256);
+        let net = Arc::new(LibvirtNet::new(
+            libvirt.clone(),
+            Iptables::host(),
+            crate::config::plugin::DEFAULT_DHCP_TIMEOUT,
+        ));
         let tasks = Arc::new(Self {
             store: TaskStore::default(),
             libvirt: libvirt.clone(),
+            net,
             events,
+            host_initialised: std::sync::atomic::AtomicBool::new(false),
         });
         let (sender, receiver) = std::sync::mpsc::channel::<LifecycleEvent>();
         libvirt.subscribe_events(sender);
@@ -81,6 +93,66 @@ impl Tasks {
             tracing::error!(error = %error, "cannot start the domain event dispatcher");
         }
         tasks
+    }
+
+    /// Prepares host networking (chains, jumps) and, after `delay`, removes
+    /// port-mapping rules of tasks this plugin no longer knows. The delay
+    /// gives Nomad time to recover running tasks first.
+    pub fn init_host(self: &Arc<Self>, delay: Duration) {
+        if self
+            .host_initialised
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let net = self.net.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = net.init() {
+                tracing::warn!(error = %error, "cannot prepare iptables chains for port mapping");
+            }
+        });
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let Some(tasks) = weak.upgrade() else { return };
+            let live: std::collections::BTreeSet<String> = tasks
+                .store
+                .all()
+                .iter()
+                .map(|entry| task_tag(&entry.state.task_id))
+                .collect();
+            let net = tasks.net.clone();
+            drop(tasks);
+            match tokio::task::spawn_blocking(move || net.reconcile(&live)).await {
+                Ok(Ok(removed)) if !removed.is_empty() => {
+                    tracing::info!(removed = ?removed, "removed port-mapping rules of tasks that no longer exist")
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %error, "port-mapping reconciliation failed")
+                }
+                _ => {}
+            }
+        });
+    }
+
+    /// Adds `driver.virt.network.*` attributes.
+    pub async fn network_fingerprint(
+        &self,
+        attributes: &mut HashMap<
+            String,
+            crate::pb::hashicorp::nomad::plugins::shared::structs::Attribute,
+        >,
+    ) {
+        let net = self.net.clone();
+        if let Ok(found) = tokio::task::spawn_blocking(move || {
+            let mut found = HashMap::new();
+            net.fingerprint(&mut found);
+            found
+        })
+        .await
+        {
+            attributes.extend(found);
+        }
     }
 
     /// Subscribes to driver task events (the TaskEvents stream).
@@ -126,53 +198,78 @@ impl Tasks {
                 .map_err(|e| TaskError::Invalid(format!("start preparation failed: {e}")))??
         };
         let created = Arc::new(Mutex::new(start::Created::default()));
-        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<String>();
-        let started = {
-            let (boot_task, boot_config, boot_settings, boot_created) = (
+        let progress = self.emitter(&task);
+        let net = Arc::new(self.net.for_start(settings.dhcp_timeout, progress.clone()));
+        let boot = {
+            let (task, config, settings, created, net, progress) = (
                 task.clone(),
                 config.clone(),
                 settings.clone(),
                 created.clone(),
+                net.clone(),
+                progress.clone(),
             );
-            let plan_for_boot = Arc::new(start_plan);
-            let plan_ref = plan_for_boot.clone();
-            let call = self.libvirt.call(move |conn| {
-                let progress = |message: &str| {
-                    let _ = progress_tx.send(message.to_string());
-                };
-                Ok(start::create_and_boot(
-                    conn,
-                    &boot_task,
-                    &boot_config,
-                    &boot_settings,
-                    &plan_ref,
-                    &boot_created,
-                    &progress,
-                ))
-            });
-            tokio::pin!(call);
-            let result = loop {
-                tokio::select! {
-                    result = &mut call => break result,
-                    Some(message) = progress_rx.recv() => self.emit(&task, &message),
-                }
-            };
-            while let Ok(message) = progress_rx.try_recv() {
-                self.emit(&task, &message);
+            let start_plan = Arc::new(start_plan);
+            self.libvirt
+                .call(move |conn| {
+                    Ok(start::create_and_boot(
+                        conn,
+                        &task,
+                        &config,
+                        &settings,
+                        &start_plan,
+                        &created,
+                        net.as_ref(),
+                        &|message: &str| progress(message),
+                    ))
+                })
+                .await
+        };
+        let started = match boot {
+            Ok(Ok(started)) => started,
+            Ok(Err(error)) => {
+                self.roll_back(&task, created).await;
+                return Err(error);
             }
-            match result {
-                Ok(Ok(started)) => (started, plan_for_boot),
+            Err(error) => {
+                self.roll_back(&task, created).await;
+                return Err(TaskError::Libvirt(error));
+            }
+        };
+
+        // The guest is booting: find its address, reserve it, map ports.
+        let net_config = config.network_interface.clone().unwrap_or_default();
+        let mut teardown = None;
+        let mut driver_network = None;
+        if !net_config.is_empty() {
+            let request = VmStartedBuildRequest {
+                vm_name: started.domain_name.clone(),
+                hostname: started.hostname.clone(),
+                task_tag: task_tag(&task.id),
+                net_config: net_config.clone(),
+                resources: start::allocated_ports(&task),
+                hwaddrs: (0..net_config.len())
+                    .map(|index| crate::net::mac_for(&task.id, index))
+                    .collect(),
+            };
+            let build_net = net.clone();
+            let built =
+                tokio::task::spawn_blocking(move || build_net.vm_started_build(&request)).await;
+            match built {
+                Ok(Ok(response)) => {
+                    teardown = Some(response.teardown_spec);
+                    driver_network = response.driver_network;
+                }
                 Ok(Err(error)) => {
                     self.roll_back(&task, created).await;
-                    return Err(error);
+                    return Err(error.into());
                 }
                 Err(error) => {
                     self.roll_back(&task, created).await;
-                    return Err(TaskError::Libvirt(error));
+                    return Err(TaskError::Invalid(format!("network setup failed: {error}")));
                 }
             }
-        };
-        let (started, _plan) = started;
+        }
         let state = DriverState {
             version: DRIVER_STATE_VERSION,
             task_id: task.id.clone(),
@@ -184,6 +281,8 @@ impl Tasks {
             console_log: Some(started.console_log.clone()),
             stdout_path: task.stdout_path.clone(),
             task_config: config,
+            net: teardown,
+            guest_ip: driver_network.as_ref().map(|network| network.ip),
         };
         let entry = TaskEntry::new(state.clone(), task.clone());
         if !task.stdout_path.is_empty() {
@@ -204,7 +303,35 @@ impl Tasks {
                 state: TaskState::Running as i32,
                 driver_state: state.encode(),
             }),
-            network_override: None,
+            // The guest's address for services with address_mode = "driver";
+            // not advertised by default: ports are reached through the host.
+            network_override: driver_network.map(|network| NetworkOverride {
+                port_map: network
+                    .port_map
+                    .into_iter()
+                    .map(|(label, port)| (label, i32::from(port)))
+                    .collect(),
+                addr: network.ip.to_string(),
+                auto_advertise: false,
+            }),
+        })
+    }
+
+    /// Sends a task event from any thread.
+    fn emitter(&self, task: &NomadTaskConfig) -> crate::net::libvirt::Progress {
+        let events = self.events.clone();
+        let (task_id, alloc_id, task_name) =
+            (task.id.clone(), task.alloc_id.clone(), task.name.clone());
+        Arc::new(move |message: &str| {
+            tracing::info!(task_id = %task_id, alloc_id = %alloc_id, task = %task_name, "{message}");
+            let _ = events.send(DriverTaskEvent {
+                task_id: task_id.clone(),
+                alloc_id: alloc_id.clone(),
+                task_name: task_name.clone(),
+                timestamp: Some(now_timestamp()),
+                message: message.to_string(),
+                annotations: HashMap::new(),
+            });
         })
     }
 
@@ -345,6 +472,15 @@ impl Tasks {
                 }
             })
             .await?;
+        if let Some(spec) = entry.state.net.clone() {
+            let net = self.net.clone();
+            let request = VmTerminatedTeardownRequest {
+                teardown_spec: spec,
+            };
+            tokio::task::spawn_blocking(move || net.vm_terminated_teardown(&request))
+                .await
+                .map_err(|e| TaskError::Invalid(format!("network teardown failed: {e}")))??;
+        }
         entry.set_exit(exit_from(lifecycle::exit_for_stop(
             lifecycle::StopReason::Destroyed,
             true,

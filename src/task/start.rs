@@ -16,9 +16,10 @@ use crate::config::plugin::Settings;
 use crate::config::task::{hostname_from_task_name, DiskConfig, TaskConfig};
 use crate::libvirt::domain_xml::{
     render_domain_xml, DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec,
-    DomainType, ShareDriver, ShareSpec,
+    DomainType, InterfaceSpec, ShareDriver, ShareSpec,
 };
 use crate::libvirt::{host, LibvirtError};
+use crate::net::{AllocatedPort, Attachment, Net};
 use crate::nomad::driver_state::CreatedVolume;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::TaskConfig as NomadTaskConfig;
 use crate::storage::images::ImageFormat;
@@ -34,6 +35,7 @@ pub struct Created {
 /// What the start produced.
 pub struct Started {
     pub domain_name: String,
+    pub hostname: String,
     pub volumes: Vec<CreatedVolume>,
     pub console_log: PathBuf,
 }
@@ -155,6 +157,25 @@ pub fn prepare(
     })
 }
 
+/// The group ports Nomad allocated, as the network module wants them.
+pub fn allocated_ports(task: &NomadTaskConfig) -> Vec<AllocatedPort> {
+    task.resources
+        .as_ref()
+        .map(|resources| {
+            resources
+                .ports
+                .iter()
+                .map(|port| AllocatedPort {
+                    label: port.label.clone(),
+                    value: u16::try_from(port.value).unwrap_or(0),
+                    to: u16::try_from(port.to).unwrap_or(0),
+                    host_ip: port.host_ip.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Inline cloud-config or script rather than a file name.
 fn looks_inline(text: &str) -> bool {
     text.trim_start().starts_with('#') || text.contains('\n')
@@ -181,6 +202,7 @@ pub fn create_and_boot(
     settings: &Settings,
     start_plan: &StartPlan,
     created: &Arc<Mutex<Created>>,
+    net: &dyn Net,
     progress: &dyn Fn(&str),
 ) -> Result<Started, TaskError> {
     let record_volume = |pool: &str, name: &str| {
@@ -231,6 +253,12 @@ pub fn create_and_boot(
     let disks: &[DiskConfig] = config.disk.as_deref().unwrap_or_default();
     let (device_names, seed_device) =
         plan::device_names(disks, seed_bus).map_err(TaskError::Invalid)?;
+
+    let net_config = config.network_interface.clone().unwrap_or_default();
+    let hwaddrs: Vec<String> = (0..net_config.len())
+        .map(|index| crate::net::mac_for(&task.id, index))
+        .collect();
+    let attachments = net.attachments(&net_config, &allocated_ports(task), &hwaddrs)?;
 
     progress("Preparing disks");
     let mut disk_specs = Vec::new();
@@ -389,7 +417,20 @@ pub fn create_and_boot(
                 driver: ShareDriver::NineP,
             })
             .collect(),
-        interfaces: Vec::new(),
+        interfaces: attachments
+            .iter()
+            .map(|attachment| match attachment {
+                Attachment::Network { network, mac, .. } => InterfaceSpec::Network {
+                    network: network.clone(),
+                    mac: mac.clone(),
+                },
+                Attachment::Direct { device, mode, mac } => InterfaceSpec::Direct {
+                    device: device.clone(),
+                    mode: mode.clone(),
+                    mac: mac.clone(),
+                },
+            })
+            .collect(),
         console_log: Some(start_plan.console_log.clone()),
         metadata: DomainMetadata {
             task_id: task.id.clone(),
@@ -414,6 +455,7 @@ pub fn create_and_boot(
         .unwrap_or_default();
     Ok(Started {
         domain_name: start_plan.domain_name.clone(),
+        hostname: start_plan.hostname.clone(),
         volumes,
         console_log: start_plan.console_log.clone(),
     })

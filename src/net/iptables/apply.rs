@@ -1,1 +1,1142 @@
-//! (being written)
+//! The thin edge that runs `iptables`, `iptables-save` and
+//! `iptables-restore` (never through a shell: every argument is its own argv
+//! entry, batches go on stdin). Everything here is synchronous; call it from
+//! a blocking thread.
+//!
+//! Facts this relies on (iptables 1.8.9, nf_tables backend, verified):
+//! - `iptables-restore --noflush` applies each `*table` ... `COMMIT` section
+//!   atomically, but commits section by section: when the filter section of
+//!   a batch fails, the nat section before it has already been committed.
+//!   [`Iptables::apply`] therefore snapshots the driver's chains first and,
+//!   on failure, deletes whatever the batch left behind.
+//! - `--test` only parses, so it does not catch rules the kernel rejects.
+//! - Deleting by spec is slow as single execs (~14 ms each) but fast in a
+//!   restore batch, so removal also goes through one batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::rules::{
+    base_chains, chain_declared, is_our_chain, is_valid_interface_name, jump_count, our_tables,
+    parse_save, restore_batch, rules_to_delete, table_batch, validate_rule, validate_tag, BatchOp,
+    IptablesRule, RuleError, SavedRule, TAG_PREFIX,
+};
+
+/// The lock every plugin process on the host shares, so two plugins (or two
+/// threads) never interleave a read-modify-write of the driver's chains.
+pub const HOST_LOCK_PATH: &str = "/run/nomad-driver-virt.iptables.lock";
+
+/// How long to wait for the lock before giving up; holders only run a few
+/// short iptables commands.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What happened to a failed batch's partial effects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rollback {
+    /// None of the batch had been committed.
+    NothingApplied,
+    /// Tables committed before the failing one were cleaned up again.
+    Undone { rules: usize },
+    /// Cleaning up failed: some rules of the batch may remain.
+    Failed { reason: String },
+    /// No rollback is attempted (removal and init are idempotent; retry).
+    NotAttempted,
+}
+
+impl fmt::Display for Rollback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rollback::NothingApplied => write!(f, "nothing of the batch was applied"),
+            Rollback::Undone { rules } => write!(
+                f,
+                "{rules} rule(s) already committed from earlier tables were removed again"
+            ),
+            Rollback::Failed { reason } => write!(
+                f,
+                "removing the partly applied batch FAILED, rules may remain: {reason}"
+            ),
+            Rollback::NotAttempted => write!(f, "the operation is idempotent and can be retried"),
+        }
+    }
+}
+
+/// Failures running the iptables binaries.
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error("invalid network namespace name {0:?}")]
+    InvalidNetns(String),
+    #[error("could not run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    /// Boxed: the details are large and errors travel by value.
+    #[error("{0}")]
+    Restore(Box<RestoreFailure>),
+    #[error("lock file {}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("gave up after {waited:?} waiting for the lock on {}", path.display())]
+    LockTimeout { path: PathBuf, waited: Duration },
+}
+
+/// A failed `iptables-restore` batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreFailure {
+    pub command: String,
+    pub status: String,
+    pub stderr: String,
+    /// 1-based line of the batch iptables-restore complained about.
+    pub line: Option<usize>,
+    /// That line's text.
+    pub offending: Option<String>,
+    pub rollback: Rollback,
+}
+
+impl fmt::Display for RestoreFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}` failed ({})", self.command, self.status)?;
+        match (self.line, &self.offending) {
+            (Some(n), Some(text)) => write!(f, " at batch line {n} `{text}`")?,
+            (Some(n), None) => write!(f, " at batch line {n}")?,
+            _ => {}
+        }
+        write!(f, ": {}; {}", self.stderr, self.rollback)
+    }
+}
+
+/// Runs the iptables binaries on the host or, for tests, inside a network
+/// namespace (`ip netns exec <name>` in front of every command).
+#[derive(Debug, Clone)]
+pub struct Iptables {
+    prefix: Vec<String>,
+    lock_path: PathBuf,
+}
+
+struct Ran {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Holds the exclusive flock; closing the file on drop releases it.
+struct LockGuard {
+    _file: File,
+}
+
+impl Iptables {
+    /// The host's own ruleset, locked with [`HOST_LOCK_PATH`].
+    pub fn host() -> Self {
+        Iptables {
+            prefix: Vec::new(),
+            lock_path: PathBuf::from(HOST_LOCK_PATH),
+        }
+    }
+
+    /// The ruleset of network namespace `name`, with a lock file of its own.
+    pub fn in_netns(name: &str) -> Result<Self, IptablesError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !valid {
+            return Err(IptablesError::InvalidNetns(name.to_string()));
+        }
+        Ok(Iptables {
+            prefix: ["ip", "netns", "exec", name]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            lock_path: PathBuf::from(format!("/run/nomad-driver-virt.iptables.netns-{name}.lock")),
+        })
+    }
+
+    /// Uses another lock file (tests, or hosts without `/run`).
+    pub fn with_lock_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.lock_path = path.into();
+        self
+    }
+
+    pub fn lock_path(&self) -> &Path {
+        &self.lock_path
+    }
+
+    /// Creates the driver's chains and the jumps to them (at position 1 of
+    /// their parents) where missing. Idempotent; duplicate jumps left by
+    /// anything else are reduced to one. Runs under the lock, so concurrent
+    /// plugins cannot both add a jump.
+    pub fn init(&self) -> Result<(), IptablesError> {
+        let _lock = self.lock()?;
+        let mut batch = String::new();
+        for table in our_tables() {
+            let save = self.save(table)?;
+            let mut lines = Vec::new();
+            for (_, chain, parent) in base_chains().into_iter().filter(|(t, ..)| *t == table) {
+                // `-N`, not a `:CHAIN` declaration: with --noflush the latter
+                // would flush an existing chain, `-N` fails instead.
+                if !chain_declared(&save, chain) {
+                    lines.push(format!("-N {chain}"));
+                }
+                match jump_count(&save, parent, chain) {
+                    0 => lines.push(format!("-I {parent} 1 -j {chain}")),
+                    1 => {}
+                    n => {
+                        for _ in 1..n {
+                            lines.push(format!("-D {parent} -j {chain}"));
+                        }
+                    }
+                }
+            }
+            batch.push_str(&table_batch(table, &lines));
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(batch = %batch, "creating iptables chains and jumps");
+        self.restore(&batch, Rollback::NotAttempted)
+    }
+
+    /// Appends `rules` (all tables) in one `iptables-restore --noflush`
+    /// batch. On failure nothing of the batch stays: tables the restore had
+    /// already committed are cleaned up, and the error says so.
+    pub fn apply(&self, rules: &[IptablesRule]) -> Result<(), IptablesError> {
+        if rules.is_empty() {
+            return Ok(());
+        }
+        for rule in rules {
+            validate_rule(rule)?;
+        }
+        let batch = restore_batch(rules, BatchOp::Append);
+        let mut tables: Vec<&str> = Vec::new();
+        for rule in rules {
+            if !tables.contains(&rule.table.as_str()) {
+                tables.push(&rule.table);
+            }
+        }
+
+        let _lock = self.lock()?;
+        let mut before = BTreeMap::new();
+        for table in &tables {
+            before.insert(*table, self.our_lines(table)?);
+        }
+        let ran = self.run("iptables-restore", &["-w", "--noflush"], Some(&batch))?;
+        if ran.status.success() {
+            return Ok(());
+        }
+        let rollback = self.roll_back(&before);
+        Err(restore_error(
+            self.describe("iptables-restore", &["-w", "--noflush"]),
+            &ran,
+            &batch,
+            rollback,
+        ))
+    }
+
+    /// Deletes every rule in the driver's chains tagged `tag`, in one batch.
+    /// Returns how many went; a tag without rules is `Ok(0)`.
+    pub fn remove_tag(&self, tag: &str) -> Result<usize, IptablesError> {
+        validate_tag(tag)?;
+        Ok(self.remove_where(|t| t != tag)?.len())
+    }
+
+    /// Deletes every rule in the driver's chains whose tag has the driver's
+    /// prefix and is not in `keep`. Rules tagged otherwise, untagged rules
+    /// and rules in other chains are never touched. Returns the removed tags.
+    pub fn reconcile(&self, keep: &BTreeSet<String>) -> Result<Vec<String>, IptablesError> {
+        let removed = self.remove_where(|t| !t.starts_with(TAG_PREFIX) || keep.contains(t))?;
+        let tags: BTreeSet<String> = removed.into_iter().filter_map(|r| r.tag).collect();
+        Ok(tags.into_iter().collect())
+    }
+
+    /// `iptables-save -t <table>` output.
+    pub fn save(&self, table: &str) -> Result<String, IptablesError> {
+        let ran = self.run("iptables-save", &["-t", table], None)?;
+        if !ran.status.success() {
+            return Err(IptablesError::Command {
+                command: self.describe("iptables-save", &["-t", table]),
+                status: ran.status.to_string(),
+                stderr: ran.stderr.trim().to_string(),
+            });
+        }
+        Ok(ran.stdout)
+    }
+
+    /// Whether `route_localnet` is on for `device` (or for all devices) in
+    /// this instance's network namespace. See [`route_localnet_enabled`].
+    pub fn route_localnet_enabled(&self, device: &str) -> bool {
+        if self.prefix.is_empty() {
+            return route_localnet_enabled(device);
+        }
+        // /proc/sys/net shows the reader's namespace, so read it from inside.
+        route_localnet_with(device, |path| {
+            self.run("cat", &[path], None)
+                .ok()
+                .filter(|ran| ran.status.success())
+                .map(|ran| ran.stdout)
+        })
+    }
+
+    /// Deletes the rules in our chains whose tag `keep` rejects, in one batch
+    /// built from what exists, and returns them.
+    fn remove_where(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<SavedRule>, IptablesError> {
+        let _lock = self.lock()?;
+        let mut batch = String::new();
+        let mut removed = Vec::new();
+        for table in our_tables() {
+            let save = self.save(table)?;
+            let doomed = rules_to_delete(&save, table, &keep);
+            let lines: Vec<String> = doomed.iter().map(SavedRule::delete_line).collect();
+            batch.push_str(&table_batch(table, &lines));
+            removed.extend(doomed);
+        }
+        if batch.is_empty() {
+            return Ok(removed);
+        }
+        tracing::debug!(rules = removed.len(), "deleting iptables rules");
+        self.restore(&batch, Rollback::NotAttempted)?;
+        Ok(removed)
+    }
+
+    /// The `-A` lines currently in the driver's chains of `table`.
+    fn our_lines(&self, table: &str) -> Result<Vec<SavedRule>, IptablesError> {
+        Ok(parse_save(&self.save(table)?)
+            .into_iter()
+            .filter(|r| r.table == table && is_our_chain(table, &r.chain))
+            .collect())
+    }
+
+    /// Deletes what a failed batch left in our chains: the lines present now
+    /// but not before (as a multiset, so pre-existing duplicates survive).
+    fn roll_back(&self, before: &BTreeMap<&str, Vec<SavedRule>>) -> Rollback {
+        let mut batch = String::new();
+        let mut count = 0;
+        for (table, old) in before {
+            let now = match self.our_lines(table) {
+                Ok(now) => now,
+                Err(e) => {
+                    return Rollback::Failed {
+                        reason: e.to_string(),
+                    }
+                }
+            };
+            let mut remaining: BTreeMap<&str, usize> = BTreeMap::new();
+            for rule in old {
+                *remaining.entry(rule.line.as_str()).or_default() += 1;
+            }
+            let mut lines = Vec::new();
+            for rule in &now {
+                match remaining.get_mut(rule.line.as_str()) {
+                    Some(n) if *n > 0 => *n -= 1,
+                    _ => lines.push(rule.delete_line()),
+                }
+            }
+            count += lines.len();
+            batch.push_str(&table_batch(table, &lines));
+        }
+        if batch.is_empty() {
+            return Rollback::NothingApplied;
+        }
+        tracing::warn!(
+            rules = count,
+            "iptables-restore committed part of a failed batch; removing it"
+        );
+        if let Err(e) = self.restore(&batch, Rollback::NotAttempted) {
+            return Rollback::Failed {
+                reason: e.to_string(),
+            };
+        }
+        // Check, rather than assume, that the chains are back as they were.
+        for (table, old) in before {
+            match self.our_lines(table) {
+                Ok(now) if now.iter().map(|r| &r.line).eq(old.iter().map(|r| &r.line)) => {}
+                Ok(_) => {
+                    return Rollback::Failed {
+                        reason: format!("table {table} still differs after the cleanup"),
+                    }
+                }
+                Err(e) => {
+                    return Rollback::Failed {
+                        reason: e.to_string(),
+                    }
+                }
+            }
+        }
+        Rollback::Undone { rules: count }
+    }
+
+    fn restore(&self, batch: &str, rollback: Rollback) -> Result<(), IptablesError> {
+        let args = ["-w", "--noflush"];
+        let ran = self.run("iptables-restore", &args, Some(batch))?;
+        if ran.status.success() {
+            return Ok(());
+        }
+        Err(restore_error(
+            self.describe("iptables-restore", &args),
+            &ran,
+            batch,
+            rollback,
+        ))
+    }
+
+    fn lock(&self) -> Result<LockGuard, IptablesError> {
+        let lock_err = |source| IptablesError::Lock {
+            path: self.lock_path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&self.lock_path)
+            .map_err(lock_err)?;
+        let start = Instant::now();
+        loop {
+            // SAFETY: flock on a descriptor this function owns for the call.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(LockGuard { _file: file });
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EWOULDBLOCK) | Some(libc::EINTR) => {}
+                _ => return Err(lock_err(err)),
+            }
+            if start.elapsed() >= LOCK_TIMEOUT {
+                return Err(IptablesError::LockTimeout {
+                    path: self.lock_path.clone(),
+                    waited: start.elapsed(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn describe(&self, program: &str, args: &[&str]) -> String {
+        let mut parts: Vec<&str> = self.prefix.iter().map(String::as_str).collect();
+        parts.push(program);
+        parts.extend_from_slice(args);
+        parts.join(" ")
+    }
+
+    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Ran, IptablesError> {
+        let mut cmd = match self.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let spawn_err = |source| IptablesError::Spawn {
+            command: self.describe(program, args),
+            source,
+        };
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        let input = child.stdin.take();
+        // Feed stdin from another thread so a chatty child cannot deadlock
+        // us on a full stderr pipe while we are still writing.
+        let (output, write_result) = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || match (input, stdin) {
+                (Some(mut pipe), Some(text)) => pipe.write_all(text.as_bytes()),
+                _ => Ok(()),
+            });
+            let output = child.wait_with_output();
+            let write_result = writer
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("stdin writer panicked")));
+            (output, write_result)
+        });
+        let output = output.map_err(spawn_err)?;
+        let ran = Ran {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        // A child that exits early closes its stdin (EPIPE); its own error
+        // output says more than the broken pipe, so prefer that.
+        if let Err(e) = write_result {
+            if ran.status.success() {
+                return Err(spawn_err(e));
+            }
+        }
+        Ok(ran)
+    }
+}
+
+fn restore_error(command: String, ran: &Ran, batch: &str, rollback: Rollback) -> IptablesError {
+    let line = failed_line(&ran.stderr);
+    let offending = line
+        .and_then(|n| n.checked_sub(1))
+        .and_then(|i| batch.lines().nth(i))
+        .map(str::to_string);
+    IptablesError::Restore(Box::new(RestoreFailure {
+        command,
+        status: ran.status.to_string(),
+        stderr: ran.stderr.trim().to_string(),
+        line,
+        offending,
+        rollback,
+    }))
+}
+
+/// The batch line iptables-restore blames: it prints "Error occurred at
+/// line: N" for parse errors and "line N: ..." / "line N failed" for rules
+/// the kernel rejected.
+fn failed_line(stderr: &str) -> Option<usize> {
+    let mut words = stderr.split(|c: char| c.is_whitespace() || c == ':');
+    while let Some(word) = words.next() {
+        if word == "line" {
+            if let Some(n) = words
+                .by_ref()
+                .find(|w| !w.is_empty())
+                .and_then(|w| w.parse().ok())
+            {
+                return Some(n);
+            }
+        }
+    }
+    None
+}
+
+/// Whether `route_localnet` is on for `device` or for all devices in the
+/// host's network namespace (the kernel ORs the two). Loopback forwards
+/// need it on the bridge. False for invalid names or unreadable files.
+pub fn route_localnet_enabled(device: &str) -> bool {
+    route_localnet_with(device, |path| std::fs::read_to_string(path).ok())
+}
+
+fn route_localnet_with(device: &str, read: impl Fn(&str) -> Option<String>) -> bool {
+    if !is_valid_interface_name(device) {
+        return false;
+    }
+    ["all", device].iter().any(|dev| {
+        read(&format!("/proc/sys/net/ipv4/conf/{dev}/route_localnet"))
+            .and_then(|value| value.trim().parse::<u32>().ok())
+            .is_some_and(|value| value != 0)
+    })
+}
+
+/// The command that turns `route_localnet` on for `device`, for messages.
+/// sysctl writes a dot inside an interface name as '/'; anything that is not
+/// valid in an interface name becomes '_' so the text is safe to paste.
+pub fn route_localnet_fix(device: &str) -> String {
+    let key: String = device
+        .chars()
+        .map(|c| match c {
+            '.' => '/',
+            c if c.is_ascii_alphanumeric() || c == '_' || c == '-' => c,
+            _ => '_',
+        })
+        .collect();
+    format!("sysctl -w net.ipv4.conf.{key}.route_localnet=1")
+}
+
+#[cfg(test)]
+mod tests {
+    //! These run real iptables inside network namespaces they create, so
+    //! they need root and iproute2 + iptables. They never skip: a missing
+    //! precondition fails loudly.
+
+    use super::*;
+    use crate::net::iptables::rules::{
+        delete_lines_for_tags, port_forward_rules, tags_in_save_output, task_tag, PortForward,
+        CHAIN_FW, CHAIN_OUT, CHAIN_PRT, CHAIN_PST, FILTER, NAT,
+    };
+    use std::net::Ipv4Addr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const GUEST: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 10);
+    const OUR_CHAINS: [&str; 4] = [CHAIN_PRT, CHAIN_OUT, CHAIN_PST, CHAIN_FW];
+
+    /// A network namespace deleted (with its lock file) on drop.
+    struct Netns {
+        name: String,
+        ipt: Iptables,
+    }
+
+    impl Netns {
+        fn new() -> Netns {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let name = format!(
+                "ndvtest-ipt-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::SeqCst)
+            );
+            let out = Command::new("ip")
+                .args(["netns", "add", &name])
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run `ip netns add {name}` (iproute2?): {e}"));
+            assert!(
+                out.status.success(),
+                "`ip netns add {name}` failed ({}): {} -- these tests need root",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let ns = Netns {
+                ipt: Iptables::in_netns(&name).unwrap(),
+                name,
+            };
+            let version = ns.exec(&["iptables", "--version"]);
+            assert!(version.contains("iptables"), "{version}");
+            ns
+        }
+
+        /// Runs a command in the namespace; panics on failure.
+        fn exec(&self, argv: &[&str]) -> String {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .args(argv)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{argv:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
+        /// `iptables-save` of all tables without the timestamp comments and
+        /// with chain counters zeroed.
+        fn save_all(&self) -> String {
+            self.exec(&["iptables-save"])
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
+                    (true, Some(i)) => format!("{} [0:0]", &l[..i]),
+                    _ => l.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &self.name])
+                .status();
+            let _ = std::fs::remove_file(self.ipt.lock_path());
+        }
+    }
+
+    fn forwards() -> Vec<PortForward> {
+        vec![
+            PortForward {
+                label: "http".into(),
+                host_ip: Ipv4Addr::new(10, 0, 0, 5),
+                host_port: 8080,
+                guest_port: 80,
+            },
+            PortForward {
+                label: "ssh".into(),
+                host_ip: Ipv4Addr::LOCALHOST,
+                host_port: 2222,
+                guest_port: 22,
+            },
+        ]
+    }
+
+    fn bad_rule(table: &str, chain: &str, args: &str) -> IptablesRule {
+        IptablesRule {
+            table: table.into(),
+            chain: chain.into(),
+            args: args.split(' ').map(String::from).collect(),
+        }
+    }
+
+    fn assert_single_jumps(ns: &Netns) {
+        for (table, chain, parent) in base_chains() {
+            let save = ns.ipt.save(table).unwrap();
+            assert!(chain_declared(&save, chain), "{chain} missing:\n{save}");
+            assert_eq!(jump_count(&save, parent, chain), 1, "{parent}:\n{save}");
+        }
+    }
+
+    #[test]
+    fn init_is_idempotent_and_jumps_first() {
+        let ns = Netns::new();
+        ns.exec(&[
+            "iptables", "-w", "-A", "FORWARD", "-o", "eth9", "-j", "REJECT",
+        ]);
+        ns.ipt.init().unwrap();
+        let first = ns.save_all();
+        assert_single_jumps(&ns);
+        ns.ipt.init().unwrap();
+        assert_eq!(ns.save_all(), first);
+        assert_single_jumps(&ns);
+        // Position 1: the jump precedes the rule that was there before.
+        let forward: Vec<_> = parse_save(&ns.ipt.save(FILTER).unwrap())
+            .into_iter()
+            .filter(|r| r.chain == "FORWARD")
+            .collect();
+        assert_eq!(forward[0].args, ["-j", CHAIN_FW]);
+        assert_eq!(forward.len(), 2);
+    }
+
+    #[test]
+    fn init_reduces_duplicate_jumps_to_one() {
+        let ns = Netns::new();
+        ns.ipt.init().unwrap();
+        ns.exec(&[
+            "iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-j", CHAIN_OUT,
+        ]);
+        ns.ipt.init().unwrap();
+        assert_single_jumps(&ns);
+    }
+
+    #[test]
+    fn concurrent_init_adds_each_jump_once() {
+        let ns = Netns::new();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4).map(|_| scope.spawn(|| ns.ipt.init())).collect();
+            for handle in handles {
+                handle.join().unwrap().unwrap();
+            }
+        });
+        assert_single_jumps(&ns);
+    }
+
+    #[test]
+    fn apply_then_remove_restores_the_ruleset_exactly() {
+        let ns = Netns::new();
+        ns.ipt.init().unwrap();
+        let before = ns.save_all();
+        let tag = task_tag("alloc-1/web/abcd1234");
+        let rules = port_forward_rules(&tag, GUEST, "virbr0", &forwards()).unwrap();
+        ns.ipt.apply(&rules).unwrap();
+
+        // Every rule is in place, spelled exactly as iptables-save prints it.
+        let mut saved = parse_save(&ns.ipt.save(NAT).unwrap());
+        saved.extend(parse_save(&ns.ipt.save(FILTER).unwrap()));
+        for rule in &rules {
+            assert!(
+                saved
+                    .iter()
+                    .any(|s| s.chain == rule.chain && s.args == rule.args),
+                "missing {rule:?}"
+            );
+        }
+        assert_eq!(
+            saved
+                .iter()
+                .filter(|s| s.tag.as_deref() == Some(&tag))
+                .count(),
+            12
+        );
+
+        assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), 12);
+        assert_eq!(ns.save_all(), before);
+        assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), 0);
+        assert_eq!(
+            ns.ipt
+                .remove_tag("nomad-driver-virt:never-applied")
+                .unwrap(),
+            0
+        );
+        assert_eq!(ns.save_all(), before);
+    }
+
+    #[test]
+    fn remove_tag_leaves_other_tags_and_rejects_bad_tags() {
+        let ns = Netns::new();
+        ns.ipt.init().unwrap();
+        let (a, b) = (task_tag("a"), task_tag("b"));
+        ns.ipt
+            .apply(&port_forward_rules(&a, GUEST, "virbr0", &forwards()).unwrap())
+            .unwrap();
+        let after_a = ns.save_all();
+        ns.ipt
+            .apply(&port_forward_rules(&b, GUEST, "virbr0", &forwards()).unwrap())
+            .unwrap();
+        assert_eq!(ns.ipt.remove_tag(&b).unwrap(), 12);
+        assert_eq!(ns.save_all(), after_a);
+        assert!(matches!(
+            ns.ipt.remove_tag("x\" -j ACCEPT"),
+            Err(IptablesError::Rule(_))
+        ));
+    }
+
+    #[test]
+    fn failed_batch_in_first_table_applies_nothing() {
+        let ns = Netns::new();
+        ns.ipt.init().unwrap();
+        let before = ns.save_all();
+        let mut rules = port_forward_rules(&task_tag("t"), GUEST, "virbr0", &forwards()).unwrap();
+        // Bad in nat, the first section: iptables-restore rejects it at parse time.
+        rules.insert(
+            1,
+            bad_rule(
+                NAT,
+                CHAIN_PRT,
+                "-p tcp -m tcp --dport 1 -j DNAT --to-destination 999.1.1.1:80",
+            ),
+        );
+        let err = ns.ipt.apply(&rules).unwrap_err();
+        let IptablesError::Restore(failure) = &err else {
+            panic!("unexpected error {err}");
+        };
+        let RestoreFailure {
+            line,
+            offending,
+            stderr,
+            rollback,
+            ..
+        } = failure.as_ref();
+        assert_eq!(*rollback, Rollback::NothingApplied, "{err}");
+        assert_eq!(*line, Some(3), "{err}");
+        assert!(offending.as_deref().unwrap().contains("999.1.1.1"), "{err}");
+        assert!(stderr.contains("999.1.1.1"), "{err}");
+        assert!(
+            err.to_string().contains("iptables-restore -w --noflush"),
+            "{err}"
+        );
+        assert_eq!(ns.save_all(), before);
+    }
+
+    #[test]
+    fn failed_batch_in_second_table_rolls_back_the_first() {
+        let ns = Netns::new();
+        ns.ipt.init().unwrap();
+        // A pre-existing rule identical to one of the batch must survive.
+        let tag = task_tag("t");
+        let rules = port_forward_rules(&tag, GUEST, "virbr0", &forwards()).unwrap();
+        ns.ipt.apply(&rules[..1]).unwrap();
+        let before = ns.save_all();
+
+        let mut batch = rules.clone();
+        // DNAT is valid syntax but the kernel refuses it in filter, so the
+        // nat section has already been committed when this line fails.
+        batch.push(bad_rule(
+            FILTER,
+            CHAIN_FW,
+            "-p tcp -m tcp --dport 1 -j DNAT --to-destination 192.168.122.10:80",
+        ));
+        let err = ns.ipt.apply(&batch).unwrap_err();
+        let IptablesError::Restore(failure) = &err else {
+            panic!("unexpected error {err}");
+        };
+        let RestoreFailure {
+            offending,
+            rollback,
+            ..
+        } = failure.as_ref();
+        // 8 nat rules from the batch had been committed and were removed.
+        assert_eq!(*rollback, Rollback::Undone { rules: 8 }, "{err}");
+        assert!(offending.as_deref().unwrap().contains("-j DNAT"), "{err}");
+        assert!(err.to_string().contains("RULE_APPEND failed"), "{err}");
+        assert_eq!(ns.save_all(), before);
+    }
+
+    #[test]
+    fn quoting_agrees_with_real_iptables() {
+        let ns = Netns::new();
+        ns.ipt.init().unwrap();
+        let before = ns.save_all();
+        let comment = r#"it's "quoted" \ and spaced"#;
+        let rule = IptablesRule {
+            table: NAT.into(),
+            chain: CHAIN_PST.into(),
+            args: ["-m", "comment", "--comment", comment, "-j", "RETURN"]
+                .map(String::from)
+                .to_vec(),
+        };
+        ns.ipt.apply(std::slice::from_ref(&rule)).unwrap();
+        let saved = parse_save(&ns.ipt.save(NAT).unwrap());
+        let ours: Vec<_> = saved.iter().filter(|r| r.chain == CHAIN_PST).collect();
+        assert_eq!(ours.len(), 1);
+        assert_eq!(ours[0].args, rule.args);
+        assert_eq!(ours[0].tag.as_deref(), Some(comment));
+        // The save line, turned into `-D`, deletes exactly that rule.
+        let lines = delete_lines_for_tags(&ns.ipt.save(NAT).unwrap(), NAT, |_| false);
+        ns.ipt
+            .restore(&table_batch(NAT, &lines), Rollback::NotAttempted)
+            .unwrap();
+        assert_eq!(ns.save_all(), before);
+    }
+
+    #[test]
+    fn apply_refuses_rules_outside_our_chains() {
+        let ns = Netns::new();
+        ns.ipt.init().unwrap();
+        let before = ns.save_all();
+        let err = ns
+            .ipt
+            .apply(&[bad_rule(FILTER, "FORWARD", "-j ACCEPT")])
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            IptablesError::Rule(RuleError::ForeignChain { .. })
+        ));
+        let err = ns
+            .ipt
+            .apply(&[bad_rule(NAT, CHAIN_PST, "-j ACCEPT\n-A FORWARD -j ACCEPT")])
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            IptablesError::Rule(RuleError::BadArgument { .. })
+        ));
+        assert_eq!(ns.save_all(), before);
+        ns.ipt.apply(&[]).unwrap();
+    }
+
+    #[test]
+    fn reconcile_removes_only_orphaned_tags_of_ours() {
+        let ns = Netns::new();
+        ns.ipt.init().unwrap();
+        let (kept, orphan1, orphan2) = (task_tag("kept"), task_tag("gone-1"), task_tag("gone-2"));
+        ns.ipt
+            .apply(&port_forward_rules(&kept, GUEST, "virbr0", &forwards()).unwrap())
+            .unwrap();
+        let expected = ns.save_all();
+        for tag in [&orphan1, &orphan2] {
+            let rules =
+                port_forward_rules(tag, Ipv4Addr::new(192, 168, 122, 11), "virbr0", &forwards())
+                    .unwrap();
+            ns.ipt.apply(&rules).unwrap();
+        }
+        // Foreign rules: another tag in our chain, an untagged rule in our
+        // chain, and our prefix in a chain that is not ours.
+        let foreign: [&[&str]; 3] = [
+            &[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                CHAIN_PRT,
+                "-p",
+                "tcp",
+                "--dport",
+                "1",
+                "-m",
+                "comment",
+                "--comment",
+                "someone else",
+                "-j",
+                "RETURN",
+            ],
+            &[
+                "iptables", "-w", "-A", CHAIN_FW, "-p", "tcp", "--dport", "2", "-j", "ACCEPT",
+            ],
+            &[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "--dport",
+                "3",
+                "-m",
+                "comment",
+                "--comment",
+                "nomad-driver-virt:elsewhere",
+                "-j",
+                "RETURN",
+            ],
+        ];
+        for argv in foreign {
+            ns.exec(argv);
+        }
+        let keep: BTreeSet<String> = [kept.clone(), "nomad-driver-virt:unrelated".into()].into();
+        let mut removed = ns.ipt.reconcile(&keep).unwrap();
+        removed.sort();
+        let mut want = vec![orphan1.clone(), orphan2.clone()];
+        want.sort();
+        assert_eq!(removed, want);
+
+        let all = ns.exec(&["iptables-save"]);
+        let tags = tags_in_save_output(&all, &OUR_CHAINS);
+        assert_eq!(tags, [kept.clone(), "someone else".to_string()].into());
+        assert!(all.contains("--dport 2 -j ACCEPT"), "{all}");
+        assert!(all.contains("nomad-driver-virt:elsewhere"), "{all}");
+        assert!(ns.ipt.reconcile(&keep).unwrap().is_empty());
+
+        // Without the foreign rules the state equals the kept task's alone.
+        ns.exec(&[
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-D",
+            CHAIN_PRT,
+            "-p",
+            "tcp",
+            "--dport",
+            "1",
+            "-m",
+            "comment",
+            "--comment",
+            "someone else",
+            "-j",
+            "RETURN",
+        ]);
+        ns.exec(&[
+            "iptables", "-w", "-D", CHAIN_FW, "-p", "tcp", "--dport", "2", "-j", "ACCEPT",
+        ]);
+        ns.exec(&[
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-D",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "3",
+            "-m",
+            "comment",
+            "--comment",
+            "nomad-driver-virt:elsewhere",
+            "-j",
+            "RETURN",
+        ]);
+        assert_eq!(ns.save_all(), expected);
+
+        // An empty keep set removes the rest of ours.
+        assert_eq!(ns.ipt.reconcile(&BTreeSet::new()).unwrap(), vec![kept]);
+    }
+
+    #[test]
+    fn concurrent_apply_and_remove_do_not_interfere() {
+        let ns = Netns::new();
+        ns.ipt.init().unwrap();
+        let before = ns.save_all();
+        std::thread::scope(|scope| {
+            for i in 0..4u8 {
+                let ipt = ns.ipt.clone();
+                scope.spawn(move || {
+                    let tag = task_tag(&format!("task-{i}"));
+                    let guest = Ipv4Addr::new(192, 168, 122, 20 + i);
+                    let rules = port_forward_rules(&tag, guest, "virbr0", &forwards()).unwrap();
+                    ipt.apply(&rules).unwrap();
+                    assert_eq!(ipt.remove_tag(&tag).unwrap(), 12);
+                });
+            }
+        });
+        assert_eq!(ns.save_all(), before);
+    }
+
+    #[test]
+    fn route_localnet_is_read_in_the_namespace() {
+        let ns = Netns::new();
+        assert!(!ns.ipt.route_localnet_enabled("lo"));
+        let fix = route_localnet_fix("lo");
+        assert_eq!(fix, "sysctl -w net.ipv4.conf.lo.route_localnet=1");
+        ns.exec(&fix.split(' ').collect::<Vec<_>>());
+        assert!(ns.ipt.route_localnet_enabled("lo"));
+        assert!(!ns.ipt.route_localnet_enabled("../lo"));
+        // The host's value is readable too (whatever it is).
+        let _ = route_localnet_enabled("lo");
+    }
+
+    #[test]
+    fn route_localnet_ors_all_and_device() {
+        let read = |all: &'static str, dev: Option<&'static str>| {
+            move |path: &str| {
+                if path == "/proc/sys/net/ipv4/conf/all/route_localnet" {
+                    Some(all.to_string())
+                } else if path == "/proc/sys/net/ipv4/conf/virbr0/route_localnet" {
+                    dev.map(String::from)
+                } else {
+                    None
+                }
+            }
+        };
+        assert!(!route_localnet_with("virbr0", read("0\n", Some("0\n"))));
+        assert!(route_localnet_with("virbr0", read("0\n", Some("1\n"))));
+        assert!(route_localnet_with("virbr0", read("1\n", None)));
+        assert!(!route_localnet_with("virbr0", read("0\n", None)));
+        assert!(!route_localnet_with("virbr0", read("garbage", Some("x"))));
+        assert!(!route_localnet_with("a/../b", read("1\n", Some("1\n"))));
+    }
+
+    #[test]
+    fn route_localnet_fix_spells_sysctl_keys() {
+        assert_eq!(
+            route_localnet_fix("virbr0"),
+            "sysctl -w net.ipv4.conf.virbr0.route_localnet=1"
+        );
+        assert_eq!(
+            route_localnet_fix("eth0.100"),
+            "sysctl -w net.ipv4.conf.eth0/100.route_localnet=1"
+        );
+        assert_eq!(
+            route_localnet_fix("x; rm -rf"),
+            "sysctl -w net.ipv4.conf.x__rm_-rf.route_localnet=1"
+        );
+    }
+
+    #[test]
+    fn failed_line_parsing() {
+        assert_eq!(
+            failed_line("iptables-restore v1.8.9 (nf_tables): \nline 6: RULE_APPEND failed (Invalid argument): rule in chain NOMAD_VT_FW\n"),
+            Some(6)
+        );
+        assert_eq!(
+            failed_line("iptables-restore v1.8.9 (nf_tables): Bad IP address \"999.1.1.1\"\nError occurred at line: 2\nTry `iptables-restore -h'"),
+            Some(2)
+        );
+        assert_eq!(
+            failed_line("iptables-restore: line 3 failed: Bad rule"),
+            Some(3)
+        );
+        assert_eq!(failed_line("something else"), None);
+    }
+
+    #[test]
+    fn netns_names_are_validated_and_errors_name_the_command() {
+        for bad in ["", "..", "a b", "x;y", "a/b"] {
+            assert!(matches!(
+                Iptables::in_netns(bad),
+                Err(IptablesError::InvalidNetns(_))
+            ));
+        }
+        let ipt = Iptables::in_netns("ndvtest-ipt-does-not-exist")
+            .unwrap()
+            .with_lock_path(std::env::temp_dir().join("ndvtest-ipt-unused.lock"));
+        let err = ipt.save(NAT).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("ip netns exec ndvtest-ipt-does-not-exist iptables-save -t nat"),
+            "{text}"
+        );
+        assert!(matches!(err, IptablesError::Command { .. }), "{text}");
+    }
+}

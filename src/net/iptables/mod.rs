@@ -2,3 +2,12 @@
 
 pub mod apply;
 pub mod rules;
+
+pub use apply::{
+    route_localnet_enabled, route_localnet_fix, Iptables, IptablesError, RestoreFailure, Rollback,
+    HOST_LOCK_PATH,
+};
+pub use rules::{
+    base_chains, port_forward_rules, restore_batch, task_tag, BatchOp, IptablesRule, PortForward,
+    RuleError, CHAIN_FW, CHAIN_OUT, CHAIN_PRT, CHAIN_PST, TAG_PREFIX,
+};

@@ -1,0 +1,328 @@
+//! The libvirt implementation of `Net`: bridge attachment to libvirt
+//! networks, macvtap `direct` interfaces, DHCP lease discovery and
+//! reservation, and iptables port mapping.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::config::{configurable_only, NetworkInterfacesConfig};
+use super::dhcp::{self, Reservation};
+use super::iptables::apply::{route_localnet_fix, Iptables};
+use super::iptables::rules::{port_forward_rules, PortForward};
+use super::{
+    is_active_string, AllocatedPort, Attachment, DriverNetwork, Net, NetError, TeardownSpec,
+    VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
+    VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
+};
+use crate::libvirt::Libvirt;
+use crate::nomad::attribute;
+use crate::pb::hashicorp::nomad::plugins::shared::structs::Attribute;
+
+/// Progress callback for long steps (lease discovery).
+pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// `Net` backed by the plugin's libvirt connection and host iptables.
+pub struct LibvirtNet {
+    libvirt: Libvirt,
+    iptables: Iptables,
+    dhcp_timeout: Duration,
+    progress: Option<Progress>,
+}
+
+impl LibvirtNet {
+    pub fn new(libvirt: Libvirt, iptables: Iptables, dhcp_timeout: Duration) -> Self {
+        Self {
+            libvirt,
+            iptables,
+            dhcp_timeout,
+            progress: None,
+        }
+    }
+
+    /// A copy for one task's start: its DHCP timeout and progress events.
+    pub fn for_start(&self, dhcp_timeout: Duration, progress: Progress) -> Self {
+        Self {
+            libvirt: self.libvirt.clone(),
+            iptables: self.iptables.clone(),
+            dhcp_timeout,
+            progress: Some(progress),
+        }
+    }
+}
+
+/// The forwards for the bridge's port labels; an unknown label is an error.
+pub fn forwards_for(
+    labels: &[String],
+    ports: &[AllocatedPort],
+) -> Result<Vec<PortForward>, NetError> {
+    let mut forwards = Vec::new();
+    for label in labels {
+        let port = ports.iter().find(|port| &port.label == label).ok_or_else(|| {
+            let known: Vec<&str> = ports.iter().map(|p| p.label.as_str()).collect();
+            NetError::Invalid(format!(
+                "network_interface.bridge.ports: port label {label:?} is not allocated to this task's group; \
+                 add `port \"{label}\" {{ ... }}` to the group's network block (allocated: {})",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        })?;
+        let host_ip: Ipv4Addr = port.host_ip.parse().map_err(|_| {
+            NetError::Invalid(format!(
+                "port {label:?}: host address {:?} is not an IPv4 address",
+                port.host_ip
+            ))
+        })?;
+        if port.value == 0 {
+            return Err(NetError::Invalid(format!(
+                "port {label:?} has no host port allocated"
+            )));
+        }
+        forwards.push(PortForward {
+            label: label.clone(),
+            host_ip,
+            host_port: port.value,
+            guest_port: if port.to == 0 { port.value } else { port.to },
+        });
+    }
+    Ok(forwards)
+}
+
+impl Net for LibvirtNet {
+    fn init(&self) -> Result<(), NetError> {
+        self.iptables.init()?;
+        Ok(())
+    }
+
+    fn fingerprint(&self, attributes: &mut HashMap<String, Attribute>) {
+        match self
+            .libvirt
+            .call_blocking(|conn| Ok(dhcp::network_fingerprint(conn)))
+        {
+            Ok(networks) => {
+                for (name, active, bridge) in networks {
+                    attributes.insert(
+                        format!("{ATTRIBUTE_PREFIX}{name}.state"),
+                        attribute::string(is_active_string(active)),
+                    );
+                    attributes.insert(
+                        format!("{ATTRIBUTE_PREFIX}{name}.bridge_name"),
+                        attribute::string(&bridge),
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(error = %error, "network fingerprint failed"),
+        }
+    }
+
+    fn attachments(
+        &self,
+        net_config: &NetworkInterfacesConfig,
+        ports: &[AllocatedPort],
+        hwaddrs: &[String],
+    ) -> Result<Vec<Attachment>, NetError> {
+        let mut attachments = Vec::new();
+        for (index, interface) in net_config.iter().enumerate() {
+            let mac = hwaddrs
+                .get(index)
+                .cloned()
+                .ok_or_else(|| NetError::Invalid("missing MAC address".into()))?;
+            if let Some(bridge) = &interface.bridge {
+                let name = bridge.name.clone();
+                let network = self.libvirt.call_blocking(move |conn| {
+                    Ok(dhcp::network_by_bridge(conn, &name).and_then(|network| {
+                        network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
+                            message: e.message().to_string(),
+                        })
+                    }))
+                })?;
+                let network = network.map_err(|e| {
+                    NetError::Invalid(format!("network_interface[{index}].bridge.name: {e}"))
+                })?;
+                let forwards = forwards_for(bridge.ports.as_deref().unwrap_or_default(), ports)?;
+                if forwards.iter().any(|f| f.host_ip.is_loopback())
+                    && !self.iptables.route_localnet_enabled(&bridge.name)
+                {
+                    return Err(NetError::Invalid(format!(
+                        "ports on 127.0.0.1 need route_localnet on {}: run `{}` (and persist it in /etc/sysctl.d)",
+                        bridge.name,
+                        route_localnet_fix(&bridge.name)
+                    )));
+                }
+                attachments.push(Attachment::Network {
+                    network,
+                    bridge: bridge.name.clone(),
+                    mac,
+                });
+            } else if let Some(macvtap) = &interface.macvtap {
+                let mode = macvtap.mode().map_err(NetError::Invalid)?;
+                attachments.push(Attachment::Direct {
+                    device: macvtap.device.clone(),
+                    mode: mode.as_str().to_string(),
+                    mac,
+                });
+            }
+        }
+        Ok(attachments)
+    }
+
+    fn vm_started_build(
+        &self,
+        request: &VmStartedBuildRequest,
+    ) -> Result<VmStartedBuildResponse, NetError> {
+        let mut spec = TeardownSpec {
+            task_tag: request.task_tag.clone(),
+            ..TeardownSpec::default()
+        };
+        let Some((index, bridge)) = request
+            .net_config
+            .iter()
+            .enumerate()
+            .find_map(|(index, interface)| interface.bridge.as_ref().map(|bridge| (index, bridge)))
+        else {
+            // Only macvtap (or nothing): no lease to find, no ports to map.
+            let _ = configurable_only(&request.net_config);
+            return Ok(VmStartedBuildResponse {
+                driver_network: None,
+                teardown_spec: spec,
+            });
+        };
+        let mac = request
+            .hwaddrs
+            .get(index)
+            .cloned()
+            .ok_or_else(|| NetError::Invalid("missing MAC address".into()))?;
+        let result = self.build_bridge(
+            request,
+            &bridge.name,
+            bridge.ports.as_deref().unwrap_or_default(),
+            &mac,
+            &mut spec,
+        );
+        match result {
+            Ok(driver_network) => Ok(VmStartedBuildResponse {
+                driver_network: Some(driver_network),
+                teardown_spec: spec,
+            }),
+            Err(error) => {
+                // Undo whatever part was built before reporting.
+                if let Err(teardown_error) = self.teardown(&spec) {
+                    tracing::warn!(error = %teardown_error, "cleanup after a failed network build failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn vm_terminated_teardown(
+        &self,
+        request: &VmTerminatedTeardownRequest,
+    ) -> Result<VmTerminatedTeardownResponse, NetError> {
+        self.teardown(&request.teardown_spec)?;
+        Ok(VmTerminatedTeardownResponse {})
+    }
+
+    fn reconcile(&self, live_tags: &BTreeSet<String>) -> Result<Vec<String>, NetError> {
+        Ok(self.iptables.reconcile(live_tags)?)
+    }
+}
+
+impl LibvirtNet {
+    fn build_bridge(
+        &self,
+        request: &VmStartedBuildRequest,
+        bridge: &str,
+        labels: &[String],
+        mac: &str,
+        spec: &mut TeardownSpec,
+    ) -> Result<DriverNetwork, NetError> {
+        let forwards = forwards_for(labels, &request.resources)?;
+        let timeout = self.dhcp_timeout;
+        let (bridge_name, hostname, mac_owned) = (
+            bridge.to_string(),
+            request.hostname.clone(),
+            mac.to_string(),
+        );
+        let progress = self.progress.clone();
+        let (network_name, lease) = self.libvirt.call_blocking(move |conn| {
+            let found = dhcp::network_by_bridge(conn, &bridge_name).and_then(|network| {
+                let name = network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
+                    message: e.message().to_string(),
+                })?;
+                Ok((network, name))
+            });
+            let (network, name) = match found {
+                Ok(found) => found,
+                Err(error) => return Ok((String::new(), Err(error))),
+            };
+            if let Some(progress) = &progress {
+                progress(&format!(
+                    "Waiting for a DHCP lease for {mac_owned} on network {name}"
+                ));
+            }
+            let lease =
+                dhcp::wait_for_lease(&network, &mac_owned, Some(&hostname), timeout, &mut |_| {});
+            Ok((name, lease))
+        })?;
+        let lease = lease?;
+        if let Some(progress) = &self.progress {
+            progress(&format!("Guest IP {}", lease.ip));
+        }
+        spec.network = Some(network_name.clone());
+        spec.bridge = Some(bridge.to_string());
+        let reservation = Reservation {
+            network: network_name,
+            mac: mac.to_string(),
+            ip: lease.ip,
+            hostname: Some(request.hostname.clone()),
+        };
+        // Record before create: teardown removes it even if adding half-failed.
+        spec.dhcp_reservation = Some(reservation.clone());
+        self.libvirt
+            .call_blocking(|conn| Ok(dhcp::add_reservation(conn, &reservation)))??;
+        let rules = port_forward_rules(&request.task_tag, lease.ip, bridge, &forwards)
+            .map_err(|e| NetError::Invalid(e.to_string()))?;
+        spec.iptables_rules = rules.clone();
+        if !rules.is_empty() {
+            // Idempotent; covers clients that never call Driver.Init.
+            self.iptables.init()?;
+            self.iptables.apply(&rules)?;
+        }
+        Ok(DriverNetwork {
+            ip: lease.ip,
+            port_map: forwards
+                .iter()
+                .map(|f| (f.label.clone(), f.guest_port))
+                .collect(),
+        })
+    }
+
+    fn teardown(&self, spec: &TeardownSpec) -> Result<(), NetError> {
+        let mut failures = Vec::new();
+        if !spec.task_tag.is_empty() {
+            if let Err(error) = self.iptables.remove_tag(&spec.task_tag) {
+                failures.push(error.to_string());
+            }
+        }
+        if let Some(reservation) = &spec.dhcp_reservation {
+            match self
+                .libvirt
+                .call_blocking(|conn| Ok(dhcp::remove_reservation(conn, reservation)))
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => failures.push(error.to_string()),
+                Err(error) => failures.push(error.to_string()),
+            }
+            if let Some(bridge) = &spec.bridge {
+                if let Err(error) = dhcp::release_lease(bridge, reservation.ip, &reservation.mac) {
+                    tracing::debug!(error = %error, "DHCP release failed (best effort)");
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(NetError::Teardown(failures.join("; ")))
+        }
+    }
+}

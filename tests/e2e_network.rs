@@ -1,0 +1,387 @@
+//! End to end networking on real libvirtd + dnsmasq + a TCG guest: bridge
+//! attachment, DHCP lease and reservation, port mapping from a network
+//! namespace client and on 127.0.0.1, teardown after a plugin crash and
+//! recovery; and a macvtap interface on a dummy device.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::vm::{self, Alloc};
+use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
+    DestroyTaskRequest, PortMapping, RecoverTaskRequest, TaskEventsRequest,
+};
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+fn must(args: &[&str]) -> String {
+    let output = run(args);
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+/// A network namespace "client host" joined to this host by a veth pair.
+struct ClientNamespace {
+    name: String,
+    host_ip: String,
+}
+
+impl ClientNamespace {
+    fn new() -> Self {
+        let id = vm::short_id();
+        let name = format!("ndvtest-ns-{}", &id[..6]);
+        let host_if = format!("ndvtest-h{}", &id[..5]);
+        let client_if = format!("ndvtest-c{}", &id[..5]);
+        let octet = 16 + (u8::from_str_radix(&id[6..8], 16).unwrap_or(0) % 200);
+        let (host_ip, client_ip) = (format!("10.251.{octet}.1"), format!("10.251.{octet}.2"));
+        must(&["ip", "netns", "add", &name]);
+        let namespace = ClientNamespace {
+            name: name.clone(),
+            host_ip: host_ip.clone(),
+        };
+        must(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &client_if,
+        ]);
+        must(&["ip", "link", "set", &client_if, "netns", &name]);
+        must(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &host_if,
+        ]);
+        must(&["ip", "link", "set", &host_if, "up"]);
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            &name,
+            "ip",
+            "addr",
+            "add",
+            &format!("{client_ip}/30"),
+            "dev",
+            &client_if,
+        ]);
+        must(&[
+            "ip", "netns", "exec", &name, "ip", "link", "set", &client_if, "up",
+        ]);
+        must(&[
+            "ip", "netns", "exec", &name, "ip", "link", "set", "lo", "up",
+        ]);
+        namespace
+    }
+
+    fn curl(&self, url: &str) -> Option<String> {
+        let output = run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.name,
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            url,
+        ]);
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).to_string())
+    }
+}
+
+impl Drop for ClientNamespace {
+    fn drop(&mut self) {
+        // Deleting the namespace removes the veth pair with it.
+        let _ = run(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// Sets route_localnet on a device and restores the old value on drop.
+struct RouteLocalnet {
+    path: String,
+    old: String,
+}
+
+impl RouteLocalnet {
+    fn set(device: &str, value: &str) -> Self {
+        let path = format!("/proc/sys/net/ipv4/conf/{device}/route_localnet");
+        let old = std::fs::read_to_string(&path)
+            .expect("read route_localnet")
+            .trim()
+            .to_string();
+        std::fs::write(&path, value).expect("write route_localnet");
+        RouteLocalnet { path, old }
+    }
+}
+
+impl Drop for RouteLocalnet {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.old);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn curl_host(url: &str) -> Option<String> {
+    let output = run(&["curl", "-sS", "--max-time", "5", url]);
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).to_string())
+}
+
+fn retry<T>(limit: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = attempt() {
+            return Some(value);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_ports_reach_the_guest_and_teardown_survives_a_plugin_crash() {
+    vm::require_host();
+    let client = ClientNamespace::new();
+    let alloc = Alloc::new("net");
+    let plugin = common::launch().await;
+    plugin
+        .set_config_hcl(&alloc.plugin_config(), None)
+        .await
+        .expect("set config");
+    let (http_port, local_port) = (free_port(), free_port());
+    let body = "hostname = \"ndvtest-net1\"\ndisk {\n  chained = true\n  source {\n    image = \"guest.qcow2\"\n  }\n}\nnetwork_interface {\n  bridge {\n    name  = \"virbr0\"\n    ports = [\"http\", \"local\"]\n  }\n}\n";
+    let msgpack = plugin
+        .encode_task_config(body, &HashMap::new())
+        .await
+        .expect("encode");
+    let mut task = alloc.task_config(msgpack, 256);
+    if let Some(resources) = task.resources.as_mut() {
+        resources.ports = vec![
+            PortMapping {
+                label: "http".into(),
+                value: i32::from(http_port),
+                to: 8080,
+                host_ip: client.host_ip.clone(),
+            },
+            PortMapping {
+                label: "local".into(),
+                value: i32::from(local_port),
+                to: 8080,
+                host_ip: "127.0.0.1".into(),
+            },
+        ];
+    }
+    let domain = vm::domain_name_of(&task);
+    let tag = nomad_driver_virt::net::iptables::task_tag(&task.id);
+    let mac = nomad_driver_virt::net::mac_for(&task.id, 0);
+
+    // Loopback forwarding needs route_localnet: refused with the fix first.
+    let guard = RouteLocalnet::set("virbr0", "0");
+    let status = vm::start(&plugin, task.clone())
+        .await
+        .expect_err("loopback without route_localnet");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("sysctl -w net.ipv4.conf.virbr0.route_localnet=1"),
+        "{}",
+        status.message()
+    );
+    assert!(!vm::domain_exists(&domain), "refused start left a domain");
+    drop(guard);
+    let _localnet = RouteLocalnet::set("virbr0", "1");
+
+    let mut events = plugin
+        .driver()
+        .task_events(TaskEventsRequest {})
+        .await
+        .expect("events")
+        .into_inner();
+    let started = vm::start(&plugin, task.clone()).await.expect("StartTask");
+    let handle = started.handle.expect("handle");
+    let network = started
+        .network_override
+        .expect("guest address for address_mode = driver");
+    assert!(network.addr.starts_with("192.168.122."), "{network:?}");
+    assert!(
+        !network.auto_advertise,
+        "the guest IP is not auto-advertised"
+    );
+    assert_eq!(network.port_map.get("http"), Some(&8080));
+    let mut messages = Vec::new();
+    while let Ok(Some(Ok(Some(event)))) =
+        tokio::time::timeout(Duration::from_millis(200), events.message())
+            .await
+            .map(Some)
+    {
+        messages.push(event.message);
+    }
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains(&format!("Guest IP {}", network.addr))),
+        "events: {messages:?}"
+    );
+
+    let dumped = must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"]);
+    assert!(
+        dumped.contains(&mac) && dumped.contains(&network.addr),
+        "reservation missing:\n{dumped}"
+    );
+    alloc.wait_for_console("GUEST-READY", Duration::from_secs(240));
+
+    let from_namespace = retry(Duration::from_secs(30), || {
+        client.curl(&format!("http://{}:{http_port}/", client.host_ip))
+    });
+    let from_namespace =
+        from_namespace.expect("the namespace client reaches the guest through host-ip:port");
+    assert!(from_namespace.contains("ndvtest-net1"), "{from_namespace}");
+    let on_loopback = retry(Duration::from_secs(30), || {
+        curl_host(&format!("http://127.0.0.1:{local_port}/"))
+    })
+    .expect("127.0.0.1:port reaches the guest");
+    assert!(on_loopback.contains("ndvtest-net1"), "{on_loopback}");
+    let host_itself = retry(Duration::from_secs(30), || {
+        curl_host(&format!("http://{}:{http_port}/", client.host_ip))
+    })
+    .expect("the host itself reaches the guest through its own address");
+    assert!(host_itself.contains("ndvtest-net1"), "{host_itself}");
+    let nat_rules = must(&["iptables-save", "-t", "nat"]);
+    assert!(nat_rules.contains(&tag), "tagged rules installed");
+
+    // The plugin dies; a new one recovers the task and tears it all down.
+    let mut crashed = plugin;
+    crashed.signal(libc::SIGKILL).expect("SIGKILL");
+    crashed
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("wait")
+        .expect("died");
+    let plugin = common::launch().await;
+    plugin
+        .set_config_hcl(&alloc.plugin_config(), None)
+        .await
+        .expect("set config");
+    plugin
+        .driver()
+        .recover_task(RecoverTaskRequest {
+            task_id: String::new(),
+            handle: Some(handle),
+        })
+        .await
+        .expect("RecoverTask");
+    plugin
+        .driver()
+        .destroy_task(DestroyTaskRequest {
+            task_id: task.id.clone(),
+            force: true,
+        })
+        .await
+        .expect("DestroyTask");
+    assert!(!vm::domain_exists(&domain));
+    for table in ["nat", "filter"] {
+        let rules = must(&["iptables-save", "-t", table]);
+        assert!(
+            !rules.contains(&tag),
+            "{table} rules of the task remain:\n{rules}"
+        );
+    }
+    let dumped = must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"]);
+    assert!(!dumped.contains(&mac), "reservation remains:\n{dumped}");
+    let lease_gone = retry(Duration::from_secs(10), || {
+        let leases = must(&[
+            "virsh",
+            "-c",
+            "qemu:///system",
+            "net-dhcp-leases",
+            "default",
+        ]);
+        (!leases.contains(&mac)).then_some(())
+    });
+    assert!(lease_gone.is_some(), "the guest's lease was not released");
+    plugin.kill().await.expect("exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn macvtap_interface_on_a_dummy_device() {
+    vm::require_host();
+    // The kernels here lack the `dummy` module; one end of a veth pair the
+    // test creates serves as the otherwise unused host device.
+    let id = vm::short_id();
+    let device = format!("ndvtest-d{}", &id[..5]);
+    let peer = format!("ndvtest-p{}", &id[..5]);
+    must(&[
+        "ip", "link", "add", &device, "type", "veth", "peer", "name", &peer,
+    ]);
+    must(&["ip", "link", "set", &device, "up"]);
+    struct Link(String);
+    impl Drop for Link {
+        fn drop(&mut self) {
+            let _ = run(&["ip", "link", "del", &self.0]);
+        }
+    }
+    let _link = Link(device.clone());
+
+    let alloc = Alloc::new("macvtap");
+    let plugin = common::launch().await;
+    plugin
+        .set_config_hcl(&alloc.plugin_config(), None)
+        .await
+        .expect("set config");
+    let body = format!(
+        "disk {{\n  chained = true\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\nnetwork_interface {{\n  macvtap {{\n    device = \"{device}\"\n    mode   = \"vepa\"\n  }}\n}}\n"
+    );
+    let msgpack = plugin
+        .encode_task_config(&body, &HashMap::new())
+        .await
+        .expect("encode");
+    let task = alloc.task_config(msgpack, 256);
+    let domain = vm::domain_name_of(&task);
+    let started = vm::start(&plugin, task.clone()).await.expect("StartTask");
+    assert!(
+        started.network_override.is_none(),
+        "macvtap takes no part in lease discovery"
+    );
+    let xml = must(&["virsh", "-c", "qemu:///system", "dumpxml", &domain]);
+    assert!(xml.contains("<interface type='direct'>"), "{xml}");
+    assert!(
+        xml.contains(&format!("<source dev='{device}' mode='vepa'/>")),
+        "{xml}"
+    );
+    alloc.wait_for_console("GUEST-BOOT", Duration::from_secs(240));
+    plugin
+        .driver()
+        .destroy_task(DestroyTaskRequest {
+            task_id: task.id.clone(),
+            force: true,
+        })
+        .await
+        .expect("DestroyTask");
+    assert!(!vm::domain_exists(&domain));
+    plugin.kill().await.expect("exit");
+}
