@@ -199,14 +199,15 @@ impl Iptables {
                 if !chain_declared(&save, chain) {
                     lines.push(format!("-N {chain}"));
                 }
-                match jump_count(&save, parent, chain) {
-                    0 => lines.push(format!("-I {parent} 1 -j {chain}")),
-                    1 => {}
-                    n => {
-                        for _ in 1..n {
-                            lines.push(format!("-D {parent} -j {chain}"));
-                        }
+                // Our jump must stay first: libvirt re-inserts its own
+                // jumps (with a REJECT for new inbound connections) at the
+                // top of FORWARD when its networks restart.
+                let count = jump_count(&save, parent, chain);
+                if count != 1 || !first_rule_is_jump(&save, parent, chain) {
+                    for _ in 0..count {
+                        lines.push(format!("-D {parent} -j {chain}"));
                     }
+                    lines.push(format!("-I {parent} 1 -j {chain}"));
                 }
             }
             batch.push_str(&table_batch(table, &lines));
@@ -563,6 +564,15 @@ pub fn route_localnet_fix(device: &str) -> String {
     format!("sysctl -w net.ipv4.conf.{key}.route_localnet=1")
 }
 
+/// Whether the first rule of `parent` in `iptables-save` output is the
+/// plain jump to `chain`.
+fn first_rule_is_jump(save: &str, parent: &str, chain: &str) -> bool {
+    let prefix = format!("-A {parent} ");
+    save.lines()
+        .find(|line| line.starts_with(&prefix))
+        .is_some_and(|line| line.trim_end() == format!("-A {parent} -j {chain}"))
+}
+
 #[cfg(test)]
 mod tests {
     //! These run real iptables inside network namespaces they create, so
@@ -715,6 +725,23 @@ mod tests {
         ]);
         ns.ipt.init().unwrap();
         assert_single_jumps(&ns);
+    }
+
+    #[test]
+    fn init_moves_our_jump_back_in_front() {
+        let ns = Netns::new();
+        ns.ipt.init().unwrap();
+        // What libvirt does when its network restarts: its own jump on top.
+        ns.exec(&["iptables", "-w", "-N", "LIBVIRT_FWI"]);
+        ns.exec(&["iptables", "-w", "-I", "FORWARD", "1", "-j", "LIBVIRT_FWI"]);
+        ns.ipt.init().unwrap();
+        assert_single_jumps(&ns);
+        let forward: Vec<_> = parse_save(&ns.ipt.save(FILTER).unwrap())
+            .into_iter()
+            .filter(|r| r.chain == "FORWARD")
+            .collect();
+        assert_eq!(forward[0].args, ["-j", CHAIN_FW]);
+        assert_eq!(forward[1].args, ["-j", "LIBVIRT_FWI"]);
     }
 
     #[test]
