@@ -14,6 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use virt::connect::Connect;
+
+use crate::libvirt::domain_xml::xml_escape;
 use virt::network::Network;
 use virt::sys;
 
@@ -464,27 +466,11 @@ fn host_xml(mac: Option<&str>, name: Option<&str>, ip: Option<&str>) -> String {
     let mut xml = String::from("<host");
     for (key, value) in [("mac", mac), ("name", name), ("ip", ip)] {
         if let Some(value) = value {
-            xml.push_str(&format!(" {key}='{}'", escape_attr(value)));
+            xml.push_str(&format!(" {key}='{}'", xml_escape(value)));
         }
     }
     xml.push_str("/>");
     xml
-}
-
-/// Escapes text for a quoted XML attribute (either quote style).
-fn escape_attr(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// Adds `r` to its network's DHCP hosts (live and persistent config).

@@ -178,21 +178,8 @@ pub(crate) fn has_code(error: &virt::error::Error, code: virt::error::ErrorNumbe
     error.code() == virt::error::ErrorNumberEnum::Known(code)
 }
 
-/// Escapes text for an XML element body or a quoted attribute.
-pub(crate) fn xml_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+/// One XML escaper for everything the driver writes (shared with the domain XML).
+pub(crate) use crate::libvirt::domain_xml::xml_escape;
 
 /// Reverses [`xml_escape`] plus numeric character references, enough for
 /// the text libvirt writes into its XML descriptions.
