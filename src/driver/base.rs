@@ -44,11 +44,7 @@ impl BasePlugin for Driver {
         let settings = config
             .validate()
             .map_err(|error| Status::invalid_argument(error.to_string()))?;
-        if request.nomad_config.is_some() {
-            // Only the long-lived instance Nomad dispenses gets nomad_config
-            // (older clients never call Driver.Init): prepare the host here.
-            self.tasks().init_host(super::service::RECONCILE_DELAY);
-        }
+        let dispensed = request.nomad_config.is_some();
         if let Some(driver) = request.nomad_config.and_then(|nomad| nomad.driver) {
             if let Ok(mut range) = self.port_range.write() {
                 *range = Some(ClientPortRange {
@@ -65,6 +61,12 @@ impl BasePlugin for Driver {
             "plugin configured"
         );
         self.apply_settings(settings);
+        if dispensed {
+            // Only the long-lived instance Nomad dispenses gets nomad_config
+            // (older clients never call Driver.Init): prepare the host here.
+            self.tasks()
+                .init_host(super::service::RECONCILE_DELAY, self.pool_names());
+        }
         Ok(Response::new(SetConfigResponse {}))
     }
 }

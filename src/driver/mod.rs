@@ -103,6 +103,15 @@ impl Driver {
         &self.libvirt
     }
 
+    /// Names of the configured storage pools.
+    pub(crate) fn pool_names(&self) -> Vec<String> {
+        self.settings()
+            .pools
+            .iter()
+            .map(|pool| pool.name.clone())
+            .collect()
+    }
+
     /// The task tracker.
     pub fn tasks(&self) -> &Arc<Tasks> {
         &self.tasks

@@ -22,7 +22,7 @@ const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 #[tonic::async_trait]
 impl DriverService for Driver {
     async fn init(&self, _request: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
-        self.tasks().init_host(RECONCILE_DELAY);
+        self.tasks().init_host(RECONCILE_DELAY, self.pool_names());
         Ok(Response::new(InitResponse {}))
     }
 

@@ -36,6 +36,9 @@ use crate::pb::hashicorp::nomad::plugins::drivers::proto::{
     TaskStatsResponse, TaskStatus, WaitTaskResponse,
 };
 
+/// Unused chained-disk parents older than this are deleted (hourly).
+const PARENT_IDLE: Duration = Duration::from_secs(3600);
+
 /// How long to wait for the stopped event after a forced destroy.
 const DESTROY_WAIT: Duration = Duration::from_secs(10);
 
@@ -98,7 +101,7 @@ impl Tasks {
     /// Prepares host networking (chains, jumps) and, after `delay`, removes
     /// port-mapping rules of tasks this plugin no longer knows. The delay
     /// gives Nomad time to recover running tasks first.
-    pub fn init_host(self: &Arc<Self>, delay: Duration) {
+    pub fn init_host(self: &Arc<Self>, delay: Duration, pools: Vec<String>) {
         if self
             .host_initialised
             .swap(true, std::sync::atomic::Ordering::SeqCst)
@@ -131,6 +134,34 @@ impl Tasks {
                     tracing::warn!(error = %error, "port-mapping reconciliation failed")
                 }
                 _ => {}
+            }
+            // Chained disks share parent images; delete the ones no disk has
+            // used for a while, so the pool does not fill up over time.
+            loop {
+                let Some(tasks) = weak.upgrade() else { return };
+                let libvirt = tasks.libvirt.clone();
+                drop(tasks);
+                let pools = pools.clone();
+                let pruned = libvirt
+                    .call(move |conn| {
+                        let mut pruned = Vec::new();
+                        for name in &pools {
+                            if let Ok(pool) = conn.lookup_storage_pool_by_name(name) {
+                                match crate::storage::volume::prune_unused_parents(conn, &pool, PARENT_IDLE) {
+                                    Ok(names) => pruned.extend(names),
+                                    Err(error) => tracing::warn!(error = %error, pool = %name, "pruning unused parent images failed"),
+                                }
+                            }
+                        }
+                        Ok(pruned)
+                    })
+                    .await;
+                if let Ok(pruned) = pruned {
+                    if !pruned.is_empty() {
+                        tracing::info!(volumes = ?pruned, "deleted parent images no disk uses any more");
+                    }
+                }
+                tokio::time::sleep(PARENT_IDLE).await;
             }
         });
     }
