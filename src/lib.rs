@@ -3,6 +3,7 @@
 
 pub mod pb;
 
+pub mod cli;
 pub mod cloudinit;
 pub mod config;
 pub mod driver;

@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use nomad_driver_virt::cli;
 use nomad_driver_virt::driver::{Driver, PLUGIN_VERSION};
 use nomad_driver_virt::plugin::{self, handshake, hclog};
 
@@ -12,6 +13,11 @@ const USAGE: &str =
 Nomad starts this binary from its plugin_dir; it is not meant to be run by hand
 except through these commands:
 
+  nomad-driver-virt run JOBFILE [--plugin-config FILE] [--task NAME]
+                                run the job's virt tasks on this machine's
+                                libvirt, as a Nomad client would (run --help)
+  nomad-driver-virt validate JOBFILE
+                                check the job's virt tasks without libvirt
   nomad-driver-virt version     print the plugin version
   nomad-driver-virt help        print this text
 ";
@@ -63,6 +69,14 @@ fn run_cli(args: &[String]) -> ExitCode {
             println!("nomad-driver-virt {PLUGIN_VERSION}");
             ExitCode::SUCCESS
         }
+        Some("run") => {
+            cli::init_logging();
+            exit_code(cli::run::command(&args[1..]))
+        }
+        Some("validate") => {
+            cli::init_logging();
+            exit_code(cli::validate::command(&args[1..]))
+        }
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             ExitCode::SUCCESS
@@ -76,4 +90,9 @@ fn run_cli(args: &[String]) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// A command's exit code as the process's; out-of-range codes become 1.
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -18,7 +18,14 @@ fi
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+dhcp_hosts() { virsh -q -c qemu:///system net-dumpxml default | grep -c "<host " || true; }
+hosts_before=$(dhcp_hosts)
 cargo test --all-targets 2>&1 | tee /tmp/nomad-driver-virt-test.log
+hosts_after=$(dhcp_hosts)
+if [ "$hosts_before" != "$hosts_after" ]; then
+  echo "tests/ci.sh: DHCP host reservations on network default went from $hosts_before to $hosts_after" >&2
+  exit 1
+fi
 
 # Nothing the tests created may remain on the host.
 leftovers=$(

@@ -274,7 +274,9 @@ impl LibvirtNet {
             network: network_name,
             mac: mac.to_string(),
             ip: lease.ip,
-            hostname: Some(request.hostname.clone()),
+            // No name: libvirt refuses two host entries with one name, and
+            // several allocations of a job may share a hostname.
+            hostname: None,
         };
         // Record before create: teardown removes it even if adding half-failed.
         spec.dhcp_reservation = Some(reservation.clone());

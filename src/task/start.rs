@@ -63,7 +63,8 @@ pub fn prepare(
     let hostname = config
         .hostname
         .clone()
-        .unwrap_or_else(|| hostname_from_task_name(&task.name));
+        // Unique per task (like the domain name), so count > 1 does not clash.
+        .unwrap_or_else(|| hostname_from_task_name(&domain_name));
     let alloc_dir = PathBuf::from(&task.alloc_dir);
     if task.alloc_dir.is_empty() || !alloc_dir.is_absolute() {
         return Err(TaskError::Invalid(format!(

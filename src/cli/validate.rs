@@ -1,0 +1,488 @@
+//! `validate`: checks a job file's virt tasks the way the plugin would see
+//! them (the task schema through the hcldec emulation, then the driver's
+//! own validation) plus what only the job file can tell (port labels,
+//! network mode, memory), without libvirt or a plugin process.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use super::alloc::{self, AllocIdentity, HostCpu};
+use super::job::{Group, JobFile, Task};
+use super::{Diagnostic, Diagnostics};
+use crate::config::task::{self as task_config, TaskConfig};
+use crate::nomad_client::hcldec::{self, HclDecodeError};
+
+/// What a successful validation found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Summary {
+    /// A job file and its virt tasks.
+    Job { job: String, tasks: Vec<String> },
+    /// A Nomad client config with the plugin's block.
+    ClientConfig,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Summary::Job { job, tasks } => write!(
+                f,
+                "job {job:?}, {} virt task{} ({})",
+                tasks.len(),
+                if tasks.len() == 1 { "" } else { "s" },
+                tasks.join(", ")
+            ),
+            Summary::ClientConfig => {
+                write!(f, "plugin \"{}\" config", super::run::PLUGIN_BLOCK_LABEL)
+            }
+        }
+    }
+}
+
+/// The scope prefix of a task's problems.
+pub fn task_scope(task: &Task) -> String {
+    format!("task \"{}\"", task.name)
+}
+
+/// Checks one virt task's config with the given environment (used for
+/// `${...}` interpolation, as the plugin-schema encoder will); returns the
+/// typed config the driver would decode.
+pub fn check_task(
+    file: &JobFile,
+    group: &Group,
+    task: &Task,
+    env: &BTreeMap<String, String>,
+) -> Result<TaskConfig, Vec<Diagnostic>> {
+    let scope = task_scope(task);
+    let at = |line: usize, field: &str, message: String| {
+        Diagnostic::new(&file.path, Some(line), message)
+            .scoped(scope.clone())
+            .field(field)
+    };
+    let Some(config) = &task.config else {
+        return Err(vec![at(
+            task.line,
+            "config",
+            "is required: a virt task needs config { disk { source { image = \"...\" } } }".into(),
+        )]);
+    };
+    let env_map = env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let context = crate::nomad_client::interpolation_context(&env_map);
+    let body = hcl::Body::from(config.body.clone());
+    let value = hcldec::decode_body(&task_config::schema(), &body, &context).map_err(|error| {
+        let diagnostic = match &error {
+            HclDecodeError::Invalid {
+                path,
+                summary,
+                detail,
+            } => {
+                let message = if detail.is_empty() {
+                    summary.clone()
+                } else {
+                    format!("{summary}; {detail}")
+                };
+                at(file.line_of_config_field(config, path), path, message)
+            }
+            other => at(config.line, "", other.to_string()),
+        };
+        vec![diagnostic]
+    })?;
+    let bytes = crate::nomad::cty::to_msgpack(&value);
+    let typed = task_config::decode_and_validate(&bytes).map_err(|error| {
+        error
+            .errors
+            .iter()
+            .map(|problem| {
+                at(
+                    file.line_of_config_field(config, &problem.field),
+                    &problem.field,
+                    problem.message.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    })?;
+
+    let mut problems = Vec::new();
+    if typed.disk.as_deref().unwrap_or_default().is_empty() {
+        problems.push(at(
+            config.line,
+            "disk",
+            "a VM needs at least one disk block, e.g. disk { source { image = \"debian-12.qcow2\" } }"
+                .into(),
+        ));
+    }
+    let labels: BTreeSet<&str> = group
+        .network
+        .iter()
+        .flat_map(|network| network.ports.iter().map(|port| port.label.as_str()))
+        .collect();
+    for (index, interface) in typed
+        .network_interface
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let ports = interface
+            .bridge
+            .iter()
+            .flat_map(|b| b.ports.iter().flatten());
+        for (port_index, label) in ports.enumerate() {
+            if !labels.contains(label.as_str()) {
+                let field = format!("network_interface[{index}].bridge.ports[{port_index}]");
+                let known = if labels.is_empty() {
+                    "the group has no network ports".to_string()
+                } else {
+                    format!(
+                        "the group's ports are {}",
+                        labels
+                            .iter()
+                            .map(|l| format!("{l:?}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                problems.push(at(
+                    file.line_of_config_field(config, &field),
+                    &field,
+                    format!(
+                        "{label:?} is not a port of group {:?} ({known}); add network {{ port {label:?} {{ to = ... }} }} to the group",
+                        group.name
+                    ),
+                ));
+            }
+        }
+    }
+    let memory = task.resources.memory.unwrap_or(alloc::DEFAULT_MEMORY_MB);
+    if memory < crate::task::plan::MIN_MEMORY_MB {
+        problems.push(at(
+            task.resources
+                .memory_line
+                .or(task.resources.line)
+                .unwrap_or(task.line),
+            "resources.memory",
+            format!(
+                "{memory} MB is too little for a VM; give at least {} MB",
+                crate::task::plan::MIN_MEMORY_MB
+            ),
+        ));
+    }
+    if problems.is_empty() {
+        Ok(typed)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Problems with a group that hosts virt tasks.
+pub fn check_group(file: &JobFile, group: &Group) -> Vec<Diagnostic> {
+    let mut problems = Vec::new();
+    if let Some(network) = &group.network {
+        if let Some(mode) = network.mode.as_deref().filter(|mode| *mode != "host") {
+            problems.push(
+                Diagnostic::new(&file.path, network.mode_line, format!(
+                    "{mode:?} is not supported by the virt driver (it isolates networking as \"host\"); remove mode, and map ports with network_interface {{ bridge {{ ports = [...] }} }}"
+                ))
+                .scoped(format!("group \"{}\"", group.name))
+                .field("network.mode"),
+            );
+        }
+    }
+    problems
+}
+
+/// An environment with the right names and plausible values, for checking
+/// interpolations without allocating anything.
+pub fn placeholder_env(
+    file: &JobFile,
+    group: &Group,
+    task: &Task,
+) -> Result<BTreeMap<String, String>, Diagnostic> {
+    let identity = AllocIdentity::new(&file.job, group, alloc::new_uuid(), "localhost".into());
+    let mut next = *super::hostnet::DYNAMIC_PORTS.start();
+    let ports = alloc::allocate_ports(group.network.as_ref(), Ipv4Addr::LOCALHOST, |_| {
+        next += 1;
+        Some(next)
+    })
+    .map_err(|message| {
+        Diagnostic::new(&file.path, group.network.as_ref().map(|n| n.line), message)
+            .scoped(format!("group \"{}\"", group.name))
+    })?;
+    // Host facts do not matter here; a big host keeps `cores` from failing.
+    let host = HostCpu {
+        cpus: 4096,
+        mhz_per_core: 1000,
+    };
+    let resources = alloc::resolve_resources(&task.resources, host).map_err(|message| {
+        Diagnostic::new(&file.path, task.resources.line, message).scoped(task_scope(task))
+    })?;
+    alloc::task_env(&identity, task, &resources, &ports).map_err(|(line, message)| {
+        Diagnostic::new(&file.path, Some(line), message).scoped(task_scope(task))
+    })
+}
+
+/// Validates every virt task of a job file, or the plugin block of a
+/// Nomad client config (a file with `plugin` blocks and no `job`).
+pub fn validate_file(path: &Path) -> Result<Summary, Diagnostics> {
+    let source = std::fs::read_to_string(path).map_err(|error| {
+        Diagnostics(vec![Diagnostic::new(
+            path,
+            None,
+            format!("cannot read it: {error}"),
+        )])
+    })?;
+    if let Ok(body) = hcl::edit::parser::parse_body(&source) {
+        if !body.has_blocks("job") && body.has_blocks("plugin") {
+            return validate_client_config(path, &source, &body);
+        }
+    }
+    let file = JobFile::parse(path, source)?;
+    let mut problems = Vec::new();
+    let mut tasks = Vec::new();
+    for group in &file.job.groups {
+        let virt: Vec<&Task> = group.tasks.iter().filter(|task| task.is_virt()).collect();
+        if virt.is_empty() {
+            continue;
+        }
+        problems.extend(check_group(&file, group));
+        for task in virt {
+            tasks.push(task.name.clone());
+            match placeholder_env(&file, group, task) {
+                Ok(env) => {
+                    if let Err(found) = check_task(&file, group, task, &env) {
+                        problems.extend(found);
+                    }
+                }
+                Err(problem) => problems.push(problem),
+            }
+        }
+    }
+    if tasks.is_empty() {
+        problems.push(Diagnostic::new(
+            path,
+            Some(file.job.line),
+            format!(
+                "job {:?} has no task with driver = \"{}\"",
+                file.job.id,
+                crate::driver::PLUGIN_NAME
+            ),
+        ));
+    }
+    if problems.is_empty() {
+        Ok(Summary::Job {
+            job: file.job.id.clone(),
+            tasks,
+        })
+    } else {
+        Err(Diagnostics(problems))
+    }
+}
+
+/// Checks a client config's `plugin "nomad-driver-virt" { config { ... } }`
+/// against the plugin schema and the plugin's validation.
+fn validate_client_config(
+    path: &Path,
+    source: &str,
+    body: &hcl::edit::structure::Body,
+) -> Result<Summary, Diagnostics> {
+    let label = super::run::PLUGIN_BLOCK_LABEL;
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(source.match_indices('\n').map(|(i, _)| i + 1))
+        .collect();
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|span| starts.partition_point(|start| *start <= span.start))
+    };
+    let scope = format!("plugin \"{label}\"");
+    let Some(plugin) = body
+        .get_blocks("plugin")
+        .find(|block| block.labels.first().is_some_and(|l| l.as_str() == label))
+    else {
+        return Err(Diagnostics(vec![Diagnostic::new(
+            path,
+            None,
+            format!("has no plugin \"{label}\" block (the label must be the binary's file name)"),
+        )]));
+    };
+    let Some(config) = plugin.body.get_blocks("config").next() else {
+        return Ok(Summary::ClientConfig);
+    };
+    use hcl::edit::Span as _;
+    let at = |field: &str, message: String| {
+        let line = line_of(super::job::locate(&config.body, field)).or(line_of(config.span()));
+        Diagnostic::new(path, line, message)
+            .scoped(scope.clone())
+            .field(field)
+    };
+    let value = hcldec::decode_body(
+        &crate::config::plugin::schema(),
+        &hcl::Body::from(config.body.clone()),
+        &hcl::eval::Context::new(),
+    )
+    .map_err(|error| {
+        Diagnostics(vec![match &error {
+            HclDecodeError::Invalid {
+                path,
+                summary,
+                detail,
+            } => at(path, format!("{summary}; {detail}")),
+            other => at("", other.to_string()),
+        }])
+    })?;
+    let bytes = crate::nomad::cty::to_msgpack(&value);
+    let typed: crate::config::plugin::PluginConfig =
+        crate::config::decode_msgpack("plugin config", &bytes).map_err(|error| {
+            Diagnostics(
+                error
+                    .errors
+                    .iter()
+                    .map(|e| at(&e.field, e.message.clone()))
+                    .collect(),
+            )
+        })?;
+    typed.validate().map_err(|error| {
+        Diagnostics(
+            error
+                .errors
+                .iter()
+                .map(|e| at(&e.field, e.message.clone()))
+                .collect(),
+        )
+    })?;
+    Ok(Summary::ClientConfig)
+}
+
+/// The `validate` command: 0 when every file is fine, 1 otherwise, 2 on usage errors.
+pub fn command(args: &[String]) -> i32 {
+    if args.is_empty() || args.iter().any(|a| a == "-h" || a == "--help") {
+        eprint!("{}", super::VALIDATE_USAGE);
+        return if args.is_empty() { 2 } else { 0 };
+    }
+    if let Some(flag) = args.iter().find(|a| a.starts_with('-')) {
+        eprintln!(
+            "validate: unknown option {flag}\n\n{}",
+            super::VALIDATE_USAGE
+        );
+        return 2;
+    }
+    let mut failed = false;
+    for path in args {
+        match validate_file(Path::new(path)) {
+            Ok(summary) => println!("{path}: OK: {summary}"),
+            Err(problems) => {
+                failed = true;
+                eprintln!("{problems}");
+            }
+        }
+    }
+    i32::from(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(job: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("job.hcl");
+        std::fs::write(&path, job).expect("write");
+        match validate_file(&path) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems
+                .0
+                .iter()
+                .map(|p| {
+                    let text = p.to_string();
+                    text.split_once("job.hcl")
+                        .map(|(_, rest)| rest.to_string())
+                        .unwrap_or(text)
+                })
+                .collect(),
+        }
+    }
+
+    fn job(config: &str) -> String {
+        format!(
+            "job \"j\" {{\n  group \"g\" {{\n    network {{\n      port \"http\" {{\n        to = 80\n      }}\n    }}\n    task \"t\" {{\n      driver = \"virt\"\n      config {{\n{config}\n      }}\n    }}\n  }}\n}}\n"
+        )
+    }
+
+    const DISK: &str = "        disk {\n          source {\n            image = \"a.qcow2\"\n          }\n        }";
+
+    #[test]
+    fn a_good_job_passes() {
+        let config = format!("{DISK}\n        hostname = \"${{NOMAD_TASK_NAME}}-vm\"\n        network_interface {{\n          bridge {{\n            name  = \"virbr0\"\n            ports = [\"http\"]\n          }}\n        }}");
+        assert_eq!(problems(&job(&config)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn errors_name_line_task_and_field() {
+        // Line 11 is the first line inside config.
+        let unknown = problems(&job(&format!("        hostnme = \"x\"\n{DISK}")));
+        assert_eq!(unknown.len(), 1, "{unknown:?}");
+        assert!(
+            unknown[0].starts_with(":11: task \"t\": hostnme: Unsupported argument;"),
+            "{unknown:?}"
+        );
+        assert!(
+            unknown[0].contains("Did you mean \"hostname\"?"),
+            "{unknown:?}"
+        );
+
+        let wrong_type = problems(&job(&format!("{DISK}\n        cmds = 5")));
+        assert!(
+            wrong_type[0].starts_with(":16: task \"t\": cmds: Incorrect attribute value type"),
+            "{wrong_type:?}"
+        );
+
+        let port = problems(&job(&format!(
+            "{DISK}\n        network_interface {{\n          bridge {{\n            name = \"virbr0\"\n            ports = [\"http\", \"web\"]\n          }}\n        }}"
+        )));
+        assert_eq!(port.len(), 1, "{port:?}");
+        assert!(
+            port[0].starts_with(
+                ":19: task \"t\": network_interface[0].bridge.ports[1]: \"web\" is not a port of group \"g\""
+            ),
+            "{port:?}"
+        );
+
+        let no_disk = problems(&job("        hostname = \"x\""));
+        assert!(
+            no_disk[0].starts_with(":10: task \"t\": disk: a VM needs at least one disk"),
+            "{no_disk:?}"
+        );
+    }
+
+    #[test]
+    fn undefined_interpolations_are_errors() {
+        let bad = problems(&job(&format!("{DISK}\n        hostname = \"${{attr.x}}\"")));
+        assert!(bad[0].starts_with(":16: task \"t\": hostname:"), "{bad:?}");
+    }
+
+    #[test]
+    fn client_configs_check_the_plugin_block() {
+        let good = "plugin_dir = \"/p\"\nplugin \"nomad-driver-virt\" {\n  config {\n    accelerator = \"tcg\"\n  }\n}\n";
+        assert_eq!(problems(good), Vec::<String>::new());
+        let bad = good.replace("\"tcg\"", "\"fast\"");
+        let found = problems(&bad);
+        assert!(
+            found[0].starts_with(":4: plugin \"nomad-driver-virt\": accelerator:"),
+            "{found:?}"
+        );
+        let unknown = problems(&good.replace("accelerator", "acelerator"));
+        assert!(
+            unknown[0]
+                .starts_with(":4: plugin \"nomad-driver-virt\": acelerator: Unsupported argument"),
+            "{unknown:?}"
+        );
+    }
+
+    #[test]
+    fn jobs_without_virt_tasks_fail() {
+        let other = "job \"j\" {\n  group \"g\" {\n    task \"t\" {\n      driver = \"docker\"\n    }\n  }\n}\n";
+        let found = problems(other);
+        assert!(
+            found[0].contains("no task with driver = \"virt\""),
+            "{found:?}"
+        );
+    }
+}

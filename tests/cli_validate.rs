@@ -1,0 +1,328 @@
+//! `nomad-driver-virt validate`: every example passes; broken jobs fail with
+//! the line, task, field and advice. Runs the built binary, as a user would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nomad-driver-virt"))
+}
+
+fn validate(paths: &[&Path]) -> Output {
+    Command::new(binary())
+        .arg("validate")
+        .args(paths)
+        .output()
+        .expect("run nomad-driver-virt validate")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn example_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read examples").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|ext| ext == "hcl") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_validates() {
+    let files = example_files();
+    let jobs = files
+        .iter()
+        .filter(|f| f.to_string_lossy().contains("/jobs/"))
+        .count();
+    assert!(jobs >= 5, "too few example jobs: {files:?}");
+    assert!(
+        files.iter().any(|f| f.ends_with("jobs/hello.nomad.hcl")),
+        "the quickstart's hello job is missing: {files:?}"
+    );
+    for file in &files {
+        let output = validate(&[file]);
+        assert!(
+            output.status.success(),
+            "{} does not validate:\n{}{}",
+            file.display(),
+            text(&output.stdout),
+            text(&output.stderr)
+        );
+        let stdout = text(&output.stdout);
+        assert_eq!(stdout.lines().count(), 1, "one summary line: {stdout}");
+        assert!(stdout.contains(": OK: "), "{stdout}");
+    }
+    // Several files at once, too.
+    let all: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    assert!(validate(&all).status.success());
+}
+
+/// A job whose task config is `config`; the config's first line is line 11.
+fn job_with_config(config: &str) -> String {
+    format!(
+        r#"job "ndvtest-validate" {{
+  group "g" {{
+    network {{
+      port "http" {{
+        to = 8080
+      }}
+    }}
+    task "vm" {{
+      driver = "virt"
+      config {{
+{config}
+      }}
+      resources {{
+        memory = 256
+      }}
+    }}
+  }}
+}}
+"#
+    )
+}
+
+const DISK: &str = r#"        disk {
+          source {
+            image = "guest.qcow2"
+          }
+        }"#;
+
+/// Writes `job` to a file, validates it, expects failure, returns stderr.
+fn fails(name: &str, job: &str) -> (PathBuf, String, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix("ndvtest-validate-")
+        .tempdir()
+        .expect("tempdir");
+    let path = dir.path().join(format!("{name}.nomad.hcl"));
+    std::fs::write(&path, job).expect("write job");
+    let output = validate(&[&path]);
+    let stderr = text(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{name}: validate must fail with exit code 1; stdout:\n{}\nstderr:\n{stderr}",
+        text(&output.stdout)
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "{name}: no OK line on failure: {}",
+        text(&output.stdout)
+    );
+    (path, stderr, dir)
+}
+
+/// Asserts one reported problem starts with `FILE:LINE: task "vm": FIELD: ` and
+/// contains every part of `message`.
+fn assert_problem(name: &str, job: &str, line: usize, field: &str, message: &[&str]) {
+    let (path, stderr, _dir) = fails(name, job);
+    let prefix = format!("{}:{line}: task \"vm\": {field}: ", path.display());
+    let found = stderr.lines().find(|l| l.starts_with(&prefix));
+    let Some(found) = found else {
+        panic!("{name}: no line starting with {prefix:?} in:\n{stderr}");
+    };
+    for part in message {
+        assert!(
+            found.contains(part),
+            "{name}: {part:?} missing from {found:?}"
+        );
+    }
+}
+
+#[test]
+fn the_job_template_is_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ok.nomad.hcl");
+    std::fs::write(&path, job_with_config(DISK)).expect("write");
+    let output = validate(&[&path]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("OK: job \"ndvtest-validate\", 1 virt task (vm)"));
+}
+
+#[test]
+fn unknown_attribute() {
+    let config = format!("{DISK}\n        hostnme = \"web\"");
+    assert_problem(
+        "unknown-attribute",
+        &job_with_config(&config),
+        16,
+        "hostnme",
+        &["Unsupported argument", "Did you mean \"hostname\"?"],
+    );
+}
+
+#[test]
+fn unknown_nested_attribute() {
+    let config = "        disk {\n          source {\n            image = \"guest.qcow2\"\n            size  = \"1G\"\n          }\n        }";
+    assert_problem(
+        "unknown-nested",
+        &job_with_config(config),
+        14,
+        "disk[0].source.size",
+        &["Unsupported argument", "\"size\" is not expected here"],
+    );
+}
+
+#[test]
+fn wrong_type() {
+    let config = format!("        cmds = 5\n{DISK}");
+    assert_problem(
+        "wrong-type",
+        &job_with_config(&config),
+        11,
+        "cmds",
+        &["Incorrect attribute value type", "list of string required"],
+    );
+}
+
+#[test]
+fn bad_macvtap_mode() {
+    let config = format!(
+        "{DISK}\n        network_interface {{\n          macvtap {{\n            device = \"eth0\"\n            mode   = \"bridged\"\n          }}\n        }}"
+    );
+    assert_problem(
+        "bad-macvtap-mode",
+        &job_with_config(&config),
+        19,
+        "network_interface[0].macvtap.mode",
+        &[
+            "\"bridged\" is not a macvtap mode",
+            "\"bridge\", \"private\", \"vepa\", \"passthrough\"",
+        ],
+    );
+}
+
+#[test]
+fn two_network_interfaces() {
+    let config = format!(
+        "{DISK}\n        network_interface {{\n          bridge {{\n            name = \"virbr0\"\n          }}\n        }}\n        network_interface {{\n          bridge {{\n            name = \"virbr1\"\n          }}\n        }}"
+    );
+    // Reported at the second (the extra) block.
+    assert_problem(
+        "two-interfaces",
+        &job_with_config(&config),
+        21,
+        "network_interface",
+        &["2 blocks given", "only one network_interface"],
+    );
+}
+
+#[test]
+fn missing_bridge_name() {
+    let config = format!(
+        "{DISK}\n        network_interface {{\n          bridge {{\n            ports = [\"http\"]\n          }}\n        }}"
+    );
+    // A missing attribute is reported at the block that lacks it.
+    assert_problem(
+        "missing-bridge-name",
+        &job_with_config(&config),
+        17,
+        "network_interface[0].bridge.name",
+        &["Missing required argument", "\"name\" is required"],
+    );
+}
+
+#[test]
+fn unknown_port_label() {
+    let config = format!(
+        "{DISK}\n        network_interface {{\n          bridge {{\n            name  = \"virbr0\"\n            ports = [\"http\",\n                     \"ssh\"]\n          }}\n        }}"
+    );
+    assert_problem(
+        "unknown-port",
+        &job_with_config(&config),
+        20,
+        "network_interface[0].bridge.ports[1]",
+        &[
+            "\"ssh\" is not a port of group \"g\"",
+            "the group's ports are \"http\"",
+            "port \"ssh\"",
+        ],
+    );
+}
+
+#[test]
+fn bad_disk_values_are_all_reported() {
+    let config = "        disk {\n          bus_type = \"floppy\"\n          source {\n            image = \"guest.qcow2\"\n          }\n        }\n        disk {\n          chained = true\n        }";
+    let job = job_with_config(config);
+    assert_problem(
+        "bad-disks",
+        &job,
+        12,
+        "disk[0].bus_type",
+        &["\"floppy\" is not one of"],
+    );
+    assert_problem(
+        "bad-disks",
+        &job,
+        18,
+        "disk[1].chained",
+        &["needs source.image"],
+    );
+}
+
+#[test]
+fn too_little_memory() {
+    let job = job_with_config(DISK).replace("memory = 256", "memory = 32");
+    assert_problem(
+        "memory",
+        &job,
+        18,
+        "resources.memory",
+        &["32 MB is too little for a VM"],
+    );
+}
+
+#[test]
+fn job_level_problems_have_lines() {
+    let (path, stderr, _dir) = fails(
+        "syntax",
+        "job \"ndvtest-validate\" {\n  group \"g\" {\n    task \"vm\" {\n      driver = \n    }\n  }\n}\n",
+    );
+    assert!(
+        stderr.starts_with(&format!("{}:4: invalid HCL", path.display())),
+        "{stderr}"
+    );
+    let job = job_with_config(DISK).replace(
+        "      driver = \"virt\"\n",
+        "      driver = \"virt\"\n      kill_timeout = \"soon\"\n",
+    );
+    let (path, stderr, _dir) = fails("kill-timeout", &job);
+    assert!(
+        stderr.contains(&format!(
+            "{}:10: task \"vm\": kill_timeout: \"soon\" is not a duration",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    let (_, stderr, _dir) = fails(
+        "no-virt",
+        "job \"ndvtest-validate\" {\n  group \"g\" {\n    task \"t\" {\n      driver = \"docker\"\n    }\n  }\n}\n",
+    );
+    assert!(
+        stderr.contains("has no task with driver = \"virt\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn usage_errors() {
+    let output = Command::new(binary())
+        .arg("validate")
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("usage: nomad-driver-virt validate"));
+    let missing = validate(&[Path::new("/nonexistent/job.hcl")]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("/nonexistent/job.hcl: cannot read it"));
+}
