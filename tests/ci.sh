@@ -27,6 +27,35 @@ if [ "$hosts_before" != "$hosts_after" ]; then
   exit 1
 fi
 
+# The README's first command, end to end: boot the hello VM, fetch its page
+# through the mapped port, then Ctrl-C it and expect a clean exit.
+quickstart_log=/tmp/nomad-driver-virt-quickstart.log
+bash examples/quickstart.sh > "$quickstart_log" 2>&1 &
+quickstart_pid=$!
+url=""
+page=""
+for _ in $(seq 1 900); do
+  if [ -z "$url" ]; then
+    url=$(grep -o 'curl http://[^ ]*' "$quickstart_log" | head -n 1 | cut -d' ' -f2 || true)
+  fi
+  if [ -n "$url" ] && page=$(curl -sf --max-time 3 "$url") && [ -n "$page" ]; then
+    break
+  fi
+  if ! kill -0 "$quickstart_pid" 2>/dev/null; then
+    break
+  fi
+  sleep 1
+done
+kill -INT "$quickstart_pid" 2>/dev/null || true
+quickstart_rc=0
+wait "$quickstart_pid" || quickstart_rc=$?
+if [ -z "$page" ] || [ "$quickstart_rc" -ne 0 ]; then
+  echo "tests/ci.sh: quickstart failed (page: ${page:-none}, exit $quickstart_rc); its output:" >&2
+  tail -n 60 "$quickstart_log" >&2
+  exit 1
+fi
+echo "tests/ci.sh: quickstart served: $page"
+
 # Nothing the tests created may remain on the host.
 leftovers=$(
   {
@@ -36,7 +65,7 @@ leftovers=$(
     ip netns list
     ip link show
     iptables-save
-  } 2>/dev/null | grep -i ndvtest || true
+  } 2>/dev/null | grep -iE 'ndvtest|^hello-[0-9a-f]{8}$' || true
 )
 if [ -n "$leftovers" ]; then
   echo "tests/ci.sh: the test suite left these behind:" >&2

@@ -294,3 +294,72 @@ async fn plugin_kill_and_lines(
     let lines = lines.lock().map(|l| l.clone()).unwrap_or_default();
     lines
 }
+
+/// Levels of the JSON lines a plugin wrote.
+fn levels(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|value| value["@level"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn send_broker_info(plugin: &nomad_driver_virt::nomad_client::PluginClient) {
+    let mut broker =
+        nomad_driver_virt::pb::plugin::grpc_broker_client::GrpcBrokerClient::new(plugin.channel());
+    let outgoing = tokio_stream::iter(vec![ConnInfo {
+        service_id: 9,
+        network: "unix".into(),
+        address: "/x".into(),
+        knock: None,
+    }])
+    .chain(tokio_stream::pending());
+    let _stream = broker.start_stream(outgoing).await.expect("broker");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn log_level_follows_the_environment_and_the_plugin_config() {
+    // The environment wins: at "error" not even the start-up info line shows.
+    let options = LaunchOptions {
+        env: vec![("NOMAD_DRIVER_VIRT_LOG_LEVEL".into(), "error".into())],
+        ..LaunchOptions::default()
+    };
+    let quiet = common::launch_with(options).await;
+    quiet
+        .set_config_hcl("log_level = \"debug\"", None)
+        .await
+        .expect("set config");
+    send_broker_info(&quiet).await;
+    let buffer = quiet.stderr_buffer();
+    quiet.kill().await.expect("exit");
+    let quiet_levels = levels(&buffer.lock().map(|l| l.clone()).unwrap_or_default());
+    assert!(
+        quiet_levels.iter().all(|level| level == "error"),
+        "{quiet_levels:?}"
+    );
+
+    // Without the environment, the plugin config's level applies.
+    let plugin = common::launch_with(LaunchOptions {
+        env_remove: vec!["NOMAD_DRIVER_VIRT_LOG_LEVEL".into()],
+        ..LaunchOptions::default()
+    })
+    .await;
+    send_broker_info(&plugin).await;
+    let before = levels(&plugin.stderr_lines());
+    assert!(
+        !before.iter().any(|level| level == "debug"),
+        "default level is info: {before:?}"
+    );
+    plugin
+        .set_config_hcl("log_level = \"debug\"", None)
+        .await
+        .expect("set config");
+    send_broker_info(&plugin).await;
+    let after = levels(&plugin.stderr_lines());
+    assert!(
+        after.iter().any(|level| level == "debug"),
+        "debug after log_level = debug: {after:?}"
+    );
+    plugin.kill().await.expect("exit");
+}
