@@ -72,9 +72,9 @@ async fn copy_loop(
     let mut skip_existing = from_end;
     let mut buffer = vec![0u8; CHUNK];
     loop {
-        if *stopped.borrow() {
-            return;
-        }
+        // After a stop, keep copying until the file has nothing more: the
+        // guest's last lines (its power-off messages) are worth keeping.
+        let finishing = *stopped.borrow();
         if source.is_none() {
             if let Ok(mut file) = tokio::fs::File::open(&console_log).await {
                 let inode = file.metadata().await.map(|m| m.ino()).unwrap_or(0);
@@ -89,6 +89,9 @@ async fn copy_loop(
         if let Some((file, inode)) = source.as_mut() {
             match file.read(&mut buffer).await {
                 Ok(0) => {
+                    if finishing {
+                        return;
+                    }
                     // virtlogd rotates the log by renaming it: follow the new file.
                     let rotated = tokio::fs::metadata(&console_log)
                         .await
@@ -115,6 +118,9 @@ async fn copy_loop(
                 }
                 Err(_) => source = None,
             }
+        }
+        if finishing && !copied {
+            return;
         }
         if !copied {
             tokio::select! {
