@@ -624,14 +624,21 @@ impl Tasks {
         let libvirt = self.libvirt.clone();
         let origin = Instant::now();
         tokio::spawn(async move {
+            let mut host_mhz: u32 = 0;
             loop {
                 if !entry.is_running() {
                     return;
                 }
                 let name = entry.state.domain_name.clone();
+                let known_mhz = host_mhz;
                 let sample = libvirt
                     .call(move |conn| {
-                        let mhz = conn.node_info().map(|n| n.mhz).unwrap_or(0);
+                        // The host's clock speed does not change: read it once.
+                        let mhz = if known_mhz > 0 {
+                            known_mhz
+                        } else {
+                            conn.node_info().map(|n| n.mhz).unwrap_or(0)
+                        };
                         let Some(domain) = teardown::find_domain(conn, &name)? else {
                             return Ok(None);
                         };
@@ -643,6 +650,7 @@ impl Tasks {
                     })
                     .await;
                 if let Ok(Some((info, memory, mhz))) = sample {
+                    host_mhz = mhz;
                     let now = CpuSample {
                         cpu_time_ns: info.cpu_time,
                         at_ns: origin.elapsed().as_nanos() as u64,
