@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::vm::{self, Alloc};
 use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
-    DestroyTaskRequest, RecoverTaskRequest, StopTaskRequest, TaskStatsRequest, WaitTaskRequest,
+    DestroyTaskRequest, InspectTaskRequest, RecoverTaskRequest, StopTaskRequest, TaskState,
+    TaskStatsRequest, WaitTaskRequest,
 };
 use nomad_driver_virt::task::error::recoverable_from_status;
 
@@ -64,6 +65,25 @@ async fn vm_lifecycle_with_crash_recovery() {
         Some(task_id.as_str())
     );
     assert!(vm::domain_exists(&domain), "domain {domain} defined");
+
+    let inspected = plugin
+        .driver()
+        .inspect_task(InspectTaskRequest {
+            task_id: task_id.clone(),
+        })
+        .await
+        .expect("InspectTask")
+        .into_inner();
+    let status = inspected.task.expect("status");
+    assert_eq!(status.state, TaskState::Running as i32);
+    assert_eq!(
+        inspected
+            .driver
+            .expect("driver status")
+            .attributes
+            .get("domain_name"),
+        Some(&domain)
+    );
 
     let console = alloc.wait_for_console("GUEST-READY", BOOT_LIMIT);
     assert!(
@@ -202,6 +222,19 @@ async fn vm_lifecycle_with_crash_recovery() {
     .expect("immediate answer")
     .expect("WaitTask");
     assert_eq!(again.into_inner().result.map(|r| r.exit_code), Some(0));
+    let inspected = driver
+        .inspect_task(InspectTaskRequest {
+            task_id: task_id.clone(),
+        })
+        .await
+        .expect("InspectTask")
+        .into_inner();
+    let status = inspected.task.expect("status");
+    assert_eq!(status.state, TaskState::Exited as i32);
+    assert!(
+        status.completed_at.is_some_and(|t| t.seconds > 0),
+        "completed_at set after exit"
+    );
 
     // Destroy leaves nothing; a second destroy is fine.
     driver
