@@ -73,3 +73,7 @@ if [ -n "$leftovers" ]; then
   exit 1
 fi
 echo "tests/ci.sh: no test leftovers on the host"
+
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' \
+  /tmp/nomad-driver-virt-test.log
