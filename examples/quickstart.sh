@@ -25,7 +25,7 @@ if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
 fi
 if ! command -v cargo >/dev/null; then
   cat >&2 <<'MSG'
-quickstart.sh: cargo is not installed. Install Rust 1.88 or newer with rustup:
+quickstart.sh: cargo is not installed. Install Rust 1.89 or newer with rustup:
 
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y
   . "$HOME/.cargo/env"

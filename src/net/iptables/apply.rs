@@ -18,7 +18,6 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -416,15 +415,14 @@ impl Iptables {
             .map_err(lock_err)?;
         let start = Instant::now();
         loop {
-            // SAFETY: flock on a descriptor this function owns for the call.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
-                return Ok(LockGuard { _file: file });
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EWOULDBLOCK) | Some(libc::EINTR) => {}
-                _ => return Err(lock_err(err)),
+            // std's advisory lock is flock(2) on Unix: shared with other
+            // plugin processes on this host.
+            match file.try_lock() {
+                Ok(()) => return Ok(LockGuard { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(err))
+                    if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(std::fs::TryLockError::Error(err)) => return Err(lock_err(err)),
             }
             if start.elapsed() >= LOCK_TIMEOUT {
                 return Err(IptablesError::LockTimeout {
