@@ -835,45 +835,52 @@ fn unify_collections(
 }
 
 fn unify_objects_as_maps(types: &[Ty], unsafe_: bool) -> Option<(Ty, bool)> {
-    let objs: Vec<Ty> = types
-        .iter()
-        .filter(|t| matches!(t, Ty::Object(_)))
-        .cloned()
-        .collect();
-    let (map_ty, _) = unify_objects_to_map(&objs, unsafe_)?;
-    let mapped: Vec<Ty> = types
-        .iter()
-        .map(|t| {
-            if matches!(t, Ty::Object(_)) {
-                map_ty.clone()
-            } else {
-                t.clone()
-            }
-        })
-        .collect();
-    let (t, u) = unify(&mapped, unsafe_)?;
-    matches!(t, Ty::Map(_)).then_some((t, u))
+    unify_after_collapsing(
+        types,
+        unsafe_,
+        |t| matches!(t, Ty::Object(_)),
+        unify_objects_to_map,
+        |t| matches!(t, Ty::Map(_)),
+    )
 }
 
 fn unify_tuples_as_list(types: &[Ty], unsafe_: bool) -> Option<(Ty, bool)> {
-    let tuples: Vec<Ty> = types
-        .iter()
-        .filter(|t| matches!(t, Ty::Tuple(_)))
-        .cloned()
-        .collect();
-    let (list_ty, _) = unify_tuples_to_list(&tuples, unsafe_)?;
-    let listed: Vec<Ty> = types
+    unify_after_collapsing(
+        types,
+        unsafe_,
+        |t| matches!(t, Ty::Tuple(_)),
+        unify_tuples_to_list,
+        |t| matches!(t, Ty::List(_)),
+    )
+}
+
+/// A unification step: the unified type, and whether the conversion is unsafe.
+type Unifier = fn(&[Ty], bool) -> Option<(Ty, bool)>;
+
+/// Collapses the structural members of `types` (objects or tuples) into one
+/// collection type, then unifies that with the rest; the result must be of
+/// the collection kind.
+fn unify_after_collapsing(
+    types: &[Ty],
+    unsafe_: bool,
+    is_structural: fn(&Ty) -> bool,
+    collapse: Unifier,
+    is_collection: fn(&Ty) -> bool,
+) -> Option<(Ty, bool)> {
+    let structural: Vec<Ty> = types.iter().filter(|t| is_structural(t)).cloned().collect();
+    let (collection, _) = collapse(&structural, unsafe_)?;
+    let replaced: Vec<Ty> = types
         .iter()
         .map(|t| {
-            if matches!(t, Ty::Tuple(_)) {
-                list_ty.clone()
+            if is_structural(t) {
+                collection.clone()
             } else {
                 t.clone()
             }
         })
         .collect();
-    let (t, u) = unify(&listed, unsafe_)?;
-    matches!(t, Ty::List(_)).then_some((t, u))
+    let (t, u) = unify(&replaced, unsafe_)?;
+    is_collection(&t).then_some((t, u))
 }
 
 fn unify_objects(types: &[Ty], unsafe_: bool, has_dynamic: bool) -> Option<(Ty, bool)> {
