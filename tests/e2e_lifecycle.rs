@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::vm::{self, Alloc};
 use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
-    DestroyTaskRequest, InspectTaskRequest, RecoverTaskRequest, StopTaskRequest, TaskState,
+    DestroyTaskRequest, InspectTaskRequest, Mount, RecoverTaskRequest, StopTaskRequest, TaskState,
     TaskStatsRequest, WaitTaskRequest,
 };
 use nomad_driver_virt::task::error::recoverable_from_status;
@@ -22,6 +22,7 @@ fn guest_config() -> String {
 hostname = "e2e-guest"
 cmds = [
   "cat /alloc/hello.txt",
+  "cat /data/volume.txt",
   "touch /alloc/from-guest || echo ALLOC-IS-READ-ONLY",
   ". /etc/profile.d/virt.sh && echo \"ENV-GREETING=$GREETING\"",
 ]
@@ -53,7 +54,17 @@ async fn vm_lifecycle_with_crash_recovery() {
         .encode_task_config(&guest_config(), &HashMap::new())
         .await
         .expect("encode");
-    let task = alloc.task_config(msgpack, 256);
+    let mut task = alloc.task_config(msgpack, 256);
+    // A Nomad volume_mount of a host directory becomes a share in the guest.
+    let volume_dir = alloc.root.path().join("host-volume");
+    std::fs::create_dir_all(&volume_dir).expect("mkdir volume");
+    std::fs::write(volume_dir.join("volume.txt"), "FROM-HOST-VOLUME\n").expect("write volume file");
+    task.mounts = vec![Mount {
+        task_path: "/data".into(),
+        host_path: volume_dir.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    }];
     let task_id = task.id.clone();
     let domain = vm::domain_name_of(&task);
 
@@ -93,6 +104,10 @@ async fn vm_lifecycle_with_crash_recovery() {
     assert!(
         console.contains("HELLO-FROM-HOST"),
         "alloc dir file readable in the guest:\n{console}"
+    );
+    assert!(
+        console.contains("FROM-HOST-VOLUME"),
+        "volume_mount readable in the guest:\n{console}"
     );
     assert!(
         console.contains("ALLOC-IS-READ-ONLY"),
