@@ -75,45 +75,27 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    if number.is_empty() {
-        return Err(format!("{text:?} has no number; expected {SIZE_HELP}"));
+    // Exact decimal arithmetic: "1.5GiB" is 15 * 2^30 / 10, which must be whole.
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') || fraction.len() > 9 {
+        return Err(format!(
+            "{text:?} has no valid number; expected {SIZE_HELP}"
+        ));
     }
-    let bytes = match number.split_once('.') {
-        None => number
-            .parse::<u64>()
-            .ok()
-            .and_then(|whole| whole.checked_mul(multiplier)),
-        Some((whole, fraction)) => {
-            if fraction.contains('.') || fraction.len() > 9 {
-                None
-            } else {
-                // Exact decimal arithmetic: whole*m + fraction*m/10^digits.
-                let whole: u64 = if whole.is_empty() {
-                    Some(0)
-                } else {
-                    whole.parse().ok()
-                }
-                .unwrap_or(u64::MAX);
-                let scale = 10u128.pow(fraction.len() as u32);
-                let fraction: u128 = if fraction.is_empty() {
-                    Some(0)
-                } else {
-                    fraction.parse().ok()
-                }
-                .unwrap_or(u128::MAX);
-                let fractional = fraction
-                    .checked_mul(u128::from(multiplier))
-                    .map(|v| (v, v % scale == 0, v / scale));
-                match fractional {
-                    Some((_, true, part)) if whole != u64::MAX => (whole as u128)
-                        .checked_mul(u128::from(multiplier))
-                        .and_then(|w| w.checked_add(part))
-                        .and_then(|total| u64::try_from(total).ok()),
-                    _ => None,
-                }
-            }
+    let digits = |part: &str| -> Option<u128> {
+        if part.is_empty() {
+            Some(0)
+        } else {
+            part.parse().ok()
         }
     };
+    let scale = 10u128.pow(fraction.len() as u32);
+    let bytes = digits(whole)
+        .zip(digits(fraction))
+        .and_then(|(whole, fraction)| whole.checked_mul(scale)?.checked_add(fraction))
+        .and_then(|scaled| scaled.checked_mul(u128::from(multiplier)))
+        .filter(|total| total % scale == 0)
+        .and_then(|total| u64::try_from(total / scale).ok());
     bytes.ok_or_else(|| {
         format!(
             "{text:?} is not a whole number of bytes that fits in 64 bits; expected {SIZE_HELP}"

@@ -6,7 +6,7 @@ pub mod capabilities;
 pub mod fingerprint;
 mod service;
 
-use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::sync::{Arc, RwLock, Weak};
 
 use tokio::sync::watch;
 
@@ -34,7 +34,8 @@ pub struct Driver {
     libvirt: Libvirt,
     tasks: Arc<Tasks>,
     port_range: RwLock<Option<ClientPortRange>>,
-    shutdown: OnceLock<watch::Receiver<bool>>,
+    /// Turns true when the plugin shuts down; long-lived streams end then.
+    shutdown: watch::Sender<bool>,
     /// Background work (fingerprint loops) holds this, not a strong ref.
     me: Weak<Driver>,
 }
@@ -53,27 +54,19 @@ impl Driver {
             libvirt,
             tasks,
             port_range: RwLock::new(None),
-            shutdown: OnceLock::new(),
+            shutdown: watch::channel(false).0,
             me: me.clone(),
         })
     }
 
-    /// Streams end when this receiver turns true.
-    pub fn attach_shutdown(&self, receiver: watch::Receiver<bool>) {
-        let _ = self.shutdown.set(receiver);
+    /// The sender that starts the plugin's shutdown.
+    pub fn shutdown_sender(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
     }
 
-    /// A receiver that turns true at shutdown (never, if none is attached).
+    /// A receiver that turns true at shutdown.
     pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        match self.shutdown.get() {
-            Some(receiver) => receiver.clone(),
-            None => {
-                let (sender, receiver) = watch::channel(false);
-                // Keep the sender alive so the receiver never reports closed.
-                std::mem::forget(sender);
-                receiver
-            }
-        }
+        self.shutdown.subscribe()
     }
 
     /// The settings in force.

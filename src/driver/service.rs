@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::fingerprint::{FINGERPRINT_PERIOD, HEALTH_CHECK_PERIOD};
 use super::Driver;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::driver_server::Driver as DriverService;
+use crate::pb::hashicorp::nomad::plugins::drivers::proto::fingerprint_response::HealthState;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::*;
 
 /// Time Nomad gets to recover running tasks before orphaned port-mapping
@@ -67,6 +68,14 @@ impl DriverService for Driver {
                 let Some(driver) = driver.upgrade() else {
                     return;
                 };
+                // A cheap liveness check every period; the full fingerprint
+                // (versions, capabilities, pools, networks) only when health
+                // flips or the period is up.
+                let reachable = driver.libvirt().call(|_| Ok(())).await.is_ok();
+                let was_healthy = last_health == HealthState::Healthy as i32;
+                if reachable == was_healthy && last_sent.elapsed() < FINGERPRINT_PERIOD {
+                    continue;
+                }
                 let response = driver.fingerprint_once().await;
                 drop(driver);
                 let changed = response.health != last_health;

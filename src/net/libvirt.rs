@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::config::{configurable_only, NetworkInterfacesConfig};
+use super::config::NetworkInterfacesConfig;
 use super::dhcp::{self, Reservation};
 use super::iptables::apply::{route_localnet_fix, Iptables};
 use super::iptables::rules::{port_forward_rules, PortForward};
@@ -181,7 +181,6 @@ impl Net for LibvirtNet {
             .find_map(|(index, interface)| interface.bridge.as_ref().map(|bridge| (index, bridge)))
         else {
             // Only macvtap (or nothing): no lease to find, no ports to map.
-            let _ = configurable_only(&request.net_config);
             return Ok(VmStartedBuildResponse {
                 driver_network: None,
                 teardown_spec: spec,

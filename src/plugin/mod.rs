@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
-use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::driver::Driver;
@@ -76,9 +75,8 @@ pub async fn serve(driver: Arc<Driver>) -> Result<(), PluginError> {
         std::env::var("PLUGIN_UNIX_SOCKET_GROUP").ok().as_deref(),
     )?;
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let shutdown = Shutdown::new(shutdown_tx);
-    driver.attach_shutdown(shutdown_rx.clone());
+    let shutdown = Shutdown::new(driver.shutdown_sender());
+    let shutdown_rx = driver.shutdown_signal();
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(PluginError::Signals)?;

@@ -38,10 +38,17 @@ impl TaskError {
     /// the job's restart policy instead of failing the task for good).
     pub fn recoverable(&self) -> bool {
         match self {
-            TaskError::Config(_)
-            | TaskError::Invalid(_)
-            | TaskError::DomainXml(_)
-            | TaskError::CloudInit(_) => false,
+            TaskError::Config(_) | TaskError::Invalid(_) | TaskError::DomainXml(_) => false,
+            // Bad input in the seed is the job's fault; hashing, randomness
+            // and ISO writing failing is the host's.
+            TaskError::CloudInit(error) => !matches!(
+                error,
+                CloudInitError::EmptyInstanceId
+                    | CloudInitError::InvalidInstanceId { .. }
+                    | CloudInitError::InvalidHostname { .. }
+                    | CloudInitError::InvalidTimezone { .. }
+                    | CloudInitError::EmptyPassword
+            ),
             TaskError::Storage(error) => !matches!(
                 error.root(),
                 StorageError::ImageNotFound { .. }
@@ -64,7 +71,8 @@ impl TaskError {
             TaskError::Config(_) | TaskError::Invalid(_) | TaskError::DomainXml(_) => {
                 Code::InvalidArgument
             }
-            TaskError::CloudInit(_) => Code::InvalidArgument,
+            TaskError::CloudInit(_) if !self.recoverable() => Code::InvalidArgument,
+            TaskError::CloudInit(_) => Code::Internal,
             TaskError::Storage(_) if !self.recoverable() => Code::InvalidArgument,
             TaskError::Storage(_) => Code::Internal,
             TaskError::Libvirt(LibvirtError::Connect { .. }) => Code::Unavailable,

@@ -279,9 +279,7 @@ impl Tasks {
                 task_tag: task_tag(&task.id),
                 net_config: net_config.clone(),
                 resources: start::allocated_ports(&task),
-                hwaddrs: (0..net_config.len())
-                    .map(|index| crate::net::mac_for(&task.id, index))
-                    .collect(),
+                hwaddrs: started.hwaddrs.clone(),
             };
             let build_net = net.clone();
             let built =
@@ -559,7 +557,11 @@ impl Tasks {
                     entry.state.domain_name.clone(),
                 )]),
             }),
-            network_override: None,
+            network_override: entry.state.guest_ip.map(|ip| NetworkOverride {
+                port_map: HashMap::new(),
+                addr: ip.to_string(),
+                auto_advertise: false,
+            }),
         })
     }
 

@@ -1,18 +1,19 @@
 //! StartTask: plan, create volumes and the seed, define and start the
 //! domain; on any failure remove everything created so far.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use virt::connect::Connect;
+use virt::storage_pool::StoragePool;
 
 use super::error::TaskError;
 use super::plan::{self, GuestShare};
 use crate::cloudinit::docs::{render, CloudInitInput};
 use crate::cloudinit::iso::build_seed_iso;
 use crate::cloudinit::password::random_salt;
-use crate::config::plugin::Settings;
+use crate::config::plugin::{DirectoryPool, Settings};
 use crate::config::task::{hostname_from_task_name, DiskConfig, TaskConfig};
 use crate::libvirt::domain_xml::{
     render_domain_xml, DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec,
@@ -36,6 +37,7 @@ pub struct Created {
 pub struct Started {
     pub domain_name: String,
     pub hostname: String,
+    pub hwaddrs: Vec<String>,
     pub volumes: Vec<CreatedVolume>,
     pub console_log: PathBuf,
 }
@@ -44,12 +46,13 @@ pub struct Started {
 pub struct StartPlan {
     pub domain_name: String,
     pub hostname: String,
-    pub task_dir: PathBuf,
     pub shares: Vec<GuestShare>,
     pub block_devices: Vec<PathBuf>,
     pub images: Vec<Option<PathBuf>>,
     pub user_data: Option<String>,
     pub console_log: PathBuf,
+    /// MAC of each `network_interface`, in order.
+    pub hwaddrs: Vec<String>,
 }
 
 /// Checks the parts of the request that need the file system but not
@@ -146,15 +149,19 @@ pub fn prepare(
         }
     }
     let console_log = task_dir.join("virt-console.log");
+    let interfaces = config.network_interface.as_ref().map_or(0, Vec::len);
+    let hwaddrs = (0..interfaces)
+        .map(|index| crate::net::mac_for(&task.id, index))
+        .collect();
     Ok(StartPlan {
         domain_name,
         hostname,
-        task_dir,
         shares,
         block_devices,
         images: images_found,
         user_data,
         console_log,
+        hwaddrs,
     })
 }
 
@@ -256,10 +263,18 @@ pub fn create_and_boot(
         plan::device_names(disks, seed_bus).map_err(TaskError::Invalid)?;
 
     let net_config = config.network_interface.clone().unwrap_or_default();
-    let hwaddrs: Vec<String> = (0..net_config.len())
-        .map(|index| crate::net::mac_for(&task.id, index))
-        .collect();
-    let attachments = net.attachments(&net_config, &allocated_ports(task), &hwaddrs)?;
+    let attachments = net.attachments(&net_config, &allocated_ports(task), &start_plan.hwaddrs)?;
+
+    // Each pool is looked up (and refreshed) once per start, not per disk.
+    let mut pools: HashMap<String, StoragePool> = HashMap::new();
+    let mut pool_for = |config: &DirectoryPool| -> Result<StoragePool, TaskError> {
+        if let Some(found) = pools.get(&config.name) {
+            return Ok(found.clone());
+        }
+        let found = pool::ensure_directory_pool(conn, &config.name, &config.path)?;
+        pools.insert(config.name.clone(), found.clone());
+        Ok(found)
+    };
 
     progress("Preparing disks");
     let mut disk_specs = Vec::new();
@@ -274,7 +289,7 @@ pub fn create_and_boot(
                 settings.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
             ))
         })?;
-        let storage_pool = pool::ensure_directory_pool(conn, &pool_config.name, &pool_config.path)?;
+        let storage_pool = pool_for(pool_config)?;
         let device = device_names[index].clone();
         let target_format = disk.format.clone().unwrap_or_else(|| "qcow2".into());
         let format: ImageFormat = target_format.parse().map_err(TaskError::Invalid)?;
@@ -382,7 +397,7 @@ pub fn create_and_boot(
                 settings.default_pool
             ))
         })?;
-    let seed_pool = pool::ensure_directory_pool(conn, &default_pool.name, &default_pool.path)?;
+    let seed_pool = pool_for(default_pool)?;
     let seed_name = volume::seed_volume_name(&start_plan.domain_name);
     record_volume(&default_pool.name, &seed_name);
     let seed_volume = volume::upload_bytes(conn, &seed_pool, &seed_name, &iso, ImageFormat::Raw)?;
@@ -457,6 +472,7 @@ pub fn create_and_boot(
     Ok(Started {
         domain_name: start_plan.domain_name.clone(),
         hostname: start_plan.hostname.clone(),
+        hwaddrs: start_plan.hwaddrs.clone(),
         volumes,
         console_log: start_plan.console_log.clone(),
     })
@@ -472,9 +488,4 @@ pub fn roll_back(conn: &Connect, created: &Created) {
             tracing::warn!(error = %error, volume = %created_volume.name, "rollback could not delete a volume");
         }
     }
-}
-
-/// Where the console log lives for a task dir.
-pub fn console_log_path(task_dir: &Path) -> PathBuf {
-    task_dir.join("virt-console.log")
 }
