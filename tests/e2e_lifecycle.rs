@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::vm::{self, Alloc};
+use nomad_driver_virt::driver::convert::recoverable_from_status;
 use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
     DestroyTaskRequest, InspectTaskRequest, Mount, RecoverTaskRequest, StopTaskRequest, TaskState,
     TaskStatsRequest, WaitTaskRequest,
 };
-use nomad_driver_virt::task::error::recoverable_from_status;
 
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
 

@@ -155,9 +155,9 @@ impl Driver {
             Ok((info, pools)) => {
                 let mut response = healthy(&settings, &info, host::kvm_device_usable());
                 add_pool_attributes(&mut response, &settings, &pools);
-                self.tasks()
-                    .network_fingerprint(&mut response.attributes)
-                    .await;
+                for (key, value) in self.tasks().network_fingerprint().await {
+                    response.attributes.insert(key, attribute::string(&value));
+                }
                 response
             }
             Err(error) => {

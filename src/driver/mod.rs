@@ -3,6 +3,7 @@
 
 mod base;
 pub mod capabilities;
+pub mod convert;
 pub mod fingerprint;
 mod service;
 
@@ -11,7 +12,10 @@ use std::sync::{Arc, RwLock, Weak};
 use tokio::sync::watch;
 
 use crate::config::plugin::Settings;
+use crate::libvirt::hypervisor::LibvirtHypervisor;
 use crate::libvirt::Libvirt;
+use crate::net::iptables::Iptables;
+use crate::net::libvirt::LibvirtNet;
 use crate::task::Tasks;
 
 /// The plugin name jobs use: `driver = "virt"`.
@@ -48,7 +52,10 @@ impl Driver {
             settings.libvirt_uri.clone(),
             settings.libvirt_credentials.clone(),
         );
-        let tasks = Tasks::new(libvirt.clone());
+        let tasks = Tasks::new(
+            Arc::new(LibvirtHypervisor::new(libvirt.clone())),
+            Arc::new(LibvirtNet::new(libvirt.clone(), Iptables::host())),
+        );
         Arc::new_cyclic(|me| Self {
             settings: RwLock::new(Arc::new(settings)),
             libvirt,

@@ -7,6 +7,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::convert;
 use super::fingerprint::{FINGERPRINT_PERIOD, HEALTH_CHECK_PERIOD};
 use super::Driver;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::driver_server::Driver as DriverService;
@@ -71,7 +72,7 @@ impl DriverService for Driver {
                 // A cheap liveness check every period; the full fingerprint
                 // (versions, capabilities, pools, networks) only when health
                 // flips or the period is up.
-                let reachable = driver.libvirt().call(|_| Ok(())).await.is_ok();
+                let reachable = driver.tasks().hypervisor_reachable().await;
                 let was_healthy = last_health == HealthState::Healthy as i32;
                 if reachable == was_healthy && last_sent.elapsed() < FINGERPRINT_PERIOD {
                     continue;
@@ -102,7 +103,8 @@ impl DriverService for Driver {
             .into_inner()
             .handle
             .ok_or_else(|| Status::invalid_argument("RecoverTask needs a task handle"))?;
-        self.tasks().recover(handle).await?;
+        let state = convert::recovered_state(&handle)?;
+        self.tasks().recover(state).await?;
         Ok(Response::new(RecoverTaskResponse {}))
     }
 
@@ -114,16 +116,17 @@ impl DriverService for Driver {
             .into_inner()
             .task
             .ok_or_else(|| Status::invalid_argument("StartTask needs a task config"))?;
-        let response = self.tasks().start(task, self.settings()).await?;
-        Ok(Response::new(response))
+        let start = convert::start_request(&task)?;
+        let started = self.tasks().start(start, self.settings()).await?;
+        Ok(Response::new(convert::start_response(task, started)))
     }
 
     async fn wait_task(
         &self,
         request: Request<WaitTaskRequest>,
     ) -> Result<Response<WaitTaskResponse>, Status> {
-        let response = self.tasks().wait(&request.into_inner().task_id).await?;
-        Ok(Response::new(response))
+        let exit = self.tasks().wait(&request.into_inner().task_id).await?;
+        Ok(Response::new(convert::wait_response(&exit)))
     }
 
     async fn stop_task(
@@ -156,9 +159,8 @@ impl DriverService for Driver {
         &self,
         request: Request<InspectTaskRequest>,
     ) -> Result<Response<InspectTaskResponse>, Status> {
-        Ok(Response::new(
-            self.tasks().inspect(&request.into_inner().task_id)?,
-        ))
+        let status = self.tasks().inspect(&request.into_inner().task_id)?;
+        Ok(Response::new(convert::inspect_response(&status)))
     }
 
     async fn task_stats(
@@ -170,10 +172,14 @@ impl DriverService for Driver {
             .collection_interval
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(Duration::from_secs(1));
-        let stream = self
+        let samples = self
             .tasks()
             .stats(&request.task_id, interval, self.shutdown_signal())?;
-        Ok(Response::new(stream))
+        let task_id = request.task_id;
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(samples), move |sample| {
+            Ok(convert::stats_response(&task_id, &sample))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn task_events(
@@ -200,7 +206,7 @@ impl DriverService for Driver {
                 };
                 match event {
                     Ok(event) => {
-                        if sender.send(Ok(event)).await.is_err() {
+                        if sender.send(Ok(convert::task_event(event))).await.is_err() {
                             return;
                         }
                     }

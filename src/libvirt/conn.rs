@@ -142,8 +142,18 @@ impl Libvirt {
     /// Sends lifecycle events of every domain to `sink`, across reconnects.
     pub fn subscribe_events(&self, sink: Sender<LifecycleEvent>) {
         if let Ok(mut state) = self.state.lock() {
-            state.event_sink = Some(sink);
-            disconnect(&mut state);
+            state.event_sink = Some(sink.clone());
+            // Move the live connection's registration to the new sink; a
+            // reconnect would lose state (and on test:/// files, the node).
+            if let Some(connection) = state.connection.clone() {
+                drop_registration(&mut state);
+                match register_lifecycle_events(&connection, sink) {
+                    Ok(registration) => state.registration = Some(registration),
+                    Err(error) => {
+                        tracing::warn!(error = %error.message(), "cannot subscribe to libvirt domain events");
+                    }
+                }
+            }
         }
     }
 
@@ -242,6 +252,11 @@ fn open(uri: &str, credentials: Option<&(String, String)>) -> Result<Connect, Li
 
 /// Drops the event registration, then the connection.
 fn disconnect(state: &mut ConnectionState) {
+    drop_registration(state);
+    close_quietly(state.connection.take());
+}
+
+fn drop_registration(state: &mut ConnectionState) {
     if let Some(registration) = state.registration.take() {
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(registration)));
@@ -251,7 +266,6 @@ fn disconnect(state: &mut ConnectionState) {
             );
         }
     }
-    close_quietly(state.connection.take());
 }
 
 /// Drops a connection; the `virt` crate panics if closing fails (a dead

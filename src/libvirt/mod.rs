@@ -6,6 +6,7 @@ pub mod conn;
 pub mod domain_xml;
 pub mod events;
 pub mod host;
+pub mod hypervisor;
 pub mod lifecycle;
 pub mod stats;
 

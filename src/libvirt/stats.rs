@@ -5,10 +5,6 @@
 use virt::domain::MemoryStat;
 use virt::sys;
 
-use crate::pb::hashicorp::nomad::plugins::drivers::proto::{
-    cpu_usage, memory_usage, CpuUsage, MemoryUsage, TaskResourceUsage,
-};
-
 /// One reading of a domain's cumulative CPU time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuSample {
@@ -113,46 +109,6 @@ pub fn memory_usage_bytes(sample: &MemorySample) -> (u64, u64, u64) {
     };
     let usage = usage_kib.map(kib_to_bytes).unwrap_or(0);
     (rss, usage, kib_to_bytes(sample.max_kib))
-}
-
-/// Nomad's `TaskResourceUsage` from our figures. `measured_fields` lists
-/// what we measure: Percent and TotalTicks always; RSS, Usage and MaxUsage
-/// when non-zero (a running VM never has zero of these, so zero means libvirt
-/// did not report it, e.g. no balloon or the test driver).
-pub fn resource_usage(
-    cpu_percent: f64,
-    total_ticks: f64,
-    memory: (u64, u64, u64),
-) -> TaskResourceUsage {
-    let (rss, usage, max_usage) = memory;
-    let finite = |value: f64| if value.is_finite() { value } else { 0.0 };
-    let measured_memory = [
-        (rss, memory_usage::Fields::Rss),
-        (usage, memory_usage::Fields::Usage),
-        (max_usage, memory_usage::Fields::MaxUsage),
-    ]
-    .into_iter()
-    .filter(|(value, _)| *value > 0)
-    .map(|(_, field)| field as i32)
-    .collect();
-    TaskResourceUsage {
-        cpu: Some(CpuUsage {
-            percent: finite(cpu_percent),
-            total_ticks: finite(total_ticks),
-            measured_fields: vec![
-                cpu_usage::Fields::Percent as i32,
-                cpu_usage::Fields::TotalTicks as i32,
-            ],
-            ..CpuUsage::default()
-        }),
-        memory: Some(MemoryUsage {
-            rss,
-            usage,
-            max_usage,
-            measured_fields: measured_memory,
-            ..MemoryUsage::default()
-        }),
-    }
 }
 
 #[cfg(test)]
@@ -326,53 +282,6 @@ mod tests {
             ..MemorySample::default()
         };
         assert_eq!(memory_usage_bytes(&huge).0, u64::MAX);
-    }
-
-    #[test]
-    fn resource_usage_lists_what_was_measured() {
-        let usage = resource_usage(50.0, 1000.0, (1024, 2048, 4096));
-        let cpu = usage.cpu.expect("cpu");
-        assert_eq!(cpu.percent, 50.0);
-        assert_eq!(cpu.total_ticks, 1000.0);
-        assert_eq!(
-            cpu.measured_fields,
-            vec![
-                cpu_usage::Fields::Percent as i32,
-                cpu_usage::Fields::TotalTicks as i32
-            ]
-        );
-        assert_eq!(
-            (cpu.system_mode, cpu.user_mode, cpu.throttled_time),
-            (0.0, 0.0, 0)
-        );
-        let memory = usage.memory.expect("memory");
-        assert_eq!(
-            (memory.rss, memory.usage, memory.max_usage),
-            (1024, 2048, 4096)
-        );
-        assert_eq!(
-            memory.measured_fields,
-            vec![
-                memory_usage::Fields::Rss as i32,
-                memory_usage::Fields::Usage as i32,
-                memory_usage::Fields::MaxUsage as i32
-            ]
-        );
-        assert_eq!((memory.cache, memory.swap), (0, 0));
-    }
-
-    #[test]
-    fn resource_usage_leaves_out_unreported_memory() {
-        let usage = resource_usage(0.0, 0.0, (0, 0, 64 << 20));
-        let memory = usage.memory.expect("memory");
-        assert_eq!(
-            memory.measured_fields,
-            vec![memory_usage::Fields::MaxUsage as i32]
-        );
-        let cpu = resource_usage(f64::NAN, f64::INFINITY, (0, 0, 0))
-            .cpu
-            .expect("cpu");
-        assert_eq!((cpu.percent, cpu.total_ticks), (0.0, 0.0));
     }
 
     proptest! {

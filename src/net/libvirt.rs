@@ -2,10 +2,8 @@
 //! networks, macvtap `direct` interfaces, DHCP lease discovery and
 //! reservation, and iptables port mapping.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
-use std::time::Duration;
 
 use super::config::NetworkInterfacesConfig;
 use super::dhcp::{self, Reservation};
@@ -17,38 +15,15 @@ use super::{
     VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
 };
 use crate::libvirt::Libvirt;
-use crate::nomad::attribute;
-use crate::pb::hashicorp::nomad::plugins::shared::structs::Attribute;
-
-/// Progress callback for long steps (lease discovery).
-pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
-
 /// `Net` backed by the plugin's libvirt connection and host iptables.
 pub struct LibvirtNet {
     libvirt: Libvirt,
     iptables: Iptables,
-    dhcp_timeout: Duration,
-    progress: Option<Progress>,
 }
 
 impl LibvirtNet {
-    pub fn new(libvirt: Libvirt, iptables: Iptables, dhcp_timeout: Duration) -> Self {
-        Self {
-            libvirt,
-            iptables,
-            dhcp_timeout,
-            progress: None,
-        }
-    }
-
-    /// A copy for one task's start: its DHCP timeout and progress events.
-    pub fn for_start(&self, dhcp_timeout: Duration, progress: Progress) -> Self {
-        Self {
-            libvirt: self.libvirt.clone(),
-            iptables: self.iptables.clone(),
-            dhcp_timeout,
-            progress: Some(progress),
-        }
+    pub fn new(libvirt: Libvirt, iptables: Iptables) -> Self {
+        Self { libvirt, iptables }
     }
 }
 
@@ -94,7 +69,8 @@ impl Net for LibvirtNet {
         Ok(())
     }
 
-    fn fingerprint(&self, attributes: &mut HashMap<String, Attribute>) {
+    fn fingerprint(&self) -> BTreeMap<String, String> {
+        let mut attributes = BTreeMap::new();
         match self
             .libvirt
             .call_blocking(|conn| Ok(dhcp::network_fingerprint(conn)))
@@ -103,16 +79,14 @@ impl Net for LibvirtNet {
                 for (name, active, bridge) in networks {
                     attributes.insert(
                         format!("{ATTRIBUTE_PREFIX}{name}.state"),
-                        attribute::string(is_active_string(active)),
+                        is_active_string(active).to_string(),
                     );
-                    attributes.insert(
-                        format!("{ATTRIBUTE_PREFIX}{name}.bridge_name"),
-                        attribute::string(&bridge),
-                    );
+                    attributes.insert(format!("{ATTRIBUTE_PREFIX}{name}.bridge_name"), bridge);
                 }
             }
             Err(error) => tracing::warn!(error = %error, "network fingerprint failed"),
         }
+        attributes
     }
 
     fn attachments(
@@ -169,6 +143,7 @@ impl Net for LibvirtNet {
     fn vm_started_build(
         &self,
         request: &VmStartedBuildRequest,
+        progress: &(dyn Fn(&str) + Sync),
     ) -> Result<VmStartedBuildResponse, NetError> {
         let mut spec = TeardownSpec {
             task_tag: request.task_tag.clone(),
@@ -197,6 +172,7 @@ impl Net for LibvirtNet {
             bridge.ports.as_deref().unwrap_or_default(),
             &mac,
             &mut spec,
+            progress,
         );
         match result {
             Ok(driver_network) => Ok(VmStartedBuildResponse {
@@ -234,15 +210,15 @@ impl LibvirtNet {
         labels: &[String],
         mac: &str,
         spec: &mut TeardownSpec,
+        progress: &(dyn Fn(&str) + Sync),
     ) -> Result<DriverNetwork, NetError> {
         let forwards = forwards_for(labels, &request.resources)?;
-        let timeout = self.dhcp_timeout;
+        let timeout = request.dhcp_timeout;
         let (bridge_name, hostname, mac_owned) = (
             bridge.to_string(),
             request.hostname.clone(),
             mac.to_string(),
         );
-        let progress = self.progress.clone();
         let (network_name, lease) = self.libvirt.call_blocking(move |conn| {
             let found = dhcp::network_by_bridge(conn, &bridge_name).and_then(|network| {
                 let name = network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
@@ -254,19 +230,15 @@ impl LibvirtNet {
                 Ok(found) => found,
                 Err(error) => return Ok((String::new(), Err(error))),
             };
-            if let Some(progress) = &progress {
-                progress(&format!(
-                    "Waiting for a DHCP lease for {mac_owned} on network {name}"
-                ));
-            }
+            progress(&format!(
+                "Waiting for a DHCP lease for {mac_owned} on network {name}"
+            ));
             let lease =
                 dhcp::wait_for_lease(&network, &mac_owned, Some(&hostname), timeout, &mut |_| {});
             Ok((name, lease))
         })?;
         let lease = lease?;
-        if let Some(progress) = &self.progress {
-            progress(&format!("Guest IP {}", lease.ip));
-        }
+        progress(&format!("Guest IP {}", lease.ip));
         spec.network = Some(network_name.clone());
         spec.bridge = Some(bridge.to_string());
         let reservation = Reservation {

@@ -7,15 +7,15 @@ pub mod dhcp;
 pub mod iptables;
 pub mod libvirt;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use self::config::NetworkInterfacesConfig;
 use self::dhcp::Reservation;
 use self::iptables::rules::IptablesRule;
-use crate::pb::hashicorp::nomad::plugins::shared::structs::Attribute;
 
 /// Prefix of every network fingerprint attribute.
 pub const ATTRIBUTE_PREFIX: &str = "driver.virt.network.";
@@ -54,6 +54,8 @@ pub struct VmStartedBuildRequest {
     pub resources: Vec<AllocatedPort>,
     /// MAC addresses of the VM's interfaces, in `net_config` order.
     pub hwaddrs: Vec<String>,
+    /// How long to wait for the guest's DHCP lease.
+    pub dhcp_timeout: Duration,
 }
 
 /// The guest address Nomad may use for services with address_mode "driver".
@@ -135,8 +137,8 @@ pub enum NetError {
 pub trait Net: Send + Sync {
     /// Prepares the host (chains and jump rules). Idempotent.
     fn init(&self) -> Result<(), NetError>;
-    /// Adds `driver.virt.network.*` attributes; errors are logged, never fatal.
-    fn fingerprint(&self, attributes: &mut HashMap<String, Attribute>);
+    /// `driver.virt.network.*` attributes; errors are logged, never fatal.
+    fn fingerprint(&self) -> BTreeMap<String, String>;
     /// Resolves the job's interfaces into domain interfaces before boot,
     /// checking everything that can be checked then (bridge exists, port
     /// labels are allocated, loopback forwarding is possible).
@@ -146,11 +148,13 @@ pub trait Net: Send + Sync {
         ports: &[AllocatedPort],
         hwaddrs: &[String],
     ) -> Result<Vec<Attachment>, NetError>;
-    /// After boot: finds the guest's address, reserves it, maps ports.
-    /// On failure it removes whatever it added before returning.
+    /// After boot: finds the guest's address, reserves it, maps ports,
+    /// reporting long steps through `progress`. On failure it removes
+    /// whatever it added before returning.
     fn vm_started_build(
         &self,
         request: &VmStartedBuildRequest,
+        progress: &(dyn Fn(&str) + Sync),
     ) -> Result<VmStartedBuildResponse, NetError>;
     /// Undoes exactly what the spec lists; safe to call again.
     fn vm_terminated_teardown(

@@ -1,14 +1,31 @@
-//! Task errors and how they reach Nomad: a gRPC code plus, for StartTask,
-//! Nomad's RecoverableError detail that decides whether it restarts the task.
-
-use prost::Message;
-use tonic::{Code, Status};
+//! Task errors, each classified: whether retrying could succeed (Nomad's
+//! RecoverableError) and what kind of failure it is. `driver/` turns the
+//! classification into a gRPC status.
 
 use crate::cloudinit::CloudInitError;
 use crate::config::ConfigError;
 use crate::libvirt::domain_xml::DomainXmlError;
 use crate::libvirt::LibvirtError;
+use crate::net::NetError;
+use crate::nomad::driver_state::DriverStateError;
 use crate::storage::StorageError;
+
+use super::hypervisor::HypervisorError;
+
+/// What kind of failure an error is; the driver maps each to a gRPC code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The job's input is wrong; the message says how to fix it.
+    Invalid,
+    /// The hypervisor cannot be reached right now.
+    Unavailable,
+    /// No such task.
+    NotFound,
+    /// The task is in a state that does not allow this.
+    Conflict,
+    /// Something on the host failed.
+    Internal,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
@@ -26,19 +43,52 @@ pub enum TaskError {
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
     #[error(transparent)]
-    Net(#[from] crate::net::NetError),
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Handle(#[from] DriverStateError),
     #[error("task {0:?} not found")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A blocking worker died (a panic in a libvirt or network call).
+    #[error("{action} failed: the worker thread stopped unexpectedly")]
+    Worker {
+        action: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+impl From<HypervisorError> for TaskError {
+    fn from(error: HypervisorError) -> Self {
+        match error {
+            HypervisorError::Libvirt(error) => TaskError::Libvirt(error),
+            HypervisorError::Storage(error) => TaskError::Storage(error),
+            HypervisorError::DomainXml(error) => TaskError::DomainXml(error),
+        }
+    }
 }
 
 impl TaskError {
-    /// Whether retrying the same start could succeed (Nomad then applies
+    /// Names the job field a storage error is about.
+    #[must_use]
+    pub fn in_field(self, field: &str) -> Self {
+        match self {
+            TaskError::Storage(error) => TaskError::Storage(error.in_field(field)),
+            other => other,
+        }
+    }
+
+    /// Whether retrying the same call could succeed (Nomad then applies
     /// the job's restart policy instead of failing the task for good).
     pub fn recoverable(&self) -> bool {
         match self {
-            TaskError::Config(_) | TaskError::Invalid(_) | TaskError::DomainXml(_) => false,
+            TaskError::Config(_)
+            | TaskError::Invalid(_)
+            | TaskError::DomainXml(_)
+            | TaskError::Handle(_)
+            | TaskError::NotFound(_)
+            | TaskError::Conflict(_) => false,
             // Bad input in the seed is the job's fault; hashing, randomness
             // and ISO writing failing is the host's.
             TaskError::CloudInit(error) => !matches!(
@@ -59,78 +109,20 @@ impl TaskError {
                     | StorageError::PoolType { .. }
                     | StorageError::VolumeName { .. }
             ),
-            TaskError::Libvirt(_) => true,
-            TaskError::Net(crate::net::NetError::Invalid(_)) => false,
-            TaskError::Net(_) => true,
-            TaskError::NotFound(_) | TaskError::Conflict(_) => false,
+            TaskError::Net(NetError::Invalid(_)) => false,
+            TaskError::Libvirt(_) | TaskError::Net(_) | TaskError::Worker { .. } => true,
         }
     }
 
-    fn code(&self) -> Code {
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            TaskError::Config(_) | TaskError::Invalid(_) | TaskError::DomainXml(_) => {
-                Code::InvalidArgument
-            }
-            TaskError::CloudInit(_) if !self.recoverable() => Code::InvalidArgument,
-            TaskError::CloudInit(_) => Code::Internal,
-            TaskError::Storage(_) if !self.recoverable() => Code::InvalidArgument,
-            TaskError::Storage(_) => Code::Internal,
-            TaskError::Libvirt(LibvirtError::Connect { .. }) => Code::Unavailable,
-            TaskError::Libvirt(_) => Code::Internal,
-            TaskError::Net(crate::net::NetError::Invalid(_)) => Code::InvalidArgument,
-            TaskError::Net(_) => Code::Internal,
-            TaskError::NotFound(_) => Code::NotFound,
-            TaskError::Conflict(_) => Code::FailedPrecondition,
+            TaskError::NotFound(_) => ErrorKind::NotFound,
+            TaskError::Conflict(_) => ErrorKind::Conflict,
+            TaskError::Libvirt(LibvirtError::Connect { .. }) => ErrorKind::Unavailable,
+            _ if !self.recoverable() => ErrorKind::Invalid,
+            _ => ErrorKind::Internal,
         }
-    }
-}
-
-/// google.rpc.Status, the payload of `grpc-status-details-bin`.
-#[derive(Clone, PartialEq, Message)]
-struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    code: i32,
-    #[prost(string, tag = "2")]
-    message: String,
-    #[prost(message, repeated, tag = "3")]
-    details: Vec<prost_types::Any>,
-}
-
-const RECOVERABLE_ERROR_TYPE_URL: &str =
-    "type.googleapis.com/hashicorp.nomad.plugins.shared.structs.RecoverableError";
-
-/// A status carrying Nomad's RecoverableError as its first detail.
-pub fn status_with_recoverable(code: Code, message: String, recoverable: bool) -> Status {
-    let detail =
-        crate::pb::hashicorp::nomad::plugins::shared::structs::RecoverableError { recoverable };
-    let details = RpcStatus {
-        code: code as i32,
-        message: message.clone(),
-        details: vec![prost_types::Any {
-            type_url: RECOVERABLE_ERROR_TYPE_URL.into(),
-            value: detail.encode_to_vec(),
-        }],
-    };
-    Status::with_details(code, message, details.encode_to_vec().into())
-}
-
-/// Reads the RecoverableError detail back (used by the simulator and tests).
-pub fn recoverable_from_status(status: &Status) -> Option<bool> {
-    let details = RpcStatus::decode(status.details()).ok()?;
-    let first = details.details.first()?;
-    if first.type_url != RECOVERABLE_ERROR_TYPE_URL {
-        return None;
-    }
-    crate::pb::hashicorp::nomad::plugins::shared::structs::RecoverableError::decode(
-        first.value.as_slice(),
-    )
-    .ok()
-    .map(|detail| detail.recoverable)
-}
-
-impl From<TaskError> for Status {
-    fn from(error: TaskError) -> Status {
-        status_with_recoverable(error.code(), error.to_string(), error.recoverable())
     }
 }
 
@@ -139,17 +131,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recoverable_detail_round_trips() {
-        let status: Status = TaskError::Libvirt(LibvirtError::Connect {
+    fn classification_of_each_kind() {
+        let unreachable = TaskError::Libvirt(LibvirtError::Connect {
             uri: "qemu:///system".into(),
             message: "gone".into(),
-        })
-        .into();
-        assert_eq!(status.code(), Code::Unavailable);
-        assert_eq!(recoverable_from_status(&status), Some(true));
-        let status: Status = TaskError::Invalid("hostname: bad".into()).into();
-        assert_eq!(status.code(), Code::InvalidArgument);
-        assert_eq!(recoverable_from_status(&status), Some(false));
-        assert_eq!(status.message(), "hostname: bad");
+        });
+        assert!(unreachable.recoverable());
+        assert_eq!(unreachable.kind(), ErrorKind::Unavailable);
+        let invalid = TaskError::Invalid("hostname: bad".into());
+        assert!(!invalid.recoverable());
+        assert_eq!(invalid.kind(), ErrorKind::Invalid);
+        assert_eq!(TaskError::NotFound("x".into()).kind(), ErrorKind::NotFound);
+        assert_eq!(TaskError::Conflict("x".into()).kind(), ErrorKind::Conflict);
+        let host = TaskError::Net(NetError::Teardown("rules".into()));
+        assert!(host.recoverable());
+        assert_eq!(host.kind(), ErrorKind::Internal);
+        assert!(!TaskError::Handle(DriverStateError::Missing).recoverable());
     }
 }

@@ -1,40 +1,39 @@
 //! The domain orchestrator: start, stop, destroy and recover tasks, each
-//! undoing what it did when it fails part-way. Domain lifecycle comes from
-//! libvirt events, reconciled with the real state after a reconnect.
+//! undoing what it did when it fails part-way. It depends on two seams, the
+//! [`Hypervisor`] and the [`Net`] contract; domain lifecycle comes from the
+//! hypervisor's events, reconciled with the real state after a reconnect.
 
 pub mod console;
+pub mod contract;
 pub mod error;
+pub mod hypervisor;
 pub mod plan;
 pub mod start;
 pub mod store;
-pub mod teardown;
 
-use std::collections::HashMap;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::codegen::BoxStream;
 
 use self::console::ConsoleCopier;
+use self::contract::{StartRequest, StartedTask, TaskEvent, TaskExit, TaskStatus, UsageSample};
 use self::error::TaskError;
-use self::store::{TaskEntry, TaskExit, TaskStore};
+use self::hypervisor::Hypervisor;
+use self::store::{TaskEntry, TaskStore};
 use crate::config::plugin::Settings;
 use crate::libvirt::events::LifecycleEvent;
 use crate::libvirt::lifecycle::{self, DomainEvent, ExitOutcome};
-use crate::libvirt::stats::{self, CpuSample, MemorySample};
-use crate::libvirt::Libvirt;
-use crate::net::iptables::{task_tag, Iptables};
-use crate::net::libvirt::LibvirtNet;
-use crate::net::{Net, VmStartedBuildRequest, VmTerminatedTeardownRequest};
-use crate::nomad::driver_state::{DriverState, DRIVER_STATE_VERSION, TASK_HANDLE_VERSION};
-use crate::pb::hashicorp::nomad::plugins::drivers::proto::{
-    DriverTaskEvent, ExitResult, InspectTaskResponse, NetworkOverride, StartTaskResponse,
-    TaskConfig as NomadTaskConfig, TaskDriverStatus, TaskHandle, TaskState, TaskStats,
-    TaskStatsResponse, TaskStatus, WaitTaskResponse,
-};
+use crate::libvirt::stats::{self, CpuSample};
+use crate::net::iptables::task_tag;
+use crate::net::{Net, VmTerminatedTeardownRequest};
+use crate::nomad::driver_state::{DriverState, DRIVER_STATE_VERSION};
 
 /// Unused chained-disk parents older than this are deleted (hourly).
 const PARENT_IDLE: Duration = Duration::from_secs(3600);
@@ -45,19 +44,16 @@ const DESTROY_WAIT: Duration = Duration::from_secs(10);
 /// The driver's tasks and the machinery that tracks them.
 pub struct Tasks {
     store: TaskStore,
-    libvirt: Libvirt,
-    net: Arc<LibvirtNet>,
-    events: broadcast::Sender<DriverTaskEvent>,
-    host_initialised: std::sync::atomic::AtomicBool,
-}
-
-fn now_timestamp() -> prost_types::Timestamp {
-    prost_types::Timestamp::from(SystemTime::now())
+    hypervisor: Arc<dyn Hypervisor>,
+    net: Arc<dyn Net>,
+    events: broadcast::Sender<TaskEvent>,
+    host_initialised: AtomicBool,
 }
 
 fn unix_nanos(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_nanos()).ok())
         .unwrap_or(0)
 }
 
@@ -70,28 +66,33 @@ fn exit_from(outcome: ExitOutcome) -> TaskExit {
     }
 }
 
+/// Runs blocking work (hypervisor and network calls) off the async threads.
+async fn blocking<T: Send + 'static>(
+    action: &'static str,
+    work: impl FnOnce() -> Result<T, TaskError> + Send + 'static,
+) -> Result<T, TaskError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|source| TaskError::Worker { action, source })?
+}
+
 impl Tasks {
-    /// Creates the task tracker and subscribes to libvirt's domain events.
-    pub fn new(libvirt: Libvirt) -> Arc<Self> {
+    /// Creates the task tracker and subscribes to the hypervisor's events.
+    pub fn new(hypervisor: Arc<dyn Hypervisor>, net: Arc<dyn Net>) -> Arc<Self> {
         let (events, _) = broadcast::channel(256);
-        let net = Arc::new(LibvirtNet::new(
-            libvirt.clone(),
-            Iptables::host(),
-            crate::config::plugin::DEFAULT_DHCP_TIMEOUT,
-        ));
         let tasks = Arc::new(Self {
             store: TaskStore::default(),
-            libvirt: libvirt.clone(),
+            hypervisor: hypervisor.clone(),
             net,
             events,
-            host_initialised: std::sync::atomic::AtomicBool::new(false),
+            host_initialised: AtomicBool::new(false),
         });
         let (sender, receiver) = std::sync::mpsc::channel::<LifecycleEvent>();
-        libvirt.subscribe_events(sender);
+        hypervisor.subscribe_events(sender);
         let weak = Arc::downgrade(&tasks);
         let spawned = std::thread::Builder::new()
             .name("domain-events".into())
-            .spawn(move || dispatch_events(weak, receiver));
+            .spawn(move || dispatch_events(&weak, &receiver));
         if let Err(error) = spawned {
             tracing::error!(error = %error, "cannot start the domain event dispatcher");
         }
@@ -102,10 +103,7 @@ impl Tasks {
     /// port-mapping rules of tasks this plugin no longer knows. The delay
     /// gives Nomad time to recover running tasks first.
     pub fn init_host(self: &Arc<Self>, delay: Duration, pools: Vec<String>) {
-        if self
-            .host_initialised
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.host_initialised.swap(true, Ordering::SeqCst) {
             return;
         }
         let net = self.net.clone();
@@ -118,7 +116,7 @@ impl Tasks {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let Some(tasks) = weak.upgrade() else { return };
-            let live: std::collections::BTreeSet<String> = tasks
+            let live: BTreeSet<String> = tasks
                 .store
                 .all()
                 .iter()
@@ -128,10 +126,10 @@ impl Tasks {
             drop(tasks);
             match tokio::task::spawn_blocking(move || net.reconcile(&live)).await {
                 Ok(Ok(removed)) if !removed.is_empty() => {
-                    tracing::info!(removed = ?removed, "removed port-mapping rules of tasks that no longer exist")
+                    tracing::info!(removed = ?removed, "removed port-mapping rules of tasks that no longer exist");
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(error = %error, "port-mapping reconciliation failed")
+                    tracing::warn!(error = %error, "port-mapping reconciliation failed");
                 }
                 _ => {}
             }
@@ -139,68 +137,72 @@ impl Tasks {
             // used for a while, so the pool does not fill up over time.
             loop {
                 let Some(tasks) = weak.upgrade() else { return };
-                let libvirt = tasks.libvirt.clone();
+                let hypervisor = tasks.hypervisor.clone();
                 drop(tasks);
                 let pools = pools.clone();
-                let pruned = libvirt
-                    .call(move |conn| {
-                        let mut pruned = Vec::new();
-                        for name in &pools {
-                            if let Ok(pool) = conn.lookup_storage_pool_by_name(name) {
-                                match crate::storage::volume::prune_unused_parents(conn, &pool, PARENT_IDLE) {
-                                    Ok(names) => pruned.extend(names),
-                                    Err(error) => tracing::warn!(error = %error, pool = %name, "pruning unused parent images failed"),
-                                }
-                            }
-                        }
-                        Ok(pruned)
-                    })
-                    .await;
-                if let Ok(pruned) = pruned {
-                    if !pruned.is_empty() {
+                let pruned = tokio::task::spawn_blocking(move || {
+                    hypervisor.prune_unused_parents(&pools, PARENT_IDLE)
+                })
+                .await;
+                match pruned {
+                    Ok(Ok(pruned)) if !pruned.is_empty() => {
                         tracing::info!(volumes = ?pruned, "deleted parent images no disk uses any more");
                     }
+                    Ok(Err(error)) => {
+                        tracing::warn!(error = %error, "pruning unused parent images failed");
+                    }
+                    _ => {}
                 }
                 tokio::time::sleep(PARENT_IDLE).await;
             }
         });
     }
 
-    /// Adds `driver.virt.network.*` attributes.
-    pub async fn network_fingerprint(
-        &self,
-        attributes: &mut HashMap<
-            String,
-            crate::pb::hashicorp::nomad::plugins::shared::structs::Attribute,
-        >,
-    ) {
-        let net = self.net.clone();
-        if let Ok(found) = tokio::task::spawn_blocking(move || {
-            let mut found = HashMap::new();
-            net.fingerprint(&mut found);
-            found
-        })
-        .await
-        {
-            attributes.extend(found);
-        }
+    /// Whether the hypervisor answers (health between full fingerprints).
+    pub async fn hypervisor_reachable(&self) -> bool {
+        let hypervisor = self.hypervisor.clone();
+        matches!(
+            tokio::task::spawn_blocking(move || hypervisor.ping()).await,
+            Ok(Ok(()))
+        )
     }
 
-    /// Subscribes to driver task events (the TaskEvents stream).
-    pub fn subscribe_events(&self) -> broadcast::Receiver<DriverTaskEvent> {
+    /// `driver.virt.network.*` attributes (all strings).
+    pub async fn network_fingerprint(&self) -> BTreeMap<String, String> {
+        let net = self.net.clone();
+        tokio::task::spawn_blocking(move || net.fingerprint())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Subscribes to task events (the TaskEvents stream).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<TaskEvent> {
         self.events.subscribe()
     }
 
-    fn emit(&self, task: &NomadTaskConfig, message: &str) {
-        tracing::info!(task_id = %task.id, alloc_id = %task.alloc_id, task = %task.name, "{message}");
-        let _ = self.events.send(DriverTaskEvent {
-            task_id: task.id.clone(),
-            alloc_id: task.alloc_id.clone(),
-            task_name: task.name.clone(),
-            timestamp: Some(now_timestamp()),
-            message: message.to_string(),
-            annotations: HashMap::new(),
-        });
+    /// A function that sends an event about one task, from any thread.
+    fn emitter(
+        &self,
+        task_id: &str,
+        alloc_id: &str,
+        task_name: &str,
+    ) -> impl Fn(&str) + Send + Sync + 'static {
+        let events = self.events.clone();
+        let (task_id, alloc_id, task_name) = (
+            task_id.to_string(),
+            alloc_id.to_string(),
+            task_name.to_string(),
+        );
+        move |message: &str| {
+            tracing::info!(task_id = %task_id, alloc_id = %alloc_id, task = %task_name, "{message}");
+            let _ = events.send(TaskEvent {
+                task_id: task_id.clone(),
+                alloc_id: alloc_id.clone(),
+                task_name: task_name.clone(),
+                message: message.to_string(),
+                at: SystemTime::now(),
+            });
+        }
     }
 
     fn entry(&self, task_id: &str) -> Result<Arc<TaskEntry>, TaskError> {
@@ -212,192 +214,82 @@ impl Tasks {
     /// StartTask.
     pub async fn start(
         &self,
-        task: NomadTaskConfig,
+        request: StartRequest,
         settings: Arc<Settings>,
-    ) -> Result<StartTaskResponse, TaskError> {
-        let config = crate::config::task::decode_and_validate(&task.msgpack_driver_config)?;
-        if self.store.get(&task.id).is_some() {
+    ) -> Result<StartedTask, TaskError> {
+        if self.store.get(&request.task_id).is_some() {
             return Err(TaskError::Conflict(format!(
                 "task {} is already running",
-                task.id
+                request.task_id
             )));
         }
-        let start_plan = {
-            let (task, config, settings) = (task.clone(), config.clone(), settings.clone());
-            tokio::task::spawn_blocking(move || start::prepare(&task, &config, &settings))
-                .await
-                .map_err(|e| TaskError::Invalid(format!("start preparation failed: {e}")))??
-        };
-        let created = Arc::new(Mutex::new(start::Created::default()));
-        let progress = self.emitter(&task);
-        let net = Arc::new(self.net.for_start(settings.dhcp_timeout, progress.clone()));
-        let boot = {
-            let (task, config, settings, created, net, progress) = (
-                task.clone(),
-                config.clone(),
+        let request = Arc::new(request);
+        let progress = self.emitter(&request.task_id, &request.alloc_id, &request.task_name);
+        let booted = {
+            let (hypervisor, net, request, settings) = (
+                self.hypervisor.clone(),
+                self.net.clone(),
+                request.clone(),
                 settings.clone(),
-                created.clone(),
-                net.clone(),
-                progress.clone(),
             );
-            let start_plan = Arc::new(start_plan);
-            self.libvirt
-                .call(move |conn| {
-                    Ok(start::create_and_boot(
-                        conn,
-                        &task,
-                        &config,
-                        &settings,
-                        &start_plan,
-                        &created,
-                        net.as_ref(),
-                        &|message: &str| progress(message),
-                    ))
+            blocking("starting the VM", move || {
+                let plan = start::prepare(&request, &settings)?;
+                start::boot(
+                    hypervisor.as_ref(),
+                    net.as_ref(),
+                    &request,
+                    &settings,
+                    &plan,
+                    &progress,
+                )
+                .inspect_err(|error| {
+                    progress(&format!(
+                        "Start failed, everything it created was removed: {error}"
+                    ));
                 })
-                .await
+            })
+            .await?
         };
-        let started = match boot {
-            Ok(Ok(started)) => started,
-            Ok(Err(error)) => {
-                self.roll_back(&task, created).await;
-                return Err(error);
-            }
-            Err(error) => {
-                self.roll_back(&task, created).await;
-                return Err(TaskError::Libvirt(error));
-            }
-        };
-
-        // The guest is booting: find its address, reserve it, map ports.
-        let net_config = config.network_interface.clone().unwrap_or_default();
-        let mut teardown = None;
-        let mut driver_network = None;
-        if !net_config.is_empty() {
-            let request = VmStartedBuildRequest {
-                vm_name: started.domain_name.clone(),
-                hostname: started.hostname.clone(),
-                task_tag: task_tag(&task.id),
-                net_config: net_config.clone(),
-                resources: start::allocated_ports(&task),
-                hwaddrs: started.hwaddrs.clone(),
-            };
-            let build_net = net.clone();
-            let built =
-                tokio::task::spawn_blocking(move || build_net.vm_started_build(&request)).await;
-            match built {
-                Ok(Ok(response)) => {
-                    teardown = Some(response.teardown_spec);
-                    driver_network = response.driver_network;
-                }
-                Ok(Err(error)) => {
-                    self.roll_back(&task, created).await;
-                    return Err(error.into());
-                }
-                Err(error) => {
-                    self.roll_back(&task, created).await;
-                    return Err(TaskError::Invalid(format!("network setup failed: {error}")));
-                }
-            }
-        }
         let state = DriverState {
             version: DRIVER_STATE_VERSION,
-            task_id: task.id.clone(),
-            task_name: task.name.clone(),
-            alloc_id: task.alloc_id.clone(),
-            domain_name: started.domain_name.clone(),
+            task_id: request.task_id.clone(),
+            task_name: request.task_name.clone(),
+            alloc_id: request.alloc_id.clone(),
+            domain_name: booted.domain_name.clone(),
             started_at_unix_nanos: unix_nanos(SystemTime::now()),
-            volumes: started.volumes.clone(),
-            console_log: Some(started.console_log.clone()),
-            stdout_path: task.stdout_path.clone(),
-            task_config: config,
-            net: teardown,
-            guest_ip: driver_network.as_ref().map(|network| network.ip),
+            volumes: booted.volumes,
+            console_log: Some(booted.console_log.clone()),
+            stdout_path: request.stdout_path.to_string_lossy().into_owned(),
+            task_config: request.config.clone(),
+            net: booted.teardown,
+            guest_ip: booted.network.as_ref().map(|network| network.ip),
         };
-        let entry = TaskEntry::new(state.clone(), task.clone());
-        if !task.stdout_path.is_empty() {
+        let entry = TaskEntry::new(state.clone());
+        if !request.stdout_path.as_os_str().is_empty() {
             entry.attach_console(ConsoleCopier::spawn(
-                started.console_log.clone(),
-                task.stdout_path.clone().into(),
+                booted.console_log,
+                request.stdout_path.clone(),
                 false,
             ));
         }
         self.store.insert(entry);
-        self.emit(&task, &format!("Started VM {}", started.domain_name));
-        Ok(StartTaskResponse {
-            result: 0,
-            driver_error_msg: String::new(),
-            handle: Some(TaskHandle {
-                version: TASK_HANDLE_VERSION,
-                config: Some(task),
-                state: TaskState::Running as i32,
-                driver_state: state.encode(),
-            }),
-            // The guest's address for services with address_mode = "driver";
-            // not advertised by default: ports are reached through the host.
-            network_override: driver_network.map(|network| NetworkOverride {
-                port_map: network
-                    .port_map
-                    .into_iter()
-                    .map(|(label, port)| (label, i32::from(port)))
-                    .collect(),
-                addr: network.ip.to_string(),
-                auto_advertise: false,
-            }),
+        self.emitter(&request.task_id, &request.alloc_id, &request.task_name)(&format!(
+            "Started VM {}",
+            booted.domain_name
+        ));
+        Ok(StartedTask {
+            state,
+            network: booted.network,
         })
-    }
-
-    /// Sends a task event from any thread.
-    fn emitter(&self, task: &NomadTaskConfig) -> crate::net::libvirt::Progress {
-        let events = self.events.clone();
-        let (task_id, alloc_id, task_name) =
-            (task.id.clone(), task.alloc_id.clone(), task.name.clone());
-        Arc::new(move |message: &str| {
-            tracing::info!(task_id = %task_id, alloc_id = %alloc_id, task = %task_name, "{message}");
-            let _ = events.send(DriverTaskEvent {
-                task_id: task_id.clone(),
-                alloc_id: alloc_id.clone(),
-                task_name: task_name.clone(),
-                timestamp: Some(now_timestamp()),
-                message: message.to_string(),
-                annotations: HashMap::new(),
-            });
-        })
-    }
-
-    async fn roll_back(&self, task: &NomadTaskConfig, created: Arc<Mutex<start::Created>>) {
-        self.emit(task, "Start failed; removing what was created");
-        let result = self
-            .libvirt
-            .call(move |conn| {
-                if let Ok(created) = created.lock() {
-                    start::roll_back(conn, &created);
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(error) = result {
-            tracing::error!(error = %error, task_id = %task.id, "rollback could not reach libvirt");
-        }
     }
 
     /// WaitTask: answers when the task has exited (at once if it has).
-    pub async fn wait(&self, task_id: &str) -> Result<WaitTaskResponse, TaskError> {
+    pub async fn wait(&self, task_id: &str) -> Result<TaskExit, TaskError> {
         let entry = self.entry(task_id)?;
-        let exit = entry.wait().await;
-        Ok(WaitTaskResponse {
-            result: Some(ExitResult {
-                exit_code: exit.exit_code,
-                signal: exit.signal,
-                oom_killed: false,
-            }),
-            err: exit
-                .error
-                .filter(|_| exit.exit_code != 0)
-                .unwrap_or_default(),
-        })
+        Ok(entry.wait().await)
     }
 
-    /// StopTask: ACPI power button, wait up to `timeout`, then destroy.
+    /// StopTask: ACPI power button, wait up to `timeout`, then power off.
     pub async fn stop(
         &self,
         task_id: &str,
@@ -415,19 +307,12 @@ impl Tasks {
         let name = entry.state.domain_name.clone();
         let immediate = matches!(signal, "SIGKILL" | "KILL" | "9");
         if !immediate {
-            let domain_name = name.clone();
-            let result = self
-                .libvirt
-                .call(move |conn| {
-                    if let Some(domain) = teardown::find_domain(conn, &domain_name)? {
-                        if let Err(error) = domain.shutdown_flags(virt::sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN) {
-                            tracing::debug!(error = %error.message(), "ACPI shutdown request failed");
-                        }
-                    }
-                    Ok(())
-                })
-                .await;
-            if let Err(error) = result {
+            let (hypervisor, domain) = (self.hypervisor.clone(), name.clone());
+            let asked = blocking("sending the ACPI power button", move || {
+                Ok(hypervisor.request_shutdown(&domain)?)
+            })
+            .await;
+            if let Err(error) = asked {
                 tracing::warn!(error = %error, domain = %name, "could not send the ACPI power button");
             }
             if tokio::time::timeout(timeout, entry.wait()).await.is_ok() {
@@ -436,22 +321,11 @@ impl Tasks {
             tracing::info!(domain = %name, timeout = ?timeout, "guest did not power off in time; destroying it");
         }
         entry.mark_forced();
-        let domain_name = name.clone();
-        self.libvirt
-            .call(move |conn| {
-                if let Some(domain) = teardown::find_domain(conn, &domain_name)? {
-                    if domain.is_active().unwrap_or(false) {
-                        domain.destroy().map_err(|e| {
-                            crate::libvirt::LibvirtError::call(
-                                format!("destroying {domain_name}"),
-                                e,
-                            )
-                        })?;
-                    }
-                }
-                Ok(())
-            })
-            .await?;
+        let (hypervisor, domain) = (self.hypervisor.clone(), name.clone());
+        blocking("powering the VM off", move || {
+            Ok(hypervisor.power_off(&domain)?)
+        })
+        .await?;
         if tokio::time::timeout(DESTROY_WAIT, entry.wait())
             .await
             .is_err()
@@ -467,7 +341,8 @@ impl Tasks {
         Ok(())
     }
 
-    /// DestroyTask: removes the domain, its volumes and seed, and forgets the task.
+    /// DestroyTask: removes the domain, its volumes, its network setup, and
+    /// forgets the task. Safe to repeat after a partial failure.
     pub async fn destroy(&self, task_id: &str, force: bool) -> Result<(), TaskError> {
         let Some(entry) = self.store.get(task_id) else {
             return Ok(());
@@ -481,34 +356,35 @@ impl Tasks {
             entry.mark_stop_requested();
             entry.mark_forced();
         }
-        let state = entry.state.clone();
-        self.libvirt
-            .call(move |conn| {
-                teardown::try_remove_domain(conn, &state.domain_name)?;
-                let mut failures = Vec::new();
-                for volume in state.volumes.iter().rev() {
-                    if let Err(error) = teardown::delete_volume(conn, volume) {
-                        failures.push(error.to_string());
-                    }
+        let (hypervisor, state) = (self.hypervisor.clone(), entry.state.clone());
+        blocking("removing the VM", move || {
+            hypervisor.remove_domain(&state.domain_name)?;
+            let mut failures = Vec::new();
+            for volume in state.volumes.iter().rev() {
+                if let Err(error) = hypervisor.delete_volume(volume) {
+                    failures.push(error);
                 }
-                if failures.is_empty() {
-                    Ok(())
-                } else {
-                    Err(crate::libvirt::LibvirtError::Worker(format!(
-                        "deleting volumes: {}",
-                        failures.join("; ")
-                    )))
-                }
-            })
-            .await?;
+            }
+            // Report the first failure; the rest are logged. A retry
+            // removes whatever is left.
+            for error in failures.iter().skip(1) {
+                tracing::warn!(error = %error, "deleting a task volume failed");
+            }
+            match failures.into_iter().next() {
+                Some(error) => Err(error.into()),
+                None => Ok(()),
+            }
+        })
+        .await?;
         if let Some(spec) = entry.state.net.clone() {
             let net = self.net.clone();
-            let request = VmTerminatedTeardownRequest {
-                teardown_spec: spec,
-            };
-            tokio::task::spawn_blocking(move || net.vm_terminated_teardown(&request))
-                .await
-                .map_err(|e| TaskError::Invalid(format!("network teardown failed: {e}")))??;
+            blocking("removing the network setup", move || {
+                net.vm_terminated_teardown(&VmTerminatedTeardownRequest {
+                    teardown_spec: spec,
+                })?;
+                Ok(())
+            })
+            .await?;
         }
         entry.set_exit(exit_from(lifecycle::exit_for_stop(
             lifecycle::StopReason::Destroyed,
@@ -520,61 +396,26 @@ impl Tasks {
     }
 
     /// InspectTask.
-    pub fn inspect(&self, task_id: &str) -> Result<InspectTaskResponse, TaskError> {
+    pub fn inspect(&self, task_id: &str) -> Result<TaskStatus, TaskError> {
         let entry = self.entry(task_id)?;
-        let exit = entry.exit();
-        let started =
-            UNIX_EPOCH + Duration::from_nanos(entry.state.started_at_unix_nanos.max(0) as u64);
-        // Go's zero time stands for "not completed".
-        let zero_time = prost_types::Timestamp {
-            seconds: -62_135_596_800,
-            nanos: 0,
-        };
-        Ok(InspectTaskResponse {
-            task: Some(TaskStatus {
-                id: entry.state.task_id.clone(),
-                name: entry.state.task_name.clone(),
-                state: if exit.is_some() {
-                    TaskState::Exited as i32
-                } else {
-                    TaskState::Running as i32
-                },
-                started_at: Some(prost_types::Timestamp::from(started)),
-                completed_at: Some(
-                    exit.as_ref()
-                        .map(|e| prost_types::Timestamp::from(e.at))
-                        .unwrap_or(zero_time),
-                ),
-                result: Some(ExitResult {
-                    exit_code: exit.as_ref().map_or(0, |e| e.exit_code),
-                    signal: exit.as_ref().map_or(0, |e| e.signal),
-                    oom_killed: false,
-                }),
-            }),
-            driver: Some(TaskDriverStatus {
-                attributes: HashMap::from([(
-                    "domain_name".to_string(),
-                    entry.state.domain_name.clone(),
-                )]),
-            }),
-            network_override: entry.state.guest_ip.map(|ip| NetworkOverride {
-                port_map: HashMap::new(),
-                addr: ip.to_string(),
-                auto_advertise: false,
-            }),
+        let started_nanos = u64::try_from(entry.state.started_at_unix_nanos).unwrap_or(0);
+        Ok(TaskStatus {
+            task_id: entry.state.task_id.clone(),
+            task_name: entry.state.task_name.clone(),
+            domain_name: entry.state.domain_name.clone(),
+            started_at: UNIX_EPOCH + Duration::from_nanos(started_nanos),
+            exit: entry.exit(),
+            guest_ip: entry.state.guest_ip,
         })
     }
 
-    /// RecoverTask: re-attach to a task from its handle after a plugin or
-    /// agent restart. Nomad sends no task id; the handle's config has it.
-    pub async fn recover(&self, handle: TaskHandle) -> Result<(), TaskError> {
-        let state = DriverState::decode(&handle.driver_state)
-            .map_err(|e| TaskError::Invalid(e.to_string()))?;
+    /// RecoverTask: re-attach to a task from its handle's state after a
+    /// plugin or agent restart.
+    pub async fn recover(&self, state: DriverState) -> Result<(), TaskError> {
         if self.store.get(&state.task_id).is_some() {
             return Ok(());
         }
-        let nomad_config = handle.config.unwrap_or_default();
-        let entry = TaskEntry::new(state.clone(), nomad_config);
+        let entry = TaskEntry::new(state.clone());
         self.store.insert(entry.clone());
         self.reconcile_entry(entry.clone()).await;
         if entry.is_running() {
@@ -596,26 +437,23 @@ impl Tasks {
 
     /// Settles a task's exit from the domain's real state (after missed events).
     async fn reconcile_entry(&self, entry: Arc<TaskEntry>) {
-        let name = entry.state.domain_name.clone();
-        let result = self
-            .libvirt
-            .call(move |conn| {
-                domain_outcome(conn, &name, &entry);
-                Ok(())
-            })
-            .await;
-        if let Err(error) = result {
-            tracing::warn!(error = %error, "cannot reconcile task state with libvirt");
+        let hypervisor = self.hypervisor.clone();
+        let settled =
+            tokio::task::spawn_blocking(move || settle_from_state(hypervisor.as_ref(), &entry))
+                .await;
+        if let Ok(Err(error)) = settled {
+            tracing::warn!(error = %error, "cannot reconcile task state with the hypervisor");
         }
     }
 
-    /// TaskStats: one sample per interval until the client goes away.
+    /// TaskStats: one sample per interval until the client goes away or
+    /// `stop` turns true.
     pub fn stats(
-        self: &Arc<Self>,
+        &self,
         task_id: &str,
         interval: Duration,
         mut stop: watch::Receiver<bool>,
-    ) -> Result<BoxStream<TaskStatsResponse>, TaskError> {
+    ) -> Result<mpsc::Receiver<UsageSample>, TaskError> {
         let entry = self.entry(task_id)?;
         let interval = if interval.is_zero() {
             Duration::from_secs(1)
@@ -623,88 +461,58 @@ impl Tasks {
             interval
         };
         let (sender, receiver) = mpsc::channel(4);
-        let libvirt = self.libvirt.clone();
+        let hypervisor = self.hypervisor.clone();
         let origin = Instant::now();
         tokio::spawn(async move {
-            let mut host_mhz: u32 = 0;
+            // The host's clock speed does not change: read it once.
+            let facts = {
+                let hypervisor = hypervisor.clone();
+                tokio::task::spawn_blocking(move || hypervisor.host_facts()).await
+            };
+            let mhz = match facts {
+                Ok(Ok(facts)) => f64::from(facts.mhz_per_core),
+                _ => 0.0,
+            };
+            let mut previous: Option<CpuSample> = None;
             loop {
                 if !entry.is_running() {
                     return;
                 }
-                let name = entry.state.domain_name.clone();
-                let known_mhz = host_mhz;
-                let sample = libvirt
-                    .call(move |conn| {
-                        // The host's clock speed does not change: read it once.
-                        let mhz = if known_mhz > 0 {
-                            known_mhz
-                        } else {
-                            conn.node_info().map(|n| n.mhz).unwrap_or(0)
-                        };
-                        let Some(domain) = teardown::find_domain(conn, &name)? else {
-                            return Ok(None);
-                        };
-                        let info = domain.info().map_err(|e| {
-                            crate::libvirt::LibvirtError::call("reading domain info", e)
-                        })?;
-                        let memory = domain.memory_stats(0).unwrap_or_default();
-                        Ok(Some((info, memory, mhz)))
-                    })
-                    .await;
-                if let Ok(Some((info, memory, mhz))) = sample {
-                    host_mhz = mhz;
+                let (hypervisor, name) = (hypervisor.clone(), entry.state.domain_name.clone());
+                let counters =
+                    tokio::task::spawn_blocking(move || hypervisor.counters(&name)).await;
+                if let Ok(Ok(Some(counters))) = counters {
                     let now = CpuSample {
-                        cpu_time_ns: info.cpu_time,
-                        at_ns: origin.elapsed().as_nanos() as u64,
-                        vcpus: info.nr_virt_cpu,
+                        cpu_time_ns: counters.cpu_time_ns,
+                        at_ns: u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                        vcpus: counters.vcpus,
                     };
-                    let previous = entry
-                        .cpu_sample
-                        .lock()
-                        .ok()
-                        .and_then(|mut slot| slot.replace((now.cpu_time_ns, now.at_ns)));
-                    let percent = previous
-                        .map(|(cpu_time_ns, at_ns)| {
-                            stats::cpu_percent(
-                                &CpuSample {
-                                    cpu_time_ns,
-                                    at_ns,
-                                    vcpus: now.vcpus,
-                                },
-                                &now,
-                            )
-                        })
-                        .unwrap_or(0.0);
-                    let memory =
-                        stats::memory_usage_bytes(&MemorySample::from_stats(&memory, info.max_mem));
-                    let usage = stats::resource_usage(
-                        percent,
-                        stats::total_ticks(percent, f64::from(mhz)),
-                        memory,
-                    );
-                    let response = TaskStatsResponse {
-                        stats: Some(TaskStats {
-                            id: entry.state.task_id.clone(),
-                            timestamp: Some(now_timestamp()),
-                            agg_resource_usage: Some(usage),
-                            resource_usage_by_pid: HashMap::new(),
-                        }),
+                    let percent = previous.map_or(0.0, |before| stats::cpu_percent(&before, &now));
+                    previous = Some(now);
+                    let (rss, usage, max_usage) = stats::memory_usage_bytes(&counters.memory);
+                    let sample = UsageSample {
+                        cpu_percent: percent,
+                        cpu_total_ticks: stats::total_ticks(percent, mhz),
+                        memory_rss_bytes: rss,
+                        memory_usage_bytes: usage,
+                        memory_max_usage_bytes: max_usage,
+                        at: SystemTime::now(),
                     };
-                    if sender.send(Ok(response)).await.is_err() {
+                    if sender.send(sample).await.is_err() {
                         return;
                     }
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
+                    () = tokio::time::sleep(interval) => {}
                     _ = stop.wait_for(|stopping| *stopping) => return,
-                    _ = sender.closed() => return,
+                    () = sender.closed() => return,
                 }
             }
         });
-        Ok(Box::pin(ReceiverStream::new(receiver)))
+        Ok(receiver)
     }
 
-    fn handle_event(&self, event: LifecycleEvent) {
+    fn handle_event(&self, event: &LifecycleEvent) {
         let Some(entry) = self.store.by_domain(&event.domain_name) else {
             return;
         };
@@ -717,13 +525,7 @@ impl Tasks {
                 tracing::info!(domain = %event.domain_name, task_id = %entry.state.task_id, event = %event.describe(), "task exited");
             }
         } else if kind.needs_reconcile() || matches!(kind, DomainEvent::Undefined) {
-            let libvirt = self.libvirt.clone();
-            let name = event.domain_name.clone();
-            let result = libvirt.call_blocking(|conn| {
-                domain_outcome(conn, &name, &entry);
-                Ok(())
-            });
-            if let Err(error) = result {
+            if let Err(error) = settle_from_state(self.hypervisor.as_ref(), &entry) {
                 tracing::warn!(error = %error, "cannot check domain state after an event");
             }
         }
@@ -736,12 +538,8 @@ impl Tasks {
             .into_iter()
             .filter(|entry| entry.is_running())
         {
-            let name = entry.state.domain_name.clone();
-            if let Err(error) = self.libvirt.call_blocking(|conn| {
-                domain_outcome(conn, &name, &entry);
-                Ok(())
-            }) {
-                tracing::warn!(error = %error, "cannot reconcile task state with libvirt");
+            if let Err(error) = settle_from_state(self.hypervisor.as_ref(), &entry) {
+                tracing::warn!(error = %error, "cannot reconcile task state with the hypervisor");
                 return;
             }
         }
@@ -749,35 +547,34 @@ impl Tasks {
 }
 
 /// Reads the domain's state and records an exit if it has ended.
-fn domain_outcome(conn: &virt::connect::Connect, name: &str, entry: &TaskEntry) {
-    match teardown::find_domain(conn, name) {
-        Ok(None) => {
+fn settle_from_state(hypervisor: &dyn Hypervisor, entry: &TaskEntry) -> Result<(), TaskError> {
+    match hypervisor.domain_state(&entry.state.domain_name)? {
+        None => {
             entry.set_exit(exit_from(lifecycle::exit_for_vanished()));
         }
-        Ok(Some(domain)) => {
-            if let Ok((state, reason)) = domain.state() {
-                if let Some(outcome) = lifecycle::exit_for_domain_state(
-                    state,
-                    reason,
-                    entry.stop_requested(),
-                    entry.forced(),
-                ) {
-                    entry.set_exit(exit_from(outcome));
-                }
+        Some(state) => {
+            if let Some(outcome) = lifecycle::exit_for_state(
+                state.state,
+                state.reason,
+                entry.stop_requested(),
+                entry.forced(),
+            ) {
+                entry.set_exit(exit_from(outcome));
             }
         }
-        Err(error) => tracing::debug!(error = %error, "domain lookup failed during reconcile"),
     }
+    Ok(())
 }
 
-/// Runs on its own thread: applies libvirt events and reconciles after reconnects.
-fn dispatch_events(tasks: Weak<Tasks>, receiver: std::sync::mpsc::Receiver<LifecycleEvent>) {
+/// Runs on its own thread: applies hypervisor events and reconciles after
+/// reconnects.
+fn dispatch_events(tasks: &Weak<Tasks>, receiver: &std::sync::mpsc::Receiver<LifecycleEvent>) {
     let mut seen_generation = 0;
     loop {
         let received = receiver.recv_timeout(Duration::from_secs(1));
         let Some(tasks) = tasks.upgrade() else { return };
         match received {
-            Ok(event) => tasks.handle_event(event),
+            Ok(event) => tasks.handle_event(&event),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 // The connection object owning the sender is gone; keep
@@ -785,7 +582,7 @@ fn dispatch_events(tasks: Weak<Tasks>, receiver: std::sync::mpsc::Receiver<Lifec
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
-        let generation = tasks.libvirt.generation();
+        let generation = tasks.hypervisor.connection_generation();
         if generation != seen_generation {
             seen_generation = generation;
             if generation > 1 {

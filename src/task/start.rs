@@ -1,48 +1,43 @@
-//! StartTask: plan, create volumes and the seed, define and start the
-//! domain; on any failure remove everything created so far.
+//! StartTask: check the request against the host, then create volumes, the
+//! seed and the domain, boot it and wire its network. A [`Rollback`] guard
+//! records each thing before it is created and removes everything if the
+//! start does not reach its end.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
-use virt::connect::Connect;
-use virt::storage_pool::StoragePool;
-
+use super::contract::{Mount, StartRequest};
 use super::error::TaskError;
+use super::hypervisor::{Hypervisor, VolumeContent};
 use super::plan::{self, GuestShare};
 use crate::cloudinit::docs::{render, CloudInitInput};
 use crate::cloudinit::iso::build_seed_iso;
 use crate::cloudinit::password::random_salt;
 use crate::config::plugin::{DirectoryPool, Settings};
-use crate::config::task::{hostname_from_task_name, DiskConfig, TaskConfig};
+use crate::config::task::{hostname_from_task_name, DiskConfig};
 use crate::libvirt::domain_xml::{
-    render_domain_xml, DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec,
-    DomainType, InterfaceSpec, ShareDriver, ShareSpec,
+    DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec, DomainType,
+    InterfaceSpec, ShareDriver, ShareSpec,
 };
-use crate::libvirt::{host, LibvirtError};
-use crate::net::{AllocatedPort, Attachment, Net};
+use crate::libvirt::host;
+use crate::net::iptables::task_tag;
+use crate::net::{Attachment, DriverNetwork, Net, TeardownSpec, VmStartedBuildRequest};
 use crate::nomad::driver_state::CreatedVolume;
-use crate::pb::hashicorp::nomad::plugins::drivers::proto::TaskConfig as NomadTaskConfig;
-use crate::storage::images::ImageFormat;
-use crate::storage::{images, pool, volume};
-
-/// Everything a start created, so a failure can undo it.
-#[derive(Debug, Default)]
-pub struct Created {
-    pub volumes: Vec<CreatedVolume>,
-    pub domain: Option<String>,
-}
+use crate::storage::images::{self, ImageFormat};
+use crate::storage::volume;
 
 /// What the start produced.
-pub struct Started {
+#[derive(Debug)]
+pub struct Booted {
     pub domain_name: String,
-    pub hostname: String,
-    pub hwaddrs: Vec<String>,
     pub volumes: Vec<CreatedVolume>,
     pub console_log: PathBuf,
+    pub teardown: Option<TeardownSpec>,
+    pub network: Option<DriverNetwork>,
 }
 
-/// Inputs resolved before touching libvirt.
+/// Inputs resolved before touching the hypervisor.
+#[derive(Debug)]
 pub struct StartPlan {
     pub domain_name: String,
     pub hostname: String,
@@ -55,27 +50,80 @@ pub struct StartPlan {
     pub hwaddrs: Vec<String>,
 }
 
-/// Checks the parts of the request that need the file system but not
-/// libvirt: images against the allow-list, user data, shares.
-pub fn prepare(
-    task: &NomadTaskConfig,
-    config: &TaskConfig,
-    settings: &Settings,
-) -> Result<StartPlan, TaskError> {
-    let domain_name = plan::domain_name(&task.name, &task.id);
+/// Undoes a start that did not finish: on drop, unless disarmed, removes
+/// the domain, then the volumes (newest first). Everything is recorded here
+/// before it is created, so a failure half-way through a creation is
+/// covered too. Network setup cleans up after itself before it fails.
+struct Rollback<'a> {
+    hypervisor: &'a dyn Hypervisor,
+    volumes: Vec<CreatedVolume>,
+    domain: Option<String>,
+    armed: bool,
+}
+
+impl<'a> Rollback<'a> {
+    fn new(hypervisor: &'a dyn Hypervisor) -> Self {
+        Self {
+            hypervisor,
+            volumes: Vec::new(),
+            domain: None,
+            armed: true,
+        }
+    }
+
+    fn volume(&mut self, pool: &str, name: &str) {
+        self.volumes.push(CreatedVolume {
+            pool: pool.to_string(),
+            name: name.to_string(),
+        });
+    }
+
+    fn domain(&mut self, name: &str) {
+        self.domain = Some(name.to_string());
+    }
+
+    /// The start succeeded: keep everything; returns the volumes made.
+    fn disarm(mut self) -> Vec<CreatedVolume> {
+        self.armed = false;
+        std::mem::take(&mut self.volumes)
+    }
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(name) = &self.domain {
+            if let Err(error) = self.hypervisor.remove_domain(name) {
+                tracing::warn!(error = %error, domain = %name, "rollback could not remove the domain");
+            }
+        }
+        for created in self.volumes.iter().rev() {
+            if let Err(error) = self.hypervisor.delete_volume(created) {
+                tracing::warn!(error = %error, volume = %created.name, "rollback could not delete a volume");
+            }
+        }
+    }
+}
+
+/// Checks the parts of the request that need the file system but not the
+/// hypervisor: images against the allow-list, user data, shares.
+pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan, TaskError> {
+    let config = &request.config;
+    let domain_name = plan::domain_name(&request.task_name, &request.task_id);
     let hostname = config
         .hostname
         .clone()
         // Unique per task (like the domain name), so count > 1 does not clash.
         .unwrap_or_else(|| hostname_from_task_name(&domain_name));
-    let alloc_dir = PathBuf::from(&task.alloc_dir);
-    if task.alloc_dir.is_empty() || !alloc_dir.is_absolute() {
+    let alloc_dir = &request.alloc_dir;
+    if alloc_dir.as_os_str().is_empty() || !alloc_dir.is_absolute() {
         return Err(TaskError::Invalid(format!(
-            "alloc_dir {:?} is not an absolute path",
-            task.alloc_dir
+            "alloc_dir {alloc_dir:?} is not an absolute path"
         )));
     }
-    let task_dir = alloc_dir.join(&task.name);
+    let task_dir = alloc_dir.join(&request.task_name);
     let disks = config.disk.as_deref().unwrap_or_default();
     if disks.is_empty() {
         return Err(TaskError::Invalid(
@@ -91,7 +139,7 @@ pub fn prepare(
         {
             Some(image) => {
                 let path =
-                    images::resolve_image(image, &settings.image_paths, &alloc_dir, &task_dir)
+                    images::resolve_image(image, &settings.image_paths, alloc_dir, &task_dir)
                         .map_err(|error| error.in_field(format!("disk[{index}].source.image")))?;
                 images_found.push(Some(path));
             }
@@ -102,9 +150,8 @@ pub fn prepare(
         None => None,
         Some(text) if looks_inline(text) => Some(text.to_string()),
         Some(path) => {
-            let resolved =
-                images::resolve_image(path, &settings.image_paths, &alloc_dir, &task_dir)
-                    .map_err(|error| error.in_field("user_data"))?;
+            let resolved = images::resolve_image(path, &settings.image_paths, alloc_dir, &task_dir)
+                .map_err(|error| error.in_field("user_data"))?;
             Some(std::fs::read_to_string(&resolved).map_err(|error| {
                 TaskError::Invalid(format!(
                     "user_data: cannot read {}: {error}",
@@ -130,28 +177,32 @@ pub fn prepare(
         }
     }
     let mut block_devices = Vec::new();
-    for (index, mount) in task.mounts.iter().enumerate() {
-        if mount.host_path.starts_with("/dev/") {
-            block_devices.push(PathBuf::from(&mount.host_path));
+    for (index, mount) in request.mounts.iter().enumerate() {
+        let Mount {
+            host_path,
+            task_path,
+            read_only,
+        } = mount;
+        if host_path.starts_with("/dev/") {
+            block_devices.push(host_path.clone());
         } else {
-            if !mount.task_path.starts_with('/') {
+            if !task_path.starts_with('/') {
                 return Err(TaskError::Invalid(format!(
-                    "volume_mount {index}: destination {:?} must be an absolute guest path",
-                    mount.task_path
+                    "volume_mount {index}: destination {task_path:?} must be an absolute guest path"
                 )));
             }
             shares.push(GuestShare {
-                host_dir: PathBuf::from(&mount.host_path),
+                host_dir: host_path.clone(),
                 tag: format!("vol{index}"),
-                guest_path: mount.task_path.clone(),
-                read_only: mount.readonly,
+                guest_path: task_path.clone(),
+                read_only: *read_only,
             });
         }
     }
     let console_log = task_dir.join("virt-console.log");
     let interfaces = config.network_interface.as_ref().map_or(0, Vec::len);
     let hwaddrs = (0..interfaces)
-        .map(|index| crate::net::mac_for(&task.id, index))
+        .map(|index| crate::net::mac_for(&request.task_id, index))
         .collect();
     Ok(StartPlan {
         domain_name,
@@ -163,25 +214,6 @@ pub fn prepare(
         console_log,
         hwaddrs,
     })
-}
-
-/// The group ports Nomad allocated, as the network module wants them.
-pub fn allocated_ports(task: &NomadTaskConfig) -> Vec<AllocatedPort> {
-    task.resources
-        .as_ref()
-        .map(|resources| {
-            resources
-                .ports
-                .iter()
-                .map(|port| AllocatedPort {
-                    label: port.label.clone(),
-                    value: u16::try_from(port.value).unwrap_or(0),
-                    to: u16::try_from(port.to).unwrap_or(0),
-                    host_ip: port.host_ip.clone(),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Inline cloud-config or script rather than a file name.
@@ -199,51 +231,33 @@ fn bus(name: &str) -> DiskBus {
     }
 }
 
-/// Creates volumes, the seed and the domain, and starts it. Runs on a
-/// blocking thread. `created` is filled as things are made, so the caller can
-/// roll back whatever exists if this fails.
-#[allow(clippy::too_many_arguments)]
-pub fn create_and_boot(
-    conn: &Connect,
-    task: &NomadTaskConfig,
-    config: &TaskConfig,
+/// Creates volumes, the seed and the domain, boots it and wires its
+/// network. Blocks (lease wait included): run it on a blocking thread. On
+/// any failure everything this call created is removed before it returns.
+pub fn boot(
+    hypervisor: &dyn Hypervisor,
+    net: &dyn Net,
+    request: &StartRequest,
     settings: &Settings,
     start_plan: &StartPlan,
-    created: &Arc<Mutex<Created>>,
-    net: &dyn Net,
-    progress: &dyn Fn(&str),
-) -> Result<Started, TaskError> {
-    let record_volume = |pool: &str, name: &str| {
-        if let Ok(mut created) = created.lock() {
-            created.volumes.push(CreatedVolume {
-                pool: pool.to_string(),
-                name: name.to_string(),
-            });
-        }
-    };
-    let node = conn
-        .node_info()
-        .map_err(|e| LibvirtError::call("reading host CPU information", e))?;
-    let info = host::host_info(conn)?;
-    let resources = task.resources.as_ref();
-    let allocated = resources.and_then(|r| r.allocated_resources.as_ref());
-    let memory = allocated.and_then(|a| a.memory.as_ref());
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Booted, TaskError> {
+    let config = &request.config;
+    let mut rollback = Rollback::new(hypervisor);
+    let facts = hypervisor.host_facts()?;
+    let resources = &request.resources;
     let vm = plan::vm_resources(
-        memory.map_or(0, |m| m.memory_mb),
-        memory.map_or(0, |m| m.memory_max_mb),
-        allocated
-            .and_then(|a| a.cpu.as_ref())
-            .map_or(0, |c| c.cpu_shares),
-        resources
-            .and_then(|r| r.linux_resources.as_ref())
-            .map_or("", |l| l.cpuset_cpus.as_str()),
-        u64::from(node.mhz),
-        node.cpus,
+        resources.memory_mb,
+        resources.memory_max_mb,
+        resources.cpu_shares,
+        &resources.cpuset_cpus,
+        u64::from(facts.mhz_per_core),
+        facts.cpus,
     )
     .map_err(TaskError::Invalid)?;
     let domain_type = match host::choose_accelerator(
         settings.accelerator,
-        info.kvm_offered,
+        facts.kvm_offered,
         host::kvm_device_usable(),
     ) {
         "kvm" => DomainType::Kvm,
@@ -263,85 +277,84 @@ pub fn create_and_boot(
         plan::device_names(disks, seed_bus).map_err(TaskError::Invalid)?;
 
     let net_config = config.network_interface.clone().unwrap_or_default();
-    let attachments = net.attachments(&net_config, &allocated_ports(task), &start_plan.hwaddrs)?;
+    let attachments = net.attachments(&net_config, &resources.ports, &start_plan.hwaddrs)?;
 
-    // Each pool is looked up (and refreshed) once per start, not per disk.
-    let mut pools: HashMap<String, StoragePool> = HashMap::new();
-    let mut pool_for = |config: &DirectoryPool| -> Result<StoragePool, TaskError> {
-        if let Some(found) = pools.get(&config.name) {
-            return Ok(found.clone());
+    // Each pool is prepared once per start, not per disk.
+    let mut prepared: HashMap<String, ()> = HashMap::new();
+    let mut pool_for = |name: &str, field: &str| -> Result<DirectoryPool, TaskError> {
+        let config = settings
+            .pools
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                TaskError::Invalid(format!(
+                    "{field}: {name:?} is not a configured storage pool; configured: {}",
+                    settings
+                        .pools
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?
+            .clone();
+        if prepared.insert(config.name.clone(), ()).is_none() {
+            hypervisor.prepare_pool(&config)?;
         }
-        let found = pool::ensure_directory_pool(conn, &config.name, &config.path)?;
-        pools.insert(config.name.clone(), found.clone());
-        Ok(found)
+        Ok(config)
     };
 
     progress("Preparing disks");
     let mut disk_specs = Vec::new();
     for (index, disk) in disks.iter().enumerate() {
+        let field = format!("disk[{index}]");
         let pool_name = disk
             .pool
             .clone()
             .unwrap_or_else(|| settings.default_pool.clone());
-        let pool_config = settings.pools.iter().find(|p| p.name == pool_name).ok_or_else(|| {
-            TaskError::Invalid(format!(
-                "disk[{index}].pool: {pool_name:?} is not a configured storage pool; configured: {}",
-                settings.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
-            ))
-        })?;
-        let storage_pool = pool_for(pool_config)?;
+        let pool = pool_for(&pool_name, &format!("{field}.pool"))?;
         let device = device_names[index].clone();
         let target_format = disk.format.clone().unwrap_or_else(|| "qcow2".into());
         let format: ImageFormat = target_format.parse().map_err(TaskError::Invalid)?;
         let capacity = disk.size.map(|size| size.0);
-        let field = format!("disk[{index}]");
+        let existing = disk.source.as_ref().and_then(|s| s.volume.as_deref());
         let path = if let Some(image) = &start_plan.images[index] {
-            let source_format = images::detect_format(image)
+            let image_format = images::detect_format(image)
                 .map_err(|e| e.in_field(format!("{field}.source.image")))?;
             let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
-            let created_volume = if disk.chained == Some(true) {
-                let parent = volume::ensure_parent(conn, &storage_pool, image, source_format)?;
-                record_volume(&pool_name, &name);
-                volume::create_overlay(&storage_pool, &name, &parent, source_format, capacity)?
-            } else {
-                record_volume(&pool_name, &name);
-                volume::create_from_image(
-                    conn,
-                    &storage_pool,
-                    &name,
+            let content = if disk.chained == Some(true) {
+                VolumeContent::Overlay {
                     image,
-                    source_format,
+                    image_format,
+                    capacity,
+                }
+            } else {
+                VolumeContent::Copy {
+                    image,
+                    image_format,
                     format,
                     capacity,
-                )?
+                }
             };
-            volume::path_of(&created_volume)?
-        } else if let Some(existing) = disk.source.as_ref().and_then(|s| s.volume.as_deref()) {
+            rollback.volume(&pool.name, &name);
+            hypervisor.create_volume(&pool.name, &name, content)?
+        } else if let Some(existing) = existing {
             // An existing volume belongs to the operator: used, never deleted.
-            volume::existing_path(&storage_pool, existing)
-                .map_err(|e| e.in_field(format!("{field}.source.volume")))?
+            hypervisor
+                .existing_volume_path(&pool.name, existing)
+                .map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?
         } else {
             let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
             let size = capacity.ok_or_else(|| {
                 TaskError::Invalid(format!("{field}.size: is required for an empty disk"))
             })?;
-            record_volume(&pool_name, &name);
-            let created_volume = volume::create_empty(&storage_pool, &name, format, size)?;
-            volume::path_of(&created_volume)?
+            rollback.volume(&pool.name, &name);
+            hypervisor.create_volume(&pool.name, &name, VolumeContent::Empty { format, size })?
         };
         let cdrom = disk.kind.as_deref() == Some("cdrom");
         disk_specs.push(DiskSpec {
             source: DiskSource::File(path),
-            format: if disk
-                .source
-                .as_ref()
-                .and_then(|s| s.volume.as_ref())
-                .is_some()
-            {
-                disk.format.clone().unwrap_or_else(|| "qcow2".into())
-            } else {
-                target_format
-            },
+            format: target_format,
             target_dev: device,
             bus: bus(&plan::default_bus(disk)),
             device: if cdrom {
@@ -355,10 +368,15 @@ pub fn create_and_boot(
         });
     }
     for (index, block) in start_plan.block_devices.iter().enumerate() {
+        let letter = u8::try_from(index)
+            .ok()
+            .and_then(|i| b'p'.checked_add(i))
+            .filter(u8::is_ascii_lowercase)
+            .ok_or_else(|| TaskError::Invalid("volume_mount: too many block devices".into()))?;
         disk_specs.push(DiskSpec {
             source: DiskSource::Block(block.clone()),
             format: "raw".into(),
-            target_dev: format!("vd{}", char::from(b'p' + index as u8)),
+            target_dev: format!("vd{}", char::from(letter)),
             bus: DiskBus::Virtio,
             device: DiskDevice::Disk,
             read_only: false,
@@ -367,11 +385,6 @@ pub fn create_and_boot(
     }
 
     progress("Building cloud-init seed");
-    let env: BTreeMap<String, String> = task
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     let seed = render(
         &CloudInitInput {
             instance_id: start_plan.domain_name.clone(),
@@ -382,27 +395,24 @@ pub fn create_and_boot(
             cmds: config.cmds.clone().unwrap_or_default(),
             bootcmds: plan::mount_commands(&start_plan.shares),
             timezone: config.timezone.clone(),
-            env,
+            env: request.env.clone(),
         },
         random_salt()?,
     )?;
     let iso = build_seed_iso(&seed)?;
-    let default_pool = settings
-        .pools
-        .iter()
-        .find(|p| p.name == settings.default_pool)
-        .ok_or_else(|| {
-            TaskError::Invalid(format!(
-                "storage_pools.default {:?} is not configured",
-                settings.default_pool
-            ))
-        })?;
-    let seed_pool = pool_for(default_pool)?;
+    let seed_pool = pool_for(&settings.default_pool, "storage_pools.default")?;
     let seed_name = volume::seed_volume_name(&start_plan.domain_name);
-    record_volume(&default_pool.name, &seed_name);
-    let seed_volume = volume::upload_bytes(conn, &seed_pool, &seed_name, &iso, ImageFormat::Raw)?;
+    rollback.volume(&seed_pool.name, &seed_name);
+    let seed_path = hypervisor.create_volume(
+        &seed_pool.name,
+        &seed_name,
+        VolumeContent::Bytes {
+            data: &iso,
+            format: ImageFormat::Raw,
+        },
+    )?;
     disk_specs.push(DiskSpec {
-        source: DiskSource::File(volume::path_of(&seed_volume)?),
+        source: DiskSource::File(seed_path),
         format: "raw".into(),
         target_dev: seed_device,
         bus: bus(seed_bus),
@@ -449,43 +459,39 @@ pub fn create_and_boot(
             .collect(),
         console_log: Some(start_plan.console_log.clone()),
         metadata: DomainMetadata {
-            task_id: task.id.clone(),
-            alloc_id: task.alloc_id.clone(),
-            task_name: task.name.clone(),
+            task_id: request.task_id.clone(),
+            alloc_id: request.alloc_id.clone(),
+            task_name: request.task_name.clone(),
             plugin_version: crate::driver::PLUGIN_VERSION.into(),
         },
     };
-    let xml = render_domain_xml(&spec)?;
-    let domain = conn
-        .define_domain_xml(&xml)
-        .map_err(|e| LibvirtError::call("defining the domain", e))?;
-    if let Ok(mut created) = created.lock() {
-        created.domain = Some(start_plan.domain_name.clone());
-    }
-    domain.create().map_err(|e| {
-        LibvirtError::call(format!("starting domain {}", start_plan.domain_name), e)
-    })?;
-    let volumes = created
-        .lock()
-        .map(|c| c.volumes.clone())
-        .unwrap_or_default();
-    Ok(Started {
-        domain_name: start_plan.domain_name.clone(),
-        hostname: start_plan.hostname.clone(),
-        hwaddrs: start_plan.hwaddrs.clone(),
-        volumes,
-        console_log: start_plan.console_log.clone(),
-    })
-}
+    rollback.domain(&spec.name);
+    hypervisor.define_domain(&spec)?;
+    hypervisor.start_domain(&spec.name)?;
 
-/// Removes what a failed start created. Best effort: every step is tried.
-pub fn roll_back(conn: &Connect, created: &Created) {
-    if let Some(name) = &created.domain {
-        super::teardown::remove_domain(conn, name);
-    }
-    for created_volume in created.volumes.iter().rev() {
-        if let Err(error) = super::teardown::delete_volume(conn, created_volume) {
-            tracing::warn!(error = %error, volume = %created_volume.name, "rollback could not delete a volume");
-        }
-    }
+    // The guest is booting: find its address, reserve it, map ports.
+    let (teardown, network) = if net_config.is_empty() {
+        (None, None)
+    } else {
+        let built = net.vm_started_build(
+            &VmStartedBuildRequest {
+                vm_name: start_plan.domain_name.clone(),
+                hostname: start_plan.hostname.clone(),
+                task_tag: task_tag(&request.task_id),
+                net_config,
+                resources: resources.ports.clone(),
+                hwaddrs: start_plan.hwaddrs.clone(),
+                dhcp_timeout: settings.dhcp_timeout,
+            },
+            progress,
+        )?;
+        (Some(built.teardown_spec), built.driver_network)
+    };
+    Ok(Booted {
+        domain_name: start_plan.domain_name.clone(),
+        volumes: rollback.disarm(),
+        console_log: start_plan.console_log.clone(),
+        teardown,
+        network,
+    })
 }

@@ -8,23 +8,12 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 
 use super::console::ConsoleCopier;
+pub use super::contract::TaskExit;
 use crate::nomad::driver_state::DriverState;
-
-/// How a task ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskExit {
-    pub exit_code: i32,
-    pub signal: i32,
-    /// Set when the task ended because something went wrong.
-    pub error: Option<String>,
-    pub at: SystemTime,
-}
 
 /// One task the driver knows about.
 pub struct TaskEntry {
     pub state: DriverState,
-    /// The Nomad task config to echo back in the handle.
-    pub nomad_config: crate::pb::hashicorp::nomad::plugins::drivers::proto::TaskConfig,
     exit: watch::Sender<Option<TaskExit>>,
     stop_requested: AtomicBool,
     forced: AtomicBool,
@@ -34,14 +23,10 @@ pub struct TaskEntry {
 }
 
 impl TaskEntry {
-    pub fn new(
-        state: DriverState,
-        nomad_config: crate::pb::hashicorp::nomad::plugins::drivers::proto::TaskConfig,
-    ) -> Arc<Self> {
+    pub fn new(state: DriverState) -> Arc<Self> {
         let (exit, _) = watch::channel(None);
         Arc::new(Self {
             state,
-            nomad_config,
             exit,
             stop_requested: AtomicBool::new(false),
             forced: AtomicBool::new(false),

@@ -1,0 +1,120 @@
+//! The one seam between the orchestrator and the hypervisor. `libvirt/`
+//! implements it; tests wrap that implementation to inject faults the
+//! real thing cannot produce. Methods block: call them off the async
+//! runtime's threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use crate::config::plugin::DirectoryPool;
+use crate::libvirt::domain_xml::DomainSpec;
+use crate::libvirt::events::LifecycleEvent;
+use crate::libvirt::stats::MemorySample;
+use crate::libvirt::LibvirtError;
+use crate::nomad::driver_state::CreatedVolume;
+use crate::storage::images::ImageFormat;
+use crate::storage::StorageError;
+
+/// Facts about the host a start needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFacts {
+    pub cpus: u32,
+    pub mhz_per_core: u32,
+    /// The hypervisor offers KVM domains.
+    pub kvm_offered: bool,
+}
+
+/// What a new volume holds.
+#[derive(Debug, Clone, Copy)]
+pub enum VolumeContent<'a> {
+    /// Zeroes, `size` bytes.
+    Empty { format: ImageFormat, size: u64 },
+    /// A copy of a host image, converted to `format`, grown to `capacity`.
+    Copy {
+        image: &'a Path,
+        image_format: ImageFormat,
+        format: ImageFormat,
+        capacity: Option<u64>,
+    },
+    /// A qcow2 overlay on a shared parent made from the image.
+    Overlay {
+        image: &'a Path,
+        image_format: ImageFormat,
+        capacity: Option<u64>,
+    },
+    /// These bytes (the cloud-init seed).
+    Bytes { data: &'a [u8], format: ImageFormat },
+}
+
+/// A domain's state in libvirt's raw codes (`VIR_DOMAIN_*` and the
+/// matching reason), interpreted by `libvirt::lifecycle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainState {
+    pub state: u32,
+    pub reason: i32,
+}
+
+/// One reading of a domain's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainCounters {
+    pub cpu_time_ns: u64,
+    pub vcpus: u32,
+    pub memory: MemorySample,
+}
+
+/// Errors from the hypervisor, classified by their source.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    DomainXml(#[from] crate::libvirt::domain_xml::DomainXmlError),
+}
+
+/// What the orchestrator asks of a hypervisor.
+pub trait Hypervisor: Send + Sync + 'static {
+    /// Cheap liveness check (health between full fingerprints).
+    fn ping(&self) -> Result<(), HypervisorError>;
+    fn host_facts(&self) -> Result<HostFacts, HypervisorError>;
+
+    /// Makes sure the pool exists and is started.
+    fn prepare_pool(&self, pool: &DirectoryPool) -> Result<(), HypervisorError>;
+    /// Creates `name` in `pool` and returns its path.
+    fn create_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        content: VolumeContent<'_>,
+    ) -> Result<PathBuf, HypervisorError>;
+    /// The path of a volume the operator made (never created nor deleted by us).
+    fn existing_volume_path(&self, pool: &str, name: &str) -> Result<PathBuf, HypervisorError>;
+    /// Deletes a volume; a missing pool or volume is fine.
+    fn delete_volume(&self, volume: &CreatedVolume) -> Result<(), HypervisorError>;
+    /// Deletes chained-disk parents no volume has used for `idle`.
+    fn prune_unused_parents(
+        &self,
+        pools: &[String],
+        idle: Duration,
+    ) -> Result<Vec<String>, HypervisorError>;
+
+    fn define_domain(&self, spec: &DomainSpec) -> Result<(), HypervisorError>;
+    fn start_domain(&self, name: &str) -> Result<(), HypervisorError>;
+    /// `None` when no such domain exists.
+    fn domain_state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError>;
+    /// Asks the guest to power off (ACPI power button).
+    fn request_shutdown(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Powers the domain off now; a missing or stopped domain is fine.
+    fn power_off(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Powers off and undefines; a missing domain is fine.
+    fn remove_domain(&self, name: &str) -> Result<(), HypervisorError>;
+    /// `None` when no such domain exists.
+    fn counters(&self, name: &str) -> Result<Option<DomainCounters>, HypervisorError>;
+
+    /// Sends lifecycle events of every domain to `sink`, across reconnects.
+    fn subscribe_events(&self, sink: Sender<LifecycleEvent>);
+    /// Bumped on every new connection: events may have been missed.
+    fn connection_generation(&self) -> u64;
+}

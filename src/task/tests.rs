@@ -1,0 +1,710 @@
+//! The orchestrator against libvirt's `test:///` driver (a private node
+//! per test, no root): start, rollback at every step, stop, recover,
+//! destroy. A wrapper injects the faults the test driver cannot produce.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::contract::{Resources, StartRequest};
+use super::error::TaskError;
+use super::hypervisor::{
+    DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent,
+};
+use super::Tasks;
+use crate::config::plugin::{DirectoryPool, Settings};
+use crate::config::task::{DiskConfig, TaskConfig};
+use crate::libvirt::domain_xml::DomainSpec;
+use crate::libvirt::events::LifecycleEvent;
+use crate::libvirt::hypervisor::LibvirtHypervisor;
+use crate::libvirt::{Libvirt, LibvirtError};
+use crate::net::iptables::Iptables;
+use crate::net::libvirt::LibvirtNet;
+use crate::net::{
+    AllocatedPort, Attachment, Net, NetError, VmStartedBuildRequest, VmStartedBuildResponse,
+    VmTerminatedTeardownRequest, VmTerminatedTeardownResponse,
+};
+use crate::nomad::driver_state::CreatedVolume;
+
+const POOL: &str = "ndvtest-orchestrator";
+
+/// A private test-driver node: one libvirt network with a bridge, no
+/// domains, no pools (the start defines its pool).
+struct TestNode {
+    _dir: tempfile::TempDir,
+    uri: String,
+    pool_path: PathBuf,
+}
+
+fn test_node() -> TestNode {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = dir.path().join("node.xml");
+    std::fs::write(
+        &node,
+        "<node>\n  <network>\n    <name>ndvtest-net</name>\n    \
+         <bridge name='ndvtestbr0'/>\n    \
+         <ip address='192.168.250.1' netmask='255.255.255.0'/>\n  </network>\n</node>\n",
+    )
+    .expect("write node.xml");
+    TestNode {
+        uri: format!("test://{}", node.display()),
+        pool_path: dir.path().join("pool"),
+        _dir: dir,
+    }
+}
+
+fn settings(node: &TestNode) -> Arc<Settings> {
+    Arc::new(Settings {
+        libvirt_uri: node.uri.clone(),
+        pools: vec![DirectoryPool {
+            name: POOL.into(),
+            path: node.pool_path.clone(),
+        }],
+        default_pool: POOL.into(),
+        dhcp_timeout: Duration::from_millis(100),
+        ..Settings::default()
+    })
+}
+
+fn request(node: &TestNode, id: &str, with_network: bool) -> StartRequest {
+    let config = TaskConfig {
+        disk: Some(vec![
+            DiskConfig {
+                size: Some(crate::config::units::ByteSize(1 << 20)),
+                primary: Some(true),
+                ..DiskConfig::default()
+            },
+            DiskConfig {
+                size: Some(crate::config::units::ByteSize(2 << 20)),
+                format: Some("raw".into()),
+                ..DiskConfig::default()
+            },
+        ]),
+        network_interface: with_network.then(|| {
+            serde_json::from_value(serde_json::json!([{ "bridge": { "name": "ndvtestbr0" } }]))
+                .expect("network_interface")
+        }),
+        ..TaskConfig::default()
+    };
+    StartRequest {
+        task_id: format!("alloc/web/{id}"),
+        task_name: "web".into(),
+        alloc_id: "alloc".into(),
+        alloc_dir: node.pool_path.parent().expect("parent").join("alloc"),
+        env: BTreeMap::from([("GREETING".to_string(), "hello".to_string())]),
+        mounts: Vec::new(),
+        resources: Resources {
+            memory_mb: 128,
+            ..Resources::default()
+        },
+        stdout_path: PathBuf::new(),
+        config,
+    }
+}
+
+/// Which operation a fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// The n-th mutating hypervisor call (0-based) fails.
+    HypervisorCall(usize),
+    /// The network build after boot fails.
+    NetworkBuild,
+}
+
+/// The real libvirt hypervisor on the test driver, plus what the test
+/// driver cannot do: stream uploads (the seed) become empty volumes of the
+/// same size, and an optional fault.
+struct TestHypervisor {
+    inner: LibvirtHypervisor,
+    fault: Option<Fault>,
+    mutating_calls: AtomicUsize,
+}
+
+impl TestHypervisor {
+    fn new(libvirt: Libvirt, fault: Option<Fault>) -> Self {
+        Self {
+            inner: LibvirtHypervisor::new(libvirt),
+            fault,
+            mutating_calls: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts a mutating call and fails it when it is the chosen one.
+    fn step(&self, operation: &str) -> Result<(), HypervisorError> {
+        let call = self.mutating_calls.fetch_add(1, Ordering::SeqCst);
+        if self.fault == Some(Fault::HypervisorCall(call)) {
+            return Err(LibvirtError::Worker(format!(
+                "injected fault in {operation} (call {call})"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl Hypervisor for TestHypervisor {
+    fn ping(&self) -> Result<(), HypervisorError> {
+        self.inner.ping()
+    }
+    fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
+        self.inner.host_facts()
+    }
+    fn prepare_pool(&self, pool: &DirectoryPool) -> Result<(), HypervisorError> {
+        self.step("prepare_pool")?;
+        self.inner.prepare_pool(pool)
+    }
+    fn create_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        content: VolumeContent<'_>,
+    ) -> Result<PathBuf, HypervisorError> {
+        // A fault here hits after the volume exists, the nastier case.
+        let content = match content {
+            VolumeContent::Bytes { data, format } => VolumeContent::Empty {
+                format,
+                size: data.len() as u64,
+            },
+            other => other,
+        };
+        let path = self.inner.create_volume(pool, name, content)?;
+        self.step("create_volume")?;
+        Ok(path)
+    }
+    fn existing_volume_path(&self, pool: &str, name: &str) -> Result<PathBuf, HypervisorError> {
+        self.inner.existing_volume_path(pool, name)
+    }
+    fn delete_volume(&self, volume: &CreatedVolume) -> Result<(), HypervisorError> {
+        self.inner.delete_volume(volume)
+    }
+    fn prune_unused_parents(
+        &self,
+        pools: &[String],
+        idle: Duration,
+    ) -> Result<Vec<String>, HypervisorError> {
+        self.inner.prune_unused_parents(pools, idle)
+    }
+    fn define_domain(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
+        self.inner.define_domain(spec)?;
+        self.step("define_domain")
+    }
+    fn start_domain(&self, name: &str) -> Result<(), HypervisorError> {
+        self.step("start_domain")?;
+        self.inner.start_domain(name)
+    }
+    fn domain_state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError> {
+        self.inner.domain_state(name)
+    }
+    fn request_shutdown(&self, name: &str) -> Result<(), HypervisorError> {
+        self.inner.request_shutdown(name)
+    }
+    fn power_off(&self, name: &str) -> Result<(), HypervisorError> {
+        self.inner.power_off(name)
+    }
+    fn remove_domain(&self, name: &str) -> Result<(), HypervisorError> {
+        self.inner.remove_domain(name)
+    }
+    fn counters(&self, name: &str) -> Result<Option<DomainCounters>, HypervisorError> {
+        self.inner.counters(name)
+    }
+    fn subscribe_events(&self, sink: Sender<LifecycleEvent>) {
+        self.inner.subscribe_events(sink);
+    }
+    fn connection_generation(&self) -> u64 {
+        self.inner.connection_generation()
+    }
+}
+
+/// The real `LibvirtNet` for attachments; the post-boot build (which needs
+/// a DHCP server the test driver does not run) either fails on purpose or
+/// reports no address.
+struct TestNet {
+    inner: LibvirtNet,
+    fail_build: bool,
+    builds: AtomicUsize,
+}
+
+impl Net for TestNet {
+    fn init(&self) -> Result<(), NetError> {
+        Ok(())
+    }
+    fn fingerprint(&self) -> BTreeMap<String, String> {
+        self.inner.fingerprint()
+    }
+    fn attachments(
+        &self,
+        net_config: &crate::net::config::NetworkInterfacesConfig,
+        ports: &[AllocatedPort],
+        hwaddrs: &[String],
+    ) -> Result<Vec<Attachment>, NetError> {
+        self.inner.attachments(net_config, ports, hwaddrs)
+    }
+    fn vm_started_build(
+        &self,
+        request: &VmStartedBuildRequest,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<VmStartedBuildResponse, NetError> {
+        self.builds.fetch_add(1, Ordering::SeqCst);
+        progress("Waiting for a DHCP lease (test)");
+        if self.fail_build {
+            return Err(NetError::Invalid(
+                "injected fault in the network build".into(),
+            ));
+        }
+        Ok(VmStartedBuildResponse {
+            driver_network: None,
+            teardown_spec: crate::net::TeardownSpec {
+                task_tag: request.task_tag.clone(),
+                ..Default::default()
+            },
+        })
+    }
+    fn vm_terminated_teardown(
+        &self,
+        _request: &VmTerminatedTeardownRequest,
+    ) -> Result<VmTerminatedTeardownResponse, NetError> {
+        Ok(VmTerminatedTeardownResponse {})
+    }
+    fn reconcile(
+        &self,
+        _live_tags: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<String>, NetError> {
+        Ok(Vec::new())
+    }
+}
+
+struct Harness {
+    node: TestNode,
+    libvirt: Libvirt,
+    observer: LibvirtHypervisor,
+    net: Arc<TestNet>,
+    tasks: Arc<Tasks>,
+}
+
+fn harness(fault: Option<Fault>) -> Harness {
+    let node = test_node();
+    let libvirt = Libvirt::new(node.uri.clone(), None);
+    let net = Arc::new(TestNet {
+        inner: LibvirtNet::new(libvirt.clone(), Iptables::host()),
+        fail_build: fault == Some(Fault::NetworkBuild),
+        builds: AtomicUsize::new(0),
+    });
+    let tasks = Tasks::new(
+        Arc::new(TestHypervisor::new(libvirt.clone(), fault)),
+        net.clone(),
+    );
+    Harness {
+        observer: LibvirtHypervisor::new(libvirt.clone()),
+        node,
+        libvirt,
+        net,
+        tasks,
+    }
+}
+
+impl Harness {
+    fn domains(&self) -> Vec<String> {
+        self.observer.domain_names().expect("list domains")
+    }
+
+    /// Volumes in the task pool; none when the pool was never made.
+    fn volumes(&self) -> Vec<String> {
+        self.observer.volume_names(POOL).unwrap_or_default()
+    }
+
+    fn running(&self, domain: &str) -> bool {
+        matches!(
+            self.observer.domain_state(domain),
+            Ok(Some(DomainState { state, .. })) if state == virt_running()
+        )
+    }
+}
+
+/// `VIR_DOMAIN_RUNNING`.
+fn virt_running() -> u32 {
+    1
+}
+
+fn assert_nothing_left(harness: &Harness, context: &str) {
+    assert_eq!(
+        harness.domains(),
+        Vec::<String>::new(),
+        "{context}: domains left"
+    );
+    assert_eq!(
+        harness.volumes(),
+        Vec::<String>::new(),
+        "{context}: volumes left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_boots_and_destroy_removes_everything_twice_over() {
+    let harness = harness(None);
+    let settings = settings(&harness.node);
+    let started = harness
+        .tasks
+        .start(request(&harness.node, "aaaa1111", true), settings)
+        .await
+        .expect("start");
+    let domain = started.state.domain_name.clone();
+    assert_eq!(domain, "web-aaaa1111");
+    assert!(harness.running(&domain), "domain runs after start");
+    assert_eq!(
+        started.state.volumes.len(),
+        3,
+        "two disks and the seed: {:?}",
+        started.state.volumes
+    );
+    let mut volumes = harness.volumes();
+    volumes.sort();
+    let mut recorded: Vec<String> = started
+        .state
+        .volumes
+        .iter()
+        .map(|v| v.name.clone())
+        .collect();
+    recorded.sort();
+    assert_eq!(volumes, recorded, "the handle records exactly what exists");
+    assert_eq!(harness.net.builds.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        started.state.net.as_ref().map(|spec| spec.task_tag.clone()),
+        Some(crate::net::iptables::task_tag("alloc/web/aaaa1111"))
+    );
+
+    let status = harness
+        .tasks
+        .inspect("alloc/web/aaaa1111")
+        .expect("inspect");
+    assert!(status.exit.is_none(), "running: {status:?}");
+    assert_eq!(status.domain_name, domain);
+
+    let again = harness
+        .tasks
+        .start(
+            request(&harness.node, "aaaa1111", true),
+            self::settings(&harness.node),
+        )
+        .await
+        .expect_err("a second start of the same task");
+    assert!(matches!(again, TaskError::Conflict(_)), "{again}");
+
+    let running = harness.tasks.destroy("alloc/web/aaaa1111", false).await;
+    assert!(
+        matches!(running, Err(TaskError::Conflict(_))),
+        "destroying a running task needs force"
+    );
+    harness
+        .tasks
+        .destroy("alloc/web/aaaa1111", true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after destroy");
+    harness
+        .tasks
+        .destroy("alloc/web/aaaa1111", true)
+        .await
+        .expect("destroy is idempotent");
+    assert!(matches!(
+        harness.tasks.inspect("alloc/web/aaaa1111"),
+        Err(TaskError::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_at_every_step_of_start_leaves_nothing_behind() {
+    // Mutating calls of one start: prepare the pool, two disks, the seed,
+    // define, start. One more index proves the list is complete.
+    let mut failed_steps = 0;
+    for step in 0..7 {
+        let harness = harness(Some(Fault::HypervisorCall(step)));
+        let result = harness
+            .tasks
+            .start(
+                request(&harness.node, "bbbb2222", false),
+                settings(&harness.node),
+            )
+            .await;
+        match result {
+            Err(error) => {
+                failed_steps += 1;
+                assert!(
+                    error.recoverable(),
+                    "step {step}: a host fault is worth retrying: {error}"
+                );
+                assert!(
+                    error.to_string().contains("injected fault"),
+                    "step {step}: {error}"
+                );
+                assert_nothing_left(&harness, &format!("fault at step {step}"));
+                assert!(matches!(
+                    harness.tasks.inspect("alloc/web/bbbb2222"),
+                    Err(TaskError::NotFound(_))
+                ));
+            }
+            Ok(started) => {
+                assert_eq!(
+                    step, 6,
+                    "only a fault past the last step lets the start succeed"
+                );
+                assert!(harness.running(&started.state.domain_name));
+                harness
+                    .tasks
+                    .destroy("alloc/web/bbbb2222", true)
+                    .await
+                    .expect("destroy");
+                assert_nothing_left(&harness, "after the successful start");
+            }
+        }
+    }
+    assert_eq!(failed_steps, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_network_build_rolls_the_vm_back() {
+    let harness = harness(Some(Fault::NetworkBuild));
+    let error = harness
+        .tasks
+        .start(
+            request(&harness.node, "cccc3333", true),
+            settings(&harness.node),
+        )
+        .await
+        .expect_err("network build fails");
+    assert!(error.to_string().contains("network build"), "{error}");
+    assert!(
+        !error.recoverable(),
+        "an invalid network config is not retried"
+    );
+    assert_eq!(harness.net.builds.load(Ordering::SeqCst), 1);
+    assert_nothing_left(&harness, "after the network fault");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_before_anything_is_created() {
+    let harness = harness(None);
+    let mut no_disks = request(&harness.node, "dddd4444", false);
+    no_disks.config.disk = None;
+    let error = harness
+        .tasks
+        .start(no_disks, settings(&harness.node))
+        .await
+        .expect_err("no disk");
+    assert!(error.to_string().starts_with("disk:"), "{error}");
+    let mut unknown_pool = request(&harness.node, "dddd4444", false);
+    if let Some(disks) = unknown_pool.config.disk.as_mut() {
+        disks[1].pool = Some("elsewhere".into());
+    }
+    let error = harness
+        .tasks
+        .start(unknown_pool, settings(&harness.node))
+        .await
+        .expect_err("unknown pool");
+    assert!(error.to_string().contains("disk[1].pool"), "{error}");
+    assert!(!error.recoverable());
+    assert_nothing_left(&harness, "after refused starts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_the_task_and_wait_reports_how() {
+    let harness = harness(None);
+    harness
+        .tasks
+        .start(
+            request(&harness.node, "eeee5555", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    harness
+        .tasks
+        .stop("alloc/web/eeee5555", Duration::from_secs(2), "SIGTERM")
+        .await
+        .expect("stop");
+    let exit = tokio::time::timeout(
+        Duration::from_secs(15),
+        harness.tasks.wait("alloc/web/eeee5555"),
+    )
+    .await
+    .expect("wait answers after a stop")
+    .expect("known task");
+    // The test driver powers off on ACPI at once: a clean exit.
+    assert_eq!((exit.exit_code, exit.signal), (0, 0), "{exit:?}");
+    assert!(!harness.running("web-eeee5555"));
+    harness
+        .tasks
+        .stop("alloc/web/eeee5555", Duration::from_secs(1), "SIGTERM")
+        .await
+        .expect("stopping a stopped task is fine");
+    harness
+        .tasks
+        .destroy("alloc/web/eeee5555", false)
+        .await
+        .expect("destroy after stop");
+    assert_nothing_left(&harness, "after stop and destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_powers_off_without_asking_the_guest() {
+    let harness = harness(None);
+    harness
+        .tasks
+        .start(
+            request(&harness.node, "ffff6666", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    harness
+        .tasks
+        .stop("alloc/web/ffff6666", Duration::from_secs(30), "SIGKILL")
+        .await
+        .expect("stop");
+    let exit = harness
+        .tasks
+        .wait("alloc/web/ffff6666")
+        .await
+        .expect("wait");
+    assert_eq!((exit.exit_code, exit.signal), (0, 9), "{exit:?}");
+    harness
+        .tasks
+        .destroy("alloc/web/ffff6666", false)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after kill and destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_plugin_recovers_the_task_and_sees_it_end() {
+    let harness = harness(None);
+    let started = harness
+        .tasks
+        .start(
+            request(&harness.node, "abab7777", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    let state = crate::nomad::driver_state::DriverState::decode(&started.state.encode())
+        .expect("the handle round-trips");
+
+    // A second orchestrator on the same node stands in for the restarted plugin.
+    let restarted = Tasks::new(
+        Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
+        harness.net.clone(),
+    );
+    restarted.recover(state.clone()).await.expect("recover");
+    restarted
+        .recover(state)
+        .await
+        .expect("recovering twice is fine");
+    let status = restarted.inspect("alloc/web/abab7777").expect("inspect");
+    assert!(status.exit.is_none(), "still running: {status:?}");
+
+    // Powered off behind Nomad's back: the recovered task sees it.
+    harness
+        .observer
+        .power_off("web-abab7777")
+        .expect("power off");
+    let exit = tokio::time::timeout(
+        Duration::from_secs(15),
+        restarted.wait("alloc/web/abab7777"),
+    )
+    .await
+    .expect("the event reaches the recovered task")
+    .expect("known task");
+    assert_eq!(exit.exit_code, 1, "{exit:?}");
+    assert!(
+        exit.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("outside Nomad"),
+        "{exit:?}"
+    );
+    restarted
+        .destroy("alloc/web/abab7777", false)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after recover and destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovering_a_vanished_domain_reports_an_exit() {
+    let harness = harness(None);
+    let started = harness
+        .tasks
+        .start(
+            request(&harness.node, "cdcd8888", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    harness
+        .observer
+        .remove_domain(&started.state.domain_name)
+        .expect("remove");
+    let restarted = Tasks::new(
+        Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
+        harness.net.clone(),
+    );
+    restarted.recover(started.state).await.expect("recover");
+    let exit = restarted.wait("alloc/web/cdcd8888").await.expect("wait");
+    assert_eq!(exit.exit_code, 1);
+    assert!(
+        exit.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("disappeared"),
+        "{exit:?}"
+    );
+    restarted
+        .destroy("alloc/web/cdcd8888", false)
+        .await
+        .expect("destroy removes the volumes");
+    assert_nothing_left(&harness, "after destroy of a vanished domain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_sample_a_running_task() {
+    let harness = harness(None);
+    harness
+        .tasks
+        .start(
+            request(&harness.node, "efef9999", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let mut samples = harness
+        .tasks
+        .stats("alloc/web/efef9999", Duration::from_millis(50), stopped)
+        .expect("stats");
+    let first = samples.recv().await.expect("a sample");
+    assert!(first.cpu_percent.is_finite() && first.cpu_percent >= 0.0);
+    assert_eq!(first.memory_max_usage_bytes, 128 << 20, "{first:?}");
+    harness
+        .tasks
+        .destroy("alloc/web/efef9999", true)
+        .await
+        .expect("destroy");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while samples.recv().await.is_some() {}
+        })
+        .await
+        .is_ok(),
+        "the stream ends with the task"
+    );
+    assert!(harness
+        .tasks
+        .stats(
+            "alloc/web/efef9999",
+            Duration::ZERO,
+            tokio::sync::watch::channel(false).1
+        )
+        .is_err());
+}
