@@ -217,12 +217,15 @@ impl Tasks {
         request: StartRequest,
         settings: Arc<Settings>,
     ) -> Result<StartedTask, TaskError> {
-        if self.store.get(&request.task_id).is_some() {
+        // Held until the task is in the store (or the start failed and
+        // rolled back), so a concurrent start of the same id never touches
+        // what this one creates.
+        let Some(_claim) = self.store.claim_start(&request.task_id) else {
             return Err(TaskError::Conflict(format!(
-                "task {} is already running",
+                "task {} is already running or being started; Nomad starts a task id once",
                 request.task_id
             )));
-        }
+        };
         let request = Arc::new(request);
         let progress = self.emitter(&request.task_id, &request.alloc_id, &request.task_name);
         let booted = {

@@ -1,6 +1,6 @@
 //! The driver's running tasks, keyed by Nomad task id, and each task's exit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -18,8 +18,6 @@ pub struct TaskEntry {
     stop_requested: AtomicBool,
     forced: AtomicBool,
     console: Mutex<Option<ConsoleCopier>>,
-    /// Last CPU sample for percent calculation: (cpu time ns, monotonic ns).
-    pub cpu_sample: Mutex<Option<(u64, u64)>>,
 }
 
 impl TaskEntry {
@@ -31,7 +29,6 @@ impl TaskEntry {
             stop_requested: AtomicBool::new(false),
             forced: AtomicBool::new(false),
             console: Mutex::new(None),
-            cpu_sample: Mutex::new(None),
         })
     }
 
@@ -107,13 +104,42 @@ impl TaskEntry {
     }
 }
 
-/// All tasks, keyed by Nomad task id.
+/// All tasks, keyed by Nomad task id, and the ids being started.
 #[derive(Default)]
 pub struct TaskStore {
     tasks: Mutex<HashMap<String, Arc<TaskEntry>>>,
+    starting: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Holds a task id while its start runs; released on drop.
+pub struct StartClaim {
+    task_id: String,
+    starting: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for StartClaim {
+    fn drop(&mut self) {
+        if let Ok(mut starting) = self.starting.lock() {
+            starting.remove(&self.task_id);
+        }
+    }
 }
 
 impl TaskStore {
+    /// Claims `task_id` for a start: `None` when the task exists or another
+    /// start of it is under way, so exactly one of racing starts proceeds.
+    pub fn claim_start(&self, task_id: &str) -> Option<StartClaim> {
+        let tasks = self.tasks.lock().ok()?;
+        let mut starting = self.starting.lock().ok()?;
+        if tasks.contains_key(task_id) || !starting.insert(task_id.to_string()) {
+            return None;
+        }
+        Some(StartClaim {
+            task_id: task_id.to_string(),
+            starting: self.starting.clone(),
+        })
+    }
+
     pub fn insert(&self, entry: Arc<TaskEntry>) {
         if let Ok(mut tasks) = self.tasks.lock() {
             tasks.insert(entry.state.task_id.clone(), entry);

@@ -708,3 +708,46 @@ async fn stats_sample_a_running_task() {
         )
         .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_starts_of_one_task_id_let_exactly_one_through() {
+    for round in 0..5 {
+        let harness = harness(None);
+        let id = format!("aced{round:04}");
+        let task_id = format!("alloc/web/{id}");
+        let (first, second) = tokio::join!(
+            harness
+                .tasks
+                .start(request(&harness.node, &id, false), settings(&harness.node)),
+            harness
+                .tasks
+                .start(request(&harness.node, &id, false), settings(&harness.node)),
+        );
+        let (winner, loser) = match (first, second) {
+            (Ok(won), Err(lost)) | (Err(lost), Ok(won)) => (won, lost),
+            (first, second) => {
+                panic!("round {round}: expected one success: {first:?} / {second:?}")
+            }
+        };
+        assert!(matches!(loser, TaskError::Conflict(_)), "{loser}");
+        assert!(loser.to_string().contains("being started"), "{loser}");
+        // The loser removed nothing of the winner's.
+        assert!(harness.running(&winner.state.domain_name), "round {round}");
+        let mut volumes = harness.volumes();
+        volumes.sort();
+        let mut recorded: Vec<String> = winner
+            .state
+            .volumes
+            .iter()
+            .map(|v| v.name.clone())
+            .collect();
+        recorded.sort();
+        assert_eq!(volumes, recorded, "round {round}");
+        harness
+            .tasks
+            .destroy(&task_id, true)
+            .await
+            .expect("destroy");
+        assert_nothing_left(&harness, "after the race");
+    }
+}
