@@ -87,6 +87,8 @@ fn request(node: &TestNode, id: &str, with_network: bool) -> StartRequest {
             serde_json::from_value(serde_json::json!([{ "bridge": { "name": "ndvtestbr0" } }]))
                 .expect("network_interface")
         }),
+        default_user_password: Some("s3cret-Passw0rd".into()),
+        user_data: Some("#cloud-config\nruncmd: [echo token=ab12cd34]\n".into()),
         ..TaskConfig::default()
     };
     StartRequest {
