@@ -16,6 +16,7 @@ use crate::libvirt::hypervisor::LibvirtHypervisor;
 use crate::libvirt::Libvirt;
 use crate::net::iptables::Iptables;
 use crate::net::libvirt::LibvirtNet;
+use crate::task::journal::Journal;
 use crate::task::Tasks;
 
 /// The plugin name jobs use: `driver = "virt"`.
@@ -44,6 +45,27 @@ pub struct Driver {
     me: Weak<Driver>,
 }
 
+/// The start journal in its usual place; without access to it (not root),
+/// a private one that lives as long as this process, with a warning.
+fn open_journal() -> Journal {
+    let dir = Journal::default_dir();
+    match Journal::open(&dir) {
+        Ok(journal) => journal,
+        Err(error) => {
+            let fallback = std::env::temp_dir()
+                .join(format!("nomad-driver-virt-journal-{}", std::process::id()));
+            tracing::warn!(error = %error, fallback = %fallback.display(), "cannot use the start journal; unfinished starts of this process will not be cleaned up after a crash");
+            match Journal::open(&fallback) {
+                Ok(journal) => journal,
+                Err(error) => {
+                    tracing::error!(error = %error, "cannot open any start journal");
+                    Journal::unwritable(fallback)
+                }
+            }
+        }
+    }
+}
+
 impl Driver {
     /// A driver with default settings; SetConfig replaces them.
     pub fn new() -> Arc<Self> {
@@ -55,6 +77,7 @@ impl Driver {
         let tasks = Tasks::new(
             Arc::new(LibvirtHypervisor::new(libvirt.clone())),
             Arc::new(LibvirtNet::new(libvirt.clone(), Iptables::host())),
+            open_journal(),
         );
         Arc::new_cyclic(|me| Self {
             settings: RwLock::new(Arc::new(settings)),

@@ -2,7 +2,7 @@
 //! networks, macvtap `direct` interfaces, DHCP lease discovery and
 //! reservation, and iptables port mapping.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use super::config::NetworkInterfacesConfig;
@@ -10,8 +10,8 @@ use super::dhcp::{self, Reservation};
 use super::iptables::apply::{route_localnet_fix, Iptables};
 use super::iptables::rules::{port_forward_rules, PortForward};
 use super::{
-    is_active_string, AllocatedPort, Attachment, DriverNetwork, Net, NetError, TeardownSpec,
-    VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
+    is_active_string, AllocatedPort, Attachment, DriverNetwork, Net, NetError, NetIntent,
+    TeardownSpec, VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
     VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
 };
 use crate::libvirt::Libvirt;
@@ -197,8 +197,72 @@ impl Net for LibvirtNet {
         Ok(VmTerminatedTeardownResponse {})
     }
 
-    fn reconcile(&self, live_tags: &BTreeSet<String>) -> Result<Vec<String>, NetError> {
-        Ok(self.iptables.reconcile(live_tags)?)
+    fn remove_unfinished(&self, intent: &NetIntent) -> Result<(), NetError> {
+        let mut failures = Vec::new();
+        if !intent.task_tag.is_empty() {
+            if let Err(error) = self.iptables.remove_tag(&intent.task_tag) {
+                failures.push(error.to_string());
+            }
+        }
+        for (bridge, mac) in &intent.interfaces {
+            let found = self.libvirt.call_blocking(|conn| {
+                let network = match dhcp::network_by_bridge(conn, bridge) {
+                    Ok(network) => network,
+                    // No such network any more: nothing of ours is in it.
+                    Err(_) => return Ok(Ok((None, Vec::new(), Vec::new()))),
+                };
+                let name = network.name().unwrap_or_default();
+                let xml = network.xml_desc(0).unwrap_or_default();
+                let reserved: Vec<Ipv4Addr> = dhcp::reservations_in_xml(&xml)
+                    .into_iter()
+                    .filter(|(entry_mac, _, _)| entry_mac.eq_ignore_ascii_case(mac))
+                    .map(|(_, ip, _)| ip)
+                    .collect();
+                let leased = dhcp::network_leases(&network, Some(mac))
+                    .map(|leases| leases.into_iter().map(|lease| lease.ip).collect())
+                    .unwrap_or_default();
+                let result: Result<_, dhcp::DhcpError> = Ok((Some(name), reserved, leased));
+                Ok(result)
+            });
+            let (network, reserved, leased) = match found {
+                Ok(Ok(found)) => found,
+                Ok(Err(error)) => {
+                    failures.push(error.to_string());
+                    continue;
+                }
+                Err(error) => {
+                    failures.push(error.to_string());
+                    continue;
+                }
+            };
+            let Some(network) = network else { continue };
+            for ip in reserved {
+                let reservation = Reservation {
+                    network: network.clone(),
+                    mac: mac.clone(),
+                    ip,
+                    hostname: None,
+                };
+                match self
+                    .libvirt
+                    .call_blocking(|conn| Ok(dhcp::remove_reservation(conn, &reservation)))
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => failures.push(error.to_string()),
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+            for ip in leased {
+                if let Err(error) = dhcp::release_lease(bridge, ip, mac) {
+                    tracing::debug!(error = %error, "DHCP release failed (best effort)");
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(NetError::Teardown(failures.join("; ")))
+        }
     }
 }
 

@@ -99,6 +99,16 @@ pub struct TeardownSpec {
     pub bridge: Option<String>,
 }
 
+/// Network setup a start began, recorded before it touches the host: enough
+/// to undo it when the start never finished (the plugin was killed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetIntent {
+    /// The tag on every port-mapping rule of the task.
+    pub task_tag: String,
+    /// (bridge, MAC) of each interface that joined a libvirt network.
+    pub interfaces: Vec<(String, String)>,
+}
+
 /// An interface to put in the domain XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attachment {
@@ -161,11 +171,9 @@ pub trait Net: Send + Sync {
         &self,
         request: &VmTerminatedTeardownRequest,
     ) -> Result<VmTerminatedTeardownResponse, NetError>;
-    /// Removes host rules of tasks not in `live_tags`; returns removed tags.
-    fn reconcile(
-        &self,
-        live_tags: &std::collections::BTreeSet<String>,
-    ) -> Result<Vec<String>, NetError>;
+    /// Undoes a start that never finished: removes the task's rules, and
+    /// any reservation and lease of its MACs. Safe to call again.
+    fn remove_unfinished(&self, intent: &NetIntent) -> Result<(), NetError>;
 }
 
 /// A stable, locally administered MAC for a task's interface.

@@ -9,19 +9,21 @@ use std::path::PathBuf;
 use super::contract::{Mount, StartRequest};
 use super::error::TaskError;
 use super::hypervisor::{Hypervisor, VolumeContent};
+use super::journal::{Journal, RecordWriter};
 use super::plan::{self, GuestShare};
 use crate::cloudinit::docs::{render, CloudInitInput};
 use crate::cloudinit::iso::build_seed_iso;
 use crate::cloudinit::password::random_salt;
 use crate::config::plugin::{DirectoryPool, Settings};
 use crate::config::task::{hostname_from_task_name, DiskConfig};
+use crate::faults::crash_point;
 use crate::libvirt::domain_xml::{
     DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec, DomainType,
     InterfaceSpec, ShareDriver, ShareSpec,
 };
 use crate::libvirt::host;
 use crate::net::iptables::task_tag;
-use crate::net::{Attachment, DriverNetwork, Net, TeardownSpec, VmStartedBuildRequest};
+use crate::net::{Attachment, DriverNetwork, Net, NetIntent, TeardownSpec, VmStartedBuildRequest};
 use crate::nomad::driver_state::CreatedVolume;
 use crate::storage::images::{self, ImageFormat};
 use crate::storage::volume;
@@ -51,41 +53,51 @@ pub struct StartPlan {
 }
 
 /// Undoes a start that did not finish: on drop, unless disarmed, removes
-/// the domain, then the volumes (newest first). Everything is recorded here
-/// before it is created, so a failure half-way through a creation is
-/// covered too. Network setup cleans up after itself before it fails.
+/// the domain, then the volumes (newest first), then forgets the journal
+/// record if everything went. Everything is written to the journal before
+/// it is created, so a failure half-way through a creation is covered too,
+/// and so is a plugin killed mid-start (the next plugin finds the record).
+/// Network setup cleans up after itself before it fails.
 struct Rollback<'a> {
     hypervisor: &'a dyn Hypervisor,
-    volumes: Vec<CreatedVolume>,
-    domain: Option<String>,
+    journal: &'a Journal,
+    record: RecordWriter,
     armed: bool,
 }
 
 impl<'a> Rollback<'a> {
-    fn new(hypervisor: &'a dyn Hypervisor) -> Self {
+    fn new(hypervisor: &'a dyn Hypervisor, journal: &'a Journal, record: RecordWriter) -> Self {
         Self {
             hypervisor,
-            volumes: Vec::new(),
-            domain: None,
+            journal,
+            record,
             armed: true,
         }
     }
 
-    fn volume(&mut self, pool: &str, name: &str) {
-        self.volumes.push(CreatedVolume {
+    fn volume(&mut self, pool: &str, name: &str) -> Result<(), TaskError> {
+        let volume = CreatedVolume {
             pool: pool.to_string(),
             name: name.to_string(),
-        });
+        };
+        Ok(self.record.update(|record| record.volumes.push(volume))?)
     }
 
-    fn domain(&mut self, name: &str) {
-        self.domain = Some(name.to_string());
+    fn domain(&mut self) -> Result<(), TaskError> {
+        Ok(self.record.update(|record| record.domain_defined = true)?)
+    }
+
+    fn net(&mut self, intent: NetIntent) -> Result<(), TaskError> {
+        Ok(self.record.update(|record| record.net = Some(intent))?)
     }
 
     /// The start succeeded: keep everything; returns the volumes made.
     fn disarm(mut self) -> Vec<CreatedVolume> {
         self.armed = false;
-        std::mem::take(&mut self.volumes)
+        self.record
+            .snapshot()
+            .map(|record| record.volumes)
+            .unwrap_or_default()
     }
 }
 
@@ -94,15 +106,24 @@ impl Drop for Rollback<'_> {
         if !self.armed {
             return;
         }
-        if let Some(name) = &self.domain {
-            if let Err(error) = self.hypervisor.remove_domain(name) {
-                tracing::warn!(error = %error, domain = %name, "rollback could not remove the domain");
+        let Some(record) = self.record.snapshot() else {
+            return;
+        };
+        let mut complete = true;
+        if record.domain_defined {
+            if let Err(error) = self.hypervisor.remove_domain(&record.domain_name) {
+                complete = false;
+                tracing::warn!(error = %error, domain = %record.domain_name, "rollback could not remove the domain");
             }
         }
-        for created in self.volumes.iter().rev() {
+        for created in record.volumes.iter().rev() {
             if let Err(error) = self.hypervisor.delete_volume(created) {
+                complete = false;
                 tracing::warn!(error = %error, volume = %created.name, "rollback could not delete a volume");
             }
+        }
+        if complete {
+            self.journal.forget(&record.task_id);
         }
     }
 }
@@ -234,16 +255,20 @@ fn bus(name: &str) -> DiskBus {
 /// Creates volumes, the seed and the domain, boots it and wires its
 /// network. Blocks (lease wait included): run it on a blocking thread. On
 /// any failure everything this call created is removed before it returns.
+#[allow(clippy::too_many_arguments)]
 pub fn boot(
     hypervisor: &dyn Hypervisor,
     net: &dyn Net,
+    journal: &Journal,
     request: &StartRequest,
     settings: &Settings,
     start_plan: &StartPlan,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Booted, TaskError> {
     let config = &request.config;
-    let mut rollback = Rollback::new(hypervisor);
+    let record = journal.begin(&request.task_id, &start_plan.domain_name)?;
+    crash_point("start:recorded");
+    let mut rollback = Rollback::new(hypervisor, journal, record);
     let facts = hypervisor.host_facts()?;
     let resources = &request.resources;
     let vm = plan::vm_resources(
@@ -336,8 +361,10 @@ pub fn boot(
                     capacity,
                 }
             };
-            rollback.volume(&pool.name, &name);
-            hypervisor.create_volume(&pool.name, &name, content)?
+            rollback.volume(&pool.name, &name)?;
+            let path = hypervisor.create_volume(&pool.name, &name, content)?;
+            crash_point("start:disk");
+            path
         } else if let Some(existing) = existing {
             // An existing volume belongs to the operator: used, never deleted.
             hypervisor
@@ -348,8 +375,14 @@ pub fn boot(
             let size = capacity.ok_or_else(|| {
                 TaskError::Invalid(format!("{field}.size: is required for an empty disk"))
             })?;
-            rollback.volume(&pool.name, &name);
-            hypervisor.create_volume(&pool.name, &name, VolumeContent::Empty { format, size })?
+            rollback.volume(&pool.name, &name)?;
+            let path = hypervisor.create_volume(
+                &pool.name,
+                &name,
+                VolumeContent::Empty { format, size },
+            )?;
+            crash_point("start:disk");
+            path
         };
         let cdrom = disk.kind.as_deref() == Some("cdrom");
         disk_specs.push(DiskSpec {
@@ -402,7 +435,7 @@ pub fn boot(
     let iso = build_seed_iso(&seed)?;
     let seed_pool = pool_for(&settings.default_pool, "storage_pools.default")?;
     let seed_name = volume::seed_volume_name(&start_plan.domain_name);
-    rollback.volume(&seed_pool.name, &seed_name);
+    rollback.volume(&seed_pool.name, &seed_name)?;
     let seed_path = hypervisor.create_volume(
         &seed_pool.name,
         &seed_name,
@@ -411,6 +444,7 @@ pub fn boot(
             format: ImageFormat::Raw,
         },
     )?;
+    crash_point("start:seed");
     disk_specs.push(DiskSpec {
         source: DiskSource::File(seed_path),
         format: "raw".into(),
@@ -465,14 +499,26 @@ pub fn boot(
             plugin_version: crate::driver::PLUGIN_VERSION.into(),
         },
     };
-    rollback.domain(&spec.name);
+    rollback.domain()?;
     hypervisor.define_domain(&spec)?;
+    crash_point("start:defined");
     hypervisor.start_domain(&spec.name)?;
+    crash_point("start:booted");
 
     // The guest is booting: find its address, reserve it, map ports.
     let (teardown, network) = if net_config.is_empty() {
         (None, None)
     } else {
+        rollback.net(NetIntent {
+            task_tag: task_tag(&request.task_id),
+            interfaces: attachments
+                .iter()
+                .filter_map(|attachment| match attachment {
+                    Attachment::Network { bridge, mac, .. } => Some((bridge.clone(), mac.clone())),
+                    Attachment::Direct { .. } => None,
+                })
+                .collect(),
+        })?;
         let built = net.vm_started_build(
             &VmStartedBuildRequest {
                 vm_name: start_plan.domain_name.clone(),
@@ -485,6 +531,7 @@ pub fn boot(
             },
             progress,
         )?;
+        crash_point("start:network");
         (Some(built.teardown_spec), built.driver_network)
     };
     Ok(Booted {

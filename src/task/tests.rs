@@ -14,6 +14,7 @@ use super::error::TaskError;
 use super::hypervisor::{
     DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent,
 };
+use super::journal::Journal;
 use super::Tasks;
 use crate::config::plugin::{DirectoryPool, Settings};
 use crate::config::task::{DiskConfig, TaskConfig};
@@ -24,8 +25,8 @@ use crate::libvirt::{Libvirt, LibvirtError};
 use crate::net::iptables::Iptables;
 use crate::net::libvirt::LibvirtNet;
 use crate::net::{
-    AllocatedPort, Attachment, Net, NetError, VmStartedBuildRequest, VmStartedBuildResponse,
-    VmTerminatedTeardownRequest, VmTerminatedTeardownResponse,
+    AllocatedPort, Attachment, Net, NetError, NetIntent, VmStartedBuildRequest,
+    VmStartedBuildResponse, VmTerminatedTeardownRequest, VmTerminatedTeardownResponse,
 };
 use crate::nomad::driver_state::CreatedVolume;
 
@@ -53,6 +54,12 @@ fn test_node() -> TestNode {
         uri: format!("test://{}", node.display()),
         pool_path: dir.path().join("pool"),
         _dir: dir,
+    }
+}
+
+impl TestNode {
+    fn journal(&self) -> Journal {
+        Journal::open(self._dir.path().join("journal")).expect("journal")
     }
 }
 
@@ -189,6 +196,9 @@ impl Hypervisor for TestHypervisor {
     ) -> Result<Vec<String>, HypervisorError> {
         self.inner.prune_unused_parents(pools, idle)
     }
+    fn domain_owner(&self, name: &str) -> Result<Option<String>, HypervisorError> {
+        self.inner.domain_owner(name)
+    }
     fn define_domain(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
         self.inner.define_domain(spec)?;
         self.step("define_domain")
@@ -227,6 +237,7 @@ struct TestNet {
     inner: LibvirtNet,
     fail_build: bool,
     builds: AtomicUsize,
+    removed_intents: std::sync::Mutex<Vec<NetIntent>>,
 }
 
 impl Net for TestNet {
@@ -270,11 +281,11 @@ impl Net for TestNet {
     ) -> Result<VmTerminatedTeardownResponse, NetError> {
         Ok(VmTerminatedTeardownResponse {})
     }
-    fn reconcile(
-        &self,
-        _live_tags: &std::collections::BTreeSet<String>,
-    ) -> Result<Vec<String>, NetError> {
-        Ok(Vec::new())
+    fn remove_unfinished(&self, intent: &NetIntent) -> Result<(), NetError> {
+        if let Ok(mut removed) = self.removed_intents.lock() {
+            removed.push(intent.clone());
+        }
+        Ok(())
     }
 }
 
@@ -293,10 +304,12 @@ fn harness(fault: Option<Fault>) -> Harness {
         inner: LibvirtNet::new(libvirt.clone(), Iptables::host()),
         fail_build: fault == Some(Fault::NetworkBuild),
         builds: AtomicUsize::new(0),
+        removed_intents: std::sync::Mutex::new(Vec::new()),
     });
     let tasks = Tasks::new(
         Arc::new(TestHypervisor::new(libvirt.clone(), fault)),
         net.clone(),
+        node.journal(),
     );
     Harness {
         observer: LibvirtHypervisor::new(libvirt.clone()),
@@ -597,6 +610,7 @@ async fn a_restarted_plugin_recovers_the_task_and_sees_it_end() {
     let restarted = Tasks::new(
         Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
         harness.net.clone(),
+        harness.node.journal(),
     );
     restarted.recover(state.clone()).await.expect("recover");
     restarted
@@ -651,6 +665,7 @@ async fn recovering_a_vanished_domain_reports_an_exit() {
     let restarted = Tasks::new(
         Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
         harness.net.clone(),
+        harness.node.journal(),
     );
     restarted.recover(started.state).await.expect("recover");
     let exit = restarted.wait("alloc/web/cdcd8888").await.expect("wait");
@@ -752,4 +767,121 @@ async fn racing_starts_of_one_task_id_let_exactly_one_through() {
             .expect("destroy");
         assert_nothing_left(&harness, "after the race");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_plugin_removes_what_an_unfinished_task_left_and_only_that() {
+    let harness = harness(None);
+    let started = harness
+        .tasks
+        .start(
+            request(&harness.node, "dead0001", true),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    // Another task's domain, defined by someone else under a name of ours.
+    let foreign = harness
+        .tasks
+        .start(
+            request(&harness.node, "a11e0002", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("second start");
+
+    // The plugin dies; its successor is never told about "dead0001" (Nomad
+    // lost it, or the start never returned) but recovers the other one.
+    let successor = Tasks::new(
+        Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
+        harness.net.clone(),
+        harness.node.journal(),
+    );
+    successor
+        .recover(foreign.state.clone())
+        .await
+        .expect("recover");
+    // The dead plugin's records are not its own while it "lives": with
+    // this test's process as the owner they are, as after a real restart.
+    let removed = successor.remove_unfinished().await;
+    assert_eq!(removed, vec!["alloc/web/dead0001".to_string()]);
+    assert!(harness
+        .observer
+        .domain_state(&started.state.domain_name)
+        .expect("state")
+        .is_none());
+    let left = harness.volumes();
+    for volume in &started.state.volumes {
+        assert!(!left.contains(&volume.name), "{} left", volume.name);
+    }
+    let intents = harness.net.removed_intents.lock().expect("lock").clone();
+    assert_eq!(intents.len(), 1, "{intents:?}");
+    assert_eq!(
+        intents[0].task_tag,
+        crate::net::iptables::task_tag("alloc/web/dead0001")
+    );
+    assert_eq!(
+        intents[0].interfaces,
+        vec![(
+            "ndvtestbr0".to_string(),
+            crate::net::mac_for("alloc/web/dead0001", 0)
+        )]
+    );
+    assert!(
+        harness.running(&foreign.state.domain_name),
+        "the recovered task is untouched"
+    );
+    assert!(
+        successor.remove_unfinished().await.is_empty(),
+        "nothing more to do"
+    );
+
+    successor
+        .destroy("alloc/web/a11e0002", true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after cleanup and destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_whose_metadata_names_another_task_is_never_removed() {
+    let harness = harness(None);
+    let started = harness
+        .tasks
+        .start(
+            request(&harness.node, "0we00003", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    // A forged record claims that domain for another task id.
+    let journal = harness.node.journal();
+    let forged = journal
+        .begin("alloc/other/0we00003", &started.state.domain_name)
+        .expect("begin");
+    forged
+        .update(|record| record.domain_defined = true)
+        .expect("update");
+    let successor = Tasks::new(
+        Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
+        harness.net.clone(),
+        journal,
+    );
+    successor
+        .recover(started.state.clone())
+        .await
+        .expect("recover");
+    assert_eq!(
+        successor.remove_unfinished().await,
+        vec!["alloc/other/0we00003".to_string()]
+    );
+    assert!(
+        harness.running(&started.state.domain_name),
+        "not that record's domain"
+    );
+    successor
+        .destroy("alloc/web/0we00003", true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after destroy");
 }
