@@ -191,6 +191,11 @@ impl Journal {
         }
     }
 
+    /// The record of one task, if any.
+    pub fn record(&self, task_id: &str) -> Option<TaskRecord> {
+        read_record(&self.path_for(task_id))
+    }
+
     /// Records of tasks no live plugin process owns, other than the ones
     /// `is_known` (tasks this process tracks).
     pub fn orphans(&self, is_known: impl Fn(&str) -> bool) -> Vec<TaskRecord> {

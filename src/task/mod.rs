@@ -251,6 +251,27 @@ impl Tasks {
                 request.task_id
             )));
         };
+        // A record of this id left by a dead plugin (Nomad retries a start
+        // the plugin died in): remove what it names before starting again.
+        if let Some(record) = self.journal.record(&request.task_id) {
+            if record.owner != journal::Owner::current() && record.owner.is_alive() {
+                return Err(TaskError::Conflict(format!(
+                    "task {} is being started by another plugin process (pid {})",
+                    request.task_id, record.owner.pid
+                )));
+            }
+            let (hypervisor, net, journal) = (
+                self.hypervisor.clone(),
+                self.net.clone(),
+                self.journal.clone(),
+            );
+            blocking("removing what an unfinished start left", move || {
+                remove_recorded(hypervisor.as_ref(), net.as_ref(), &record)?;
+                journal.forget(&record.task_id);
+                Ok(())
+            })
+            .await?;
+        }
         let request = Arc::new(request);
         let progress = self.emitter(&request.task_id, &request.alloc_id, &request.task_name);
         let booted = {

@@ -885,3 +885,41 @@ async fn a_domain_whose_metadata_names_another_task_is_never_removed() {
         .expect("destroy");
     assert_nothing_left(&harness, "after destroy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_again_over_an_unfinished_start_removes_its_leftovers_first() {
+    let harness = harness(None);
+    let first = harness
+        .tasks
+        .start(
+            request(&harness.node, "fee10004", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    // The plugin died with the start unanswered; Nomad starts the same id again.
+    let successor = Tasks::new(
+        Arc::new(TestHypervisor::new(harness.libvirt.clone(), None)),
+        harness.net.clone(),
+        harness.node.journal(),
+    );
+    let second = successor
+        .start(
+            request(&harness.node, "fee10004", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("the retried start succeeds over the leftovers");
+    assert_eq!(first.state.domain_name, second.state.domain_name);
+    assert!(harness.running(&second.state.domain_name));
+    assert_eq!(
+        harness.volumes().len(),
+        second.state.volumes.len(),
+        "no leftover volumes"
+    );
+    successor
+        .destroy("alloc/web/fee10004", true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after the retried start");
+}
