@@ -8,6 +8,8 @@ pub mod cloudinit;
 pub mod config;
 pub mod driver;
 pub mod libvirt;
+pub mod logging;
+pub mod meta;
 pub mod net;
 pub mod nomad;
 pub mod nomad_client;

@@ -452,7 +452,7 @@ pub fn create_and_boot(
             task_id: task.id.clone(),
             alloc_id: task.alloc_id.clone(),
             task_name: task.name.clone(),
-            plugin_version: crate::driver::PLUGIN_VERSION.into(),
+            plugin_version: crate::meta::PLUGIN_VERSION.into(),
         },
     };
     let xml = render_domain_xml(&spec)?;
