@@ -703,7 +703,7 @@ impl<'a> Parser<'a> {
     fn port(&mut self, block: &Block, scope: &str) -> Option<PortSpec> {
         let label = self.label(block, "port")?;
         let field = format!("network.port \"{label}\"");
-        if !crate::config::names::PortLabel::parse(&label).is_ok() {
+        if crate::config::names::PortLabel::parse(&label).is_err() {
             self.problem(
                 block.span(),
                 Some(scope),
