@@ -9,14 +9,10 @@ use hcl::edit::Span as _;
 pub const PLUGIN_BLOCK_LABEL: &str = "nomad-driver-virt";
 
 /// Why a client config has no usable plugin config.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientConfigError {
-    #[error("invalid HCL at line {line}, column {column}: {message}")]
-    Hcl {
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    #[error("invalid HCL at line {}, column {}", .0.location().line(), .0.location().column())]
+    Hcl(#[source] hcl::edit::parser::Error),
     #[error("has no plugin \"{PLUGIN_BLOCK_LABEL}\" block; add plugin \"{PLUGIN_BLOCK_LABEL}\" {{ config {{ ... }} }} (Nomad matches the label against the binary's file name)")]
     NoPluginBlock,
     #[error("plugin \"{PLUGIN_BLOCK_LABEL}\" has more than one config block")]
@@ -25,11 +21,7 @@ pub enum ClientConfigError {
 
 /// Parses a client config file's HCL.
 pub fn parse(source: &str) -> Result<Body, ClientConfigError> {
-    hcl::edit::parser::parse_body(source).map_err(|error| ClientConfigError::Hcl {
-        line: error.location().line(),
-        column: error.location().column(),
-        message: error.message().to_string(),
-    })
+    hcl::edit::parser::parse_body(source).map_err(ClientConfigError::Hcl)
 }
 
 /// A file that configures plugins and declares no job: a client config.
@@ -98,24 +90,28 @@ mod tests {
     #[test]
     fn a_plugin_block_without_config_means_defaults() {
         assert_eq!(
-            plugin_config_body("plugin \"nomad-driver-virt\" {}\n"),
-            Ok(String::new())
+            plugin_config_body("plugin \"nomad-driver-virt\" {}\n").expect("defaults"),
+            ""
         );
     }
 
     #[test]
     fn problems_are_typed() {
-        assert_eq!(
+        assert!(matches!(
             plugin_config_body("plugin \"virt\" {}\n"),
             Err(ClientConfigError::NoPluginBlock)
-        );
-        assert_eq!(
+        ));
+        assert!(matches!(
             plugin_config_body("plugin \"nomad-driver-virt\" {\n  config {}\n  config {}\n}\n"),
             Err(ClientConfigError::SeveralConfigBlocks)
-        );
-        assert!(matches!(
-            plugin_config_body("plugin {"),
-            Err(ClientConfigError::Hcl { line: 1, .. })
         ));
+        let Err(error @ ClientConfigError::Hcl(_)) = plugin_config_body("plugin {") else {
+            panic!("not an HCL error");
+        };
+        assert!(
+            error.to_string().starts_with("invalid HCL at line 1"),
+            "{error}"
+        );
+        assert!(std::error::Error::source(&error).is_some());
     }
 }
