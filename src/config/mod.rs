@@ -1,6 +1,15 @@
 //! Plugin and task configuration: the typed values, their defaults and
 //! validation, and the hclspec schema next to them so a field cannot exist in
 //! one and not the other (see the drift tests in `tests/schema_roundtrip.rs`).
+//!
+//! - `task`: the task config, wire form and typed [`task::TaskSpec`]
+//!   ([`task::parse_task_config`] is the one entry for StartTask and the CLI);
+//! - `network`: its `network_interface` blocks;
+//! - `plugin`: the plugin config and its [`plugin::Settings`];
+//! - `client`: finding the plugin's block in a Nomad client config file;
+//! - `names`, `units`: the newtypes (hostname, interface name, MAC, ...),
+//!   byte sizes and Go durations the configs are made of;
+//! - `hclspec`: the schema language.
 
 pub mod client;
 pub mod hclspec;

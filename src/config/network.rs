@@ -123,16 +123,6 @@ impl NetworkInterfaceMacvtapConfig {
     }
 }
 
-/// The interfaces that take part in host port mapping and lease discovery.
-pub fn configurable_only(
-    interfaces: &[NetworkInterfaceConfig],
-) -> Vec<&NetworkInterfaceBridgeConfig> {
-    interfaces
-        .iter()
-        .filter_map(|interface| interface.bridge.as_ref())
-        .collect()
-}
-
 /// The hclspec of the `network_interface` block list.
 pub fn schema() -> Spec {
     Spec::block_list(Spec::object([
@@ -380,13 +370,5 @@ mod tests {
                 "{label:?} accepted"
             );
         }
-    }
-
-    #[test]
-    fn configurable_only_keeps_bridges() {
-        let list = [bridge("virbr0", &["http"]), macvtap("eth0", None)];
-        let configurable = configurable_only(&list);
-        assert_eq!(configurable.len(), 1);
-        assert_eq!(configurable[0].name, "virbr0");
     }
 }

@@ -160,11 +160,6 @@ fn unreachable_default() -> Settings {
     }
 }
 
-/// A libvirt object name we create or look up; see [`super::names::ObjectName`].
-pub fn is_valid_object_name(name: &str) -> bool {
-    super::names::is_object_name(name)
-}
-
 /// Decodes the msgpack plugin config (SetConfig, or a client config file
 /// encoded by the CLI) and checks it into [`Settings`].
 pub fn parse_plugin_config(msgpack: &[u8]) -> Result<Settings, ConfigErrors> {
@@ -232,7 +227,7 @@ impl PluginConfig {
         let mut pools = Vec::new();
         for (name, pool) in pools_config.directory.iter().flatten() {
             let field = format!("storage_pools.directory[{name:?}]");
-            if !is_valid_object_name(name) {
+            if !super::names::is_object_name(name) {
                 problems.add(
                     field.clone(),
                     "pool names may use letters, digits, '-', '_' and '.', up to 64 characters",

@@ -143,13 +143,6 @@ pub struct UnknownKeyword {
     pub allowed: Vec<&'static str>,
 }
 
-/// Disk kinds we attach.
-pub const DISK_KINDS: [&str; 2] = ["disk", "cdrom"];
-/// Buses libvirt/QEMU offer for disks.
-pub const BUS_TYPES: [&str; 5] = ["virtio", "sata", "scsi", "ide", "usb"];
-/// Image formats we read and write.
-pub const DISK_FORMATS: [&str; 2] = ["qcow2", "raw"];
-
 /// The task config checked into types: what every consumer reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskSpec {
@@ -321,11 +314,6 @@ pub fn schema() -> Spec {
         ),
         ("network_interface", network::schema()),
     ])
-}
-
-/// An RFC 1123 DNS label: what a guest hostname must be.
-pub fn is_dns_label(name: &str) -> bool {
-    super::names::is_dns_label(name)
 }
 
 /// A hostname derived from a Nomad task name; see [`Hostname::from_task_name`].
@@ -562,17 +550,6 @@ fn quoted(values: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dns_labels() {
-        assert!(is_dns_label("web-1"));
-        assert!(!is_dns_label("-web"));
-        assert!(!is_dns_label("web_1"));
-        assert!(!is_dns_label(&"a".repeat(64)));
-        assert_eq!(hostname_from_task_name("My_Web Task!"), "my-web-task");
-        assert_eq!(hostname_from_task_name("___"), "vm");
-        assert!(is_dns_label(&hostname_from_task_name(&"x-".repeat(80))));
-    }
 
     #[test]
     fn disk_problems_are_named() {

@@ -39,7 +39,8 @@ impl<'de> Visitor<'de> for ByteSizeVisitor {
     }
 
     fn visit_f64<E: de::Error>(self, value: f64) -> Result<ByteSize, E> {
-        if value.fract() == 0.0 && value >= 0.0 && value <= u64::MAX as f64 {
+        // 2^64 itself is out of range: `as` would saturate it to u64::MAX.
+        if value.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&value) {
             Ok(ByteSize(value as u64))
         } else {
             Err(E::custom(format!(
@@ -438,6 +439,29 @@ mod tests {
             "-9223372036854775809ns",
         ] {
             assert!(GoDuration::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn float_sizes_stop_below_two_to_the_64() {
+        let decode = |value: f64| {
+            let mut bytes = Vec::new();
+            rmp::encode::write_f64(&mut bytes, value).expect("write");
+            rmp_serde::from_slice::<ByteSize>(&bytes)
+        };
+        assert_eq!(decode(4096.0).expect("whole"), ByteSize(4096));
+        assert_eq!(
+            decode(9_007_199_254_740_992.0).expect("2^53"),
+            ByteSize(1 << 53)
+        );
+        for bad in [
+            18_446_744_073_709_551_616.0,
+            -1.0,
+            1.5,
+            f64::NAN,
+            f64::INFINITY,
+        ] {
+            assert!(decode(bad).is_err(), "{bad}");
         }
     }
 
