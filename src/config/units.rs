@@ -261,6 +261,51 @@ impl GoDuration {
     }
 }
 
+/// Go's `Duration.String`: `1h2m3.5s`, `1.5ms`, `0s`; parses back to itself.
+impl fmt::Display for GoDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        /// `whole[.fraction]` with the fraction's trailing zeros dropped.
+        fn decimal(f: &mut fmt::Formatter<'_>, value: u64, digits: u32) -> fmt::Result {
+            let scale = 10u64.pow(digits);
+            write!(f, "{}", value / scale)?;
+            let fraction = value % scale;
+            if fraction != 0 {
+                let text = format!("{fraction:0width$}", width = digits as usize);
+                write!(f, ".{}", text.trim_end_matches('0'))?;
+            }
+            Ok(())
+        }
+        if self.0 < 0 {
+            f.write_str("-")?;
+        }
+        let nanos = self.0.unsigned_abs();
+        if nanos == 0 {
+            return f.write_str("0s");
+        }
+        if nanos < SECOND {
+            let (digits, unit) = if nanos < MICROSECOND {
+                (0, "ns")
+            } else if nanos < MILLISECOND {
+                (3, "\u{b5}s")
+            } else {
+                (6, "ms")
+            };
+            decimal(f, nanos, digits)?;
+            return f.write_str(unit);
+        }
+        let seconds = nanos / SECOND;
+        let (hours, minutes) = (seconds / 3600, seconds / 60 % 60);
+        if hours > 0 {
+            write!(f, "{hours}h")?;
+        }
+        if hours > 0 || minutes > 0 {
+            write!(f, "{minutes}m")?;
+        }
+        decimal(f, seconds % 60 * SECOND + nanos % SECOND, 9)?;
+        f.write_str("s")
+    }
+}
+
 impl std::str::FromStr for GoDuration {
     type Err = DurationError;
     fn from_str(text: &str) -> Result<Self, DurationError> {
@@ -420,6 +465,22 @@ mod tests {
         for (text, nanos) in cases {
             assert_eq!(GoDuration::parse(text), Ok(GoDuration(*nanos)), "{text}");
         }
+        // Go's `Duration.String` outputs (durationTests in time_test.go).
+        for (text, nanos) in [
+            ("0s", 0),
+            ("1ns", 1),
+            ("1.1\u{b5}s", 1100),
+            ("2.2ms", 2_200_000),
+            ("3.3s", 3_300_000_000),
+            ("4m5s", 4 * M + 5 * S),
+            ("4m5.001s", 4 * M + 5001 * MS),
+            ("5h6m7.001s", 5 * H + 6 * M + 7001 * MS),
+            ("8m0.000000001s", 8 * M + 1),
+            ("2562047h47m16.854775807s", i64::MAX),
+            ("-2562047h47m16.854775808s", i64::MIN),
+        ] {
+            assert_eq!(GoDuration(nanos).to_string(), text);
+        }
         for bad in [
             "",
             "3",
@@ -511,6 +572,12 @@ mod tests {
         #[test]
         fn go_durations_never_panic(text in "[-+]?([0-9.]{0,25}(ns|us|ms|s|m|h|x)?){0,4}") {
             let _ = GoDuration::parse(&text);
+        }
+
+        #[test]
+        fn go_durations_print_and_parse_back(nanos in proptest::num::i64::ANY) {
+            let duration = GoDuration(nanos);
+            proptest::prop_assert_eq!(GoDuration::parse(&duration.to_string()), Ok(duration));
         }
 
         #[test]
