@@ -359,9 +359,9 @@ impl TryFrom<&TaskConfig> for TaskSpec {
             .as_deref()
             .and_then(|zone| problems.check("timezone", Timezone::parse(zone)));
         let os = wire.os.clone().unwrap_or_default();
-        for (field, what, value) in [
-            ("os.arch", "arch", &os.arch),
-            ("os.machine", "machine", &os.machine),
+        for (field, what, example, value) in [
+            ("os.arch", "arch", "\"x86_64\" or \"aarch64\"", &os.arch),
+            ("os.machine", "machine", "\"pc\" or \"q35\"", &os.machine),
         ] {
             if let Some(value) = value {
                 if value.is_empty()
@@ -369,7 +369,10 @@ impl TryFrom<&TaskConfig> for TaskSpec {
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                 {
-                    problems.add(field, format!("{value:?} is not a libvirt {what} name"));
+                    problems.add(
+                        field,
+                        format!("{value:?} is not a libvirt {what} name; use e.g. {example}"),
+                    );
                 }
             }
         }
