@@ -9,6 +9,8 @@ pub mod config;
 pub mod driver;
 pub mod faults;
 pub mod libvirt;
+pub mod logging;
+pub mod meta;
 pub mod net;
 pub mod nomad;
 pub mod nomad_client;

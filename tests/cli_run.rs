@@ -674,5 +674,10 @@ fn jobs_the_local_runner_cannot_run_are_refused_before_anything_starts() {
         .output()
         .expect("run");
     assert_eq!(usage.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: nomad-driver-virt run"));
+    let stderr = String::from_utf8_lossy(&usage.stderr);
+    assert!(
+        stderr.contains("unexpected argument '--bogus'")
+            && stderr.contains("Usage: nomad-driver-virt run"),
+        "{stderr}"
+    );
 }

@@ -19,12 +19,7 @@ use crate::net::libvirt::LibvirtNet;
 use crate::task::journal::Journal;
 use crate::task::Tasks;
 
-/// The plugin name jobs use: `driver = "virt"`.
-pub const PLUGIN_NAME: &str = "virt";
-/// Nomad's driver plugin API version we speak.
-pub const PLUGIN_API_VERSION: &str = "v0.1.0";
-/// This build's version, reported to Nomad and in `driver.virt.version`.
-pub const PLUGIN_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::meta::{PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION};
 
 /// Port range Nomad gives for dynamic ports, from SetConfig's nomad_config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +105,7 @@ impl Driver {
     fn apply_settings(&self, settings: Settings) {
         self.libvirt
             .reconfigure(&settings.libvirt_uri, settings.libvirt_credentials.clone());
-        crate::plugin::hclog::set_level_from_config(settings.log_level);
+        crate::logging::set_level_from_config(settings.log_level);
         match self.settings.write() {
             Ok(mut slot) => *slot = Arc::new(settings),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(settings),

@@ -2,10 +2,13 @@
 //! libvirt implementation (bridge and macvtap attachment, DHCP lease
 //! discovery and reservation, iptables port mapping).
 
-pub mod config;
 pub mod dhcp;
 pub mod iptables;
 pub mod libvirt;
+
+/// The interface config types live with the rest of the task config;
+/// this path keeps `net::config::...` working for net's own modules.
+pub use crate::config::network as config;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -194,6 +197,12 @@ pub fn mac_for(task_id: &str, index: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_active_strings() {
+        assert_eq!(is_active_string(true), "active");
+        assert_eq!(is_active_string(false), "inactive");
+    }
 
     #[test]
     fn macs_are_stable_and_distinct() {

@@ -2,7 +2,6 @@
 //! line, go-plugin's internal services, signals and graceful exit.
 
 pub mod handshake;
-pub mod hclog;
 mod internal;
 
 use std::io::Write;

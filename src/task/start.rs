@@ -496,7 +496,7 @@ pub fn boot(
             task_id: request.task_id.clone(),
             alloc_id: request.alloc_id.clone(),
             task_name: request.task_name.clone(),
-            plugin_version: crate::driver::PLUGIN_VERSION.into(),
+            plugin_version: crate::meta::PLUGIN_VERSION.into(),
         },
     };
     rollback.domain()?;
