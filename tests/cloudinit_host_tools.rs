@@ -1,6 +1,7 @@
 //! The cloud-init seed against the host tools that read it: `isoinfo` and
-//! `blkid` read the seed ISO back, and the real `cloud-init` (its schema
-//! check and its YAML loader) reads the documents. Plain `cargo test` skips
+//! `blkid` read the seed ISO back, the real `cloud-init` (its schema check
+//! and its YAML loader) reads the documents, and libc's crypt() (through
+//! perl) checks the password hashes. Plain `cargo test` skips
 //! these when a tool is missing; with NOMAD_DRIVER_VIRT_HOST_TESTS=1 (CI) a
 //! missing tool fails. The pure rendering tests stay in src/cloudinit/.
 
@@ -12,7 +13,7 @@ use std::process::{Command, Output};
 use common::Need;
 use nomad_driver_virt::cloudinit::docs::{env_script, ENV_SCRIPT_PATH};
 use nomad_driver_virt::cloudinit::{
-    build_seed_iso, render, sha512_crypt, CloudInitInput, SeedFiles,
+    build_seed_iso, random_salt, render, sha512_crypt, CloudInitInput, SeedFiles,
 };
 
 const ISOINFO: Need = Need::Tool {
@@ -22,6 +23,10 @@ const ISOINFO: Need = Need::Tool {
 const BLKID: Need = Need::Tool {
     program: "blkid",
     package: "util-linux",
+};
+const PERL: Need = Need::Tool {
+    program: "perl",
+    package: "perl-base",
 };
 const CLOUD_INIT: Need = Need::Tool {
     program: "cloud-init",
@@ -322,4 +327,40 @@ fn cloud_init_yaml_loader_reads_back_the_inputs() {
     );
     let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
     assert_eq!(keys.len(), 9, "unexpected keys {keys:?}");
+}
+
+// SHA-512 crypt hashes against libc's crypt() (moved from src/cloudinit/password.rs).
+
+fn perl_crypt(password: &str, setting: &str) -> String {
+    // Perl's crypt() is libcrypt's (libxcrypt on Debian 12), the same code
+    // PAM runs at login. perl-base is essential on Debian, so always present.
+    let out = Command::new("perl")
+        .args(["-e", "print crypt($ARGV[0], $ARGV[1])", password, setting])
+        .output()
+        .expect("perl must be installed (Debian package perl-base)");
+    assert!(out.status.success(), "perl failed: {out:?}");
+    String::from_utf8(out.stdout).expect("crypt output is ASCII")
+}
+
+/// The `$6$rounds=5000$<salt>$` prefix of a hash, used as crypt()'s setting.
+fn setting_of(hash: &str) -> String {
+    let mut parts: Vec<&str> = hash.split('$').collect();
+    assert_eq!(parts.len(), 5, "unexpected hash shape {hash}");
+    parts[4] = "";
+    parts.join("$")
+}
+
+#[test]
+fn random_salts_agree_with_libc_crypt() {
+    if !common::host_ready(&[PERL]) {
+        return;
+    }
+    // The trap this guards: hashes that sha-crypt verifies but libxcrypt
+    // (and therefore login) rejects.
+    for i in 0..8 {
+        let password = format!("pass word {i} with ' and \" and $");
+        let salt = random_salt().unwrap();
+        let hash = sha512_crypt(&password, salt).unwrap();
+        assert_eq!(perl_crypt(&password, &setting_of(&hash)), hash);
+    }
 }

@@ -98,7 +98,7 @@ fn note_skip(reason: &str, fix: &str) {
         let binary = test_binary();
         let _ = writeln!(
             std::io::stderr(),
-            "{binary}: skipping host tests: {reason}; to run them: {fix}, then `sudo {HOST_TESTS_VAR}=1 cargo test --test {binary}`"
+            "{binary}: skipping host tests: {reason}. To run them: {fix}; then `{HOST_TESTS_VAR}=1 cargo test --test {binary}`"
         );
     }
 }
@@ -127,7 +127,7 @@ fn missing(need: Need) -> Option<(String, String)> {
         Need::Root => (!*ROOT.get_or_init(is_root)).then(|| {
             (
                 "not running as root".to_string(),
-                "run as root after `bash tests/setup/host.sh`".to_string(),
+                "become root and run `bash tests/setup/host.sh`".to_string(),
             )
         }),
         Need::Libvirtd => (!*LIBVIRTD.get_or_init(libvirtd_answers)).then(|| {
@@ -149,8 +149,8 @@ fn missing(need: Need) -> Option<(String, String)> {
             (
                 format!("`{program}` is not on PATH"),
                 format!(
-                    "install it with `apt-get install -y --no-install-recommends {package}` \
-                     (tests/setup/host.sh does)"
+                    "`apt-get install -y --no-install-recommends {package}` \
+                     (tests/setup/host.sh installs it)"
                 ),
             )
         }),
