@@ -87,7 +87,8 @@ fn mandatory() -> bool {
 }
 
 /// Prints the skip line once per distinct reason in this test binary.
-/// Written to the real stderr: libtest captures `eprintln!` of passing tests.
+/// Written to the real stderr: libtest would swallow `eprintln!` output of
+/// a passing test.
 fn note_skip(reason: &str, fix: &str) {
     static SEEN: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let first = SEEN
@@ -96,10 +97,11 @@ fn note_skip(reason: &str, fix: &str) {
         .insert(reason.to_string());
     if first {
         let binary = test_binary();
-        let _ = writeln!(
-            std::io::stderr(),
-            "{binary}: skipping host tests: {reason}. To run them: {fix}; then `{HOST_TESTS_VAR}=1 cargo test --test {binary}`"
+        // One write, so libtest's own output cannot split the line.
+        let line = format!(
+            "{binary}: skipping host tests: {reason}. To run them: {fix}; then `{HOST_TESTS_VAR}=1 cargo test --test {binary}`\n"
         );
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 }
 
@@ -148,10 +150,7 @@ fn missing(need: Need) -> Option<(String, String)> {
         Need::Tool { program, package } => (!on_path(program)).then(|| {
             (
                 format!("`{program}` is not on PATH"),
-                format!(
-                    "`apt-get install -y --no-install-recommends {package}` \
-                     (tests/setup/host.sh installs it)"
-                ),
+                format!("`apt-get install -y --no-install-recommends {package}`"),
             )
         }),
     }
