@@ -16,9 +16,11 @@ struct Defined(String);
 
 impl Defined {
     fn new(alloc: &Alloc, name: &str) -> Defined {
+        // Rust and libvirt spell the common architectures alike (x86_64, aarch64).
+        let arch = std::env::consts::ARCH;
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>\
-             <vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"
+             <vcpu>1</vcpu><os><type arch='{arch}'>hvm</type></os></domain>"
         );
         let path = alloc.root.path().join("domain.xml");
         std::fs::write(&path, xml).expect("write domain xml");
