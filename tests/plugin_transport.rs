@@ -124,6 +124,9 @@ async fn socket_dir_is_honoured_private_and_removed_after_shutdown() {
 
 #[tokio::test]
 async fn socket_group_is_honoured() {
+    if !common::host_ready(&[common::Need::Root]) {
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     // gid 1 ("daemon" on Debian) differs from root's group 0.
     let options = LaunchOptions {
