@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use super::config::NetworkInterfacesConfig;
+use super::config::NetworkInterface;
 use super::dhcp::{self, Reservation};
 use super::iptables::apply::{route_localnet_fix, Iptables};
 use super::iptables::rules::{port_forward_rules, PortForward};
@@ -91,7 +91,7 @@ impl Net for LibvirtNet {
 
     fn attachments(
         &self,
-        net_config: &NetworkInterfacesConfig,
+        net_config: &[NetworkInterface],
         ports: &[AllocatedPort],
         hwaddrs: &[String],
     ) -> Result<Vec<Attachment>, NetError> {
@@ -101,40 +101,48 @@ impl Net for LibvirtNet {
                 .get(index)
                 .cloned()
                 .ok_or_else(|| NetError::Invalid("missing MAC address".into()))?;
-            if let Some(bridge) = &interface.bridge {
-                let name = bridge.name.clone();
-                let network = self.libvirt.call_blocking(move |conn| {
-                    Ok(dhcp::network_by_bridge(conn, &name).and_then(|network| {
-                        network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
-                            message: e.message().to_string(),
-                        })
-                    }))
-                })?;
-                let network = network.map_err(|e| {
-                    NetError::Invalid(format!("network_interface[{index}].bridge.name: {e}"))
-                })?;
-                let forwards = forwards_for(bridge.ports.as_deref().unwrap_or_default(), ports)?;
-                if forwards.iter().any(|f| f.host_ip.is_loopback())
-                    && !self.iptables.route_localnet_enabled(&bridge.name)
-                {
-                    return Err(NetError::Invalid(format!(
+            match interface {
+                NetworkInterface::Bridge(bridge) => {
+                    let name = bridge.name.as_str().to_string();
+                    let network = self.libvirt.call_blocking(move |conn| {
+                        Ok(dhcp::network_by_bridge(conn, &name).and_then(|network| {
+                            network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
+                                message: e.message().to_string(),
+                            })
+                        }))
+                    })?;
+                    let network = network.map_err(|e| {
+                        NetError::Invalid(format!("network_interface[{index}].bridge.name: {e}"))
+                    })?;
+                    let labels: Vec<String> = bridge
+                        .ports
+                        .iter()
+                        .map(|label| label.as_str().to_string())
+                        .collect();
+                    let forwards = forwards_for(&labels, ports)?;
+                    if forwards.iter().any(|f| f.host_ip.is_loopback())
+                        && !self.iptables.route_localnet_enabled(bridge.name.as_str())
+                    {
+                        return Err(NetError::Invalid(format!(
                         "ports on 127.0.0.1 need route_localnet on {}: run `{}` (and persist it in /etc/sysctl.d)",
                         bridge.name,
-                        route_localnet_fix(&bridge.name)
+                        route_localnet_fix(bridge.name.as_str())
                     )));
+                    }
+                    attachments.push(Attachment::Network {
+                        network,
+                        bridge: bridge.name.as_str().to_string(),
+                        mac,
+                    });
                 }
-                attachments.push(Attachment::Network {
-                    network,
-                    bridge: bridge.name.clone(),
-                    mac,
-                });
-            } else if let Some(macvtap) = &interface.macvtap {
-                let mode = macvtap.mode().map_err(NetError::Invalid)?;
-                attachments.push(Attachment::Direct {
-                    device: macvtap.device.clone(),
-                    mode: mode.as_str().to_string(),
-                    mac,
-                });
+                NetworkInterface::Macvtap(macvtap) => {
+                    let mode = macvtap.mode;
+                    attachments.push(Attachment::Direct {
+                        device: macvtap.device.as_str().to_string(),
+                        mode: mode.as_str().to_string(),
+                        mac,
+                    });
+                }
             }
         }
         Ok(attachments)
@@ -153,7 +161,7 @@ impl Net for LibvirtNet {
             .net_config
             .iter()
             .enumerate()
-            .find_map(|(index, interface)| interface.bridge.as_ref().map(|bridge| (index, bridge)))
+            .find_map(|(index, interface)| interface.bridge().map(|bridge| (index, bridge)))
         else {
             // Only macvtap (or nothing): no lease to find, no ports to map.
             return Ok(VmStartedBuildResponse {
@@ -166,10 +174,15 @@ impl Net for LibvirtNet {
             .get(index)
             .cloned()
             .ok_or_else(|| NetError::Invalid("missing MAC address".into()))?;
+        let labels: Vec<String> = bridge
+            .ports
+            .iter()
+            .map(|label| label.as_str().to_string())
+            .collect();
         let result = self.build_bridge(
             request,
-            &bridge.name,
-            bridge.ports.as_deref().unwrap_or_default(),
+            bridge.name.as_str(),
+            &labels,
             &mac,
             &mut spec,
             progress,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use self::config::NetworkInterfacesConfig;
+use self::config::NetworkInterface;
 use self::dhcp::Reservation;
 use self::iptables::rules::IptablesRule;
 
@@ -52,7 +52,7 @@ pub struct VmStartedBuildRequest {
     /// Identifies the task's host rules (iptables comment) for teardown and
     /// reconciliation.
     pub task_tag: String,
-    pub net_config: NetworkInterfacesConfig,
+    pub net_config: Vec<NetworkInterface>,
     /// The ports Nomad allocated to the task's group.
     pub resources: Vec<AllocatedPort>,
     /// MAC addresses of the VM's interfaces, in `net_config` order.
@@ -157,7 +157,7 @@ pub trait Net: Send + Sync {
     /// labels are allocated, loopback forwarding is possible).
     fn attachments(
         &self,
-        net_config: &NetworkInterfacesConfig,
+        net_config: &[NetworkInterface],
         ports: &[AllocatedPort],
         hwaddrs: &[String],
     ) -> Result<Vec<Attachment>, NetError>;

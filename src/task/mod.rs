@@ -311,7 +311,6 @@ impl Tasks {
             volumes: booted.volumes,
             console_log: Some(booted.console_log.clone()),
             stdout_path: request.stdout_path.to_string_lossy().into_owned(),
-            task_config: config_without_secrets(&request.config),
             net: booted.teardown,
             guest_ip: booted.network.as_ref().map(|network| network.ip),
         };
@@ -599,18 +598,6 @@ impl Tasks {
                 return;
             }
         }
-    }
-}
-
-/// The task config as the handle keeps it: recovery needs none of the
-/// guest's secrets, and Nomad stores handles in its client state.
-fn config_without_secrets(
-    config: &crate::config::task::TaskConfig,
-) -> crate::config::task::TaskConfig {
-    crate::config::task::TaskConfig {
-        default_user_password: None,
-        user_data: None,
-        ..config.clone()
     }
 }
 

@@ -15,7 +15,9 @@ use crate::cloudinit::docs::{render, CloudInitInput};
 use crate::cloudinit::iso::build_seed_iso;
 use crate::cloudinit::password::random_salt;
 use crate::config::plugin::{DirectoryPool, Settings};
-use crate::config::task::{hostname_from_task_name, DiskConfig};
+use crate::config::task::{
+    self as task_config, hostname_from_task_name, DiskKind, DiskSource as ConfigDiskSource,
+};
 use crate::faults::crash_point;
 use crate::libvirt::domain_xml::{
     DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec, DomainType,
@@ -133,11 +135,11 @@ impl Drop for Rollback<'_> {
 pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan, TaskError> {
     let config = &request.config;
     let domain_name = plan::domain_name(&request.task_name, &request.task_id);
-    let hostname = config
-        .hostname
-        .clone()
+    let hostname = config.hostname.as_ref().map_or_else(
         // Unique per task (like the domain name), so count > 1 does not clash.
-        .unwrap_or_else(|| hostname_from_task_name(&domain_name));
+        || hostname_from_task_name(&domain_name),
+        |hostname| hostname.as_str().to_string(),
+    );
     let alloc_dir = &request.alloc_dir;
     if alloc_dir.as_os_str().is_empty() || !alloc_dir.is_absolute() {
         return Err(TaskError::Invalid(format!(
@@ -145,7 +147,7 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         )));
     }
     let task_dir = alloc_dir.join(&request.task_name);
-    let disks = config.disk.as_deref().unwrap_or_default();
+    let disks = &config.disks;
     if disks.is_empty() {
         return Err(TaskError::Invalid(
             "disk: a VM needs at least one disk block, e.g. disk { source { image = \"debian-12.qcow2\" } }".into(),
@@ -153,11 +155,7 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
     }
     let mut images_found = Vec::new();
     for (index, disk) in disks.iter().enumerate() {
-        match disk
-            .source
-            .as_ref()
-            .and_then(|source| source.image.as_deref())
-        {
+        match disk.image() {
             Some(image) => {
                 let path =
                     images::resolve_image(image, &settings.image_paths, alloc_dir, &task_dir)
@@ -221,7 +219,7 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         }
     }
     let console_log = task_dir.join("virt-console.log");
-    let interfaces = config.network_interface.as_ref().map_or(0, Vec::len);
+    let interfaces = config.network_interfaces.len();
     let hwaddrs = (0..interfaces)
         .map(|index| crate::net::mac_for(&request.task_id, index))
         .collect();
@@ -242,13 +240,13 @@ fn looks_inline(text: &str) -> bool {
     text.trim_start().starts_with('#') || text.contains('\n')
 }
 
-fn bus(name: &str) -> DiskBus {
-    match name {
-        "sata" => DiskBus::Sata,
-        "scsi" => DiskBus::Scsi,
-        "ide" => DiskBus::Ide,
-        "usb" => DiskBus::Usb,
-        _ => DiskBus::Virtio,
+fn bus(bus: task_config::DiskBus) -> DiskBus {
+    match bus {
+        task_config::DiskBus::Sata => DiskBus::Sata,
+        task_config::DiskBus::Scsi => DiskBus::Scsi,
+        task_config::DiskBus::Ide => DiskBus::Ide,
+        task_config::DiskBus::Usb => DiskBus::Usb,
+        task_config::DiskBus::Virtio => DiskBus::Virtio,
     }
 }
 
@@ -289,19 +287,18 @@ pub fn boot(
         _ => DomainType::Qemu,
     };
 
-    let os = config.os.clone().unwrap_or_default();
-    let arch = os.arch.unwrap_or_else(|| "x86_64".into());
-    let machine = os.machine.unwrap_or_else(|| "pc".into());
+    let arch = config.os.arch.clone().unwrap_or_else(|| "x86_64".into());
+    let machine = config.os.machine.clone().unwrap_or_else(|| "pc".into());
     let seed_bus = if machine.contains("q35") {
-        "sata"
+        task_config::DiskBus::Sata
     } else {
-        "ide"
+        task_config::DiskBus::Ide
     };
-    let disks: &[DiskConfig] = config.disk.as_deref().unwrap_or_default();
+    let disks = &config.disks;
     let (device_names, seed_device) =
         plan::device_names(disks, seed_bus).map_err(TaskError::Invalid)?;
 
-    let net_config = config.network_interface.clone().unwrap_or_default();
+    let net_config = config.network_interfaces.clone();
     let attachments = net.attachments(&net_config, &resources.ports, &start_plan.hwaddrs)?;
 
     // Each pool is prepared once per start, not per disk.
@@ -333,21 +330,27 @@ pub fn boot(
     let mut disk_specs = Vec::new();
     for (index, disk) in disks.iter().enumerate() {
         let field = format!("disk[{index}]");
-        let pool_name = disk
-            .pool
-            .clone()
-            .unwrap_or_else(|| settings.default_pool.clone());
+        let pool_name = disk.pool.as_ref().map_or_else(
+            || settings.default_pool.clone(),
+            |pool| pool.as_str().to_string(),
+        );
         let pool = pool_for(&pool_name, &format!("{field}.pool"))?;
         let device = device_names[index].clone();
-        let target_format = disk.format.clone().unwrap_or_else(|| "qcow2".into());
+        let target_format = disk
+            .format
+            .map_or("qcow2", task_config::DiskFormat::as_str)
+            .to_string();
         let format: ImageFormat = target_format.parse().map_err(TaskError::Invalid)?;
         let capacity = disk.size.map(|size| size.0);
-        let existing = disk.source.as_ref().and_then(|s| s.volume.as_deref());
+        let existing = match &disk.source {
+            Some(ConfigDiskSource::Volume { name, .. }) => Some(name.as_str()),
+            _ => None,
+        };
         let path = if let Some(image) = &start_plan.images[index] {
             let image_format = images::detect_format(image)
                 .map_err(|e| e.in_field(format!("{field}.source.image")))?;
             let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
-            let content = if disk.chained == Some(true) {
+            let content = if disk.chained {
                 VolumeContent::Overlay {
                     image,
                     image_format,
@@ -384,20 +387,20 @@ pub fn boot(
             crash_point("start:disk");
             path
         };
-        let cdrom = disk.kind.as_deref() == Some("cdrom");
+        let cdrom = disk.kind == DiskKind::Cdrom;
         disk_specs.push(DiskSpec {
             source: DiskSource::File(path),
             format: target_format,
             target_dev: device,
-            bus: bus(&plan::default_bus(disk)),
+            bus: bus(disk.bus()),
             device: if cdrom {
                 DiskDevice::Cdrom
             } else {
                 DiskDevice::Disk
             },
-            read_only: disk.read_only == Some(true) || cdrom,
+            read_only: disk.read_only || cdrom,
             // The primary disk boots first; without one, the first disk does.
-            boot_order: (disk.primary == Some(true)).then_some(1),
+            boot_order: disk.primary.then_some(1),
         });
     }
     for (index, block) in start_plan.block_devices.iter().enumerate() {
@@ -425,9 +428,12 @@ pub fn boot(
             user_data: start_plan.user_data.clone(),
             default_user_password: config.default_user_password.clone(),
             ssh_authorized_key: config.default_user_authorized_ssh_key.clone(),
-            cmds: config.cmds.clone().unwrap_or_default(),
+            cmds: config.cmds.clone(),
             bootcmds: plan::mount_commands(&start_plan.shares),
-            timezone: config.timezone.clone(),
+            timezone: config
+                .timezone
+                .as_ref()
+                .map(|zone| zone.as_str().to_string()),
             env: request.env.clone(),
         },
         random_salt()?,

@@ -17,7 +17,7 @@ use super::hypervisor::{
 use super::journal::Journal;
 use super::Tasks;
 use crate::config::plugin::{DirectoryPool, Settings};
-use crate::config::task::{DiskConfig, TaskConfig};
+use crate::config::task::{DiskConfig, TaskConfig, TaskSpec};
 use crate::libvirt::domain_xml::DomainSpec;
 use crate::libvirt::events::LifecycleEvent;
 use crate::libvirt::hypervisor::LibvirtHypervisor;
@@ -110,7 +110,7 @@ fn request(node: &TestNode, id: &str, with_network: bool) -> StartRequest {
             ..Resources::default()
         },
         stdout_path: PathBuf::new(),
-        config,
+        config: TaskSpec::try_from(&config).expect("a valid config"),
     }
 }
 
@@ -249,7 +249,7 @@ impl Net for TestNet {
     }
     fn attachments(
         &self,
-        net_config: &crate::net::config::NetworkInterfacesConfig,
+        net_config: &[crate::net::config::NetworkInterface],
         ports: &[AllocatedPort],
         hwaddrs: &[String],
     ) -> Result<Vec<Attachment>, NetError> {
@@ -502,7 +502,7 @@ async fn a_failed_network_build_rolls_the_vm_back() {
 async fn bad_input_is_refused_before_anything_is_created() {
     let harness = harness(None);
     let mut no_disks = request(&harness.node, "dddd4444", false);
-    no_disks.config.disk = None;
+    no_disks.config.disks.clear();
     let error = harness
         .tasks
         .start(no_disks, settings(&harness.node))
@@ -510,9 +510,8 @@ async fn bad_input_is_refused_before_anything_is_created() {
         .expect_err("no disk");
     assert!(error.to_string().starts_with("disk:"), "{error}");
     let mut unknown_pool = request(&harness.node, "dddd4444", false);
-    if let Some(disks) = unknown_pool.config.disk.as_mut() {
-        disks[1].pool = Some("elsewhere".into());
-    }
+    unknown_pool.config.disks[1].pool =
+        Some(crate::config::names::ObjectName::parse("elsewhere").expect("name"));
     let error = harness
         .tasks
         .start(unknown_pool, settings(&harness.node))
