@@ -211,24 +211,35 @@ fi
 t_pkgs=$(elapsed "$t0")
 
 # ---------------------------------------------- libvirt: rbd pool backend --
+# Prints yes/no from `virsh pool-capabilities`; fails if libvirtd does not answer.
 rbd_pool_supported() {
-  local caps; caps=$(virsh -q -c "$URI" pool-capabilities 2>/dev/null) || return 1
-  grep -q "<pool type='rbd' supported='yes'>" <<<"$caps"
+  local caps; caps=$(timeout 30 virsh -q -c "$URI" pool-capabilities 2>/dev/null) || return 1
+  if grep -q "<pool type='rbd' supported='yes'>" <<<"$caps"; then echo yes; else echo no; fi
 }
 if ! pidof libvirtd >/dev/null; then
   log "libvirtd not running: running host.sh"
   bash "$HERE/host.sh" >/dev/null || die "host.sh failed"
 fi
-if ! rbd_pool_supported; then
-  # libvirtd loads its storage backends at start: restart it the way host.sh
-  # starts it. Running domains survive a libvirtd restart (qemu keeps running).
+# A libvirtd that does not answer is never restarted here (it may be busy,
+# e.g. starting a domain whose RBD disk cannot reach its monitor): only one
+# that answers and says the rbd pool type is unsupported.
+rbd_sup=
+deadline=$(( $(date +%s) + WAIT_SECS ))
+until rbd_sup=$(rbd_pool_supported); do
+  [ "$(date +%s)" -lt "$deadline" ] || die "libvirtd (pid $(pidof libvirtd || echo none)) does not answer 'virsh pool-capabilities' within ${WAIT_SECS}s; not touching it"
+  sleep 1
+done
+if [ "$rbd_sup" = no ]; then
+  # libvirtd loads its storage backends at start (the rbd one was installed
+  # after it started): restart it the way host.sh starts it. Running domains
+  # survive a libvirtd restart (qemu keeps running).
   pid=$(pidof libvirtd)
   log "libvirtd (pid $pid) has no rbd storage backend loaded: restarting it"
   kill -TERM "$pid"
-  for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.2; done
-  [ -d "/proc/$pid" ] && die "libvirtd pid $pid did not exit within 20s of SIGTERM"
+  for _ in $(seq 1 200); do [ -d "/proc/$pid" ] || break; sleep 0.2; done
+  [ -d "/proc/$pid" ] && die "libvirtd pid $pid did not exit within 40s of SIGTERM"
   bash "$HERE/host.sh" >/dev/null || die "host.sh failed to start libvirtd again"
-  rbd_pool_supported || die "libvirt still reports pool type rbd unsupported after restart (virsh pool-capabilities)"
+  [ "$(rbd_pool_supported)" = yes ] || die "libvirt still reports pool type rbd unsupported after restart (virsh pool-capabilities)"
   log "libvirtd restarted (pid $(pidof libvirtd)); network default active"
 fi
 
@@ -415,5 +426,5 @@ echo "pool:      $POOL (size 1, rbd), user client.$CUSER, key $CLIENT_KEYFILE (0
 for n in mon.$MON_ID mgr.$MGR_ID osd.$OSD_ID; do
   echo "daemon:    $n pid $(daemon_pid "$n"), RSS $(daemon_rss "$n"), log $LOG_DIR/ceph-$n.log"
 done
-echo "timing:    packages ${t_pkgs}s, mon answering ${t_mon}s, osd up ${t_osd}s, HEALTH_OK + pool/user ${SECONDS}s (total $(elapsed "$t0")s)"
+echo "timing:    packages ${t_pkgs}s, mon answering ${t_mon}s, osd up ${t_osd}s, pool/user + HEALTH_OK: total $(elapsed "$t0")s"
 echo "ceph.sh: OK"
