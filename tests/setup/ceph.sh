@@ -74,7 +74,8 @@ daemon_pid() { # prints the pid if daemon $1 runs (pid file + /proc check)
   [ -s "$f" ] || return 1
   pid=$(cat "$f")
   [ -r "/proc/$pid/cmdline" ] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "ceph-${1%%.*} .*-i ${1#*.}\b" || return 1
+  local cmd; cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline")
+  grep -q "ceph-${1%%.*} .*-i ${1#*.}\b" <<<"$cmd" || return 1
   echo "$pid"
 }
 start_daemon() { # $1 = mon.a ...; starts it (daemonizes) unless running
@@ -123,14 +124,15 @@ conf_is_ours() { [ -f "$CONF" ] && grep -qxF "$MARK" "$CONF"; }
 # ------------------------------------------------------------ --stop/purge --
 case "${1:-}" in
   --stop|--purge)
+    if [ "$1" = --purge ] && [ -f "$CONF" ] && ! conf_is_ours; then
+      die "$CONF exists but was not written by this script; not touching it"
+    fi
     # OSD first, then mgr, mon (clean OSD shutdown needs the mon).
     for n in osd.$OSD_ID mgr.$MGR_ID mon.$MON_ID; do stop_daemon "$n"; done
     if [ "$1" = --purge ]; then
-      if [ -f "$CONF" ] && ! conf_is_ours; then
-        die "$CONF exists but was not written by this script; not touching it"
-      fi
-      if command -v virsh >/dev/null && virsh -q -c "$URI" pool-list --all --type rbd 2>/dev/null | grep -q .; then
-        log "WARNING: libvirt still has rbd pools defined: $(virsh -q -c "$URI" pool-list --all --type rbd | awk '{print $1}' | tr '\n' ' ')"
+      rbd_pools=$(command -v virsh >/dev/null && timeout 30 virsh -q -c "$URI" pool-list --all --type rbd 2>/dev/null || true)
+      if [ -n "$rbd_pools" ]; then
+        log "WARNING: libvirt still has rbd pools defined (they will fail to start): $(awk '{print $1}' <<<"$rbd_pools" | tr '\n' ' ')"
       fi
       log "removing cluster data, keys and logs"
       rm -rf "$MON_DIR" "$MGR_DIR" "$OSD_DIR" /var/lib/ceph/tmp/ndvtest.*
@@ -355,7 +357,8 @@ if [ ! -f "$OSD_DIR/ready" ]; then
   log "creating OSD osd.$OSD_ID (BlueStore on a sparse $((OSD_BLOCK_SIZE >> 30)) GiB file $OSD_DIR/block)"
   # leftovers of an interrupted creation
   rm -rf "$OSD_DIR"
-  if C osd ls 2>/dev/null | grep -qx "$OSD_ID"; then
+  # (no `C ... | grep -q`: with pipefail, grep closing the pipe early can fail it via SIGPIPE)
+  if grep -qx "$OSD_ID" <<<"$(C osd ls 2>/dev/null)"; then
     C osd purge "$OSD_ID" --yes-i-really-mean-it >/dev/null
   fi
   C auth del "osd.$OSD_ID" >/dev/null 2>&1 || true
@@ -380,13 +383,14 @@ done
 t_osd=$(elapsed "$t0")
 
 # ----------------------------------------------------------- pool + user --
-if ! C osd pool ls | grep -qxF "$POOL"; then
+pools=$(C osd pool ls) || fail_with_logs "ceph osd pool ls failed"
+if ! grep -qxF "$POOL" <<<"$pools"; then
   log "creating pool $POOL"
   C osd pool create "$POOL" 8 8 replicated >/dev/null
   C osd pool set "$POOL" size 1 --yes-i-really-mean-it >/dev/null
   C osd pool set "$POOL" min_size 1 >/dev/null
 fi
-if ! C osd pool application get "$POOL" 2>/dev/null | grep -q '"rbd"'; then
+if ! grep -q '"rbd"' <<<"$(C osd pool application get "$POOL" 2>/dev/null)"; then
   log "rbd pool init $POOL"
   timeout 60 rbd pool init "$POOL" || fail_with_logs "rbd pool init $POOL failed"
 fi
