@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Manual check of the libvirt RBD path with virsh only (no Rust), against the
 # cluster of tests/setup/ceph.sh:
-#   ceph secret (client key) -> rbd storage pool -> raw volume + vol-upload of
-#   the test guest -> COW clone of it (virsh vol-clone = rbd snap+protect+clone)
+#   ceph secret (client key) -> rbd storage pool -> raw volume (vol-create-as)
+#   -> the test guest written into it (vol-upload is tried; libvirt 9.0's rbd
+#   backend does not support it, so qemu-img convert -n through librbd does it)
+#   -> COW clone of it (virsh vol-clone = rbd snap+protect+clone)
 #   -> TCG domain booting the clone as <disk type='network' protocol='rbd'>
 #   -> GUEST-BOOT on the serial console -> cleanup (domain, volumes, snapshots,
 #   pool, secret; `rbd ls` empty again).
