@@ -405,7 +405,10 @@ key=$(C auth get-key "client.$CUSER")
 [ -n "$key" ] || die "could not read the key of client.$CUSER"
 if [ ! -f "$CLIENT_KEYFILE" ] || [ "$(cat "$CLIENT_KEYFILE")" != "$key" ]; then
   printf '%s' "$key" >"$CLIENT_KEYFILE"
-  C auth get "client.$CUSER" -o "$CLIENT_KEYRING" >/dev/null 2>&1
+  rm -f "$CLIENT_KEYRING"
+fi
+if [ ! -s "$CLIENT_KEYRING" ]; then
+  C auth get "client.$CUSER" -o "$CLIENT_KEYRING" >/dev/null 2>&1 || die "could not write $CLIENT_KEYRING"
 fi
 chmod 0600 "$CLIENT_KEYFILE" "$CLIENT_KEYRING"
 umask 022
