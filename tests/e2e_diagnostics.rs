@@ -71,7 +71,7 @@ fn a_panicking_test_leaves_domain_xml_console_and_iptables_save() {
             "console: booting\n",
         )
         .expect("write console log");
-        std::fs::write(alloc.stdout_path(), "stdout: hello\n").expect("write stdout");
+        std::fs::write(alloc.stdout_log(), "stdout: hello\n").expect("write stdout");
         seen = Some((alloc.diagnostics_dir(), domain));
         // Dropping `alloc` while this unwinds saves the diagnostics.
         assert!(defined.is_some());

@@ -323,9 +323,15 @@ impl AllocPaths {
         self.root.join(task)
     }
 
-    /// Where the driver copies the guest console (Nomad gives a FIFO that
-    /// logmon reads; a plain file is what its log rotation would write).
+    /// The FIFO the driver copies the guest console to (Nomad's name).
     pub fn stdout_path(&self, task: &str) -> PathBuf {
+        self.root
+            .join("alloc/logs")
+            .join(format!(".{task}.stdout.fifo"))
+    }
+
+    /// The log file logmon copies that FIFO into (what `run` follows).
+    pub fn stdout_log(&self, task: &str) -> PathBuf {
         self.root
             .join("alloc/logs")
             .join(format!("{task}.stdout.0"))
@@ -681,7 +687,7 @@ mod tests {
             assert_eq!(mode & 0o777, 0o755, "{dir}");
         }
         assert_eq!(
-            paths.stdout_path("web"),
+            paths.stdout_log("web"),
             paths.root.join("alloc/logs/web.stdout.0")
         );
         paths.remove().expect("remove");

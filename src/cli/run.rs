@@ -689,6 +689,13 @@ impl Session {
                     planned.paths.root.display()
                 )
             })?;
+            for name in &names {
+                crate::nomad_client::logmon::LogMon::start(
+                    &planned.paths.stdout_path(name),
+                    &planned.paths.stdout_log(name),
+                )
+                .with_context(|| format!("cannot set up the stdout FIFO of task {name}"))?;
+            }
             say(&format!(
                 "==> Allocation {} (job {:?}, group {:?})",
                 planned.identity.alloc_id, planned.identity.job_id, planned.identity.group
@@ -743,7 +750,7 @@ impl Session {
         for (index, planned, task) in &running {
             let name = task.task.name.clone();
             consoles.push(follow_console(
-                planned.paths.stdout_path(&name),
+                planned.paths.stdout_log(&name),
                 self.multi.then(|| name.clone()),
                 console_stop.clone(),
             ));

@@ -5,6 +5,7 @@
 
 pub mod handshake;
 pub mod hcldec;
+pub mod logmon;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,16 +1,26 @@
 //! Copies the guest's serial console (a file libvirt's virtlogd writes) to
-//! the task's stdout, which Nomad's logmon reads: that is how the console
-//! reaches `nomad alloc logs`.
+//! the task's stdout FIFO, which Nomad's logmon reads: that is how the
+//! console reaches `nomad alloc logs`.
+//!
+//! The FIFO lives in the alloc dir, which sibling tasks can write. So the
+//! sink is only ever an existing FIFO: opened without following links,
+//! checked with `fstat` before a byte is written, on every (re)open; a link,
+//! a regular file or anything else in its place is left alone. The copier
+//! sleeps until inotify reports a change to the console file: an idle task
+//! costs no wake-ups.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
+use inotify::{Inotify, WatchMask};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 
-/// How often the console file is checked for new output.
-const POLL: Duration = Duration::from_millis(200);
 /// Largest chunk copied at once.
 const CHUNK: usize = 64 * 1024;
 
@@ -20,8 +30,9 @@ pub struct ConsoleCopier {
 }
 
 impl ConsoleCopier {
-    /// Starts copying `console_log` to `sink`. With `from_end`, output
-    /// already in the file is skipped (a recovered task: it was copied before).
+    /// Starts copying `console_log` to the FIFO at `sink`. With `from_end`,
+    /// output already in the file is skipped (a recovered task: it was
+    /// copied before).
     pub fn spawn(console_log: PathBuf, sink: PathBuf, from_end: bool) -> Self {
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(copy_loop(console_log, sink, from_end, stopped));
@@ -39,26 +50,84 @@ impl Drop for ConsoleCopier {
     }
 }
 
-type Sink = Box<dyn AsyncWrite + Send + Unpin>;
+/// Why the sink was not opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a FIFO; the console is only ever written to the FIFO Nomad made")]
+    NotFifo { path: PathBuf },
+}
 
-/// Opens the task's stdout: Nomad gives a FIFO (opened without blocking,
-/// retried until logmon reads it); anything else is appended to.
-async fn open_sink(path: &Path) -> std::io::Result<Sink> {
-    let is_fifo = tokio::fs::metadata(path)
-        .await
-        .map(|m| m.file_type().is_fifo())
-        .unwrap_or(false);
-    if is_fifo {
-        let sender = tokio::net::unix::pipe::OpenOptions::new().open_sender(path)?;
-        Ok(Box::new(sender))
-    } else {
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .await?;
-        Ok(Box::new(file))
+/// Opens the task's stdout FIFO for writing, never anything else: the path
+/// is opened `O_PATH | O_NOFOLLOW` (no side effects, no link followed),
+/// checked to be a FIFO by `fstat`, and only then reopened for writing
+/// through that same descriptor. Non-blocking: with no reader yet it fails
+/// (ENXIO) and the copier tries again with the next output.
+pub fn open_fifo_sink(path: &Path) -> Result<pipe::Sender, SinkError> {
+    let open_error = |source| SinkError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(open_error)?;
+    let metadata = handle.metadata().map_err(open_error)?;
+    if !metadata.file_type().is_fifo() {
+        return Err(SinkError::NotFifo {
+            path: path.to_path_buf(),
+        });
     }
+    let mut proc_path = OsString::from("/proc/self/fd/");
+    proc_path.push(std::os::fd::AsRawFd::as_raw_fd(&handle).to_string());
+    let file: File = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(PathBuf::from(proc_path))
+        .map_err(open_error)?;
+    // The same inode as checked: reopening a descriptor cannot be redirected.
+    let reopened = file.metadata().map_err(open_error)?;
+    if reopened.ino() != metadata.ino() || reopened.dev() != metadata.dev() {
+        return Err(SinkError::NotFifo {
+            path: path.to_path_buf(),
+        });
+    }
+    pipe::Sender::from_file(file).map_err(open_error)
+}
+
+/// Opens the console log (written by virtlogd) without following a link;
+/// only a regular file is read.
+fn open_console(path: &Path) -> io::Result<(tokio::fs::File, u64)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(io::Error::other("the console log is not a regular file"));
+    }
+    Ok((tokio::fs::File::from_std(file), metadata.ino()))
+}
+
+/// Watches the console file's directory for changes to that file.
+fn watch_console(console_log: &Path) -> io::Result<inotify::EventStream<Vec<u8>>> {
+    let inotify = Inotify::init()?;
+    let dir = console_log.parent().unwrap_or_else(|| Path::new("/"));
+    inotify.watches().add(
+        dir,
+        WatchMask::MODIFY
+            | WatchMask::CREATE
+            | WatchMask::MOVED_TO
+            | WatchMask::CLOSE_WRITE
+            | WatchMask::DELETE_SELF,
+    )?;
+    inotify.into_event_stream(vec![0u8; 4096])
 }
 
 async fn copy_loop(
@@ -67,19 +136,27 @@ async fn copy_loop(
     from_end: bool,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut sink: Option<Sink> = None;
+    let mut changes = match watch_console(&console_log) {
+        Ok(changes) => Some(changes),
+        Err(error) => {
+            tracing::warn!(error = %error, path = %console_log.display(), "cannot watch the console log; console output will not reach the task's logs");
+            None
+        }
+    };
+    let file_name = console_log.file_name().map(OsString::from);
+    let mut sink: Option<pipe::Sender> = None;
     let mut source: Option<(tokio::fs::File, u64)> = None; // file and inode
     let mut skip_existing = from_end;
     let mut buffer = vec![0u8; CHUNK];
+    let mut refused_logged = false;
     loop {
         // After a stop, keep copying until the file has nothing more: the
         // guest's last lines (its power-off messages) are worth keeping.
         let finishing = *stopped.borrow();
         if source.is_none() {
-            if let Ok(mut file) = tokio::fs::File::open(&console_log).await {
-                let inode = file.metadata().await.map(|m| m.ino()).unwrap_or(0);
+            if let Ok((mut file, inode)) = open_console(&console_log) {
                 if skip_existing {
-                    let _ = file.seek(std::io::SeekFrom::End(0)).await;
+                    let _ = file.seek(io::SeekFrom::End(0)).await;
                     skip_existing = false;
                 }
                 source = Some((file, inode));
@@ -89,12 +166,8 @@ async fn copy_loop(
         if let Some((file, inode)) = source.as_mut() {
             match file.read(&mut buffer).await {
                 Ok(0) => {
-                    if finishing {
-                        return;
-                    }
                     // virtlogd rotates the log by renaming it: follow the new file.
-                    let rotated = tokio::fs::metadata(&console_log)
-                        .await
+                    let rotated = std::fs::symlink_metadata(&console_log)
                         .map(|m| m.ino() != *inode)
                         .unwrap_or(false);
                     if rotated {
@@ -105,12 +178,20 @@ async fn copy_loop(
                 Ok(read) => {
                     copied = true;
                     if sink.is_none() {
-                        sink = open_sink(&sink_path).await.ok();
+                        match open_fifo_sink(&sink_path) {
+                            Ok(opened) => {
+                                sink = Some(opened);
+                                refused_logged = false;
+                            }
+                            Err(SinkError::NotFifo { path }) if !refused_logged => {
+                                refused_logged = true;
+                                tracing::warn!(path = %path.display(), "task stdout is not a FIFO; console output is not written there");
+                            }
+                            Err(_) => {}
+                        }
                     }
                     if let Some(writer) = sink.as_mut() {
-                        if writer.write_all(&buffer[..read]).await.is_err()
-                            || writer.flush().await.is_err()
-                        {
+                        if writer.write_all(&buffer[..read]).await.is_err() {
                             // The reader went away (logmon restarting): reopen later.
                             sink = None;
                         }
@@ -119,14 +200,30 @@ async fn copy_loop(
                 Err(_) => source = None,
             }
         }
-        if finishing && !copied {
+        if copied {
+            continue;
+        }
+        if finishing {
             return;
         }
-        if !copied {
-            tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
-                _ = stopped.changed() => {}
-            }
+        // Nothing to copy: sleep until the file changes or we are stopped.
+        let Some(events) = changes.as_mut() else {
+            let _ = stopped.changed().await;
+            continue;
+        };
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(event)) => {
+                    let ours = event.name.is_none()
+                        || event.name.as_deref() == file_name.as_deref();
+                    if !ours {
+                        // Another file in the directory: drain and wait again.
+                        continue;
+                    }
+                }
+                Some(Err(_)) | None => changes = None,
+            },
+            _ = stopped.changed() => {}
         }
     }
 }
@@ -134,30 +231,48 @@ async fn copy_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
-    async fn wait_for_contents(path: &Path, expected: &str) -> String {
-        for _ in 0..50 {
-            let text = tokio::fs::read_to_string(path).await.unwrap_or_default();
-            if text == expected {
-                return text;
+    fn make_fifo(path: &Path) {
+        let status = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("mkfifo");
+        assert!(status.success());
+    }
+
+    async fn read_some(reader: &mut pipe::Receiver, expected: &[u8]) -> Vec<u8> {
+        let mut received = Vec::new();
+        let mut chunk = vec![0u8; 256];
+        while received.len() < expected.len() {
+            let read = tokio::time::timeout(Duration::from_secs(5), reader.read(&mut chunk))
+                .await
+                .expect("data arrives")
+                .expect("read");
+            if read == 0 {
+                break;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            received.extend_from_slice(&chunk[..read]);
         }
-        tokio::fs::read_to_string(path).await.unwrap_or_default()
+        received
     }
 
     #[tokio::test]
-    async fn copies_appends_and_follows_rotation() {
+    async fn copies_appends_and_follows_rotation_into_the_fifo() {
         let dir = tempfile::tempdir().expect("tempdir");
         let console = dir.path().join("console.log");
-        let stdout = dir.path().join("stdout");
-        let copier = ConsoleCopier::spawn(console.clone(), stdout.clone(), false);
+        let fifo = dir.path().join("stdout.fifo");
+        make_fifo(&fifo);
+        let mut reader = pipe::OpenOptions::new()
+            .open_receiver(&fifo)
+            .expect("reader");
+        let copier = ConsoleCopier::spawn(console.clone(), fifo.clone(), false);
         tokio::fs::write(&console, "boot line 1\n")
             .await
             .expect("write");
         assert_eq!(
-            wait_for_contents(&stdout, "boot line 1\n").await,
-            "boot line 1\n"
+            read_some(&mut reader, b"boot line 1\n").await,
+            b"boot line 1\n"
         );
         let mut file = tokio::fs::OpenOptions::new()
             .append(true)
@@ -165,50 +280,152 @@ mod tests {
             .await
             .expect("open");
         file.write_all(b"line 2\n").await.expect("append");
-        assert_eq!(
-            wait_for_contents(&stdout, "boot line 1\nline 2\n").await,
-            "boot line 1\nline 2\n"
-        );
+        assert_eq!(read_some(&mut reader, b"line 2\n").await, b"line 2\n");
         tokio::fs::rename(&console, dir.path().join("console.log.0"))
             .await
             .expect("rotate");
         tokio::fs::write(&console, "after rotation\n")
             .await
             .expect("write");
-        let expected = "boot line 1\nline 2\nafter rotation\n";
-        assert_eq!(wait_for_contents(&stdout, expected).await, expected);
+        assert_eq!(
+            read_some(&mut reader, b"after rotation\n").await,
+            b"after rotation\n"
+        );
         drop(copier);
     }
 
     #[tokio::test]
-    async fn recovered_copier_skips_old_output_and_feeds_a_fifo() {
+    async fn recovered_copier_skips_old_output() {
         let dir = tempfile::tempdir().expect("tempdir");
         let console = dir.path().join("console.log");
         let fifo = dir.path().join("stdout.fifo");
         tokio::fs::write(&console, "old output\n")
             .await
             .expect("write");
-        let status = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .expect("mkfifo");
-        assert!(status.success());
-        let mut reader = tokio::net::unix::pipe::OpenOptions::new()
+        make_fifo(&fifo);
+        let mut reader = pipe::OpenOptions::new()
             .open_receiver(&fifo)
             .expect("reader");
         let _copier = ConsoleCopier::spawn(console.clone(), fifo.clone(), true);
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let mut file = tokio::fs::OpenOptions::new()
             .append(true)
             .open(&console)
             .await
             .expect("open");
         file.write_all(b"new output\n").await.expect("append");
-        let mut received = vec![0u8; 64];
-        let read = tokio::time::timeout(Duration::from_secs(5), reader.read(&mut received))
-            .await
-            .expect("data arrives")
-            .expect("read");
-        assert_eq!(&received[..read], b"new output\n");
+        assert_eq!(
+            read_some(&mut reader, b"new output\n").await,
+            b"new output\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_an_existing_fifo_is_ever_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A symlink to a file: not followed, the target is untouched.
+        let target = dir.path().join("victim");
+        std::fs::write(&target, "precious").expect("write");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        assert!(open_fifo_sink(&link).is_err());
+        // A regular file in the FIFO's place: refused before any write.
+        assert!(matches!(
+            open_fifo_sink(&target),
+            Err(SinkError::NotFifo { .. })
+        ));
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "precious");
+        // A missing path is never created.
+        let missing = dir.path().join("missing");
+        assert!(open_fifo_sink(&missing).is_err());
+        assert!(!missing.exists());
+        // A symlink to a FIFO is refused too.
+        let fifo = dir.path().join("fifo");
+        make_fifo(&fifo);
+        let fifo_link = dir.path().join("fifo-link");
+        std::os::unix::fs::symlink(&fifo, &fifo_link).expect("symlink");
+        assert!(open_fifo_sink(&fifo_link).is_err());
+        // The real FIFO with a reader opens.
+        let _reader = pipe::OpenOptions::new()
+            .open_receiver(&fifo)
+            .expect("reader");
+        assert!(open_fifo_sink(&fifo).is_ok());
+    }
+
+    #[tokio::test]
+    async fn swapping_the_fifo_for_a_link_many_times_never_writes_elsewhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let console = dir.path().join("console.log");
+        let fifo = dir.path().join("stdout.fifo");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "").expect("victim");
+        make_fifo(&fifo);
+        let copier = ConsoleCopier::spawn(console.clone(), fifo.clone(), false);
+        let swapper = {
+            let (fifo, victim) = (fifo.clone(), victim.clone());
+            std::thread::spawn(move || {
+                let spare = fifo.with_extension("spare");
+                // A reader keeps the newest FIFO writable, so the copier
+                // opens it; dropping the previous one breaks the copier's
+                // pipe, so it reopens the path again and again.
+                let mut reader = None;
+                for round in 0..400 {
+                    // Alternate: the FIFO, then a link to the victim, then a
+                    // regular file, at the path the copier opens.
+                    let _ = std::fs::remove_file(&fifo);
+                    match round % 3 {
+                        0 => {
+                            let _ = std::process::Command::new("mkfifo").arg(&spare).status();
+                            if let Ok(opened) = std::fs::OpenOptions::new()
+                                .read(true)
+                                .custom_flags(libc::O_NONBLOCK)
+                                .open(&spare)
+                            {
+                                reader = Some(opened);
+                            }
+                            let _ = std::fs::rename(&spare, &fifo);
+                        }
+                        1 => {
+                            let _ = std::os::unix::fs::symlink(&victim, &fifo);
+                        }
+                        _ => {
+                            let _ = std::fs::write(&fifo, "");
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                drop(reader);
+            })
+        };
+        let writer = {
+            let console = console.clone();
+            tokio::spawn(async move {
+                for line in 0..400 {
+                    let mut file = tokio::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&console)
+                        .await
+                        .expect("console");
+                    let _ = file.write_all(format!("line {line}\n").as_bytes()).await;
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+            })
+        };
+        writer.await.expect("writer");
+        swapper.join().expect("swapper");
+        drop(copier);
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "",
+            "the link target was written"
+        );
+        if std::fs::symlink_metadata(&fifo).is_ok_and(|m| m.is_file()) {
+            assert_eq!(
+                std::fs::read_to_string(&fifo).expect("file"),
+                "",
+                "a regular file was written"
+            );
+        }
     }
 }

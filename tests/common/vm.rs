@@ -90,6 +90,11 @@ impl Alloc {
         ] {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
+        nomad_driver_virt::nomad_client::logmon::LogMon::start(
+            &alloc.stdout_path(),
+            &alloc.stdout_log(),
+        )
+        .expect("stdout FIFO and its logmon");
         alloc
     }
 
@@ -105,7 +110,15 @@ impl Alloc {
         self.root.path().join("pool")
     }
 
+    /// The stdout FIFO the plugin writes the console to (Nomad's name).
     pub fn stdout_path(&self) -> PathBuf {
+        self.alloc_dir()
+            .join("alloc/logs")
+            .join(format!(".{}.stdout.fifo", self.task_name))
+    }
+
+    /// The log file the FIFO is copied into, as Nomad's logmon does.
+    pub fn stdout_log(&self) -> PathBuf {
         self.alloc_dir()
             .join("alloc/logs")
             .join(format!("{}.stdout.0", self.task_name))
@@ -164,7 +177,7 @@ impl Alloc {
     }
 
     pub fn console(&self) -> String {
-        std::fs::read_to_string(self.stdout_path())
+        std::fs::read_to_string(self.stdout_log())
             .unwrap_or_default()
             .replace('\r', "")
     }
@@ -260,7 +273,7 @@ impl Alloc {
         let stdout_name = format!("{}.stdout.0", self.task_name);
         for (name, path) in [
             ("virt-console.log", self.task_dir().join("virt-console.log")),
-            (stdout_name.as_str(), self.stdout_path()),
+            (stdout_name.as_str(), self.stdout_log()),
         ] {
             save(
                 name,
