@@ -5,6 +5,8 @@
 pub mod conn;
 pub mod domain_xml;
 pub mod events;
+#[allow(unsafe_code)]
+pub(crate) mod ffi;
 pub mod host;
 pub mod lifecycle;
 pub mod stats;

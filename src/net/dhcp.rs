@@ -6,9 +6,7 @@
 //! lease at once and backs off briefly, picks the NEWEST matching lease, and
 //! takes the timeout from the caller (plugin config `dhcp_timeout`).
 
-use std::ffi::{CStr, CString};
 use std::net::Ipv4Addr;
-use std::os::raw::{c_char, c_int};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -140,120 +138,24 @@ pub struct Lease {
 
 /// The IPv4 leases of `net`, optionally only those of `mac`.
 pub fn network_leases(net: &Network, mac: Option<&str>) -> Result<Vec<Lease>, DhcpError> {
-    let mac_c = match mac {
-        Some(mac) => {
-            validate_mac(mac)?;
-            // validate_mac admits only hex digits and colons, so no NUL.
-            Some(CString::new(mac).map_err(|_| DhcpError::InvalidMac { mac: mac.into() })?)
-        }
-        None => None,
-    };
-    let raw = raw_leases(net, mac_c.as_deref()).map_err(|error| DhcpError::Leases {
-        network: network_name(net),
-        message: error.message().to_string(),
-        code: error.code().to_raw(),
-    })?;
-    Ok(raw.entries().filter_map(lease_from_raw).collect())
-}
-
-/// Owns the array from `virNetworkGetDHCPLeases` and frees every entry and
-/// then the array on drop, so no path out of [`network_leases`] leaks.
-struct RawLeases {
-    ptr: *mut sys::virNetworkDHCPLeasePtr,
-    len: usize,
-}
-
-impl RawLeases {
-    fn entries(&self) -> impl Iterator<Item = &sys::_virNetworkDHCPLease> + '_ {
-        (0..self.len).filter_map(move |i| {
-            if self.ptr.is_null() {
-                return None;
-            }
-            // SAFETY: `ptr` is non-null and libvirt gave it `len` slots
-            // (the count it returned), so slot `i < len` is in bounds.
-            let entry = unsafe { *self.ptr.add(i) };
-            // SAFETY: a non-null slot points to a lease libvirt allocated;
-            // it stays valid until our Drop frees it, and the returned
-            // reference borrows `self`, so it cannot outlive that.
-            unsafe { entry.as_ref() }
-        })
+    if let Some(mac) = mac {
+        validate_mac(mac)?;
     }
+    let raw =
+        crate::libvirt::ffi::network_dhcp_leases(net, mac).map_err(|error| DhcpError::Leases {
+            network: network_name(net),
+            message: error.message().to_string(),
+            code: error.code().to_raw(),
+        })?;
+    Ok(raw.into_iter().filter_map(lease_from_raw).collect())
 }
 
-impl Drop for RawLeases {
-    fn drop(&mut self) {
-        if self.ptr.is_null() {
-            return;
-        }
-        for i in 0..self.len {
-            // SAFETY: in bounds as in `entries`; each non-null entry is
-            // freed exactly once, here, with libvirt's own free function.
-            unsafe {
-                let entry = *self.ptr.add(i);
-                if !entry.is_null() {
-                    sys::virNetworkDHCPLeaseFree(entry);
-                }
-            }
-        }
-        // SAFETY: libvirt allocated the array with the C allocator (it does
-        // so even for zero leases) and documents freeing it with free();
-        // it is freed once and never touched again.
-        unsafe { libc::free(self.ptr.cast()) };
-    }
-}
-
-/// The raw `virNetworkGetDHCPLeases` call (virt 0.5 has no wrapper).
-fn raw_leases(net: &Network, mac: Option<&CStr>) -> Result<RawLeases, virt::error::Error> {
-    let mut ptr: *mut sys::virNetworkDHCPLeasePtr = std::ptr::null_mut();
-    let mac_ptr: *const c_char = mac.map_or(std::ptr::null(), CStr::as_ptr);
-    // SAFETY: `net` keeps its virNetworkPtr alive for the call; `mac_ptr` is
-    // null or a NUL-terminated string that outlives the call; `ptr` is a
-    // valid out-pointer; flags must be 0.
-    let count = unsafe { sys::virNetworkGetDHCPLeases(net.as_ptr(), mac_ptr, &mut ptr, 0) };
-    // Take ownership first so the array is freed whatever happens next.
-    let leases = RawLeases {
-        ptr,
-        len: usize::try_from(count).unwrap_or(0),
-    };
-    if count < 0 {
-        // libvirt errors are per thread; read it before any other call.
-        return Err(virt::error::Error::last_error());
-    }
-    Ok(leases)
-}
-
-/// Copies a C string libvirt owns; `None` for a null pointer.
-///
-/// # Safety
-/// `ptr` is null or points to a NUL-terminated string valid for this call.
-unsafe fn copy_c_string(ptr: *const c_char) -> Option<String> {
-    if ptr.is_null() {
+/// One raw lease as a [`Lease`]; IPv6 and malformed entries are skipped.
+fn lease_from_raw(raw: crate::libvirt::ffi::RawLease) -> Option<Lease> {
+    if !raw.ipv4 {
         return None;
     }
-    // SAFETY: non-null and NUL-terminated per this function's contract.
-    Some(
-        unsafe { CStr::from_ptr(ptr) }
-            .to_string_lossy()
-            .into_owned(),
-    )
-}
-
-/// Copies one raw lease into a [`Lease`]; IPv6 and malformed entries are skipped.
-fn lease_from_raw(raw: &sys::_virNetworkDHCPLease) -> Option<Lease> {
-    if raw.type_ != sys::VIR_IP_ADDR_TYPE_IPV4 as c_int {
-        return None;
-    }
-    // SAFETY: the string fields of a lease libvirt returned are null or
-    // NUL-terminated and live until the lease is freed, after this copy.
-    let (mac, ip, hostname, iface) = unsafe {
-        (
-            copy_c_string(raw.mac),
-            copy_c_string(raw.ipaddr),
-            copy_c_string(raw.hostname),
-            copy_c_string(raw.iface),
-        )
-    };
-    let (Some(mac), Some(ip_text)) = (mac, ip) else {
+    let (Some(mac), Some(ip_text)) = (raw.mac, raw.ip) else {
         tracing::debug!("skipping a DHCP lease without MAC or IP");
         return None;
     };
@@ -266,9 +168,9 @@ fn lease_from_raw(raw: &sys::_virNetworkDHCPLease) -> Option<Lease> {
         ip,
         prefix: raw.prefix,
         // dnsmasq writes "*" for "no name" in some formats.
-        hostname: hostname.filter(|h| !h.is_empty() && h != "*"),
-        expiry_unix: raw.expirytime,
-        iface: iface.unwrap_or_default(),
+        hostname: raw.hostname.filter(|h| !h.is_empty() && h != "*"),
+        expiry_unix: raw.expiry_unix,
+        iface: raw.iface.unwrap_or_default(),
     })
 }
 

@@ -824,13 +824,7 @@ fn send_data(stream: &Stream, mut data: &[u8]) -> Result<(), SendFailure> {
 fn send_hole(stream: &Stream, length: u64) -> Result<(), SendFailure> {
     let length = i64::try_from(length)
         .map_err(|_| SendFailure::Read(io::Error::other("hole longer than i64::MAX bytes")))?;
-    // SAFETY: the stream pointer is valid while `stream` is borrowed;
-    // virStreamSendHole takes no ownership.
-    let ret = unsafe { virt::sys::virStreamSendHole(stream.as_ptr(), length, 0) };
-    if ret < 0 {
-        return Err(SendFailure::Libvirt(virt::error::Error::last_error()));
-    }
-    Ok(())
+    crate::libvirt::ffi::stream_send_hole(stream, length).map_err(SendFailure::Libvirt)
 }
 
 /// A temporary file removed on drop.
