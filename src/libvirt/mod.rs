@@ -4,11 +4,14 @@
 
 pub mod conn;
 pub mod domain_xml;
+pub mod error;
 pub mod events;
 #[allow(unsafe_code)]
 pub(crate) mod ffi;
 pub mod host;
 pub mod lifecycle;
 pub mod stats;
+pub mod storage;
 
 pub use conn::{Libvirt, LibvirtError};
+pub use error::VirtError;

@@ -2,28 +2,25 @@
 //!
 //! - [`images`] resolves a job's `disk[N].source.image` against the allowed
 //!   directories and reads image headers (no libvirt).
-//! - [`pool`] makes sure the configured directory pools exist and are active.
-//! - [`volume`] names, creates, uploads, overlays and deletes volumes.
+//! - [`volume`] names volumes and converts images with qemu-img.
 //!
-//! Every function that talks to libvirt blocks; the driver calls them inside
-//! `spawn_blocking`.
+//! Pools and volumes themselves are made through libvirt, in
+//! [`crate::libvirt::storage`].
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use crate::libvirt::VirtError;
+
 pub mod images;
-pub mod pool;
 pub mod volume;
 
 pub use images::{
     check_image_safe, detect_format, image_virtual_size, qcow2_virtual_size, resolve_image,
     ImageFormat,
 };
-pub use pool::{ensure_directory_pool, pool_fingerprint, refresh_pool};
 pub use volume::{
-    create_empty, create_from_image, create_overlay, delete_volume, disk_volume_name,
-    ensure_parent, existing_path, image_cache_key, parent_volume_name, path_of,
-    prune_unused_parents, seed_volume_name, upload_bytes, PARENT_PREFIX,
+    disk_volume_name, image_cache_key, parent_volume_name, seed_volume_name, PARENT_PREFIX,
 };
 
 /// Errors of the storage module. Each names the pool, volume or path
@@ -85,12 +82,12 @@ pub enum StorageError {
          type \"dir\" (or \"fs\"/\"netfs\"): use another pool name"
     )]
     PoolType { pool: String, pool_type: String },
-    #[error("storage pool {pool:?}: libvirt failed while {action}: {message}")]
+    #[error("storage pool {pool:?}: libvirt failed while {action}")]
     Pool {
         pool: String,
         action: String,
-        message: String,
-        code: u32,
+        #[source]
+        source: VirtError,
     },
     #[error(
         "volume {volume:?} already exists in storage pool {pool:?}; delete it first \
@@ -104,15 +101,13 @@ pub enum StorageError {
     VolumeNotFound { pool: String, volume: String },
     #[error("volume name {volume:?} is invalid: {reason}")]
     VolumeName { volume: String, reason: String },
-    #[error(
-        "volume {volume:?} in storage pool {pool:?}: libvirt failed while {action}: {message}"
-    )]
+    #[error("volume {volume:?} in storage pool {pool:?}: libvirt failed while {action}")]
     Volume {
         pool: String,
         volume: String,
         action: String,
-        message: String,
-        code: u32,
+        #[source]
+        source: VirtError,
     },
 }
 
@@ -134,12 +129,11 @@ impl StorageError {
         }
     }
 
-    pub(crate) fn pool(pool: &str, action: impl Into<String>, error: virt::error::Error) -> Self {
+    pub(crate) fn pool(pool: &str, action: impl Into<String>, error: impl Into<VirtError>) -> Self {
         StorageError::Pool {
             pool: pool.to_string(),
             action: action.into(),
-            message: error.message().to_string(),
-            code: error.code().to_raw(),
+            source: error.into(),
         }
     }
 
@@ -147,14 +141,13 @@ impl StorageError {
         pool: &str,
         volume: &str,
         action: impl Into<String>,
-        error: virt::error::Error,
+        error: impl Into<VirtError>,
     ) -> Self {
         StorageError::Volume {
             pool: pool.to_string(),
             volume: volume.to_string(),
             action: action.into(),
-            message: error.message().to_string(),
-            code: error.code().to_raw(),
+            source: error.into(),
         }
     }
 }
@@ -171,11 +164,6 @@ fn list_paths(paths: &[PathBuf]) -> String {
         let _ = write!(out, "{}", path.display());
     }
     out
-}
-
-/// Whether a libvirt error has the given code.
-pub(crate) fn has_code(error: &virt::error::Error, code: virt::error::ErrorNumber) -> bool {
-    error.code() == virt::error::ErrorNumberEnum::Known(code)
 }
 
 /// One XML escaper for everything the driver writes (shared with the domain XML).

@@ -144,16 +144,11 @@ impl Tasks {
                 let pools = pools.clone();
                 let pruned = libvirt
                     .call(move |conn| {
-                        let mut pruned = Vec::new();
-                        for name in &pools {
-                            if let Ok(pool) = conn.lookup_storage_pool_by_name(name) {
-                                match crate::storage::volume::prune_unused_parents(conn, &pool, PARENT_IDLE) {
-                                    Ok(names) => pruned.extend(names),
-                                    Err(error) => tracing::warn!(error = %error, pool = %name, "pruning unused parent images failed"),
-                                }
-                            }
-                        }
-                        Ok(pruned)
+                        Ok(crate::libvirt::storage::prune_pools(
+                            conn,
+                            &pools,
+                            PARENT_IDLE,
+                        ))
                     })
                     .await;
                 if let Ok(pruned) = pruned {

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use virt::connect::Connect;
-use virt::storage_pool::StoragePool;
 
 use super::error::TaskError;
 use super::plan::{self, GuestShare};
@@ -19,12 +18,13 @@ use crate::libvirt::domain_xml::{
     render_domain_xml, DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec,
     DomainType, InterfaceSpec, ShareDriver, ShareSpec,
 };
+use crate::libvirt::storage::{self as lv_storage, Pool};
 use crate::libvirt::{host, LibvirtError};
 use crate::net::{AllocatedPort, Attachment, Net};
 use crate::nomad::driver_state::CreatedVolume;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::TaskConfig as NomadTaskConfig;
 use crate::storage::images::ImageFormat;
-use crate::storage::{images, pool, volume};
+use crate::storage::{images, volume};
 
 /// Everything a start created, so a failure can undo it.
 #[derive(Debug, Default)]
@@ -266,12 +266,12 @@ pub fn create_and_boot(
     let attachments = net.attachments(&net_config, &allocated_ports(task), &start_plan.hwaddrs)?;
 
     // Each pool is looked up (and refreshed) once per start, not per disk.
-    let mut pools: HashMap<String, StoragePool> = HashMap::new();
-    let mut pool_for = |config: &DirectoryPool| -> Result<StoragePool, TaskError> {
+    let mut pools: HashMap<String, Pool> = HashMap::new();
+    let mut pool_for = |config: &DirectoryPool| -> Result<Pool, TaskError> {
         if let Some(found) = pools.get(&config.name) {
             return Ok(found.clone());
         }
-        let found = pool::ensure_directory_pool(conn, &config.name, &config.path)?;
+        let found = lv_storage::ensure_directory_pool(conn, &config.name, &config.path)?;
         pools.insert(config.name.clone(), found.clone());
         Ok(found)
     };
@@ -300,12 +300,12 @@ pub fn create_and_boot(
                 .map_err(|e| e.in_field(format!("{field}.source.image")))?;
             let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
             let created_volume = if disk.chained == Some(true) {
-                let parent = volume::ensure_parent(conn, &storage_pool, image, source_format)?;
+                let parent = lv_storage::ensure_parent(conn, &storage_pool, image, source_format)?;
                 record_volume(&pool_name, &name);
-                volume::create_overlay(&storage_pool, &name, &parent, source_format, capacity)?
+                lv_storage::create_overlay(&storage_pool, &name, &parent, source_format, capacity)?
             } else {
                 record_volume(&pool_name, &name);
-                volume::create_from_image(
+                lv_storage::create_from_image(
                     conn,
                     &storage_pool,
                     &name,
@@ -315,10 +315,10 @@ pub fn create_and_boot(
                     capacity,
                 )?
             };
-            volume::path_of(&created_volume)?
+            created_volume.path()?
         } else if let Some(existing) = disk.source.as_ref().and_then(|s| s.volume.as_deref()) {
             // An existing volume belongs to the operator: used, never deleted.
-            volume::existing_path(&storage_pool, existing)
+            lv_storage::existing_path(&storage_pool, existing)
                 .map_err(|e| e.in_field(format!("{field}.source.volume")))?
         } else {
             let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
@@ -326,8 +326,8 @@ pub fn create_and_boot(
                 TaskError::Invalid(format!("{field}.size: is required for an empty disk"))
             })?;
             record_volume(&pool_name, &name);
-            let created_volume = volume::create_empty(&storage_pool, &name, format, size)?;
-            volume::path_of(&created_volume)?
+            let created_volume = lv_storage::create_empty(&storage_pool, &name, format, size)?;
+            created_volume.path()?
         };
         let cdrom = disk.kind.as_deref() == Some("cdrom");
         disk_specs.push(DiskSpec {
@@ -400,9 +400,10 @@ pub fn create_and_boot(
     let seed_pool = pool_for(default_pool)?;
     let seed_name = volume::seed_volume_name(&start_plan.domain_name);
     record_volume(&default_pool.name, &seed_name);
-    let seed_volume = volume::upload_bytes(conn, &seed_pool, &seed_name, &iso, ImageFormat::Raw)?;
+    let seed_volume =
+        lv_storage::upload_bytes(conn, &seed_pool, &seed_name, &iso, ImageFormat::Raw)?;
     disk_specs.push(DiskSpec {
-        source: DiskSource::File(volume::path_of(&seed_volume)?),
+        source: DiskSource::File(seed_volume.path()?),
         format: "raw".into(),
         target_dev: seed_device,
         bus: bus(seed_bus),

@@ -76,10 +76,5 @@ pub fn try_remove_domain(conn: &Connect, name: &str) -> Result<(), LibvirtError>
 
 /// Deletes a volume the driver created; a missing pool or volume is fine.
 pub fn delete_volume(conn: &Connect, created: &CreatedVolume) -> Result<(), StorageError> {
-    let pool = match conn.lookup_storage_pool_by_name(&created.pool) {
-        Ok(pool) => pool,
-        Err(_) => return Ok(()),
-    };
-    let _ = pool.refresh(0);
-    crate::storage::volume::delete_volume(&pool, &created.name)
+    crate::libvirt::storage::delete_created_volume(conn, &created.pool, &created.name)
 }
