@@ -10,6 +10,7 @@ pub mod events;
 pub(crate) mod ffi;
 pub mod host;
 pub mod lifecycle;
+pub mod network;
 pub mod stats;
 pub mod storage;
 

@@ -16,6 +16,7 @@ use super::{
     VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
     VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
 };
+use crate::libvirt::network as libvirt_network;
 use crate::libvirt::Libvirt;
 use crate::nomad::attribute;
 use crate::pb::hashicorp::nomad::plugins::shared::structs::Attribute;
@@ -97,7 +98,7 @@ impl Net for LibvirtNet {
     fn fingerprint(&self, attributes: &mut HashMap<String, Attribute>) {
         match self
             .libvirt
-            .call_blocking(|conn| Ok(dhcp::network_fingerprint(conn)))
+            .call_blocking(|conn| Ok(libvirt_network::network_fingerprint(conn)))
         {
             Ok(networks) => {
                 for (name, active, bridge) in networks {
@@ -130,11 +131,7 @@ impl Net for LibvirtNet {
             if let Some(bridge) = &interface.bridge {
                 let name = bridge.name.clone();
                 let network = self.libvirt.call_blocking(move |conn| {
-                    Ok(dhcp::network_by_bridge(conn, &name).and_then(|network| {
-                        network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
-                            message: e.message().to_string(),
-                        })
-                    }))
+                    Ok(libvirt_network::network_by_bridge(conn, &name))
                 })?;
                 let network = network.map_err(|e| {
                     NetError::Invalid(format!("network_interface[{index}].bridge.name: {e}"))
@@ -244,14 +241,8 @@ impl LibvirtNet {
         );
         let progress = self.progress.clone();
         let (network_name, lease) = self.libvirt.call_blocking(move |conn| {
-            let found = dhcp::network_by_bridge(conn, &bridge_name).and_then(|network| {
-                let name = network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
-                    message: e.message().to_string(),
-                })?;
-                Ok((network, name))
-            });
-            let (network, name) = match found {
-                Ok(found) => found,
+            let name = match libvirt_network::network_by_bridge(conn, &bridge_name) {
+                Ok(name) => name,
                 Err(error) => return Ok((String::new(), Err(error))),
             };
             if let Some(progress) = &progress {
@@ -259,8 +250,14 @@ impl LibvirtNet {
                     "Waiting for a DHCP lease for {mac_owned} on network {name}"
                 ));
             }
-            let lease =
-                dhcp::wait_for_lease(&network, &mac_owned, Some(&hostname), timeout, &mut |_| {});
+            let lease = libvirt_network::wait_for_lease(
+                conn,
+                &name,
+                &mac_owned,
+                Some(&hostname),
+                timeout,
+                &mut |_| {},
+            );
             Ok((name, lease))
         })?;
         let lease = lease?;
@@ -280,7 +277,7 @@ impl LibvirtNet {
         // Record before create: teardown removes it even if adding half-failed.
         spec.dhcp_reservation = Some(reservation.clone());
         self.libvirt
-            .call_blocking(|conn| Ok(dhcp::add_reservation(conn, &reservation)))??;
+            .call_blocking(|conn| Ok(libvirt_network::add_reservation(conn, &reservation)))??;
         let rules = port_forward_rules(&request.task_tag, lease.ip, bridge, &forwards)
             .map_err(|e| NetError::Invalid(e.to_string()))?;
         spec.iptables_rules = rules.clone();
@@ -308,7 +305,7 @@ impl LibvirtNet {
         if let Some(reservation) = &spec.dhcp_reservation {
             match self
                 .libvirt
-                .call_blocking(|conn| Ok(dhcp::remove_reservation(conn, reservation)))
+                .call_blocking(|conn| Ok(libvirt_network::remove_reservation(conn, reservation)))
             {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => failures.push(error.to_string()),
