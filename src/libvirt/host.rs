@@ -32,14 +32,14 @@ pub fn readable_version(version: u32) -> String {
 pub fn host_info(connection: &Connect) -> Result<HostInfo, LibvirtError> {
     let lib_version = connection
         .lib_version()
-        .map_err(|e| LibvirtError::call("reading the libvirt version", e))?;
+        .map_err(|e| LibvirtError::host("reading the libvirt version", e))?;
     let driver = connection
         .driver_type()
-        .map_err(|e| LibvirtError::call("reading the hypervisor driver", e))?;
+        .map_err(|e| LibvirtError::host("reading the hypervisor driver", e))?;
     let driver_version = connection.hyp_version().unwrap_or(0);
     let capabilities = connection
         .capabilities()
-        .map_err(|e| LibvirtError::call("reading host capabilities", e))?;
+        .map_err(|e| LibvirtError::host("reading host capabilities", e))?;
     Ok(HostInfo {
         lib_version,
         driver,

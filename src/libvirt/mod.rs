@@ -3,6 +3,7 @@
 //! which runs them on tokio's blocking pool.
 
 pub mod conn;
+pub mod domain;
 pub mod domain_xml;
 pub mod error;
 pub mod events;

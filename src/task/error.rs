@@ -142,7 +142,7 @@ mod tests {
     fn recoverable_detail_round_trips() {
         let status: Status = TaskError::Libvirt(LibvirtError::Connect {
             uri: "qemu:///system".into(),
-            message: "gone".into(),
+            source: crate::libvirt::VirtError::sample_missing_network(),
         })
         .into();
         assert_eq!(status.code(), Code::Unavailable);

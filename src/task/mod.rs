@@ -22,9 +22,11 @@ use self::console::ConsoleCopier;
 use self::error::TaskError;
 use self::store::{TaskEntry, TaskExit, TaskStore};
 use crate::config::plugin::Settings;
+use crate::libvirt::conn::Connect;
+use crate::libvirt::domain;
 use crate::libvirt::events::LifecycleEvent;
 use crate::libvirt::lifecycle::{self, DomainEvent, ExitOutcome};
-use crate::libvirt::stats::{self, CpuSample, MemorySample};
+use crate::libvirt::stats::{self, CpuSample};
 use crate::libvirt::Libvirt;
 use crate::net::iptables::{task_tag, Iptables};
 use crate::net::libvirt::LibvirtNet;
@@ -414,10 +416,8 @@ impl Tasks {
             let result = self
                 .libvirt
                 .call(move |conn| {
-                    if let Some(domain) = teardown::find_domain(conn, &domain_name)? {
-                        if let Err(error) = domain.shutdown_flags(virt::sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN) {
-                            tracing::debug!(error = %error.message(), "ACPI shutdown request failed");
-                        }
+                    if let Err(error) = domain::shutdown_domain(conn, &domain_name) {
+                        tracing::debug!(error = %error, "ACPI shutdown request failed");
                     }
                     Ok(())
                 })
@@ -433,19 +433,7 @@ impl Tasks {
         entry.mark_forced();
         let domain_name = name.clone();
         self.libvirt
-            .call(move |conn| {
-                if let Some(domain) = teardown::find_domain(conn, &domain_name)? {
-                    if domain.is_active().unwrap_or(false) {
-                        domain.destroy().map_err(|e| {
-                            crate::libvirt::LibvirtError::call(
-                                format!("destroying {domain_name}"),
-                                e,
-                            )
-                        })?;
-                    }
-                }
-                Ok(())
-            })
+            .call(move |conn| domain::destroy_domain(conn, &domain_name))
             .await?;
         if tokio::time::timeout(DESTROY_WAIT, entry.wait())
             .await
@@ -634,24 +622,17 @@ impl Tasks {
                         let mhz = if known_mhz > 0 {
                             known_mhz
                         } else {
-                            conn.node_info().map(|n| n.mhz).unwrap_or(0)
+                            domain::host_cpu(conn).map(|cpu| cpu.mhz).unwrap_or(0)
                         };
-                        let Some(domain) = teardown::find_domain(conn, &name)? else {
-                            return Ok(None);
-                        };
-                        let info = domain.info().map_err(|e| {
-                            crate::libvirt::LibvirtError::call("reading domain info", e)
-                        })?;
-                        let memory = domain.memory_stats(0).unwrap_or_default();
-                        Ok(Some((info, memory, mhz)))
+                        Ok(domain::sample_domain(conn, &name)?.map(|sample| (sample, mhz)))
                     })
                     .await;
-                if let Ok(Some((info, memory, mhz))) = sample {
+                if let Ok(Some((sample, mhz))) = sample {
                     host_mhz = mhz;
                     let now = CpuSample {
-                        cpu_time_ns: info.cpu_time,
+                        cpu_time_ns: sample.cpu_time_ns,
                         at_ns: origin.elapsed().as_nanos() as u64,
-                        vcpus: info.nr_virt_cpu,
+                        vcpus: sample.vcpus,
                     };
                     let previous = entry
                         .cpu_sample
@@ -670,8 +651,7 @@ impl Tasks {
                             )
                         })
                         .unwrap_or(0.0);
-                    let memory =
-                        stats::memory_usage_bytes(&MemorySample::from_stats(&memory, info.max_mem));
+                    let memory = stats::memory_usage_bytes(&sample.memory);
                     let usage = stats::resource_usage(
                         percent,
                         stats::total_ticks(percent, f64::from(mhz)),
@@ -744,21 +724,14 @@ impl Tasks {
 }
 
 /// Reads the domain's state and records an exit if it has ended.
-fn domain_outcome(conn: &virt::connect::Connect, name: &str, entry: &TaskEntry) {
-    match teardown::find_domain(conn, name) {
+fn domain_outcome(conn: &Connect, name: &str, entry: &TaskEntry) {
+    match domain::domain_status(conn, name) {
         Ok(None) => {
             entry.set_exit(exit_from(lifecycle::exit_for_vanished()));
         }
-        Ok(Some(domain)) => {
-            if let Ok((state, reason)) = domain.state() {
-                if let Some(outcome) = lifecycle::exit_for_domain_state(
-                    state,
-                    reason,
-                    entry.stop_requested(),
-                    entry.forced(),
-                ) {
-                    entry.set_exit(exit_from(outcome));
-                }
+        Ok(Some(status)) => {
+            if let Some(outcome) = status.exit(entry.stop_requested(), entry.forced()) {
+                entry.set_exit(exit_from(outcome));
             }
         }
         Err(error) => tracing::debug!(error = %error, "domain lookup failed during reconcile"),

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use virt::connect::Connect;
+use crate::libvirt::conn::Connect;
 
 use super::error::TaskError;
 use super::plan::{self, GuestShare};
@@ -19,7 +19,7 @@ use crate::libvirt::domain_xml::{
     DomainType, InterfaceSpec, ShareDriver, ShareSpec,
 };
 use crate::libvirt::storage::{self as lv_storage, Pool};
-use crate::libvirt::{host, LibvirtError};
+use crate::libvirt::{domain, host};
 use crate::net::{AllocatedPort, Attachment, Net};
 use crate::nomad::driver_state::CreatedVolume;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::TaskConfig as NomadTaskConfig;
@@ -221,9 +221,7 @@ pub fn create_and_boot(
             });
         }
     };
-    let node = conn
-        .node_info()
-        .map_err(|e| LibvirtError::call("reading host CPU information", e))?;
+    let node = domain::host_cpu(conn)?;
     let info = host::host_info(conn)?;
     let resources = task.resources.as_ref();
     let allocated = resources.and_then(|r| r.allocated_resources.as_ref());
@@ -457,15 +455,11 @@ pub fn create_and_boot(
         },
     };
     let xml = render_domain_xml(&spec)?;
-    let domain = conn
-        .define_domain_xml(&xml)
-        .map_err(|e| LibvirtError::call("defining the domain", e))?;
+    domain::define_domain(conn, &start_plan.domain_name, &xml)?;
     if let Ok(mut created) = created.lock() {
         created.domain = Some(start_plan.domain_name.clone());
     }
-    domain.create().map_err(|e| {
-        LibvirtError::call(format!("starting domain {}", start_plan.domain_name), e)
-    })?;
+    domain::start_domain(conn, &start_plan.domain_name)?;
     let volumes = created
         .lock()
         .map(|c| c.volumes.clone())
