@@ -87,7 +87,7 @@ impl Drop for ReservationGuard {
         if let Err(error) = remove_reservation(&self.conn, &self.reservation) {
             eprintln!(
                 "cleanup failed; remove it by hand with virsh net-update default delete \
-                 ip-dhcp-host \"{}\" --live --config: {error}",
+                 ip-dhcp-host '{}' --live --config: {error}",
                 reservation_xml(&self.reservation)
             );
         }

@@ -49,9 +49,17 @@ pub fn host_info(connection: &Connect) -> Result<HostInfo, LibvirtError> {
 }
 
 /// Whether a capabilities document lists a `kvm` domain type.
+/// A document that does not parse offers nothing.
 pub fn offers_kvm(capabilities_xml: &str) -> bool {
-    capabilities_xml.contains("<domain type='kvm'")
-        || capabilities_xml.contains("<domain type=\"kvm\"")
+    let Ok(root) = super::xml::parse(capabilities_xml) else {
+        return false;
+    };
+    let offered = root
+        .children_named("guest")
+        .flat_map(|guest| guest.children_named("arch"))
+        .flat_map(|arch| arch.children_named("domain"))
+        .any(|domain| domain.attr("type") == Some("kvm"));
+    offered
 }
 
 /// The accelerator domains will use, given the plugin's choice.
@@ -114,10 +122,13 @@ mod tests {
     #[test]
     fn kvm_in_capabilities() {
         assert!(offers_kvm(
-            "<guest><arch name='x86_64'><domain type='qemu'/><domain type='kvm'/></arch></guest>"
+            "<capabilities><host/><guest><arch name='x86_64'><domain type='qemu'/>\
+             <domain type=\"kvm\"/></arch></guest></capabilities>"
         ));
         assert!(!offers_kvm(
-            "<guest><arch name='x86_64'><domain type='qemu'/></arch></guest>"
+            "<capabilities><guest><arch name='x86_64'><domain type='qemu'/></arch></guest>\
+             </capabilities>"
         ));
+        assert!(!offers_kvm("<capabilities><domain type='kvm'/>"));
     }
 }

@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod network;
 pub mod stats;
 pub mod storage;
+pub mod xml;
 
 pub use conn::{Libvirt, LibvirtError};
 pub use error::VirtError;

@@ -528,9 +528,10 @@ mod tests {
             assert!(matches!(error, DhcpError::Conflict { .. }), "{error:?}");
             let message = error.to_string();
             assert!(
-                message
-                    .contains("<host mac='52:54:00:12:34:56' name='web-1' ip='192.168.122.10'/>")
-                    && message.contains("virsh net-update default delete ip-dhcp-host"),
+                message.contains(
+                    "virsh net-update default delete ip-dhcp-host \
+                     '<host mac=\"52:54:00:12:34:56\" name=\"web-1\" ip=\"192.168.122.10\"/>'"
+                ),
                 "{message}"
             );
         }

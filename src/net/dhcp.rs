@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::libvirt::domain_xml::xml_escape;
+use crate::libvirt::xml::{self, XmlWriter};
 use crate::libvirt::VirtError;
 
 /// First pause between two lease looks; doubles up to [`MAX_RETRY_DELAY`].
@@ -69,7 +69,7 @@ pub enum DhcpError {
     #[error(
         "DHCP reservation {wanted} conflicts with the existing entry {existing} in libvirt \
          network {network:?} (same MAC, IP or name); remove the stale entry with \
-         `virsh net-update {network} delete ip-dhcp-host \"{existing}\" --live --config` \
+         `virsh net-update {network} delete ip-dhcp-host '{existing}' --live --config` \
          or use another MAC/IP/name"
     )]
     Conflict {
@@ -244,20 +244,19 @@ pub struct Reservation {
     pub hostname: Option<String>,
 }
 
-/// `<host mac='..' name='..' ip='..'/>` with every attribute escaped.
+/// `<host mac=".." name=".." ip=".."/>` with every attribute escaped.
 pub fn reservation_xml(r: &Reservation) -> String {
     host_xml(Some(&r.mac), r.hostname.as_deref(), Some(&r.ip.to_string()))
 }
 
 pub(crate) fn host_xml(mac: Option<&str>, name: Option<&str>, ip: Option<&str>) -> String {
-    let mut xml = String::from("<host");
-    for (key, value) in [("mac", mac), ("name", name), ("ip", ip)] {
-        if let Some(value) = value {
-            xml.push_str(&format!(" {key}='{}'", xml_escape(value)));
-        }
-    }
-    xml.push_str("/>");
-    xml
+    let attributes: Vec<(&str, &str)> = [("mac", mac), ("name", name), ("ip", ip)]
+        .into_iter()
+        .filter_map(|(key, value)| Some((key, value?)))
+        .collect();
+    let mut w = XmlWriter::new();
+    w.empty("host", &attributes);
+    w.finish(false)
 }
 
 /// The IPv4 DHCP host entries `(mac, ip, name)` of a network XML; entries
@@ -329,181 +328,23 @@ pub(crate) fn presence(hosts: &[HostEntry], r: &Reservation) -> Presence {
     }
 }
 
-// ---------------------------------------------------------------------------
-// A minimal XML scan: libvirt's network XML is small and regular, and the
-// crate has no XML dependency. Only what DHCP host entries need.
-// ---------------------------------------------------------------------------
-
-/// The `<host>` elements inside `<dhcp>` sections.
-pub(crate) fn dhcp_hosts(xml: &str) -> Vec<HostEntry> {
-    let mut hosts = Vec::new();
-    let mut dhcp_depth = 0usize;
-    for tag in xml_tags(xml) {
-        match tag {
-            Tag::Start {
-                name,
-                attrs,
-                self_closing,
-            } => {
-                if name == "dhcp" && !self_closing {
-                    dhcp_depth += 1;
-                } else if name == "host" && dhcp_depth > 0 {
-                    let get =
-                        |key: &str| attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-                    hosts.push(HostEntry {
-                        mac: get("mac"),
-                        ip: get("ip"),
-                        name: get("name"),
-                    });
-                }
-            }
-            Tag::End { name } => {
-                if name == "dhcp" {
-                    dhcp_depth = dhcp_depth.saturating_sub(1);
-                }
-            }
-        }
-    }
-    hosts
-}
-
-enum Tag<'a> {
-    Start {
-        name: &'a str,
-        attrs: Vec<(String, String)>,
-        self_closing: bool,
-    },
-    End {
-        name: &'a str,
-    },
-}
-
-/// Start and end tags in document order; comments, processing instructions,
-/// CDATA and declarations are skipped. Malformed input ends the scan.
-fn xml_tags(xml: &str) -> Vec<Tag<'_>> {
-    let mut tags = Vec::new();
-    let bytes = xml.as_bytes();
-    let mut pos = 0;
-    while let Some(offset) = xml[pos..].find('<') {
-        let start = pos + offset;
-        let rest = &xml[start..];
-        let skip_to = |close: &str| rest.find(close).map(|i| start + i + close.len());
-        let next = if rest.starts_with("<!--") {
-            skip_to("-->")
-        } else if rest.starts_with("<![CDATA[") {
-            skip_to("]]>")
-        } else if rest.starts_with("<?") {
-            skip_to("?>")
-        } else if rest.starts_with("<!") {
-            skip_to(">")
-        } else if let Some(body) = rest.strip_prefix("</") {
-            body.find('>').map(|end| {
-                tags.push(Tag::End {
-                    name: body[..end].trim(),
-                });
-                start + 2 + end + 1
-            })
-        } else {
-            // Find the closing '>' outside quoted attribute values.
-            let mut quote = None;
-            let mut end = None;
-            for (i, &b) in bytes[start + 1..].iter().enumerate() {
-                match (quote, b) {
-                    (None, b'\'' | b'"') => quote = Some(b),
-                    (Some(q), b) if b == q => quote = None,
-                    (None, b'>') => {
-                        end = Some(start + 1 + i);
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            end.map(|end| {
-                // '<', '>' and '/' are ASCII, so these are char boundaries.
-                let mut body = &xml[start + 1..end];
-                let self_closing = body.ends_with('/');
-                if self_closing {
-                    body = &body[..body.len() - 1];
-                }
-                let name_end = body
-                    .find(|c: char| c.is_ascii_whitespace())
-                    .unwrap_or(body.len());
-                tags.push(Tag::Start {
-                    name: &body[..name_end],
-                    attrs: parse_attrs(&body[name_end..]),
-                    self_closing,
-                });
-                end + 1
-            })
-        };
-        match next {
-            Some(next) => pos = next,
-            None => break,
-        }
-    }
-    tags
-}
-
-/// `key='value' key2="value"` pairs, values unescaped. Stops at junk.
-fn parse_attrs(mut text: &str) -> Vec<(String, String)> {
-    let mut attrs = Vec::new();
-    loop {
-        text = text.trim_start();
-        let Some(eq) = text.find('=') else { break };
-        let key = text[..eq].trim();
-        let after = text[eq + 1..].trim_start();
-        let Some(quote) = after.chars().next().filter(|c| *c == '\'' || *c == '"') else {
-            break;
-        };
-        let Some(close) = after[1..].find(quote) else {
-            break;
-        };
-        attrs.push((key.to_string(), unescape(&after[1..1 + close])));
-        text = &after[1 + close + 1..];
-    }
-    attrs
-}
-
-/// Resolves the five predefined entities and numeric character references;
-/// anything else is kept as written.
-fn unescape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(amp) = rest.find('&') {
-        out.push_str(&rest[..amp]);
-        rest = &rest[amp..];
-        let resolved = rest.find(';').and_then(|semi| {
-            let entity = &rest[1..semi];
-            let c = match entity {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "apos" => Some('\''),
-                "quot" => Some('"'),
-                _ => {
-                    let number = entity.strip_prefix('#')?;
-                    let code = match number.strip_prefix(['x', 'X']) {
-                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
-                        None => number.parse().ok()?,
-                    };
-                    char::from_u32(code)
-                }
-            }?;
-            Some((c, semi + 1))
-        });
-        match resolved {
-            Some((c, len)) => {
-                out.push(c);
-                rest = &rest[len..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+/// The `<host>` elements inside `<dhcp>` sections of a network XML; none
+/// when the XML does not parse.
+pub(crate) fn dhcp_hosts(network_xml: &str) -> Vec<HostEntry> {
+    let Ok(root) = xml::parse(network_xml) else {
+        return Vec::new();
+    };
+    root.descendants()
+        .into_iter()
+        .filter(|element| element.name == "dhcp")
+        .flat_map(|dhcp| dhcp.descendants().into_iter().skip(1))
+        .filter(|element| element.name == "host")
+        .map(|host| HostEntry {
+            mac: host.attr("mac").map(str::to_string),
+            ip: host.attr("ip").map(str::to_string),
+            name: host.attr("name").map(str::to_string),
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -797,11 +638,11 @@ mod tests {
     fn reservation_xml_plain() {
         assert_eq!(
             reservation_xml(&reservation(MAC, [192, 168, 122, 10], Some("web-1"))),
-            "<host mac='52:54:00:12:34:56' name='web-1' ip='192.168.122.10'/>"
+            "<host mac=\"52:54:00:12:34:56\" name=\"web-1\" ip=\"192.168.122.10\"/>"
         );
         assert_eq!(
             reservation_xml(&reservation(MAC, [192, 168, 122, 10], None)),
-            "<host mac='52:54:00:12:34:56' ip='192.168.122.10'/>"
+            "<host mac=\"52:54:00:12:34:56\" ip=\"192.168.122.10\"/>"
         );
     }
 
@@ -811,9 +652,9 @@ mod tests {
         let xml = reservation_xml(&reservation(MAC, [192, 168, 122, 10], Some(hostile)));
         assert_eq!(
             xml,
-            "<host mac='52:54:00:12:34:56' \
-             name='x&apos; ip=&apos;6.6.6.6&apos;/&gt;&lt;host mac=&quot;a&quot; name=&lt;&amp;&gt;' \
-             ip='192.168.122.10'/>"
+            "<host mac=\"52:54:00:12:34:56\" \
+             name=\"x&apos; ip=&apos;6.6.6.6&apos;/&gt;&lt;host mac=&quot;a&quot; name=&lt;&amp;&gt;\" \
+             ip=\"192.168.122.10\"/>"
         );
         // It stays one element whose name reads back unchanged.
         let doc = format!("<network><ip><dhcp>{xml}</dhcp></ip></network>");
@@ -919,20 +760,10 @@ mod tests {
     }
 
     #[test]
-    fn unescape_entities() {
-        assert_eq!(unescape("a&amp;b&lt;&gt;&quot;&apos;"), "a&b<>\"'");
-        assert_eq!(unescape("&#65;&#x42;&#X43;"), "ABC");
-        assert_eq!(
-            unescape("&unknown; & &#xZZ; &#1114112;"),
-            "&unknown; & &#xZZ; &#1114112;"
-        );
-    }
-
-    #[test]
     fn presence_follows_libvirt_add_rules() {
         let hosts = dhcp_hosts(
             "<dhcp><host mac='52:54:00:12:34:56' name='web' ip='192.168.122.10'/>\
-             <host name='db' ip='192.168.122.20'/></dhcp>",
+             <host name=\"db\" ip=\"192.168.122.20\"/></dhcp>",
         );
         let check = |r: Reservation| presence(&hosts, &r);
         assert!(matches!(
@@ -973,7 +804,7 @@ mod tests {
         ));
         match check(reservation("52:54:00:00:00:01", [192, 168, 122, 20], None)) {
             Presence::Conflict(existing) => {
-                assert_eq!(existing, "<host name='db' ip='192.168.122.20'/>")
+                assert_eq!(existing, "<host name=\"db\" ip=\"192.168.122.20\"/>")
             }
             _ => panic!("expected a conflict"),
         }

@@ -82,6 +82,19 @@ pub enum StorageError {
          type \"dir\" (or \"fs\"/\"netfs\"): use another pool name"
     )]
     PoolType { pool: String, pool_type: String },
+    #[error("storage pool {pool:?}: cannot read libvirt's pool XML")]
+    PoolXml {
+        pool: String,
+        #[source]
+        source: crate::libvirt::xml::XmlError,
+    },
+    #[error("volume {volume:?} in storage pool {pool:?}: cannot read libvirt's volume XML")]
+    VolumeXml {
+        pool: String,
+        volume: String,
+        #[source]
+        source: crate::libvirt::xml::XmlError,
+    },
     #[error("storage pool {pool:?}: libvirt failed while {action}")]
     Pool {
         pool: String,
@@ -166,132 +179,9 @@ fn list_paths(paths: &[PathBuf]) -> String {
     out
 }
 
-/// One XML escaper for everything the driver writes (shared with the domain XML).
-pub(crate) use crate::libvirt::domain_xml::xml_escape;
-
-/// Reverses [`xml_escape`] plus numeric character references, enough for
-/// the text libvirt writes into its XML descriptions.
-pub(crate) fn xml_unescape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find('&') {
-        out.push_str(&rest[..at]);
-        rest = &rest[at..];
-        let Some(end) = rest.find(';') else { break };
-        let entity = &rest[1..end];
-        let decoded = match entity {
-            "amp" => Some('&'),
-            "lt" => Some('<'),
-            "gt" => Some('>'),
-            "apos" => Some('\''),
-            "quot" => Some('"'),
-            _ => entity
-                .strip_prefix("#x")
-                .and_then(|hex| u32::from_str_radix(hex, 16).ok())
-                .or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
-                .and_then(char::from_u32),
-        };
-        match decoded {
-            Some(c) => {
-                out.push(c);
-                rest = &rest[end + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// The unescaped text of the first `<tag>…</tag>` inside the first
-/// `<parent>…</parent>` (or anywhere, when `parent` is None). Enough for
-/// libvirt's own pool and volume XML; not a general XML parser.
-pub(crate) fn xml_child_text(xml: &str, parent: Option<&str>, tag: &str) -> Option<String> {
-    let scope = match parent {
-        Some(parent) => {
-            let open = format!("<{parent}>");
-            let close = format!("</{parent}>");
-            let start = xml.find(&open)? + open.len();
-            let end = start + xml[start..].find(&close)?;
-            &xml[start..end]
-        }
-        None => xml,
-    };
-    let open = format!("<{tag}>");
-    let close = format!("</{tag}>");
-    let start = scope.find(&open)? + open.len();
-    let end = start + scope[start..].find(&close)?;
-    Some(xml_unescape(scope[start..end].trim()))
-}
-
-/// The value of attribute `attr` on the first `<element …>` start tag.
-pub(crate) fn xml_attr(xml: &str, element: &str, attr: &str) -> Option<String> {
-    let open = format!("<{element}");
-    let mut search = xml;
-    let tag = loop {
-        let at = search.find(&open)?;
-        let after = &search[at + open.len()..];
-        // `<pool` must not match `<poolx`.
-        if after.starts_with(|c: char| c.is_whitespace() || c == '>' || c == '/') {
-            let end = after.find('>')?;
-            break &after[..end];
-        }
-        search = after;
-    };
-    for quote in ['\'', '"'] {
-        let key = format!("{attr}={quote}");
-        let mut from = 0;
-        while let Some(at) = tag[from..].find(&key) {
-            let at = from + at;
-            let boundary = at == 0 || tag[..at].ends_with(char::is_whitespace);
-            let start = at + key.len();
-            if boundary {
-                let end = start + tag[start..].find(quote)?;
-                return Some(xml_unescape(&tag[start..end]));
-            }
-            from = start;
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn escape_round_trips() {
-        let text = "a<b>&'c\"/d é";
-        assert_eq!(xml_escape(text), "a&lt;b&gt;&amp;&apos;c&quot;/d é");
-        assert_eq!(xml_unescape(&xml_escape(text)), text);
-        assert_eq!(xml_unescape("&#47;x&#x2F;&bogus;&"), "/x/&bogus;&");
-    }
-
-    #[test]
-    fn child_text_and_attr() {
-        let xml = "<pool type='dir'>\n  <name>a&amp;b</name>\n  <source>\n  </source>\n  \
-                   <target>\n    <path>/var/x&lt;y</path>\n  </target>\n</pool>";
-        assert_eq!(
-            xml_child_text(xml, Some("target"), "path").as_deref(),
-            Some("/var/x<y")
-        );
-        assert_eq!(xml_child_text(xml, None, "name").as_deref(), Some("a&b"));
-        assert_eq!(xml_child_text(xml, Some("source"), "path"), None);
-        assert_eq!(xml_attr(xml, "pool", "type").as_deref(), Some("dir"));
-        assert_eq!(
-            xml_attr(
-                "<poolx type='no'/><pool subtype='a' type=\"fs\">",
-                "pool",
-                "type"
-            )
-            .as_deref(),
-            Some("fs")
-        );
-        assert_eq!(xml_attr(xml, "pool", "missing"), None);
-    }
 
     #[test]
     fn in_field_prefixes_the_message() {

@@ -9,7 +9,8 @@ use virt::error::ErrorNumber;
 use virt::storage_pool::StoragePool;
 
 use super::{has_code, Pool};
-use crate::storage::{xml_attr, xml_child_text, xml_escape, StorageError};
+use crate::libvirt::xml::{self, XmlWriter};
+use crate::storage::StorageError;
 
 /// Pool types whose volumes are plain files under a target directory.
 const DIRECTORY_POOL_TYPES: [&str; 3] = ["dir", "fs", "netfs"];
@@ -45,11 +46,14 @@ pub(crate) fn retry_busy<T>(
 
 /// The XML of a persistent directory pool.
 pub(crate) fn directory_pool_xml(name: &str, path: &Path) -> String {
-    format!(
-        "<pool type='dir'>\n  <name>{}</name>\n  <target>\n    <path>{}</path>\n  </target>\n</pool>\n",
-        xml_escape(name),
-        xml_escape(&path.to_string_lossy())
-    )
+    let mut w = XmlWriter::new();
+    w.open("pool", &[("type", "dir")]);
+    w.text("name", &[], name);
+    w.open("target", &[]);
+    w.text("path", &[], &path.to_string_lossy());
+    w.close("target");
+    w.close("pool");
+    w.finish(true)
 }
 
 /// Looks up pool `name`, defining, building and starting it when needed,
@@ -164,14 +168,18 @@ fn check_matches(pool: &StoragePool, name: &str, path: &Path) -> Result<(), Stor
     let xml = pool
         .xml_desc(0)
         .map_err(|e| StorageError::pool(name, "reading the pool XML", e))?;
-    let pool_type = xml_attr(&xml, "pool", "type").unwrap_or_default();
+    let root = xml::parse(&xml).map_err(|source| StorageError::PoolXml {
+        pool: name.to_string(),
+        source,
+    })?;
+    let pool_type = root.attr("type").unwrap_or_default().to_string();
     if !DIRECTORY_POOL_TYPES.contains(&pool_type.as_str()) {
         return Err(StorageError::PoolType {
             pool: name.to_string(),
             pool_type,
         });
     }
-    let existing = PathBuf::from(xml_child_text(&xml, Some("target"), "path").unwrap_or_default());
+    let existing = PathBuf::from(root.text_at(&["target", "path"]).unwrap_or_default());
     if !same_path(&existing, path) {
         return Err(StorageError::PoolPathMismatch {
             pool: name.to_string(),
@@ -217,7 +225,11 @@ pub fn pool_fingerprint(conn: &Connect) -> Result<Vec<(String, bool, String)>, S
             let name = pool.name().ok()?;
             let active = pool.is_active().ok()?;
             let xml = pool.xml_desc(0).ok()?;
-            let pool_type = xml_attr(&xml, "pool", "type").unwrap_or_default();
+            let pool_type = xml::parse(&xml)
+                .ok()?
+                .attr("type")
+                .unwrap_or_default()
+                .to_string();
             Some((name, active, pool_type))
         })
         .collect();
@@ -257,7 +269,9 @@ pub(crate) mod tests {
         let xml = directory_pool_xml("a<b", Path::new("/x/&y"));
         assert!(xml.contains("<name>a&lt;b</name>"), "{xml}");
         assert!(xml.contains("<path>/x/&amp;y</path>"), "{xml}");
-        assert_eq!(xml_attr(&xml, "pool", "type").as_deref(), Some("dir"));
+        let root = xml::parse(&xml).unwrap();
+        assert_eq!(root.attr("type"), Some("dir"));
+        assert_eq!(root.text_at(&["name"]).as_deref(), Some("a<b"));
     }
 
     #[test]
@@ -276,7 +290,10 @@ pub(crate) mod tests {
         assert!(pool.inner.autostart().unwrap());
         let xml = pool.inner.xml_desc(0).unwrap();
         assert_eq!(
-            xml_child_text(&xml, Some("target"), "path").map(PathBuf::from),
+            xml::parse(&xml)
+                .unwrap()
+                .text_at(&["target", "path"])
+                .map(PathBuf::from),
             Some(path.clone())
         );
         // Again: same pool, no error; also with a trailing slash.

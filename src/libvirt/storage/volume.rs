@@ -22,6 +22,7 @@ use virt::stream::Stream;
 
 use super::pool::{refresh_pool, retry_busy};
 use super::{has_code, Pool, Volume};
+use crate::libvirt::xml::{self, XmlWriter};
 use crate::storage::images::{
     check_image_safe, check_qcow2_header, image_virtual_size, parse_qcow2_header,
 };
@@ -29,7 +30,7 @@ use crate::storage::volume::{
     check_volume_name, convert, image_cache_key, parent_volume_name, unique_suffix, PARENT_PREFIX,
     STAGING_MARK,
 };
-use crate::storage::{xml_child_text, xml_escape, ImageFormat, StorageError};
+use crate::storage::{ImageFormat, StorageError};
 
 /// The XML of a new volume. Allocation 0 keeps files sparse; mode 0600
 /// because disks hold guest data (libvirt hands them to the QEMU user when
@@ -40,22 +41,25 @@ pub(crate) fn volume_xml(
     capacity: u64,
     backing: Option<(&str, ImageFormat)>,
 ) -> String {
-    let mut xml = format!(
-        "<volume>\n  <name>{}</name>\n  <capacity unit='bytes'>{capacity}</capacity>\n  \
-         <allocation unit='bytes'>0</allocation>\n  <target>\n    <format type='{}'/>\n    \
-         <permissions>\n      <mode>0600</mode>\n    </permissions>\n  </target>\n",
-        xml_escape(name),
-        format.as_str()
-    );
+    let mut w = XmlWriter::new();
+    w.open("volume", &[]);
+    w.text("name", &[], name);
+    w.text("capacity", &[("unit", "bytes")], &capacity.to_string());
+    w.text("allocation", &[("unit", "bytes")], "0");
+    w.open("target", &[]);
+    w.empty("format", &[("type", format.as_str())]);
+    w.open("permissions", &[]);
+    w.text("mode", &[], "0600");
+    w.close("permissions");
+    w.close("target");
     if let Some((path, backing_format)) = backing {
-        xml.push_str(&format!(
-            "  <backingStore>\n    <path>{}</path>\n    <format type='{}'/>\n  </backingStore>\n",
-            xml_escape(path),
-            backing_format.as_str()
-        ));
+        w.open("backingStore", &[]);
+        w.text("path", &[], path);
+        w.empty("format", &[("type", backing_format.as_str())]);
+        w.close("backingStore");
     }
-    xml.push_str("</volume>\n");
-    xml
+    w.close("volume");
+    w.finish(true)
 }
 
 fn pool_name(pool: &StoragePool) -> String {
@@ -499,7 +503,14 @@ fn backing_paths(conn: &Connect) -> Result<HashSet<String>, StorageError> {
         };
         for vol in volumes {
             match vol.xml_desc(0) {
-                Ok(xml) => paths.extend(xml_child_text(&xml, Some("backingStore"), "path")),
+                Ok(xml) => paths.extend(backing_path(&xml).map_err(|error| {
+                    let vol_name = vol.name().unwrap_or_default();
+                    StorageError::VolumeXml {
+                        pool: name.clone(),
+                        volume: vol_name,
+                        source: error,
+                    }
+                })?),
                 Err(error) if has_code(&error, ErrorNumber::NoStorageVolume) => {}
                 Err(error) => {
                     let vol_name = vol.name().unwrap_or_default();
@@ -514,6 +525,12 @@ fn backing_paths(conn: &Connect) -> Result<HashSet<String>, StorageError> {
         }
     }
     Ok(paths)
+}
+
+/// The backing file a volume XML names, if any.
+fn backing_path(volume_xml: &str) -> Result<Option<String>, xml::XmlError> {
+    let root = xml::parse(volume_xml)?;
+    Ok(root.text_at(&["backingStore", "path"]))
 }
 
 /// One lock per parent volume, shared by [`ensure_parent`] and
@@ -751,10 +768,10 @@ mod tests {
         let xml = volume_xml("a&b", ImageFormat::Qcow2, 5 * MIB, None);
         assert!(xml.contains("<name>a&amp;b</name>"), "{xml}");
         assert!(
-            xml.contains("<capacity unit='bytes'>5242880</capacity>"),
+            xml.contains("<capacity unit=\"bytes\">5242880</capacity>"),
             "{xml}"
         );
-        assert!(xml.contains("<format type='qcow2'/>"), "{xml}");
+        assert!(xml.contains("<format type=\"qcow2\"/>"), "{xml}");
         assert!(xml.contains("<mode>0600</mode>"), "{xml}");
         assert!(!xml.contains("backingStore"), "{xml}");
         let xml = volume_xml(
@@ -763,12 +780,11 @@ mod tests {
             MIB,
             Some(("/p/<x>", ImageFormat::Raw)),
         );
-        assert_eq!(
-            xml_child_text(&xml, Some("backingStore"), "path").as_deref(),
-            Some("/p/<x>")
-        );
+        assert_eq!(backing_path(&xml).unwrap().as_deref(), Some("/p/<x>"));
         assert!(
-            xml.contains("<backingStore>\n    <path>/p/&lt;x&gt;</path>\n    <format type='raw'/>"),
+            xml.contains(
+                "<backingStore>\n    <path>/p/&lt;x&gt;</path>\n    <format type=\"raw\"/>"
+            ),
             "{xml}"
         );
     }
@@ -821,7 +837,7 @@ mod tests {
         assert_eq!(overlay.capacity().unwrap(), 8 * MIB);
         let xml = overlay.xml().unwrap();
         assert_eq!(
-            xml_child_text(&xml, Some("backingStore"), "path"),
+            backing_path(&xml).unwrap(),
             Some(parent_path.to_string_lossy().into_owned()),
             "{xml}"
         );
