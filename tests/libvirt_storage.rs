@@ -447,3 +447,27 @@ fn pool_that_cannot_be_built_is_not_left_defined() {
     let lookup = guard.conn.lookup_storage_pool_by_name(&guard.name);
     assert!(lookup.is_err(), "the failed pool was left defined");
 }
+
+#[test]
+fn qemu_img_qcow2_is_detected_and_backing_files_refused() {
+    use nomad_driver_virt::storage::{check_image_safe, qcow2_virtual_size};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("real.qcow2");
+    run(
+        "qemu-img",
+        &[&"create", &"-q", &"-f", &"qcow2", &path, &"16M"],
+    );
+    assert_eq!(detect_format(&path).unwrap(), ImageFormat::Qcow2);
+    assert_eq!(qcow2_virtual_size(&path).unwrap(), Some(16 << 20));
+    check_image_safe(&path, ImageFormat::Qcow2).unwrap();
+
+    let overlay = dir.path().join("overlay.qcow2");
+    run(
+        "qemu-img",
+        &[
+            &"create", &"-q", &"-f", &"qcow2", &"-F", &"qcow2", &"-b", &path, &overlay,
+        ],
+    );
+    let err = check_image_safe(&overlay, ImageFormat::Qcow2).unwrap_err();
+    assert!(err.to_string().contains("backing file"), "{err}");
+}

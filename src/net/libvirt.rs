@@ -16,6 +16,7 @@ use super::{
     VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
     VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
 };
+use crate::libvirt::error::with_sources;
 use crate::libvirt::network as libvirt_network;
 use crate::libvirt::Libvirt;
 use crate::nomad::attribute;
@@ -299,7 +300,7 @@ impl LibvirtNet {
         let mut failures = Vec::new();
         if !spec.task_tag.is_empty() {
             if let Err(error) = self.iptables.remove_tag(&spec.task_tag) {
-                failures.push(error.to_string());
+                failures.push(with_sources(&error));
             }
         }
         if let Some(reservation) = &spec.dhcp_reservation {
@@ -308,8 +309,8 @@ impl LibvirtNet {
                 .call_blocking(|conn| Ok(libvirt_network::remove_reservation(conn, reservation)))
             {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => failures.push(error.to_string()),
-                Err(error) => failures.push(error.to_string()),
+                Ok(Err(error)) => failures.push(with_sources(&error)),
+                Err(error) => failures.push(with_sources(&error)),
             }
             if let Some(bridge) = &spec.bridge {
                 if let Err(error) = dhcp::release_lease(bridge, reservation.ip, &reservation.mac) {

@@ -54,17 +54,29 @@ pub enum StorageError {
     ImageNotFile { requested: String, path: PathBuf },
     #[error("image {} cannot be used: {reason}", path.display())]
     UnsafeImage { path: PathBuf, reason: String },
-    #[error("cannot {action} {}: {error}", path.display())]
+    #[error("cannot {action} {}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
-    #[error("qemu-img {action} failed for {}: {message}; is qemu-img (package qemu-utils) installed and the image intact?", path.display())]
+    #[error(
+        "cannot run qemu-img to {action} {}; is qemu-img (package qemu-utils) installed?",
+        path.display()
+    )]
+    QemuImgSpawn {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("qemu-img {action} failed for {} ({status}): {stderr}; is the image intact?", path.display())]
     QemuImg {
         action: &'static str,
         path: PathBuf,
-        message: String,
+        status: String,
+        stderr: String,
     },
     #[error(
         "storage pool {pool:?} already exists with target path {} but the plugin config wants {}; \

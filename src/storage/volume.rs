@@ -172,20 +172,17 @@ pub fn convert(image: &Path, from: ImageFormat, to: ImageFormat) -> Result<TempF
         .arg(image)
         .arg(&temp.path)
         .output()
-        .map_err(|error| StorageError::QemuImg {
+        .map_err(|error| StorageError::QemuImgSpawn {
             action: "convert",
             path: image.to_path_buf(),
-            message: format!("cannot run qemu-img: {error}"),
+            error,
         })?;
     if !output.status.success() {
         return Err(StorageError::QemuImg {
             action: "convert",
             path: image.to_path_buf(),
-            message: format!(
-                "{}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
     }
     Ok(temp)
