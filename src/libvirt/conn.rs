@@ -46,6 +46,18 @@ pub enum LibvirtError {
 }
 
 impl LibvirtError {
+    /// Whether retrying could succeed: every libvirt failure may be
+    /// transient (a restarting daemon, a busy pool). Exhaustive on purpose.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            LibvirtError::Connect { .. }
+            | LibvirtError::Domain { .. }
+            | LibvirtError::NoDomain { .. }
+            | LibvirtError::Host { .. }
+            | LibvirtError::Worker(_) => true,
+        }
+    }
+
     pub(crate) fn domain(domain: &str, action: &'static str, error: impl Into<VirtError>) -> Self {
         LibvirtError::Domain {
             domain: domain.to_string(),

@@ -124,6 +124,30 @@ pub enum DhcpError {
     },
 }
 
+impl DhcpError {
+    /// Whether retrying could succeed: false for bad input (MAC, interface
+    /// or host name), a bridge or network that does not exist and a
+    /// conflicting reservation, which need a change by a person; true for
+    /// libvirt, timing and host-tool failures. Exhaustive on purpose.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            DhcpError::InvalidMac { .. }
+            | DhcpError::InvalidInterface { .. }
+            | DhcpError::InvalidHostname { .. }
+            | DhcpError::UnknownBridge { .. }
+            | DhcpError::NoNetwork { .. }
+            | DhcpError::Conflict { .. } => false,
+            DhcpError::Leases { .. }
+            | DhcpError::LeaseTimeout { .. }
+            | DhcpError::ListNetworks { .. }
+            | DhcpError::Libvirt { .. }
+            | DhcpError::ReleaseToolMissing { .. }
+            | DhcpError::ReleaseSpawn { .. }
+            | DhcpError::ReleaseFailed { .. } => true,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Leases
 // ---------------------------------------------------------------------------

@@ -154,6 +154,32 @@ impl StorageError {
         }
     }
 
+    /// Whether retrying the same start could succeed: false for a problem
+    /// with the job's input or the operator's pool config, true for host
+    /// and libvirt failures. Exhaustive on purpose: a new variant must be
+    /// classified here.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            StorageError::InField { inner, .. } => inner.is_recoverable(),
+            StorageError::ImageNotFound { .. }
+            | StorageError::ImageNotAllowed { .. }
+            | StorageError::ImageNotFile { .. }
+            | StorageError::UnsafeImage { .. }
+            | StorageError::PoolPathMismatch { .. }
+            | StorageError::PoolType { .. }
+            | StorageError::VolumeName { .. } => false,
+            StorageError::Io { .. }
+            | StorageError::QemuImgSpawn { .. }
+            | StorageError::QemuImg { .. }
+            | StorageError::PoolXml { .. }
+            | StorageError::VolumeXml { .. }
+            | StorageError::Pool { .. }
+            | StorageError::VolumeExists { .. }
+            | StorageError::VolumeNotFound { .. }
+            | StorageError::Volume { .. } => true,
+        }
+    }
+
     pub(crate) fn pool(pool: &str, action: impl Into<String>, error: impl Into<VirtError>) -> Self {
         StorageError::Pool {
             pool: pool.to_string(),
@@ -207,5 +233,6 @@ mod tests {
             "disk[0].source.image: image \"x.img\" was not found; tried /a/x.img, /b/x.img"
         );
         assert!(matches!(error.root(), StorageError::ImageNotFound { .. }));
+        assert!(!error.is_recoverable());
     }
 }
