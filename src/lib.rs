@@ -1,6 +1,8 @@
 //! nomad-driver-virt: a Nomad task-driver plugin that runs virtual machines
 //! through libvirt, speaking go-plugin gRPC to the Nomad client.
 
+#![deny(unsafe_code)]
+
 pub mod pb;
 
 pub mod cli;

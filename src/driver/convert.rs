@@ -330,7 +330,7 @@ mod tests {
     fn errors_map_to_codes_and_recoverable_details() {
         let status: Status = TaskError::Libvirt(LibvirtError::Connect {
             uri: "qemu:///system".into(),
-            message: "gone".into(),
+            source: crate::libvirt::VirtError::sample_unsupported(),
         })
         .into();
         assert_eq!(status.code(), Code::Unavailable);

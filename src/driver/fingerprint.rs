@@ -147,7 +147,8 @@ impl Driver {
             .libvirt()
             .call(|connection| {
                 let info = host::host_info(connection)?;
-                let pools = crate::storage::pool::pool_fingerprint(connection).unwrap_or_default();
+                let pools =
+                    crate::libvirt::storage::pool_fingerprint(connection).unwrap_or_default();
                 Ok((info, pools))
             })
             .await;

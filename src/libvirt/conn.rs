@@ -5,32 +5,71 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use virt::connect::{Connect, ConnectAuth, ConnectCredential, ConnectCredentialType};
+pub use virt::connect::Connect;
+use virt::connect::{ConnectAuth, ConnectCredential, ConnectCredentialType};
 
 use super::events::{register_lifecycle_events, EventRegistration, LifecycleEvent};
+use super::VirtError;
 
-/// Errors talking to libvirt, with what we were doing.
+/// Errors talking to libvirt, each naming what was being done; the libvirt
+/// error is the source.
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
-    #[error("cannot connect to {uri}: {message}; is libvirtd running and is the URI right (plugin config provider.libvirt.uri)?")]
-    Connect { uri: String, message: String },
-    #[error("libvirt call failed while {action}: {message}")]
-    Call {
-        action: String,
-        message: String,
-        code: u32,
+    #[error(
+        "cannot connect to {uri}; is libvirtd running and is the URI right \
+         (plugin config provider.libvirt.uri)?"
+    )]
+    Connect {
+        uri: String,
+        #[source]
+        source: VirtError,
+    },
+    /// A call about one domain failed.
+    #[error("libvirt failed while {action} domain {domain:?}")]
+    Domain {
+        domain: String,
+        action: &'static str,
+        #[source]
+        source: VirtError,
+    },
+    #[error("domain {domain:?} does not exist")]
+    NoDomain { domain: String },
+    /// A call about the host or the connection failed.
+    #[error("libvirt failed while {action}")]
+    Host {
+        action: &'static str,
+        #[source]
+        source: VirtError,
     },
     #[error("libvirt worker thread failed: {0}")]
     Worker(String),
 }
 
 impl LibvirtError {
-    /// Wraps a libvirt error with the action that failed.
-    pub fn call(action: impl Into<String>, error: virt::error::Error) -> Self {
-        LibvirtError::Call {
-            action: action.into(),
-            message: error.message().to_string(),
-            code: error.code().to_raw(),
+    /// Whether retrying could succeed: every libvirt failure may be
+    /// transient (a restarting daemon, a busy pool). Exhaustive on purpose.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            LibvirtError::Connect { .. }
+            | LibvirtError::Domain { .. }
+            | LibvirtError::NoDomain { .. }
+            | LibvirtError::Host { .. }
+            | LibvirtError::Worker(_) => true,
+        }
+    }
+
+    pub(crate) fn domain(domain: &str, action: &'static str, error: impl Into<VirtError>) -> Self {
+        LibvirtError::Domain {
+            domain: domain.to_string(),
+            action,
+            source: error.into(),
+        }
+    }
+
+    pub(crate) fn host(action: &'static str, error: impl Into<VirtError>) -> Self {
+        LibvirtError::Host {
+            action,
+            source: error.into(),
         }
     }
 }
@@ -223,7 +262,7 @@ fn ensure_connected(
 fn open(uri: &str, credentials: Option<&(String, String)>) -> Result<Connect, LibvirtError> {
     let connect_error = |error: virt::error::Error| LibvirtError::Connect {
         uri: uri.to_string(),
-        message: error.message().to_string(),
+        source: error.into(),
     };
     match credentials {
         None => Connect::open(Some(uri)).map_err(connect_error),

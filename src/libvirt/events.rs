@@ -1,23 +1,21 @@
 //! libvirt domain lifecycle events delivered to a channel, so the driver
 //! learns of stops, crashes and pauses as they happen instead of polling.
 //!
-//! virt 0.5 has no safe wrapper for `virConnectDomainEventRegisterAny`, so
-//! this module calls it through `virt::sys`. The unsafe code is confined to
-//! [`register_lifecycle_events`], the two C callbacks and
-//! [`EventRegistration`]'s deregistration.
+//! virt 0.5 has no safe wrapper for `virConnectDomainEventRegisterAny`;
+//! the raw calls and the C callbacks live in [`super::ffi`].
 //!
 //! libvirt invokes the callback on the thread running its default event loop
 //! (started by [`crate::libvirt::conn::init_process`], which must run before
 //! the connection is opened), one event at a time.
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::ptr;
 use std::sync::mpsc::Sender;
 
 use virt::connect::Connect;
 use virt::error::Error;
-use virt::sys;
+
+use super::ffi;
 
 use super::lifecycle::DomainEvent;
 
@@ -71,17 +69,8 @@ impl EventRegistration {
         let Some(conn) = self.conn.take() else {
             return Ok(());
         };
-        // SAFETY: `conn` is a live connection (we own a reference to it) and
-        // `callback_id` came from a successful registration on it, which was
-        // not deregistered yet (`conn` was still `Some`). libvirt takes over
-        // freeing the opaque via `free_sink`; we never touch it again.
-        let rc =
-            unsafe { sys::virConnectDomainEventDeregisterAny(conn.as_ptr(), self.callback_id) };
-        let result = if rc < 0 {
-            Err(Error::last_error())
-        } else {
-            Ok(())
-        };
+        // `conn` was still `Some`, so this id was not deregistered yet.
+        let result = ffi::deregister_domain_events(&conn, self.callback_id);
         drop_connection_quietly(conn);
         result
     }
@@ -111,129 +100,11 @@ pub fn register_lifecycle_events(
     conn: &Connect,
     sink: Sender<LifecycleEvent>,
 ) -> Result<EventRegistration, Error> {
-    let opaque = Box::into_raw(Box::new(sink)).cast::<c_void>();
-    let callback: sys::virConnectDomainEventCallback = Some(lifecycle_callback);
-    // SAFETY: libvirt's registration API takes a "generic" callback type and
-    // casts it back to the per-event signature according to the event id
-    // (the C API documents this; VIR_DOMAIN_EVENT_CALLBACK does the same
-    // cast). For VIR_DOMAIN_EVENT_ID_LIFECYCLE the real signature is
-    // `virConnectDomainEventCallback`, which `lifecycle_callback` has. Both
-    // are `Option<extern "C" fn>` of the same size.
-    let generic = unsafe {
-        std::mem::transmute::<
-            sys::virConnectDomainEventCallback,
-            sys::virConnectDomainEventGenericCallback,
-        >(callback)
-    };
-    // SAFETY: `conn` is a live connection for the duration of the call; a
-    // null domain means "all domains"; `opaque` is a valid
-    // `Box<Sender<LifecycleEvent>>` that libvirt hands unchanged to
-    // `lifecycle_callback` and, exactly once, to `free_sink` after the
-    // registration is removed (deregistration or connection teardown).
-    let callback_id = unsafe {
-        sys::virConnectDomainEventRegisterAny(
-            conn.as_ptr(),
-            ptr::null_mut(),
-            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as c_int,
-            generic,
-            opaque,
-            Some(free_sink),
-        )
-    };
-    if callback_id < 0 {
-        let error = Error::last_error();
-        // SAFETY: on failure libvirt does not keep the opaque and does not
-        // call the free callback (its error paths pass doFreeCb = false), so
-        // ownership of the box is still ours.
-        drop(unsafe { Box::from_raw(opaque.cast::<Sender<LifecycleEvent>>()) });
-        return Err(error);
-    }
+    let callback_id = ffi::register_domain_lifecycle(conn, sink)?;
     Ok(EventRegistration {
         callback_id,
         conn: Some(conn.clone()),
     })
-}
-
-/// Reads the name and UUID of the domain libvirt passes to a callback.
-///
-/// # Safety
-/// `dom` must be a valid domain pointer for the duration of the call. The
-/// callback does not own a reference to it (libvirt frees it after the
-/// callback returns), so this only borrows it: no `Domain` wrapper, which
-/// would free it on drop.
-unsafe fn domain_identity(dom: sys::virDomainPtr) -> (String, String) {
-    if dom.is_null() {
-        return (String::new(), String::new());
-    }
-    // SAFETY: `dom` is valid (caller's contract); the returned name is owned
-    // by the domain object and stays valid while it does, and we copy it.
-    let name_ptr = unsafe { sys::virDomainGetName(dom) };
-    let name = if name_ptr.is_null() {
-        String::new()
-    } else {
-        // SAFETY: libvirt returns a NUL-terminated string.
-        unsafe { CStr::from_ptr(name_ptr) }
-            .to_string_lossy()
-            .into_owned()
-    };
-    let mut buffer = [0 as c_char; sys::VIR_UUID_STRING_BUFLEN as usize];
-    // SAFETY: the buffer has VIR_UUID_STRING_BUFLEN bytes, the size the API
-    // requires; libvirt writes a NUL-terminated string into it on success.
-    let rc = unsafe { sys::virDomainGetUUIDString(dom, buffer.as_mut_ptr()) };
-    let uuid = if rc < 0 {
-        String::new()
-    } else {
-        // SAFETY: on success the buffer holds a NUL-terminated string; the
-        // buffer was zeroed, so it is terminated even if libvirt misbehaved.
-        unsafe { CStr::from_ptr(buffer.as_ptr()) }
-            .to_string_lossy()
-            .into_owned()
-    };
-    (name, uuid)
-}
-
-/// The C callback for VIR_DOMAIN_EVENT_ID_LIFECYCLE. Never unwinds into C.
-unsafe extern "C" fn lifecycle_callback(
-    _conn: sys::virConnectPtr,
-    dom: sys::virDomainPtr,
-    event: c_int,
-    detail: c_int,
-    opaque: *mut c_void,
-) -> c_int {
-    let deliver = AssertUnwindSafe(|| {
-        if opaque.is_null() {
-            return;
-        }
-        // SAFETY: `opaque` is the `Box<Sender<LifecycleEvent>>` we passed at
-        // registration; libvirt frees it only after the registration is gone
-        // and no callback runs, so it is valid here. `Sender` is only used
-        // through `&` (it is Sync).
-        let sink = unsafe { &*opaque.cast::<Sender<LifecycleEvent>>() };
-        // SAFETY: libvirt passes a domain valid for the callback's duration.
-        let (domain_name, domain_uuid) = unsafe { domain_identity(dom) };
-        // A closed receiver means nobody listens any more; dropping is fine.
-        let _ = sink.send(LifecycleEvent {
-            domain_name,
-            domain_uuid,
-            event,
-            detail,
-        });
-    });
-    // Unwinding across the C frame would be undefined behaviour.
-    let _ = catch_unwind(deliver);
-    0
-}
-
-/// libvirt's free callback for the opaque. Never unwinds into C.
-unsafe extern "C" fn free_sink(opaque: *mut c_void) {
-    if opaque.is_null() {
-        return;
-    }
-    // SAFETY: `opaque` is the pointer from `Box::into_raw` in
-    // `register_lifecycle_events`; libvirt calls this exactly once, after
-    // the last callback using it, so we are its only owner now.
-    let sink = unsafe { Box::from_raw(opaque.cast::<Sender<LifecycleEvent>>()) };
-    let _ = catch_unwind(AssertUnwindSafe(move || drop(sink)));
 }
 
 #[cfg(test)]

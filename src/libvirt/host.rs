@@ -32,14 +32,14 @@ pub fn readable_version(version: u32) -> String {
 pub fn host_info(connection: &Connect) -> Result<HostInfo, LibvirtError> {
     let lib_version = connection
         .lib_version()
-        .map_err(|e| LibvirtError::call("reading the libvirt version", e))?;
+        .map_err(|e| LibvirtError::host("reading the libvirt version", e))?;
     let driver = connection
         .driver_type()
-        .map_err(|e| LibvirtError::call("reading the hypervisor driver", e))?;
+        .map_err(|e| LibvirtError::host("reading the hypervisor driver", e))?;
     let driver_version = connection.hyp_version().unwrap_or(0);
     let capabilities = connection
         .capabilities()
-        .map_err(|e| LibvirtError::call("reading host capabilities", e))?;
+        .map_err(|e| LibvirtError::host("reading host capabilities", e))?;
     Ok(HostInfo {
         lib_version,
         driver,
@@ -49,9 +49,17 @@ pub fn host_info(connection: &Connect) -> Result<HostInfo, LibvirtError> {
 }
 
 /// Whether a capabilities document lists a `kvm` domain type.
+/// A document that does not parse offers nothing.
 pub fn offers_kvm(capabilities_xml: &str) -> bool {
-    capabilities_xml.contains("<domain type='kvm'")
-        || capabilities_xml.contains("<domain type=\"kvm\"")
+    let Ok(root) = super::xml::parse(capabilities_xml) else {
+        return false;
+    };
+    let offered = root
+        .children_named("guest")
+        .flat_map(|guest| guest.children_named("arch"))
+        .flat_map(|arch| arch.children_named("domain"))
+        .any(|domain| domain.attr("type") == Some("kvm"));
+    offered
 }
 
 /// The accelerator domains will use, given the plugin's choice.
@@ -114,10 +122,13 @@ mod tests {
     #[test]
     fn kvm_in_capabilities() {
         assert!(offers_kvm(
-            "<guest><arch name='x86_64'><domain type='qemu'/><domain type='kvm'/></arch></guest>"
+            "<capabilities><host/><guest><arch name='x86_64'><domain type='qemu'/>\
+             <domain type=\"kvm\"/></arch></guest></capabilities>"
         ));
         assert!(!offers_kvm(
-            "<guest><arch name='x86_64'><domain type='qemu'/></arch></guest>"
+            "<capabilities><guest><arch name='x86_64'><domain type='qemu'/></arch></guest>\
+             </capabilities>"
         ));
+        assert!(!offers_kvm("<capabilities><domain type='kvm'/>"));
     }
 }

@@ -1,22 +1,17 @@
-//! `Hypervisor` on the plugin's shared libvirt connection.
+//! `Hypervisor` on the plugin's shared libvirt connection: each method is
+//! one call into this module's domain and storage functions.
 
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use virt::connect::Connect;
-use virt::domain::Domain;
-use virt::storage_pool::StoragePool;
-use virt::sys;
-
-use super::domain_xml::{metadata_task_id, render_domain_xml, DomainSpec, METADATA_NAMESPACE};
+use super::conn::Connect;
+use super::domain_xml::{render_domain_xml, DomainSpec};
 use super::events::LifecycleEvent;
-use super::lifecycle::raw_state_reason;
-use super::stats::MemorySample;
-use super::{host, Libvirt, LibvirtError};
+use super::{domain, host, storage, Libvirt, LibvirtError};
 use crate::config::plugin::DirectoryPool;
 use crate::nomad::driver_state::CreatedVolume;
-use crate::storage::{pool, volume, StorageError};
+use crate::storage::StorageError;
 use crate::task::hypervisor::{
     DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent,
 };
@@ -34,22 +29,18 @@ impl LibvirtHypervisor {
 
     /// Names of every domain libvirt knows, running or not.
     pub fn domain_names(&self) -> Result<Vec<String>, HypervisorError> {
-        self.with(|conn| {
-            let domains = conn
-                .list_all_domains(0)
-                .map_err(|e| LibvirtError::call("listing domains", e))?;
-            Ok(domains.iter().filter_map(|d| d.name().ok()).collect())
-        })
+        self.with(|conn| Ok(domain::domain_names(conn)?))
     }
 
-    /// Names of the volumes in a pool (after a refresh).
+    /// Names of the volumes in a pool (after a refresh); empty when the
+    /// pool does not exist.
     pub fn volume_names(&self, pool_name: &str) -> Result<Vec<String>, HypervisorError> {
         self.with(|conn| {
-            let pool = started_pool(conn, pool_name)?;
-            let _ = pool.refresh(0);
-            Ok(pool
-                .list_volumes()
-                .map_err(|e| StorageError::pool(pool_name, "listing volumes", e))?)
+            let Some(pool) = storage::lookup_pool(conn, pool_name)? else {
+                return Ok(Vec::new());
+            };
+            storage::refresh_pool(&pool)?;
+            Ok(pool.volume_names()?)
         })
     }
 
@@ -67,69 +58,11 @@ impl LibvirtHypervisor {
     }
 }
 
-fn is_missing_domain(error: &virt::error::Error) -> bool {
-    error.code().to_raw() == sys::VIR_ERR_NO_DOMAIN
-}
-
-/// Looks a domain up; `Ok(None)` when it does not exist.
-fn find_domain(conn: &Connect, name: &str) -> Result<Option<Domain>, LibvirtError> {
-    match conn.lookup_domain_by_name(name) {
-        Ok(domain) => Ok(Some(domain)),
-        Err(error) if is_missing_domain(&error) => Ok(None),
-        Err(error) => Err(LibvirtError::call(
-            format!("looking up domain {name}"),
-            error,
-        )),
-    }
-}
-
-/// A started pool by name; the pool must have been prepared.
-fn started_pool(conn: &Connect, name: &str) -> Result<StoragePool, StorageError> {
-    conn.lookup_storage_pool_by_name(name)
-        .map_err(|e| StorageError::pool(name, "looking up the pool", e))
-}
-
-fn power_off_domain(conn: &Connect, name: &str) -> Result<(), LibvirtError> {
-    let Some(domain) = find_domain(conn, name)? else {
-        return Ok(());
-    };
-    if domain.is_active().unwrap_or(false) {
-        if let Err(error) = domain.destroy() {
-            if !is_missing_domain(&error) && domain.is_active().unwrap_or(false) {
-                return Err(LibvirtError::call(
-                    format!("destroying domain {name}"),
-                    error,
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn undefine_domain(conn: &Connect, name: &str) -> Result<(), LibvirtError> {
-    let Some(domain) = find_domain(conn, name)? else {
-        return Ok(());
-    };
-    // NVRAM and metadata go with the domain; the test driver rejects the
-    // NVRAM flag, so fall back to the flags it accepts.
-    let full = sys::VIR_DOMAIN_UNDEFINE_NVRAM
-        | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-        | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA;
-    let basic = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
-    match domain
-        .undefine_flags(full)
-        .or_else(|_| domain.undefine_flags(basic))
-    {
-        Ok(()) => Ok(()),
-        Err(error) if is_missing_domain(&error) => Ok(()),
-        // A transient domain disappears when destroyed: nothing to undefine.
-        Err(_) if find_domain(conn, name)?.is_none() => Ok(()),
-        Err(error) => Err(LibvirtError::call(
-            format!("undefining domain {name}"),
-            error,
-        )),
-    }
+/// A prepared pool by name.
+fn pool(conn: &Connect, name: &str) -> Result<storage::Pool, StorageError> {
+    storage::lookup_pool(conn, name)?.ok_or_else(|| StorageError::PoolMissing {
+        pool: name.to_string(),
+    })
 }
 
 impl Hypervisor for LibvirtHypervisor {
@@ -139,13 +72,11 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
         self.with(|conn| {
-            let node = conn
-                .node_info()
-                .map_err(|e| LibvirtError::call("reading host CPU information", e))?;
+            let cpu = domain::host_cpu(conn)?;
             let info = host::host_info(conn)?;
             Ok(HostFacts {
-                cpus: node.cpus,
-                mhz_per_core: node.mhz,
+                cpus: cpu.cpus,
+                mhz_per_core: cpu.mhz,
                 kvm_offered: info.kvm_offered,
             })
         })
@@ -153,7 +84,7 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn prepare_pool(&self, config: &DirectoryPool) -> Result<(), HypervisorError> {
         self.with(|conn| {
-            pool::ensure_directory_pool(conn, &config.name, &config.path)?;
+            storage::ensure_directory_pool(conn, &config.name, &config.path)?;
             Ok(())
         })
     }
@@ -165,17 +96,17 @@ impl Hypervisor for LibvirtHypervisor {
         content: VolumeContent<'_>,
     ) -> Result<PathBuf, HypervisorError> {
         self.with(|conn| {
-            let pool = started_pool(conn, pool_name)?;
+            let pool = pool(conn, pool_name)?;
             let created = match content {
                 VolumeContent::Empty { format, size } => {
-                    volume::create_empty(&pool, name, format, size)?
+                    storage::create_empty(&pool, name, format, size)?
                 }
                 VolumeContent::Copy {
                     image,
                     image_format,
                     format,
                     capacity,
-                } => volume::create_from_image(
+                } => storage::create_from_image(
                     conn,
                     &pool,
                     name,
@@ -189,14 +120,14 @@ impl Hypervisor for LibvirtHypervisor {
                     image_format,
                     capacity,
                 } => {
-                    let parent = volume::ensure_parent(conn, &pool, image, image_format)?;
-                    volume::create_overlay(&pool, name, &parent, image_format, capacity)?
+                    let parent = storage::ensure_parent(conn, &pool, image, image_format)?;
+                    storage::create_overlay(&pool, name, &parent, image_format, capacity)?
                 }
                 VolumeContent::Bytes { data, format } => {
-                    volume::upload_bytes(conn, &pool, name, data, format)?
+                    storage::upload_bytes(conn, &pool, name, data, format)?
                 }
             };
-            Ok(volume::path_of(&created)?)
+            Ok(created.path()?)
         })
     }
 
@@ -205,19 +136,16 @@ impl Hypervisor for LibvirtHypervisor {
         pool_name: &str,
         name: &str,
     ) -> Result<PathBuf, HypervisorError> {
-        self.with(|conn| {
-            let pool = started_pool(conn, pool_name)?;
-            Ok(volume::existing_path(&pool, name)?)
-        })
+        self.with(|conn| Ok(storage::existing_path(&pool(conn, pool_name)?, name)?))
     }
 
     fn delete_volume(&self, created: &CreatedVolume) -> Result<(), HypervisorError> {
         self.with(|conn| {
-            let Ok(pool) = conn.lookup_storage_pool_by_name(&created.pool) else {
-                return Ok(());
-            };
-            let _ = pool.refresh(0);
-            Ok(volume::delete_volume(&pool, &created.name)?)
+            Ok(storage::delete_created_volume(
+                conn,
+                &created.pool,
+                &created.name,
+            )?)
         })
     }
 
@@ -226,121 +154,54 @@ impl Hypervisor for LibvirtHypervisor {
         pools: &[String],
         idle: Duration,
     ) -> Result<Vec<String>, HypervisorError> {
-        self.with(|conn| {
-            let mut pruned = Vec::new();
-            for name in pools {
-                if let Ok(pool) = conn.lookup_storage_pool_by_name(name) {
-                    pruned.extend(volume::prune_unused_parents(conn, &pool, idle)?);
-                }
-            }
-            Ok(pruned)
-        })
+        self.with(|conn| Ok(storage::prune_pools(conn, pools, idle)))
+    }
+
+    fn domain_owner(&self, name: &str) -> Result<Option<String>, HypervisorError> {
+        self.with(|conn| Ok(domain::domain_owner(conn, name)?))
     }
 
     fn define_domain(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
         let xml = render_domain_xml(spec)?;
-        self.with(|conn| {
-            conn.define_domain_xml(&xml)
-                .map_err(|e| LibvirtError::call(format!("defining domain {}", spec.name), e))?;
-            Ok(())
-        })
+        self.with(|conn| Ok(domain::define_domain(conn, &spec.name, &xml)?))
     }
 
     fn start_domain(&self, name: &str) -> Result<(), HypervisorError> {
-        self.with(|conn| {
-            let domain = conn
-                .lookup_domain_by_name(name)
-                .map_err(|e| LibvirtError::call(format!("looking up domain {name}"), e))?;
-            domain
-                .create()
-                .map_err(|e| LibvirtError::call(format!("starting domain {name}"), e))?;
-            Ok(())
-        })
-    }
-
-    fn domain_owner(&self, name: &str) -> Result<Option<String>, HypervisorError> {
-        self.with(|conn| {
-            let Some(domain) = find_domain(conn, name)? else {
-                return Ok(None);
-            };
-            // No metadata of ours (an error from libvirt) means not ours.
-            let Ok(element) = domain.metadata(
-                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                Some(METADATA_NAMESPACE),
-                0,
-            ) else {
-                return Ok(None);
-            };
-            Ok(metadata_task_id(&element))
-        })
+        self.with(|conn| Ok(domain::start_domain(conn, name)?))
     }
 
     fn domain_state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError> {
         self.with(|conn| {
-            let Some(domain) = find_domain(conn, name)? else {
-                return Ok(None);
-            };
-            let (state, reason) = domain
-                .state()
-                .map_err(|e| LibvirtError::call(format!("reading the state of {name}"), e))?;
-            Ok(Some(DomainState {
-                state: state.to_raw(),
-                reason: raw_state_reason(reason),
-            }))
+            Ok(
+                domain::domain_status(conn, name)?.map(|status| DomainState {
+                    state: status.state,
+                    reason: status.reason,
+                }),
+            )
         })
     }
 
     fn request_shutdown(&self, name: &str) -> Result<(), HypervisorError> {
-        self.with(|conn| {
-            if let Some(domain) = find_domain(conn, name)? {
-                let asked = domain.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN);
-                match asked {
-                    Ok(_) => {}
-                    // A driver that does not know the flag (the test driver)
-                    // shuts down its own default way.
-                    Err(error) if error.code().to_raw() == sys::VIR_ERR_INVALID_ARG => {
-                        domain.shutdown().map_err(|e| {
-                            LibvirtError::call(format!("asking {name} to shut down"), e)
-                        })?;
-                    }
-                    Err(error) => {
-                        return Err(LibvirtError::call(
-                            format!("sending ACPI power off to {name}"),
-                            error,
-                        )
-                        .into())
-                    }
-                }
-            }
-            Ok(())
-        })
+        self.with(|conn| Ok(domain::shutdown_domain(conn, name)?))
     }
 
     fn power_off(&self, name: &str) -> Result<(), HypervisorError> {
-        self.with(|conn| Ok(power_off_domain(conn, name)?))
+        self.with(|conn| Ok(domain::destroy_domain(conn, name)?))
     }
 
     fn remove_domain(&self, name: &str) -> Result<(), HypervisorError> {
-        self.with(|conn| {
-            power_off_domain(conn, name)?;
-            Ok(undefine_domain(conn, name)?)
-        })
+        self.with(|conn| Ok(domain::remove_domain(conn, name)?))
     }
 
     fn counters(&self, name: &str) -> Result<Option<DomainCounters>, HypervisorError> {
         self.with(|conn| {
-            let Some(domain) = find_domain(conn, name)? else {
-                return Ok(None);
-            };
-            let info = domain
-                .info()
-                .map_err(|e| LibvirtError::call(format!("reading domain info of {name}"), e))?;
-            let memory = domain.memory_stats(0).unwrap_or_default();
-            Ok(Some(DomainCounters {
-                cpu_time_ns: info.cpu_time,
-                vcpus: info.nr_virt_cpu,
-                memory: MemorySample::from_stats(&memory, info.max_mem),
-            }))
+            Ok(
+                domain::sample_domain(conn, name)?.map(|sample| DomainCounters {
+                    cpu_time_ns: sample.cpu_time_ns,
+                    vcpus: sample.vcpus,
+                    memory: sample.memory,
+                }),
+            )
         })
     }
 

@@ -1,23 +1,21 @@
-//! DHCP on libvirt-managed networks: find a guest's lease, pin it with a host
-//! reservation, and release it at teardown.
+//! DHCP on libvirt-managed networks: which lease is the guest's, the
+//! reservation that pins it, and its release at teardown. The libvirt calls
+//! (reading leases, updating a network's DHCP hosts) are in
+//! [`crate::libvirt::network`].
 //!
-//! All functions block (libvirt calls, a child process, sleeps); the driver
-//! calls them on blocking threads. Unlike the Go original this looks for the
+//! The release and the lease wait block (a child process, sleeps); the
+//! driver calls them on blocking threads. Unlike the Go original this looks for the
 //! lease at once and backs off briefly, picks the NEWEST matching lease, and
 //! takes the timeout from the caller (plugin config `dhcp_timeout`).
 
-use std::ffi::{CStr, CString};
 use std::net::Ipv4Addr;
-use std::os::raw::{c_char, c_int};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use virt::connect::Connect;
 
-use crate::libvirt::domain_xml::xml_escape;
-use virt::network::Network;
-use virt::sys;
+use crate::libvirt::xml::{self, XmlWriter};
+use crate::libvirt::VirtError;
 
 /// First pause between two lease looks; doubles up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(250);
@@ -29,11 +27,11 @@ const DHCP_RELEASE: &str = "dhcp_release";
 /// Errors of DHCP lease discovery, reservations and release.
 #[derive(Debug, thiserror::Error)]
 pub enum DhcpError {
-    #[error("cannot read the DHCP leases of libvirt network {network:?}: {message}")]
+    #[error("cannot read the DHCP leases of libvirt network {network:?}")]
     Leases {
         network: String,
-        message: String,
-        code: u32,
+        #[source]
+        source: VirtError,
     },
     #[error(
         "no DHCP lease for MAC {mac} on libvirt network {network:?} within {timeout:?} \
@@ -49,8 +47,11 @@ pub enum DhcpError {
         attempts: u32,
         last_error: Option<String>,
     },
-    #[error("cannot list libvirt networks: {message}; is libvirtd running?")]
-    ListNetworks { message: String },
+    #[error("cannot list libvirt networks; is libvirtd running?")]
+    ListNetworks {
+        #[source]
+        source: VirtError,
+    },
     #[error("bridge {bridge:?} is not the bridge of any libvirt network; known: {known}")]
     UnknownBridge { bridge: String, known: String },
     #[error(
@@ -58,17 +59,17 @@ pub enum DhcpError {
          virsh net-start) or fix the network name"
     )]
     NoNetwork { network: String },
-    #[error("cannot {action} on libvirt network {network:?}: {message}")]
+    #[error("cannot {action} on libvirt network {network:?}")]
     Libvirt {
-        action: String,
+        action: &'static str,
         network: String,
-        message: String,
-        code: u32,
+        #[source]
+        source: VirtError,
     },
     #[error(
         "DHCP reservation {wanted} conflicts with the existing entry {existing} in libvirt \
          network {network:?} (same MAC, IP or name); remove the stale entry with \
-         `virsh net-update {network} delete ip-dhcp-host \"{existing}\" --live --config` \
+         `virsh net-update {network} delete ip-dhcp-host '{existing}' --live --config` \
          or use another MAC/IP/name"
     )]
     Conflict {
@@ -99,13 +100,16 @@ pub enum DhcpError {
         ip: Ipv4Addr,
         mac: String,
     },
-    #[error("cannot run {program} to release the DHCP lease of {ip} (MAC {mac}) on bridge {bridge}: {message}")]
+    #[error(
+        "cannot run {program} to release the DHCP lease of {ip} (MAC {mac}) on bridge {bridge}"
+    )]
     ReleaseSpawn {
         program: String,
         bridge: String,
         ip: Ipv4Addr,
         mac: String,
-        message: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error(
         "dhcp_release {bridge} {ip} {mac} failed ({status}): {stderr}; check that bridge \
@@ -118,6 +122,30 @@ pub enum DhcpError {
         status: String,
         stderr: String,
     },
+}
+
+impl DhcpError {
+    /// Whether retrying could succeed: false for bad input (MAC, interface
+    /// or host name), a bridge or network that does not exist and a
+    /// conflicting reservation, which need a change by a person; true for
+    /// libvirt, timing and host-tool failures. Exhaustive on purpose.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            DhcpError::InvalidMac { .. }
+            | DhcpError::InvalidInterface { .. }
+            | DhcpError::InvalidHostname { .. }
+            | DhcpError::UnknownBridge { .. }
+            | DhcpError::NoNetwork { .. }
+            | DhcpError::Conflict { .. } => false,
+            DhcpError::Leases { .. }
+            | DhcpError::LeaseTimeout { .. }
+            | DhcpError::ListNetworks { .. }
+            | DhcpError::Libvirt { .. }
+            | DhcpError::ReleaseToolMissing { .. }
+            | DhcpError::ReleaseSpawn { .. }
+            | DhcpError::ReleaseFailed { .. } => true,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -136,140 +164,6 @@ pub struct Lease {
     pub expiry_unix: i64,
     /// The bridge the lease was handed out on.
     pub iface: String,
-}
-
-/// The IPv4 leases of `net`, optionally only those of `mac`.
-pub fn network_leases(net: &Network, mac: Option<&str>) -> Result<Vec<Lease>, DhcpError> {
-    let mac_c = match mac {
-        Some(mac) => {
-            validate_mac(mac)?;
-            // validate_mac admits only hex digits and colons, so no NUL.
-            Some(CString::new(mac).map_err(|_| DhcpError::InvalidMac { mac: mac.into() })?)
-        }
-        None => None,
-    };
-    let raw = raw_leases(net, mac_c.as_deref()).map_err(|error| DhcpError::Leases {
-        network: network_name(net),
-        message: error.message().to_string(),
-        code: error.code().to_raw(),
-    })?;
-    Ok(raw.entries().filter_map(lease_from_raw).collect())
-}
-
-/// Owns the array from `virNetworkGetDHCPLeases` and frees every entry and
-/// then the array on drop, so no path out of [`network_leases`] leaks.
-struct RawLeases {
-    ptr: *mut sys::virNetworkDHCPLeasePtr,
-    len: usize,
-}
-
-impl RawLeases {
-    fn entries(&self) -> impl Iterator<Item = &sys::_virNetworkDHCPLease> + '_ {
-        (0..self.len).filter_map(move |i| {
-            if self.ptr.is_null() {
-                return None;
-            }
-            // SAFETY: `ptr` is non-null and libvirt gave it `len` slots
-            // (the count it returned), so slot `i < len` is in bounds.
-            let entry = unsafe { *self.ptr.add(i) };
-            // SAFETY: a non-null slot points to a lease libvirt allocated;
-            // it stays valid until our Drop frees it, and the returned
-            // reference borrows `self`, so it cannot outlive that.
-            unsafe { entry.as_ref() }
-        })
-    }
-}
-
-impl Drop for RawLeases {
-    fn drop(&mut self) {
-        if self.ptr.is_null() {
-            return;
-        }
-        for i in 0..self.len {
-            // SAFETY: in bounds as in `entries`; each non-null entry is
-            // freed exactly once, here, with libvirt's own free function.
-            unsafe {
-                let entry = *self.ptr.add(i);
-                if !entry.is_null() {
-                    sys::virNetworkDHCPLeaseFree(entry);
-                }
-            }
-        }
-        // SAFETY: libvirt allocated the array with the C allocator (it does
-        // so even for zero leases) and documents freeing it with free();
-        // it is freed once and never touched again.
-        unsafe { libc::free(self.ptr.cast()) };
-    }
-}
-
-/// The raw `virNetworkGetDHCPLeases` call (virt 0.5 has no wrapper).
-fn raw_leases(net: &Network, mac: Option<&CStr>) -> Result<RawLeases, virt::error::Error> {
-    let mut ptr: *mut sys::virNetworkDHCPLeasePtr = std::ptr::null_mut();
-    let mac_ptr: *const c_char = mac.map_or(std::ptr::null(), CStr::as_ptr);
-    // SAFETY: `net` keeps its virNetworkPtr alive for the call; `mac_ptr` is
-    // null or a NUL-terminated string that outlives the call; `ptr` is a
-    // valid out-pointer; flags must be 0.
-    let count = unsafe { sys::virNetworkGetDHCPLeases(net.as_ptr(), mac_ptr, &mut ptr, 0) };
-    // Take ownership first so the array is freed whatever happens next.
-    let leases = RawLeases {
-        ptr,
-        len: usize::try_from(count).unwrap_or(0),
-    };
-    if count < 0 {
-        // libvirt errors are per thread; read it before any other call.
-        return Err(virt::error::Error::last_error());
-    }
-    Ok(leases)
-}
-
-/// Copies a C string libvirt owns; `None` for a null pointer.
-///
-/// # Safety
-/// `ptr` is null or points to a NUL-terminated string valid for this call.
-unsafe fn copy_c_string(ptr: *const c_char) -> Option<String> {
-    if ptr.is_null() {
-        return None;
-    }
-    // SAFETY: non-null and NUL-terminated per this function's contract.
-    Some(
-        unsafe { CStr::from_ptr(ptr) }
-            .to_string_lossy()
-            .into_owned(),
-    )
-}
-
-/// Copies one raw lease into a [`Lease`]; IPv6 and malformed entries are skipped.
-fn lease_from_raw(raw: &sys::_virNetworkDHCPLease) -> Option<Lease> {
-    if raw.type_ != sys::VIR_IP_ADDR_TYPE_IPV4 as c_int {
-        return None;
-    }
-    // SAFETY: the string fields of a lease libvirt returned are null or
-    // NUL-terminated and live until the lease is freed, after this copy.
-    let (mac, ip, hostname, iface) = unsafe {
-        (
-            copy_c_string(raw.mac),
-            copy_c_string(raw.ipaddr),
-            copy_c_string(raw.hostname),
-            copy_c_string(raw.iface),
-        )
-    };
-    let (Some(mac), Some(ip_text)) = (mac, ip) else {
-        tracing::debug!("skipping a DHCP lease without MAC or IP");
-        return None;
-    };
-    let Ok(ip) = ip_text.parse::<Ipv4Addr>() else {
-        tracing::debug!(mac = %mac, ip = %ip_text, "skipping a DHCP lease with an unparsable IPv4 address");
-        return None;
-    };
-    Some(Lease {
-        mac,
-        ip,
-        prefix: raw.prefix,
-        // dnsmasq writes "*" for "no name" in some formats.
-        hostname: hostname.filter(|h| !h.is_empty() && h != "*"),
-        expiry_unix: raw.expirytime,
-        iface: iface.unwrap_or_default(),
-    })
 }
 
 /// The lease for `mac` (case-insensitive): its hostname must equal
@@ -302,30 +196,9 @@ pub fn pick_lease(
         .cloned()
 }
 
-/// Waits until `net` has a lease for `mac` (see [`pick_lease`]): looks at
-/// once, then after 250 ms, doubling to at most 2 s between looks, and a last
-/// time at the deadline. `on_attempt` gets the 1-based number of each look
-/// (for "waiting for DHCP (attempt n)" task events).
-pub fn wait_for_lease(
-    net: &Network,
-    mac: &str,
-    hostname: Option<&str>,
-    timeout: Duration,
-    on_attempt: &mut dyn FnMut(u32),
-) -> Result<Lease, DhcpError> {
-    validate_mac(mac)?;
-    poll_for_lease(
-        &mut || network_leases(net, Some(mac)),
-        &network_name(net),
-        mac,
-        hostname,
-        timeout,
-        on_attempt,
-    )
-}
-
-/// The retry loop of [`wait_for_lease`], with the lease source injectable.
-fn poll_for_lease(
+/// The retry loop of `crate::libvirt::network::wait_for_lease`, with the
+/// lease source injectable.
+pub(crate) fn poll_for_lease(
     lookup: &mut dyn FnMut() -> Result<Vec<Lease>, DhcpError>,
     network: &str,
     mac: &str,
@@ -352,7 +225,7 @@ fn poll_for_lease(
             Err(error) if is_unsupported(&error) => return Err(error),
             Err(error) => {
                 tracing::debug!(mac, network, attempts, error = %error, "DHCP lease look failed; retrying");
-                last_error = Some(error.to_string());
+                last_error = Some(crate::libvirt::error::with_sources(&error));
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -371,7 +244,7 @@ fn poll_for_lease(
 }
 
 fn is_unsupported(error: &DhcpError) -> bool {
-    matches!(error, DhcpError::Leases { code, .. } if *code == sys::VIR_ERR_NO_SUPPORT)
+    matches!(error, DhcpError::Leases { source, .. } if source.is_unsupported())
 }
 
 fn now_unix() -> i64 {
@@ -379,68 +252,6 @@ fn now_unix() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-fn network_name(net: &Network) -> String {
-    net.name().unwrap_or_else(|_| "<unknown>".into())
-}
-
-// ---------------------------------------------------------------------------
-// Networks
-// ---------------------------------------------------------------------------
-
-/// The libvirt network whose bridge is `bridge`.
-pub fn network_by_bridge(conn: &Connect, bridge: &str) -> Result<Network, DhcpError> {
-    let networks = conn
-        .list_all_networks(0)
-        .map_err(|error| DhcpError::ListNetworks {
-            message: error.message().to_string(),
-        })?;
-    let mut known = Vec::new();
-    for net in networks {
-        // Networks without a bridge (macvtap, hostdev forwards) answer Err.
-        let Ok(name) = net.bridge_name() else {
-            continue;
-        };
-        if name == bridge {
-            return Ok(net);
-        }
-        known.push(format!("{name} (network {})", network_name(&net)));
-    }
-    known.sort();
-    Err(DhcpError::UnknownBridge {
-        bridge: bridge.into(),
-        known: if known.is_empty() {
-            "none (no libvirt network has a bridge)".into()
-        } else {
-            known.join(", ")
-        },
-    })
-}
-
-/// `(network name, active, bridge)` of every libvirt network, sorted by name,
-/// for the `driver.virt.network.<name>.state` / `.bridge_name` attributes.
-/// Networks without a bridge get "". A failed listing yields nothing (and a
-/// warning): a fingerprint must not fail because of it.
-pub fn network_fingerprint(conn: &Connect) -> Vec<(String, bool, String)> {
-    let networks = match conn.list_all_networks(0) {
-        Ok(networks) => networks,
-        Err(error) => {
-            tracing::warn!(error = %error, "cannot list libvirt networks for the fingerprint");
-            return Vec::new();
-        }
-    };
-    let mut out: Vec<(String, bool, String)> = networks
-        .iter()
-        .filter_map(|net| {
-            let name = net.name().ok()?;
-            let active = net.is_active().unwrap_or(false);
-            let bridge = net.bridge_name().unwrap_or_default();
-            Some((name, active, bridge))
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 // ---------------------------------------------------------------------------
@@ -457,137 +268,19 @@ pub struct Reservation {
     pub hostname: Option<String>,
 }
 
-/// `<host mac='..' name='..' ip='..'/>` with every attribute escaped.
+/// `<host mac=".." name=".." ip=".."/>` with every attribute escaped.
 pub fn reservation_xml(r: &Reservation) -> String {
     host_xml(Some(&r.mac), r.hostname.as_deref(), Some(&r.ip.to_string()))
 }
 
-fn host_xml(mac: Option<&str>, name: Option<&str>, ip: Option<&str>) -> String {
-    let mut xml = String::from("<host");
-    for (key, value) in [("mac", mac), ("name", name), ("ip", ip)] {
-        if let Some(value) = value {
-            xml.push_str(&format!(" {key}='{}'", xml_escape(value)));
-        }
-    }
-    xml.push_str("/>");
-    xml
-}
-
-/// Adds `r` to its network's DHCP hosts (live and persistent config).
-/// An identical entry already there is success; an entry sharing the MAC,
-/// IP or name is a [`DhcpError::Conflict`] (libvirt rejects those too).
-pub fn add_reservation(conn: &Connect, r: &Reservation) -> Result<(), DhcpError> {
-    validate_mac(&r.mac)?;
-    if let Some(name) = &r.hostname {
-        // libvirt 9.0 writes the name into the network XML unescaped, and
-        // dnsmasq's hosts file is comma-separated: only plain names are safe.
-        validate_hostname(name)?;
-    }
-    let net = lookup_network(conn, &r.network)?;
-    let wanted = reservation_xml(r);
-    let mut flags = 0;
-    for (flag, hosts) in update_targets(&net, &r.network)? {
-        match presence(&hosts, r) {
-            Presence::Identical => {}
-            Presence::Absent => flags |= flag,
-            Presence::Conflict(existing) => {
-                return Err(DhcpError::Conflict {
-                    network: r.network.clone(),
-                    wanted,
-                    existing,
-                })
-            }
-        }
-    }
-    if flags == 0 {
-        tracing::debug!(network = %r.network, entry = %wanted, "DHCP reservation already present");
-        return Ok(());
-    }
-    let result = net.update(
-        sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-        sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
-        -1,
-        &wanted,
-        flags,
-    );
-    match result {
-        Ok(()) => {
-            tracing::debug!(network = %r.network, entry = %wanted, "added DHCP reservation");
-            Ok(())
-        }
-        // Someone may have added the same entry since we looked.
-        Err(error) if has_code(&error, sys::VIR_ERR_OPERATION_INVALID) => {
-            let targets = update_targets(&net, &r.network)?;
-            if targets
-                .iter()
-                .all(|(_, hosts)| matches!(presence(hosts, r), Presence::Identical))
-            {
-                Ok(())
-            } else {
-                Err(libvirt_error("add a DHCP host entry", &r.network, &error))
-            }
-        }
-        Err(error) => Err(libvirt_error("add a DHCP host entry", &r.network, &error)),
-    }
-}
-
-/// Removes the DHCP host entry with `r`'s MAC and IP (whatever its name)
-/// from the live and persistent config. A missing network or entry is
-/// success: teardown may run more than once.
-pub fn remove_reservation(conn: &Connect, r: &Reservation) -> Result<(), DhcpError> {
-    validate_mac(&r.mac)?;
-    let net = match conn.lookup_network_by_name(&r.network) {
-        Ok(net) => net,
-        Err(error) if has_code(&error, sys::VIR_ERR_NO_NETWORK) => return Ok(()),
-        Err(error) => return Err(libvirt_error("look up the network", &r.network, &error)),
-    };
-    // (entry xml as stored, flags); live and config may hold different names.
-    let mut deletions: Vec<(String, sys::virNetworkUpdateFlags)> = Vec::new();
-    for (flag, hosts) in update_targets(&net, &r.network)? {
-        let Some(entry) = hosts.iter().find(|h| h.is_for(&r.mac, r.ip)) else {
-            continue;
-        };
-        // DELETE needs every attribute it is given to match, so send the
-        // entry exactly as libvirt holds it.
-        let xml = host_xml(
-            entry.mac.as_deref(),
-            entry.name.as_deref(),
-            entry.ip.as_deref(),
-        );
-        match deletions.iter_mut().find(|(x, _)| *x == xml) {
-            Some((_, flags)) => *flags |= flag,
-            None => deletions.push((xml, flag)),
-        }
-    }
-    for (xml, flags) in deletions {
-        let result = net.update(
-            sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
-            sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
-            -1,
-            &xml,
-            flags,
-        );
-        match result {
-            Ok(()) => {
-                tracing::debug!(network = %r.network, entry = %xml, "removed DHCP reservation")
-            }
-            // Gone meanwhile (entry or network): that is what we wanted.
-            Err(error)
-                if has_code(&error, sys::VIR_ERR_OPERATION_INVALID)
-                    || has_code(&error, sys::VIR_ERR_NO_NETWORK) =>
-            {
-                tracing::debug!(network = %r.network, entry = %xml, error = %error, "DHCP reservation already gone");
-            }
-            Err(error) => {
-                return Err(libvirt_error(
-                    "delete a DHCP host entry",
-                    &r.network,
-                    &error,
-                ))
-            }
-        }
-    }
-    Ok(())
+pub(crate) fn host_xml(mac: Option<&str>, name: Option<&str>, ip: Option<&str>) -> String {
+    let attributes: Vec<(&str, &str)> = [("mac", mac), ("name", name), ("ip", ip)]
+        .into_iter()
+        .filter_map(|(key, value)| Some((key, value?)))
+        .collect();
+    let mut w = XmlWriter::new();
+    w.empty("host", &attributes);
+    w.finish(false)
 }
 
 /// The IPv4 DHCP host entries `(mac, ip, name)` of a network XML; entries
@@ -605,30 +298,30 @@ pub fn reservations_in_xml(network_xml: &str) -> Vec<(String, Ipv4Addr, Option<S
 
 /// One `<dhcp><host .../>` element, attributes as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct HostEntry {
-    mac: Option<String>,
-    ip: Option<String>,
-    name: Option<String>,
+pub(crate) struct HostEntry {
+    pub mac: Option<String>,
+    pub ip: Option<String>,
+    pub name: Option<String>,
 }
 
 impl HostEntry {
-    fn ipv4(&self) -> Option<Ipv4Addr> {
+    pub(crate) fn ipv4(&self) -> Option<Ipv4Addr> {
         self.ip.as_deref()?.parse().ok()
     }
 
-    fn has_mac(&self, mac: &str) -> bool {
+    pub(crate) fn has_mac(&self, mac: &str) -> bool {
         self.mac
             .as_deref()
             .is_some_and(|m| m.eq_ignore_ascii_case(mac))
     }
 
     /// Same MAC and IP: the entry that reserves this address for this NIC.
-    fn is_for(&self, mac: &str, ip: Ipv4Addr) -> bool {
+    pub(crate) fn is_for(&self, mac: &str, ip: Ipv4Addr) -> bool {
         self.has_mac(mac) && self.ipv4() == Some(ip)
     }
 }
 
-enum Presence {
+pub(crate) enum Presence {
     Identical,
     Absent,
     /// The conflicting entry, as XML.
@@ -637,7 +330,7 @@ enum Presence {
 
 /// How `r` stands among `hosts`, by libvirt's own ADD rule: an entry with
 /// the same MAC, IP or name blocks an add.
-fn presence(hosts: &[HostEntry], r: &Reservation) -> Presence {
+pub(crate) fn presence(hosts: &[HostEntry], r: &Reservation) -> Presence {
     if hosts
         .iter()
         .any(|h| h.is_for(&r.mac, r.ip) && h.name == r.hostname)
@@ -659,241 +352,23 @@ fn presence(hosts: &[HostEntry], r: &Reservation) -> Presence {
     }
 }
 
-/// Where an update must go (live if active, config if persistent), each
-/// with the DHCP hosts it currently holds.
-fn update_targets(
-    net: &Network,
-    network: &str,
-) -> Result<Vec<(sys::virNetworkUpdateFlags, Vec<HostEntry>)>, DhcpError> {
-    fn read<T>(
-        what: &str,
-        network: &str,
-        result: Result<T, virt::error::Error>,
-    ) -> Result<T, DhcpError> {
-        result.map_err(|error| libvirt_error(what, network, &error))
-    }
-    let active = read("check whether it is active", network, net.is_active())?;
-    let persistent = read(
-        "check whether it is persistent",
-        network,
-        net.is_persistent(),
-    )?;
-    let mut targets = Vec::new();
-    if active {
-        let xml = read("read its live XML", network, net.xml_desc(0))?;
-        targets.push((sys::VIR_NETWORK_UPDATE_AFFECT_LIVE, dhcp_hosts(&xml)));
-    }
-    if persistent {
-        // The test driver rejects the INACTIVE flag; its live and persistent
-        // definitions are the same, so the plain XML stands in.
-        let xml = match net.xml_desc(sys::VIR_NETWORK_XML_INACTIVE) {
-            Ok(xml) => xml,
-            Err(_) => read("read its XML", network, net.xml_desc(0))?,
-        };
-        targets.push((sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG, dhcp_hosts(&xml)));
-    }
-    Ok(targets)
-}
-
-fn lookup_network(conn: &Connect, network: &str) -> Result<Network, DhcpError> {
-    conn.lookup_network_by_name(network).map_err(|error| {
-        match has_code(&error, sys::VIR_ERR_NO_NETWORK) {
-            true => DhcpError::NoNetwork {
-                network: network.into(),
-            },
-            false => libvirt_error("look up the network", network, &error),
-        }
-    })
-}
-
-fn has_code(error: &virt::error::Error, code: sys::virErrorNumber) -> bool {
-    error.code().to_raw() == code
-}
-
-fn libvirt_error(action: &str, network: &str, error: &virt::error::Error) -> DhcpError {
-    DhcpError::Libvirt {
-        action: action.into(),
-        network: network.into(),
-        message: error.message().to_string(),
-        code: error.code().to_raw(),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// A minimal XML scan: libvirt's network XML is small and regular, and the
-// crate has no XML dependency. Only what DHCP host entries need.
-// ---------------------------------------------------------------------------
-
-/// The `<host>` elements inside `<dhcp>` sections.
-fn dhcp_hosts(xml: &str) -> Vec<HostEntry> {
-    let mut hosts = Vec::new();
-    let mut dhcp_depth = 0usize;
-    for tag in xml_tags(xml) {
-        match tag {
-            Tag::Start {
-                name,
-                attrs,
-                self_closing,
-            } => {
-                if name == "dhcp" && !self_closing {
-                    dhcp_depth += 1;
-                } else if name == "host" && dhcp_depth > 0 {
-                    let get =
-                        |key: &str| attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-                    hosts.push(HostEntry {
-                        mac: get("mac"),
-                        ip: get("ip"),
-                        name: get("name"),
-                    });
-                }
-            }
-            Tag::End { name } => {
-                if name == "dhcp" {
-                    dhcp_depth = dhcp_depth.saturating_sub(1);
-                }
-            }
-        }
-    }
-    hosts
-}
-
-enum Tag<'a> {
-    Start {
-        name: &'a str,
-        attrs: Vec<(String, String)>,
-        self_closing: bool,
-    },
-    End {
-        name: &'a str,
-    },
-}
-
-/// Start and end tags in document order; comments, processing instructions,
-/// CDATA and declarations are skipped. Malformed input ends the scan.
-fn xml_tags(xml: &str) -> Vec<Tag<'_>> {
-    let mut tags = Vec::new();
-    let bytes = xml.as_bytes();
-    let mut pos = 0;
-    while let Some(offset) = xml[pos..].find('<') {
-        let start = pos + offset;
-        let rest = &xml[start..];
-        let skip_to = |close: &str| rest.find(close).map(|i| start + i + close.len());
-        let next = if rest.starts_with("<!--") {
-            skip_to("-->")
-        } else if rest.starts_with("<![CDATA[") {
-            skip_to("]]>")
-        } else if rest.starts_with("<?") {
-            skip_to("?>")
-        } else if rest.starts_with("<!") {
-            skip_to(">")
-        } else if let Some(body) = rest.strip_prefix("</") {
-            body.find('>').map(|end| {
-                tags.push(Tag::End {
-                    name: body[..end].trim(),
-                });
-                start + 2 + end + 1
-            })
-        } else {
-            // Find the closing '>' outside quoted attribute values.
-            let mut quote = None;
-            let mut end = None;
-            for (i, &b) in bytes[start + 1..].iter().enumerate() {
-                match (quote, b) {
-                    (None, b'\'' | b'"') => quote = Some(b),
-                    (Some(q), b) if b == q => quote = None,
-                    (None, b'>') => {
-                        end = Some(start + 1 + i);
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            end.map(|end| {
-                // '<', '>' and '/' are ASCII, so these are char boundaries.
-                let mut body = &xml[start + 1..end];
-                let self_closing = body.ends_with('/');
-                if self_closing {
-                    body = &body[..body.len() - 1];
-                }
-                let name_end = body
-                    .find(|c: char| c.is_ascii_whitespace())
-                    .unwrap_or(body.len());
-                tags.push(Tag::Start {
-                    name: &body[..name_end],
-                    attrs: parse_attrs(&body[name_end..]),
-                    self_closing,
-                });
-                end + 1
-            })
-        };
-        match next {
-            Some(next) => pos = next,
-            None => break,
-        }
-    }
-    tags
-}
-
-/// `key='value' key2="value"` pairs, values unescaped. Stops at junk.
-fn parse_attrs(mut text: &str) -> Vec<(String, String)> {
-    let mut attrs = Vec::new();
-    loop {
-        text = text.trim_start();
-        let Some(eq) = text.find('=') else { break };
-        let key = text[..eq].trim();
-        let after = text[eq + 1..].trim_start();
-        let Some(quote) = after.chars().next().filter(|c| *c == '\'' || *c == '"') else {
-            break;
-        };
-        let Some(close) = after[1..].find(quote) else {
-            break;
-        };
-        attrs.push((key.to_string(), unescape(&after[1..1 + close])));
-        text = &after[1 + close + 1..];
-    }
-    attrs
-}
-
-/// Resolves the five predefined entities and numeric character references;
-/// anything else is kept as written.
-fn unescape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(amp) = rest.find('&') {
-        out.push_str(&rest[..amp]);
-        rest = &rest[amp..];
-        let resolved = rest.find(';').and_then(|semi| {
-            let entity = &rest[1..semi];
-            let c = match entity {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "apos" => Some('\''),
-                "quot" => Some('"'),
-                _ => {
-                    let number = entity.strip_prefix('#')?;
-                    let code = match number.strip_prefix(['x', 'X']) {
-                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
-                        None => number.parse().ok()?,
-                    };
-                    char::from_u32(code)
-                }
-            }?;
-            Some((c, semi + 1))
-        });
-        match resolved {
-            Some((c, len)) => {
-                out.push(c);
-                rest = &rest[len..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+/// The `<host>` elements inside `<dhcp>` sections of a network XML; none
+/// when the XML does not parse.
+pub(crate) fn dhcp_hosts(network_xml: &str) -> Vec<HostEntry> {
+    let Ok(root) = xml::parse(network_xml) else {
+        return Vec::new();
+    };
+    root.descendants()
+        .into_iter()
+        .filter(|element| element.name == "dhcp")
+        .flat_map(|dhcp| dhcp.descendants().into_iter().skip(1))
+        .filter(|element| element.name == "host")
+        .map(|host| HostEntry {
+            mac: host.attr("mac").map(str::to_string),
+            ip: host.attr("ip").map(str::to_string),
+            name: host.attr("name").map(str::to_string),
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -986,7 +461,7 @@ fn run_release(program: &str, bridge: &str, ip: Ipv4Addr, mac: &str) -> Result<(
                 bridge: bridge.into(),
                 ip,
                 mac: mac.into(),
-                message: error.to_string(),
+                source: error,
             },
         })?;
     if output.status.success() {
@@ -1187,11 +662,11 @@ mod tests {
     fn reservation_xml_plain() {
         assert_eq!(
             reservation_xml(&reservation(MAC, [192, 168, 122, 10], Some("web-1"))),
-            "<host mac='52:54:00:12:34:56' name='web-1' ip='192.168.122.10'/>"
+            "<host mac=\"52:54:00:12:34:56\" name=\"web-1\" ip=\"192.168.122.10\"/>"
         );
         assert_eq!(
             reservation_xml(&reservation(MAC, [192, 168, 122, 10], None)),
-            "<host mac='52:54:00:12:34:56' ip='192.168.122.10'/>"
+            "<host mac=\"52:54:00:12:34:56\" ip=\"192.168.122.10\"/>"
         );
     }
 
@@ -1201,9 +676,9 @@ mod tests {
         let xml = reservation_xml(&reservation(MAC, [192, 168, 122, 10], Some(hostile)));
         assert_eq!(
             xml,
-            "<host mac='52:54:00:12:34:56' \
-             name='x&apos; ip=&apos;6.6.6.6&apos;/&gt;&lt;host mac=&quot;a&quot; name=&lt;&amp;&gt;' \
-             ip='192.168.122.10'/>"
+            "<host mac=\"52:54:00:12:34:56\" \
+             name=\"x&apos; ip=&apos;6.6.6.6&apos;/&gt;&lt;host mac=&quot;a&quot; name=&lt;&amp;&gt;\" \
+             ip=\"192.168.122.10\"/>"
         );
         // It stays one element whose name reads back unchanged.
         let doc = format!("<network><ip><dhcp>{xml}</dhcp></ip></network>");
@@ -1309,20 +784,10 @@ mod tests {
     }
 
     #[test]
-    fn unescape_entities() {
-        assert_eq!(unescape("a&amp;b&lt;&gt;&quot;&apos;"), "a&b<>\"'");
-        assert_eq!(unescape("&#65;&#x42;&#X43;"), "ABC");
-        assert_eq!(
-            unescape("&unknown; & &#xZZ; &#1114112;"),
-            "&unknown; & &#xZZ; &#1114112;"
-        );
-    }
-
-    #[test]
     fn presence_follows_libvirt_add_rules() {
         let hosts = dhcp_hosts(
             "<dhcp><host mac='52:54:00:12:34:56' name='web' ip='192.168.122.10'/>\
-             <host name='db' ip='192.168.122.20'/></dhcp>",
+             <host name=\"db\" ip=\"192.168.122.20\"/></dhcp>",
         );
         let check = |r: Reservation| presence(&hosts, &r);
         assert!(matches!(
@@ -1363,7 +828,7 @@ mod tests {
         ));
         match check(reservation("52:54:00:00:00:01", [192, 168, 122, 20], None)) {
             Presence::Conflict(existing) => {
-                assert_eq!(existing, "<host name='db' ip='192.168.122.20'/>")
+                assert_eq!(existing, "<host name=\"db\" ip=\"192.168.122.20\"/>")
             }
             _ => panic!("expected a conflict"),
         }
@@ -1539,8 +1004,7 @@ mod tests {
             if calls == 2 {
                 Err(DhcpError::Leases {
                     network: "default".into(),
-                    message: "connection reset".into(),
-                    code: 38,
+                    source: VirtError::sample_missing_network(),
                 })
             } else {
                 Ok(vec![lease(
@@ -1577,7 +1041,7 @@ mod tests {
             "3 looks",
             "dhcp_timeout",
             "DHCP client",
-            "connection reset",
+            "ndv-no-such",
         ] {
             assert!(message.contains(part), "{part:?} missing from {message}");
         }
@@ -1590,8 +1054,7 @@ mod tests {
             &mut || {
                 Err(DhcpError::Leases {
                     network: "default".into(),
-                    message: "this function is not supported".into(),
-                    code: sys::VIR_ERR_NO_SUPPORT,
+                    source: VirtError::sample_unsupported(),
                 })
             },
             "default",
@@ -1615,479 +1078,5 @@ mod tests {
         }
         let ms: Vec<u128> = seen.iter().map(Duration::as_millis).collect();
         assert_eq!(ms, vec![250, 500, 1000, 2000, 2000, 2000]);
-    }
-
-    // ---- libvirt test driver ------------------------------------------------------
-
-    mod test_driver {
-        use super::*;
-
-        const NODE: &str = "<node>
-  <network>
-    <name>default</name>
-    <bridge name='virbr0'/>
-    <ip address='192.168.122.1' netmask='255.255.255.0'>
-      <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp>
-    </ip>
-  </network>
-  <network>
-    <name>lab</name>
-    <bridge name='virbr7'/>
-    <ip address='10.7.0.1' netmask='255.255.255.0'>
-      <dhcp><range start='10.7.0.2' end='10.7.0.254'/></dhcp>
-    </ip>
-  </network>
-</node>
-";
-
-        /// A private test-driver connection (test:///default is process-wide).
-        fn private_connection() -> (tempfile::TempDir, Connect) {
-            crate::libvirt::conn::init_process();
-            let dir = tempfile::tempdir().expect("tempdir");
-            let node = dir.path().join("node.xml");
-            std::fs::write(&node, NODE).expect("write node xml");
-            let uri = format!("test://{}", node.display());
-            let conn = Connect::open(Some(&uri)).expect("open test driver");
-            (dir, conn)
-        }
-
-        fn hosts(conn: &Connect, network: &str) -> Vec<(String, Ipv4Addr, Option<String>)> {
-            let net = conn.lookup_network_by_name(network).expect("network");
-            reservations_in_xml(&net.xml_desc(0).expect("xml"))
-        }
-
-        #[test]
-        fn network_by_bridge_finds_the_network() {
-            let (_dir, conn) = private_connection();
-            let net = network_by_bridge(&conn, "virbr7").expect("lab");
-            assert_eq!(net.name().expect("name"), "lab");
-            assert_eq!(
-                network_by_bridge(&conn, "virbr0")
-                    .expect("default")
-                    .name()
-                    .expect("name"),
-                "default"
-            );
-        }
-
-        #[test]
-        fn network_by_bridge_unknown_lists_known_bridges() {
-            let (_dir, conn) = private_connection();
-            let error = network_by_bridge(&conn, "br9").expect_err("unknown");
-            assert_eq!(
-                error.to_string(),
-                "bridge \"br9\" is not the bridge of any libvirt network; \
-                 known: virbr0 (network default), virbr7 (network lab)"
-            );
-        }
-
-        #[test]
-        fn fingerprint_reports_state_and_bridge() {
-            let (_dir, conn) = private_connection();
-            assert_eq!(
-                network_fingerprint(&conn),
-                vec![
-                    ("default".into(), true, "virbr0".into()),
-                    ("lab".into(), true, "virbr7".into()),
-                ]
-            );
-            conn.lookup_network_by_name("lab")
-                .expect("lab")
-                .destroy()
-                .expect("destroy");
-            assert_eq!(
-                network_fingerprint(&conn)[1],
-                ("lab".into(), false, "virbr7".into())
-            );
-        }
-
-        #[test]
-        fn leases_are_unsupported_and_waiting_stops_at_once() {
-            let (_dir, conn) = private_connection();
-            let net = conn.lookup_network_by_name("default").expect("default");
-            let error = network_leases(&net, None).expect_err("test driver has no leases");
-            assert!(
-                matches!(error, DhcpError::Leases { code, .. } if code == sys::VIR_ERR_NO_SUPPORT),
-                "{error:?}"
-            );
-            assert!(error.to_string().contains("\"default\""), "{error}");
-            let mut attempts = 0;
-            let started = Instant::now();
-            let result = wait_for_lease(&net, MAC, None, Duration::from_secs(30), &mut |n| {
-                attempts = n
-            });
-            assert!(result.is_err());
-            assert_eq!(attempts, 1);
-            assert!(started.elapsed() < Duration::from_secs(2));
-            assert!(matches!(
-                network_leases(&net, Some("bogus")),
-                Err(DhcpError::InvalidMac { .. })
-            ));
-        }
-
-        #[test]
-        fn add_and_remove_reservation_idempotently() {
-            let (_dir, conn) = private_connection();
-            let r = reservation(MAC, [192, 168, 122, 10], Some("web-1"));
-            let entry = (
-                MAC.to_string(),
-                Ipv4Addr::new(192, 168, 122, 10),
-                Some("web-1".to_string()),
-            );
-            add_reservation(&conn, &r).expect("add");
-            assert_eq!(hosts(&conn, "default"), vec![entry.clone()]);
-            // Again: no error, still one entry.
-            add_reservation(&conn, &r).expect("add again");
-            assert_eq!(hosts(&conn, "default"), vec![entry]);
-            // The same MAC in other case is the same entry.
-            let upper = Reservation {
-                mac: MAC.to_uppercase(),
-                ..r.clone()
-            };
-            add_reservation(&conn, &upper).expect("add upper-case MAC");
-            assert_eq!(hosts(&conn, "default").len(), 1);
-            assert_eq!(hosts(&conn, "lab"), vec![]);
-
-            remove_reservation(&conn, &upper).expect("remove");
-            assert_eq!(hosts(&conn, "default"), vec![]);
-            remove_reservation(&conn, &r).expect("remove again");
-            let missing = Reservation {
-                network: "nosuch".into(),
-                ..r.clone()
-            };
-            remove_reservation(&conn, &missing).expect("missing network is fine");
-        }
-
-        #[test]
-        fn remove_ignores_the_name_and_keeps_other_entries() {
-            let (_dir, conn) = private_connection();
-            let mine = reservation(MAC, [192, 168, 122, 10], Some("web-1"));
-            let other = reservation("52:54:00:00:00:02", [192, 168, 122, 11], None);
-            add_reservation(&conn, &mine).expect("add mine");
-            add_reservation(&conn, &other).expect("add other");
-            // Recorded without the name (or the name changed): still removed.
-            remove_reservation(
-                &conn,
-                &Reservation {
-                    hostname: None,
-                    ..mine
-                },
-            )
-            .expect("remove");
-            assert_eq!(
-                hosts(&conn, "default"),
-                vec![(
-                    "52:54:00:00:00:02".into(),
-                    Ipv4Addr::new(192, 168, 122, 11),
-                    None
-                )]
-            );
-            // Same MAC, other IP: not ours, left alone.
-            remove_reservation(
-                &conn,
-                &reservation("52:54:00:00:00:02", [192, 168, 122, 12], None),
-            )
-            .expect("no-op");
-            assert_eq!(hosts(&conn, "default").len(), 1);
-        }
-
-        #[test]
-        fn conflicting_reservations_are_clear_errors() {
-            let (_dir, conn) = private_connection();
-            add_reservation(&conn, &reservation(MAC, [192, 168, 122, 10], Some("web-1")))
-                .expect("add");
-            for clash in [
-                reservation(MAC, [192, 168, 122, 11], Some("web-2")),
-                reservation("52:54:00:00:00:02", [192, 168, 122, 10], Some("web-2")),
-                reservation("52:54:00:00:00:02", [192, 168, 122, 11], Some("web-1")),
-                reservation(MAC, [192, 168, 122, 10], Some("other-name")),
-            ] {
-                let error = add_reservation(&conn, &clash).expect_err("conflict");
-                assert!(matches!(error, DhcpError::Conflict { .. }), "{error:?}");
-                let message = error.to_string();
-                assert!(
-                    message.contains(
-                        "<host mac='52:54:00:12:34:56' name='web-1' ip='192.168.122.10'/>"
-                    ) && message.contains("virsh net-update default delete ip-dhcp-host"),
-                    "{message}"
-                );
-            }
-            assert_eq!(hosts(&conn, "default").len(), 1);
-        }
-
-        #[test]
-        fn bad_input_is_rejected_before_libvirt() {
-            let (_dir, conn) = private_connection();
-            let hostile = reservation(MAC, [192, 168, 122, 10], Some("x'<&\",y"));
-            assert!(matches!(
-                add_reservation(&conn, &hostile),
-                Err(DhcpError::InvalidHostname { .. })
-            ));
-            let bad_mac = reservation("52:54:00:12:34", [192, 168, 122, 10], None);
-            assert!(matches!(
-                add_reservation(&conn, &bad_mac),
-                Err(DhcpError::InvalidMac { .. })
-            ));
-            assert!(matches!(
-                remove_reservation(&conn, &bad_mac),
-                Err(DhcpError::InvalidMac { .. })
-            ));
-            assert_eq!(hosts(&conn, "default"), vec![]);
-            let nowhere = Reservation {
-                network: "nosuch".into(),
-                ..reservation(MAC, [10, 0, 0, 1], None)
-            };
-            let error = add_reservation(&conn, &nowhere).expect_err("no network");
-            assert!(matches!(error, DhcpError::NoNetwork { .. }));
-            assert!(error.to_string().contains("\"nosuch\""), "{error}");
-        }
-
-        #[test]
-        fn reservation_on_an_inactive_network_goes_to_its_config() {
-            let (_dir, conn) = private_connection();
-            let net = conn.lookup_network_by_name("lab").expect("lab");
-            net.destroy().expect("stop lab");
-            let r = Reservation {
-                network: "lab".into(),
-                ..reservation(MAC, [10, 7, 0, 10], Some("vm"))
-            };
-            add_reservation(&conn, &r).expect("add to config");
-            add_reservation(&conn, &r).expect("idempotent");
-            net.create().expect("start lab");
-            assert_eq!(
-                hosts(&conn, "lab"),
-                vec![(MAC.into(), Ipv4Addr::new(10, 7, 0, 10), Some("vm".into()))]
-            );
-            remove_reservation(&conn, &r).expect("remove");
-            assert_eq!(hosts(&conn, "lab"), vec![]);
-        }
-    }
-
-    // ---- the real daemon ----------------------------------------------------------
-
-    /// Tests against the real libvirtd (qemu:///system, network "default").
-    /// They fail, not skip, when it is unreachable: CI must provide it.
-    mod real_daemon {
-        use super::*;
-        use std::collections::HashSet;
-
-        const URI: &str = "qemu:///system";
-
-        fn system() -> Connect {
-            crate::libvirt::conn::init_process();
-            Connect::open(Some(URI)).unwrap_or_else(|error| {
-                panic!(
-                    "cannot reach libvirtd at {URI} ({}); run tests/setup/host.sh as root \
-                     to install and start it (it also defines and starts network \"default\")",
-                    error.message()
-                )
-            })
-        }
-
-        fn default_network(conn: &Connect) -> Network {
-            conn.lookup_network_by_name("default")
-                .unwrap_or_else(|error| {
-                    panic!(
-                    "libvirt network \"default\" is missing ({}); run tests/setup/host.sh as root",
-                    error.message()
-                )
-                })
-        }
-
-        fn virsh_hosts(inactive: bool) -> Vec<(String, Ipv4Addr, Option<String>)> {
-            let mut command = Command::new("virsh");
-            command.args(["-c", URI, "net-dumpxml", "default"]);
-            if inactive {
-                command.arg("--inactive");
-            }
-            let output = command
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run virsh: {e}; run tests/setup/host.sh"));
-            assert!(
-                output.status.success(),
-                "virsh net-dumpxml: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            reservations_in_xml(&String::from_utf8_lossy(&output.stdout))
-        }
-
-        /// A made-up MAC (52:54:00 prefix) unlikely to collide across runs.
-        fn made_up_mac() -> String {
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0);
-            let mix = nanos ^ (std::process::id() << 12);
-            format!(
-                "52:54:00:{:02x}:{:02x}:{:02x}",
-                0xd0 | (mix >> 16) as u8 & 0x0f,
-                (mix >> 8) as u8,
-                mix as u8
-            )
-        }
-
-        /// Removes the reservation whatever the test did.
-        struct ReservationGuard {
-            conn: Connect,
-            reservation: Reservation,
-        }
-
-        impl Drop for ReservationGuard {
-            fn drop(&mut self) {
-                if let Err(error) = remove_reservation(&self.conn, &self.reservation) {
-                    eprintln!(
-                        "cleanup failed; remove it by hand with virsh net-update default delete \
-                         ip-dhcp-host \"{}\" --live --config: {error}",
-                        reservation_xml(&self.reservation)
-                    );
-                }
-            }
-        }
-
-        #[test]
-        fn leases_of_default_read_cleanly() {
-            let conn = system();
-            let net = default_network(&conn);
-            let all = network_leases(&net, None).expect("leases of default");
-            for lease in &all {
-                assert!(validate_mac(&lease.mac).is_ok(), "{lease:?}");
-                assert_eq!(lease.iface, "virbr0", "{lease:?}");
-            }
-            // Many rounds: any leak would show under valgrind (see the report).
-            for _ in 0..20 {
-                network_leases(&net, None).expect("leases again");
-            }
-            let none = network_leases(&net, Some(&made_up_mac())).expect("filtered");
-            assert_eq!(none, vec![]);
-            if let Some(first) = all.first() {
-                let mine = network_leases(&net, Some(&first.mac.to_uppercase())).expect("by MAC");
-                assert!(
-                    mine.iter().all(|l| l.mac.eq_ignore_ascii_case(&first.mac)),
-                    "{mine:?}"
-                );
-                assert!(!mine.is_empty());
-            }
-        }
-
-        #[test]
-        fn default_is_found_by_its_bridge_and_fingerprinted() {
-            let conn = system();
-            let net = network_by_bridge(&conn, "virbr0").expect("virbr0");
-            assert_eq!(net.name().expect("name"), "default");
-            let fingerprint = network_fingerprint(&conn);
-            assert!(
-                fingerprint.contains(&("default".into(), true, "virbr0".into())),
-                "{fingerprint:?}"
-            );
-            let error = network_by_bridge(&conn, "ndvnosuch0").expect_err("unknown");
-            assert!(
-                error.to_string().contains("virbr0 (network default)"),
-                "{error}"
-            );
-        }
-
-        #[test]
-        fn waiting_for_a_made_up_mac_times_out_clearly() {
-            let conn = system();
-            let net = default_network(&conn);
-            let mac = made_up_mac();
-            let mut attempts = 0;
-            let error = wait_for_lease(&net, &mac, None, Duration::from_millis(600), &mut |n| {
-                attempts = n
-            })
-            .expect_err("no such lease");
-            assert!(attempts >= 2, "{attempts}");
-            let message = error.to_string();
-            assert!(matches!(error, DhcpError::LeaseTimeout { .. }), "{error:?}");
-            for part in [mac.as_str(), "\"default\"", "dhcp_timeout", "DHCP client"] {
-                assert!(message.contains(part), "{part:?} missing from {message}");
-            }
-        }
-
-        #[test]
-        fn reservation_round_trip_on_default() {
-            let conn = system();
-            let net = default_network(&conn);
-            let reserved: HashSet<Ipv4Addr> = virsh_hosts(false)
-                .into_iter()
-                .chain(virsh_hosts(true))
-                .map(|(_, ip, _)| ip)
-                .collect();
-            let leased: HashSet<Ipv4Addr> = network_leases(&net, None)
-                .expect("leases")
-                .into_iter()
-                .map(|l| l.ip)
-                .collect();
-            let ip = (200..=250u8)
-                .rev()
-                .map(|last| Ipv4Addr::new(192, 168, 122, last))
-                .find(|ip| !reserved.contains(ip) && !leased.contains(ip))
-                .expect("a free address in 192.168.122.200-250");
-            let mac = made_up_mac();
-            let r = Reservation {
-                network: "default".into(),
-                mac: mac.clone(),
-                ip,
-                hostname: Some(format!("ndvtest-{}", mac.replace(':', ""))),
-            };
-            let _guard = ReservationGuard {
-                conn: system(),
-                reservation: r.clone(),
-            };
-            let entry = (mac.clone(), ip, r.hostname.clone());
-
-            add_reservation(&conn, &r).expect("add on default");
-            assert!(
-                virsh_hosts(false).contains(&entry),
-                "live XML lacks {entry:?}"
-            );
-            assert!(
-                virsh_hosts(true).contains(&entry),
-                "config XML lacks {entry:?}"
-            );
-            add_reservation(&conn, &r).expect("idempotent add");
-            let clash = Reservation {
-                ip: Ipv4Addr::new(192, 168, 122, 1),
-                ..r.clone()
-            };
-            assert!(matches!(
-                add_reservation(&conn, &clash),
-                Err(DhcpError::Conflict { .. })
-            ));
-
-            remove_reservation(&conn, &r).expect("remove");
-            assert!(
-                !virsh_hosts(false).iter().any(|(m, _, _)| *m == mac),
-                "still live"
-            );
-            assert!(
-                !virsh_hosts(true).iter().any(|(m, _, _)| *m == mac),
-                "still in config"
-            );
-            remove_reservation(&conn, &r).expect("idempotent remove");
-        }
-
-        #[test]
-        fn release_of_a_lease_that_does_not_exist_is_ok() {
-            // dnsmasq ignores a DHCPRELEASE for an unknown lease and
-            // dhcp_release exits 0: nothing is released, nothing fails.
-            release_lease("virbr0", Ipv4Addr::new(192, 168, 122, 251), &made_up_mac())
-                .unwrap_or_else(|e| panic!("{e}; install dnsmasq-utils (tests/setup/host.sh)"));
-        }
-
-        #[test]
-        fn release_on_a_missing_bridge_is_an_error_naming_it() {
-            let error = release_lease("ndvnosuch0", Ipv4Addr::new(192, 168, 122, 251), MAC)
-                .expect_err("no such interface");
-            assert!(
-                matches!(error, DhcpError::ReleaseFailed { .. }),
-                "{error:?}"
-            );
-            let message = error.to_string();
-            assert!(
-                message.contains("ndvnosuch0") && message.contains("No such device"),
-                "{message}"
-            );
-        }
     }
 }

@@ -14,6 +14,8 @@ use super::{
     TeardownSpec, VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
     VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
 };
+use crate::libvirt::error::with_sources;
+use crate::libvirt::network as libvirt_network;
 use crate::libvirt::Libvirt;
 /// `Net` backed by the plugin's libvirt connection and host iptables.
 pub struct LibvirtNet {
@@ -73,7 +75,7 @@ impl Net for LibvirtNet {
         let mut attributes = BTreeMap::new();
         match self
             .libvirt
-            .call_blocking(|conn| Ok(dhcp::network_fingerprint(conn)))
+            .call_blocking(|conn| Ok(libvirt_network::network_fingerprint(conn)))
         {
             Ok(networks) => {
                 for (name, active, bridge) in networks {
@@ -105,11 +107,7 @@ impl Net for LibvirtNet {
                 NetworkInterface::Bridge(bridge) => {
                     let name = bridge.name.as_str().to_string();
                     let network = self.libvirt.call_blocking(move |conn| {
-                        Ok(dhcp::network_by_bridge(conn, &name).and_then(|network| {
-                            network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
-                                message: e.message().to_string(),
-                            })
-                        }))
+                        Ok(libvirt_network::network_by_bridge(conn, &name))
                     })?;
                     let network = network.map_err(|e| {
                         NetError::Invalid(format!("network_interface[{index}].bridge.name: {e}"))
@@ -219,23 +217,19 @@ impl Net for LibvirtNet {
         }
         for (bridge, mac) in &intent.interfaces {
             let found = self.libvirt.call_blocking(|conn| {
-                let network = match dhcp::network_by_bridge(conn, bridge) {
+                let network = match libvirt_network::network_by_bridge(conn, bridge) {
                     Ok(network) => network,
                     // No such network any more: nothing of ours is in it.
                     Err(_) => return Ok(Ok((None, Vec::new(), Vec::new()))),
                 };
-                let name = network.name().unwrap_or_default();
-                let xml = network.xml_desc(0).unwrap_or_default();
-                let reserved: Vec<Ipv4Addr> = dhcp::reservations_in_xml(&xml)
-                    .into_iter()
-                    .filter(|(entry_mac, _, _)| entry_mac.eq_ignore_ascii_case(mac))
-                    .map(|(_, ip, _)| ip)
-                    .collect();
-                let leased = dhcp::network_leases(&network, Some(mac))
+                let reserved = match libvirt_network::reserved_ips(conn, &network, mac) {
+                    Ok(reserved) => reserved,
+                    Err(error) => return Ok(Err(error)),
+                };
+                let leased = libvirt_network::network_leases(conn, &network, Some(mac))
                     .map(|leases| leases.into_iter().map(|lease| lease.ip).collect())
                     .unwrap_or_default();
-                let result: Result<_, dhcp::DhcpError> = Ok((Some(name), reserved, leased));
-                Ok(result)
+                Ok(Ok((Some(network), reserved, leased)))
             });
             let (network, reserved, leased) = match found {
                 Ok(Ok(found)) => found,
@@ -256,10 +250,9 @@ impl Net for LibvirtNet {
                     ip,
                     hostname: None,
                 };
-                match self
-                    .libvirt
-                    .call_blocking(|conn| Ok(dhcp::remove_reservation(conn, &reservation)))
-                {
+                match self.libvirt.call_blocking(|conn| {
+                    Ok(libvirt_network::remove_reservation(conn, &reservation))
+                }) {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => failures.push(error.to_string()),
                     Err(error) => failures.push(error.to_string()),
@@ -297,21 +290,21 @@ impl LibvirtNet {
             mac.to_string(),
         );
         let (network_name, lease) = self.libvirt.call_blocking(move |conn| {
-            let found = dhcp::network_by_bridge(conn, &bridge_name).and_then(|network| {
-                let name = network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
-                    message: e.message().to_string(),
-                })?;
-                Ok((network, name))
-            });
-            let (network, name) = match found {
-                Ok(found) => found,
+            let name = match libvirt_network::network_by_bridge(conn, &bridge_name) {
+                Ok(name) => name,
                 Err(error) => return Ok((String::new(), Err(error))),
             };
             progress(&format!(
                 "Waiting for a DHCP lease for {mac_owned} on network {name}"
             ));
-            let lease =
-                dhcp::wait_for_lease(&network, &mac_owned, Some(&hostname), timeout, &mut |_| {});
+            let lease = libvirt_network::wait_for_lease(
+                conn,
+                &name,
+                &mac_owned,
+                Some(&hostname),
+                timeout,
+                &mut |_| {},
+            );
             Ok((name, lease))
         })?;
         let lease = lease?;
@@ -329,7 +322,7 @@ impl LibvirtNet {
         // Record before create: teardown removes it even if adding half-failed.
         spec.dhcp_reservation = Some(reservation.clone());
         self.libvirt
-            .call_blocking(|conn| Ok(dhcp::add_reservation(conn, &reservation)))??;
+            .call_blocking(|conn| Ok(libvirt_network::add_reservation(conn, &reservation)))??;
         let rules = port_forward_rules(&request.task_tag, lease.ip, bridge, &forwards)
             .map_err(|e| NetError::Invalid(e.to_string()))?;
         spec.iptables_rules = rules.clone();
@@ -351,17 +344,17 @@ impl LibvirtNet {
         let mut failures = Vec::new();
         if !spec.task_tag.is_empty() {
             if let Err(error) = self.iptables.remove_tag(&spec.task_tag) {
-                failures.push(error.to_string());
+                failures.push(with_sources(&error));
             }
         }
         if let Some(reservation) = &spec.dhcp_reservation {
             match self
                 .libvirt
-                .call_blocking(|conn| Ok(dhcp::remove_reservation(conn, reservation)))
+                .call_blocking(|conn| Ok(libvirt_network::remove_reservation(conn, reservation)))
             {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => failures.push(error.to_string()),
-                Err(error) => failures.push(error.to_string()),
+                Ok(Err(error)) => failures.push(with_sources(&error)),
+                Err(error) => failures.push(with_sources(&error)),
             }
             if let Some(bridge) = &spec.bridge {
                 if let Err(error) = dhcp::release_lease(bridge, reservation.ip, &reservation.mac) {

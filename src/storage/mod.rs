@@ -2,28 +2,25 @@
 //!
 //! - [`images`] resolves a job's `disk[N].source.image` against the allowed
 //!   directories and reads image headers (no libvirt).
-//! - [`pool`] makes sure the configured directory pools exist and are active.
-//! - [`volume`] names, creates, uploads, overlays and deletes volumes.
+//! - [`volume`] names volumes and converts images with qemu-img.
 //!
-//! Every function that talks to libvirt blocks; the driver calls them inside
-//! `spawn_blocking`.
+//! Pools and volumes themselves are made through libvirt, in
+//! [`crate::libvirt::storage`].
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use crate::libvirt::VirtError;
+
 pub mod images;
-pub mod pool;
 pub mod volume;
 
 pub use images::{
     check_image_safe, detect_format, image_virtual_size, qcow2_virtual_size, resolve_image,
     ImageFormat,
 };
-pub use pool::{ensure_directory_pool, pool_fingerprint, refresh_pool};
 pub use volume::{
-    create_empty, create_from_image, create_overlay, delete_volume, disk_volume_name,
-    ensure_parent, existing_path, image_cache_key, parent_volume_name, path_of,
-    prune_unused_parents, seed_volume_name, upload_bytes, PARENT_PREFIX,
+    disk_volume_name, image_cache_key, parent_volume_name, seed_volume_name, PARENT_PREFIX,
 };
 
 /// Errors of the storage module. Each names the pool, volume or path
@@ -57,17 +54,29 @@ pub enum StorageError {
     ImageNotFile { requested: String, path: PathBuf },
     #[error("image {} cannot be used: {reason}", path.display())]
     UnsafeImage { path: PathBuf, reason: String },
-    #[error("cannot {action} {}: {error}", path.display())]
+    #[error("cannot {action} {}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
-    #[error("qemu-img {action} failed for {}: {message}; is qemu-img (package qemu-utils) installed and the image intact?", path.display())]
+    #[error(
+        "cannot run qemu-img to {action} {}; is qemu-img (package qemu-utils) installed?",
+        path.display()
+    )]
+    QemuImgSpawn {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("qemu-img {action} failed for {} ({status}): {stderr}; is the image intact?", path.display())]
     QemuImg {
         action: &'static str,
         path: PathBuf,
-        message: String,
+        status: String,
+        stderr: String,
     },
     #[error(
         "storage pool {pool:?} already exists with target path {} but the plugin config wants {}; \
@@ -85,12 +94,25 @@ pub enum StorageError {
          type \"dir\" (or \"fs\"/\"netfs\"): use another pool name"
     )]
     PoolType { pool: String, pool_type: String },
-    #[error("storage pool {pool:?}: libvirt failed while {action}: {message}")]
+    #[error("storage pool {pool:?}: cannot read libvirt's pool XML")]
+    PoolXml {
+        pool: String,
+        #[source]
+        source: crate::libvirt::xml::XmlError,
+    },
+    #[error("volume {volume:?} in storage pool {pool:?}: cannot read libvirt's volume XML")]
+    VolumeXml {
+        pool: String,
+        volume: String,
+        #[source]
+        source: crate::libvirt::xml::XmlError,
+    },
+    #[error("storage pool {pool:?}: libvirt failed while {action}")]
     Pool {
         pool: String,
         action: String,
-        message: String,
-        code: u32,
+        #[source]
+        source: VirtError,
     },
     #[error(
         "volume {volume:?} already exists in storage pool {pool:?}; delete it first \
@@ -102,17 +124,19 @@ pub enum StorageError {
          (e.g. `virsh vol-create-as {pool} {volume} 10G --format qcow2`) or fix the name"
     )]
     VolumeNotFound { pool: String, volume: String },
+    #[error(
+        "storage pool {pool:?} does not exist in libvirt; it should have been prepared before use"
+    )]
+    PoolMissing { pool: String },
     #[error("volume name {volume:?} is invalid: {reason}")]
     VolumeName { volume: String, reason: String },
-    #[error(
-        "volume {volume:?} in storage pool {pool:?}: libvirt failed while {action}: {message}"
-    )]
+    #[error("volume {volume:?} in storage pool {pool:?}: libvirt failed while {action}")]
     Volume {
         pool: String,
         volume: String,
         action: String,
-        message: String,
-        code: u32,
+        #[source]
+        source: VirtError,
     },
 }
 
@@ -134,12 +158,38 @@ impl StorageError {
         }
     }
 
-    pub(crate) fn pool(pool: &str, action: impl Into<String>, error: virt::error::Error) -> Self {
+    /// Whether retrying the same start could succeed: false for a problem
+    /// with the job's input or the operator's pool config, true for host
+    /// and libvirt failures. Exhaustive on purpose: a new variant must be
+    /// classified here.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            StorageError::InField { inner, .. } => inner.is_recoverable(),
+            StorageError::ImageNotFound { .. }
+            | StorageError::ImageNotAllowed { .. }
+            | StorageError::ImageNotFile { .. }
+            | StorageError::UnsafeImage { .. }
+            | StorageError::PoolPathMismatch { .. }
+            | StorageError::PoolType { .. }
+            | StorageError::VolumeName { .. } => false,
+            StorageError::Io { .. }
+            | StorageError::QemuImgSpawn { .. }
+            | StorageError::QemuImg { .. }
+            | StorageError::PoolXml { .. }
+            | StorageError::VolumeXml { .. }
+            | StorageError::Pool { .. }
+            | StorageError::VolumeExists { .. }
+            | StorageError::VolumeNotFound { .. }
+            | StorageError::PoolMissing { .. }
+            | StorageError::Volume { .. } => true,
+        }
+    }
+
+    pub(crate) fn pool(pool: &str, action: impl Into<String>, error: impl Into<VirtError>) -> Self {
         StorageError::Pool {
             pool: pool.to_string(),
             action: action.into(),
-            message: error.message().to_string(),
-            code: error.code().to_raw(),
+            source: error.into(),
         }
     }
 
@@ -147,14 +197,13 @@ impl StorageError {
         pool: &str,
         volume: &str,
         action: impl Into<String>,
-        error: virt::error::Error,
+        error: impl Into<VirtError>,
     ) -> Self {
         StorageError::Volume {
             pool: pool.to_string(),
             volume: volume.to_string(),
             action: action.into(),
-            message: error.message().to_string(),
-            code: error.code().to_raw(),
+            source: error.into(),
         }
     }
 }
@@ -173,137 +222,9 @@ fn list_paths(paths: &[PathBuf]) -> String {
     out
 }
 
-/// Whether a libvirt error has the given code.
-pub(crate) fn has_code(error: &virt::error::Error, code: virt::error::ErrorNumber) -> bool {
-    error.code() == virt::error::ErrorNumberEnum::Known(code)
-}
-
-/// One XML escaper for everything the driver writes (shared with the domain XML).
-pub(crate) use crate::libvirt::domain_xml::xml_escape;
-
-/// Reverses [`xml_escape`] plus numeric character references, enough for
-/// the text libvirt writes into its XML descriptions.
-pub(crate) fn xml_unescape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find('&') {
-        out.push_str(&rest[..at]);
-        rest = &rest[at..];
-        let Some(end) = rest.find(';') else { break };
-        let entity = &rest[1..end];
-        let decoded = match entity {
-            "amp" => Some('&'),
-            "lt" => Some('<'),
-            "gt" => Some('>'),
-            "apos" => Some('\''),
-            "quot" => Some('"'),
-            _ => entity
-                .strip_prefix("#x")
-                .and_then(|hex| u32::from_str_radix(hex, 16).ok())
-                .or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
-                .and_then(char::from_u32),
-        };
-        match decoded {
-            Some(c) => {
-                out.push(c);
-                rest = &rest[end + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// The unescaped text of the first `<tag>…</tag>` inside the first
-/// `<parent>…</parent>` (or anywhere, when `parent` is None). Enough for
-/// libvirt's own pool and volume XML; not a general XML parser.
-pub(crate) fn xml_child_text(xml: &str, parent: Option<&str>, tag: &str) -> Option<String> {
-    let scope = match parent {
-        Some(parent) => {
-            let open = format!("<{parent}>");
-            let close = format!("</{parent}>");
-            let start = xml.find(&open)? + open.len();
-            let end = start + xml[start..].find(&close)?;
-            &xml[start..end]
-        }
-        None => xml,
-    };
-    let open = format!("<{tag}>");
-    let close = format!("</{tag}>");
-    let start = scope.find(&open)? + open.len();
-    let end = start + scope[start..].find(&close)?;
-    Some(xml_unescape(scope[start..end].trim()))
-}
-
-/// The value of attribute `attr` on the first `<element …>` start tag.
-pub(crate) fn xml_attr(xml: &str, element: &str, attr: &str) -> Option<String> {
-    let open = format!("<{element}");
-    let mut search = xml;
-    let tag = loop {
-        let at = search.find(&open)?;
-        let after = &search[at + open.len()..];
-        // `<pool` must not match `<poolx`.
-        if after.starts_with(|c: char| c.is_whitespace() || c == '>' || c == '/') {
-            let end = after.find('>')?;
-            break &after[..end];
-        }
-        search = after;
-    };
-    for quote in ['\'', '"'] {
-        let key = format!("{attr}={quote}");
-        let mut from = 0;
-        while let Some(at) = tag[from..].find(&key) {
-            let at = from + at;
-            let boundary = at == 0 || tag[..at].ends_with(char::is_whitespace);
-            let start = at + key.len();
-            if boundary {
-                let end = start + tag[start..].find(quote)?;
-                return Some(xml_unescape(&tag[start..end]));
-            }
-            from = start;
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn escape_round_trips() {
-        let text = "a<b>&'c\"/d é";
-        assert_eq!(xml_escape(text), "a&lt;b&gt;&amp;&apos;c&quot;/d é");
-        assert_eq!(xml_unescape(&xml_escape(text)), text);
-        assert_eq!(xml_unescape("&#47;x&#x2F;&bogus;&"), "/x/&bogus;&");
-    }
-
-    #[test]
-    fn child_text_and_attr() {
-        let xml = "<pool type='dir'>\n  <name>a&amp;b</name>\n  <source>\n  </source>\n  \
-                   <target>\n    <path>/var/x&lt;y</path>\n  </target>\n</pool>";
-        assert_eq!(
-            xml_child_text(xml, Some("target"), "path").as_deref(),
-            Some("/var/x<y")
-        );
-        assert_eq!(xml_child_text(xml, None, "name").as_deref(), Some("a&b"));
-        assert_eq!(xml_child_text(xml, Some("source"), "path"), None);
-        assert_eq!(xml_attr(xml, "pool", "type").as_deref(), Some("dir"));
-        assert_eq!(
-            xml_attr(
-                "<poolx type='no'/><pool subtype='a' type=\"fs\">",
-                "pool",
-                "type"
-            )
-            .as_deref(),
-            Some("fs")
-        );
-        assert_eq!(xml_attr(xml, "pool", "missing"), None);
-    }
 
     #[test]
     fn in_field_prefixes_the_message() {
@@ -317,5 +238,6 @@ mod tests {
             "disk[0].source.image: image \"x.img\" was not found; tried /a/x.img, /b/x.img"
         );
         assert!(matches!(error.root(), StorageError::ImageNotFound { .. }));
+        assert!(!error.is_recoverable());
     }
 }

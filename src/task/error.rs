@@ -101,16 +101,7 @@ impl TaskError {
                     | CloudInitError::InvalidTimezone { .. }
                     | CloudInitError::EmptyPassword
             ),
-            TaskError::Storage(error) => !matches!(
-                error.root(),
-                StorageError::ImageNotFound { .. }
-                    | StorageError::ImageNotAllowed { .. }
-                    | StorageError::ImageNotFile { .. }
-                    | StorageError::UnsafeImage { .. }
-                    | StorageError::PoolPathMismatch { .. }
-                    | StorageError::PoolType { .. }
-                    | StorageError::VolumeName { .. }
-            ),
+            TaskError::Storage(error) => error.is_recoverable(),
             TaskError::Net(NetError::Invalid(_)) => false,
             TaskError::Libvirt(_)
             | TaskError::Net(_)
@@ -139,7 +130,7 @@ mod tests {
     fn classification_of_each_kind() {
         let unreachable = TaskError::Libvirt(LibvirtError::Connect {
             uri: "qemu:///system".into(),
-            message: "gone".into(),
+            source: crate::libvirt::VirtError::sample_unsupported(),
         });
         assert!(unreachable.recoverable());
         assert_eq!(unreachable.kind(), ErrorKind::Unavailable);

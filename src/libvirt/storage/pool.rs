@@ -8,7 +8,9 @@ use virt::connect::Connect;
 use virt::error::ErrorNumber;
 use virt::storage_pool::StoragePool;
 
-use super::{has_code, xml_attr, xml_child_text, xml_escape, StorageError};
+use super::{has_code, Pool};
+use crate::libvirt::xml::{self, XmlWriter};
+use crate::storage::StorageError;
 
 /// Pool types whose volumes are plain files under a target directory.
 const DIRECTORY_POOL_TYPES: [&str; 3] = ["dir", "fs", "netfs"];
@@ -44,11 +46,14 @@ pub(crate) fn retry_busy<T>(
 
 /// The XML of a persistent directory pool.
 pub(crate) fn directory_pool_xml(name: &str, path: &Path) -> String {
-    format!(
-        "<pool type='dir'>\n  <name>{}</name>\n  <target>\n    <path>{}</path>\n  </target>\n</pool>\n",
-        xml_escape(name),
-        xml_escape(&path.to_string_lossy())
-    )
+    let mut w = XmlWriter::new();
+    w.open("pool", &[("type", "dir")]);
+    w.text("name", &[], name);
+    w.open("target", &[]);
+    w.text("path", &[], &path.to_string_lossy());
+    w.close("target");
+    w.close("pool");
+    w.finish(true)
 }
 
 /// Looks up pool `name`, defining, building and starting it when needed,
@@ -68,7 +73,7 @@ pub fn ensure_directory_pool(
     conn: &Connect,
     name: &str,
     path: &Path,
-) -> Result<StoragePool, StorageError> {
+) -> Result<Pool, StorageError> {
     let (pool, defined_here) = match conn.lookup_storage_pool_by_name(name) {
         Ok(pool) => (pool, false),
         Err(error) if has_code(&error, ErrorNumber::NoStoragePool) => {
@@ -106,16 +111,25 @@ pub fn ensure_directory_pool(
         tracing::info!(pool = name, path = %path.display(), "defined and started storage pool");
     }
 
-    if let Err(error) = refresh_pool(&pool, name) {
+    if let Err(error) = refresh(&pool, name) {
         // libvirt stops a pool whose refresh fails (e.g. its directory was
         // removed); rebuild and start it once before giving up.
         if pool.is_active().unwrap_or(true) {
             return Err(error);
         }
         start_if_inactive(&pool, name, path, false)?;
-        refresh_pool(&pool, name)?;
+        refresh(&pool, name)?;
     }
-    Ok(pool)
+    Ok(Pool::new(pool, name))
+}
+
+/// Looks pool `name` up; `Ok(None)` when libvirt has no such pool.
+pub fn lookup_pool(conn: &Connect, name: &str) -> Result<Option<Pool>, StorageError> {
+    match conn.lookup_storage_pool_by_name(name) {
+        Ok(pool) => Ok(Some(Pool::new(pool, name))),
+        Err(error) if has_code(&error, ErrorNumber::NoStoragePool) => Ok(None),
+        Err(error) => Err(StorageError::pool(name, "looking up the pool", error)),
+    }
 }
 
 fn start_if_inactive(
@@ -154,14 +168,18 @@ fn check_matches(pool: &StoragePool, name: &str, path: &Path) -> Result<(), Stor
     let xml = pool
         .xml_desc(0)
         .map_err(|e| StorageError::pool(name, "reading the pool XML", e))?;
-    let pool_type = xml_attr(&xml, "pool", "type").unwrap_or_default();
+    let root = xml::parse(&xml).map_err(|source| StorageError::PoolXml {
+        pool: name.to_string(),
+        source,
+    })?;
+    let pool_type = root.attr("type").unwrap_or_default().to_string();
     if !DIRECTORY_POOL_TYPES.contains(&pool_type.as_str()) {
         return Err(StorageError::PoolType {
             pool: name.to_string(),
             pool_type,
         });
     }
-    let existing = PathBuf::from(xml_child_text(&xml, Some("target"), "path").unwrap_or_default());
+    let existing = PathBuf::from(root.text_at(&["target", "path"]).unwrap_or_default());
     if !same_path(&existing, path) {
         return Err(StorageError::PoolPathMismatch {
             pool: name.to_string(),
@@ -186,7 +204,11 @@ fn same_path(a: &Path, b: &Path) -> bool {
 
 /// Refreshes the pool so libvirt's volume list matches the directory,
 /// retrying while libvirt reports asynchronous jobs in the pool.
-pub fn refresh_pool(pool: &StoragePool, name: &str) -> Result<(), StorageError> {
+pub fn refresh_pool(pool: &Pool) -> Result<(), StorageError> {
+    refresh(&pool.inner, &pool.name)
+}
+
+fn refresh(pool: &StoragePool, name: &str) -> Result<(), StorageError> {
     retry_busy(|| pool.refresh(0)).map_err(|e| StorageError::pool(name, "refreshing the pool", e))
 }
 
@@ -203,7 +225,11 @@ pub fn pool_fingerprint(conn: &Connect) -> Result<Vec<(String, bool, String)>, S
             let name = pool.name().ok()?;
             let active = pool.is_active().ok()?;
             let xml = pool.xml_desc(0).ok()?;
-            let pool_type = xml_attr(&xml, "pool", "type").unwrap_or_default();
+            let pool_type = xml::parse(&xml)
+                .ok()?
+                .attr("type")
+                .unwrap_or_default()
+                .to_string();
             Some((name, active, pool_type))
         })
         .collect();
@@ -243,7 +269,9 @@ pub(crate) mod tests {
         let xml = directory_pool_xml("a<b", Path::new("/x/&y"));
         assert!(xml.contains("<name>a&lt;b</name>"), "{xml}");
         assert!(xml.contains("<path>/x/&amp;y</path>"), "{xml}");
-        assert_eq!(xml_attr(&xml, "pool", "type").as_deref(), Some("dir"));
+        let root = xml::parse(&xml).unwrap();
+        assert_eq!(root.attr("type"), Some("dir"));
+        assert_eq!(root.text_at(&["name"]).as_deref(), Some("a<b"));
     }
 
     #[test]
@@ -257,17 +285,23 @@ pub(crate) mod tests {
         let node = test_node();
         let path = node.dir.path().join("pools/new");
         let pool = ensure_directory_pool(&node.conn, "new", &path).unwrap();
-        assert!(pool.is_active().unwrap());
-        assert!(pool.is_persistent().unwrap());
-        assert!(pool.autostart().unwrap());
-        let xml = pool.xml_desc(0).unwrap();
+        assert!(pool.inner.is_active().unwrap());
+        assert!(pool.inner.is_persistent().unwrap());
+        assert!(pool.inner.autostart().unwrap());
+        let xml = pool.inner.xml_desc(0).unwrap();
         assert_eq!(
-            xml_child_text(&xml, Some("target"), "path").map(PathBuf::from),
+            xml::parse(&xml)
+                .unwrap()
+                .text_at(&["target", "path"])
+                .map(PathBuf::from),
             Some(path.clone())
         );
         // Again: same pool, no error; also with a trailing slash.
         let again = ensure_directory_pool(&node.conn, "new", &path).unwrap();
-        assert_eq!(again.uuid_string().unwrap(), pool.uuid_string().unwrap());
+        assert_eq!(
+            again.inner.uuid_string().unwrap(),
+            pool.inner.uuid_string().unwrap()
+        );
         let slash = PathBuf::from(format!("{}/", path.display()));
         ensure_directory_pool(&node.conn, "new", &slash).unwrap();
     }
@@ -277,13 +311,13 @@ pub(crate) mod tests {
         let node = test_node();
         let existing = Path::new("/nonexistent/existing");
         let pool = ensure_directory_pool(&node.conn, "existing", existing).unwrap();
-        assert!(pool.is_active().unwrap());
+        assert!(pool.inner.is_active().unwrap());
 
         // Defined but stopped: started again.
-        pool.destroy().unwrap();
-        assert!(!pool.is_active().unwrap());
+        pool.inner.destroy().unwrap();
+        assert!(!pool.inner.is_active().unwrap());
         let pool = ensure_directory_pool(&node.conn, "existing", existing).unwrap();
-        assert!(pool.is_active().unwrap());
+        assert!(pool.inner.is_active().unwrap());
 
         // Defined by someone else and never started.
         let path = node.dir.path().join("other");
@@ -291,7 +325,7 @@ pub(crate) mod tests {
             .define_storage_pool_xml(&directory_pool_xml("other", &path), 0)
             .unwrap();
         let pool = ensure_directory_pool(&node.conn, "other", &path).unwrap();
-        assert!(pool.is_active().unwrap());
+        assert!(pool.inner.is_active().unwrap());
     }
 
     #[test]

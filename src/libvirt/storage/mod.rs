@@ -1,0 +1,123 @@
+//! Storage through libvirt: directory pools ([`pool`]) and the volumes of
+//! task disks and seeds ([`volume`]). Pure naming and image work lives in
+//! [`crate::storage`].
+//!
+//! Everything here blocks; call it from `spawn_blocking` (or through
+//! [`crate::libvirt::Libvirt::call`]).
+
+use std::fmt;
+use std::path::PathBuf;
+
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+
+use crate::storage::StorageError;
+
+pub mod pool;
+pub mod volume;
+
+pub use pool::{ensure_directory_pool, lookup_pool, pool_fingerprint, refresh_pool};
+pub use volume::{
+    create_empty, create_from_image, create_overlay, delete_created_volume, delete_volume,
+    ensure_parent, existing_path, prune_pools, prune_unused_parents, upload_bytes,
+};
+
+/// A storage pool looked up on the connection, with its name.
+#[derive(Clone)]
+pub struct Pool {
+    inner: StoragePool,
+    name: String,
+}
+
+impl Pool {
+    fn new(inner: StoragePool, name: &str) -> Self {
+        Pool {
+            inner,
+            name: name.to_string(),
+        }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The names of the volumes libvirt lists in the pool (as of its last
+    /// refresh).
+    pub fn volume_names(&self) -> Result<Vec<String>, StorageError> {
+        self.inner
+            .list_volumes()
+            .map_err(|e| StorageError::pool(&self.name, "listing volumes", e))
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool").field("name", &self.name).finish()
+    }
+}
+
+/// A volume in a pool, with its names.
+#[derive(Clone)]
+pub struct Volume {
+    inner: StorageVol,
+    pool: String,
+    name: String,
+}
+
+impl Volume {
+    fn new(inner: StorageVol, pool: &str, name: &str) -> Self {
+        Volume {
+            inner,
+            pool: pool.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name of its pool.
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    /// The volume's file, for a domain's `<disk type='file'>`.
+    pub fn path(&self) -> Result<PathBuf, StorageError> {
+        self.inner
+            .path()
+            .map(PathBuf::from)
+            .map_err(|e| StorageError::volume(&self.pool, &self.name, "reading the volume path", e))
+    }
+
+    /// The volume's capacity (its virtual size) in bytes.
+    pub fn capacity(&self) -> Result<u64, StorageError> {
+        self.inner
+            .info()
+            .map(|info| info.capacity)
+            .map_err(|e| StorageError::volume(&self.pool, &self.name, "reading the volume size", e))
+    }
+
+    /// libvirt's XML description of the volume.
+    pub fn xml(&self) -> Result<String, StorageError> {
+        self.inner
+            .xml_desc(0)
+            .map_err(|e| StorageError::volume(&self.pool, &self.name, "reading the volume XML", e))
+    }
+}
+
+impl fmt::Debug for Volume {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Volume")
+            .field("pool", &self.pool)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// Whether a libvirt error has the given code.
+fn has_code(error: &virt::error::Error, code: virt::error::ErrorNumber) -> bool {
+    error.code() == virt::error::ErrorNumberEnum::Known(code)
+}
