@@ -33,7 +33,7 @@ use crate::libvirt::lifecycle::{self, DomainEvent, ExitOutcome};
 use crate::libvirt::stats::{self, CpuSample};
 use crate::net::iptables::task_tag;
 use crate::net::{Net, VmTerminatedTeardownRequest};
-use crate::nomad::driver_state::{DriverState, DRIVER_STATE_VERSION};
+use crate::nomad::driver_state::{DriverState, StateOrigin, DRIVER_STATE_VERSION};
 
 /// Unused chained-disk parents older than this are deleted (hourly).
 const PARENT_IDLE: Duration = Duration::from_secs(3600);
@@ -266,6 +266,7 @@ impl Tasks {
             task_config: request.config.clone(),
             net: booted.teardown,
             guest_ip: booted.network.as_ref().map(|network| network.ip),
+            origin: StateOrigin::Native,
         };
         let entry = TaskEntry::new(state.clone());
         if !request.stdout_path.as_os_str().is_empty() {
