@@ -415,6 +415,7 @@ fn assert_adopted(state: &DriverState, network: &str) {
     assert_eq!(reservation.mac, "52:54:00:aa:bb:cc");
     assert_eq!(reservation.ip, Ipv4Addr::new(192, 168, 122, 10));
     assert_eq!(reservation.hostname.as_deref(), Some("nomad-web-9f8e7d6c"));
+    assert_eq!(state.guest_ip, Some(Ipv4Addr::new(192, 168, 122, 10)));
 }
 
 // ---------------------------------------------------------------------------

@@ -576,6 +576,12 @@ pub fn decode(bytes: &[u8], fallback_task_id: &str) -> Result<DriverState, GoHan
         .child("NetTeardown")?
         .map(|spec| teardown(&spec))
         .transpose()?;
+    // The reserved address is the guest's (the Go driver reserved the lease
+    // it found).
+    let guest_ip = net
+        .as_ref()
+        .and_then(|spec| spec.dhcp_reservation.as_ref())
+        .map(|reservation| reservation.ip);
     Ok(DriverState {
         version: DRIVER_STATE_VERSION,
         domain_name: go_domain_name(&task_id),
@@ -590,7 +596,7 @@ pub fn decode(bytes: &[u8], fallback_task_id: &str) -> Result<DriverState, GoHan
         stdout_path,
         task_config: TaskConfig::default(),
         net,
-        guest_ip: None,
+        guest_ip,
         origin: StateOrigin::GoDriver,
     })
 }
