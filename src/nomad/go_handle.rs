@@ -381,6 +381,10 @@ pub fn go_time_unix_nanos(bytes: &[u8]) -> Result<i64, String> {
     if nanos >= 1_000_000_000 {
         return Err(format!("nanoseconds {nanos} out of range"));
     }
+    if absolute == 0 && nanos == 0 {
+        // Go's zero time: never set.
+        return Ok(0);
+    }
     absolute
         .checked_sub(GO_UNIX_TO_ABSOLUTE)
         .and_then(|secs| secs.checked_mul(1_000_000_000))
@@ -632,6 +636,11 @@ mod tests {
         v2.push(30);
         assert_eq!(go_time_unix_nanos(&v2), Ok(secs * 1_000_000_000 + 6));
         assert!(go_time_unix_nanos(&v1[..10]).is_err());
+        // time.Time{} is "not set", not an error.
+        let mut zero = vec![1];
+        zero.extend_from_slice(&[0; 12]);
+        zero.extend_from_slice(&(-1i16).to_be_bytes());
+        assert_eq!(go_time_unix_nanos(&zero), Ok(0));
         assert!(go_time_unix_nanos(&[]).is_err());
         let mut bad = v1.clone();
         bad[0] = 9;
