@@ -15,6 +15,8 @@
 //! - `net/filter/iptables/tables.go`: the removable rules are
 //!   `[table, chain, args...]` in NOMAD_VT_PRT, NOMAD_VT_OUT, NOMAD_VT_FW.
 
+mod common;
+
 use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,7 +33,8 @@ use nomad_driver_virt::net::{Net, VmTerminatedTeardownRequest};
 use nomad_driver_virt::nomad::driver_state::{DriverState, StateOrigin};
 use nomad_driver_virt::nomad::go_handle::{self, GoHandleError};
 use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
-    TaskConfig as ProtoTaskConfig, TaskHandle,
+    DestroyTaskRequest, InspectTaskRequest, RecoverTaskRequest, TaskConfig as ProtoTaskConfig,
+    TaskHandle, TaskState as ProtoTaskState,
 };
 
 // ---------------------------------------------------------------------------
@@ -886,4 +889,72 @@ fn go_rules_and_reservation_are_removed_and_nothing_else() {
         1
     );
     assert_eq!(ns.save_all(), expected);
+}
+
+/// Through the real wire path: a plugin that never started the task takes
+/// a Go handle in RecoverTask, reports the Go VM running, and destroys it.
+#[tokio::test]
+async fn recover_task_over_grpc_adopts_a_running_go_domain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = dir.path().join("node.xml");
+    // The test driver runs the domains its node file defines.
+    std::fs::write(
+        &node,
+        "<node>\n  <domain type='test'>\n    <name>web-9f8e7d6c</name>\n    \
+         <memory unit='MiB'>128</memory>\n    <os><type>hvm</type></os>\n  </domain>\n</node>\n",
+    )
+    .expect("write node");
+    let plugin = common::launch().await;
+    plugin
+        .set_config_hcl(&common::test_driver_config(&node), None)
+        .await
+        .expect("set config");
+    let mut driver = plugin.driver();
+    let bare = Go::Struct(vec![
+        ("TaskConfig", go_task_config()),
+        ("StartedAt", go_time(STARTED_SECS, 0, 0)),
+        ("NetTeardown", Go::Nil),
+    ]);
+    driver
+        .recover_task(RecoverTaskRequest {
+            task_id: TASK_ID.into(),
+            handle: Some(handle(go_bytes(&bare))),
+        })
+        .await
+        .expect("RecoverTask takes the Go handle");
+    let inspected = driver
+        .inspect_task(InspectTaskRequest {
+            task_id: TASK_ID.into(),
+        })
+        .await
+        .expect("InspectTask")
+        .into_inner();
+    let status = inspected.task.expect("status");
+    assert_eq!(status.state, ProtoTaskState::Running as i32, "{status:?}");
+    assert_eq!(
+        status.started_at.map(|t| t.seconds),
+        Some(STARTED_SECS),
+        "StartedAt comes from the Go handle"
+    );
+    assert_eq!(
+        inspected.driver.expect("driver status").attributes["domain_name"],
+        "web-9f8e7d6c"
+    );
+    for _ in 0..2 {
+        driver
+            .destroy_task(DestroyTaskRequest {
+                task_id: TASK_ID.into(),
+                force: true,
+            })
+            .await
+            .expect("DestroyTask (and again)");
+    }
+    let gone = driver
+        .inspect_task(InspectTaskRequest {
+            task_id: TASK_ID.into(),
+        })
+        .await
+        .expect_err("destroyed tasks are forgotten");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    plugin.kill().await.expect("exit");
 }
