@@ -889,6 +889,38 @@ fn go_rules_and_reservation_are_removed_and_nothing_else() {
         1
     );
     assert_eq!(ns.save_all(), expected);
+
+    // A spelling iptables-save prints differently (`--destination-port`) is
+    // still found, by `iptables -C`, and deleted by its own spelling.
+    let odd = [
+        "nat",
+        CHAIN_PRT,
+        "-d",
+        "10.0.0.6",
+        "-p",
+        "tcp",
+        "-m",
+        "tcp",
+        "--destination-port",
+        "24003",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "192.168.122.10:8000",
+    ];
+    ns.go_append(&odd);
+    let odd = IptablesRule {
+        table: odd[0].into(),
+        chain: odd[1].into(),
+        args: odd[2..].iter().map(|arg| arg.to_string()).collect(),
+    };
+    assert_eq!(
+        ipt.remove_rules(std::slice::from_ref(&odd))
+            .expect("remove"),
+        1
+    );
+    assert_eq!(ns.save_all(), expected);
+    assert_eq!(ipt.remove_rules(&[odd]).expect("remove"), 0);
 }
 
 /// Through the real wire path: a plugin that never started the task takes
