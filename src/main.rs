@@ -3,41 +3,30 @@
 
 use std::process::ExitCode;
 
-use nomad_driver_virt::cli;
-use nomad_driver_virt::driver::{Driver, PLUGIN_VERSION};
-use nomad_driver_virt::plugin::{self, handshake, hclog};
-
-const USAGE: &str =
-    "nomad-driver-virt: a Nomad task driver that runs virtual machines through libvirt
-
-Nomad starts this binary from its plugin_dir; it is not meant to be run by hand
-except through these commands:
-
-  nomad-driver-virt run JOBFILE [--plugin-config FILE] [--task NAME]
-                                run the job's virt tasks on this machine's
-                                libvirt, as a Nomad client would (run --help)
-  nomad-driver-virt validate JOBFILE
-                                check the job's virt tasks without libvirt
-  nomad-driver-virt version     print the plugin version
-  nomad-driver-virt help        print this text
-";
+use clap::Parser as _;
+use nomad_driver_virt::cli::{self, Cli, Command};
+use nomad_driver_virt::driver::Driver;
+use nomad_driver_virt::logging::{self, LogFormat};
+use nomad_driver_virt::meta::PLUGIN_VERSION;
+use nomad_driver_virt::plugin::{self, handshake};
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
     match std::env::var(handshake::MAGIC_COOKIE_KEY) {
         Ok(cookie) => {
             if !handshake::cookie_matches(Some(&cookie)) {
                 eprint!("{}", handshake::NOT_A_PLUGIN_MESSAGE);
                 return ExitCode::from(1);
             }
+            // Nomad passes no arguments we act on; none are parsed.
+            let args: Vec<String> = std::env::args().skip(1).collect();
             serve_plugin(&args)
         }
-        Err(_) => run_cli(&args),
+        Err(_) => run_cli(),
     }
 }
 
 fn serve_plugin(args: &[String]) -> ExitCode {
-    hclog::init(hclog::LogFormat::HclogJson);
+    logging::init(LogFormat::HclogJson);
     if !args.is_empty() {
         tracing::warn!(args = ?args, "ignoring plugin arguments; this plugin takes none");
     }
@@ -63,31 +52,25 @@ fn serve_plugin(args: &[String]) -> ExitCode {
     std::process::exit(code)
 }
 
-fn run_cli(args: &[String]) -> ExitCode {
-    match args.first().map(String::as_str) {
-        Some("version" | "--version" | "-v") => {
+/// The CLI: clap prints help and version and exits 2 on usage errors.
+fn run_cli() -> ExitCode {
+    let cli = Cli::parse_from(cli::normalize_flags(std::env::args()));
+    match cli.command {
+        Some(Command::Version) => {
             println!("nomad-driver-virt {PLUGIN_VERSION}");
             ExitCode::SUCCESS
         }
-        Some("run") => {
-            cli::init_logging();
-            exit_code(cli::run::command(&args[1..]))
+        Some(Command::Run(args)) => {
+            logging::init(LogFormat::Human);
+            exit_code(cli::run::command(args))
         }
-        Some("validate") => {
-            cli::init_logging();
-            exit_code(cli::validate::command(&args[1..]))
-        }
-        Some("help" | "--help" | "-h") => {
-            print!("{USAGE}");
-            ExitCode::SUCCESS
+        Some(Command::Validate { files }) => {
+            logging::init(LogFormat::Human);
+            exit_code(cli::validate::command(&files))
         }
         None => {
             eprint!("{}", handshake::NOT_A_PLUGIN_MESSAGE);
             ExitCode::from(1)
-        }
-        Some(other) => {
-            eprintln!("unknown command {other:?}\n\n{USAGE}");
-            ExitCode::from(2)
         }
     }
 }

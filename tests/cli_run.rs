@@ -308,7 +308,9 @@ fn after<'a>(line: &'a str, prefix: &str) -> &'a str {
 
 #[test]
 fn hello_job_serves_its_page_and_ctrl_c_removes_everything() {
-    vm::require_host();
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
     let setup = Setup::new();
     let job = setup.write_job("hello.nomad.hcl", &hello_job("ndvtest-hello"));
     let started_at = Instant::now();
@@ -432,7 +434,9 @@ fn hello_job_serves_its_page_and_ctrl_c_removes_everything() {
 
 #[test]
 fn a_failed_start_leaves_nothing_behind() {
-    vm::require_host();
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
     let setup = Setup::new();
     let job = setup.write_job(
         "missing-image.nomad.hcl",
@@ -469,7 +473,9 @@ fn a_failed_start_leaves_nothing_behind() {
 
 #[test]
 fn a_guest_that_powers_off_ends_the_run_with_its_exit_code() {
-    vm::require_host();
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
     let setup = Setup::new();
     let job = hello_job("ndvtest-poweroff").replace(
         "        cmds = [\n",
@@ -535,7 +541,9 @@ fn children_of(pid: u32) -> Vec<u32> {
 
 #[test]
 fn a_plugin_crash_still_leaves_nothing_behind() {
-    vm::require_host();
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
     let setup = Setup::new();
     let job = setup.write_job("crash.nomad.hcl", &hello_job("ndvtest-crash"));
     let state_dir = setup.state_dir();
@@ -674,5 +682,10 @@ fn jobs_the_local_runner_cannot_run_are_refused_before_anything_starts() {
         .output()
         .expect("run");
     assert_eq!(usage.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: nomad-driver-virt run"));
+    let stderr = String::from_utf8_lossy(&usage.stderr);
+    assert!(
+        stderr.contains("unexpected argument '--bogus'")
+            && stderr.contains("Usage: nomad-driver-virt run"),
+        "{stderr}"
+    );
 }

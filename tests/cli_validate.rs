@@ -321,7 +321,22 @@ fn usage_errors() {
         .output()
         .expect("run");
     assert_eq!(output.status.code(), Some(2));
-    assert!(text(&output.stderr).contains("usage: nomad-driver-virt validate"));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("Usage: nomad-driver-virt validate <JOBFILE>..."),
+        "{stderr}"
+    );
+    let unknown = Command::new(binary())
+        .args(["validate", "--strict", "job.hcl"])
+        .output()
+        .expect("run");
+    assert_eq!(unknown.status.code(), Some(2));
+    let help = Command::new(binary())
+        .args(["validate", "--help"])
+        .output()
+        .expect("run");
+    assert_eq!(help.status.code(), Some(0));
+    assert!(text(&help.stdout).contains("FILE:LINE"));
     let missing = validate(&[Path::new("/nonexistent/job.hcl")]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("/nonexistent/job.hcl: cannot read it"));

@@ -2,8 +2,11 @@
 //! every attribute present, nil when unset, sorted keys, compact ints,
 //! exact fractions as float64 and inexact ones as strings.
 
+use nomad_driver_virt::config::network::NetworkInterface;
 use nomad_driver_virt::config::plugin::PluginConfig;
-use nomad_driver_virt::config::task::{decode_and_validate, TaskConfig};
+use nomad_driver_virt::config::task::{
+    decode_and_validate, parse_task_config, DiskBus, DiskKind, TaskConfig,
+};
 use nomad_driver_virt::config::units::ByteSize;
 use nomad_driver_virt::config::{decode_msgpack, ConfigError};
 use proptest::prelude::*;
@@ -189,11 +192,85 @@ fn wrong_types_name_the_field() {
             ]),
         ),
     ])]);
-    let (field, message) = first_error(
-        decode_and_validate(&task(vec![("network_interface", bad_mode)])).expect_err("bad mode"),
-    );
+    let error = decode_and_validate(&task(vec![
+        ("disk", Mp::Array(vec![disk(Mp::Int(1))])),
+        ("network_interface", bad_mode),
+    ]))
+    .expect_err("bad mode");
+    let (field, message) = first_error(error);
     assert_eq!(field, "network_interface[0].macvtap.mode");
     assert!(message.contains("\"private\""), "{message}");
+}
+
+#[test]
+fn the_task_spec_is_typed() {
+    let interface = Mp::Array(vec![Mp::Map(vec![
+        (
+            "bridge",
+            Mp::Map(vec![
+                ("name", Mp::Str("virbr0")),
+                ("ports", Mp::Array(vec![Mp::Str("http")])),
+            ]),
+        ),
+        ("macvtap", Mp::Nil),
+    ])]);
+    let spec = parse_task_config(&task(vec![
+        ("hostname", Mp::Str("web-1")),
+        ("disk", Mp::Array(vec![disk(Mp::Str("1.5GiB"))])),
+        ("network_interface", interface),
+    ]))
+    .expect("valid");
+    assert_eq!(spec.hostname.as_ref().map(|h| h.as_str()), Some("web-1"));
+    assert_eq!(spec.disks.len(), 1);
+    let disk = &spec.disks[0];
+    assert_eq!(disk.kind, DiskKind::Disk);
+    assert_eq!(disk.bus(), DiskBus::Virtio);
+    assert_eq!(disk.size, Some(ByteSize(3 << 29)));
+    assert!(disk.primary);
+    let NetworkInterface::Bridge(bridge) = &spec.network_interfaces[0] else {
+        panic!("{spec:?}");
+    };
+    assert_eq!(bridge.name.as_str(), "virbr0");
+    assert_eq!(bridge.ports[0].as_str(), "http");
+}
+
+#[test]
+fn every_problem_is_reported_with_its_path() {
+    let bad_disk = Mp::Map(vec![
+        ("bus_type", Mp::Str("pci")),
+        ("devname", Mp::Str("VDA")),
+        ("driver", Mp::Str("xen")),
+        ("kind", Mp::Str("floppy")),
+        (
+            "source",
+            Mp::Map(vec![
+                ("format", Mp::Str("vmdk")),
+                ("image", Mp::Str("")),
+                ("volume", Mp::Nil),
+            ]),
+        ),
+    ]);
+    let error = parse_task_config(&task(vec![
+        ("hostname", Mp::Str("web_1")),
+        ("timezone", Mp::Str("../etc")),
+        ("disk", Mp::Array(vec![disk(Mp::Int(1)), bad_disk])),
+    ]))
+    .expect_err("invalid");
+    let fields: Vec<&str> = error.errors.iter().map(|e| e.field.as_str()).collect();
+    for expected in [
+        "hostname",
+        "timezone",
+        "disk[1].kind",
+        "disk[1].bus_type",
+        "disk[1].driver",
+        "disk[1].devname",
+        "disk[1].source.format",
+        "disk[1].source.image",
+    ] {
+        assert!(fields.contains(&expected), "{expected} not in {fields:?}");
+    }
+    let text = error.to_string();
+    assert!(text.contains("\"virtio\", \"sata\""), "{text}");
 }
 
 #[test]

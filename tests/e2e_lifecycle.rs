@@ -38,7 +38,9 @@ disk {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_lifecycle_with_crash_recovery() {
-    vm::require_host();
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
     let alloc = Alloc::new("web");
     std::fs::write(
         alloc.alloc_dir().join("alloc/hello.txt"),
@@ -286,7 +288,9 @@ async fn vm_lifecycle_with_crash_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_starts_are_clear_and_leave_nothing() {
-    vm::require_host();
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
     let alloc = Alloc::new("bad");
     let plugin = common::launch().await;
     plugin

@@ -574,7 +574,6 @@ fn our_own_json_state_still_wins() {
         volumes: Vec::new(),
         console_log: None,
         stdout_path: String::new(),
-        task_config: Default::default(),
         net: None,
         guest_ip: None,
         origin: StateOrigin::Native,

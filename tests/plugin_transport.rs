@@ -77,10 +77,20 @@ async fn socket_dir_is_honoured_private_and_removed_after_shutdown() {
     };
     let plugin = common::launch_with(options).await;
     let socket = plugin.socket_path();
+    let private_dir = socket.parent().expect("socket dir").to_path_buf();
     assert_eq!(
-        socket.parent(),
+        private_dir.parent(),
         Some(dir.path()),
-        "socket {socket:?} not in the requested dir"
+        "socket {socket:?} not in a directory of its own in the requested dir"
+    );
+    let dir_mode = std::fs::metadata(&private_dir)
+        .expect("socket dir exists")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        dir_mode, 0o700,
+        "the socket's directory is private: {dir_mode:o}"
     );
     let mode = std::fs::metadata(&socket)
         .expect("socket exists")
@@ -106,10 +116,17 @@ async fn socket_dir_is_honoured_private_and_removed_after_shutdown() {
     let status = plugin.kill().await.expect("plugin exits");
     assert!(status.success(), "exit status {status:?}");
     assert!(!socket.exists(), "socket {socket:?} left behind");
+    assert!(
+        !private_dir.exists(),
+        "socket dir {private_dir:?} left behind"
+    );
 }
 
 #[tokio::test]
 async fn socket_group_is_honoured() {
+    if !common::host_ready(&[common::Need::Root]) {
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     // gid 1 ("daemon" on Debian) differs from root's group 0.
     let options = LaunchOptions {
@@ -126,6 +143,9 @@ async fn socket_group_is_honoured() {
     let metadata = std::fs::metadata(plugin.socket_path()).expect("socket exists");
     assert_eq!(metadata.gid(), 1, "socket group");
     assert_eq!(metadata.permissions().mode() & 0o777, 0o660);
+    let socket_path = plugin.socket_path();
+    let dir = std::fs::metadata(socket_path.parent().expect("dir")).expect("dir exists");
+    assert_eq!((dir.gid(), dir.permissions().mode() & 0o777), (1, 0o750));
     plugin.kill().await.expect("exit");
 }
 

@@ -9,14 +9,27 @@ use std::path::{Component, Path, PathBuf};
 use super::job::{self, ArtifactSpec};
 
 /// Why an artifact cannot be placed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     #[error("artifact source {0} is not supported by the local runner; fetch it yourself and use a local path")]
     Unsupported(String),
     #[error("artifact: {0}")]
     Invalid(String),
-    #[error("artifact {path}: {message}")]
-    Copy { path: String, message: String },
+    #[error("artifact {path}: cannot read it")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("artifact {path}: has no file name")]
+    NoFileName { path: PathBuf },
+    #[error("artifact {path}: cannot copy it to {to}")]
+    Copy {
+        path: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// An artifact with its strings interpolated and its paths resolved.
@@ -104,15 +117,22 @@ fn looks_remote(source: &str) -> bool {
 /// directory (or to the destination itself with `mode = "file"`), a
 /// directory's contents into the destination directory.
 pub fn place(artifact: &LocalArtifact, task_dir: &Path) -> Result<PathBuf, ArtifactError> {
-    let copy_error = |message: String| ArtifactError::Copy {
-        path: artifact.source.display().to_string(),
-        message,
+    let path = || artifact.source.clone();
+    let copy_error = |to: &Path| {
+        let to = to.to_path_buf();
+        move |source| ArtifactError::Copy {
+            path: artifact.source.clone(),
+            to,
+            source,
+        }
     };
-    let metadata = std::fs::metadata(&artifact.source)
-        .map_err(|error| copy_error(format!("cannot read it: {error}")))?;
+    let metadata = std::fs::metadata(&artifact.source).map_err(|source| ArtifactError::Read {
+        path: path(),
+        source,
+    })?;
     let destination = task_dir.join(&artifact.destination);
     if metadata.is_dir() {
-        copy_dir(&artifact.source, &destination).map_err(|e| copy_error(e.to_string()))?;
+        copy_dir(&artifact.source, &destination).map_err(copy_error(&destination))?;
         return Ok(destination);
     }
     let target = if artifact.as_file {
@@ -121,13 +141,13 @@ pub fn place(artifact: &LocalArtifact, task_dir: &Path) -> Result<PathBuf, Artif
         let name = artifact
             .source
             .file_name()
-            .ok_or_else(|| copy_error("has no file name".into()))?;
+            .ok_or_else(|| ArtifactError::NoFileName { path: path() })?;
         destination.join(name)
     };
     if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| copy_error(e.to_string()))?;
+        std::fs::create_dir_all(parent).map_err(copy_error(parent))?;
     }
-    std::fs::copy(&artifact.source, &target).map_err(|e| copy_error(e.to_string()))?;
+    std::fs::copy(&artifact.source, &target).map_err(copy_error(&target))?;
     Ok(target)
 }
 

@@ -94,7 +94,7 @@ pub struct Task {
 
 impl Task {
     pub fn is_virt(&self) -> bool {
-        self.driver.as_deref() == Some(crate::driver::PLUGIN_NAME)
+        self.driver.as_deref() == Some(crate::meta::PLUGIN_NAME)
     }
 }
 
@@ -703,7 +703,7 @@ impl<'a> Parser<'a> {
     fn port(&mut self, block: &Block, scope: &str) -> Option<PortSpec> {
         let label = self.label(block, "port")?;
         let field = format!("network.port \"{label}\"");
-        if !crate::net::config::is_valid_port_label(&label) {
+        if crate::config::names::PortLabel::parse(&label).is_err() {
             self.problem(
                 block.span(),
                 Some(scope),
@@ -765,9 +765,12 @@ impl<'a> Parser<'a> {
                             if let Some(text) = self.string(attribute, &at) {
                                 match crate::config::units::parse_duration(&text) {
                                     Ok(timeout) => task.kill_timeout = Some(timeout),
-                                    Err(message) => {
-                                        self.problem(attribute.span(), Some(&scope), key, message)
-                                    }
+                                    Err(error) => self.problem(
+                                        attribute.span(),
+                                        Some(&scope),
+                                        key,
+                                        error.to_string(),
+                                    ),
                                 }
                             }
                         }
@@ -907,16 +910,7 @@ impl<'a> Parser<'a> {
 /// (heredocs and interpolations included); re-formatted from the parsed
 /// body if the span is unavailable.
 pub fn block_inner_text(source: &str, block: &Block) -> String {
-    block
-        .span()
-        .and_then(|span| source.get(span))
-        .and_then(|text| {
-            let open = text.find('{')?;
-            let close = text.rfind('}')?;
-            text.get(open + 1..close)
-        })
-        .map(str::to_string)
-        .unwrap_or_else(|| hcl::to_string(&hcl::Body::from(block.body.clone())).unwrap_or_default())
+    crate::config::client::block_inner_text(source, block)
 }
 
 /// Evaluates an expression from the job (an env value, an artifact field)

@@ -12,21 +12,6 @@ pub mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Logging for the commands: human lines on stderr (no timestamps, colour
-/// only on a terminal); `NOMAD_DRIVER_VIRT_LOG_LEVEL` sets the level.
-pub fn init_logging() {
-    use std::io::IsTerminal as _;
-    let level =
-        crate::plugin::hclog::env_level().unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .without_time()
-        .with_max_level(level)
-        .try_init();
-}
-
 /// One problem in a job file, located as precisely as we can.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
@@ -97,27 +82,148 @@ impl fmt::Display for Diagnostics {
     }
 }
 
-/// Usage of the `run` command.
-pub const RUN_USAGE: &str = "usage: nomad-driver-virt run JOBFILE [--plugin-config FILE] [--task NAME] [--state-dir DIR] [--verbose]
+/// The command line when Nomad did not start us (no go-plugin cookie).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "nomad-driver-virt",
+    version = crate::meta::PLUGIN_VERSION,
+    disable_version_flag = true,
+    about = "A Nomad task driver that runs virtual machines through libvirt",
+    long_about = "A Nomad task driver that runs virtual machines through libvirt.\n\n\
+        Nomad starts this binary from its plugin_dir; it is not meant to be run by \
+        hand except through these commands."
+)]
+pub struct Cli {
+    /// Print the plugin version.
+    #[arg(short = 'v', long = "version", action = clap::ArgAction::Version)]
+    version: Option<bool>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
 
-Runs the job's driver = \"virt\" tasks on this machine's libvirt, through the
-plugin interface Nomad uses. Ctrl-C stops the VMs (within each task's
-kill_timeout) and removes them; the exit code is the task's.
+/// The subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run the job's virt tasks on this machine's libvirt, as a Nomad client would.
+    Run(run::RunArgs),
+    /// Check the job's virt tasks without libvirt.
+    ///
+    /// Checks every driver = "virt" task of each job file against the task
+    /// config schema and the driver's validation, without libvirt. A Nomad
+    /// client config (plugin blocks, no job) has its plugin
+    /// "nomad-driver-virt" block checked instead. Problems are reported as
+    /// FILE:LINE: task "NAME": FIELD: MESSAGE; the exit code is 1 if any.
+    Validate {
+        /// Job files or Nomad client configs.
+        #[arg(required = true, value_name = "JOBFILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Print the plugin version.
+    Version,
+}
 
-  --plugin-config FILE  a Nomad client config whose plugin \"nomad-driver-virt\"
-                        block configures the plugin (default: plugin defaults)
-  --task NAME           run only this task
-  --state-dir DIR       where allocation directories go
-                        (default /var/lib/nomad-driver-virt/run)
-  --verbose             also show the plugin's own log lines
-";
+/// `run`'s long flags also work with one dash (`-task web`), as Nomad's own
+/// CLI spells flags; clap wants two.
+const GO_STYLE_FLAGS: [&str; 4] = ["-plugin-config", "-task", "-state-dir", "-verbose"];
 
-/// Usage of the `validate` command.
-pub const VALIDATE_USAGE: &str = "usage: nomad-driver-virt validate JOBFILE...
+/// Rewrites Go-style single-dash long flags to clap's `--flag`.
+pub fn normalize_flags(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .map(|arg| {
+            let name = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
+            if GO_STYLE_FLAGS.contains(&name) {
+                format!("-{arg}")
+            } else {
+                arg
+            }
+        })
+        .collect()
+}
 
-Checks every driver = \"virt\" task of each job file against the task config
-schema and the driver's validation, without libvirt. A Nomad client config
-(plugin blocks, no job) has its plugin \"nomad-driver-virt\" block checked
-instead. Problems are reported as FILE:LINE: task \"NAME\": FIELD: MESSAGE;
-the exit code is 1 if any.
-";
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let args = std::iter::once("nomad-driver-virt")
+            .chain(args.iter().copied())
+            .map(String::from);
+        Cli::try_parse_from(normalize_flags(args))
+    }
+
+    #[test]
+    fn run_arguments() {
+        let Some(Command::Run(args)) = parse(&[
+            "run",
+            "job.hcl",
+            "--plugin-config",
+            "c.hcl",
+            "--task=web",
+            "--verbose",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("not run");
+        };
+        assert_eq!(
+            args,
+            run::RunArgs {
+                job_file: "job.hcl".into(),
+                plugin_config: Some("c.hcl".into()),
+                task: Some("web".into()),
+                state_dir: run::DEFAULT_STATE_DIR.into(),
+                verbose: true,
+            }
+        );
+        let Some(Command::Run(go_style)) =
+            parse(&["run", "-task", "web", "-state-dir=/s", "-v", "job.hcl"])
+                .expect("parses")
+                .command
+        else {
+            panic!("not run");
+        };
+        assert_eq!(go_style.task.as_deref(), Some("web"));
+        assert_eq!(go_style.state_dir, PathBuf::from("/s"));
+        assert!(go_style.verbose);
+        for bad in [
+            &["run"][..],
+            &["run", "a", "b"],
+            &["run", "a", "--task"],
+            &["run", "a", "--bogus"],
+        ] {
+            let error = parse(bad).expect_err("usage error");
+            assert_eq!(error.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn validate_needs_files_and_version_prints() {
+        assert_eq!(parse(&["validate"]).expect_err("no files").exit_code(), 2);
+        assert_eq!(
+            parse(&["validate", "--strict", "a"])
+                .expect_err("flag")
+                .exit_code(),
+            2
+        );
+        assert!(matches!(
+            parse(&["validate", "a.hcl", "b.hcl"]).expect("parses").command,
+            Some(Command::Validate { files }) if files.len() == 2
+        ));
+        for flag in ["-v", "--version"] {
+            let shown = parse(&[flag]).expect_err("version exits");
+            assert_eq!(shown.kind(), clap::error::ErrorKind::DisplayVersion);
+            assert_eq!(
+                shown.to_string().trim(),
+                format!("nomad-driver-virt {}", crate::meta::PLUGIN_VERSION)
+            );
+        }
+        assert!(matches!(
+            parse(&["version"]).expect("parses").command,
+            Some(Command::Version)
+        ));
+        assert!(parse(&[]).expect("parses").command.is_none());
+        assert_eq!(parse(&["bogus"]).expect_err("unknown").exit_code(), 2);
+    }
+}

@@ -20,10 +20,10 @@ use tokio::sync::{mpsc, watch};
 use super::alloc::{self, AllocIdentity, AllocPaths, HostCpu, TaskRequest, TaskResources};
 use super::artifact::{self, LocalArtifact};
 use super::hostnet;
-use super::job::{self, JobFile, Task};
+use super::job::{JobFile, Task};
 use super::validate;
 use super::{Diagnostic, Diagnostics};
-use crate::config::task::TaskConfig as TypedTaskConfig;
+use crate::config::task::TaskSpec;
 use crate::nomad_client::{LaunchOptions, PluginClient};
 use crate::pb::hashicorp::nomad::plugins::base::proto::{NomadConfig, NomadDriverConfig};
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::fingerprint_response::HealthState;
@@ -40,7 +40,7 @@ pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Nomad's client `max_kill_timeout` default: StopTask never gets more.
 pub const MAX_KILL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The plugin block label Nomad matches against the binary's file name.
-pub const PLUGIN_BLOCK_LABEL: &str = "nomad-driver-virt";
+pub use crate::config::client::PLUGIN_BLOCK_LABEL;
 /// How long to wait for a task's exit after StopTask returned.
 const EXIT_AFTER_STOP: Duration = Duration::from_secs(30);
 /// How often the console file is read.
@@ -52,72 +52,31 @@ const EVENTS_SETTLE_MAX: Duration = Duration::from_secs(2);
 /// Exit code when a run is interrupted before any task started.
 const INTERRUPTED: i32 = 130;
 
-/// The `run` command's arguments.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Runs the job's driver = "virt" tasks on this machine's libvirt, through
+/// the plugin interface Nomad uses. Ctrl-C stops the VMs (within each task's
+/// kill_timeout) and removes them; the exit code is the task's.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct RunArgs {
+    /// The Nomad job file.
+    #[arg(value_name = "JOBFILE")]
     pub job_file: PathBuf,
+    /// A Nomad client config whose plugin "nomad-driver-virt" block
+    /// configures the plugin (default: plugin defaults).
+    #[arg(long, value_name = "FILE")]
     pub plugin_config: Option<PathBuf>,
+    /// Run only this task.
+    #[arg(long, value_name = "NAME")]
     pub task: Option<String>,
+    /// Where allocation directories go.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Also show the plugin's own log lines.
+    #[arg(long, short = 'v')]
     pub verbose: bool,
 }
 
-/// Parses `JOBFILE [--plugin-config FILE] [--task NAME] [--state-dir DIR] [--verbose]`.
-pub fn parse_args(args: &[String]) -> Result<RunArgs, String> {
-    let mut job_file = None;
-    let mut plugin_config = None;
-    let mut task = None;
-    let mut state_dir = PathBuf::from(DEFAULT_STATE_DIR);
-    let mut verbose = false;
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| iter.next().cloned())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match flag {
-            "--plugin-config" | "-plugin-config" => {
-                plugin_config = Some(PathBuf::from(value(flag)?))
-            }
-            "--task" | "-task" => task = Some(value(flag)?),
-            "--state-dir" | "-state-dir" => state_dir = PathBuf::from(value(flag)?),
-            "--verbose" | "-verbose" | "-v" => verbose = true,
-            other if other.starts_with('-') => return Err(format!("unknown option {other}")),
-            other => {
-                if job_file.replace(PathBuf::from(other)).is_some() {
-                    return Err("give exactly one job file".into());
-                }
-            }
-        }
-    }
-    Ok(RunArgs {
-        job_file: job_file.ok_or("missing JOBFILE")?,
-        plugin_config,
-        task,
-        state_dir,
-        verbose,
-    })
-}
-
-/// The `run` command: the task's exit code, 1 on errors, 2 on usage errors.
-pub fn command(args: &[String]) -> i32 {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        print!("{}", super::RUN_USAGE);
-        return 0;
-    }
-    let args = match parse_args(args) {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("run: {message}\n\n{}", super::RUN_USAGE);
-            return 2;
-        }
-    };
+/// The `run` command: the task's exit code, 1 on errors.
+pub fn command(args: RunArgs) -> i32 {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -150,7 +109,7 @@ struct PlannedTask {
     task_id: String,
     env: BTreeMap<String, String>,
     resources: TaskResources,
-    typed: TypedTaskConfig,
+    typed: TaskSpec,
     artifacts: Vec<LocalArtifact>,
     kill_timeout: Duration,
     kill_signal: String,
@@ -339,7 +298,7 @@ fn plan(file: &JobFile, args: &RunArgs) -> anyhow::Result<Vec<PlannedAlloc>> {
                 "{}: job {:?} has no task with driver = \"{}\"",
                 file.path.display(),
                 file.job.id,
-                crate::driver::PLUGIN_NAME
+                crate::meta::PLUGIN_NAME
             ),
         }
     }
@@ -354,41 +313,7 @@ pub fn read_plugin_config(path: Option<&Path>) -> anyhow::Result<String> {
     };
     let source = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the plugin config {}", path.display()))?;
-    plugin_config_body(&source).map_err(|message| anyhow!("{}: {message}", path.display()))
-}
-
-/// [`read_plugin_config`] on text.
-pub fn plugin_config_body(source: &str) -> Result<String, String> {
-    let body = hcl::edit::parser::parse_body(source).map_err(|error| {
-        format!(
-            "invalid HCL at line {}, column {}: {}",
-            error.location().line(),
-            error.location().column(),
-            error.message()
-        )
-    })?;
-    let plugin = body
-        .get_blocks("plugin")
-        .find(|block| {
-            block
-                .labels
-                .first()
-                .is_some_and(|label| label.as_str() == PLUGIN_BLOCK_LABEL)
-        })
-        .ok_or_else(|| {
-            format!("has no plugin \"{PLUGIN_BLOCK_LABEL}\" block; add plugin \"{PLUGIN_BLOCK_LABEL}\" {{ config {{ ... }} }} (Nomad matches the label against the binary's file name)")
-        })?;
-    let mut configs = plugin.body.get_blocks("config");
-    let text = configs
-        .next()
-        .map(|config| job::block_inner_text(source, config))
-        .unwrap_or_default();
-    if configs.next().is_some() {
-        return Err(format!(
-            "plugin \"{PLUGIN_BLOCK_LABEL}\" has more than one config block"
-        ));
-    }
-    Ok(text)
+    crate::config::client::plugin_config_body(&source).with_context(|| path.display().to_string())
 }
 
 /// Counts SIGINT/SIGTERM: the first asks for a graceful stop, the next
@@ -670,7 +595,7 @@ fn reachable_at(label: &str, host_ip: &str, host_port: i32, guest_port: i32) -> 
 
 /// The lines telling where the task's mapped ports answer.
 fn port_lines(
-    typed: &TypedTaskConfig,
+    typed: &TaskSpec,
     ports: &[PortMapping],
     response: &StartTaskResponse,
 ) -> Vec<String> {
@@ -682,14 +607,10 @@ fn port_lines(
         "    guest IP: {}",
         guest_ip.as_deref().unwrap_or("not reported by the driver")
     )];
-    let mapped = typed
-        .network_interface
-        .iter()
-        .flatten()
-        .filter_map(|interface| interface.bridge.as_ref())
-        .flat_map(|bridge| bridge.ports.iter().flatten());
+    let mapped = typed.bridges().flat_map(|bridge| bridge.ports.iter());
     for label in mapped {
-        let Some(port) = ports.iter().find(|p| &p.label == label) else {
+        let label = label.as_str();
+        let Some(port) = ports.iter().find(|p| p.label == label) else {
             continue;
         };
         let guest_port = network
@@ -1240,50 +1161,6 @@ mod tests {
     use super::*;
     use crate::pb::hashicorp::nomad::plugins::drivers::proto::{ExitResult, NetworkOverride};
 
-    fn strings(args: &[&str]) -> Vec<String> {
-        args.iter().map(|a| a.to_string()).collect()
-    }
-
-    #[test]
-    fn arguments() {
-        let args = parse_args(&strings(&[
-            "job.hcl",
-            "--plugin-config",
-            "c.hcl",
-            "--task=web",
-            "--verbose",
-        ]))
-        .expect("parses");
-        assert_eq!(
-            args,
-            RunArgs {
-                job_file: "job.hcl".into(),
-                plugin_config: Some("c.hcl".into()),
-                task: Some("web".into()),
-                state_dir: DEFAULT_STATE_DIR.into(),
-                verbose: true,
-            }
-        );
-        assert!(parse_args(&strings(&[])).is_err());
-        assert!(parse_args(&strings(&["a", "b"])).is_err());
-        assert!(parse_args(&strings(&["a", "--task"])).is_err());
-        assert!(parse_args(&strings(&["a", "--bogus"])).is_err());
-    }
-
-    #[test]
-    fn plugin_config_block() {
-        let client = "plugin_dir = \"/x\"\nplugin \"other\" {\n  config {\n    a = 1\n  }\n}\nplugin \"nomad-driver-virt\" {\n  config {\n    accelerator = \"tcg\"\n  }\n}\n";
-        let body = plugin_config_body(client).expect("found");
-        assert_eq!(body.trim(), "accelerator = \"tcg\"");
-        assert!(plugin_config_body("plugin \"virt\" {}\n")
-            .expect_err("wrong label")
-            .contains("no plugin \"nomad-driver-virt\" block"));
-        assert_eq!(
-            plugin_config_body("plugin \"nomad-driver-virt\" {}\n").expect("no config"),
-            ""
-        );
-    }
-
     #[test]
     fn exit_codes() {
         let outcome = |exit_code, signal, err: &str| Outcome {
@@ -1315,14 +1192,14 @@ mod tests {
 
     #[test]
     fn port_lines_show_the_mapping() {
-        let typed = TypedTaskConfig {
-            network_interface: Some(vec![crate::net::config::NetworkInterfaceConfig {
-                bridge: Some(crate::net::config::NetworkInterfaceBridgeConfig {
-                    name: "virbr0".into(),
-                    ports: Some(vec!["http".into(), "ssh".into()]),
-                }),
-                macvtap: None,
-            }]),
+        use crate::config::names::{InterfaceName, PortLabel};
+        use crate::config::network::{BridgeInterface, NetworkInterface};
+        let label = |text: &str| PortLabel::parse(text).expect("valid label");
+        let typed = TaskSpec {
+            network_interfaces: vec![NetworkInterface::Bridge(BridgeInterface {
+                name: InterfaceName::parse("virbr0").expect("valid name"),
+                ports: vec![label("http"), label("ssh")],
+            })],
             ..Default::default()
         };
         let ports = vec![

@@ -10,7 +10,9 @@ use std::path::Path;
 use super::alloc::{self, AllocIdentity, HostCpu};
 use super::job::{Group, JobFile, Task};
 use super::{Diagnostic, Diagnostics};
-use crate::config::task::{self as task_config, TaskConfig};
+use crate::config::client::{self, PLUGIN_BLOCK_LABEL};
+use crate::config::task::{self as task_config, TaskSpec};
+use crate::config::ConfigErrors;
 use crate::nomad_client::hcldec::{self, HclDecodeError};
 
 /// What a successful validation found.
@@ -33,7 +35,7 @@ impl std::fmt::Display for Summary {
                 tasks.join(", ")
             ),
             Summary::ClientConfig => {
-                write!(f, "plugin \"{}\" config", super::run::PLUGIN_BLOCK_LABEL)
+                write!(f, "plugin \"{}\" config", PLUGIN_BLOCK_LABEL)
             }
         }
     }
@@ -52,7 +54,7 @@ pub fn check_task(
     group: &Group,
     task: &Task,
     env: &BTreeMap<String, String>,
-) -> Result<TaskConfig, Vec<Diagnostic>> {
+) -> Result<TaskSpec, Vec<Diagnostic>> {
     let scope = task_scope(task);
     let at = |line: usize, field: &str, message: String| {
         Diagnostic::new(&file.path, Some(line), message)
@@ -88,7 +90,7 @@ pub fn check_task(
         vec![diagnostic]
     })?;
     let bytes = crate::nomad::cty::to_msgpack(&value);
-    let typed = task_config::decode_and_validate(&bytes).map_err(|error| {
+    let located = |error: ConfigErrors| {
         error
             .errors
             .iter()
@@ -100,59 +102,21 @@ pub fn check_task(
                 )
             })
             .collect::<Vec<_>>()
-    })?;
+    };
+    // The very function StartTask uses; no rule of the task config is
+    // repeated here.
+    let typed = task_config::parse_task_config(&bytes).map_err(located)?;
 
-    let mut problems = Vec::new();
-    if typed.disk.as_deref().unwrap_or_default().is_empty() {
-        problems.push(at(
-            config.line,
-            "disk",
-            "a VM needs at least one disk block, e.g. disk { source { image = \"debian-12.qcow2\" } }"
-                .into(),
-        ));
-    }
     let labels: BTreeSet<&str> = group
         .network
         .iter()
         .flat_map(|network| network.ports.iter().map(|port| port.label.as_str()))
         .collect();
-    for (index, interface) in typed
-        .network_interface
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
-        let ports = interface
-            .bridge
-            .iter()
-            .flat_map(|b| b.ports.iter().flatten());
-        for (port_index, label) in ports.enumerate() {
-            if !labels.contains(label.as_str()) {
-                let field = format!("network_interface[{index}].bridge.ports[{port_index}]");
-                let known = if labels.is_empty() {
-                    "the group has no network ports".to_string()
-                } else {
-                    format!(
-                        "the group's ports are {}",
-                        labels
-                            .iter()
-                            .map(|l| format!("{l:?}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                };
-                problems.push(at(
-                    file.line_of_config_field(config, &field),
-                    &field,
-                    format!(
-                        "{label:?} is not a port of group {:?} ({known}); add network {{ port {label:?} {{ to = ... }} }} to the group",
-                        group.name
-                    ),
-                ));
-            }
-        }
-    }
+    let mut problems = typed
+        .check_port_labels(&labels, &format!("group {:?}", group.name))
+        .err()
+        .map(located)
+        .unwrap_or_default();
     let memory = task.resources.memory.unwrap_or(alloc::DEFAULT_MEMORY_MB);
     if memory < crate::task::plan::MIN_MEMORY_MB {
         problems.push(at(
@@ -231,8 +195,8 @@ pub fn validate_file(path: &Path) -> Result<Summary, Diagnostics> {
             format!("cannot read it: {error}"),
         )])
     })?;
-    if let Ok(body) = hcl::edit::parser::parse_body(&source) {
-        if !body.has_blocks("job") && body.has_blocks("plugin") {
+    if let Ok(body) = client::parse(&source) {
+        if client::is_client_config(&body) {
             return validate_client_config(path, &source, &body);
         }
     }
@@ -264,7 +228,7 @@ pub fn validate_file(path: &Path) -> Result<Summary, Diagnostics> {
             format!(
                 "job {:?} has no task with driver = \"{}\"",
                 file.job.id,
-                crate::driver::PLUGIN_NAME
+                crate::meta::PLUGIN_NAME
             ),
         ));
     }
@@ -285,26 +249,23 @@ fn validate_client_config(
     source: &str,
     body: &hcl::edit::structure::Body,
 ) -> Result<Summary, Diagnostics> {
-    let label = super::run::PLUGIN_BLOCK_LABEL;
     let starts: Vec<usize> = std::iter::once(0)
         .chain(source.match_indices('\n').map(|(i, _)| i + 1))
         .collect();
     let line_of = |span: Option<std::ops::Range<usize>>| {
         span.map(|span| starts.partition_point(|start| *start <= span.start))
     };
-    let scope = format!("plugin \"{label}\"");
-    let Some(plugin) = body
-        .get_blocks("plugin")
-        .find(|block| block.labels.first().is_some_and(|l| l.as_str() == label))
-    else {
-        return Err(Diagnostics(vec![Diagnostic::new(
-            path,
-            None,
-            format!("has no plugin \"{label}\" block (the label must be the binary's file name)"),
-        )]));
-    };
-    let Some(config) = plugin.body.get_blocks("config").next() else {
-        return Ok(Summary::ClientConfig);
+    let scope = format!("plugin \"{PLUGIN_BLOCK_LABEL}\"");
+    let config = match client::plugin_config_block(body) {
+        Ok(Some(config)) => config,
+        Ok(None) => return Ok(Summary::ClientConfig),
+        Err(error) => {
+            return Err(Diagnostics(vec![Diagnostic::new(
+                path,
+                None,
+                error.to_string(),
+            )]))
+        }
     };
     use hcl::edit::Span as _;
     let at = |field: &str, message: String| {
@@ -329,17 +290,7 @@ fn validate_client_config(
         }])
     })?;
     let bytes = crate::nomad::cty::to_msgpack(&value);
-    let typed: crate::config::plugin::PluginConfig =
-        crate::config::decode_msgpack("plugin config", &bytes).map_err(|error| {
-            Diagnostics(
-                error
-                    .errors
-                    .iter()
-                    .map(|e| at(&e.field, e.message.clone()))
-                    .collect(),
-            )
-        })?;
-    typed.validate().map_err(|error| {
+    crate::config::plugin::parse_plugin_config(&bytes).map_err(|error| {
         Diagnostics(
             error
                 .errors
@@ -351,23 +302,12 @@ fn validate_client_config(
     Ok(Summary::ClientConfig)
 }
 
-/// The `validate` command: 0 when every file is fine, 1 otherwise, 2 on usage errors.
-pub fn command(args: &[String]) -> i32 {
-    if args.is_empty() || args.iter().any(|a| a == "-h" || a == "--help") {
-        eprint!("{}", super::VALIDATE_USAGE);
-        return if args.is_empty() { 2 } else { 0 };
-    }
-    if let Some(flag) = args.iter().find(|a| a.starts_with('-')) {
-        eprintln!(
-            "validate: unknown option {flag}\n\n{}",
-            super::VALIDATE_USAGE
-        );
-        return 2;
-    }
+/// The `validate` command: 0 when every file is fine, 1 otherwise.
+pub fn command(files: &[std::path::PathBuf]) -> i32 {
     let mut failed = false;
-    for path in args {
-        match validate_file(Path::new(path)) {
-            Ok(summary) => println!("{path}: OK: {summary}"),
+    for path in files {
+        match validate_file(path) {
+            Ok(summary) => println!("{}: OK: {summary}", path.display()),
             Err(problems) => {
                 failed = true;
                 eprintln!("{problems}");

@@ -1,7 +1,20 @@
 //! Plugin and task configuration: the typed values, their defaults and
 //! validation, and the hclspec schema next to them so a field cannot exist in
 //! one and not the other (see the drift tests in `tests/schema_roundtrip.rs`).
+//!
+//! - `task`: the task config, wire form and typed [`task::TaskSpec`]
+//!   ([`task::parse_task_config`] is the one entry for StartTask and the CLI);
+//! - `network`: its `network_interface` blocks;
+//! - `plugin`: the plugin config and its [`plugin::Settings`];
+//! - `client`: finding the plugin's block in a Nomad client config file;
+//! - `names`, `units`: the newtypes (hostname, interface name, MAC, ...),
+//!   byte sizes and Go durations the configs are made of;
+//! - `hclspec`: the schema language.
 
+pub mod client;
+pub mod hclspec;
+pub mod names;
+pub mod network;
 pub mod plugin;
 pub mod task;
 pub mod units;
@@ -31,13 +44,13 @@ impl fmt::Display for FieldError {
 
 /// Every problem found in one config, reported together.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigError {
+pub struct ConfigErrors {
     /// Which config: "plugin config" or "task config".
     pub what: &'static str,
     pub errors: Vec<FieldError>,
 }
 
-impl fmt::Display for ConfigError {
+impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "invalid {}: ", self.what)?;
         for (index, error) in self.errors.iter().enumerate() {
@@ -49,6 +62,9 @@ impl fmt::Display for ConfigError {
         Ok(())
     }
 }
+
+/// The old name of [`ConfigErrors`], kept for callers not yet renamed.
+pub type ConfigError = ConfigErrors;
 
 /// Collects field errors while validating.
 #[derive(Debug, Default)]
@@ -62,15 +78,30 @@ impl Problems {
         });
     }
 
+    /// Records `result`'s error under `field`; the value when it is fine.
+    pub fn check<T, E: fmt::Display>(
+        &mut self,
+        field: impl Into<String>,
+        result: Result<T, E>,
+    ) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(error) => {
+                self.add(field, error.to_string());
+                None
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    pub fn into_result<T>(self, what: &'static str, value: T) -> Result<T, ConfigError> {
+    pub fn into_result<T>(self, what: &'static str, value: T) -> Result<T, ConfigErrors> {
         if self.0.is_empty() {
             Ok(value)
         } else {
-            Err(ConfigError {
+            Err(ConfigErrors {
                 what,
                 errors: self.0,
             })
@@ -83,7 +114,7 @@ impl Problems {
 pub fn decode_msgpack<T: DeserializeOwned + Default>(
     what: &'static str,
     bytes: &[u8],
-) -> Result<T, ConfigError> {
+) -> Result<T, ConfigErrors> {
     if bytes.is_empty() {
         return Ok(T::default());
     }
@@ -92,7 +123,7 @@ pub fn decode_msgpack<T: DeserializeOwned + Default>(
         let field = error.path().to_string();
         let field = if field == "." { String::new() } else { field };
         let message = explain_decode_error(&error.inner().to_string());
-        ConfigError {
+        ConfigErrors {
             what,
             errors: vec![FieldError { field, message }],
         }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::filter::LevelFilter;
 
-use super::{ConfigError, Problems};
-use crate::nomad::hclspec::Spec;
+use super::hclspec::Spec;
+use super::{ConfigErrors, Problems};
 
 /// libvirt URI used when the plugin config names none.
 pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
@@ -160,20 +160,15 @@ fn unreachable_default() -> Settings {
     }
 }
 
-/// A libvirt object name we create or look up: no path separators or XML
-/// specials, reasonable length.
-pub fn is_valid_object_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !name.starts_with('.')
+/// Decodes the msgpack plugin config (SetConfig, or a client config file
+/// encoded by the CLI) and checks it into [`Settings`].
+pub fn parse_plugin_config(msgpack: &[u8]) -> Result<Settings, ConfigErrors> {
+    super::decode_msgpack::<PluginConfig>("plugin config", msgpack)?.validate()
 }
 
 impl PluginConfig {
     /// Checks every field and applies defaults; reports all problems at once.
-    pub fn validate(&self) -> Result<Settings, ConfigError> {
+    pub fn validate(&self) -> Result<Settings, ConfigErrors> {
         let mut problems = Problems::default();
         let libvirt = self
             .provider
@@ -232,7 +227,7 @@ impl PluginConfig {
         let mut pools = Vec::new();
         for (name, pool) in pools_config.directory.iter().flatten() {
             let field = format!("storage_pools.directory[{name:?}]");
-            if !is_valid_object_name(name) {
+            if !super::names::is_object_name(name) {
                 problems.add(
                     field.clone(),
                     "pool names may use letters, digits, '-', '_' and '.', up to 64 characters",
@@ -321,7 +316,7 @@ impl PluginConfig {
 
         let log_level = match self.log_level.as_deref() {
             None | Some("") => None,
-            Some(level) => match crate::plugin::hclog::parse_level(level) {
+            Some(level) => match crate::logging::parse_level(level) {
                 Some(level) => Some(level),
                 None => {
                     problems.add(
@@ -344,8 +339,8 @@ impl PluginConfig {
                     );
                     DEFAULT_DHCP_TIMEOUT
                 }
-                Err(message) => {
-                    problems.add("dhcp_timeout", message);
+                Err(error) => {
+                    problems.add("dhcp_timeout", error.to_string());
                     DEFAULT_DHCP_TIMEOUT
                 }
             },

@@ -1,12 +1,16 @@
 //! The task config: what a job author writes in `config { ... }` of a
-//! `driver = "virt"` task, its schema and validation.
+//! `driver = "virt"` task. The wire form ([`TaskConfig`], exactly the fields
+//! of the schema, unknown ones rejected) is decoded from Nomad's msgpack and
+//! then checked into the typed [`TaskSpec`] ([`parse_task_config`]), which is
+//! what every consumer reads.
 
 use serde::{Deserialize, Serialize};
 
+use super::hclspec::Spec;
+use super::names::{GuestDeviceName, Hostname, ObjectName, Timezone};
+use super::network::{self, BridgeInterface, NetworkInterface, NetworkInterfaceConfig};
 use super::units::ByteSize;
-use super::{ConfigError, Problems};
-use crate::net::config::{self as net_config, NetworkInterfaceConfig};
-use crate::nomad::hclspec::Spec;
+use super::{ConfigErrors, Problems};
 
 /// The task config as Nomad encodes it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -59,12 +63,209 @@ pub struct DiskSourceConfig {
     pub format: Option<String>,
 }
 
-/// Disk kinds we attach.
-pub const DISK_KINDS: [&str; 2] = ["disk", "cdrom"];
-/// Buses libvirt/QEMU offer for disks.
-pub const BUS_TYPES: [&str; 5] = ["virtio", "sata", "scsi", "ide", "usb"];
-/// Image formats we read and write.
-pub const DISK_FORMATS: [&str; 2] = ["qcow2", "raw"];
+/// What a disk is to the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DiskKind {
+    #[default]
+    Disk,
+    Cdrom,
+}
+
+/// The bus a disk is attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskBus {
+    Virtio,
+    Sata,
+    Scsi,
+    Ide,
+    Usb,
+}
+
+/// An image format we read and write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DiskFormat {
+    #[default]
+    Qcow2,
+    Raw,
+}
+
+/// The hypervisor-side disk driver; QEMU domains have one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DiskDriver {
+    #[default]
+    Qemu,
+}
+
+/// Declares `ALL`, `as_str` and `parse` for a config keyword enum.
+macro_rules! keywords {
+    ($ty:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The keyword as written in a job.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $text),+
+                }
+            }
+
+            /// Parses the keyword, or says which keywords exist.
+            pub fn parse(text: &str) -> Result<Self, UnknownKeyword> {
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|value| value.as_str() == text)
+                    .ok_or_else(|| UnknownKeyword {
+                        given: text.to_string(),
+                        allowed: Self::ALL.iter().map(|value| value.as_str()).collect(),
+                    })
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+keywords!(DiskKind { Disk => "disk", Cdrom => "cdrom" });
+keywords!(DiskBus { Virtio => "virtio", Sata => "sata", Scsi => "scsi", Ide => "ide", Usb => "usb" });
+keywords!(DiskFormat { Qcow2 => "qcow2", Raw => "raw" });
+keywords!(DiskDriver { Qemu => "qemu" });
+
+/// A keyword that is not one of the allowed ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{given:?} is not one of {}", quoted(allowed))]
+pub struct UnknownKeyword {
+    pub given: String,
+    pub allowed: Vec<&'static str>,
+}
+
+/// The task config checked into types: what every consumer reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskSpec {
+    /// The guest hostname; the driver derives one from the task name when unset.
+    pub hostname: Option<Hostname>,
+    /// A cloud-init user-data file, relative to the task directory.
+    pub user_data: Option<String>,
+    pub default_user_password: Option<String>,
+    pub default_user_authorized_ssh_key: Option<String>,
+    /// Commands cloud-init runs once, in order.
+    pub cmds: Vec<String>,
+    pub timezone: Option<Timezone>,
+    pub os: OsSpec,
+    pub disks: Vec<DiskSpec>,
+    pub network_interfaces: Vec<NetworkInterface>,
+}
+
+/// Guest architecture and machine type, e.g. `x86_64` / `pc`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OsSpec {
+    pub arch: Option<String>,
+    pub machine: Option<String>,
+}
+
+/// One checked `disk` block.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The storage pool for the disk's volume; the plugin's default when unset.
+    pub pool: Option<ObjectName>,
+    pub volume: Option<String>,
+    pub devname: Option<GuestDeviceName>,
+    pub driver: Option<DiskDriver>,
+    pub kind: DiskKind,
+    /// The bus as written; see [`DiskSpec::bus`] for the one used.
+    pub bus_type: Option<DiskBus>,
+    pub format: Option<DiskFormat>,
+    pub primary: bool,
+    pub size: Option<ByteSize>,
+    pub chained: bool,
+    pub read_only: bool,
+    pub sparse: bool,
+    /// Where the contents come from; `None` is an empty disk of `size`.
+    pub source: Option<DiskSource>,
+}
+
+/// Where a disk's contents come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSource {
+    /// An image file, copied (or, `chained`, overlaid) into a new volume.
+    Image {
+        path: String,
+        format: Option<DiskFormat>,
+    },
+    /// An existing volume of the operator's, used in place and never deleted.
+    Volume {
+        name: ObjectName,
+        format: Option<DiskFormat>,
+    },
+}
+
+impl DiskSpec {
+    /// The bus the disk uses: `bus_type`, else IDE for cdroms and virtio otherwise.
+    pub fn bus(&self) -> DiskBus {
+        match (self.bus_type, self.kind) {
+            (Some(bus), _) => bus,
+            (None, DiskKind::Cdrom) => DiskBus::Ide,
+            (None, DiskKind::Disk) => DiskBus::Virtio,
+        }
+    }
+
+    /// The image path, when the disk is made from an image.
+    pub fn image(&self) -> Option<&str> {
+        match &self.source {
+            Some(DiskSource::Image { path, .. }) => Some(path),
+            _ => None,
+        }
+    }
+}
+
+impl TaskSpec {
+    /// Checks that every port the bridge interfaces map is one of `labels`,
+    /// the ports of the task's group (`group` names it in the message).
+    pub fn check_port_labels(
+        &self,
+        labels: &std::collections::BTreeSet<&str>,
+        group: &str,
+    ) -> Result<(), ConfigErrors> {
+        let mut problems = Problems::default();
+        for (index, interface) in self.network_interfaces.iter().enumerate() {
+            let Some(bridge) = interface.bridge() else {
+                continue;
+            };
+            for (port_index, label) in bridge.ports.iter().enumerate() {
+                let label = label.as_str();
+                if labels.contains(label) {
+                    continue;
+                }
+                let known = if labels.is_empty() {
+                    "the group has no network ports".to_string()
+                } else {
+                    format!(
+                        "the group's ports are {}",
+                        quoted(&labels.iter().copied().collect::<Vec<_>>())
+                    )
+                };
+                problems.add(
+                    format!("network_interface[{index}].bridge.ports[{port_index}]"),
+                    format!(
+                        "{label:?} is not a port of {group} ({known}); add network {{ port {label:?} {{ to = ... }} }} to the group"
+                    ),
+                );
+            }
+        }
+        problems.into_result("task config", ())
+    }
+
+    /// The interfaces that take part in host port mapping and lease discovery.
+    pub fn bridges(&self) -> impl Iterator<Item = &BridgeInterface> {
+        self.network_interfaces
+            .iter()
+            .filter_map(NetworkInterface::bridge)
+    }
+}
 
 /// The schema Nomad decodes the task config block with.
 pub fn schema() -> Spec {
@@ -111,209 +312,233 @@ pub fn schema() -> Spec {
                 ),
             ])),
         ),
-        ("network_interface", net_config::schema()),
+        ("network_interface", network::schema()),
     ])
 }
 
-/// An RFC 1123 DNS label: what a guest hostname must be.
-pub fn is_dns_label(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
-        && bytes.first() != Some(&b'-')
-        && bytes.last() != Some(&b'-')
+/// A hostname derived from a Nomad task name; see [`Hostname::from_task_name`].
+pub fn hostname_from_task_name(task_name: &str) -> String {
+    Hostname::from_task_name(task_name).to_string()
 }
 
-/// A hostname derived from a Nomad task name: lower-case, invalid runs
-/// replaced by '-', trimmed to a DNS label.
-pub fn hostname_from_task_name(task_name: &str) -> String {
-    let mut label = String::new();
-    for c in task_name.chars() {
-        let c = c.to_ascii_lowercase();
-        if c.is_ascii_alphanumeric() {
-            label.push(c);
-        } else if !label.ends_with('-') {
-            label.push('-');
-        }
-    }
-    let label: String = label.trim_matches('-').chars().take(63).collect();
-    let label = label.trim_end_matches('-').to_string();
-    if label.is_empty() {
-        "vm".to_string()
-    } else {
-        label
-    }
+/// Decodes the msgpack task config Nomad sends (StartTask) or the CLI
+/// encodes (`validate`, `run`) and checks it into a [`TaskSpec`]: the one
+/// place the task config rules live. Reports every problem, each naming its
+/// field path and the fix.
+pub fn parse_task_config(msgpack: &[u8]) -> Result<TaskSpec, ConfigErrors> {
+    let wire: TaskConfig = super::decode_msgpack("task config", msgpack)?;
+    TaskSpec::try_from(&wire)
+}
+
+/// Decodes and checks like [`parse_task_config`], returning the wire form
+/// (what the driver state keeps in the task handle).
+pub fn decode_and_validate(msgpack: &[u8]) -> Result<TaskConfig, ConfigErrors> {
+    let wire: TaskConfig = super::decode_msgpack("task config", msgpack)?;
+    TaskSpec::try_from(&wire)?;
+    Ok(wire)
 }
 
 impl TaskConfig {
     /// Checks what can be checked without the host; reports all problems.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        TaskSpec::try_from(self).map(drop)
+    }
+}
+
+impl TryFrom<&TaskConfig> for TaskSpec {
+    type Error = ConfigErrors;
+
+    fn try_from(wire: &TaskConfig) -> Result<TaskSpec, ConfigErrors> {
         let mut problems = Problems::default();
-        if let Some(hostname) = &self.hostname {
-            if !is_dns_label(hostname) {
-                problems.add(
-                    "hostname",
-                    format!("{hostname:?} is not a valid hostname: use 1-63 letters, digits and '-', not starting or ending with '-'"),
-                );
-            }
-        }
-        if let Some(timezone) = &self.timezone {
-            let valid = !timezone.is_empty()
-                && timezone.len() <= 64
-                && timezone
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '+'))
-                && !timezone.contains("..");
-            if !valid {
-                problems.add("timezone", format!("{timezone:?} is not a tz database name such as \"Europe/Berlin\" or \"UTC\""));
-            }
-        }
-        if let Some(os) = &self.os {
-            for (field, value) in [("os.arch", &os.arch), ("os.machine", &os.machine)] {
-                if let Some(value) = value {
-                    if value.is_empty()
-                        || !value
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                    {
-                        problems.add(
-                            field,
-                            format!("{value:?} is not a libvirt {} name", &field[3..]),
-                        );
-                    }
-                }
-            }
-        }
-        if let Some(commands) = &self.cmds {
-            for (index, command) in commands.iter().enumerate() {
-                if command.trim().is_empty() {
+        let hostname = wire
+            .hostname
+            .as_deref()
+            .and_then(|hostname| problems.check("hostname", Hostname::parse(hostname)));
+        let timezone = wire
+            .timezone
+            .as_deref()
+            .and_then(|zone| problems.check("timezone", Timezone::parse(zone)));
+        let os = wire.os.clone().unwrap_or_default();
+        for (field, what, example, value) in [
+            ("os.arch", "arch", "\"x86_64\" or \"aarch64\"", &os.arch),
+            ("os.machine", "machine", "\"pc\" or \"q35\"", &os.machine),
+        ] {
+            if let Some(value) = value {
+                if value.is_empty()
+                    || !value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                {
                     problems.add(
-                        format!("cmds[{index}]"),
-                        "is empty; remove it or give a command",
+                        field,
+                        format!("{value:?} is not a libvirt {what} name; use e.g. {example}"),
                     );
                 }
             }
         }
-        self.validate_disks(&mut problems);
-        net_config::validate(
-            self.network_interface.as_deref().unwrap_or_default(),
+        let cmds = wire.cmds.clone().unwrap_or_default();
+        for (index, command) in cmds.iter().enumerate() {
+            if command.trim().is_empty() {
+                problems.add(
+                    format!("cmds[{index}]"),
+                    "is empty; remove it or give a command",
+                );
+            }
+        }
+        let disks = check_disks(wire.disk.as_deref().unwrap_or_default(), &mut problems);
+        let network_interfaces = network::check(
+            wire.network_interface.as_deref().unwrap_or_default(),
             &mut problems,
         );
-        problems.into_result("task config", ())
+        problems.into_result(
+            "task config",
+            TaskSpec {
+                hostname,
+                user_data: wire.user_data.clone(),
+                default_user_password: wire.default_user_password.clone(),
+                default_user_authorized_ssh_key: wire.default_user_authorized_ssh_key.clone(),
+                cmds,
+                timezone,
+                os: OsSpec {
+                    arch: os.arch,
+                    machine: os.machine,
+                },
+                disks,
+                network_interfaces,
+            },
+        )
     }
+}
 
-    fn validate_disks(&self, problems: &mut Problems) {
-        let disks = self.disk.as_deref().unwrap_or_default();
-        let primaries = disks
-            .iter()
-            .filter(|disk| disk.primary == Some(true))
-            .count();
-        if primaries > 1 {
+fn check_disks(disks: &[DiskConfig], problems: &mut Problems) -> Vec<DiskSpec> {
+    if disks.is_empty() {
+        problems.add(
+            "disk",
+            "a VM needs at least one disk block, e.g. disk { source { image = \"debian-12.qcow2\" } }",
+        );
+    }
+    let primaries = disks
+        .iter()
+        .filter(|disk| disk.primary == Some(true))
+        .count();
+    if primaries > 1 {
+        problems.add(
+            "disk",
+            format!("{primaries} disks are marked primary; mark at most one"),
+        );
+    }
+    disks
+        .iter()
+        .enumerate()
+        .map(|(index, disk)| check_disk(disk, &format!("disk[{index}]"), problems))
+        .collect()
+}
+
+/// Checks one disk. The result is only used when `problems` stays empty, so
+/// a field that failed its check takes its default here.
+fn check_disk(disk: &DiskConfig, field: &str, problems: &mut Problems) -> DiskSpec {
+    let kind = disk
+        .kind
+        .as_deref()
+        .and_then(|kind| problems.check(format!("{field}.kind"), DiskKind::parse(kind)))
+        .unwrap_or_default();
+    let bus_type = disk
+        .bus_type
+        .as_deref()
+        .and_then(|bus| problems.check(format!("{field}.bus_type"), DiskBus::parse(bus)));
+    let format = disk
+        .format
+        .as_deref()
+        .and_then(|format| problems.check(format!("{field}.format"), DiskFormat::parse(format)));
+    let driver = disk
+        .driver
+        .as_deref()
+        .and_then(|driver| problems.check(format!("{field}.driver"), DiskDriver::parse(driver)));
+    let devname = disk.devname.as_deref().and_then(|devname| {
+        problems.check(format!("{field}.devname"), GuestDeviceName::parse(devname))
+    });
+    let pool = disk
+        .pool
+        .as_deref()
+        .and_then(|pool| problems.check(format!("{field}.pool"), ObjectName::parse(pool)));
+    let source = disk
+        .source
+        .as_ref()
+        .and_then(|source| check_source(source, field, problems));
+    let chained = disk.chained == Some(true);
+    if chained
+        && disk
+            .source
+            .as_ref()
+            .and_then(|s| s.image.as_ref())
+            .is_none()
+    {
+        problems.add(
+            format!("{field}.chained"),
+            "needs source.image: a chained disk is an overlay on an image",
+        );
+    }
+    let has_contents = disk
+        .source
+        .as_ref()
+        .is_some_and(|s| s.image.is_some() || s.volume.is_some());
+    if !has_contents && disk.size.is_none() && kind == DiskKind::Disk {
+        problems.add(
+            format!("{field}.size"),
+            "is required for an empty disk (no source.image or source.volume); e.g. size = \"10GiB\"",
+        );
+    }
+    if disk.size == Some(ByteSize(0)) {
+        problems.add(format!("{field}.size"), "must be greater than zero");
+    }
+    DiskSpec {
+        pool,
+        volume: disk.volume.clone(),
+        devname,
+        driver,
+        kind,
+        bus_type,
+        format,
+        primary: disk.primary == Some(true),
+        size: disk.size,
+        chained,
+        read_only: disk.read_only == Some(true),
+        sparse: disk.sparse == Some(true),
+        source,
+    }
+}
+
+fn check_source(
+    source: &DiskSourceConfig,
+    field: &str,
+    problems: &mut Problems,
+) -> Option<DiskSource> {
+    let format = source.format.as_deref().and_then(|format| {
+        problems.check(format!("{field}.source.format"), DiskFormat::parse(format))
+    });
+    match (&source.image, &source.volume) {
+        (Some(_), Some(_)) => {
             problems.add(
-                "disk",
-                format!("{primaries} disks are marked primary; mark at most one"),
+                format!("{field}.source"),
+                "set either image or volume, not both",
             );
+            None
         }
-        for (index, disk) in disks.iter().enumerate() {
-            let field = format!("disk[{index}]");
-            let kind = disk.kind.as_deref().unwrap_or("disk");
-            if !DISK_KINDS.contains(&kind) {
-                problems.add(
-                    format!("{field}.kind"),
-                    format!("{kind:?} is not one of \"disk\", \"cdrom\""),
-                );
-            }
-            if let Some(bus) = &disk.bus_type {
-                if !BUS_TYPES.contains(&bus.as_str()) {
-                    problems.add(
-                        format!("{field}.bus_type"),
-                        format!("{bus:?} is not one of {}", quoted(&BUS_TYPES)),
-                    );
-                }
-            }
-            for (name, format) in [
-                ("format", &disk.format),
-                (
-                    "source.format",
-                    &disk.source.as_ref().and_then(|s| s.format.clone()),
-                ),
-            ] {
-                if let Some(format) = format {
-                    if !DISK_FORMATS.contains(&format.as_str()) {
-                        problems.add(
-                            format!("{field}.{name}"),
-                            format!("{format:?} is not one of {}", quoted(&DISK_FORMATS)),
-                        );
-                    }
-                }
-            }
-            if let Some(devname) = &disk.devname {
-                let valid = devname.len() <= 8
-                    && !devname.is_empty()
-                    && devname
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-                if !valid {
-                    problems.add(
-                        format!("{field}.devname"),
-                        format!(
-                            "{devname:?} is not a guest device name such as \"vda\" or \"sdb\""
-                        ),
-                    );
-                }
-            }
-            for (name, value) in [
-                ("pool", &disk.pool),
-                (
-                    "source.volume",
-                    &disk.source.as_ref().and_then(|s| s.volume.clone()),
-                ),
-            ] {
-                if let Some(value) = value {
-                    if !crate::config::plugin::is_valid_object_name(value) {
-                        problems.add(format!("{field}.{name}"), format!("{value:?} is not a valid libvirt object name (letters, digits, '-', '_', '.')"));
-                    }
-                }
-            }
-            if let Some(source) = &disk.source {
-                if source.image.is_some() && source.volume.is_some() {
-                    problems.add(
-                        format!("{field}.source"),
-                        "set either image or volume, not both",
-                    );
-                }
-                if source.image.as_deref() == Some("") {
-                    problems.add(
-                        format!("{field}.source.image"),
-                        "is empty; give the image path",
-                    );
-                }
-            }
-            if disk.chained == Some(true)
-                && disk
-                    .source
-                    .as_ref()
-                    .and_then(|s| s.image.as_ref())
-                    .is_none()
-            {
-                problems.add(
-                    format!("{field}.chained"),
-                    "needs source.image: a chained disk is an overlay on an image",
-                );
-            }
-            if disk.source.is_none() && disk.size.is_none() && kind == "disk" {
-                problems.add(
-                    format!("{field}.size"),
-                    "is required for an empty disk (no source); e.g. size = \"10GiB\"",
-                );
-            }
-            if disk.size == Some(ByteSize(0)) {
-                problems.add(format!("{field}.size"), "must be greater than zero");
-            }
+        (Some(image), None) if image.is_empty() => {
+            problems.add(
+                format!("{field}.source.image"),
+                "is empty; give the image path",
+            );
+            None
         }
+        (Some(image), None) => Some(DiskSource::Image {
+            path: image.clone(),
+            format,
+        }),
+        (None, Some(volume)) => problems
+            .check(format!("{field}.source.volume"), ObjectName::parse(volume))
+            .map(|name| DiskSource::Volume { name, format }),
+        (None, None) => None,
     }
 }
 
@@ -325,27 +550,9 @@ fn quoted(values: &[&str]) -> String {
         .join(", ")
 }
 
-/// Validates and wraps a decode failure the same way.
-pub fn decode_and_validate(bytes: &[u8]) -> Result<TaskConfig, ConfigError> {
-    let config: TaskConfig = crate::config::decode_msgpack("task config", bytes)?;
-    config.validate()?;
-    Ok(config)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dns_labels() {
-        assert!(is_dns_label("web-1"));
-        assert!(!is_dns_label("-web"));
-        assert!(!is_dns_label("web_1"));
-        assert!(!is_dns_label(&"a".repeat(64)));
-        assert_eq!(hostname_from_task_name("My_Web Task!"), "my-web-task");
-        assert_eq!(hostname_from_task_name("___"), "vm");
-        assert!(is_dns_label(&hostname_from_task_name(&"x-".repeat(80))));
-    }
 
     #[test]
     fn disk_problems_are_named() {
@@ -389,6 +596,15 @@ mod tests {
 
     #[test]
     fn minimal_config_is_valid() {
-        assert!(TaskConfig::default().validate().is_ok());
+        let error = TaskConfig::default().validate().expect_err("no disk");
+        assert_eq!(error.errors[0].field, "disk");
+        let one_disk = TaskConfig {
+            disk: Some(vec![DiskConfig {
+                size: Some(ByteSize(1 << 30)),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert!(one_disk.validate().is_ok());
     }
 }

@@ -65,7 +65,7 @@ impl BasePlugin for Driver {
             // Only the long-lived instance Nomad dispenses gets nomad_config
             // (older clients never call Driver.Init): prepare the host here.
             self.tasks()
-                .init_host(super::service::RECONCILE_DELAY, self.pool_names());
+                .init_host(super::service::reconcile_delay(), self.pool_names());
         }
         Ok(Response::new(SetConfigResponse {}))
     }

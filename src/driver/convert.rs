@@ -26,7 +26,7 @@ use crate::task::error::{ErrorKind, TaskError};
 
 /// StartTask's task config, decoded and checked.
 pub fn start_request(task: &NomadTaskConfig) -> Result<StartRequest, TaskError> {
-    let config = crate::config::task::decode_and_validate(&task.msgpack_driver_config)?;
+    let config = crate::config::task::parse_task_config(&task.msgpack_driver_config)?;
     let resources = task.resources.as_ref();
     let allocated = resources.and_then(|r| r.allocated_resources.as_ref());
     let memory = allocated.and_then(|a| a.memory.as_ref());

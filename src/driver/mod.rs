@@ -16,14 +16,10 @@ use crate::libvirt::hypervisor::LibvirtHypervisor;
 use crate::libvirt::Libvirt;
 use crate::net::iptables::Iptables;
 use crate::net::libvirt::LibvirtNet;
+use crate::task::journal::Journal;
 use crate::task::Tasks;
 
-/// The plugin name jobs use: `driver = "virt"`.
-pub const PLUGIN_NAME: &str = "virt";
-/// Nomad's driver plugin API version we speak.
-pub const PLUGIN_API_VERSION: &str = "v0.1.0";
-/// This build's version, reported to Nomad and in `driver.virt.version`.
-pub const PLUGIN_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::meta::{PLUGIN_API_VERSION, PLUGIN_NAME, PLUGIN_VERSION};
 
 /// Port range Nomad gives for dynamic ports, from SetConfig's nomad_config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +40,27 @@ pub struct Driver {
     me: Weak<Driver>,
 }
 
+/// The start journal in its usual place; without access to it (not root),
+/// a private one that lives as long as this process, with a warning.
+fn open_journal() -> Journal {
+    let dir = Journal::default_dir();
+    match Journal::open(&dir) {
+        Ok(journal) => journal,
+        Err(error) => {
+            let fallback = std::env::temp_dir()
+                .join(format!("nomad-driver-virt-journal-{}", std::process::id()));
+            tracing::warn!(error = %error, fallback = %fallback.display(), "cannot use the start journal; unfinished starts of this process will not be cleaned up after a crash");
+            match Journal::open(&fallback) {
+                Ok(journal) => journal,
+                Err(error) => {
+                    tracing::error!(error = %error, "cannot open any start journal");
+                    Journal::unwritable(fallback)
+                }
+            }
+        }
+    }
+}
+
 impl Driver {
     /// A driver with default settings; SetConfig replaces them.
     pub fn new() -> Arc<Self> {
@@ -55,6 +72,7 @@ impl Driver {
         let tasks = Tasks::new(
             Arc::new(LibvirtHypervisor::new(libvirt.clone())),
             Arc::new(LibvirtNet::new(libvirt.clone(), Iptables::host())),
+            open_journal(),
         );
         Arc::new_cyclic(|me| Self {
             settings: RwLock::new(Arc::new(settings)),
@@ -87,7 +105,7 @@ impl Driver {
     fn apply_settings(&self, settings: Settings) {
         self.libvirt
             .reconfigure(&settings.libvirt_uri, settings.libvirt_credentials.clone());
-        crate::plugin::hclog::set_level_from_config(settings.log_level);
+        crate::logging::set_level_from_config(settings.log_level);
         match self.settings.write() {
             Ok(mut slot) => *slot = Arc::new(settings),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(settings),

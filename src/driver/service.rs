@@ -14,9 +14,20 @@ use crate::pb::hashicorp::nomad::plugins::drivers::proto::driver_server::Driver 
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::fingerprint_response::HealthState;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::*;
 
-/// Time Nomad gets to recover running tasks before orphaned port-mapping
-/// rules are removed.
-pub(crate) const RECONCILE_DELAY: Duration = Duration::from_secs(60);
+/// Time Nomad gets to recover running tasks before what unfinished starts
+/// left behind is removed.
+const RECONCILE_DELAY: Duration = Duration::from_secs(60);
+/// Overrides [`RECONCILE_DELAY`] in seconds (tests that kill the plugin).
+pub(crate) const RECONCILE_DELAY_ENV: &str = "NOMAD_DRIVER_VIRT_RECONCILE_DELAY";
+
+/// The reconcile delay in force.
+pub(crate) fn reconcile_delay() -> Duration {
+    std::env::var(RECONCILE_DELAY_ENV)
+        .ok()
+        .and_then(|text| text.parse::<f64>().ok())
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .unwrap_or(RECONCILE_DELAY)
+}
 
 /// StopTask timeout when Nomad sends none (Nomad's default kill timeout).
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -24,7 +35,7 @@ const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 #[tonic::async_trait]
 impl DriverService for Driver {
     async fn init(&self, _request: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
-        self.tasks().init_host(RECONCILE_DELAY, self.pool_names());
+        self.tasks().init_host(reconcile_delay(), self.pool_names());
         Ok(Response::new(InitResponse {}))
     }
 

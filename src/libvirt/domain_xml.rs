@@ -848,6 +848,12 @@ fn write_console(w: &mut XmlWriter, console_log: Option<&Path>) {
     }
 }
 
+/// The task id in our metadata element as libvirt hands it back
+/// (`virDomainGetMetadata` by [`METADATA_NAMESPACE`]).
+pub fn metadata_task_id(element_xml: &str) -> Option<String> {
+    crate::storage::xml_attr(element_xml, METADATA_ELEMENT, "task_id").filter(|id| !id.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::sys;
 
-use super::domain_xml::{render_domain_xml, DomainSpec};
+use super::domain_xml::{metadata_task_id, render_domain_xml, DomainSpec, METADATA_NAMESPACE};
 use super::events::LifecycleEvent;
 use super::lifecycle::raw_state_reason;
 use super::stats::MemorySample;
@@ -279,6 +279,23 @@ impl Hypervisor for LibvirtHypervisor {
                 .create()
                 .map_err(|e| LibvirtError::call(format!("starting domain {name}"), e))?;
             Ok(())
+        })
+    }
+
+    fn domain_owner(&self, name: &str) -> Result<Option<String>, HypervisorError> {
+        self.with(|conn| {
+            let Some(domain) = find_domain(conn, name)? else {
+                return Ok(None);
+            };
+            // No metadata of ours (an error from libvirt) means not ours.
+            let Ok(element) = domain.metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(METADATA_NAMESPACE),
+                0,
+            ) else {
+                return Ok(None);
+            };
+            Ok(metadata_task_id(&element))
         })
     }
 

@@ -2,16 +2,16 @@
 //! networks, macvtap `direct` interfaces, DHCP lease discovery and
 //! reservation, and iptables port mapping.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use super::config::NetworkInterfacesConfig;
+use super::config::NetworkInterface;
 use super::dhcp::{self, Reservation};
 use super::iptables::apply::{route_localnet_fix, Iptables};
 use super::iptables::rules::{port_forward_rules, PortForward};
 use super::{
-    is_active_string, AllocatedPort, Attachment, DriverNetwork, Net, NetError, TeardownSpec,
-    VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
+    is_active_string, AllocatedPort, Attachment, DriverNetwork, Net, NetError, NetIntent,
+    TeardownSpec, VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
     VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
 };
 use crate::libvirt::Libvirt;
@@ -91,7 +91,7 @@ impl Net for LibvirtNet {
 
     fn attachments(
         &self,
-        net_config: &NetworkInterfacesConfig,
+        net_config: &[NetworkInterface],
         ports: &[AllocatedPort],
         hwaddrs: &[String],
     ) -> Result<Vec<Attachment>, NetError> {
@@ -101,40 +101,48 @@ impl Net for LibvirtNet {
                 .get(index)
                 .cloned()
                 .ok_or_else(|| NetError::Invalid("missing MAC address".into()))?;
-            if let Some(bridge) = &interface.bridge {
-                let name = bridge.name.clone();
-                let network = self.libvirt.call_blocking(move |conn| {
-                    Ok(dhcp::network_by_bridge(conn, &name).and_then(|network| {
-                        network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
-                            message: e.message().to_string(),
-                        })
-                    }))
-                })?;
-                let network = network.map_err(|e| {
-                    NetError::Invalid(format!("network_interface[{index}].bridge.name: {e}"))
-                })?;
-                let forwards = forwards_for(bridge.ports.as_deref().unwrap_or_default(), ports)?;
-                if forwards.iter().any(|f| f.host_ip.is_loopback())
-                    && !self.iptables.route_localnet_enabled(&bridge.name)
-                {
-                    return Err(NetError::Invalid(format!(
+            match interface {
+                NetworkInterface::Bridge(bridge) => {
+                    let name = bridge.name.as_str().to_string();
+                    let network = self.libvirt.call_blocking(move |conn| {
+                        Ok(dhcp::network_by_bridge(conn, &name).and_then(|network| {
+                            network.name().map_err(|e| dhcp::DhcpError::ListNetworks {
+                                message: e.message().to_string(),
+                            })
+                        }))
+                    })?;
+                    let network = network.map_err(|e| {
+                        NetError::Invalid(format!("network_interface[{index}].bridge.name: {e}"))
+                    })?;
+                    let labels: Vec<String> = bridge
+                        .ports
+                        .iter()
+                        .map(|label| label.as_str().to_string())
+                        .collect();
+                    let forwards = forwards_for(&labels, ports)?;
+                    if forwards.iter().any(|f| f.host_ip.is_loopback())
+                        && !self.iptables.route_localnet_enabled(bridge.name.as_str())
+                    {
+                        return Err(NetError::Invalid(format!(
                         "ports on 127.0.0.1 need route_localnet on {}: run `{}` (and persist it in /etc/sysctl.d)",
                         bridge.name,
-                        route_localnet_fix(&bridge.name)
+                        route_localnet_fix(bridge.name.as_str())
                     )));
+                    }
+                    attachments.push(Attachment::Network {
+                        network,
+                        bridge: bridge.name.as_str().to_string(),
+                        mac,
+                    });
                 }
-                attachments.push(Attachment::Network {
-                    network,
-                    bridge: bridge.name.clone(),
-                    mac,
-                });
-            } else if let Some(macvtap) = &interface.macvtap {
-                let mode = macvtap.mode().map_err(NetError::Invalid)?;
-                attachments.push(Attachment::Direct {
-                    device: macvtap.device.clone(),
-                    mode: mode.as_str().to_string(),
-                    mac,
-                });
+                NetworkInterface::Macvtap(macvtap) => {
+                    let mode = macvtap.mode;
+                    attachments.push(Attachment::Direct {
+                        device: macvtap.device.as_str().to_string(),
+                        mode: mode.as_str().to_string(),
+                        mac,
+                    });
+                }
             }
         }
         Ok(attachments)
@@ -153,7 +161,7 @@ impl Net for LibvirtNet {
             .net_config
             .iter()
             .enumerate()
-            .find_map(|(index, interface)| interface.bridge.as_ref().map(|bridge| (index, bridge)))
+            .find_map(|(index, interface)| interface.bridge().map(|bridge| (index, bridge)))
         else {
             // Only macvtap (or nothing): no lease to find, no ports to map.
             return Ok(VmStartedBuildResponse {
@@ -166,10 +174,15 @@ impl Net for LibvirtNet {
             .get(index)
             .cloned()
             .ok_or_else(|| NetError::Invalid("missing MAC address".into()))?;
+        let labels: Vec<String> = bridge
+            .ports
+            .iter()
+            .map(|label| label.as_str().to_string())
+            .collect();
         let result = self.build_bridge(
             request,
-            &bridge.name,
-            bridge.ports.as_deref().unwrap_or_default(),
+            bridge.name.as_str(),
+            &labels,
             &mac,
             &mut spec,
             progress,
@@ -197,8 +210,72 @@ impl Net for LibvirtNet {
         Ok(VmTerminatedTeardownResponse {})
     }
 
-    fn reconcile(&self, live_tags: &BTreeSet<String>) -> Result<Vec<String>, NetError> {
-        Ok(self.iptables.reconcile(live_tags)?)
+    fn remove_unfinished(&self, intent: &NetIntent) -> Result<(), NetError> {
+        let mut failures = Vec::new();
+        if !intent.task_tag.is_empty() {
+            if let Err(error) = self.iptables.remove_tag(&intent.task_tag) {
+                failures.push(error.to_string());
+            }
+        }
+        for (bridge, mac) in &intent.interfaces {
+            let found = self.libvirt.call_blocking(|conn| {
+                let network = match dhcp::network_by_bridge(conn, bridge) {
+                    Ok(network) => network,
+                    // No such network any more: nothing of ours is in it.
+                    Err(_) => return Ok(Ok((None, Vec::new(), Vec::new()))),
+                };
+                let name = network.name().unwrap_or_default();
+                let xml = network.xml_desc(0).unwrap_or_default();
+                let reserved: Vec<Ipv4Addr> = dhcp::reservations_in_xml(&xml)
+                    .into_iter()
+                    .filter(|(entry_mac, _, _)| entry_mac.eq_ignore_ascii_case(mac))
+                    .map(|(_, ip, _)| ip)
+                    .collect();
+                let leased = dhcp::network_leases(&network, Some(mac))
+                    .map(|leases| leases.into_iter().map(|lease| lease.ip).collect())
+                    .unwrap_or_default();
+                let result: Result<_, dhcp::DhcpError> = Ok((Some(name), reserved, leased));
+                Ok(result)
+            });
+            let (network, reserved, leased) = match found {
+                Ok(Ok(found)) => found,
+                Ok(Err(error)) => {
+                    failures.push(error.to_string());
+                    continue;
+                }
+                Err(error) => {
+                    failures.push(error.to_string());
+                    continue;
+                }
+            };
+            let Some(network) = network else { continue };
+            for ip in reserved {
+                let reservation = Reservation {
+                    network: network.clone(),
+                    mac: mac.clone(),
+                    ip,
+                    hostname: None,
+                };
+                match self
+                    .libvirt
+                    .call_blocking(|conn| Ok(dhcp::remove_reservation(conn, &reservation)))
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => failures.push(error.to_string()),
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+            for ip in leased {
+                if let Err(error) = dhcp::release_lease(bridge, ip, mac) {
+                    tracing::debug!(error = %error, "DHCP release failed (best effort)");
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(NetError::Teardown(failures.join("; ")))
+        }
     }
 }
 

@@ -2,10 +2,13 @@
 //! libvirt implementation (bridge and macvtap attachment, DHCP lease
 //! discovery and reservation, iptables port mapping).
 
-pub mod config;
 pub mod dhcp;
 pub mod iptables;
 pub mod libvirt;
+
+/// The interface config types live with the rest of the task config;
+/// this path keeps `net::config::...` working for net's own modules.
+pub use crate::config::network as config;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -13,7 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use self::config::NetworkInterfacesConfig;
+use self::config::NetworkInterface;
 use self::dhcp::Reservation;
 use self::iptables::rules::IptablesRule;
 
@@ -49,7 +52,7 @@ pub struct VmStartedBuildRequest {
     /// Identifies the task's host rules (iptables comment) for teardown and
     /// reconciliation.
     pub task_tag: String,
-    pub net_config: NetworkInterfacesConfig,
+    pub net_config: Vec<NetworkInterface>,
     /// The ports Nomad allocated to the task's group.
     pub resources: Vec<AllocatedPort>,
     /// MAC addresses of the VM's interfaces, in `net_config` order.
@@ -103,6 +106,16 @@ pub struct TeardownSpec {
     pub bridge: Option<String>,
 }
 
+/// Network setup a start began, recorded before it touches the host: enough
+/// to undo it when the start never finished (the plugin was killed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetIntent {
+    /// The tag on every port-mapping rule of the task.
+    pub task_tag: String,
+    /// (bridge, MAC) of each interface that joined a libvirt network.
+    pub interfaces: Vec<(String, String)>,
+}
+
 /// An interface to put in the domain XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attachment {
@@ -148,7 +161,7 @@ pub trait Net: Send + Sync {
     /// labels are allocated, loopback forwarding is possible).
     fn attachments(
         &self,
-        net_config: &NetworkInterfacesConfig,
+        net_config: &[NetworkInterface],
         ports: &[AllocatedPort],
         hwaddrs: &[String],
     ) -> Result<Vec<Attachment>, NetError>;
@@ -165,11 +178,9 @@ pub trait Net: Send + Sync {
         &self,
         request: &VmTerminatedTeardownRequest,
     ) -> Result<VmTerminatedTeardownResponse, NetError>;
-    /// Removes host rules of tasks not in `live_tags`; returns removed tags.
-    fn reconcile(
-        &self,
-        live_tags: &std::collections::BTreeSet<String>,
-    ) -> Result<Vec<String>, NetError>;
+    /// Undoes a start that never finished: removes the task's rules, and
+    /// any reservation and lease of its MACs. Safe to call again.
+    fn remove_unfinished(&self, intent: &NetIntent) -> Result<(), NetError>;
 }
 
 /// A stable, locally administered MAC for a task's interface.
@@ -190,6 +201,12 @@ pub fn mac_for(task_id: &str, index: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_active_strings() {
+        assert_eq!(is_active_string(true), "active");
+        assert_eq!(is_active_string(false), "inactive");
+    }
 
     #[test]
     fn macs_are_stable_and_distinct() {

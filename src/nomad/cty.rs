@@ -9,8 +9,11 @@
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::fmt;
 use std::str::FromStr;
+
+use rmp::encode::{self, ByteBuf, ValueWriteError};
 
 /// A known cty value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -429,116 +432,72 @@ impl PartialOrd for CtyNumber {
 /// unsigned forms); other exact binary64 fractions → float64; anything else
 /// (e.g. `0.1`, integers beyond int64) → a msgpack string of the decimal text.
 pub fn to_msgpack(v: &CtyValue) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut out = ByteBuf::new();
     encode(v, &mut out);
-    out
+    out.into_vec()
 }
 
-fn encode(v: &CtyValue, out: &mut Vec<u8>) {
+/// Writing into a `ByteBuf` cannot fail: its error type is uninhabited.
+fn infallible<T>(result: Result<T, ValueWriteError<Infallible>>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(
+            ValueWriteError::InvalidMarkerWrite(never) | ValueWriteError::InvalidDataWrite(never),
+        ) => match never {},
+    }
+}
+
+/// msgpack lengths are 32-bit. Nothing that long reaches us (the HCL it
+/// comes from would be over 4 GiB); saturating keeps this total.
+fn len32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+// rmp writes the compact forms vmihailenco/msgpack v5 (go-cty) writes:
+// non-negative ints in the unsigned family, strings always as str (str8
+// included, never bin), fix/16/32-bit array and map headers.
+fn encode(v: &CtyValue, out: &mut ByteBuf) {
     match v {
-        CtyValue::Null => out.push(0xc0),
-        CtyValue::Bool(b) => out.push(if *b { 0xc3 } else { 0xc2 }),
+        CtyValue::Null => match encode::write_nil(out) {
+            Ok(()) => {}
+            Err(never) => match never {},
+        },
+        CtyValue::Bool(b) => match encode::write_bool(out, *b) {
+            Ok(()) => {}
+            Err(never) => match never {},
+        },
         CtyValue::Number(n) => encode_number(n, out),
-        CtyValue::String(s) => encode_str(s, out),
+        CtyValue::String(s) => infallible(encode::write_str(out, s)),
         CtyValue::List(items) => {
-            encode_len(items.len(), 0x90, 16, 0xdc, 0xdd, out);
+            infallible(encode::write_array_len(out, len32(items.len())));
             for item in items {
                 encode(item, out);
             }
         }
         CtyValue::Map(entries) => {
-            encode_len(entries.len(), 0x80, 16, 0xde, 0xdf, out);
+            infallible(encode::write_map_len(out, len32(entries.len())));
             for (k, item) in entries {
-                encode_str(k, out);
+                infallible(encode::write_str(out, k));
                 encode(item, out);
             }
         }
     }
 }
 
-fn encode_number(n: &CtyNumber, out: &mut Vec<u8>) {
+fn encode_number(n: &CtyNumber, out: &mut ByteBuf) {
     if let Num::Infinity { negative } = n.0 {
         let f = if negative {
             f64::NEG_INFINITY
         } else {
             f64::INFINITY
         };
-        out.push(0xcb);
-        out.extend_from_slice(&f.to_bits().to_be_bytes());
+        infallible(encode::write_f64(out, f));
     } else if let Some(i) = n.as_i64() {
-        encode_int(i, out);
+        infallible(encode::write_sint(out, i));
     } else if let Some(f) = n.as_exact_fraction_f64() {
-        out.push(0xcb);
-        out.extend_from_slice(&f.to_bits().to_be_bytes());
+        infallible(encode::write_f64(out, f));
     } else {
-        encode_str(&n.to_text(), out);
-    }
-}
-
-/// vmihailenco `EncodeInt` with compact ints: non-negatives use the unsigned forms.
-fn encode_int(i: i64, out: &mut Vec<u8>) {
-    if i >= 0 {
-        let u = i as u64;
-        if u <= 0x7f {
-            out.push(u as u8);
-        } else if u <= u64::from(u8::MAX) {
-            out.push(0xcc);
-            out.push(u as u8);
-        } else if u <= u64::from(u16::MAX) {
-            out.push(0xcd);
-            out.extend_from_slice(&(u as u16).to_be_bytes());
-        } else if u <= u64::from(u32::MAX) {
-            out.push(0xce);
-            out.extend_from_slice(&(u as u32).to_be_bytes());
-        } else {
-            out.push(0xcf);
-            out.extend_from_slice(&u.to_be_bytes());
-        }
-    } else if i >= -32 {
-        out.push(i as i8 as u8);
-    } else if i >= i64::from(i8::MIN) {
-        out.push(0xd0);
-        out.push(i as i8 as u8);
-    } else if i >= i64::from(i16::MIN) {
-        out.push(0xd1);
-        out.extend_from_slice(&(i as i16).to_be_bytes());
-    } else if i >= i64::from(i32::MIN) {
-        out.push(0xd2);
-        out.extend_from_slice(&(i as i32).to_be_bytes());
-    } else {
-        out.push(0xd3);
-        out.extend_from_slice(&i.to_be_bytes());
-    }
-}
-
-/// Always the str family (never bin), str8 included, as vmihailenco v5 does.
-fn encode_str(s: &str, out: &mut Vec<u8>) {
-    let len = s.len();
-    if len < 32 {
-        out.push(0xa0 | len as u8);
-    } else if len <= usize::from(u8::MAX) {
-        out.push(0xd9);
-        out.push(len as u8);
-    } else if len <= usize::from(u16::MAX) {
-        out.push(0xda);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0xdb);
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-    }
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// Array/map header: fix form below `fix_limit`, then 16- and 32-bit forms.
-fn encode_len(len: usize, fix: u8, fix_limit: usize, m16: u8, m32: u8, out: &mut Vec<u8>) {
-    if len < fix_limit {
-        out.push(fix | len as u8);
-    } else if len <= usize::from(u16::MAX) {
-        out.push(m16);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(m32);
-        out.extend_from_slice(&(len as u32).to_be_bytes());
+        infallible(encode::write_str(out, &n.to_text()));
     }
 }
 

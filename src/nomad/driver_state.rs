@@ -6,8 +6,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::task::TaskConfig;
-
 /// `TaskHandle.version` for handles we create. 0 means a pre-0.9 handle.
 pub const TASK_HANDLE_VERSION: i32 = 1;
 /// Version of the `DriverState` layout below.
@@ -36,8 +34,6 @@ pub struct DriverState {
     pub console_log: Option<PathBuf>,
     /// Nomad's stdout FIFO the console is copied to.
     pub stdout_path: String,
-    /// The decoded task config (Nomad may hand back an empty one on recovery).
-    pub task_config: TaskConfig,
     /// What networking put on the host, undone at destroy.
     #[serde(default)]
     pub net: Option<crate::net::TeardownSpec>,
@@ -117,10 +113,6 @@ mod tests {
             }],
             console_log: Some("/alloc/web/console.log".into()),
             stdout_path: "/alloc/logs/.web.stdout.fifo".into(),
-            task_config: TaskConfig {
-                hostname: Some("web".into()),
-                ..Default::default()
-            },
             net: Some(crate::net::TeardownSpec {
                 task_tag: "nomad-driver-virt:a1/web/12345678".into(),
                 ..Default::default()

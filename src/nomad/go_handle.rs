@@ -32,7 +32,6 @@
 
 use std::net::Ipv4Addr;
 
-use crate::config::task::TaskConfig;
 use crate::net::dhcp::Reservation;
 use crate::net::iptables::rules::{validate_rule, IptablesRule, RuleError};
 use crate::net::TeardownSpec;
@@ -598,7 +597,6 @@ pub fn decode(bytes: &[u8], fallback_task_id: &str) -> Result<DriverState, GoHan
         // The Go driver's serial console is a pty, not a file we copy.
         console_log: None,
         stdout_path,
-        task_config: TaskConfig::default(),
         net,
         guest_ip,
         origin: StateOrigin::GoDriver,

@@ -272,7 +272,7 @@ impl PluginClient {
             .set_config(SetConfigRequest {
                 msgpack_config: bytes,
                 nomad_config,
-                plugin_api_version: crate::driver::PLUGIN_API_VERSION.into(),
+                plugin_api_version: crate::meta::PLUGIN_API_VERSION.into(),
             })
             .await?;
         Ok(())

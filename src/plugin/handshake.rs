@@ -48,17 +48,42 @@ pub fn handshake_line(app_version: u32, socket: &Path) -> String {
     )
 }
 
-/// A fresh socket path in `dir` (from `PLUGIN_UNIX_SOCKET_DIR`, else the temp dir).
-pub fn socket_path(dir: Option<&str>) -> PathBuf {
-    let dir = match dir {
+/// Where sockets go: `PLUGIN_UNIX_SOCKET_DIR`, else the temp dir.
+pub fn socket_base_dir(dir: Option<&str>) -> PathBuf {
+    match dir {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
         _ => std::env::temp_dir(),
-    };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    dir.join(format!("plugin{}{:09}", std::process::id(), nanos))
+    }
+}
+
+/// Creates a fresh private directory (0700) in `base` for the socket:
+/// nobody else can reach the socket, even for the moment between binding
+/// it and restricting its own mode, nor swap a link in its place.
+pub fn private_socket_dir(base: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut attempt = 0u32;
+    loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = base.join(format!(
+            "nomad-driver-virt-{}-{nanos:09}-{attempt}",
+            std::process::id()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// The socket inside a private directory.
+pub fn socket_path(private_dir: &Path) -> PathBuf {
+    private_dir.join("plugin.sock")
 }
 
 #[cfg(test)]
@@ -78,6 +103,24 @@ mod tests {
         assert_eq!(negotiate_protocol(Some("1, 2,3")), (2, true));
         assert_eq!(negotiate_protocol(Some("1")), (2, false));
         assert_eq!(negotiate_protocol(None), (2, true));
+    }
+
+    #[test]
+    fn private_dirs_are_owner_only_and_distinct() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir();
+        let first = private_socket_dir(&base).expect("first");
+        let second = private_socket_dir(&base).expect("second");
+        assert_ne!(first, second);
+        let mode = std::fs::metadata(&first)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+        assert_eq!(socket_path(&first).parent(), Some(first.as_path()));
+        std::fs::remove_dir(first).expect("rm");
+        std::fs::remove_dir(second).expect("rm");
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! line, go-plugin's internal services, signals and graceful exit.
 
 pub mod handshake;
-pub mod hclog;
 mod internal;
 
 use std::io::Write;
@@ -26,6 +25,12 @@ pub use internal::Shutdown;
 /// Errors that stop the plugin from serving.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
+    #[error("cannot create a private directory for the plugin socket in {path}: {source}")]
+    SocketDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot bind the plugin socket {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -63,17 +68,23 @@ pub async fn serve(driver: Arc<Driver>) -> Result<(), PluginError> {
         );
     }
 
-    let socket_dir = std::env::var("PLUGIN_UNIX_SOCKET_DIR").ok();
-    let path = handshake::socket_path(socket_dir.as_deref());
+    let base = handshake::socket_base_dir(std::env::var("PLUGIN_UNIX_SOCKET_DIR").ok().as_deref());
+    let private_dir =
+        handshake::private_socket_dir(&base).map_err(|source| PluginError::SocketDir {
+            path: base.clone(),
+            source,
+        })?;
+    let _dir_guard = SocketDir(private_dir.clone());
+    let path = handshake::socket_path(&private_dir);
+    let group = std::env::var("PLUGIN_UNIX_SOCKET_GROUP").ok();
+    // With a group, its members must be able to enter the directory.
+    restrict(&private_dir, group.as_deref(), 0o700, 0o750)?;
     let listener = UnixListener::bind(&path).map_err(|source| PluginError::Bind {
         path: path.clone(),
         source,
     })?;
     let _socket_guard = SocketFile(path.clone());
-    restrict_socket(
-        &path,
-        std::env::var("PLUGIN_UNIX_SOCKET_GROUP").ok().as_deref(),
-    )?;
+    restrict(&path, group.as_deref(), 0o600, 0o660)?;
 
     let shutdown = Shutdown::new(driver.shutdown_sender());
     let shutdown_rx = driver.shutdown_signal();
@@ -165,8 +176,23 @@ impl Drop for SocketFile {
     }
 }
 
-/// Owner-only by default; with a group, owner and group (go-plugin's 0660).
-fn restrict_socket(path: &Path, group: Option<&str>) -> Result<(), PluginError> {
+/// Removes the private socket directory when serving ends (after the socket).
+struct SocketDir(PathBuf);
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Owner-only by default (`private`); with a group, owner and group
+/// (`shared`, go-plugin's 0660 for the socket).
+fn restrict(
+    path: &Path,
+    group: Option<&str>,
+    private: u32,
+    shared: u32,
+) -> Result<(), PluginError> {
     let permissions_error = |source| PluginError::Permissions {
         path: path.to_path_buf(),
         source,
@@ -177,10 +203,10 @@ fn restrict_socket(path: &Path, group: Option<&str>) -> Result<(), PluginError> 
                 group: group.to_string(),
             })?;
             std::os::unix::fs::chown(path, None, Some(gid)).map_err(permissions_error)?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(shared))
                 .map_err(permissions_error)
         }
-        _ => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        _ => std::fs::set_permissions(path, std::fs::Permissions::from_mode(private))
             .map_err(permissions_error),
     }
 }

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use crate::config::task::TaskConfig;
+use crate::config::task::TaskSpec;
 use crate::net::{AllocatedPort, DriverNetwork};
 use crate::nomad::driver_state::DriverState;
 
@@ -47,8 +47,8 @@ pub struct StartRequest {
     pub resources: Resources,
     /// Nomad's stdout FIFO; the console is copied there. Empty: no copy.
     pub stdout_path: PathBuf,
-    /// The job's `config` block, checked.
-    pub config: TaskConfig,
+    /// The job's `config` block, checked into types.
+    pub config: TaskSpec,
 }
 
 /// What a successful start produced.

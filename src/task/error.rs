@@ -46,6 +46,8 @@ pub enum TaskError {
     Net(#[from] NetError),
     #[error(transparent)]
     Handle(#[from] DriverStateError),
+    #[error(transparent)]
+    Journal(#[from] super::journal::JournalError),
     #[error("task {0:?} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -110,7 +112,10 @@ impl TaskError {
                     | StorageError::VolumeName { .. }
             ),
             TaskError::Net(NetError::Invalid(_)) => false,
-            TaskError::Libvirt(_) | TaskError::Net(_) | TaskError::Worker { .. } => true,
+            TaskError::Libvirt(_)
+            | TaskError::Net(_)
+            | TaskError::Worker { .. }
+            | TaskError::Journal(_) => true,
         }
     }
 

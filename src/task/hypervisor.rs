@@ -102,6 +102,9 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     fn define_domain(&self, spec: &DomainSpec) -> Result<(), HypervisorError>;
     fn start_domain(&self, name: &str) -> Result<(), HypervisorError>;
+    /// The task id in the metadata the driver writes into every domain it
+    /// defines; `None` when no such domain exists or it carries none.
+    fn domain_owner(&self, name: &str) -> Result<Option<String>, HypervisorError>;
     /// `None` when no such domain exists.
     fn domain_state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError>;
     /// Asks the guest to power off (ACPI power button).

@@ -7,6 +7,7 @@ pub mod console;
 pub mod contract;
 pub mod error;
 pub mod hypervisor;
+pub mod journal;
 pub mod plan;
 pub mod start;
 pub mod store;
@@ -14,7 +15,7 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Weak};
@@ -26,12 +27,13 @@ use self::console::ConsoleCopier;
 use self::contract::{StartRequest, StartedTask, TaskEvent, TaskExit, TaskStatus, UsageSample};
 use self::error::TaskError;
 use self::hypervisor::Hypervisor;
+use self::journal::{Journal, TaskRecord};
 use self::store::{TaskEntry, TaskStore};
 use crate::config::plugin::Settings;
+use crate::faults::crash_point;
 use crate::libvirt::events::LifecycleEvent;
 use crate::libvirt::lifecycle::{self, DomainEvent, ExitOutcome};
 use crate::libvirt::stats::{self, CpuSample};
-use crate::net::iptables::task_tag;
 use crate::net::{Net, VmTerminatedTeardownRequest};
 use crate::nomad::driver_state::{DriverState, StateOrigin, DRIVER_STATE_VERSION};
 
@@ -46,6 +48,7 @@ pub struct Tasks {
     store: TaskStore,
     hypervisor: Arc<dyn Hypervisor>,
     net: Arc<dyn Net>,
+    journal: Journal,
     events: broadcast::Sender<TaskEvent>,
     host_initialised: AtomicBool,
 }
@@ -93,12 +96,13 @@ fn adopted_go_volumes(
 
 impl Tasks {
     /// Creates the task tracker and subscribes to the hypervisor's events.
-    pub fn new(hypervisor: Arc<dyn Hypervisor>, net: Arc<dyn Net>) -> Arc<Self> {
+    pub fn new(hypervisor: Arc<dyn Hypervisor>, net: Arc<dyn Net>, journal: Journal) -> Arc<Self> {
         let (events, _) = broadcast::channel(256);
         let tasks = Arc::new(Self {
             store: TaskStore::default(),
             hypervisor: hypervisor.clone(),
             net,
+            journal,
             events,
             host_initialised: AtomicBool::new(false),
         });
@@ -115,8 +119,9 @@ impl Tasks {
     }
 
     /// Prepares host networking (chains, jumps) and, after `delay`, removes
-    /// port-mapping rules of tasks this plugin no longer knows. The delay
-    /// gives Nomad time to recover running tasks first.
+    /// what unfinished starts of earlier plugin processes left (their
+    /// journal records). The delay gives Nomad time to recover running
+    /// tasks first.
     pub fn init_host(self: &Arc<Self>, delay: Duration, pools: Vec<String>) {
         if self.host_initialised.swap(true, Ordering::SeqCst) {
             return;
@@ -131,23 +136,11 @@ impl Tasks {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let Some(tasks) = weak.upgrade() else { return };
-            let live: BTreeSet<String> = tasks
-                .store
-                .all()
-                .iter()
-                .map(|entry| task_tag(&entry.state.task_id))
-                .collect();
-            let net = tasks.net.clone();
-            drop(tasks);
-            match tokio::task::spawn_blocking(move || net.reconcile(&live)).await {
-                Ok(Ok(removed)) if !removed.is_empty() => {
-                    tracing::info!(removed = ?removed, "removed port-mapping rules of tasks that no longer exist");
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(error = %error, "port-mapping reconciliation failed");
-                }
-                _ => {}
+            let removed = tasks.remove_unfinished().await;
+            if !removed.is_empty() {
+                tracing::info!(tasks = ?removed, "removed what unfinished starts left behind");
             }
+            drop(tasks);
             // Chained disks share parent images; delete the ones no disk has
             // used for a while, so the pool does not fill up over time.
             loop {
@@ -171,6 +164,38 @@ impl Tasks {
                 tokio::time::sleep(PARENT_IDLE).await;
             }
         });
+    }
+
+    /// Removes everything journal records of unknown tasks name (starts a
+    /// killed plugin never finished, tasks Nomad no longer has), proving
+    /// ownership of each domain by its metadata first. Returns the task ids
+    /// cleaned up completely; the others are retried next time.
+    pub async fn remove_unfinished(&self) -> Vec<String> {
+        let orphans = self
+            .journal
+            .orphans(|task_id| self.store.get(task_id).is_some());
+        let mut removed = Vec::new();
+        for record in orphans {
+            let (hypervisor, net, journal) = (
+                self.hypervisor.clone(),
+                self.net.clone(),
+                self.journal.clone(),
+            );
+            let task_id = record.task_id.clone();
+            let result = blocking("removing an unfinished start", move || {
+                remove_recorded(hypervisor.as_ref(), net.as_ref(), &record)?;
+                journal.forget(&record.task_id);
+                Ok(())
+            })
+            .await;
+            match result {
+                Ok(()) => removed.push(task_id),
+                Err(error) => {
+                    tracing::warn!(error = %error, task_id = %task_id, "cannot remove what an unfinished start left; retrying later");
+                }
+            }
+        }
+        removed
     }
 
     /// Whether the hypervisor answers (health between full fingerprints).
@@ -241,6 +266,27 @@ impl Tasks {
                 request.task_id
             )));
         };
+        // A record of this id left by a dead plugin (Nomad retries a start
+        // the plugin died in): remove what it names before starting again.
+        if let Some(record) = self.journal.record(&request.task_id) {
+            if record.owner != journal::Owner::current() && record.owner.is_alive() {
+                return Err(TaskError::Conflict(format!(
+                    "task {} is being started by another plugin process (pid {})",
+                    request.task_id, record.owner.pid
+                )));
+            }
+            let (hypervisor, net, journal) = (
+                self.hypervisor.clone(),
+                self.net.clone(),
+                self.journal.clone(),
+            );
+            blocking("removing what an unfinished start left", move || {
+                remove_recorded(hypervisor.as_ref(), net.as_ref(), &record)?;
+                journal.forget(&record.task_id);
+                Ok(())
+            })
+            .await?;
+        }
         let request = Arc::new(request);
         let progress = self.emitter(&request.task_id, &request.alloc_id, &request.task_name);
         let booted = {
@@ -250,11 +296,13 @@ impl Tasks {
                 request.clone(),
                 settings.clone(),
             );
+            let journal = self.journal.clone();
             blocking("starting the VM", move || {
                 let plan = start::prepare(&request, &settings)?;
                 start::boot(
                     hypervisor.as_ref(),
                     net.as_ref(),
+                    &journal,
                     &request,
                     &settings,
                     &plan,
@@ -278,7 +326,6 @@ impl Tasks {
             volumes: booted.volumes,
             console_log: Some(booted.console_log.clone()),
             stdout_path: request.stdout_path.to_string_lossy().into_owned(),
-            task_config: request.config.clone(),
             net: booted.teardown,
             guest_ip: booted.network.as_ref().map(|network| network.ip),
             origin: StateOrigin::Native,
@@ -381,6 +428,7 @@ impl Tasks {
                 state.volumes = adopted_go_volumes(hypervisor.as_ref(), &state.domain_name)?;
             }
             hypervisor.remove_domain(&state.domain_name)?;
+            crash_point("destroy:domain");
             let mut failures = Vec::new();
             for volume in state.volumes.iter().rev() {
                 if let Err(error) = hypervisor.delete_volume(volume) {
@@ -398,6 +446,7 @@ impl Tasks {
             }
         })
         .await?;
+        crash_point("destroy:volumes");
         if let Some(spec) = entry.state.net.clone() {
             let net = self.net.clone();
             blocking("removing the network setup", move || {
@@ -413,6 +462,7 @@ impl Tasks {
             true,
             true,
         )));
+        self.journal.forget(task_id);
         self.store.remove(task_id);
         Ok(())
     }
@@ -454,6 +504,8 @@ impl Tasks {
         }
         let entry = TaskEntry::new(state.clone());
         self.store.insert(entry.clone());
+        // Its journal record (if this plugin made it) is ours from now on.
+        self.journal.adopt(&state.task_id);
         self.reconcile_entry(entry.clone()).await;
         if entry.is_running() {
             if let Some(console) = &state.console_log {
@@ -581,6 +633,34 @@ impl Tasks {
             }
         }
     }
+}
+
+/// Removes what a journal record names: the domain only when its metadata
+/// says it is this task's, then the recorded volumes, then the network
+/// setup. Each step tolerates the thing being gone.
+fn remove_recorded(
+    hypervisor: &dyn Hypervisor,
+    net: &dyn Net,
+    record: &TaskRecord,
+) -> Result<(), TaskError> {
+    if record.domain_defined {
+        match hypervisor.domain_owner(&record.domain_name)? {
+            Some(owner) if owner == record.task_id => {
+                hypervisor.remove_domain(&record.domain_name)?
+            }
+            Some(other) => {
+                tracing::warn!(domain = %record.domain_name, owner = %other, task_id = %record.task_id, "domain belongs to another task; leaving it")
+            }
+            None => {}
+        }
+    }
+    for volume in record.volumes.iter().rev() {
+        hypervisor.delete_volume(volume)?;
+    }
+    if let Some(intent) = &record.net {
+        net.remove_unfinished(intent)?;
+    }
+    Ok(())
 }
 
 /// Reads the domain's state and records an exit if it has ended.

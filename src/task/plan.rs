@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::config::task::DiskConfig;
+use crate::config::task::{DiskBus, DiskSpec};
 
 /// The libvirt domain name: `<task>-<last 8 chars of the task id>`.
 ///
@@ -124,9 +124,15 @@ pub fn parse_cpuset(text: &str) -> Result<BTreeSet<u32>, String> {
 
 /// Guest device names for the task's disks plus one more for the seed
 /// cdrom, unique per bus prefix: vdX for virtio, hdX for ide, sdX otherwise.
-pub fn device_names(disks: &[DiskConfig], seed_bus: &str) -> Result<(Vec<String>, String), String> {
-    let mut used: BTreeSet<String> = disks.iter().filter_map(|d| d.devname.clone()).collect();
-    let mut next = |bus: &str| -> Result<String, String> {
+pub fn device_names(
+    disks: &[DiskSpec],
+    seed_bus: DiskBus,
+) -> Result<(Vec<String>, String), String> {
+    let mut used: BTreeSet<String> = disks
+        .iter()
+        .filter_map(|d| d.devname.as_ref().map(|name| name.as_str().to_string()))
+        .collect();
+    let mut next = |bus: DiskBus| -> Result<String, String> {
         let prefix = bus_prefix(bus);
         for letter in 'a'..='z' {
             let candidate = format!("{prefix}{letter}");
@@ -139,28 +145,19 @@ pub fn device_names(disks: &[DiskConfig], seed_bus: &str) -> Result<(Vec<String>
     let mut names = Vec::new();
     for disk in disks {
         match &disk.devname {
-            Some(name) => names.push(name.clone()),
-            None => names.push(next(&default_bus(disk))?),
+            Some(name) => names.push(name.as_str().to_string()),
+            None => names.push(next(disk.bus())?),
         }
     }
     let seed = next(seed_bus)?;
     Ok((names, seed))
 }
 
-/// The bus a disk uses when `bus_type` is unset: virtio, IDE for cdroms.
-pub fn default_bus(disk: &DiskConfig) -> String {
-    match (&disk.bus_type, disk.kind.as_deref()) {
-        (Some(bus), _) => bus.clone(),
-        (None, Some("cdrom")) => "ide".into(),
-        (None, _) => "virtio".into(),
-    }
-}
-
-fn bus_prefix(bus: &str) -> &'static str {
+fn bus_prefix(bus: DiskBus) -> &'static str {
     match bus {
-        "virtio" => "vd",
-        "ide" => "hd",
-        _ => "sd",
+        DiskBus::Virtio => "vd",
+        DiskBus::Ide => "hd",
+        DiskBus::Sata | DiskBus::Scsi | DiskBus::Usb => "sd",
     }
 }
 
@@ -238,18 +235,18 @@ mod tests {
     #[test]
     fn device_letters_do_not_collide() {
         let disks = vec![
-            DiskConfig::default(),
-            DiskConfig {
-                devname: Some("vdb".into()),
+            DiskSpec::default(),
+            DiskSpec {
+                devname: Some(crate::config::names::GuestDeviceName::parse("vdb").expect("name")),
                 ..Default::default()
             },
-            DiskConfig::default(),
-            DiskConfig {
-                kind: Some("cdrom".into()),
+            DiskSpec::default(),
+            DiskSpec {
+                kind: crate::config::task::DiskKind::Cdrom,
                 ..Default::default()
             },
         ];
-        let (names, seed) = device_names(&disks, "ide").expect("names");
+        let (names, seed) = device_names(&disks, DiskBus::Ide).expect("names");
         assert_eq!(names, vec!["vda", "vdb", "vdc", "hda"]);
         assert_eq!(seed, "hdb");
     }

@@ -9,19 +9,23 @@ use std::path::PathBuf;
 use super::contract::{Mount, StartRequest};
 use super::error::TaskError;
 use super::hypervisor::{Hypervisor, VolumeContent};
+use super::journal::{Journal, RecordWriter};
 use super::plan::{self, GuestShare};
 use crate::cloudinit::docs::{render, CloudInitInput};
 use crate::cloudinit::iso::build_seed_iso;
 use crate::cloudinit::password::random_salt;
 use crate::config::plugin::{DirectoryPool, Settings};
-use crate::config::task::{hostname_from_task_name, DiskConfig};
+use crate::config::task::{
+    self as task_config, hostname_from_task_name, DiskKind, DiskSource as ConfigDiskSource,
+};
+use crate::faults::crash_point;
 use crate::libvirt::domain_xml::{
     DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec, DomainType,
     InterfaceSpec, ShareDriver, ShareSpec,
 };
 use crate::libvirt::host;
 use crate::net::iptables::task_tag;
-use crate::net::{Attachment, DriverNetwork, Net, TeardownSpec, VmStartedBuildRequest};
+use crate::net::{Attachment, DriverNetwork, Net, NetIntent, TeardownSpec, VmStartedBuildRequest};
 use crate::nomad::driver_state::CreatedVolume;
 use crate::storage::images::{self, ImageFormat};
 use crate::storage::volume;
@@ -51,41 +55,51 @@ pub struct StartPlan {
 }
 
 /// Undoes a start that did not finish: on drop, unless disarmed, removes
-/// the domain, then the volumes (newest first). Everything is recorded here
-/// before it is created, so a failure half-way through a creation is
-/// covered too. Network setup cleans up after itself before it fails.
+/// the domain, then the volumes (newest first), then forgets the journal
+/// record if everything went. Everything is written to the journal before
+/// it is created, so a failure half-way through a creation is covered too,
+/// and so is a plugin killed mid-start (the next plugin finds the record).
+/// Network setup cleans up after itself before it fails.
 struct Rollback<'a> {
     hypervisor: &'a dyn Hypervisor,
-    volumes: Vec<CreatedVolume>,
-    domain: Option<String>,
+    journal: &'a Journal,
+    record: RecordWriter,
     armed: bool,
 }
 
 impl<'a> Rollback<'a> {
-    fn new(hypervisor: &'a dyn Hypervisor) -> Self {
+    fn new(hypervisor: &'a dyn Hypervisor, journal: &'a Journal, record: RecordWriter) -> Self {
         Self {
             hypervisor,
-            volumes: Vec::new(),
-            domain: None,
+            journal,
+            record,
             armed: true,
         }
     }
 
-    fn volume(&mut self, pool: &str, name: &str) {
-        self.volumes.push(CreatedVolume {
+    fn volume(&mut self, pool: &str, name: &str) -> Result<(), TaskError> {
+        let volume = CreatedVolume {
             pool: pool.to_string(),
             name: name.to_string(),
-        });
+        };
+        Ok(self.record.update(|record| record.volumes.push(volume))?)
     }
 
-    fn domain(&mut self, name: &str) {
-        self.domain = Some(name.to_string());
+    fn domain(&mut self) -> Result<(), TaskError> {
+        Ok(self.record.update(|record| record.domain_defined = true)?)
+    }
+
+    fn net(&mut self, intent: NetIntent) -> Result<(), TaskError> {
+        Ok(self.record.update(|record| record.net = Some(intent))?)
     }
 
     /// The start succeeded: keep everything; returns the volumes made.
     fn disarm(mut self) -> Vec<CreatedVolume> {
         self.armed = false;
-        std::mem::take(&mut self.volumes)
+        self.record
+            .snapshot()
+            .map(|record| record.volumes)
+            .unwrap_or_default()
     }
 }
 
@@ -94,15 +108,24 @@ impl Drop for Rollback<'_> {
         if !self.armed {
             return;
         }
-        if let Some(name) = &self.domain {
-            if let Err(error) = self.hypervisor.remove_domain(name) {
-                tracing::warn!(error = %error, domain = %name, "rollback could not remove the domain");
+        let Some(record) = self.record.snapshot() else {
+            return;
+        };
+        let mut complete = true;
+        if record.domain_defined {
+            if let Err(error) = self.hypervisor.remove_domain(&record.domain_name) {
+                complete = false;
+                tracing::warn!(error = %error, domain = %record.domain_name, "rollback could not remove the domain");
             }
         }
-        for created in self.volumes.iter().rev() {
+        for created in record.volumes.iter().rev() {
             if let Err(error) = self.hypervisor.delete_volume(created) {
+                complete = false;
                 tracing::warn!(error = %error, volume = %created.name, "rollback could not delete a volume");
             }
+        }
+        if complete {
+            self.journal.forget(&record.task_id);
         }
     }
 }
@@ -112,11 +135,11 @@ impl Drop for Rollback<'_> {
 pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan, TaskError> {
     let config = &request.config;
     let domain_name = plan::domain_name(&request.task_name, &request.task_id);
-    let hostname = config
-        .hostname
-        .clone()
+    let hostname = config.hostname.as_ref().map_or_else(
         // Unique per task (like the domain name), so count > 1 does not clash.
-        .unwrap_or_else(|| hostname_from_task_name(&domain_name));
+        || hostname_from_task_name(&domain_name),
+        |hostname| hostname.as_str().to_string(),
+    );
     let alloc_dir = &request.alloc_dir;
     if alloc_dir.as_os_str().is_empty() || !alloc_dir.is_absolute() {
         return Err(TaskError::Invalid(format!(
@@ -124,7 +147,7 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         )));
     }
     let task_dir = alloc_dir.join(&request.task_name);
-    let disks = config.disk.as_deref().unwrap_or_default();
+    let disks = &config.disks;
     if disks.is_empty() {
         return Err(TaskError::Invalid(
             "disk: a VM needs at least one disk block, e.g. disk { source { image = \"debian-12.qcow2\" } }".into(),
@@ -132,11 +155,7 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
     }
     let mut images_found = Vec::new();
     for (index, disk) in disks.iter().enumerate() {
-        match disk
-            .source
-            .as_ref()
-            .and_then(|source| source.image.as_deref())
-        {
+        match disk.image() {
             Some(image) => {
                 let path =
                     images::resolve_image(image, &settings.image_paths, alloc_dir, &task_dir)
@@ -200,7 +219,7 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         }
     }
     let console_log = task_dir.join("virt-console.log");
-    let interfaces = config.network_interface.as_ref().map_or(0, Vec::len);
+    let interfaces = config.network_interfaces.len();
     let hwaddrs = (0..interfaces)
         .map(|index| crate::net::mac_for(&request.task_id, index))
         .collect();
@@ -221,29 +240,33 @@ fn looks_inline(text: &str) -> bool {
     text.trim_start().starts_with('#') || text.contains('\n')
 }
 
-fn bus(name: &str) -> DiskBus {
-    match name {
-        "sata" => DiskBus::Sata,
-        "scsi" => DiskBus::Scsi,
-        "ide" => DiskBus::Ide,
-        "usb" => DiskBus::Usb,
-        _ => DiskBus::Virtio,
+fn bus(bus: task_config::DiskBus) -> DiskBus {
+    match bus {
+        task_config::DiskBus::Sata => DiskBus::Sata,
+        task_config::DiskBus::Scsi => DiskBus::Scsi,
+        task_config::DiskBus::Ide => DiskBus::Ide,
+        task_config::DiskBus::Usb => DiskBus::Usb,
+        task_config::DiskBus::Virtio => DiskBus::Virtio,
     }
 }
 
 /// Creates volumes, the seed and the domain, boots it and wires its
 /// network. Blocks (lease wait included): run it on a blocking thread. On
 /// any failure everything this call created is removed before it returns.
+#[allow(clippy::too_many_arguments)]
 pub fn boot(
     hypervisor: &dyn Hypervisor,
     net: &dyn Net,
+    journal: &Journal,
     request: &StartRequest,
     settings: &Settings,
     start_plan: &StartPlan,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Booted, TaskError> {
     let config = &request.config;
-    let mut rollback = Rollback::new(hypervisor);
+    let record = journal.begin(&request.task_id, &start_plan.domain_name)?;
+    crash_point("start:recorded");
+    let mut rollback = Rollback::new(hypervisor, journal, record);
     let facts = hypervisor.host_facts()?;
     let resources = &request.resources;
     let vm = plan::vm_resources(
@@ -264,19 +287,18 @@ pub fn boot(
         _ => DomainType::Qemu,
     };
 
-    let os = config.os.clone().unwrap_or_default();
-    let arch = os.arch.unwrap_or_else(|| "x86_64".into());
-    let machine = os.machine.unwrap_or_else(|| "pc".into());
+    let arch = config.os.arch.clone().unwrap_or_else(|| "x86_64".into());
+    let machine = config.os.machine.clone().unwrap_or_else(|| "pc".into());
     let seed_bus = if machine.contains("q35") {
-        "sata"
+        task_config::DiskBus::Sata
     } else {
-        "ide"
+        task_config::DiskBus::Ide
     };
-    let disks: &[DiskConfig] = config.disk.as_deref().unwrap_or_default();
+    let disks = &config.disks;
     let (device_names, seed_device) =
         plan::device_names(disks, seed_bus).map_err(TaskError::Invalid)?;
 
-    let net_config = config.network_interface.clone().unwrap_or_default();
+    let net_config = config.network_interfaces.clone();
     let attachments = net.attachments(&net_config, &resources.ports, &start_plan.hwaddrs)?;
 
     // Each pool is prepared once per start, not per disk.
@@ -308,21 +330,27 @@ pub fn boot(
     let mut disk_specs = Vec::new();
     for (index, disk) in disks.iter().enumerate() {
         let field = format!("disk[{index}]");
-        let pool_name = disk
-            .pool
-            .clone()
-            .unwrap_or_else(|| settings.default_pool.clone());
+        let pool_name = disk.pool.as_ref().map_or_else(
+            || settings.default_pool.clone(),
+            |pool| pool.as_str().to_string(),
+        );
         let pool = pool_for(&pool_name, &format!("{field}.pool"))?;
         let device = device_names[index].clone();
-        let target_format = disk.format.clone().unwrap_or_else(|| "qcow2".into());
+        let target_format = disk
+            .format
+            .map_or("qcow2", task_config::DiskFormat::as_str)
+            .to_string();
         let format: ImageFormat = target_format.parse().map_err(TaskError::Invalid)?;
         let capacity = disk.size.map(|size| size.0);
-        let existing = disk.source.as_ref().and_then(|s| s.volume.as_deref());
+        let existing = match &disk.source {
+            Some(ConfigDiskSource::Volume { name, .. }) => Some(name.as_str()),
+            _ => None,
+        };
         let path = if let Some(image) = &start_plan.images[index] {
             let image_format = images::detect_format(image)
                 .map_err(|e| e.in_field(format!("{field}.source.image")))?;
             let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
-            let content = if disk.chained == Some(true) {
+            let content = if disk.chained {
                 VolumeContent::Overlay {
                     image,
                     image_format,
@@ -336,8 +364,10 @@ pub fn boot(
                     capacity,
                 }
             };
-            rollback.volume(&pool.name, &name);
-            hypervisor.create_volume(&pool.name, &name, content)?
+            rollback.volume(&pool.name, &name)?;
+            let path = hypervisor.create_volume(&pool.name, &name, content)?;
+            crash_point("start:disk");
+            path
         } else if let Some(existing) = existing {
             // An existing volume belongs to the operator: used, never deleted.
             hypervisor
@@ -348,23 +378,29 @@ pub fn boot(
             let size = capacity.ok_or_else(|| {
                 TaskError::Invalid(format!("{field}.size: is required for an empty disk"))
             })?;
-            rollback.volume(&pool.name, &name);
-            hypervisor.create_volume(&pool.name, &name, VolumeContent::Empty { format, size })?
+            rollback.volume(&pool.name, &name)?;
+            let path = hypervisor.create_volume(
+                &pool.name,
+                &name,
+                VolumeContent::Empty { format, size },
+            )?;
+            crash_point("start:disk");
+            path
         };
-        let cdrom = disk.kind.as_deref() == Some("cdrom");
+        let cdrom = disk.kind == DiskKind::Cdrom;
         disk_specs.push(DiskSpec {
             source: DiskSource::File(path),
             format: target_format,
             target_dev: device,
-            bus: bus(&plan::default_bus(disk)),
+            bus: bus(disk.bus()),
             device: if cdrom {
                 DiskDevice::Cdrom
             } else {
                 DiskDevice::Disk
             },
-            read_only: disk.read_only == Some(true) || cdrom,
+            read_only: disk.read_only || cdrom,
             // The primary disk boots first; without one, the first disk does.
-            boot_order: (disk.primary == Some(true)).then_some(1),
+            boot_order: disk.primary.then_some(1),
         });
     }
     for (index, block) in start_plan.block_devices.iter().enumerate() {
@@ -392,9 +428,12 @@ pub fn boot(
             user_data: start_plan.user_data.clone(),
             default_user_password: config.default_user_password.clone(),
             ssh_authorized_key: config.default_user_authorized_ssh_key.clone(),
-            cmds: config.cmds.clone().unwrap_or_default(),
+            cmds: config.cmds.clone(),
             bootcmds: plan::mount_commands(&start_plan.shares),
-            timezone: config.timezone.clone(),
+            timezone: config
+                .timezone
+                .as_ref()
+                .map(|zone| zone.as_str().to_string()),
             env: request.env.clone(),
         },
         random_salt()?,
@@ -402,7 +441,7 @@ pub fn boot(
     let iso = build_seed_iso(&seed)?;
     let seed_pool = pool_for(&settings.default_pool, "storage_pools.default")?;
     let seed_name = volume::seed_volume_name(&start_plan.domain_name);
-    rollback.volume(&seed_pool.name, &seed_name);
+    rollback.volume(&seed_pool.name, &seed_name)?;
     let seed_path = hypervisor.create_volume(
         &seed_pool.name,
         &seed_name,
@@ -411,6 +450,7 @@ pub fn boot(
             format: ImageFormat::Raw,
         },
     )?;
+    crash_point("start:seed");
     disk_specs.push(DiskSpec {
         source: DiskSource::File(seed_path),
         format: "raw".into(),
@@ -462,17 +502,29 @@ pub fn boot(
             task_id: request.task_id.clone(),
             alloc_id: request.alloc_id.clone(),
             task_name: request.task_name.clone(),
-            plugin_version: crate::driver::PLUGIN_VERSION.into(),
+            plugin_version: crate::meta::PLUGIN_VERSION.into(),
         },
     };
-    rollback.domain(&spec.name);
+    rollback.domain()?;
     hypervisor.define_domain(&spec)?;
+    crash_point("start:defined");
     hypervisor.start_domain(&spec.name)?;
+    crash_point("start:booted");
 
     // The guest is booting: find its address, reserve it, map ports.
     let (teardown, network) = if net_config.is_empty() {
         (None, None)
     } else {
+        rollback.net(NetIntent {
+            task_tag: task_tag(&request.task_id),
+            interfaces: attachments
+                .iter()
+                .filter_map(|attachment| match attachment {
+                    Attachment::Network { bridge, mac, .. } => Some((bridge.clone(), mac.clone())),
+                    Attachment::Direct { .. } => None,
+                })
+                .collect(),
+        })?;
         let built = net.vm_started_build(
             &VmStartedBuildRequest {
                 vm_name: start_plan.domain_name.clone(),
@@ -485,6 +537,7 @@ pub fn boot(
             },
             progress,
         )?;
+        crash_point("start:network");
         (Some(built.teardown_spec), built.driver_network)
     };
     Ok(Booted {

@@ -14,9 +14,10 @@ use super::error::TaskError;
 use super::hypervisor::{
     DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent,
 };
+use super::journal::Journal;
 use super::Tasks;
 use crate::config::plugin::{DirectoryPool, Settings};
-use crate::config::task::{DiskConfig, TaskConfig};
+use crate::config::task::{DiskConfig, TaskConfig, TaskSpec};
 use crate::libvirt::domain_xml::DomainSpec;
 use crate::libvirt::events::LifecycleEvent;
 use crate::libvirt::hypervisor::LibvirtHypervisor;
@@ -24,8 +25,8 @@ use crate::libvirt::{Libvirt, LibvirtError};
 use crate::net::iptables::Iptables;
 use crate::net::libvirt::LibvirtNet;
 use crate::net::{
-    AllocatedPort, Attachment, Net, NetError, VmStartedBuildRequest, VmStartedBuildResponse,
-    VmTerminatedTeardownRequest, VmTerminatedTeardownResponse,
+    AllocatedPort, Attachment, Net, NetError, NetIntent, VmStartedBuildRequest,
+    VmStartedBuildResponse, VmTerminatedTeardownRequest, VmTerminatedTeardownResponse,
 };
 use crate::nomad::driver_state::CreatedVolume;
 
@@ -53,6 +54,12 @@ fn test_node() -> TestNode {
         uri: format!("test://{}", node.display()),
         pool_path: dir.path().join("pool"),
         _dir: dir,
+    }
+}
+
+impl TestNode {
+    fn journal(&self) -> Journal {
+        Journal::open(self._dir.path().join("journal")).expect("journal")
     }
 }
 
@@ -87,6 +94,8 @@ fn request(node: &TestNode, id: &str, with_network: bool) -> StartRequest {
             serde_json::from_value(serde_json::json!([{ "bridge": { "name": "ndvtestbr0" } }]))
                 .expect("network_interface")
         }),
+        default_user_password: Some("s3cret-Passw0rd".into()),
+        user_data: Some("#cloud-config\nruncmd: [echo token=ab12cd34]\n".into()),
         ..TaskConfig::default()
     };
     StartRequest {
@@ -101,7 +110,7 @@ fn request(node: &TestNode, id: &str, with_network: bool) -> StartRequest {
             ..Resources::default()
         },
         stdout_path: PathBuf::new(),
-        config,
+        config: TaskSpec::try_from(&config).expect("a valid config"),
     }
 }
 
@@ -187,6 +196,9 @@ impl Hypervisor for TestHypervisor {
     ) -> Result<Vec<String>, HypervisorError> {
         self.inner.prune_unused_parents(pools, idle)
     }
+    fn domain_owner(&self, name: &str) -> Result<Option<String>, HypervisorError> {
+        self.inner.domain_owner(name)
+    }
     fn define_domain(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
         self.inner.define_domain(spec)?;
         self.step("define_domain")
@@ -231,6 +243,7 @@ struct TestNet {
     inner: LibvirtNet,
     fail_build: bool,
     builds: AtomicUsize,
+    removed_intents: std::sync::Mutex<Vec<NetIntent>>,
 }
 
 impl Net for TestNet {
@@ -242,7 +255,7 @@ impl Net for TestNet {
     }
     fn attachments(
         &self,
-        net_config: &crate::net::config::NetworkInterfacesConfig,
+        net_config: &[crate::net::config::NetworkInterface],
         ports: &[AllocatedPort],
         hwaddrs: &[String],
     ) -> Result<Vec<Attachment>, NetError> {
@@ -274,11 +287,11 @@ impl Net for TestNet {
     ) -> Result<VmTerminatedTeardownResponse, NetError> {
         Ok(VmTerminatedTeardownResponse {})
     }
-    fn reconcile(
-        &self,
-        _live_tags: &std::collections::BTreeSet<String>,
-    ) -> Result<Vec<String>, NetError> {
-        Ok(Vec::new())
+    fn remove_unfinished(&self, intent: &NetIntent) -> Result<(), NetError> {
+        if let Ok(mut removed) = self.removed_intents.lock() {
+            removed.push(intent.clone());
+        }
+        Ok(())
     }
 }
 
@@ -297,10 +310,12 @@ fn harness(fault: Option<Fault>) -> Harness {
         inner: LibvirtNet::new(libvirt.clone(), Iptables::host()),
         fail_build: fault == Some(Fault::NetworkBuild),
         builds: AtomicUsize::new(0),
+        removed_intents: std::sync::Mutex::new(Vec::new()),
     });
     let tasks = Tasks::new(
         Arc::new(TestHypervisor::new(libvirt.clone(), fault)),
         net.clone(),
+        node.journal(),
     );
     Harness {
         observer: LibvirtHypervisor::new(libvirt.clone()),
@@ -493,7 +508,7 @@ async fn a_failed_network_build_rolls_the_vm_back() {
 async fn bad_input_is_refused_before_anything_is_created() {
     let harness = harness(None);
     let mut no_disks = request(&harness.node, "dddd4444", false);
-    no_disks.config.disk = None;
+    no_disks.config.disks.clear();
     let error = harness
         .tasks
         .start(no_disks, settings(&harness.node))
@@ -501,9 +516,8 @@ async fn bad_input_is_refused_before_anything_is_created() {
         .expect_err("no disk");
     assert!(error.to_string().starts_with("disk:"), "{error}");
     let mut unknown_pool = request(&harness.node, "dddd4444", false);
-    if let Some(disks) = unknown_pool.config.disk.as_mut() {
-        disks[1].pool = Some("elsewhere".into());
-    }
+    unknown_pool.config.disks[1].pool =
+        Some(crate::config::names::ObjectName::parse("elsewhere").expect("name"));
     let error = harness
         .tasks
         .start(unknown_pool, settings(&harness.node))
@@ -601,6 +615,7 @@ async fn a_restarted_plugin_recovers_the_task_and_sees_it_end() {
     let restarted = Tasks::new(
         Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
         harness.net.clone(),
+        harness.node.journal(),
     );
     restarted.recover(state.clone()).await.expect("recover");
     restarted
@@ -655,6 +670,7 @@ async fn recovering_a_vanished_domain_reports_an_exit() {
     let restarted = Tasks::new(
         Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
         harness.net.clone(),
+        harness.node.journal(),
     );
     restarted.recover(started.state).await.expect("recover");
     let exit = restarted.wait("alloc/web/cdcd8888").await.expect("wait");
@@ -846,7 +862,6 @@ async fn an_adopted_go_domain_is_destroyed_with_only_its_own_volumes() {
         volumes: Vec::new(),
         console_log: None,
         stdout_path: String::new(),
-        task_config: TaskConfig::default(),
         net: None,
         guest_ip: None,
         origin: crate::nomad::driver_state::StateOrigin::GoDriver,
@@ -871,4 +886,159 @@ async fn an_adopted_go_domain_is_destroyed_with_only_its_own_volumes() {
     let mut left = harness.volumes();
     left.sort();
     assert_eq!(left, ["operator-data.img", "other-5678_vda.img"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_plugin_removes_what_an_unfinished_task_left_and_only_that() {
+    let harness = harness(None);
+    let started = harness
+        .tasks
+        .start(
+            request(&harness.node, "dead0001", true),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    // Another task's domain, defined by someone else under a name of ours.
+    let foreign = harness
+        .tasks
+        .start(
+            request(&harness.node, "a11e0002", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("second start");
+
+    // The plugin dies; its successor is never told about "dead0001" (Nomad
+    // lost it, or the start never returned) but recovers the other one.
+    let successor = Tasks::new(
+        Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
+        harness.net.clone(),
+        harness.node.journal(),
+    );
+    successor
+        .recover(foreign.state.clone())
+        .await
+        .expect("recover");
+    // The dead plugin's records are not its own while it "lives": with
+    // this test's process as the owner they are, as after a real restart.
+    let removed = successor.remove_unfinished().await;
+    assert_eq!(removed, vec!["alloc/web/dead0001".to_string()]);
+    assert!(harness
+        .observer
+        .domain_state(&started.state.domain_name)
+        .expect("state")
+        .is_none());
+    let left = harness.volumes();
+    for volume in &started.state.volumes {
+        assert!(!left.contains(&volume.name), "{} left", volume.name);
+    }
+    let intents = harness.net.removed_intents.lock().expect("lock").clone();
+    assert_eq!(intents.len(), 1, "{intents:?}");
+    assert_eq!(
+        intents[0].task_tag,
+        crate::net::iptables::task_tag("alloc/web/dead0001")
+    );
+    assert_eq!(
+        intents[0].interfaces,
+        vec![(
+            "ndvtestbr0".to_string(),
+            crate::net::mac_for("alloc/web/dead0001", 0)
+        )]
+    );
+    assert!(
+        harness.running(&foreign.state.domain_name),
+        "the recovered task is untouched"
+    );
+    assert!(
+        successor.remove_unfinished().await.is_empty(),
+        "nothing more to do"
+    );
+
+    successor
+        .destroy("alloc/web/a11e0002", true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after cleanup and destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_whose_metadata_names_another_task_is_never_removed() {
+    let harness = harness(None);
+    let started = harness
+        .tasks
+        .start(
+            request(&harness.node, "0we00003", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    // A forged record claims that domain for another task id.
+    let journal = harness.node.journal();
+    let forged = journal
+        .begin("alloc/other/0we00003", &started.state.domain_name)
+        .expect("begin");
+    forged
+        .update(|record| record.domain_defined = true)
+        .expect("update");
+    let successor = Tasks::new(
+        Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
+        harness.net.clone(),
+        journal,
+    );
+    successor
+        .recover(started.state.clone())
+        .await
+        .expect("recover");
+    assert_eq!(
+        successor.remove_unfinished().await,
+        vec!["alloc/other/0we00003".to_string()]
+    );
+    assert!(
+        harness.running(&started.state.domain_name),
+        "not that record's domain"
+    );
+    successor
+        .destroy("alloc/web/0we00003", true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_again_over_an_unfinished_start_removes_its_leftovers_first() {
+    let harness = harness(None);
+    let first = harness
+        .tasks
+        .start(
+            request(&harness.node, "fee10004", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    // The plugin died with the start unanswered; Nomad starts the same id again.
+    let successor = Tasks::new(
+        Arc::new(TestHypervisor::new(harness.libvirt.clone(), None)),
+        harness.net.clone(),
+        harness.node.journal(),
+    );
+    let second = successor
+        .start(
+            request(&harness.node, "fee10004", false),
+            settings(&harness.node),
+        )
+        .await
+        .expect("the retried start succeeds over the leftovers");
+    assert_eq!(first.state.domain_name, second.state.domain_name);
+    assert!(harness.running(&second.state.domain_name));
+    assert_eq!(
+        harness.volumes().len(),
+        second.state.volumes.len(),
+        "no leftover volumes"
+    );
+    successor
+        .destroy("alloc/web/fee10004", true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after the retried start");
 }

@@ -1,7 +1,12 @@
 //! Shared helpers for integration tests.
 #![allow(dead_code)]
 
+pub mod host;
 pub mod vm;
+
+// Not every test binary uses both.
+#[allow(unused_imports)]
+pub use host::{host_ready, Need};
 
 use std::path::{Path, PathBuf};
 

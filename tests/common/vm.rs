@@ -1,10 +1,15 @@
 //! End-to-end helpers: a real libvirtd, the tiny test guest, and a Nomad-like
-//! alloc dir. Missing prerequisites fail loudly with the command that fixes them.
+//! alloc dir. Tests check their prerequisites first with
+//! `common::host_ready(common::host::VM)`. An [`Alloc`] dropped by a failing
+//! test saves its domains' XML, the console logs and `iptables-save` under
+//! `target/e2e/` (see [`Alloc::save_diagnostics`]).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nomad_driver_virt::nomad_client::PluginClient;
@@ -14,23 +19,6 @@ use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
 };
 
 pub const GUEST_DIR: &str = "/var/lib/nomad-driver-virt-test";
-
-/// Panics with the fix when the host is not prepared.
-pub fn require_host() {
-    let virsh = std::process::Command::new("virsh")
-        .args(["-c", "qemu:///system", "version"])
-        .output();
-    match virsh {
-        Ok(output) if output.status.success() => {}
-        _ => panic!("libvirtd is not reachable at qemu:///system: run `bash tests/setup/host.sh` as root first"),
-    }
-    let image = Path::new(GUEST_DIR).join("guest.qcow2");
-    assert!(
-        image.is_file(),
-        "{} is missing: run `bash tests/setup/guest.sh` as root first",
-        image.display()
-    );
-}
 
 /// A unique, short id for names in this test run.
 pub fn unique(prefix: &str) -> String {
@@ -63,6 +51,9 @@ pub struct Alloc {
     pub alloc_id: String,
     pub task_name: String,
     pub pool_name: String,
+    /// Ids of the tasks [`Alloc::task_config`] made, so a failing test can
+    /// find their domains.
+    task_ids: Mutex<Vec<String>>,
 }
 
 impl Alloc {
@@ -80,6 +71,7 @@ impl Alloc {
             alloc_id,
             task_name: task_name.to_string(),
             pool_name: unique("ndvtest-pool-"),
+            task_ids: Mutex::new(Vec::new()),
         };
         for dir in [
             alloc.alloc_dir().join("alloc/logs"),
@@ -131,6 +123,10 @@ impl Alloc {
     /// What Nomad's client would send for this task.
     pub fn task_config(&self, msgpack: Vec<u8>, memory_mb: i64) -> TaskConfig {
         let task_id = format!("{}/{}/{}", self.alloc_id, self.task_name, short_id());
+        self.task_ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(task_id.clone());
         let env = HashMap::from([
             ("NOMAD_ALLOC_ID".to_string(), self.alloc_id.clone()),
             ("NOMAD_TASK_NAME".to_string(), self.task_name.clone()),
@@ -189,8 +185,123 @@ impl Alloc {
     }
 }
 
+/// Where failing e2e tests leave their diagnostics: `target/e2e/`.
+pub fn diagnostics_root() -> PathBuf {
+    // CARGO_TARGET_TMPDIR is `<target dir>/tmp`, wherever the target dir is.
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap_or(Path::new("target"))
+        .join("e2e")
+}
+
+impl Alloc {
+    /// The names of the domains of the tasks this alloc configured.
+    pub fn domain_names(&self) -> Vec<String> {
+        let ids = self
+            .task_ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let mut names: Vec<String> = ids
+            .iter()
+            .map(|id| nomad_driver_virt::task::plan::domain_name(&self.task_name, id))
+            .collect();
+        names.dedup();
+        names
+    }
+
+    /// `target/e2e/<test>-<task>/`: the test's name is its thread's name
+    /// (libtest names each test's thread after the test).
+    pub fn diagnostics_dir(&self) -> PathBuf {
+        let test = std::thread::current()
+            .name()
+            .filter(|name| *name != "main")
+            .map_or_else(|| self.alloc_id.clone(), str::to_string);
+        let name: String = format!("{test}-{}", self.task_name)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        diagnostics_root().join(name)
+    }
+
+    /// Saves what explains a failure into [`Alloc::diagnostics_dir`]: each
+    /// domain's XML (`virsh dumpxml`), the task dir's `virt-console.log`,
+    /// the task's stdout file and `iptables-save`. Runs from `Drop` while a
+    /// test panics, so it never panics itself: what cannot be saved is noted
+    /// in the file instead. Returns the directory.
+    pub fn save_diagnostics(&self) -> PathBuf {
+        let dir = self.diagnostics_dir();
+        // A previous run's files would mislead.
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            eprintln!("e2e diagnostics: cannot create {}: {e}", dir.display());
+            return dir;
+        }
+        let mut saved = Vec::new();
+        let mut save = |name: &str, contents: Vec<u8>| {
+            let path = dir.join(name);
+            match std::fs::write(&path, contents) {
+                Ok(()) => saved.push(name.to_string()),
+                Err(e) => eprintln!("e2e diagnostics: cannot write {}: {e}", path.display()),
+            }
+        };
+        for domain in self.domain_names() {
+            save(
+                &format!("{domain}.xml"),
+                command_output(&["virsh", "-c", "qemu:///system", "dumpxml", &domain]),
+            );
+        }
+        let stdout_name = format!("{}.stdout.0", self.task_name);
+        for (name, path) in [
+            ("virt-console.log", self.task_dir().join("virt-console.log")),
+            (stdout_name.as_str(), self.stdout_path()),
+        ] {
+            save(
+                name,
+                std::fs::read(&path).unwrap_or_else(|e| {
+                    format!("(could not read {}: {e})\n", path.display()).into_bytes()
+                }),
+            );
+        }
+        save("iptables-save.txt", command_output(&["iptables-save"]));
+        eprintln!(
+            "e2e diagnostics of the failed test in {}: {}",
+            dir.display(),
+            saved.join(", ")
+        );
+        dir
+    }
+}
+
+/// A command's stdout, or a note saying why there is none.
+fn command_output(argv: &[&str]) -> Vec<u8> {
+    let Some((program, args)) = argv.split_first() else {
+        return Vec::new();
+    };
+    match Command::new(program).args(args).output() {
+        Ok(out) if out.status.success() => out.stdout,
+        Ok(out) => format!(
+            "(`{}` failed ({}): {})\n",
+            argv.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into_bytes(),
+        Err(e) => format!("(could not run `{}`: {e})\n", argv.join(" ")).into_bytes(),
+    }
+}
+
 impl Drop for Alloc {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.save_diagnostics();
+        }
         // Remove the private pool from libvirt (its directory goes with the tempdir).
         let _ = std::process::Command::new("virsh")
             .args([

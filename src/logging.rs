@@ -1,5 +1,5 @@
-//! Logging: hclog-format JSON on stderr when Nomad runs us, a human format in
-//! the CLI. go-plugin parses each stderr line as JSON and files it at
+//! Logging, its one home: hclog-format JSON on stderr when Nomad runs us, a
+//! human format in the CLI, and the level (environment over plugin config). go-plugin parses each stderr line as JSON and files it at
 //! `@level`; see the protocol reference §2.4 for the exact rules.
 
 use std::fmt;
@@ -174,7 +174,8 @@ where
 pub enum LogFormat {
     /// hclog JSON, for go-plugin under Nomad.
     HclogJson,
-    /// Plain text for people at a terminal.
+    /// Plain lines for people at a terminal (the CLI): no timestamps, colour
+    /// only when stderr is a terminal.
     Human,
 }
 
@@ -215,13 +216,18 @@ pub fn init(format: LogFormat) {
                     .with_writer(std::io::stderr),
             )
             .try_init(),
-        LogFormat::Human => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_target(false)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
+        LogFormat::Human => {
+            use std::io::IsTerminal as _;
+            registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(std::io::stderr().is_terminal())
+                        .with_target(false)
+                        .without_time(),
+                )
+                .try_init()
+        }
     };
     if result.is_err() {
         // A subscriber was already installed (tests); keep it.
