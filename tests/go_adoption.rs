@@ -631,6 +631,13 @@ fn bad_handles_say_what_is_wrong() {
         text.contains("NetTeardown.IPTablesRules[0]") && text.contains("FORWARD"),
         "{text}"
     );
+    // A reservation that is not libvirt's host entry.
+    let junk = go_task_state(Go::Struct(vec![
+        ("DHCPReservation", s("<host ip=\"192.168.122.10\"></host>")),
+        ("Network", s("default")),
+    ]));
+    let text = message(go_bytes(&junk));
+    assert!(text.contains("NetTeardown.DHCPReservation"), "{text}");
     // A field of the wrong type.
     let wrong = Go::Struct(vec![("TaskConfig", s("not a struct"))]);
     let text = message(go_bytes(&wrong));
@@ -770,6 +777,9 @@ fn reservations(libvirt: &Libvirt) -> Vec<(String, Ipv4Addr, Option<String>)> {
 
 #[test]
 fn go_rules_and_reservation_are_removed_and_nothing_else() {
+    if !common::host_ready(common::host::NETNS_IPTABLES) {
+        return;
+    }
     let ns = Netns::new();
     let ipt = ns.iptables();
     ipt.init().expect("chains");

@@ -30,8 +30,6 @@
 //! after the allocation ID joined with `-`; and its pool volumes
 //! `<domain>_<device>.img` (`virt/disks/config.go` Generate).
 
-use std::net::Ipv4Addr;
-
 use crate::net::dhcp::Reservation;
 use crate::net::iptables::rules::{validate_rule, IptablesRule, RuleError};
 use crate::net::TeardownSpec;
@@ -483,25 +481,22 @@ fn rules(field: &str, value: Option<&Value>) -> Result<Vec<IptablesRule>, GoHand
     Ok(rules)
 }
 
-/// libvirtxml's `<host mac=".." name=".." ip=".."></host>`.
+/// libvirtxml's `<host mac=".." name=".." ip=".."></host>`, read by the
+/// same parser as the network XML's `<dhcp>` hosts.
 fn reservation(network: &str, xml: &str) -> Result<Reservation, GoHandleError> {
-    let field = "NetTeardown.DHCPReservation";
-    let invalid = |reason: String| GoHandleError::Invalid {
-        field: field.into(),
-        reason,
-    };
-    let attr = |name: &str| crate::storage::xml_attr(xml, "host", name);
-    let mac = attr("mac").ok_or_else(|| invalid(format!("no mac in {xml:?}")))?;
-    let ip: Ipv4Addr = attr("ip")
-        .ok_or_else(|| invalid(format!("no ip in {xml:?}")))?
-        .parse()
-        .map_err(|_| invalid(format!("the ip in {xml:?} is not an IPv4 address")))?;
-    Ok(Reservation {
-        network: network.to_string(),
-        mac,
-        ip,
-        hostname: attr("name").filter(|name| !name.is_empty()),
-    })
+    let hosts = crate::net::dhcp::reservations_in_xml(&format!("<dhcp>{xml}</dhcp>"));
+    match hosts.as_slice() {
+        [(mac, ip, name)] => Ok(Reservation {
+            network: network.to_string(),
+            mac: mac.clone(),
+            ip: *ip,
+            hostname: name.clone().filter(|name| !name.is_empty()),
+        }),
+        _ => Err(GoHandleError::Invalid {
+            field: "NetTeardown.DHCPReservation".into(),
+            reason: format!("{xml:?} is not one DHCP host entry with a mac and an IPv4 ip"),
+        }),
+    }
 }
 
 fn teardown(spec: &Struct<'_>) -> Result<TeardownSpec, GoHandleError> {
