@@ -10,6 +10,7 @@ use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::fingerprin
 use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
     FingerprintRequest, FingerprintResponse,
 };
+use nomad_driver_virt::pb::hashicorp::nomad::plugins::shared::structs::attribute::Value;
 
 fn rendered(response: &FingerprintResponse) -> HashMap<String, String> {
     response
@@ -111,7 +112,7 @@ async fn storage_pools_and_credentials_are_fingerprinted() {
     let first = stream.message().await.expect("stream").expect("message");
     assert_eq!(first.health, HealthState::Healthy as i32, "{first:?}");
     let attributes = rendered(&first);
-    assert_eq!(attributes["driver.virt.storage_pool.ndvpool"], "dir");
+    assert_eq!(attributes["driver.virt.storage_pool.ndvpool"], "directory");
     assert_eq!(
         attributes["driver.virt.storage_pool.ndvpool.state"],
         "active"
@@ -174,5 +175,89 @@ async fn unreachable_uri_is_unhealthy_with_advice_and_recovers() {
         rendered(&recovered)["driver.virt.provider.libvirt.driver"],
         "TEST"
     );
+    plugin.kill().await.expect("exit");
+}
+
+/// Every attribute the Go driver (hashicorp/nomad-driver-virt main:
+/// `providers/providers.go`, `providers/libvirt/libvirt.go` Fingerprint,
+/// `providers/libvirt/net/net_linux.go`, `providers/libvirt/storage/storage.go`)
+/// emits, with its key, attribute type and value format.
+#[tokio::test]
+async fn every_go_driver_attribute_is_present_in_go_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = common::test_driver_node(dir.path());
+    let plugin = common::launch().await;
+    let config = common::test_driver_config(&node)
+        + "storage_pools {\n  directory \"ndvpool\" {\n    path = \"/var/lib/ndvpool\"\n  }\n}\n";
+    plugin
+        .set_config_hcl(&config, None)
+        .await
+        .expect("set config");
+    let mut stream = plugin
+        .driver()
+        .fingerprint(FingerprintRequest {})
+        .await
+        .expect("fingerprint")
+        .into_inner();
+    let first = stream.message().await.expect("stream").expect("message");
+    assert_eq!(first.health, HealthState::Healthy as i32, "{first:?}");
+    // Go: drivers.DriverHealthy.
+    assert_eq!(first.health_description, "Healthy");
+    let value = |key: &str| {
+        first
+            .attributes
+            .get(key)
+            .unwrap_or_else(|| panic!("attribute {key} missing: {:?}", first.attributes.keys()))
+            .value
+            .clone()
+            .unwrap_or_else(|| panic!("attribute {key} has no value"))
+    };
+    let int = |key: &str| match value(key) {
+        Value::IntVal(number) => number,
+        other => panic!("{key} should be an int attribute, is {other:?}"),
+    };
+    let string = |key: &str| match value(key) {
+        Value::StringVal(text) => text,
+        other => panic!("{key} should be a string attribute, is {other:?}"),
+    };
+    let is_true = |key: &str| assert_eq!(value(key), Value::BoolVal(true), "{key}");
+    // Go's computeVersion: major.minor.release of libvirt's integer.
+    let readable = |number: i64| {
+        format!(
+            "{}.{}.{}",
+            number / 1_000_000,
+            (number / 1000) % 1000,
+            number % 1000
+        )
+    };
+
+    is_true("driver.virt");
+    is_true("driver.virt.provider.libvirt");
+    let version = int("driver.virt.provider.libvirt.version");
+    assert!(version >= 6_000_000, "{version}");
+    assert_eq!(
+        string("driver.virt.provider.libvirt.version.readable"),
+        readable(version)
+    );
+    assert_eq!(string("driver.virt.provider.libvirt.driver"), "TEST");
+    let driver_version = int("driver.virt.provider.libvirt.driver.version");
+    assert_eq!(
+        string("driver.virt.provider.libvirt.driver.version.readable"),
+        readable(driver_version)
+    );
+    assert_eq!(string("driver.virt.network.default.state"), "active");
+    assert_eq!(string("driver.virt.network.default.bridge_name"), "virbr0");
+    assert_eq!(string("driver.virt.storage_pool.ndvpool"), "directory");
+    is_true("driver.virt.storage_pool.ndvpool.provider.libvirt");
+    // The only pool becomes the default, as in Go.
+    is_true("driver.virt.storage_pool.ndvpool.default");
+
+    // Ours besides, never instead.
+    assert_eq!(string("driver.virt.storage_pool.ndvpool.state"), "active");
+    assert_eq!(
+        string("driver.virt.storage_pool.ndvpool.path"),
+        "/var/lib/ndvpool"
+    );
+    assert_eq!(string("driver.virt.version"), env!("CARGO_PKG_VERSION"));
     plugin.kill().await.expect("exit");
 }

@@ -10,7 +10,8 @@ use prost::Message;
 use tonic::{Code, Status};
 
 use crate::net::AllocatedPort;
-use crate::nomad::driver_state::{DriverState, TASK_HANDLE_VERSION};
+use crate::nomad::driver_state::{DriverState, DriverStateError, TASK_HANDLE_VERSION};
+use crate::nomad::go_handle;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::{
     cpu_usage, memory_usage, CpuUsage, DriverTaskEvent, ExitResult, InspectTaskResponse,
     MemoryUsage, NetworkOverride, StartTaskResponse, TaskConfig as NomadTaskConfig,
@@ -107,9 +108,22 @@ pub fn start_response(task: NomadTaskConfig, started: StartedTask) -> StartTaskR
     }
 }
 
-/// The driver state inside a RecoverTask handle.
+/// The driver state inside a RecoverTask handle: ours (JSON) or, told
+/// apart by its first byte being a msgpack map, the Go driver's.
 pub fn recovered_state(handle: &TaskHandle) -> Result<DriverState, TaskError> {
-    Ok(DriverState::decode(&handle.driver_state)?)
+    let bytes = &handle.driver_state;
+    match DriverState::decode(bytes) {
+        Ok(state) => Ok(state),
+        Err(DriverStateError::Corrupt(json)) if go_handle::looks_like_go_state(bytes) => {
+            let fallback_id = handle
+                .config
+                .as_ref()
+                .map_or("", |config| config.id.as_str());
+            go_handle::decode(bytes, fallback_id)
+                .map_err(|go| TaskError::Handle(DriverStateError::Unrecognised { json, go }))
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 pub fn wait_response(exit: &TaskExit) -> WaitTaskResponse {

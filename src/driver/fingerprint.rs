@@ -93,9 +93,21 @@ pub fn unhealthy(description: String) -> FingerprintResponse {
     }
 }
 
-/// `driver.virt.storage_pool.<name>` = pool type, `.state` = active or
-/// inactive (or "missing" for a configured pool libvirt does not have yet:
-/// it is created on first use), `.default = true` for the default pool.
+/// The Go driver's spelling of a libvirt pool type (its `storage.PoolType*`
+/// names); types it never had keep libvirt's name.
+pub fn go_pool_type(libvirt_type: &str) -> &str {
+    match libvirt_type {
+        "dir" => "directory",
+        "rbd" => "ceph",
+        other => other,
+    }
+}
+
+/// As the Go driver: `driver.virt.storage_pool.<name>` = pool type in its
+/// spelling (`directory`), `.provider.libvirt = true`, `.default = true` for
+/// the default pool. Ours besides: `.state` = active or inactive (or
+/// "missing" for a configured pool libvirt does not have yet: it is created
+/// on first use) and `.path`.
 pub fn add_pool_attributes(
     response: &mut FingerprintResponse,
     settings: &Settings,
@@ -106,7 +118,7 @@ pub fn add_pool_attributes(
         let found = pools.iter().find(|(name, _, _)| name == &configured.name);
         let (kind, state) = match found {
             Some((_, active, kind)) => (
-                kind.clone(),
+                go_pool_type(kind).to_string(),
                 crate::net::is_active_string(*active).to_string(),
             ),
             None => ("directory".to_string(), "missing".to_string()),
@@ -114,6 +126,9 @@ pub fn add_pool_attributes(
         response
             .attributes
             .insert(prefix.clone(), attribute::string(&kind));
+        response
+            .attributes
+            .insert(format!("{prefix}.provider.libvirt"), attribute::bool(true));
         response
             .attributes
             .insert(format!("{prefix}.state"), attribute::string(&state));
@@ -166,5 +181,17 @@ impl Driver {
                 unhealthy(error.to_string())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_types_use_the_go_spelling() {
+        assert_eq!(go_pool_type("dir"), "directory");
+        assert_eq!(go_pool_type("rbd"), "ceph");
+        assert_eq!(go_pool_type("logical"), "logical");
     }
 }

@@ -65,6 +65,30 @@ fn pool(conn: &Connect, name: &str) -> Result<storage::Pool, StorageError> {
     })
 }
 
+/// `(pool, volume)` of every `<disk type='volume'>` source in a domain
+/// XML, in document order. Enough for libvirt's own output.
+pub fn pool_volumes_in_domain_xml(xml: &str) -> Vec<CreatedVolume> {
+    let mut volumes = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find("<disk ") {
+        let after = &rest[start..];
+        let end = after
+            .find("</disk>")
+            .map_or(after.len(), |end| end + "</disk>".len());
+        let disk = &after[..end];
+        rest = &after[end..];
+        if crate::storage::xml_attr(disk, "disk", "type").as_deref() != Some("volume") {
+            continue;
+        }
+        let pool = crate::storage::xml_attr(disk, "source", "pool");
+        let name = crate::storage::xml_attr(disk, "source", "volume");
+        if let (Some(pool), Some(name)) = (pool, name) {
+            volumes.push(CreatedVolume { pool, name });
+        }
+    }
+    volumes
+}
+
 impl Hypervisor for LibvirtHypervisor {
     fn ping(&self) -> Result<(), HypervisorError> {
         self.with(|_| Ok(()))
@@ -193,6 +217,21 @@ impl Hypervisor for LibvirtHypervisor {
         self.with(|conn| Ok(domain::remove_domain(conn, name)?))
     }
 
+    fn domain_pool_volumes(
+        &self,
+        name: &str,
+    ) -> Result<Option<Vec<CreatedVolume>>, HypervisorError> {
+        self.with(|conn| {
+            let Some(domain) = find_domain(conn, name)? else {
+                return Ok(None);
+            };
+            let xml = domain
+                .xml_desc(0)
+                .map_err(|e| LibvirtError::call(format!("reading the XML of domain {name}"), e))?;
+            Ok(Some(pool_volumes_in_domain_xml(&xml)))
+        })
+    }
+
     fn counters(&self, name: &str) -> Result<Option<DomainCounters>, HypervisorError> {
         self.with(|conn| {
             Ok(
@@ -211,5 +250,36 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn connection_generation(&self) -> u64 {
         self.libvirt.generation()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_volumes_come_from_volume_disks_only() {
+        let xml = "<domain type='kvm'><devices>\
+            <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>\
+            <source pool='p1' volume='web-1_vda.img' index='2'/><target dev='vda'/></disk>\
+            <disk type='file' device='disk'><source file='/x/y.img'/></disk>\
+            <disk type=\"volume\" device=\"cdrom\"><source pool=\"p&amp;2\" volume=\"web-1_sda.img\"/></disk>\
+            <disk type='block' device='disk'><source dev='/dev/vdb'/></disk>\
+            <filesystem type='mount'><source dir='/a'/></filesystem>\
+            </devices></domain>";
+        assert_eq!(
+            pool_volumes_in_domain_xml(xml),
+            vec![
+                CreatedVolume {
+                    pool: "p1".into(),
+                    name: "web-1_vda.img".into()
+                },
+                CreatedVolume {
+                    pool: "p&2".into(),
+                    name: "web-1_sda.img".into()
+                },
+            ]
+        );
+        assert!(pool_volumes_in_domain_xml("<domain/>").is_empty());
     }
 }

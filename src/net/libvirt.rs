@@ -347,6 +347,12 @@ impl LibvirtNet {
                 failures.push(with_sources(&error));
             }
         }
+        // Untagged rules (the Go driver's) go by exact match.
+        if !spec.legacy_iptables_rules.is_empty() {
+            if let Err(error) = self.iptables.remove_rules(&spec.legacy_iptables_rules) {
+                failures.push(error.to_string());
+            }
+        }
         if let Some(reservation) = &spec.dhcp_reservation {
             match self
                 .libvirt
@@ -356,7 +362,18 @@ impl LibvirtNet {
                 Ok(Err(error)) => failures.push(with_sources(&error)),
                 Err(error) => failures.push(with_sources(&error)),
             }
-            if let Some(bridge) = &spec.bridge {
+            // Adopted Go handles name only the network: find its bridge.
+            let bridge = spec.bridge.clone().or_else(|| {
+                let networks = self
+                    .libvirt
+                    .call_blocking(|conn| Ok(dhcp::network_fingerprint(conn)))
+                    .ok()?;
+                networks
+                    .into_iter()
+                    .find(|(name, _, _)| *name == reservation.network)
+                    .map(|(_, _, bridge)| bridge)
+            });
+            if let Some(bridge) = &bridge {
                 if let Err(error) = dhcp::release_lease(bridge, reservation.ip, &reservation.mac) {
                     tracing::debug!(error = %error, "DHCP release failed (best effort)");
                 }

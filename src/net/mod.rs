@@ -92,6 +92,10 @@ pub struct TeardownSpec {
     pub task_tag: String,
     #[serde(default)]
     pub iptables_rules: Vec<IptablesRule>,
+    /// Untagged rules removed by exact match: those the Go driver
+    /// installed, adopted from its task handle.
+    #[serde(default)]
+    pub legacy_iptables_rules: Vec<IptablesRule>,
     #[serde(default)]
     pub dhcp_reservation: Option<Reservation>,
     /// The libvirt network the VM joined, if any.
@@ -222,6 +226,7 @@ mod tests {
                 chain: "NOMAD_VT_PRT".into(),
                 args: vec!["-j".into(), "ACCEPT".into()],
             }],
+            legacy_iptables_rules: Vec::new(),
             dhcp_reservation: None,
             network: Some("default".into()),
             bridge: Some("virbr0".into()),

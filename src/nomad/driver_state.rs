@@ -40,6 +40,21 @@ pub struct DriverState {
     /// The guest address found at start, if any.
     #[serde(default)]
     pub guest_ip: Option<std::net::Ipv4Addr>,
+    /// Which driver wrote the handle this state came from.
+    #[serde(default)]
+    pub origin: StateOrigin,
+}
+
+/// Which driver started a task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateOrigin {
+    /// This driver; the state lists everything the task created.
+    #[default]
+    Native,
+    /// The Go driver (hashicorp/nomad-driver-virt), adopted on recovery:
+    /// its volumes are found from the domain's disks at recovery.
+    GoDriver,
 }
 
 /// Why a handle's driver state cannot be used.
@@ -49,6 +64,12 @@ pub enum DriverStateError {
     Missing,
     #[error("task handle driver state is not readable: {0}")]
     Corrupt(#[from] serde_json::Error),
+    #[error("task handle driver state is neither this driver's JSON ({json}) nor the Go driver's msgpack: {go}")]
+    Unrecognised {
+        json: serde_json::Error,
+        #[source]
+        go: crate::nomad::go_handle::GoHandleError,
+    },
     #[error("task handle driver state version {found} is newer than this plugin understands ({supported}); upgrade the plugin")]
     TooNew { found: u32, supported: u32 },
 }
@@ -97,6 +118,7 @@ mod tests {
                 ..Default::default()
             }),
             guest_ip: Some(std::net::Ipv4Addr::new(192, 168, 122, 10)),
+            origin: StateOrigin::Native,
         }
     }
 

@@ -4,4 +4,5 @@
 pub mod attribute;
 pub mod cty;
 pub mod driver_state;
+pub mod go_handle;
 pub mod hclspec;

@@ -113,6 +113,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn power_off(&self, name: &str) -> Result<(), HypervisorError>;
     /// Powers off and undefines; a missing domain is fine.
     fn remove_domain(&self, name: &str) -> Result<(), HypervisorError>;
+    /// The storage-pool volumes the domain's disks use (`<disk
+    /// type='volume'>`), in document order; `None` when no such domain
+    /// exists. Used to adopt Go-driver domains, whose handles list none.
+    fn domain_pool_volumes(
+        &self,
+        name: &str,
+    ) -> Result<Option<Vec<CreatedVolume>>, HypervisorError>;
     /// `None` when no such domain exists.
     fn counters(&self, name: &str) -> Result<Option<DomainCounters>, HypervisorError>;
 

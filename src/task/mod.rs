@@ -35,7 +35,7 @@ use crate::libvirt::events::LifecycleEvent;
 use crate::libvirt::lifecycle::{self, DomainEvent, ExitOutcome};
 use crate::libvirt::stats::{self, CpuSample};
 use crate::net::{Net, VmTerminatedTeardownRequest};
-use crate::nomad::driver_state::{DriverState, DRIVER_STATE_VERSION};
+use crate::nomad::driver_state::{DriverState, StateOrigin, DRIVER_STATE_VERSION};
 
 /// Unused chained-disk parents older than this are deleted (hourly).
 const PARENT_IDLE: Duration = Duration::from_secs(3600);
@@ -77,6 +77,21 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|source| TaskError::Worker { action, source })?
+}
+
+/// The volumes the Go driver made for an adopted domain: pool volumes its
+/// disks use that carry the Go driver's name for them (`<domain>_<dev>.img`).
+/// Anything else the domain uses was not made for it and stays.
+fn adopted_go_volumes(
+    hypervisor: &dyn Hypervisor,
+    domain: &str,
+) -> Result<Vec<crate::nomad::driver_state::CreatedVolume>, hypervisor::HypervisorError> {
+    Ok(hypervisor
+        .domain_pool_volumes(domain)?
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|volume| crate::nomad::go_handle::is_go_task_volume(domain, &volume.name))
+        .collect())
 }
 
 impl Tasks {
@@ -313,6 +328,7 @@ impl Tasks {
             stdout_path: request.stdout_path.to_string_lossy().into_owned(),
             net: booted.teardown,
             guest_ip: booted.network.as_ref().map(|network| network.ip),
+            origin: StateOrigin::Native,
         };
         let entry = TaskEntry::new(state.clone());
         if !request.stdout_path.as_os_str().is_empty() {
@@ -406,8 +422,11 @@ impl Tasks {
             entry.mark_stop_requested();
             entry.mark_forced();
         }
-        let (hypervisor, state) = (self.hypervisor.clone(), entry.state.clone());
+        let (hypervisor, mut state) = (self.hypervisor.clone(), entry.state.clone());
         blocking("removing the VM", move || {
+            if state.origin == StateOrigin::GoDriver && state.volumes.is_empty() {
+                state.volumes = adopted_go_volumes(hypervisor.as_ref(), &state.domain_name)?;
+            }
             hypervisor.remove_domain(&state.domain_name)?;
             crash_point("destroy:domain");
             let mut failures = Vec::new();
@@ -464,9 +483,24 @@ impl Tasks {
 
     /// RecoverTask: re-attach to a task from its handle's state after a
     /// plugin or agent restart.
-    pub async fn recover(&self, state: DriverState) -> Result<(), TaskError> {
+    pub async fn recover(&self, mut state: DriverState) -> Result<(), TaskError> {
         if self.store.get(&state.task_id).is_some() {
             return Ok(());
+        }
+        if state.origin == StateOrigin::GoDriver && state.volumes.is_empty() {
+            // The Go driver's handle lists no volumes: find them now, while
+            // the domain still references them.
+            let (hypervisor, domain) = (self.hypervisor.clone(), state.domain_name.clone());
+            match blocking("finding the Go driver's volumes", move || {
+                Ok(adopted_go_volumes(hypervisor.as_ref(), &domain)?)
+            })
+            .await
+            {
+                Ok(volumes) => state.volumes = volumes,
+                Err(error) => {
+                    tracing::warn!(error = %error, domain = %state.domain_name, "cannot list the volumes of an adopted Go driver domain; destroy will look again");
+                }
+            }
         }
         let entry = TaskEntry::new(state.clone());
         self.store.insert(entry.clone());

@@ -219,6 +219,12 @@ impl Hypervisor for TestHypervisor {
     fn remove_domain(&self, name: &str) -> Result<(), HypervisorError> {
         self.inner.remove_domain(name)
     }
+    fn domain_pool_volumes(
+        &self,
+        name: &str,
+    ) -> Result<Option<Vec<CreatedVolume>>, HypervisorError> {
+        self.inner.domain_pool_volumes(name)
+    }
     fn counters(&self, name: &str) -> Result<Option<DomainCounters>, HypervisorError> {
         self.inner.counters(name)
     }
@@ -766,6 +772,120 @@ async fn racing_starts_of_one_task_id_let_exactly_one_through() {
             .expect("destroy");
         assert_nothing_left(&harness, "after the race");
     }
+}
+
+/// A domain as the Go driver leaves it: disks backed by pool volumes named
+/// `<domain>_<dev>.img`, plus (as an operator might attach by hand) one
+/// volume that is not the task's.
+fn define_go_domain(harness: &Harness, domain: &str, volumes: &[&str]) {
+    let disks: String = volumes
+        .iter()
+        .enumerate()
+        .map(|(index, volume)| {
+            format!(
+                "<disk type='volume' device='disk'><driver name='qemu' type='raw'/>\
+                 <source pool='{POOL}' volume='{volume}'/>\
+                 <target dev='vd{}' bus='virtio'/></disk>",
+                char::from(b'a' + index as u8)
+            )
+        })
+        .collect();
+    let xml = format!(
+        "<domain type='test'><name>{domain}</name><memory unit='MiB'>128</memory>\
+         <os><type>hvm</type></os><devices>{disks}</devices></domain>"
+    );
+    harness
+        .libvirt
+        .call_blocking(move |conn| {
+            let defined = conn
+                .define_domain_xml(&xml)
+                .map_err(|e| LibvirtError::call("defining the Go-style domain", e))?;
+            defined
+                .create()
+                .map_err(|e| LibvirtError::call("starting the Go-style domain", e))?;
+            Ok(())
+        })
+        .expect("Go-style domain runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_go_domain_is_destroyed_with_only_its_own_volumes() {
+    let harness = harness(None);
+    harness
+        .observer
+        .prepare_pool(&DirectoryPool {
+            name: POOL.into(),
+            path: harness.node.pool_path.clone(),
+        })
+        .expect("pool");
+    let empty = VolumeContent::Empty {
+        format: crate::storage::images::ImageFormat::Raw,
+        size: 1 << 20,
+    };
+    for name in [
+        "web-1234abcd_vda.img",
+        "web-1234abcd_sda.img",
+        "operator-data.img",
+        "other-5678_vda.img",
+    ] {
+        harness
+            .observer
+            .create_volume(POOL, name, empty)
+            .expect("volume");
+    }
+    define_go_domain(
+        &harness,
+        "web-1234abcd",
+        &[
+            "web-1234abcd_vda.img",
+            "operator-data.img",
+            "web-1234abcd_sda.img",
+        ],
+    );
+    assert_eq!(
+        harness
+            .observer
+            .domain_pool_volumes("web-1234abcd")
+            .expect("xml")
+            .expect("domain exists")
+            .len(),
+        3
+    );
+    // What `go_handle::decode` makes of a Go handle: no volumes listed.
+    let state = crate::nomad::driver_state::DriverState {
+        version: crate::nomad::driver_state::DRIVER_STATE_VERSION,
+        task_id: "alloc/web/1234abcd".into(),
+        task_name: "web".into(),
+        alloc_id: "alloc".into(),
+        domain_name: crate::nomad::go_handle::go_domain_name("alloc/web/1234abcd"),
+        started_at_unix_nanos: 0,
+        volumes: Vec::new(),
+        console_log: None,
+        stdout_path: String::new(),
+        net: None,
+        guest_ip: None,
+        origin: crate::nomad::driver_state::StateOrigin::GoDriver,
+    };
+    harness.tasks.recover(state).await.expect("recover");
+    let status = harness
+        .tasks
+        .inspect("alloc/web/1234abcd")
+        .expect("inspect");
+    assert!(
+        status.exit.is_none(),
+        "adopted VM keeps running: {status:?}"
+    );
+    assert!(harness.running("web-1234abcd"));
+
+    harness
+        .tasks
+        .destroy("alloc/web/1234abcd", true)
+        .await
+        .expect("destroy");
+    assert_eq!(harness.domains(), Vec::<String>::new());
+    let mut left = harness.volumes();
+    left.sort();
+    assert_eq!(left, ["operator-data.img", "other-5678_vda.img"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,9 +23,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::rules::{
-    base_chains, chain_declared, is_our_chain, is_valid_interface_name, jump_count, our_tables,
-    parse_save, restore_batch, rules_to_delete, table_batch, validate_rule, validate_tag, BatchOp,
-    IptablesRule, RuleError, SavedRule, TAG_PREFIX,
+    base_chains, chain_declared, delete_line_for, find_saved, is_our_chain,
+    is_valid_interface_name, jump_count, our_tables, parse_save, restore_batch, rules_to_delete,
+    table_batch, validate_rule, validate_tag, BatchOp, IptablesRule, RuleError, SavedRule,
+    TAG_PREFIX,
 };
 
 /// The lock every plugin process on the host shares, so two plugins (or two
@@ -259,6 +260,70 @@ impl Iptables {
     pub fn remove_tag(&self, tag: &str) -> Result<usize, IptablesError> {
         validate_tag(tag)?;
         Ok(self.remove_where(|t| t != tag)?.len())
+    }
+
+    /// Deletes exactly `rules` (untagged ones, such as those the Go driver
+    /// installed) in one batch. Rules already gone are skipped, so this is
+    /// safe to repeat; nothing else is touched. Each is found in
+    /// `iptables-save` output (in its printed spelling) and, failing that,
+    /// checked with `iptables -C`. Returns how many were deleted.
+    pub fn remove_rules(&self, rules: &[IptablesRule]) -> Result<usize, IptablesError> {
+        for rule in rules {
+            validate_rule(rule)?;
+        }
+        let mut tables: Vec<&str> = Vec::new();
+        for rule in rules {
+            if !tables.contains(&rule.table.as_str()) {
+                tables.push(&rule.table);
+            }
+        }
+        let _lock = self.lock()?;
+        let mut batch = String::new();
+        let mut count = 0;
+        for table in tables {
+            let saved: Vec<SavedRule> = parse_save(&self.save(table)?)
+                .into_iter()
+                .filter(|r| r.table == table)
+                .collect();
+            let mut used = vec![false; saved.len()];
+            let mut lines: Vec<String> = Vec::new();
+            for rule in rules.iter().filter(|r| r.table == table) {
+                if let Some(index) = find_saved(rule, &saved, &used) {
+                    used[index] = true;
+                    lines.push(saved[index].delete_line());
+                    continue;
+                }
+                let line = delete_line_for(rule);
+                if !lines.contains(&line) && self.rule_exists(rule)? {
+                    lines.push(line);
+                }
+            }
+            count += lines.len();
+            batch.push_str(&table_batch(table, &lines));
+        }
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        tracing::debug!(rules = count, "deleting listed iptables rules");
+        self.restore(&batch, Rollback::NotAttempted)?;
+        Ok(count)
+    }
+
+    /// `iptables -C`: whether the kernel holds a rule equal to `rule`.
+    fn rule_exists(&self, rule: &IptablesRule) -> Result<bool, IptablesError> {
+        let mut args: Vec<&str> = vec!["-w", "-t", &rule.table, "-C", &rule.chain];
+        args.extend(rule.args.iter().map(String::as_str));
+        let ran = self.run("iptables", &args, None)?;
+        match ran.status.code() {
+            Some(0) => Ok(true),
+            // "Bad rule (does a matching rule exist in that chain?)".
+            Some(1) => Ok(false),
+            _ => Err(IptablesError::Command {
+                command: self.describe("iptables", &args),
+                status: ran.status.to_string(),
+                stderr: ran.stderr.trim().to_string(),
+            }),
+        }
     }
 
     /// Deletes every rule in the driver's chains whose tag has the driver's

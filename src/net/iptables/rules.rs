@@ -476,6 +476,55 @@ impl SavedRule {
     }
 }
 
+/// `args` spelled the way `iptables-save` prints them, for rules written by
+/// hand (the Go driver's): a bare IPv4 address after `-s`/`-d` (or their
+/// long names) gets its `/32`, and long names become the short ones.
+pub fn saved_form(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut address_next = false;
+    for arg in args {
+        let short = match arg.as_str() {
+            "--source" => "-s",
+            "--destination" => "-d",
+            "--in-interface" => "-i",
+            "--out-interface" => "-o",
+            "--protocol" => "-p",
+            "--jump" => "-j",
+            "--match" => "-m",
+            other => other,
+        };
+        if address_next && short.parse::<Ipv4Addr>().is_ok() {
+            out.push(format!("{short}/32"));
+        } else {
+            out.push(short.to_string());
+        }
+        address_next = matches!(short, "-s" | "-d");
+    }
+    out
+}
+
+/// The first saved rule not yet `used` that is `rule` (same table and
+/// chain, same arguments once both are in `iptables-save` spelling).
+pub fn find_saved(rule: &IptablesRule, saved: &[SavedRule], used: &[bool]) -> Option<usize> {
+    let wanted = saved_form(&rule.args);
+    saved.iter().enumerate().position(|(i, candidate)| {
+        !used.get(i).copied().unwrap_or(true)
+            && candidate.table == rule.table
+            && candidate.chain == rule.chain
+            && (candidate.args == rule.args || candidate.args == wanted)
+    })
+}
+
+/// The `iptables-restore` line deleting `rule` by its specification.
+pub fn delete_line_for(rule: &IptablesRule) -> String {
+    let mut line = format!("-D {}", rule.chain);
+    for arg in &rule.args {
+        line.push(' ');
+        line.push_str(&quote_arg(arg));
+    }
+    line
+}
+
 /// Parses every `-A` line of `iptables-save` output (one or many tables).
 /// Comments, chain declarations and anything unrecognised are skipped.
 pub fn parse_save(save: &str) -> Vec<SavedRule> {
@@ -579,6 +628,68 @@ mod tests {
             .iter()
             .map(|r| format!("{} {} {}", r.table, r.chain, r.args.join(" ")))
             .collect()
+    }
+
+    fn go_rule(table: &str, chain: &str, args: &str) -> IptablesRule {
+        IptablesRule {
+            table: table.into(),
+            chain: chain.into(),
+            args: args.split(' ').map(String::from).collect(),
+        }
+    }
+
+    #[test]
+    fn go_rules_are_matched_in_saved_spelling() {
+        let save = "*nat\n:NOMAD_VT_PRT - [0:0]\n\
+            -A NOMAD_VT_PRT -d 10.0.0.5/32 -i eth0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.168.122.10:80\n\
+            -A NOMAD_VT_PRT -d 10.0.0.5/32 -i eth0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.168.122.10:80\n\
+            COMMIT\n*filter\n\
+            -A NOMAD_VT_FW -d 192.168.122.10/32 -p tcp -m state --state NEW -m tcp --dport 80 -j ACCEPT\n\
+            COMMIT\n";
+        let saved = parse_save(save);
+        let dnat = go_rule(
+            NAT,
+            CHAIN_PRT,
+            "-d 10.0.0.5 -i eth0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 192.168.122.10:80",
+        );
+        let accept = go_rule(
+            FILTER,
+            CHAIN_FW,
+            "-d 192.168.122.10 -p tcp -m state --state NEW -m tcp --dport 80 -j ACCEPT",
+        );
+        let mut used = vec![false; saved.len()];
+        let first = find_saved(&dnat, &saved, &used).unwrap();
+        used[first] = true;
+        // A second listing takes the duplicate, a third finds none.
+        let second = find_saved(&dnat, &saved, &used).unwrap();
+        assert_ne!(first, second);
+        used[second] = true;
+        assert_eq!(find_saved(&dnat, &saved, &used), None);
+        assert_eq!(
+            saved[find_saved(&accept, &saved, &used).unwrap()].chain,
+            CHAIN_FW
+        );
+        // Another port, chain or table is another rule.
+        let other_port = go_rule(NAT, CHAIN_PRT, "-d 10.0.0.5 -i eth0 -p tcp -m tcp --dport 8081 -j DNAT --to-destination 192.168.122.10:80");
+        assert_eq!(find_saved(&other_port, &saved, &[false; 3]), None);
+        let other_chain = IptablesRule {
+            chain: CHAIN_OUT.into(),
+            ..dnat.clone()
+        };
+        assert_eq!(find_saved(&other_chain, &saved, &[false; 3]), None);
+        assert_eq!(
+            saved_form(&[
+                "--source".into(),
+                "127.0.0.1".into(),
+                "-d".into(),
+                "10.0.0.0/8".into()
+            ]),
+            ["-s", "127.0.0.1/32", "-d", "10.0.0.0/8"]
+        );
+        assert_eq!(
+            delete_line_for(&go_rule(NAT, CHAIN_OUT, "-s 127.0.0.1 -j DNAT")),
+            "-D NOMAD_VT_OUT -s 127.0.0.1 -j DNAT"
+        );
     }
 
     #[test]
