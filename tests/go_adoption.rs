@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nomad_driver_virt::driver::convert::recovered_state;
 use nomad_driver_virt::libvirt::Libvirt;
-use nomad_driver_virt::net::dhcp;
 use nomad_driver_virt::net::iptables::{
     port_forward_rules, task_tag, Iptables, IptablesRule, PortForward, CHAIN_FW, CHAIN_OUT,
     CHAIN_PRT, CHAIN_PST,
@@ -764,14 +763,11 @@ fn test_node(dir: &std::path::Path) -> String {
 fn reservations(libvirt: &Libvirt) -> Vec<(String, Ipv4Addr, Option<String>)> {
     libvirt
         .call_blocking(|conn| {
-            let network = conn.lookup_network_by_name(NETWORK).map_err(|e| {
-                nomad_driver_virt::libvirt::LibvirtError::call("looking up the network", e)
-            })?;
-            let xml = network.xml_desc(0).map_err(|e| {
-                nomad_driver_virt::libvirt::LibvirtError::call("reading the network", e)
-            })?;
-            Ok(dhcp::reservations_in_xml(&xml))
+            Ok(nomad_driver_virt::libvirt::network::reservations(
+                conn, NETWORK,
+            ))
         })
+        .expect("libvirt")
         .expect("network xml")
 }
 

@@ -83,6 +83,17 @@ pub fn domain_owner(conn: &Connect, name: &str) -> Result<Option<String>, Libvir
     Ok(super::domain_xml::metadata_task_id(&element))
 }
 
+/// The live XML of domain `name`; `None` when it does not exist.
+pub fn domain_xml(conn: &Connect, name: &str) -> Result<Option<String>, LibvirtError> {
+    let Some(domain) = lookup(conn, name)? else {
+        return Ok(None);
+    };
+    domain
+        .xml_desc(0)
+        .map(Some)
+        .map_err(|e| LibvirtError::domain(name, "reading the XML of", e))
+}
+
 /// Names of every domain libvirt knows, running or not.
 pub fn domain_names(conn: &Connect) -> Result<Vec<String>, LibvirtError> {
     let domains = conn

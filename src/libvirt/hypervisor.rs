@@ -66,27 +66,27 @@ fn pool(conn: &Connect, name: &str) -> Result<storage::Pool, StorageError> {
 }
 
 /// `(pool, volume)` of every `<disk type='volume'>` source in a domain
-/// XML, in document order. Enough for libvirt's own output.
+/// XML, in document order.
 pub fn pool_volumes_in_domain_xml(xml: &str) -> Vec<CreatedVolume> {
-    let mut volumes = Vec::new();
-    let mut rest = xml;
-    while let Some(start) = rest.find("<disk ") {
-        let after = &rest[start..];
-        let end = after
-            .find("</disk>")
-            .map_or(after.len(), |end| end + "</disk>".len());
-        let disk = &after[..end];
-        rest = &after[end..];
-        if crate::storage::xml_attr(disk, "disk", "type").as_deref() != Some("volume") {
-            continue;
-        }
-        let pool = crate::storage::xml_attr(disk, "source", "pool");
-        let name = crate::storage::xml_attr(disk, "source", "volume");
-        if let (Some(pool), Some(name)) = (pool, name) {
-            volumes.push(CreatedVolume { pool, name });
-        }
-    }
-    volumes
+    let Ok(domain) = super::xml::parse(xml) else {
+        return Vec::new();
+    };
+    domain
+        .child("devices")
+        .map(|devices| {
+            devices
+                .children_named("disk")
+                .filter(|disk| disk.attr("type") == Some("volume"))
+                .filter_map(|disk| {
+                    let source = disk.child("source")?;
+                    Some(CreatedVolume {
+                        pool: source.attr("pool")?.to_string(),
+                        name: source.attr("volume")?.to_string(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Hypervisor for LibvirtHypervisor {
@@ -222,13 +222,7 @@ impl Hypervisor for LibvirtHypervisor {
         name: &str,
     ) -> Result<Option<Vec<CreatedVolume>>, HypervisorError> {
         self.with(|conn| {
-            let Some(domain) = find_domain(conn, name)? else {
-                return Ok(None);
-            };
-            let xml = domain
-                .xml_desc(0)
-                .map_err(|e| LibvirtError::call(format!("reading the XML of domain {name}"), e))?;
-            Ok(Some(pool_volumes_in_domain_xml(&xml)))
+            Ok(domain::domain_xml(conn, name)?.map(|xml| pool_volumes_in_domain_xml(&xml)))
         })
     }
 

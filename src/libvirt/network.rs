@@ -270,6 +270,18 @@ pub fn remove_reservation(conn: &Connect, r: &Reservation) -> Result<(), DhcpErr
     Ok(())
 }
 
+/// Every DHCP host entry of the network's live definition: (MAC, IP, name).
+pub fn reservations(
+    conn: &Connect,
+    network: &str,
+) -> Result<Vec<(String, Ipv4Addr, Option<String>)>, DhcpError> {
+    let net = lookup_network(conn, network)?;
+    let xml = net
+        .xml_desc(0)
+        .map_err(|error| libvirt_error("read its live XML", network, error))?;
+    Ok(crate::net::dhcp::reservations_in_xml(&xml))
+}
+
 /// The IPs reserved for `mac` in the network (live or persistent
 /// definition); empty when the network is gone.
 pub fn reserved_ips(conn: &Connect, network: &str, mac: &str) -> Result<Vec<Ipv4Addr>, DhcpError> {

@@ -366,7 +366,7 @@ impl LibvirtNet {
             let bridge = spec.bridge.clone().or_else(|| {
                 let networks = self
                     .libvirt
-                    .call_blocking(|conn| Ok(dhcp::network_fingerprint(conn)))
+                    .call_blocking(|conn| Ok(libvirt_network::network_fingerprint(conn)))
                     .ok()?;
                 networks
                     .into_iter()

@@ -797,13 +797,8 @@ fn define_go_domain(harness: &Harness, domain: &str, volumes: &[&str]) {
     harness
         .libvirt
         .call_blocking(move |conn| {
-            let defined = conn
-                .define_domain_xml(&xml)
-                .map_err(|e| LibvirtError::call("defining the Go-style domain", e))?;
-            defined
-                .create()
-                .map_err(|e| LibvirtError::call("starting the Go-style domain", e))?;
-            Ok(())
+            crate::libvirt::domain::define_domain(conn, domain, &xml)?;
+            crate::libvirt::domain::start_domain(conn, domain)
         })
         .expect("Go-style domain runs");
 }
