@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cloudinit;
 pub mod config;
 pub mod driver;
+pub mod guest_agent;
 pub mod libvirt;
 pub mod net;
 pub mod nomad;

@@ -2,6 +2,7 @@
 //! asks of libvirt. Every call blocks, so callers go through `Libvirt::call`,
 //! which runs them on tokio's blocking pool.
 
+pub mod agent;
 pub mod conn;
 pub mod domain_xml;
 pub mod events;
