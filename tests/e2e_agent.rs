@@ -208,6 +208,47 @@ async fn guest_agent_exec_sessions_and_shutdown() {
     assert_eq!(early_stderr, b"e line0\ne line1\ne line2\n");
     assert_eq!(exit_code, 4);
 
+    // -- stdin larger than the guest pipe, to a command not reading yet:
+    // -- full-pipe writes are retried, nothing lost or doubled
+    let mut session = agent
+        .start_session(SessionRequest {
+            argv: argv(&["sh", "-c", "sleep 2; md5sum"]),
+            tty: None,
+        })
+        .await
+        .expect("session");
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let input = session.input();
+    for chunk in payload.chunks(30_000) {
+        input
+            .send(SessionInput::Stdin(chunk.to_vec()))
+            .await
+            .expect("send");
+    }
+    input.send(SessionInput::CloseStdin).await.expect("close");
+    let (stdout, _, exit_code) = collect(&mut session, Duration::from_secs(60)).await;
+    assert_eq!(exit_code, 0);
+    let expected = {
+        let mut child = std::process::Command::new("md5sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("md5sum on the host");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&payload)
+            .expect("write");
+        child.wait_with_output().expect("md5sum").stdout
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&stdout).split_whitespace().next(),
+        String::from_utf8_lossy(&expected).split_whitespace().next(),
+        "stdin arrived changed"
+    );
+
     // -- streaming a lot of output crosses segment files intact
     let mut session = agent
         .start_session(SessionRequest {

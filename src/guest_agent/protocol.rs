@@ -90,6 +90,17 @@ pub struct FileWrite {
     pub buf_b64: String,
 }
 
+/// `guest-file-seek`; `whence` as the integer form (0 set, 1 cur, 2 end),
+/// which every agent version accepts.
+#[derive(Debug, Serialize)]
+pub struct FileSeek {
+    pub handle: i64,
+    pub offset: i64,
+    pub whence: i64,
+}
+
+pub const SEEK_CUR: i64 = 1;
+
 #[derive(Debug, Deserialize)]
 pub struct FileWriteResult {
     pub count: u64,

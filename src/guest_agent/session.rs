@@ -253,8 +253,10 @@ async fn read(agent: &GuestAgent, handle: i64) -> Result<Vec<u8>, GuestAgentErro
 }
 
 /// Writes one chunk (at most [`STDIN_CHUNK`]) and flushes it through the
-/// agent's stdio buffer. `Ok(false)`: the pipe is full, retry later (the
-/// failed write left nothing behind).
+/// agent's stdio buffer. `Ok(false)`: the pipe is full (the command is not
+/// reading), retry later. Below PIPE_BUF a non-blocking pipe write is all or
+/// nothing, and glibc drops a buffer it failed to flush, so a retry neither
+/// loses nor doubles bytes.
 async fn write_chunk(
     agent: &GuestAgent,
     handle: i64,
@@ -279,11 +281,31 @@ async fn write_chunk(
     };
     match flushed {
         Ok(_) => Ok(true),
-        Err(GuestAgentError::Agent(AgentCallError::Refused { message, .. }))
-            if message.contains("temporarily unavailable") =>
-        {
+        Err(GuestAgentError::Agent(AgentCallError::Refused { .. })) => {
+            clear_stream_error(agent, handle).await?;
             Ok(false)
         }
+        Err(error) => Err(error),
+    }
+}
+
+/// A failed flush leaves the agent's FILE in the error state, and its
+/// guest-file-write then fails forever; guest-file-seek is the one command
+/// that clears it without reading (on a FIFO the seek itself fails with
+/// ESPIPE, which is expected).
+async fn clear_stream_error(agent: &GuestAgent, handle: i64) -> Result<(), GuestAgentError> {
+    let seek = agent
+        .call::<_, serde_json::Value>(
+            "guest-file-seek",
+            Some(protocol::FileSeek {
+                handle,
+                offset: 0,
+                whence: protocol::SEEK_CUR,
+            }),
+        )
+        .await;
+    match seek {
+        Ok(_) | Err(GuestAgentError::Agent(AgentCallError::Refused { .. })) => Ok(()),
         Err(error) => Err(error),
     }
 }
