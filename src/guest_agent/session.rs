@@ -315,6 +315,10 @@ struct SegmentReader {
     name: &'static str,
     segment: u64,
     handle: Option<i64>,
+    /// Reads in a row that found nothing new. The next segment is only
+    /// looked for on some of them: each look is an agent round trip, and an
+    /// idle stream (often stderr) would otherwise pay it on every tick.
+    idle_reads: u32,
 }
 
 impl SegmentReader {
@@ -323,6 +327,7 @@ impl SegmentReader {
             name,
             segment: 0,
             handle: None,
+            idle_reads: 0,
         }
     }
 
@@ -333,7 +338,12 @@ impl SegmentReader {
     /// Whatever is new. Moves to the next segment once it exists (the relay
     /// has then finished this one), emptying the finished one so the relay
     /// may go on.
-    async fn poll(&mut self, agent: &GuestAgent, dir: &str) -> Result<Vec<u8>, GuestAgentError> {
+    async fn poll(
+        &mut self,
+        agent: &GuestAgent,
+        dir: &str,
+        always_probe: bool,
+    ) -> Result<Vec<u8>, GuestAgentError> {
         let handle = match self.handle {
             Some(handle) => handle,
             None => match open(agent, &self.path(dir, self.segment), "r").await {
@@ -349,7 +359,12 @@ impl SegmentReader {
         };
         let data = read(agent, handle).await?;
         if !data.is_empty() {
+            self.idle_reads = 0;
             return Ok(data);
+        }
+        self.idle_reads = self.idle_reads.saturating_add(1);
+        if !always_probe && self.idle_reads != 2 && !self.idle_reads.is_multiple_of(8) {
+            return Ok(Vec::new());
         }
         let next = match open(agent, &self.path(dir, self.segment + 1), "r").await {
             Ok(next) => next,
@@ -369,6 +384,7 @@ impl SegmentReader {
         let emptied = open(agent, &self.path(dir, self.segment), "w").await?;
         close(agent, emptied).await?;
         self.segment += 1;
+        self.idle_reads = 0;
         self.handle = Some(next);
         tail.extend(read(agent, next).await?);
         Ok(tail)
@@ -379,7 +395,7 @@ impl SegmentReader {
         let mut all = Vec::new();
         loop {
             let segment = self.segment;
-            let data = self.poll(agent, dir).await?;
+            let data = self.poll(agent, dir, true).await?;
             if data.is_empty() && segment == self.segment {
                 return Ok(all);
             }
@@ -449,8 +465,8 @@ impl Pump {
             let mut active = self.take_input()?;
             active |= self.flush_input().await?;
 
-            let out = self.stdout.poll(&self.agent, &self.dir).await?;
-            let err = self.stderr.poll(&self.agent, &self.dir).await?;
+            let out = self.stdout.poll(&self.agent, &self.dir, false).await?;
+            let err = self.stderr.poll(&self.agent, &self.dir, false).await?;
             active |= !out.is_empty() || !err.is_empty();
             if !self.emit(out, err).await {
                 return Ok(Outcome::ClientGone);
