@@ -31,6 +31,8 @@ pub fn command_line(argv: &[String]) -> String {
 /// Marker line the exec wrapper prints last on stdout: `MARK rc timed_out`.
 pub const EXEC_END_MARK: &[u8] = b"\nNDV-EXEC-END ";
 
+/// The wrappers exit 97 when the guest lacks what they need (mktemp, mkfifo).
+///
 /// One-shot exec: `$1` timeout seconds, `$2` output cap in bytes, then argv.
 /// The command runs in its own session; a watchdog kills its whole process
 /// group at the deadline, and whatever is left of the group when it exits.
@@ -59,9 +61,6 @@ to=0; [ -e "$d/timedout" ] && to=1
 rm -rf "$d"
 printf '\nNDV-EXEC-END %s %s\n' "$rc" "$to"
 "#;
-
-/// Exit code of the wrappers when the guest lacks what they need.
-pub const WRAPPER_SETUP_FAILED: i64 = 97;
 
 /// Streaming session: `$1` private dir (created here, must not exist),
 /// `$2` 1 for a TTY, `$3` rows, `$4` cols, `$5` the quoted command line (TTY
