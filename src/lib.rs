@@ -10,6 +10,7 @@ pub mod cloudinit;
 pub mod config;
 pub mod driver;
 pub mod faults;
+pub mod guest_agent;
 pub mod libvirt;
 pub mod logging;
 pub mod meta;

@@ -216,8 +216,24 @@ impl DomainXmlError {
 
 /// Validates `spec` and renders it as libvirt domain XML.
 pub fn render_domain_xml(spec: &DomainSpec) -> Result<String, DomainXmlError> {
+    render_domain_xml_with(spec, ExtraDevices::default())
+}
+
+/// Optional devices beyond what [`DomainSpec`] describes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExtraDevices {
+    /// The QEMU guest agent's virtio-serial channel
+    /// (`org.qemu.guest_agent.0`); libvirt picks the host socket itself.
+    pub guest_agent: bool,
+}
+
+/// [`render_domain_xml`] plus `extra` devices.
+pub fn render_domain_xml_with(
+    spec: &DomainSpec,
+    extra: ExtraDevices,
+) -> Result<String, DomainXmlError> {
     spec.validate()?;
-    Ok(write_domain(spec))
+    Ok(write_domain(spec, extra))
 }
 
 impl DomainSpec {
@@ -560,7 +576,7 @@ fn path_text(path: &Path) -> Cow<'_, str> {
     path.to_string_lossy()
 }
 
-fn write_domain(spec: &DomainSpec) -> String {
+fn write_domain(spec: &DomainSpec, extra: ExtraDevices) -> String {
     let mut w = XmlWriter::new();
     w.open("domain", &[("type", spec.domain_type.as_str())]);
     w.text("name", &[], &spec.name);
@@ -651,6 +667,14 @@ fn write_domain(spec: &DomainSpec) -> String {
         write_interface(&mut w, interface);
     }
     write_console(&mut w, spec.console_log.as_deref());
+    if extra.guest_agent {
+        w.open("channel", &[("type", "unix")]);
+        w.empty(
+            "target",
+            &[("type", "virtio"), ("name", "org.qemu.guest_agent.0")],
+        );
+        w.close("channel");
+    }
     // Stats period so virDomainMemoryStats reports guest-side numbers.
     w.open("memballoon", &[("model", "virtio")]);
     w.empty("stats", &[("period", "5")]);
@@ -977,6 +1001,35 @@ mod tests {
                 path.display()
             );
         }
+    }
+
+    #[test]
+    fn guest_agent_channel_golden() {
+        let extra = ExtraDevices { guest_agent: true };
+        let xml = render_domain_xml_with(&tcg_minimal(), extra).expect("spec renders");
+        let path = golden_path("tcg_guest_agent");
+        if std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1") {
+            std::fs::write(&path, &xml).unwrap();
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run `UPDATE_GOLDEN=1 cargo test --lib domain_xml` to create it",
+                path.display()
+            )
+        });
+        assert_eq!(xml, expected, "{} is out of date", path.display());
+        let root = crate::libvirt::xml::parse(&xml).unwrap();
+        let channels: Vec<_> = root
+            .descendants()
+            .into_iter()
+            .filter(|element| element.name == "channel")
+            .collect();
+        assert_eq!(channels.len(), 1);
+        let target = channels[0].child("target").unwrap();
+        assert_eq!(target.attr("name"), Some("org.qemu.guest_agent.0"));
+        // Without the option the channel is absent (virt-xml-validate checks
+        // the golden file with the others, in tests/domain_xml.rs).
+        assert!(!render(&tcg_minimal()).contains("<channel"));
     }
 
     #[test]

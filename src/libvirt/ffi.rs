@@ -13,6 +13,7 @@ use std::ptr;
 use std::sync::mpsc::Sender;
 
 use virt::connect::Connect;
+use virt::domain::Domain;
 use virt::error::Error;
 use virt::network::Network;
 use virt::stream::Stream;
@@ -306,4 +307,115 @@ pub(crate) fn stream_send_hole(stream: &Stream, length: i64) -> Result<(), Error
     } else {
         Ok(())
     }
+}
+
+/// Owns the array from `virDomainInterfaceAddresses`: frees each interface
+/// with libvirt's free function, then the array (virt 0.5's wrapper leaks
+/// the interfaces).
+struct RawInterfaces {
+    ptr: *mut sys::virDomainInterfacePtr,
+    len: usize,
+}
+
+impl RawInterfaces {
+    fn interfaces(&self) -> impl Iterator<Item = &sys::_virDomainInterface> + '_ {
+        (0..self.len).filter_map(move |i| {
+            if self.ptr.is_null() {
+                return None;
+            }
+            // SAFETY: `ptr` is non-null and libvirt filled `len` slots (the
+            // count it returned), so slot `i < len` is in bounds.
+            let entry = unsafe { *self.ptr.add(i) };
+            // SAFETY: a non-null slot points to an interface libvirt
+            // allocated; it lives until our Drop, and the reference borrows
+            // `self`.
+            unsafe { entry.as_ref() }
+        })
+    }
+}
+
+impl Drop for RawInterfaces {
+    fn drop(&mut self) {
+        if self.ptr.is_null() {
+            return;
+        }
+        for i in 0..self.len {
+            // SAFETY: in bounds as above; each non-null entry is freed once,
+            // here, with libvirt's own function.
+            unsafe {
+                let entry = *self.ptr.add(i);
+                if !entry.is_null() {
+                    sys::virDomainInterfaceFree(entry);
+                }
+            }
+        }
+        // SAFETY: libvirt allocated the array with the C allocator and
+        // documents free(); freed once and never used again.
+        unsafe { libc::free(self.ptr.cast()) };
+    }
+}
+
+fn raw_interface_addresses(dom: &Domain) -> Result<RawInterfaces, Error> {
+    let mut ptr: *mut sys::virDomainInterfacePtr = std::ptr::null_mut();
+    // SAFETY: `dom` keeps its pointer alive for the call; `ptr` is a valid
+    // out-pointer; flags must be 0.
+    let count = unsafe {
+        sys::virDomainInterfaceAddresses(
+            dom.as_ptr(),
+            &mut ptr,
+            sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+            0,
+        )
+    };
+    // Own the array before anything else so it is freed on every path.
+    let raw = RawInterfaces {
+        ptr,
+        len: usize::try_from(count).unwrap_or(0),
+    };
+    if count < 0 {
+        return Err(Error::last_error());
+    }
+    Ok(raw)
+}
+
+/// One guest interface as the agent reports it, copied out of libvirt's
+/// memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawInterface {
+    pub name: Option<String>,
+    pub hwaddr: Option<String>,
+    /// (address text, prefix length).
+    pub addresses: Vec<(String, u32)>,
+}
+
+fn interface_from_raw(raw: &sys::_virDomainInterface) -> RawInterface {
+    // SAFETY: libvirt's strings are null or NUL-terminated and live until
+    // the interface is freed, after this copy.
+    let (name, hwaddr) = unsafe { (copy_c_string(raw.name), copy_c_string(raw.hwaddr)) };
+    let count = usize::try_from(raw.naddrs).unwrap_or(0);
+    let addresses = (0..count)
+        .filter_map(|i| {
+            if raw.addrs.is_null() {
+                return None;
+            }
+            // SAFETY: `addrs` holds `naddrs` entries allocated by libvirt.
+            let entry = unsafe { &*raw.addrs.add(i) };
+            // SAFETY: as for the name above.
+            let text = unsafe { copy_c_string(entry.addr) }?;
+            Some((text, entry.prefix))
+        })
+        .collect();
+    RawInterface {
+        name,
+        hwaddr,
+        addresses,
+    }
+}
+
+/// The guest's interfaces and addresses as its agent reports them
+/// (`virDomainInterfaceAddresses` with the agent as source), copied into
+/// owned values; libvirt's memory is freed before this returns.
+pub(crate) fn agent_interface_addresses(dom: &Domain) -> Result<Vec<RawInterface>, Error> {
+    let raw = raw_interface_addresses(dom)?;
+    Ok(raw.interfaces().map(interface_from_raw).collect())
 }

@@ -17,6 +17,7 @@
 //! - [`error`]: [`VirtError`], the libvirt error our errors keep as source.
 //! - `ffi`: the raw calls `virt` lacks, the only `unsafe` in the crate.
 
+pub mod agent;
 pub mod conn;
 pub mod domain;
 pub mod domain_xml;

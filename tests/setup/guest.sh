@@ -4,7 +4,8 @@
 #
 # Usage: tests/setup/guest.sh [OUTDIR]        (default /var/lib/nomad-driver-virt-test)
 #   -> OUTDIR/guest.qcow2   (~25 MB, BIOS-bootable hybrid ISO converted to qcow2)
-#      OUTDIR/guest.version (cache key: sha256 of this script + kernel/busybox versions)
+#      OUTDIR/guest.version (cache key: sha256 of this script + versions of the
+#                            kernel, busybox and the agent/script packages)
 # Skips the build when guest.version matches. GUEST_FORCE_REBUILD=1 forces it.
 # Needs root (apt-get download, mknod) and the packages from tests/setup/host.sh.
 #
@@ -66,6 +67,16 @@
 #     (e.g. bootcmd or runcmd item "touch /run/no-acpi"); the handler checks
 #     for that file at button time and then only logs "GUEST-ACPI: ... ignored".
 #     virsh destroy is then the only way to stop it.
+#   Guest agent: qemu-guest-agent (Debian's qemu-ga with its libraries and
+#     loader) starts right after the kernel modules load, on the virtio port
+#     org.qemu.guest_agent.0 (linked under /dev/virtio-ports/ like udev does),
+#     when the domain has that channel. Console marker:
+#       GUEST-AGENT: started (pid N) | no port (no agent channel)
+#     Its log is /run/qemu-ga.log. guest-shutdown runs /sbin/shutdown, which
+#     here does `poweroff -f` (-r: reboot -f, -H: halt -f).
+#   TTY: /dev/pts is mounted and util-linux `script` (from bsdutils) is in
+#     /usr/bin, so `script -qfec CMD /dev/null` gives a command a pty;
+#     busybox provides stty, setsid, mkfifo, dd, timeout.
 #   /init is PID 1 and never exits.
 # ------------------------------------------------------------------------------
 set -euo pipefail
@@ -91,7 +102,14 @@ WANT_MODULES=(
   libahci ahci virtio_scsi sd_mod          # q35/SATA and virtio-scsi seeds/disks
   isofs netfs fscache 9pnet 9pnet_virtio 9p
   evdev button
+  virtio_console                           # the guest agent's virtio-serial port
 )
+
+# Userland from Debian packages beyond busybox: the guest agent and util-linux
+# `script` (pty for exec sessions). Their shared libraries come from the
+# packages they depend on, resolved at build time.
+EXTRA_PKGS=(qemu-guest-agent bsdutils)
+EXTRA_BINS=(usr/sbin/qemu-ga usr/bin/script)
 
 # One apt-cache call (apt's binary cache may be disabled, making each call slow):
 # prints "KPKG KVER BBVER" from the candidates of linux-image-amd64 and busybox-static.
@@ -114,7 +132,25 @@ if [ -z "$PKGS" ]; then
 fi
 [ -n "$PKGS" ] || die "cannot resolve the kernel package (apt-cache show linux-image-amd64) or busybox-static"
 read -r KPKG KVER BBVER <<<"$PKGS"
-KEY="script=$(sha256sum "$SELF" | cut -d' ' -f1) kernel=$KPKG=$KVER busybox=$BBVER"
+
+# The extra packages plus their (recursive) library dependencies, with the
+# candidate versions: "name=version ..." sorted, part of the cache key.
+resolve_extra() {
+  local names
+  names=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
+            --no-breaks --no-replaces --no-enhances --no-pre-depends "${EXTRA_PKGS[@]}" 2>/dev/null \
+          | grep -v '^ ' | grep -E "^(lib|$(IFS='|'; echo "${EXTRA_PKGS[*]}")\$)" | sort -u) || return 0
+  [ -n "$names" ] || return 0
+  # shellcheck disable=SC2086
+  apt-cache show --no-all-versions $names 2>/dev/null | awk '
+    /^Package: / { pkg = $2 } /^Version: / && pkg { print pkg "=" $2; pkg = "" }' | sort -u
+}
+EXTRA=$(resolve_extra | tr '\n' ' ')
+[ -n "$EXTRA" ] || die "cannot resolve ${EXTRA_PKGS[*]} and their libraries (apt-cache depends)"
+for p in "${EXTRA_PKGS[@]}"; do
+  case " $EXTRA" in *" $p="*) ;; *) die "package $p not found by apt-cache" ;; esac
+done
+KEY="script=$(sha256sum "$SELF" | cut -d' ' -f1) kernel=$KPKG=$KVER busybox=$BBVER extra=${EXTRA% }"
 
 IMG=$OUTDIR/guest.qcow2
 VERFILE=$OUTDIR/guest.version
@@ -162,6 +198,50 @@ done
 [ -L "$R/bin/sh" ] || die "busybox has no sh applet"
 mknod -m 600 "$R/dev/console" c 5 1
 mknod -m 666 "$R/dev/null" c 1 3
+
+# ---- guest agent and `script`, with exactly the libraries the loader picks ----
+mkdir -p "$WORK/extra-debs" "$WORK/extra"
+# shellcheck disable=SC2086
+(cd "$WORK/extra-debs" && apt-get download -q -o APT::Sandbox::User=root $EXTRA >/dev/null) \
+  || die "apt-get download $EXTRA failed"
+for deb in "$WORK"/extra-debs/*.deb; do dpkg -x "$deb" "$WORK/extra"; done
+X=$WORK/extra
+LOADER=$X/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
+[ -x "$LOADER" ] || die "no loader in the extracted libc6 ($LOADER)"
+LIBPATH=$X/lib/x86_64-linux-gnu:$X/usr/lib/x86_64-linux-gnu
+mkdir -p "$R/lib/x86_64-linux-gnu" "$R/lib64"
+cp -L "$LOADER" "$R/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$R/lib64/ld-linux-x86-64.so.2"
+for b in "${EXTRA_BINS[@]}"; do
+  [ -x "$X/$b" ] || die "$b is not in ${EXTRA_PKGS[*]}"
+  cp "$X/$b" "$R/$b"
+  # The extracted loader lists what it would load, from the extracted tree only
+  # (it runs nothing of the binary).
+  list=$("$LOADER" --library-path "$LIBPATH" --list "$X/$b") || die "cannot resolve the libraries of $b"
+  while read -r soname arrow path _; do
+    [ "$arrow" = "=>" ] || continue
+    case "$soname" in */*) continue ;; esac   # the loader itself, copied above
+    case "$path" in
+      "$X"/*) cp -L "$path" "$R/lib/x86_64-linux-gnu/$soname" ;;
+      *) die "$b needs $soname, which resolved outside the extracted packages: $path" ;;
+    esac
+  done <<<"$list"
+done
+log "guest agent + script: $(ls "$R/lib/x86_64-linux-gnu" | wc -l) libraries"
+
+# guest-shutdown runs /sbin/shutdown -P|-H|-r +0 "message"; there is no init
+# system to ask, so act at once.
+cat >"$R/sbin/shutdown" <<'EOF'
+#!/bin/sh
+echo "GUEST-SHUTDOWN: $*" >/dev/console
+sync
+case " $* " in
+  *" -r "*) reboot -f ;;
+  *" -H "*) halt -f ;;
+  *) poweroff -f ;;
+esac
+EOF
+chmod 755 "$R/sbin/shutdown"
 
 # Kernel modules: resolve dependencies (depth-first) from .modinfo depends=.
 MODSRC=$WORK/kernel/lib/modules/$KREL
@@ -425,7 +505,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec </dev/console >/dev/console 2>&1
 mkdir -p /dev/pts /dev/shm
-mount -t devpts devpts /dev/pts
+mount -t devpts -o gid=5,mode=620,ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs tmpfs /tmp
 echo /bin/false >/proc/sys/kernel/modprobe 2>/dev/null
@@ -448,6 +528,28 @@ while read -r m; do
     case "$out" in *"File exists"*) ;; *) warn "insmod $m: $out" ;; esac
   fi
 done </lib/modules/load-order
+
+# ---- guest agent ----
+# Without udev nothing names the virtio ports: link them like udev's rule
+# does, then start qemu-ga on the agent's port if the domain has one.
+link_vports() {
+  for p in /sys/class/virtio-ports/vport*; do
+    [ -r "$p/name" ] || continue
+    mkdir -p /dev/virtio-ports
+    ln -sf "../${p##*/}" "/dev/virtio-ports/$(cat "$p/name")"
+  done
+}
+AGENT_PORT=/dev/virtio-ports/org.qemu.guest_agent.0
+# virtio device id 3 is the console/serial controller libvirt adds with a channel.
+has_vserial() { grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null; }
+has_vports() { ls /sys/class/virtio-ports/vport*/name; }
+if has_vserial && wait_for 20 has_vports && link_vports && [ -e $AGENT_PORT ]; then
+  mkdir -p /run/qemu-ga
+  qemu-ga -m virtio-serial -p $AGENT_PORT -t /run/qemu-ga -l /run/qemu-ga.log </dev/null >/dev/null 2>&1 &
+  echo "GUEST-AGENT: started (pid $!)"
+else
+  echo "GUEST-AGENT: no port (no agent channel)"
+fi
 
 # ---- NoCloud seed ----
 try_seed() { # dev

@@ -1,0 +1,196 @@
+//! The shell side of exec: POSIX quoting, and the scripts the agent runs in
+//! the guest with `/bin/sh -c SCRIPT NAME ARGS...` (arguments go in as
+//! positional parameters, never pasted into the script). They only use what
+//! busybox and coreutils/util-linux both have: sh, mkfifo, mktemp, setsid,
+//! head, cat, dd, sleep, kill, stty, and util-linux `script` for a TTY.
+
+/// Quotes one word for a POSIX shell: single quotes, with each `'` written
+/// as `'\''`. Any byte sequence but NUL survives `sh -c` unchanged.
+pub fn quote(word: &str) -> String {
+    let mut out = String::with_capacity(word.len() + 2);
+    out.push('\'');
+    for c in word.chars() {
+        if c == '\'' {
+            out.push_str("'\\''");
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// `argv` as one shell command line that runs exactly that argv.
+pub fn command_line(argv: &[String]) -> String {
+    argv.iter()
+        .map(|word| quote(word))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Marker line the exec wrapper prints last on stdout: `MARK rc timed_out`.
+pub const EXEC_END_MARK: &[u8] = b"\nNDV-EXEC-END ";
+
+/// The wrappers exit 97 when the guest lacks what they need (mktemp, mkfifo).
+///
+/// One-shot exec: `$1` timeout seconds, `$2` output cap in bytes, then argv.
+/// The command runs in its own session; a watchdog kills its whole process
+/// group at the deadline, and whatever is left of the group when it exits.
+/// Each stream passes through `head -c cap+1` (the host sees truncation as
+/// one byte too many) and the rest is drained so the command never blocks.
+pub const EXEC_WRAPPER: &str = r#"t=$1 max=$2; shift 2
+d=$(mktemp -d /tmp/ndv-exec.XXXXXX) || exit 97
+mkfifo "$d/o" "$d/e" || { rm -rf "$d"; exit 97; }
+{ head -c $((max + 1)); cat >/dev/null; } <"$d/o" &
+{ head -c $((max + 1)) >&2; cat >/dev/null; } <"$d/e" &
+setsid "$@" </dev/null >"$d/o" 2>"$d/e" &
+p=$!
+(
+  sleep "$t" & s=$!
+  trap 'kill "$s" 2>/dev/null; exit 0' TERM
+  wait "$s" || exit 0
+  : >"$d/timedout"
+  kill -9 "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null
+) &
+w=$!
+wait "$p"; rc=$?
+kill "$w" 2>/dev/null
+kill -9 "-$p" 2>/dev/null
+wait
+to=0; [ -e "$d/timedout" ] && to=1
+rm -rf "$d"
+printf '\nNDV-EXEC-END %s %s\n' "$rc" "$to"
+"#;
+
+/// Streaming session: `$1` private dir (created here, must not exist),
+/// `$2` 1 for a TTY, `$3` rows, `$4` cols, `$5` the quoted command line (TTY
+/// only), then argv.
+///
+/// The agent reads FIFOs badly: its guest-file-read uses stdio `fread` on a
+/// non-blocking descriptor, which drops the bytes it got when the pipe runs
+/// dry before `count` is reached. So the command's stdout/stderr go through
+/// FIFOs to relays that copy them into numbered segment files
+/// (`out.0`, `out.1`, ...; at most 64 reads each), which the host reads as
+/// regular files: reading at their end is a clean EOF. A relay starts
+/// segment N only after the host has emptied segment N-2, so at most about
+/// three segments per stream wait in the guest's memory. Stdin is the FIFO
+/// `in` (the host writes at most one pipe buffer at a time, which is atomic);
+/// `ctl` takes "ROWS COLS" lines for TTY resizes. `exit` appears when the
+/// command has exited and both relays are done.
+pub const SESSION_RUNNER: &str = r#"d=$1 tty=$2 rows=$3 cols=$4 line=$5; shift 5
+umask 077
+mkdir "$d" || exit 97
+cd "$d" || exit 97
+mkfifo in out err ctl || exit 97
+exec >log 2>&1 </dev/null
+relay() {
+  n=0
+  while :; do
+    if [ "$n" -ge 2 ]; then
+      old=$1.$((n - 2))
+      while [ -s "$old" ]; do sleep 0.02; done
+      rm -f "$old"
+    fi
+    dd bs=16384 count=64 of="$1.$n" 2>"$1.dd" || break
+    read -r recs <"$1.dd" || break
+    full=${recs%%+*}; part=${recs#*+}; part=${part%% *}
+    [ $((full + part)) -lt 64 ] && break
+    n=$((n + 1))
+  done
+}
+relay out <out &
+ro=$!
+relay err <err &
+re=$!
+rl=
+if [ "$tty" = 1 ]; then
+  ( exec <>ctl
+    while read -r r c; do
+      p=$(cat pty 2>/dev/null) && [ -n "$p" ] && stty rows "$r" cols "$c" <"$p"
+    done ) &
+  rl=$!
+  setsid script -qfec "echo \$\$ >'$d/child'; tty >'$d/pty'; stty rows $rows cols $cols; exec $line" /dev/null <in >out 2>err &
+else
+  setsid "$@" <in >out 2>err &
+fi
+p=$!
+echo "$p" >pid
+wait "$p"; rc=$?
+kill -9 "-$p" 2>/dev/null
+c=$(cat child 2>/dev/null) && kill -9 "-$c" 2>/dev/null
+[ -n "$rl" ] && kill "$rl" 2>/dev/null
+wait "$ro" "$re"
+echo "$rc" >exit.tmp && mv exit.tmp exit
+"#;
+
+/// Ends a session whatever its state: kills the command's process group
+/// (and the TTY child's session), the runner's group (relays, resize loop),
+/// and removes the directory. `$1` is the session dir.
+pub const SESSION_CLEANUP: &str = r#"d=$1
+case "$d" in /tmp/ndv-session-*) ;; *) exit 2 ;; esac
+for f in pid child runner; do
+  p=$(cat "$d/$f" 2>/dev/null) && [ -n "$p" ] && kill -9 "-$p" 2>/dev/null
+done
+rm -rf "$d"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::process::Command;
+
+    /// Runs `sh -c '<quoted argv> ; printf ...'` on the host's /bin/sh and
+    /// returns the words it received, NUL-separated.
+    fn round_trip(argv: &[String]) -> Vec<String> {
+        let script = format!(
+            "set -- {}; for a in \"$@\"; do printf '%s\\0' \"$a\"; done",
+            command_line(argv)
+        );
+        let output = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .expect("run /bin/sh");
+        assert!(output.status.success(), "{script}: {:?}", output);
+        let mut words: Vec<String> = output
+            .stdout
+            .split(|b| *b == 0)
+            .map(|w| String::from_utf8(w.to_vec()).expect("utf-8"))
+            .collect();
+        words.pop(); // after the last NUL
+        words
+    }
+
+    #[test]
+    fn quoting_handles_the_awkward_cases() {
+        let argv: Vec<String> = [
+            "",
+            "'",
+            "''",
+            "a b",
+            "$HOME",
+            "`id`",
+            "$(id)",
+            "\\",
+            "\n",
+            "*",
+            "-n",
+            "\"",
+            "é ü 日本",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(round_trip(&argv), argv);
+        assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_argv_round_trips_through_sh(argv in proptest::collection::vec("[^\u{0}]{0,12}", 1..6)) {
+            prop_assert_eq!(round_trip(&argv), argv);
+        }
+    }
+}
