@@ -8,6 +8,7 @@
 
 #[path = "common/agent_vm.rs"]
 mod agent_vm;
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,9 @@ async fn read_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_agent_exec_sessions_and_shutdown() {
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
     let vm = AgentVm::boot("agent", true);
     let agent = vm.agent();
 
