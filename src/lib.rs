@@ -11,6 +11,7 @@ pub mod config;
 pub mod driver;
 pub mod faults;
 pub mod guest_agent;
+pub mod hypervisor;
 pub mod libvirt;
 pub mod logging;
 pub mod meta;

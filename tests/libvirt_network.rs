@@ -11,12 +11,12 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nomad_driver_virt::libvirt::conn::init_process;
+use nomad_driver_virt::libvirt::dhcp::{
+    release_lease, reservation_xml, reservations_in_xml, validate_mac, DhcpError, Reservation,
+};
 use nomad_driver_virt::libvirt::network::{
     add_reservation, network_by_bridge, network_fingerprint, network_leases, remove_reservation,
     wait_for_lease,
-};
-use nomad_driver_virt::net::dhcp::{
-    release_lease, reservation_xml, reservations_in_xml, validate_mac, DhcpError, Reservation,
 };
 use virt::connect::Connect;
 use virt::network::Network;

@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock, Weak};
 use tokio::sync::watch;
 
 use crate::config::plugin::Settings;
-use crate::libvirt::hypervisor::LibvirtHypervisor;
+use crate::hypervisor::libvirt::LibvirtHypervisor;
 use crate::libvirt::Libvirt;
 use crate::net::iptables::Iptables;
 use crate::net::libvirt::LibvirtNet;

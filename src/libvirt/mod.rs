@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod conn;
+pub mod dhcp;
 pub mod domain;
 pub mod domain_xml;
 pub mod error;
@@ -26,7 +27,6 @@ pub mod events;
 #[allow(unsafe_code)]
 pub(crate) mod ffi;
 pub mod host;
-pub mod hypervisor;
 pub mod lifecycle;
 pub mod network;
 pub mod stats;

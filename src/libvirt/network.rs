@@ -1,6 +1,6 @@
 //! libvirt networks: finding one by its bridge, the network fingerprint,
 //! DHCP leases, and DHCP host reservations through `virNetworkUpdate`. The
-//! lease choice and the reservation model are pure, in [`crate::net::dhcp`].
+//! lease choice and the reservation model are pure, in [`crate::libvirt::dhcp`].
 //!
 //! Everything here blocks; call it from a blocking thread.
 
@@ -12,7 +12,7 @@ use virt::network::Network;
 use virt::sys;
 
 use super::ffi::{self, RawLease};
-use crate::net::dhcp::{
+use crate::libvirt::dhcp::{
     dhcp_hosts, host_xml, poll_for_lease, presence, reservation_xml, validate_hostname,
     validate_mac, DhcpError, HostEntry, Lease, Presence, Reservation,
 };
@@ -67,7 +67,7 @@ fn lease_from_raw(raw: RawLease) -> Option<Lease> {
 }
 
 /// Waits until network `network` has a lease for `mac` (see
-/// [`crate::net::dhcp::pick_lease`]): looks at once, then after 250 ms,
+/// [`crate::libvirt::dhcp::pick_lease`]): looks at once, then after 250 ms,
 /// doubling to at most 2 s between looks, and a last time at the deadline.
 /// `on_attempt` gets the 1-based number of each look (for "waiting for DHCP
 /// (attempt n)" task events).
@@ -279,7 +279,7 @@ pub fn reservations(
     let xml = net
         .xml_desc(0)
         .map_err(|error| libvirt_error("read its live XML", network, error))?;
-    Ok(crate::net::dhcp::reservations_in_xml(&xml))
+    Ok(crate::libvirt::dhcp::reservations_in_xml(&xml))
 }
 
 /// The IPs reserved for `mac` in the network (live or persistent
@@ -411,7 +411,7 @@ mod tests {
 
     fn hosts(conn: &Connect, network: &str) -> Vec<(String, Ipv4Addr, Option<String>)> {
         let net = conn.lookup_network_by_name(network).expect("network");
-        crate::net::dhcp::reservations_in_xml(&net.xml_desc(0).expect("xml"))
+        crate::libvirt::dhcp::reservations_in_xml(&net.xml_desc(0).expect("xml"))
     }
 
     #[test]

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use super::config::NetworkInterface;
-use super::dhcp::{self, Reservation};
 use super::iptables::apply::{route_localnet_fix, Iptables};
 use super::iptables::rules::{port_forward_rules, PortForward};
 use super::{
@@ -14,6 +13,7 @@ use super::{
     TeardownSpec, VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
     VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
 };
+use crate::libvirt::dhcp::{self, Reservation};
 use crate::libvirt::error::with_sources;
 use crate::libvirt::network as libvirt_network;
 use crate::libvirt::Libvirt;

@@ -2,7 +2,6 @@
 //! libvirt implementation (bridge and macvtap attachment, DHCP lease
 //! discovery and reservation, iptables port mapping).
 
-pub mod dhcp;
 pub mod iptables;
 pub mod libvirt;
 
@@ -17,8 +16,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use self::config::NetworkInterface;
-use self::dhcp::Reservation;
 use self::iptables::rules::IptablesRule;
+use crate::libvirt::dhcp::Reservation;
 
 /// Prefix of every network fingerprint attribute.
 pub const ATTRIBUTE_PREFIX: &str = "driver.virt.network.";
@@ -140,7 +139,7 @@ pub enum NetError {
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
-    Dhcp(#[from] dhcp::DhcpError),
+    Dhcp(#[from] crate::libvirt::dhcp::DhcpError),
     #[error(transparent)]
     Iptables(#[from] iptables::apply::IptablesError),
     #[error(transparent)]

@@ -30,7 +30,7 @@
 //! after the allocation ID joined with `-`; and its pool volumes
 //! `<domain>_<device>.img` (`virt/disks/config.go` Generate).
 
-use crate::net::dhcp::Reservation;
+use crate::libvirt::dhcp::Reservation;
 use crate::net::iptables::rules::{validate_rule, IptablesRule, RuleError};
 use crate::net::TeardownSpec;
 use crate::nomad::driver_state::{DriverState, StateOrigin, DRIVER_STATE_VERSION};
@@ -484,7 +484,7 @@ fn rules(field: &str, value: Option<&Value>) -> Result<Vec<IptablesRule>, GoHand
 /// libvirtxml's `<host mac=".." name=".." ip=".."></host>`, read by the
 /// same parser as the network XML's `<dhcp>` hosts.
 fn reservation(network: &str, xml: &str) -> Result<Reservation, GoHandleError> {
-    let hosts = crate::net::dhcp::reservations_in_xml(&format!("<dhcp>{xml}</dhcp>"));
+    let hosts = crate::libvirt::dhcp::reservations_in_xml(&format!("<dhcp>{xml}</dhcp>"));
     match hosts.as_slice() {
         [(mac, ip, name)] => Ok(Reservation {
             network: network.to_string(),

@@ -10,8 +10,6 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use crate::libvirt::VirtError;
-
 pub mod images;
 pub mod volume;
 
@@ -98,21 +96,21 @@ pub enum StorageError {
     PoolXml {
         pool: String,
         #[source]
-        source: crate::libvirt::xml::XmlError,
+        source: HypervisorSource,
     },
     #[error("volume {volume:?} in storage pool {pool:?}: cannot read libvirt's volume XML")]
     VolumeXml {
         pool: String,
         volume: String,
         #[source]
-        source: crate::libvirt::xml::XmlError,
+        source: HypervisorSource,
     },
     #[error("storage pool {pool:?}: libvirt failed while {action}")]
     Pool {
         pool: String,
         action: String,
         #[source]
-        source: VirtError,
+        source: HypervisorSource,
     },
     #[error(
         "volume {volume:?} already exists in storage pool {pool:?}; delete it first \
@@ -136,9 +134,13 @@ pub enum StorageError {
         volume: String,
         action: String,
         #[source]
-        source: VirtError,
+        source: HypervisorSource,
     },
 }
+
+/// The hypervisor's own error behind a storage failure (libvirt's, or its
+/// XML), kept whole as the source; the libvirt layer builds these.
+pub type HypervisorSource = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 impl StorageError {
     /// Attributes the error to a job field, e.g.
@@ -182,28 +184,6 @@ impl StorageError {
             | StorageError::VolumeNotFound { .. }
             | StorageError::PoolMissing { .. }
             | StorageError::Volume { .. } => true,
-        }
-    }
-
-    pub(crate) fn pool(pool: &str, action: impl Into<String>, error: impl Into<VirtError>) -> Self {
-        StorageError::Pool {
-            pool: pool.to_string(),
-            action: action.into(),
-            source: error.into(),
-        }
-    }
-
-    pub(crate) fn volume(
-        pool: &str,
-        volume: &str,
-        action: impl Into<String>,
-        error: impl Into<VirtError>,
-    ) -> Self {
-        StorageError::Volume {
-            pool: pool.to_string(),
-            volume: volume.to_string(),
-            action: action.into(),
-            source: error.into(),
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::net::NetError;
 use crate::nomad::driver_state::DriverStateError;
 use crate::storage::StorageError;
 
-use super::hypervisor::HypervisorError;
+use crate::hypervisor::HypervisorError;
 
 /// What kind of failure an error is; the driver maps each to a gRPC code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,6 @@
 pub mod console;
 pub mod contract;
 pub mod error;
-pub mod hypervisor;
 pub mod journal;
 pub mod plan;
 pub mod start;
@@ -26,11 +25,11 @@ use tokio::sync::{broadcast, mpsc, watch};
 use self::console::ConsoleCopier;
 use self::contract::{StartRequest, StartedTask, TaskEvent, TaskExit, TaskStatus, UsageSample};
 use self::error::TaskError;
-use self::hypervisor::Hypervisor;
 use self::journal::{Journal, TaskRecord};
 use self::store::{TaskEntry, TaskStore};
 use crate::config::plugin::Settings;
 use crate::faults::crash_point;
+use crate::hypervisor::Hypervisor;
 use crate::libvirt::events::LifecycleEvent;
 use crate::libvirt::lifecycle::{self, DomainEvent, ExitOutcome};
 use crate::libvirt::stats::{self, CpuSample};
@@ -85,7 +84,7 @@ async fn blocking<T: Send + 'static>(
 fn adopted_go_volumes(
     hypervisor: &dyn Hypervisor,
     domain: &str,
-) -> Result<Vec<crate::nomad::driver_state::CreatedVolume>, hypervisor::HypervisorError> {
+) -> Result<Vec<crate::nomad::driver_state::CreatedVolume>, crate::hypervisor::HypervisorError> {
     Ok(hypervisor
         .domain_pool_volumes(domain)?
         .unwrap_or_default()

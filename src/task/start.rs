@@ -8,7 +8,6 @@ use std::path::PathBuf;
 
 use super::contract::{Mount, StartRequest};
 use super::error::TaskError;
-use super::hypervisor::{Hypervisor, VolumeContent};
 use super::journal::{Journal, RecordWriter};
 use super::plan::{self, GuestShare};
 use crate::cloudinit::docs::{render, CloudInitInput};
@@ -19,6 +18,7 @@ use crate::config::task::{
     self as task_config, hostname_from_task_name, DiskKind, DiskSource as ConfigDiskSource,
 };
 use crate::faults::crash_point;
+use crate::hypervisor::{Hypervisor, VolumeContent};
 use crate::libvirt::domain_xml::{
     DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec, DomainType,
     InterfaceSpec, ShareDriver, ShareSpec,

@@ -11,16 +11,16 @@ use std::time::Duration;
 
 use super::contract::{Resources, StartRequest};
 use super::error::TaskError;
-use super::hypervisor::{
-    DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent,
-};
 use super::journal::Journal;
 use super::Tasks;
 use crate::config::plugin::{DirectoryPool, Settings};
 use crate::config::task::{DiskConfig, TaskConfig, TaskSpec};
+use crate::hypervisor::libvirt::LibvirtHypervisor;
+use crate::hypervisor::{
+    DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent,
+};
 use crate::libvirt::domain_xml::DomainSpec;
 use crate::libvirt::events::LifecycleEvent;
-use crate::libvirt::hypervisor::LibvirtHypervisor;
 use crate::libvirt::{Libvirt, LibvirtError};
 use crate::net::iptables::Iptables;
 use crate::net::libvirt::LibvirtNet;

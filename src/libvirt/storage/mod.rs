@@ -5,6 +5,7 @@
 //! Everything here blocks; call it from `spawn_blocking` (or through
 //! [`crate::libvirt::Libvirt::call`]).
 
+use crate::libvirt::VirtError;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -120,4 +121,30 @@ impl fmt::Debug for Volume {
 /// Whether a libvirt error has the given code.
 fn has_code(error: &virt::error::Error, code: virt::error::ErrorNumber) -> bool {
     error.code() == virt::error::ErrorNumberEnum::Known(code)
+}
+
+impl StorageError {
+    /// A libvirt failure about a pool.
+    pub(crate) fn pool(pool: &str, action: impl Into<String>, error: impl Into<VirtError>) -> Self {
+        StorageError::Pool {
+            pool: pool.to_string(),
+            action: action.into(),
+            source: Box::new(error.into()),
+        }
+    }
+
+    /// A libvirt failure about a volume.
+    pub(crate) fn volume(
+        pool: &str,
+        volume: &str,
+        action: impl Into<String>,
+        error: impl Into<VirtError>,
+    ) -> Self {
+        StorageError::Volume {
+            pool: pool.to_string(),
+            volume: volume.to_string(),
+            action: action.into(),
+            source: Box::new(error.into()),
+        }
+    }
 }

@@ -170,7 +170,7 @@ fn check_matches(pool: &StoragePool, name: &str, path: &Path) -> Result<(), Stor
         .map_err(|e| StorageError::pool(name, "reading the pool XML", e))?;
     let root = xml::parse(&xml).map_err(|source| StorageError::PoolXml {
         pool: name.to_string(),
-        source,
+        source: Box::new(source),
     })?;
     let pool_type = root.attr("type").unwrap_or_default().to_string();
     if !DIRECTORY_POOL_TYPES.contains(&pool_type.as_str()) {

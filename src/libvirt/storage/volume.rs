@@ -508,7 +508,7 @@ fn backing_paths(conn: &Connect) -> Result<HashSet<String>, StorageError> {
                     StorageError::VolumeXml {
                         pool: name.clone(),
                         volume: vol_name,
-                        source: error,
+                        source: Box::new(error),
                     }
                 })?),
                 Err(error) if has_code(&error, ErrorNumber::NoStorageVolume) => {}

@@ -1,7 +1,10 @@
-//! The one seam between the orchestrator and the hypervisor. `libvirt/`
-//! implements it; tests wrap that implementation to inject faults the
+//! The one seam between the orchestrator and the hypervisor, and its
+//! libvirt backend (which calls only `crate::libvirt`, where every libvirt
+//! call lives); tests wrap that implementation to inject faults the
 //! real thing cannot produce. Methods block: call them off the async
 //! runtime's threads.
+
+pub mod libvirt;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;

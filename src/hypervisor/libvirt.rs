@@ -1,20 +1,18 @@
-//! `Hypervisor` on the plugin's shared libvirt connection: each method is
+//! The libvirt backend of [`Hypervisor`], on the plugin's shared connection: each method is
 //! one call into this module's domain and storage functions.
 
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use super::conn::Connect;
-use super::domain_xml::{render_domain_xml, DomainSpec};
-use super::events::LifecycleEvent;
-use super::{domain, host, storage, Libvirt, LibvirtError};
+use super::{DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent};
 use crate::config::plugin::DirectoryPool;
+use crate::libvirt::conn::Connect;
+use crate::libvirt::domain_xml::{render_domain_xml, DomainSpec};
+use crate::libvirt::events::LifecycleEvent;
+use crate::libvirt::{domain, host, storage, Libvirt, LibvirtError};
 use crate::nomad::driver_state::CreatedVolume;
 use crate::storage::StorageError;
-use crate::task::hypervisor::{
-    DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent,
-};
 
 /// libvirt as the task orchestrator's hypervisor.
 #[derive(Clone)]
@@ -68,7 +66,7 @@ fn pool(conn: &Connect, name: &str) -> Result<storage::Pool, StorageError> {
 /// `(pool, volume)` of every `<disk type='volume'>` source in a domain
 /// XML, in document order.
 pub fn pool_volumes_in_domain_xml(xml: &str) -> Vec<CreatedVolume> {
-    let Ok(domain) = super::xml::parse(xml) else {
+    let Ok(domain) = crate::libvirt::xml::parse(xml) else {
         return Vec::new();
     };
     domain
