@@ -40,6 +40,9 @@ pub struct LibvirtConfig {
     pub uri: Option<String>,
     pub user: Option<String>,
     pub password: Option<String>,
+    /// Go's `allow_insecure_readonly_mounts`: see
+    /// [`Settings::insecure_readonly_virtiofs`].
+    pub allow_insecure_readonly_mounts: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -73,6 +76,7 @@ pub fn schema() -> Spec {
                     ),
                     ("user", Spec::attr("string")),
                     ("password", Spec::attr("string")),
+                    ("allow_insecure_readonly_mounts", Spec::attr("bool")),
                 ])),
             )])),
         ),
@@ -133,6 +137,24 @@ pub struct Settings {
     pub accelerator: AcceleratorChoice,
     pub log_level: Option<LevelFilter>,
     pub dhcp_timeout: std::time::Duration,
+    /// `provider.libvirt.allow_insecure_readonly_mounts` (default false).
+    /// Read it through [`Settings::insecure_readonly_virtiofs`].
+    pub allow_insecure_readonly_mounts: bool,
+}
+
+impl Settings {
+    /// Whether read-only shared directories may use virtiofs even where
+    /// libvirt cannot enforce read-only virtiofs (before 11.0.0), as the Go
+    /// driver's `allow_insecure_readonly_mounts` allows.
+    ///
+    /// When true, a read-only mount that would otherwise need 9p (or fail
+    /// when the guest has no 9p) uses virtiofs instead: the domain's
+    /// `<filesystem>` for it carries no `<readonly/>` element, and only the
+    /// guest's `mount -o ro` makes it read-only. That is insecure: the guest
+    /// can remount it read-write and write to the host directory.
+    pub fn insecure_readonly_virtiofs(&self) -> bool {
+        self.allow_insecure_readonly_mounts
+    }
 }
 
 impl Default for Settings {
@@ -157,6 +179,7 @@ fn unreachable_default() -> Settings {
         accelerator: AcceleratorChoice::Auto,
         log_level: None,
         dhcp_timeout: DEFAULT_DHCP_TIMEOUT,
+        allow_insecure_readonly_mounts: false,
     }
 }
 
@@ -357,6 +380,9 @@ impl PluginConfig {
                 accelerator,
                 log_level,
                 dhcp_timeout,
+                allow_insecure_readonly_mounts: libvirt
+                    .allow_insecure_readonly_mounts
+                    .unwrap_or(false),
             },
         )
     }
@@ -385,6 +411,7 @@ mod tests {
                     uri: Some("nonsense".into()),
                     user: Some("u".into()),
                     password: None,
+                    allow_insecure_readonly_mounts: None,
                 }),
             }),
             image_paths: Some(vec!["relative/dir".into()]),
