@@ -50,6 +50,25 @@ pub struct LibvirtConfig {
 pub struct StoragePoolsConfig {
     pub default: Option<String>,
     pub directory: Option<BTreeMap<String, DirectoryPoolConfig>>,
+    /// Go's Ceph RBD pools: accepted by the schema so a Go client config
+    /// parses, then refused by validation as not supported yet.
+    pub ceph: Option<BTreeMap<String, CephPoolConfig>>,
+}
+
+/// A `ceph "<name>" { ... }` pool block, as the Go driver spells it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CephPoolConfig {
+    pub pool: Option<String>,
+    pub hosts: Option<Vec<String>>,
+    pub authentication: Option<CephAuthenticationConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CephAuthenticationConfig {
+    pub username: Option<String>,
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -90,6 +109,23 @@ pub fn schema() -> Spec {
                     Spec::block_map(
                         "name",
                         Spec::object([("path", Spec::required_attr("string"))]),
+                    ),
+                ),
+                (
+                    "ceph",
+                    Spec::block_map(
+                        "name",
+                        Spec::object([
+                            ("pool", Spec::required_attr("string")),
+                            ("hosts", Spec::required_attr("list(string)")),
+                            (
+                                "authentication",
+                                Spec::block(Spec::object([
+                                    ("username", Spec::required_attr("string")),
+                                    ("secret", Spec::required_attr("string")),
+                                ])),
+                            ),
+                        ]),
                     ),
                 ),
             ])),
@@ -271,6 +307,13 @@ impl PluginConfig {
                 ),
             }
         }
+        for name in pools_config.ceph.iter().flatten().map(|(name, _)| name) {
+            problems.add(
+                format!("storage_pools.ceph[{name:?}]"),
+                "Ceph storage pools are not supported yet by this driver; remove the block \
+                 (and disks' pool = \"...\" naming it) or keep those jobs on the Go driver for now",
+            );
+        }
         let configured_pools = pools_config.directory.as_ref().map_or(0, BTreeMap::len);
         if configured_pools == 0 {
             pools.push(DirectoryPool {
@@ -426,6 +469,7 @@ mod tests {
                     ),
                     ("bad/name".to_string(), DirectoryPoolConfig { path: None }),
                 ])),
+                ceph: None,
             }),
             accelerator: Some("hvf".into()),
             log_level: Some("loud".into()),
@@ -471,10 +515,36 @@ mod tests {
                         },
                     ),
                 ])),
+                ceph: None,
             }),
             ..Default::default()
         };
         let error = config.validate().expect_err("ambiguous default");
         assert_eq!(error.errors[0].field, "storage_pools.default");
+    }
+
+    #[test]
+    fn ceph_pools_parse_but_are_not_supported_yet() {
+        let config = PluginConfig {
+            storage_pools: Some(StoragePoolsConfig {
+                ceph: Some(BTreeMap::from([(
+                    "remote".to_string(),
+                    CephPoolConfig {
+                        pool: Some("nomad-pool".into()),
+                        hosts: Some(vec!["10.0.0.1".into()]),
+                        authentication: Some(CephAuthenticationConfig {
+                            username: Some("nomad".into()),
+                            secret: Some("s".into()),
+                        }),
+                    },
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let error = config.validate().expect_err("not supported");
+        assert_eq!(error.errors.len(), 1, "{error}");
+        assert_eq!(error.errors[0].field, "storage_pools.ceph[\"remote\"]");
+        assert!(error.errors[0].message.contains("not supported yet"));
     }
 }
