@@ -482,6 +482,40 @@ fn check_disk(disk: &DiskConfig, field: &str, problems: &mut Problems) -> DiskSp
     // A disk on a Nomad volume (`volume = "/dev/vdX"`, matched to the task's
     // volume_mount) takes its size from the block device, as in Go.
     let on_nomad_volume = disk.volume.as_deref().is_some_and(|v| !v.is_empty());
+    if on_nomad_volume {
+        // Go's rules: the volume is the disk, so nothing may reshape it.
+        let not_on_volume = "cannot be set on a disk on a Nomad volume (volume = \"...\"): the volume is the disk as it is";
+        if disk.format.as_deref().is_some_and(|f| f != "raw") {
+            problems.add(
+                format!("{field}.format"),
+                "must be \"raw\" (or unset) on a disk on a Nomad volume",
+            );
+        }
+        for (name, set) in [
+            ("size", disk.size.is_some()),
+            ("sparse", disk.sparse.is_some()),
+            ("pool", disk.pool.is_some()),
+            ("chained", chained),
+            (
+                "source.volume",
+                disk.source.as_ref().is_some_and(|s| s.volume.is_some()),
+            ),
+        ] {
+            if set {
+                problems.add(format!("{field}.{name}"), not_on_volume);
+            }
+        }
+    }
+    if disk
+        .source
+        .as_ref()
+        .is_some_and(|s| s.image.is_none() && s.volume.is_none())
+    {
+        problems.add(
+            format!("{field}.source"),
+            "needs image = \"...\" or volume = \"...\"; remove the block for an empty disk",
+        );
+    }
     if !has_contents && !on_nomad_volume && disk.size.is_none() && kind == DiskKind::Disk {
         problems.add(
             format!("{field}.size"),
@@ -633,5 +667,35 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(on_nomad_volume.validate(), Ok(()));
+    }
+
+    /// Go's rules for disks on Nomad volumes and for empty source blocks.
+    #[test]
+    fn nomad_volume_disks_cannot_be_reshaped() {
+        let config = TaskConfig {
+            disk: Some(vec![DiskConfig {
+                volume: Some("/dev/vdb".into()),
+                format: Some("qcow2".into()),
+                size: Some(ByteSize(1 << 30)),
+                sparse: Some(false),
+                pool: Some("p".into()),
+                chained: Some(true),
+                source: Some(DiskSourceConfig::default()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let error = config.validate().expect_err("invalid");
+        let fields: Vec<&str> = error.errors.iter().map(|e| e.field.as_str()).collect();
+        for expected in [
+            "disk[0].format",
+            "disk[0].size",
+            "disk[0].sparse",
+            "disk[0].pool",
+            "disk[0].chained",
+            "disk[0].source",
+        ] {
+            assert!(fields.contains(&expected), "{expected} not in {fields:?}");
+        }
     }
 }
