@@ -305,6 +305,14 @@ fn http_artifacts_are_fetched_verified_and_unpacked() {
         error.to_string().contains("the server answered 404"),
         "{error}"
     );
+    if cfg!(feature = "https") {
+        // HTTPS is built in: a plain-HTTP server fails the TLS handshake.
+        let https = server
+            .url("img/guest.img")
+            .replacen("http://", "https://", 1);
+        let error = place(&spec(&https, "local/tls", None, &[]), &task_dir).expect_err("no TLS");
+        assert!(matches!(error, ArtifactError::Download { .. }), "{error}");
+    }
     let error = place(
         &spec(&server.url("img/guest.img"), "../../x", None, &[]),
         &task_dir,
