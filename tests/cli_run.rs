@@ -625,15 +625,27 @@ fn jobs_the_local_runner_cannot_run_are_refused_before_anything_starts() {
     let job = hello_job("ndvtest-hello");
     let remote = job.replace(
         "      kill_timeout = \"10s\"\n",
-        "      kill_timeout = \"10s\"\n\n      artifact {\n        source = \"https://example.com/site.tgz\"\n      }\n",
+        "      kill_timeout = \"10s\"\n\n      artifact {\n        source = \"git::https://example.com/site.git\"\n      }\n",
     );
     assert!(remote.contains("artifact"));
     let (code, stderr, _) = refused(&remote, &[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("artifact source https://example.com/site.tgz is not supported by the local runner; fetch it yourself and use a local path"),
+        stderr.contains("artifact source git::https://example.com/site.git is not supported by the local runner; fetch it yourself and use a local path"),
         "{stderr}"
     );
+    if !cfg!(feature = "https") {
+        let https = remote.replace(
+            "git::https://example.com/site.git",
+            "https://example.com/site.tgz",
+        );
+        let (code, stderr, _) = refused(&https, &[]);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.contains("was built without HTTPS support (cargo feature \"https\")"),
+            "{stderr}"
+        );
+    }
 
     let counted = job.replace(
         "  group \"hello\" {\n",

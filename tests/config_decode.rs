@@ -312,6 +312,42 @@ fn plugin_config_decodes_repeated_labelled_blocks() {
     assert_eq!(settings.pools.len(), 2);
     assert_eq!(settings.default_pool, "b");
     assert_eq!(settings.libvirt_uri, "test:///default");
+    assert!(!settings.insecure_readonly_virtiofs());
+}
+
+/// Go's `provider.libvirt.allow_insecure_readonly_mounts`, a bool that
+/// defaults to false.
+#[test]
+fn plugin_config_allows_insecure_readonly_mounts() {
+    let config = |flag: Mp| {
+        bytes(Mp::Map(vec![(
+            "provider",
+            Mp::Map(vec![(
+                "libvirt",
+                Mp::Map(vec![
+                    ("allow_insecure_readonly_mounts", flag),
+                    ("password", Mp::Nil),
+                    ("uri", Mp::Str("qemu:///system")),
+                    ("user", Mp::Nil),
+                ]),
+            )]),
+        )]))
+    };
+    let settings = |flag| {
+        decode_msgpack::<PluginConfig>("plugin config", &config(flag))
+            .expect("decodes")
+            .validate()
+            .expect("valid")
+    };
+    assert!(settings(Mp::Bool(true)).insecure_readonly_virtiofs());
+    assert!(!settings(Mp::Bool(false)).insecure_readonly_virtiofs());
+    assert!(!settings(Mp::Nil).insecure_readonly_virtiofs());
+    let error = decode_msgpack::<PluginConfig>("plugin config", &config(Mp::Str("yes")))
+        .expect_err("not a bool");
+    assert_eq!(
+        first_error(error).0,
+        "provider.libvirt.allow_insecure_readonly_mounts"
+    );
 }
 
 proptest! {

@@ -7,7 +7,7 @@
 //! job's name, region, namespace and datacenters; each group's `count` and
 //! `network { mode  port "label" { static to host_network } }`; each task's
 //! `driver`, `config`, `env`, `resources { cpu memory memory_max cores }`,
-//! `kill_timeout`, `kill_signal`, `user` and `artifact` blocks. Everything
+//! `kill_timeout`, `kill_signal`, `user`, `artifact` and `template` blocks. Everything
 //! else Nomad knows (services, update, restart, ...) is ignored, except
 //! that blocks the local runner cannot honour are reported as warnings.
 
@@ -90,6 +90,7 @@ pub struct Task {
     pub kill_signal: Option<String>,
     pub user: Option<String>,
     pub artifacts: Vec<ArtifactSpec>,
+    pub templates: Vec<TemplateSpec>,
 }
 
 impl Task {
@@ -132,8 +133,22 @@ pub struct ArtifactSpec {
     pub source: Option<hcl::Expression>,
     pub destination: Option<hcl::Expression>,
     pub mode: Option<hcl::Expression>,
-    /// Keys of the `options` block (e.g. `checksum`).
-    pub options: Vec<String>,
+    /// The `options` block's attributes (e.g. `checksum`), unevaluated.
+    pub options: Vec<(String, hcl::Expression)>,
+    pub line: usize,
+}
+
+/// A `template` block, unevaluated: its strings may use the task env.
+#[derive(Debug, Clone)]
+pub struct TemplateSpec {
+    pub data: Option<hcl::Expression>,
+    pub source: Option<hcl::Expression>,
+    pub destination: Option<hcl::Expression>,
+    pub perms: Option<hcl::Expression>,
+    pub left_delimiter: Option<hcl::Expression>,
+    pub right_delimiter: Option<hcl::Expression>,
+    /// Attributes the local runner does not act on (`env`, `change_mode`, ...).
+    pub ignored: Vec<String>,
     pub line: usize,
 }
 
@@ -750,6 +765,7 @@ impl<'a> Parser<'a> {
             kill_signal: None,
             user: None,
             artifacts: Vec::new(),
+            templates: Vec::new(),
         };
         for structure in block.body.iter() {
             match structure {
@@ -803,11 +819,7 @@ impl<'a> Parser<'a> {
                     }
                     "resources" => task.resources = self.resources(inner, &scope),
                     "artifact" => task.artifacts.push(self.artifact(inner)),
-                    "template" => self.warning(
-                        inner.span(),
-                        &scope,
-                        "template blocks are not rendered by the local runner",
-                    ),
+                    "template" => task.templates.push(self.template(inner)),
                     "volume_mount" => self.warning(
                         inner.span(),
                         &scope,
@@ -899,7 +911,45 @@ impl<'a> Parser<'a> {
                 .body
                 .get_blocks("options")
                 .flat_map(|options| options.body.attributes())
+                .map(|a| {
+                    (
+                        a.key.as_str().to_string(),
+                        hcl::Expression::from(a.value.clone()),
+                    )
+                })
+                .collect(),
+            line: self.line(block.span()).unwrap_or(1),
+        }
+    }
+
+    fn template(&mut self, block: &Block) -> TemplateSpec {
+        let attribute = |name: &str| {
+            block
+                .body
+                .get_attribute(name)
+                .map(|a| hcl::Expression::from(a.value.clone()))
+        };
+        const USED: [&str; 6] = [
+            "data",
+            "source",
+            "destination",
+            "perms",
+            "left_delimiter",
+            "right_delimiter",
+        ];
+        TemplateSpec {
+            data: attribute("data"),
+            source: attribute("source"),
+            destination: attribute("destination"),
+            perms: attribute("perms"),
+            left_delimiter: attribute("left_delimiter"),
+            right_delimiter: attribute("right_delimiter"),
+            ignored: block
+                .body
+                .attributes()
                 .map(|a| a.key.as_str().to_string())
+                .chain(block.body.blocks().map(|b| b.ident.as_str().to_string()))
+                .filter(|key| !USED.contains(&key.as_str()))
                 .collect(),
             line: self.line(block.span()).unwrap_or(1),
         }

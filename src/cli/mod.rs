@@ -7,6 +7,8 @@ pub mod artifact;
 pub mod hostnet;
 pub mod job;
 pub mod run;
+pub mod template;
+pub mod unpack;
 pub mod validate;
 
 use std::fmt;

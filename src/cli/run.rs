@@ -21,6 +21,7 @@ use super::alloc::{self, AllocIdentity, AllocPaths, HostCpu, TaskRequest, TaskRe
 use super::artifact::{self, LocalArtifact};
 use super::hostnet;
 use super::job::{JobFile, Task};
+use super::template::{self, LocalTemplate};
 use super::validate;
 use super::{Diagnostic, Diagnostics};
 use crate::config::task::TaskSpec;
@@ -111,6 +112,7 @@ struct PlannedTask {
     resources: TaskResources,
     typed: TaskSpec,
     artifacts: Vec<LocalArtifact>,
+    templates: Vec<LocalTemplate>,
     kill_timeout: Duration,
     kill_signal: String,
 }
@@ -243,16 +245,24 @@ fn plan(file: &JobFile, args: &RunArgs) -> anyhow::Result<Vec<PlannedAlloc>> {
             let mut artifacts = Vec::new();
             for spec in &task.artifacts {
                 match artifact::resolve(spec, &env, &job_dir) {
-                    Ok(artifact) => {
-                        if !spec.options.is_empty() {
-                            tracing::warn!(
-                                "task {:?}: artifact options {:?} are ignored by the local runner",
-                                task.name,
-                                spec.options
-                            );
-                        }
-                        artifacts.push(artifact);
-                    }
+                    Ok(artifact) => artifacts.push(artifact),
+                    Err(error) => problems.push(
+                        Diagnostic::new(&file.path, Some(spec.line), error.to_string())
+                            .scoped(task_scope.clone()),
+                    ),
+                }
+            }
+            let mut templates = Vec::new();
+            for spec in &task.templates {
+                if !spec.ignored.is_empty() {
+                    tracing::warn!(
+                        "task {:?}: template settings {:?} are ignored by the local runner",
+                        task.name,
+                        spec.ignored
+                    );
+                }
+                match template::resolve(spec, &env) {
+                    Ok(resolved) => templates.push(resolved),
                     Err(error) => problems.push(
                         Diagnostic::new(&file.path, Some(spec.line), error.to_string())
                             .scoped(task_scope.clone()),
@@ -266,6 +276,7 @@ fn plan(file: &JobFile, args: &RunArgs) -> anyhow::Result<Vec<PlannedAlloc>> {
                 resources,
                 typed,
                 artifacts,
+                templates,
                 kill_timeout: task
                     .kill_timeout
                     .unwrap_or(DEFAULT_KILL_TIMEOUT)
@@ -702,10 +713,16 @@ impl Session {
             ));
             say(&format!("    alloc dir: {}", planned.paths.root.display()));
             for task in &planned.tasks {
+                let task_dir = planned.paths.task_dir(&task.task.name);
                 for artifact in &task.artifacts {
-                    let placed =
-                        artifact::place(artifact, &planned.paths.task_dir(&task.task.name))?;
+                    say(&format!("==> Fetching artifact {}", artifact.source_name()));
+                    let placed = artifact::place(artifact, &task_dir)?;
                     say(&format!("==> Artifact {}", placed.display()));
+                }
+                // As in Nomad, templates render after the artifacts arrive.
+                for template in &task.templates {
+                    let placed = template::place(template, &task_dir, &task.env)?;
+                    say(&format!("==> Template {}", placed.display()));
                 }
             }
         }

@@ -40,6 +40,9 @@ pub struct LibvirtConfig {
     pub uri: Option<String>,
     pub user: Option<String>,
     pub password: Option<String>,
+    /// Go's `allow_insecure_readonly_mounts`: see
+    /// [`Settings::insecure_readonly_virtiofs`].
+    pub allow_insecure_readonly_mounts: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -47,6 +50,25 @@ pub struct LibvirtConfig {
 pub struct StoragePoolsConfig {
     pub default: Option<String>,
     pub directory: Option<BTreeMap<String, DirectoryPoolConfig>>,
+    /// Go's Ceph RBD pools: accepted by the schema so a Go client config
+    /// parses, then refused by validation as not supported yet.
+    pub ceph: Option<BTreeMap<String, CephPoolConfig>>,
+}
+
+/// A `ceph "<name>" { ... }` pool block, as the Go driver spells it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CephPoolConfig {
+    pub pool: Option<String>,
+    pub hosts: Option<Vec<String>>,
+    pub authentication: Option<CephAuthenticationConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CephAuthenticationConfig {
+    pub username: Option<String>,
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -73,6 +95,7 @@ pub fn schema() -> Spec {
                     ),
                     ("user", Spec::attr("string")),
                     ("password", Spec::attr("string")),
+                    ("allow_insecure_readonly_mounts", Spec::attr("bool")),
                 ])),
             )])),
         ),
@@ -86,6 +109,23 @@ pub fn schema() -> Spec {
                     Spec::block_map(
                         "name",
                         Spec::object([("path", Spec::required_attr("string"))]),
+                    ),
+                ),
+                (
+                    "ceph",
+                    Spec::block_map(
+                        "name",
+                        Spec::object([
+                            ("pool", Spec::required_attr("string")),
+                            ("hosts", Spec::required_attr("list(string)")),
+                            (
+                                "authentication",
+                                Spec::block(Spec::object([
+                                    ("username", Spec::required_attr("string")),
+                                    ("secret", Spec::required_attr("string")),
+                                ])),
+                            ),
+                        ]),
                     ),
                 ),
             ])),
@@ -133,6 +173,24 @@ pub struct Settings {
     pub accelerator: AcceleratorChoice,
     pub log_level: Option<LevelFilter>,
     pub dhcp_timeout: std::time::Duration,
+    /// `provider.libvirt.allow_insecure_readonly_mounts` (default false).
+    /// Read it through [`Settings::insecure_readonly_virtiofs`].
+    pub allow_insecure_readonly_mounts: bool,
+}
+
+impl Settings {
+    /// Whether read-only shared directories may use virtiofs even where
+    /// libvirt cannot enforce read-only virtiofs (before 11.0.0), as the Go
+    /// driver's `allow_insecure_readonly_mounts` allows.
+    ///
+    /// When true, a read-only mount that would otherwise need 9p (or fail
+    /// when the guest has no 9p) uses virtiofs instead: the domain's
+    /// `<filesystem>` for it carries no `<readonly/>` element, and only the
+    /// guest's `mount -o ro` makes it read-only. That is insecure: the guest
+    /// can remount it read-write and write to the host directory.
+    pub fn insecure_readonly_virtiofs(&self) -> bool {
+        self.allow_insecure_readonly_mounts
+    }
 }
 
 impl Default for Settings {
@@ -157,6 +215,7 @@ fn unreachable_default() -> Settings {
         accelerator: AcceleratorChoice::Auto,
         log_level: None,
         dhcp_timeout: DEFAULT_DHCP_TIMEOUT,
+        allow_insecure_readonly_mounts: false,
     }
 }
 
@@ -247,6 +306,13 @@ impl PluginConfig {
                     "is required: the directory that holds the pool's volumes",
                 ),
             }
+        }
+        for name in pools_config.ceph.iter().flatten().map(|(name, _)| name) {
+            problems.add(
+                format!("storage_pools.ceph[{name:?}]"),
+                "Ceph storage pools are not supported yet by this driver; remove the block \
+                 (and disks' pool = \"...\" naming it) or keep those jobs on the Go driver for now",
+            );
         }
         let configured_pools = pools_config.directory.as_ref().map_or(0, BTreeMap::len);
         if configured_pools == 0 {
@@ -357,6 +423,9 @@ impl PluginConfig {
                 accelerator,
                 log_level,
                 dhcp_timeout,
+                allow_insecure_readonly_mounts: libvirt
+                    .allow_insecure_readonly_mounts
+                    .unwrap_or(false),
             },
         )
     }
@@ -385,6 +454,7 @@ mod tests {
                     uri: Some("nonsense".into()),
                     user: Some("u".into()),
                     password: None,
+                    allow_insecure_readonly_mounts: None,
                 }),
             }),
             image_paths: Some(vec!["relative/dir".into()]),
@@ -399,6 +469,7 @@ mod tests {
                     ),
                     ("bad/name".to_string(), DirectoryPoolConfig { path: None }),
                 ])),
+                ceph: None,
             }),
             accelerator: Some("hvf".into()),
             log_level: Some("loud".into()),
@@ -444,10 +515,36 @@ mod tests {
                         },
                     ),
                 ])),
+                ceph: None,
             }),
             ..Default::default()
         };
         let error = config.validate().expect_err("ambiguous default");
         assert_eq!(error.errors[0].field, "storage_pools.default");
+    }
+
+    #[test]
+    fn ceph_pools_parse_but_are_not_supported_yet() {
+        let config = PluginConfig {
+            storage_pools: Some(StoragePoolsConfig {
+                ceph: Some(BTreeMap::from([(
+                    "remote".to_string(),
+                    CephPoolConfig {
+                        pool: Some("nomad-pool".into()),
+                        hosts: Some(vec!["10.0.0.1".into()]),
+                        authentication: Some(CephAuthenticationConfig {
+                            username: Some("nomad".into()),
+                            secret: Some("s".into()),
+                        }),
+                    },
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let error = config.validate().expect_err("not supported");
+        assert_eq!(error.errors.len(), 1, "{error}");
+        assert_eq!(error.errors[0].field, "storage_pools.ceph[\"remote\"]");
+        assert!(error.errors[0].message.contains("not supported yet"));
     }
 }

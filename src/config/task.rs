@@ -196,7 +196,8 @@ pub enum DiskSource {
         path: String,
         format: Option<DiskFormat>,
     },
-    /// An existing volume of the operator's, used in place and never deleted.
+    /// An existing pool volume of the operator's, never deleted. Go clones
+    /// it into the task's volume (an overlay on it with `chained`).
     Volume {
         name: ObjectName,
         format: Option<DiskFormat>,
@@ -466,23 +467,56 @@ fn check_disk(disk: &DiskConfig, field: &str, problems: &mut Problems) -> DiskSp
         .as_ref()
         .and_then(|source| check_source(source, field, problems));
     let chained = disk.chained == Some(true);
-    if chained
-        && disk
-            .source
-            .as_ref()
-            .and_then(|s| s.image.as_ref())
-            .is_none()
-    {
-        problems.add(
-            format!("{field}.chained"),
-            "needs source.image: a chained disk is an overlay on an image",
-        );
-    }
     let has_contents = disk
         .source
         .as_ref()
         .is_some_and(|s| s.image.is_some() || s.volume.is_some());
-    if !has_contents && disk.size.is_none() && kind == DiskKind::Disk {
+    // As in Go, a chained disk overlays either a source image or a source
+    // volume.
+    if chained && !has_contents {
+        problems.add(
+            format!("{field}.chained"),
+            "needs source.image or source.volume: a chained disk is an overlay on one",
+        );
+    }
+    // A disk on a Nomad volume (`volume = "/dev/vdX"`, matched to the task's
+    // volume_mount) takes its size from the block device, as in Go.
+    let on_nomad_volume = disk.volume.as_deref().is_some_and(|v| !v.is_empty());
+    if on_nomad_volume {
+        // Go's rules: the volume is the disk, so nothing may reshape it.
+        let not_on_volume = "cannot be set on a disk on a Nomad volume (volume = \"...\"): the volume is the disk as it is";
+        if disk.format.as_deref().is_some_and(|f| f != "raw") {
+            problems.add(
+                format!("{field}.format"),
+                "must be \"raw\" (or unset) on a disk on a Nomad volume",
+            );
+        }
+        for (name, set) in [
+            ("size", disk.size.is_some()),
+            ("sparse", disk.sparse.is_some()),
+            ("pool", disk.pool.is_some()),
+            ("chained", chained),
+            (
+                "source.volume",
+                disk.source.as_ref().is_some_and(|s| s.volume.is_some()),
+            ),
+        ] {
+            if set {
+                problems.add(format!("{field}.{name}"), not_on_volume);
+            }
+        }
+    }
+    if disk
+        .source
+        .as_ref()
+        .is_some_and(|s| s.image.is_none() && s.volume.is_none())
+    {
+        problems.add(
+            format!("{field}.source"),
+            "needs image = \"...\" or volume = \"...\"; remove the block for an empty disk",
+        );
+    }
+    if !has_contents && !on_nomad_volume && disk.size.is_none() && kind == DiskKind::Disk {
         problems.add(
             format!("{field}.size"),
             "is required for an empty disk (no source.image or source.volume); e.g. size = \"10GiB\"",
@@ -606,5 +640,62 @@ mod tests {
             ..Default::default()
         };
         assert!(one_disk.validate().is_ok());
+    }
+
+    /// What the Go examples (storage/directory/08, storage/dhv/02 and 04)
+    /// rely on: a chained disk on a source volume, and a disk on a Nomad
+    /// volume with no size.
+    #[test]
+    fn go_accepted_disks_are_valid() {
+        let chained_on_volume = TaskConfig {
+            disk: Some(vec![DiskConfig {
+                chained: Some(true),
+                source: Some(DiskSourceConfig {
+                    volume: Some("focal.img".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert_eq!(chained_on_volume.validate(), Ok(()));
+        let on_nomad_volume = TaskConfig {
+            disk: Some(vec![DiskConfig {
+                volume: Some("/dev/vda".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert_eq!(on_nomad_volume.validate(), Ok(()));
+    }
+
+    /// Go's rules for disks on Nomad volumes and for empty source blocks.
+    #[test]
+    fn nomad_volume_disks_cannot_be_reshaped() {
+        let config = TaskConfig {
+            disk: Some(vec![DiskConfig {
+                volume: Some("/dev/vdb".into()),
+                format: Some("qcow2".into()),
+                size: Some(ByteSize(1 << 30)),
+                sparse: Some(false),
+                pool: Some("p".into()),
+                chained: Some(true),
+                source: Some(DiskSourceConfig::default()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let error = config.validate().expect_err("invalid");
+        let fields: Vec<&str> = error.errors.iter().map(|e| e.field.as_str()).collect();
+        for expected in [
+            "disk[0].format",
+            "disk[0].size",
+            "disk[0].sparse",
+            "disk[0].pool",
+            "disk[0].chained",
+            "disk[0].source",
+        ] {
+            assert!(fields.contains(&expected), "{expected} not in {fields:?}");
+        }
     }
 }
