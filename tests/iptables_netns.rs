@@ -353,7 +353,7 @@ fn failed_batch_in_second_table_rolls_back_the_first() {
     ns.ipt.apply(&rules[..1]).unwrap();
     let before = ns.save_all();
 
-    let mut batch = rules.clone();
+    let mut batch = rules;
     // DNAT is valid syntax but the kernel refuses it in filter, so the
     // nat section has already been committed when this line fails.
     batch.push(bad_rule(
@@ -500,7 +500,7 @@ fn reconcile_removes_only_orphaned_tags_of_ours() {
     let keep: BTreeSet<String> = [kept.clone(), "nomad-driver-virt:unrelated".into()].into();
     let mut removed = ns.ipt.reconcile(&keep).unwrap();
     removed.sort();
-    let mut want = vec![orphan1.clone(), orphan2.clone()];
+    let mut want = vec![orphan1, orphan2];
     want.sort();
     assert_eq!(removed, want);
 

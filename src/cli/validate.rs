@@ -35,7 +35,7 @@ impl std::fmt::Display for Summary {
                 tasks.join(", ")
             ),
             Summary::ClientConfig => {
-                write!(f, "plugin \"{}\" config", PLUGIN_BLOCK_LABEL)
+                write!(f, "plugin \"{PLUGIN_BLOCK_LABEL}\" config")
             }
         }
     }
@@ -234,7 +234,7 @@ pub fn validate_file(path: &Path) -> Result<Summary, Diagnostics> {
     }
     if problems.is_empty() {
         Ok(Summary::Job {
-            job: file.job.id.clone(),
+            job: file.job.id,
             tasks,
         })
     } else {

@@ -674,7 +674,7 @@ mod tests {
         assert_eq!(find_saved(&other_port, &saved, &[false; 3]), None);
         let other_chain = IptablesRule {
             chain: CHAIN_OUT.into(),
-            ..dnat.clone()
+            ..dnat
         };
         assert_eq!(find_saved(&other_chain, &saved, &[false; 3]), None);
         assert_eq!(
