@@ -17,13 +17,18 @@ use nomad_driver_virt::net::iptables::apply::{
     route_localnet_enabled, route_localnet_fix, Iptables, IptablesError, RestoreFailure, Rollback,
 };
 use nomad_driver_virt::net::iptables::rules::{
-    base_chains, chain_declared, delete_lines_for_tags, jump_count, parse_save, port_forward_rules,
-    table_batch, tags_in_save_output, task_tag, IptablesRule, PortForward, RuleError, CHAIN_FW,
-    CHAIN_OUT, CHAIN_PRT, CHAIN_PST, FILTER, NAT,
+    base_chains, chain_declared, delete_lines_for_tags, parent_jump_args, parse_save,
+    port_forward_rules, table_batch, tags_in_save_output, task_chain, task_removal_batch, task_tag,
+    IptablesRule, PortForward, RuleError, CHAIN_FW, CHAIN_IN, CHAIN_OUT, CHAIN_PRT, CHAIN_PST,
+    FILTER, NAT,
 };
 
 const GUEST: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 10);
-const OUR_CHAINS: [&str; 4] = [CHAIN_PRT, CHAIN_OUT, CHAIN_PST, CHAIN_FW];
+const OUR_CHAINS: [&str; 5] = [CHAIN_PRT, CHAIN_OUT, CHAIN_PST, CHAIN_FW, CHAIN_IN];
+/// Rules `forwards()` makes: 13 in the task's chains and 5 jumps.
+const FORWARDS_RULES: usize = 18;
+/// Chains per task, which `remove_tag` counts.
+const TASK_CHAIN_COUNT: usize = 5;
 
 /// A network namespace deleted (with its lock file) on drop.
 struct Netns {
@@ -157,7 +162,11 @@ fn assert_single_jumps(ns: &Netns) {
     for (table, chain, parent) in base_chains() {
         let save = ns.ipt.save(table).unwrap();
         assert!(chain_declared(&save, chain), "{chain} missing:\n{save}");
-        assert_eq!(jump_count(&save, parent, chain), 1, "{parent}:\n{save}");
+        let jumps = parse_save(&save)
+            .into_iter()
+            .filter(|r| r.chain == parent && r.args == parent_jump_args(chain))
+            .count();
+        assert_eq!(jumps, 1, "{parent}:\n{save}");
     }
 }
 
@@ -262,10 +271,10 @@ fn apply_then_remove_restores_the_ruleset_exactly() {
             .iter()
             .filter(|s| s.tag.as_deref() == Some(&tag))
             .count(),
-        12
+        FORWARDS_RULES
     );
 
-    assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), 12);
+    assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), TASK_CHAIN_COUNT);
     assert_eq!(ns.save_all(), before);
     assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), 0);
     assert_eq!(
@@ -292,7 +301,7 @@ fn remove_tag_leaves_other_tags_and_rejects_bad_tags() {
     ns.ipt
         .apply(&port_forward_rules(&b, GUEST, "virbr0", &forwards()).unwrap())
         .unwrap();
-    assert_eq!(ns.ipt.remove_tag(&b).unwrap(), 12);
+    assert_eq!(ns.ipt.remove_tag(&b).unwrap(), TASK_CHAIN_COUNT);
     assert_eq!(ns.save_all(), after_a);
     assert!(matches!(
         ns.ipt.remove_tag("x\" -j ACCEPT"),
@@ -330,7 +339,8 @@ fn failed_batch_in_first_table_applies_nothing() {
         ..
     } = failure.as_ref();
     assert_eq!(*rollback, Rollback::NothingApplied, "{err}");
-    assert_eq!(*line, Some(3), "{err}");
+    // *nat, three -N lines, the first rule, then the bad one.
+    assert_eq!(*line, Some(6), "{err}");
     assert!(offending.as_deref().unwrap().contains("999.1.1.1"), "{err}");
     assert!(stderr.contains("999.1.1.1"), "{err}");
     assert!(
@@ -347,13 +357,18 @@ fn failed_batch_in_second_table_rolls_back_the_first() {
     }
     let ns = Netns::new();
     ns.ipt.init().unwrap();
-    // A pre-existing rule identical to one of the batch must survive.
-    let tag = task_tag("t");
-    let rules = port_forward_rules(&tag, GUEST, "virbr0", &forwards()).unwrap();
-    ns.ipt.apply(&rules[..1]).unwrap();
+    // Another task's rules, and a plain rule in a shared chain that is
+    // identical to one of the failing batch: both must survive.
+    ns.ipt
+        .apply(&port_forward_rules(&task_tag("other"), GUEST, "virbr0", &forwards()).unwrap())
+        .unwrap();
+    let plain = bad_rule(NAT, CHAIN_PRT, "-p tcp -m tcp --dport 7 -j RETURN");
+    ns.ipt.apply(std::slice::from_ref(&plain)).unwrap();
     let before = ns.save_all();
 
-    let mut batch = rules.clone();
+    let tag = task_tag("t");
+    let mut batch = port_forward_rules(&tag, GUEST, "virbr0", &forwards()).unwrap();
+    batch.insert(0, plain.clone());
     // DNAT is valid syntax but the kernel refuses it in filter, so the
     // nat section has already been committed when this line fails.
     batch.push(bad_rule(
@@ -370,11 +385,94 @@ fn failed_batch_in_second_table_rolls_back_the_first() {
         rollback,
         ..
     } = failure.as_ref();
-    // 8 nat rules from the batch had been committed and were removed.
-    assert_eq!(*rollback, Rollback::Undone { rules: 8 }, "{err}");
+    // The plain rule, 8 rules in the task's 3 nat chains and the 3 jumps
+    // had been committed and were removed (with the chains).
+    assert_eq!(*rollback, Rollback::Undone { rules: 12 }, "{err}");
     assert!(offending.as_deref().unwrap().contains("-j DNAT"), "{err}");
     assert!(err.to_string().contains("RULE_APPEND failed"), "{err}");
     assert_eq!(ns.save_all(), before);
+    // The same task applies cleanly afterwards.
+    let rules = port_forward_rules(&tag, GUEST, "virbr0", &forwards()).unwrap();
+    ns.ipt.apply(&rules).unwrap();
+    assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), TASK_CHAIN_COUNT);
+    assert_eq!(ns.save_all(), before);
+}
+
+#[test]
+fn applying_a_task_twice_fails_without_touching_the_first() {
+    if !common::host_ready(common::host::NETNS_IPTABLES) {
+        return;
+    }
+    let ns = Netns::new();
+    ns.ipt.init().unwrap();
+    let tag = task_tag("twice");
+    let rules = port_forward_rules(&tag, GUEST, "virbr0", &forwards()).unwrap();
+    ns.ipt.apply(&rules).unwrap();
+    let once = ns.save_all();
+    let err = ns.ipt.apply(&rules).unwrap_err();
+    let IptablesError::Restore(failure) = &err else {
+        panic!("unexpected error {err}");
+    };
+    assert_eq!(failure.rollback, Rollback::NothingApplied, "{err}");
+    assert_eq!(ns.save_all(), once);
+}
+
+#[test]
+fn removal_is_retryable_after_a_partial_removal() {
+    if !common::host_ready(common::host::NETNS_IPTABLES) {
+        return;
+    }
+    let ns = Netns::new();
+    ns.ipt.init().unwrap();
+    let before = ns.save_all();
+    let tag = task_tag("half-removed");
+    ns.ipt
+        .apply(&port_forward_rules(&tag, GUEST, "virbr0", &forwards()).unwrap())
+        .unwrap();
+    // What a plugin killed between the two table commits of the removal
+    // batch leaves: the nat part gone, the filter part still there.
+    let removal = task_removal_batch(&tag);
+    let nat_part = &removal[..removal.find("*filter").unwrap()];
+    ns.restore(nat_part);
+    assert!(ns.save_all().contains(&task_chain(&tag, CHAIN_FW).unwrap()));
+    assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), 2);
+    assert_eq!(ns.save_all(), before);
+    assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), 0);
+}
+
+#[test]
+fn old_layout_rules_are_removed_by_tag() {
+    if !common::host_ready(common::host::NETNS_IPTABLES) {
+        return;
+    }
+    let ns = Netns::new();
+    ns.ipt.init().unwrap();
+    let other = task_tag("new-layout");
+    ns.ipt
+        .apply(&port_forward_rules(&other, GUEST, "virbr0", &forwards()).unwrap())
+        .unwrap();
+    let before = ns.save_all();
+    // The previous version's shape: tagged rules directly in the shared
+    // chains, as a TeardownSpec of a task it started lists them.
+    let tag = task_tag("old-layout");
+    let c = format!("-m comment --comment {tag}");
+    let dnat = format!(
+        "-d 10.0.0.5/32 -p tcp -m tcp --dport 8080 {c} -j DNAT --to-destination 192.168.122.10:80"
+    );
+    let old = [
+        bad_rule(NAT, CHAIN_PRT, &dnat),
+        bad_rule(NAT, CHAIN_OUT, &dnat),
+        bad_rule(
+            FILTER,
+            CHAIN_FW,
+            &format!("-d 192.168.122.10/32 -o virbr0 -p tcp -m tcp --dport 80 {c} -j ACCEPT"),
+        ),
+    ];
+    ns.ipt.apply(&old).unwrap();
+    assert_ne!(ns.save_all(), before);
+    assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), 3);
+    assert_eq!(ns.save_all(), before);
+    assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), 0);
 }
 
 #[test]
@@ -573,7 +671,7 @@ fn concurrent_apply_and_remove_do_not_interfere() {
                 let guest = Ipv4Addr::new(192, 168, 122, 20 + i);
                 let rules = port_forward_rules(&tag, guest, "virbr0", &forwards()).unwrap();
                 ipt.apply(&rules).unwrap();
-                assert_eq!(ipt.remove_tag(&tag).unwrap(), 12);
+                assert_eq!(ipt.remove_tag(&tag).unwrap(), TASK_CHAIN_COUNT);
             });
         }
     });
