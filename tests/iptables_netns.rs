@@ -710,3 +710,166 @@ fn errors_name_the_command() {
     );
     assert!(matches!(err, IptablesError::Command { .. }), "{text}");
 }
+
+/// Runs `f` on a thread that has entered network namespace `name`; sockets
+/// made there stay in that namespace.
+fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd as _;
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                // SAFETY: setns on a descriptor we own, affecting only this
+                // short-lived thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("netns thread")
+    })
+}
+
+/// Whether a TCP connection from namespace `ns` to `addr` is established
+/// within a short timeout (a DROP shows as a timeout).
+fn connects(ns: &str, addr: &str) -> bool {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    in_netns(ns, || {
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(700)).is_ok()
+    })
+}
+
+/// Accepts connections on `listener` forever (until the test process ends).
+fn serve(listener: std::net::TcpListener) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+}
+
+/// Issue 9 point 5 (CVE-2020-8558): with `route_localnet` on the bridge, a
+/// guest that sends to 127.0.0.1 through the bridge reaches the host's
+/// loopback services. The task's rules drop that, while the loopback port
+/// mapping itself keeps working. "host" is a namespace with a bridge,
+/// "guest" a namespace whose veth is a port of that bridge.
+#[test]
+fn guests_cannot_reach_unmapped_loopback_services_of_the_host() {
+    if !common::host_ready(common::host::NETNS_IPTABLES) {
+        return;
+    }
+    let host = Netns::new();
+    let guest = Netns::new();
+    let bridge = "ndvbr-t";
+    let (host_veth, guest_veth) = ("ndvh-t", "ndvg-t");
+    for argv in [
+        vec!["ip", "link", "set", "lo", "up"],
+        vec!["ip", "link", "add", bridge, "type", "bridge"],
+        vec![
+            "ip",
+            "link",
+            "add",
+            host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            guest_veth,
+            "netns",
+            &guest.name,
+        ],
+        vec!["ip", "link", "set", host_veth, "master", bridge, "up"],
+        vec!["ip", "addr", "add", "10.77.0.1/24", "dev", bridge],
+        vec!["ip", "link", "set", bridge, "up"],
+        vec![
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{bridge}.route_localnet=1"),
+        ],
+    ] {
+        host.exec(&argv);
+    }
+    // The attacking guest routes 127/8 to the host's bridge address instead
+    // of its own loopback (left down, so 127.0.0.1 is not its own address
+    // and the host's answers from it are accepted).
+    for argv in [
+        vec!["ip", "addr", "add", "10.77.0.2/24", "dev", guest_veth],
+        vec!["ip", "link", "set", guest_veth, "up"],
+        vec![
+            "ip",
+            "route",
+            "add",
+            "127.0.0.0/8",
+            "via",
+            "10.77.0.1",
+            "dev",
+            guest_veth,
+        ],
+        vec![
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{guest_veth}.route_localnet=1"),
+        ],
+    ] {
+        guest.exec(&argv);
+    }
+    assert!(host.ipt.route_localnet_enabled(bridge));
+
+    // A loopback-only service of the host, and the guest's mapped service.
+    let secret = in_netns(&host.name, || std::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let secret_addr = secret.local_addr().unwrap().to_string();
+    serve(secret);
+    let service = in_netns(&guest.name, || {
+        std::net::TcpListener::bind("10.77.0.2:8022")
+    })
+    .unwrap();
+    serve(service);
+
+    // Without the driver's rules the attack works: this proves the setup
+    // can tell the difference.
+    assert!(
+        connects(&guest.name, &secret_addr),
+        "baseline: the guest should reach {secret_addr} through the bridge before any rules"
+    );
+
+    host.ipt.init().unwrap();
+    let tag = task_tag("guard/web/0001");
+    let mapped = [PortForward {
+        label: "ssh".into(),
+        host_ip: Ipv4Addr::LOCALHOST,
+        host_port: 2222,
+        guest_port: 8022,
+    }];
+    let rules = port_forward_rules(&tag, Ipv4Addr::new(10, 77, 0, 2), bridge, &mapped).unwrap();
+    host.ipt.apply(&rules).unwrap();
+
+    // The mapped loopback port reaches the guest (DNAT + MASQUERADE), the
+    // unmapped loopback service is no longer reachable from the guest.
+    assert!(connects(&host.name, "127.0.0.1:2222"), "mapped port");
+    assert!(
+        !connects(&guest.name, &secret_addr),
+        "the guest still reaches the host's loopback service {secret_addr}"
+    );
+    // The drop came from the task's guard rule.
+    let guard = host.exec(&[
+        "iptables",
+        "-w",
+        "-v",
+        "-x",
+        "-n",
+        "-L",
+        &task_chain(&tag, CHAIN_IN).unwrap(),
+    ]);
+    let dropped: u64 = guard
+        .lines()
+        .find(|l| l.contains("DROP"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(dropped > 0, "{guard}");
+
+    // Removing the task removes the guard with it.
+    assert_eq!(host.ipt.remove_tag(&tag).unwrap(), TASK_CHAIN_COUNT);
+    assert!(connects(&guest.name, &secret_addr));
+}
