@@ -873,3 +873,149 @@ fn guests_cannot_reach_unmapped_loopback_services_of_the_host() {
     assert_eq!(host.ipt.remove_tag(&tag).unwrap(), TASK_CHAIN_COUNT);
     assert!(connects(&guest.name, &secret_addr));
 }
+
+/// CI runs the port-mapping benchmark in its short mode (issue 13: the
+/// programs must keep working). `cargo test --all-targets` builds the
+/// example next to this test binary; a run of this test file alone may not
+/// have it, and then says so and returns.
+#[test]
+fn bench_port_mapping_short_mode_runs() {
+    if !common::host_ready(common::host::NETNS_IPTABLES) {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let Some(bench) = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples").join("bench_port_mapping"))
+        .filter(|path| path.is_file())
+    else {
+        eprintln!("bench_port_mapping is not built (cargo test --all-targets builds it); skipped");
+        return;
+    };
+    let out = Command::new(&bench).arg("--short").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{} --short failed: {stdout}\n{}",
+        bench.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| N other tasks |"), "{stdout}");
+    assert!(stdout.contains("\n| 10 |"), "{stdout}");
+}
+
+/// Issue 9 point 5, FORWARD side: the task's FORWARD chain accepts
+/// connections to the guest port only when our DNAT made them. A client on
+/// the "LAN" reaches the guest through the mapped host port, but not by
+/// routing to the guest's address directly (FORWARD policy DROP, and a
+/// libvirt-like accept for what leaves the bridge).
+#[test]
+fn forward_accepts_only_connections_our_dnat_made() {
+    if !common::host_ready(common::host::NETNS_IPTABLES) {
+        return;
+    }
+    let host = Netns::new();
+    let guest = Netns::new();
+    let client = Netns::new();
+    let bridge = "ndvbr-f";
+    for argv in [
+        vec!["ip", "link", "set", "lo", "up"],
+        vec!["ip", "link", "add", bridge, "type", "bridge"],
+        vec![
+            "ip",
+            "link",
+            "add",
+            "ndvh-f",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ndvg-f",
+            "netns",
+            &guest.name,
+        ],
+        vec!["ip", "link", "set", "ndvh-f", "master", bridge, "up"],
+        vec!["ip", "addr", "add", "10.78.0.1/24", "dev", bridge],
+        vec!["ip", "link", "set", bridge, "up"],
+        vec![
+            "ip",
+            "link",
+            "add",
+            "ndvl-h",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ndvl-c",
+            "netns",
+            &client.name,
+        ],
+        vec!["ip", "addr", "add", "10.79.0.1/24", "dev", "ndvl-h"],
+        vec!["ip", "link", "set", "ndvl-h", "up"],
+        vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        vec!["iptables", "-w", "-P", "FORWARD", "DROP"],
+        vec![
+            "iptables", "-w", "-A", "FORWARD", "-i", bridge, "-j", "ACCEPT",
+        ],
+    ] {
+        host.exec(&argv);
+    }
+    for argv in [
+        vec!["ip", "addr", "add", "10.78.0.2/24", "dev", "ndvg-f"],
+        vec!["ip", "link", "set", "ndvg-f", "up"],
+        vec!["ip", "route", "add", "default", "via", "10.78.0.1"],
+    ] {
+        guest.exec(&argv);
+    }
+    for argv in [
+        vec!["ip", "addr", "add", "10.79.0.2/24", "dev", "ndvl-c"],
+        vec!["ip", "link", "set", "ndvl-c", "up"],
+        vec!["ip", "route", "add", "10.78.0.0/24", "via", "10.79.0.1"],
+    ] {
+        client.exec(&argv);
+    }
+    let service = in_netns(&guest.name, || {
+        std::net::TcpListener::bind("10.78.0.2:8080")
+    })
+    .unwrap();
+    serve(service);
+
+    host.ipt.init().unwrap();
+    let tag = task_tag("forward/web/0001");
+    let mapped = [PortForward {
+        label: "http".into(),
+        host_ip: Ipv4Addr::new(10, 79, 0, 1),
+        host_port: 18080,
+        guest_port: 8080,
+    }];
+    let rules = port_forward_rules(&tag, Ipv4Addr::new(10, 78, 0, 2), bridge, &mapped).unwrap();
+    host.ipt.apply(&rules).unwrap();
+
+    assert!(connects(&client.name, "10.79.0.1:18080"), "mapped port");
+    assert!(
+        !connects(&client.name, "10.78.0.2:8080"),
+        "a connection routed to the guest without our DNAT was accepted"
+    );
+    // Proof that only the DNAT condition stood in the way: the same accept
+    // without it lets the direct connection through.
+    host.exec(&[
+        "iptables",
+        "-w",
+        "-I",
+        "FORWARD",
+        "1",
+        "-d",
+        "10.78.0.2/32",
+        "-o",
+        bridge,
+        "-p",
+        "tcp",
+        "--dport",
+        "8080",
+        "-j",
+        "ACCEPT",
+    ]);
+    assert!(connects(&client.name, "10.78.0.2:8080"));
+    assert_eq!(host.ipt.remove_tag(&tag).unwrap(), TASK_CHAIN_COUNT);
+}
