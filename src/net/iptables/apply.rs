@@ -7,8 +7,9 @@
 //! - `iptables-restore --noflush` applies each `*table` ... `COMMIT` section
 //!   atomically, but commits section by section: when the filter section of
 //!   a batch fails, the nat section before it has already been committed.
-//!   [`Iptables::apply`] therefore snapshots the driver's chains first and,
-//!   on failure, deletes whatever the batch left behind.
+//!   [`Iptables::apply`] therefore undoes, on failure, the sections that
+//!   ended before the line iptables-restore blames (the rules it appended
+//!   to shared chains, and the per-task chains it created).
 //! - `--test` only parses, so it does not catch rules the kernel rejects.
 //! - Deleting by spec is slow as single execs (~14 ms each) but fast in a
 //!   restore batch, so removal also goes through one batch.
