@@ -1020,3 +1020,25 @@ fn forward_accepts_only_connections_our_dnat_made() {
     assert!(connects(&client.name, "10.78.0.2:8080"));
     assert_eq!(host.ipt.remove_tag(&tag).unwrap(), TASK_CHAIN_COUNT);
 }
+
+/// On the host's own ruleset the chains are checked and listed through the
+/// `iptables` crate (read-only here: nothing on the host changes).
+#[test]
+fn host_chains_are_checked_and_listed_through_the_iptables_crate() {
+    if !common::host_ready(common::host::NETNS_IPTABLES) {
+        return;
+    }
+    let host = Iptables::host();
+    let forward = host
+        .list_chain(FILTER, "FORWARD")
+        .unwrap()
+        .expect("FORWARD exists");
+    assert!(
+        forward.lines().any(|line| line.starts_with("-P FORWARD")),
+        "{forward}"
+    );
+    assert_eq!(
+        host.list_chain(FILTER, "NDVTEST_NO_SUCH_CHAIN").unwrap(),
+        None
+    );
+}

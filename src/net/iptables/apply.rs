@@ -94,6 +94,10 @@ pub enum IptablesError {
     /// Boxed: the details are large and errors travel by value.
     #[error("{0}")]
     Restore(Box<RestoreFailure>),
+    /// The `iptables` crate failed; its errors are not `Send`, so the
+    /// text is what remains of them.
+    #[error("iptables failed while {action}: {message}")]
+    Crate { action: String, message: String },
     #[error("lock file {}: {source}", path.display())]
     Lock {
         path: PathBuf,
@@ -454,6 +458,9 @@ impl Iptables {
     /// `iptables -S <chain>` in `table`, or `None` when the chain does not
     /// exist. Only that chain's rules are read.
     pub fn list_chain(&self, table: &str, chain: &str) -> Result<Option<String>, IptablesError> {
+        if self.prefix.is_empty() {
+            return host_list_chain(table, chain);
+        }
         let args = ["-w", "-t", table, "-S", chain];
         let ran = self.run("iptables", &args, None)?;
         if ran.status.success() {
@@ -641,6 +648,31 @@ fn restore_error(command: String, ran: &Ran, batch: &str, rollback: Rollback) ->
 /// The batch line iptables-restore blames: it prints "Error occurred at
 /// line: N" for parse errors and "line N: ..." / "line N failed" for rules
 /// the kernel rejected.
+/// On the host's own ruleset, the `iptables` crate checks that a chain
+/// exists and lists it (`iptables -w -t TABLE -S CHAIN`); changes still go
+/// in atomic `iptables-restore` batches.
+fn host_list_chain(table: &str, chain: &str) -> Result<Option<String>, IptablesError> {
+    let failed = |action: &str, error: Box<dyn std::error::Error>| IptablesError::Crate {
+        action: format!("{action} chain {chain} in table {table}"),
+        message: error.to_string(),
+    };
+    let mut ipt = iptables::new(false).map_err(|e| failed("preparing to list", e))?;
+    // Numeric: never resolve addresses while checking.
+    ipt.set_numeric(true);
+    if !ipt
+        .chain_exists(table, chain)
+        .map_err(|e| failed("checking", e))?
+    {
+        return Ok(None);
+    }
+    // `-S` refuses `-n` (and never resolves anyway).
+    ipt.set_numeric(false);
+    let rules = ipt.list(table, chain).map_err(|e| failed("listing", e))?;
+    let mut listing = rules.join("\n");
+    listing.push('\n');
+    Ok(Some(listing))
+}
+
 fn failed_line(stderr: &str) -> Option<usize> {
     let mut words = stderr.split(|c: char| c.is_whitespace() || c == ':');
     while let Some(word) = words.next() {
