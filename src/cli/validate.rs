@@ -118,17 +118,14 @@ pub fn check_task(
         .map(located)
         .unwrap_or_default();
     let memory = task.resources.memory.unwrap_or(alloc::DEFAULT_MEMORY_MB);
-    if memory < crate::task::plan::MIN_MEMORY_MB {
+    if let Err(problem) = crate::task::plan::check_memory(memory) {
         problems.push(at(
             task.resources
                 .memory_line
                 .or(task.resources.line)
                 .unwrap_or(task.line),
             "resources.memory",
-            format!(
-                "{memory} MB is too little for a VM; give at least {} MB",
-                crate::task::plan::MIN_MEMORY_MB
-            ),
+            problem,
         ));
     }
     if problems.is_empty() {
