@@ -19,8 +19,20 @@ fi
 export NOMAD_DRIVER_VIRT_HOST_TESTS=1 # host tests fail, never skip, when a prerequisite is missing
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+# Names the tests give what they create, found anywhere on the host.
+test_things() {
+  {
+    virsh -q -c qemu:///system list --all --name
+    virsh -q -c qemu:///system pool-list --all --name
+    virsh -q -c qemu:///system net-dumpxml default | grep -o '<host [^>]*>'
+    ip netns list | awk '{ print $1 }'
+    ip -o link show | awk -F': ' '{ print $2 }'
+    iptables-save | grep -v '^#' | sed -E 's/ \[[0-9]+:[0-9]+\]$//'
+  } 2>/dev/null | grep -iE 'ndvtest|^hello-[0-9a-f]{8}$' | sort -u || true
+}
 dhcp_hosts() { virsh -q -c qemu:///system net-dumpxml default | grep -c "<host " || true; }
 hosts_before=$(dhcp_hosts)
+things_before=$(test_things)
 cargo test --all-targets 2>&1 | tee /tmp/nomad-driver-virt-test.log
 hosts_after=$(dhcp_hosts)
 if [ "$hosts_before" != "$hosts_after" ]; then
@@ -58,16 +70,10 @@ fi
 echo "tests/ci.sh: quickstart served: $page"
 
 # Nothing the tests created may remain on the host.
-leftovers=$(
-  {
-    virsh -q -c qemu:///system list --all --name
-    virsh -q -c qemu:///system pool-list --all --name
-    virsh -q -c qemu:///system net-dumpxml default
-    ip netns list
-    ip link show
-    iptables-save
-  } 2>/dev/null | grep -iE 'ndvtest|^hello-[0-9a-f]{8}$' || true
-)
+leftovers=$(comm -13 <(echo "$things_before") <(test_things))
+if [ -n "$things_before" ]; then
+  echo "tests/ci.sh: already on the host before the tests (not counted): $(echo "$things_before" | tr '\n' ' ')" >&2
+fi
 if [ -n "$leftovers" ]; then
   echo "tests/ci.sh: the test suite left these behind:" >&2
   echo "$leftovers" >&2
