@@ -504,6 +504,7 @@ pub fn boot(
             task_name: request.task_name.clone(),
             plugin_version: crate::meta::PLUGIN_VERSION.into(),
         },
+        guest_agent: request.config.guest_agent,
     };
     rollback.domain()?;
     hypervisor.define_domain(&spec)?;
