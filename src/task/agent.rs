@@ -4,7 +4,8 @@
 //! or the agent does not answer.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
 
 use super::error::TaskError;
 use super::store::TaskEntry;
@@ -12,7 +13,8 @@ use super::{blocking, Tasks};
 use crate::guest_agent::{
     ExecOutput, ExecRequest, ExecSession, GuestAgent, GuestAgentError, SessionRequest,
 };
-use crate::libvirt::agent::AgentCallError;
+use crate::libvirt::agent::{AgentCallError, GuestInterface};
+use crate::net::DriverNetwork;
 
 /// Bound on the liveness ping before an exec or a mapped signal.
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
@@ -62,7 +64,73 @@ pub fn signal_action(
     }
 }
 
+/// The guest's IPv4 address on one of `macs` (case-insensitive): global
+/// addresses only (no loopback, link-local or unspecified).
+pub fn guest_ipv4_on(interfaces: &[GuestInterface], macs: &[String]) -> Option<Ipv4Addr> {
+    interfaces
+        .iter()
+        .filter(|interface| {
+            interface
+                .mac
+                .as_deref()
+                .is_some_and(|mac| macs.iter().any(|wanted| wanted.eq_ignore_ascii_case(mac)))
+        })
+        .flat_map(|interface| interface.addresses.iter())
+        .find_map(|address| match address.address {
+            IpAddr::V4(ip) if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() => {
+                Some(ip)
+            }
+            _ => None,
+        })
+}
+
 impl Tasks {
+    /// The address of a macvtap-only task, from its guest agent once the
+    /// guest has one; waits at most `limit` (the plugin's `dhcp_timeout`).
+    /// `None` (logged, and shown as an event) when it does not come.
+    pub(super) async fn agent_address(
+        &self,
+        task_id: &str,
+        domain: &str,
+        macs: &[String],
+        limit: Duration,
+    ) -> Option<DriverNetwork> {
+        let agent = self.hypervisor.guest_agent(domain)?;
+        let deadline = Instant::now() + limit;
+        let mut delay = Duration::from_millis(500);
+        let outcome = loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break Err("no address in time".to_string());
+            }
+            let agent = agent.clone().with_call_timeout(remaining.min(PING_TIMEOUT));
+            match agent.interface_addresses().await {
+                Ok(interfaces) => {
+                    if let Some(ip) = guest_ipv4_on(&interfaces, macs) {
+                        break Ok(ip);
+                    }
+                }
+                Err(GuestAgentError::Agent(error)) if error.is_transient() => {}
+                Err(error) => break Err(error.to_string()),
+            }
+            tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        };
+        match outcome {
+            Ok(ip) => {
+                tracing::info!(task_id = %task_id, domain = %domain, ip = %ip, "guest address from the guest agent");
+                Some(DriverNetwork {
+                    ip,
+                    port_map: Default::default(),
+                })
+            }
+            Err(reason) => {
+                tracing::warn!(task_id = %task_id, domain = %domain, limit = ?limit, reason = %reason, "no guest address for the macvtap interfaces from the guest agent; install and start qemu-guest-agent in the image for address_mode = \"driver\" services");
+                None
+            }
+        }
+    }
+
     /// The task's guest agent, checked to answer (fast): errors name the
     /// cause and the fix.
     async fn ready_agent(&self, task_id: &str) -> Result<GuestAgent, TaskError> {
@@ -274,6 +342,42 @@ mod tests {
         let error = signal_action(&none, "SIGUSR1").expect_err("unmapped");
         assert!(error.to_string().contains("signal_commands"), "{error}");
         assert_eq!(error.kind(), ErrorKind::Invalid);
+    }
+
+    #[test]
+    fn the_guest_address_is_the_one_on_a_macvtap_mac() {
+        use crate::libvirt::agent::GuestIpAddress;
+        let iface = |name: &str, mac: &str, ips: &[&str]| GuestInterface {
+            name: name.into(),
+            mac: Some(mac.into()),
+            addresses: ips
+                .iter()
+                .map(|ip| GuestIpAddress {
+                    address: ip.parse().expect("ip"),
+                    prefix: 24,
+                })
+                .collect(),
+        };
+        let interfaces = vec![
+            iface("lo", "00:00:00:00:00:00", &["127.0.0.1"]),
+            iface("eth0", "52:54:00:aa:bb:cc", &["10.0.0.5"]),
+            iface(
+                "eth1",
+                "52:54:00:11:22:33",
+                &["fe80::1", "169.254.1.1", "192.168.7.9"],
+            ),
+        ];
+        let macs = vec!["52:54:00:11:22:33".to_string()];
+        assert_eq!(
+            guest_ipv4_on(&interfaces, &macs),
+            Some(Ipv4Addr::new(192, 168, 7, 9))
+        );
+        let upper = vec!["52:54:00:AA:BB:CC".to_string()];
+        assert_eq!(
+            guest_ipv4_on(&interfaces, &upper),
+            Some(Ipv4Addr::new(10, 0, 0, 5))
+        );
+        assert_eq!(guest_ipv4_on(&interfaces, &["x".to_string()]), None);
     }
 
     #[test]

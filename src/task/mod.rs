@@ -316,6 +316,17 @@ impl Tasks {
             })
             .await?
         };
+        let mut network = booted.network;
+        if network.is_none() && request.config.guest_agent && !booted.direct_macs.is_empty() {
+            network = self
+                .agent_address(
+                    &request.task_id,
+                    &booted.domain_name,
+                    &booted.direct_macs,
+                    settings.dhcp_timeout,
+                )
+                .await;
+        }
         let state = DriverState {
             version: DRIVER_STATE_VERSION,
             task_id: request.task_id.clone(),
@@ -327,7 +338,7 @@ impl Tasks {
             console_log: Some(booted.console_log.clone()),
             stdout_path: request.stdout_path.to_string_lossy().into_owned(),
             net: booted.teardown,
-            guest_ip: booted.network.as_ref().map(|network| network.ip),
+            guest_ip: network.as_ref().map(|network| network.ip),
             origin: StateOrigin::Native,
             guest_agent: request.config.guest_agent,
             signal_commands: request.config.signal_commands.clone(),
@@ -345,10 +356,7 @@ impl Tasks {
             "Started VM {}",
             booted.domain_name
         ));
-        Ok(StartedTask {
-            state,
-            network: booted.network,
-        })
+        Ok(StartedTask { state, network })
     }
 
     /// WaitTask: answers when the task has exited (at once if it has).
