@@ -371,6 +371,16 @@ async fn macvtap_interface_on_a_dummy_device() {
         .expect("encode");
     let task = alloc.task_config(msgpack, 256);
     let domain = vm::domain_name_of(&task);
+    // Removes the domain if a check below panics before DestroyTask.
+    struct Domain(String);
+    impl Drop for Domain {
+        fn drop(&mut self) {
+            for action in ["destroy", "undefine"] {
+                let _ = run(&["virsh", "-q", "-c", "qemu:///system", action, &self.0]);
+            }
+        }
+    }
+    let _domain_guard = Domain(domain.clone());
     let started = vm::start(&plugin, task.clone()).await.expect("StartTask");
     // macvtap takes no part in lease discovery: the address comes from the
     // guest agent, for address_mode = "driver" services and InspectTask.
