@@ -144,7 +144,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         while let Some(event) = session.next_event().await {
             match event {
                 SessionEvent::Stdout(_) if first_output.is_none() => {
-                    first_output = Some(start.elapsed())
+                    first_output = Some(start.elapsed());
                 }
                 SessionEvent::Exited { .. } | SessionEvent::Failed(_) => break,
                 _ => {}

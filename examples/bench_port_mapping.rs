@@ -1,55 +1,78 @@
-//! Benchmark: installing and removing port-forward rules the driver's way
-//! (one `iptables-restore` batch per task) versus the Go original's way (one
-//! `iptables` exec per rule).
+//! Benchmark: the cost of adding and removing ONE task's port-mapping rules
+//! while N other tasks' rules are installed, the driver's way versus the Go
+//! original's way (project issue 13, point 5).
+//!
+//! - ours: `Iptables::apply` (one `iptables-restore --noflush` batch that
+//!   creates the task's chains, fills them and adds one jump per chain) and
+//!   `Iptables::remove_tag` (one batch deleting exactly those jumps and
+//!   chains). Also shown: `Iptables::init`, which the driver runs before
+//!   every apply.
+//! - Go: the same rules flat in the shared chains, one `iptables -C` plus
+//!   one `iptables -A` exec per rule to add, `-C` plus `-D` to remove (what
+//!   go-iptables' AppendUnique/DeleteIfExists do in the Go driver).
+//!
+//! Each task forwards 4 host ports (TCP and UDP each) to its guest. The N
+//! other tasks are installed in the layout of the variant being measured.
 //!
 //! Needs root, iproute2 and iptables. Everything happens in a network
 //! namespace of its own (`ndvtest-bench-<pid>`), deleted on exit, on error
 //! and on Ctrl-C; the host's ruleset is never touched.
 //!
 //! ```text
-//! cargo run --release --example bench_port_mapping -- [--tasks N] [--rounds R] [--via-ip-netns-exec]
+//! cargo run --release --example bench_port_mapping -- [--tasks 0,100,400] [--rounds R] [--short] [--via-ip-netns-exec]
 //! ```
 //!
-//! By default the process itself enters the namespace (setns), so every
-//! iptables exec costs what it costs on a real host. `--via-ip-netns-exec`
-//! instead prefixes every command with `ip netns exec <ns>`
-//! ([`Iptables::in_netns`]), which adds a few ms per exec to both variants
-//! and so inflates the ratio in favour of the variant with fewer execs.
+//! `--short` (CI) runs N = 0 and 10 with one round: it proves the program
+//! and both variants work, it does not time anything meaningfully.
 //!
-//! Machines are noisy, so the variants are interleaved within each round
-//! (their order alternates between rounds) and the table reports medians
-//! over the rounds plus the ratio of those medians.
+//! By default the process itself enters the namespace (setns), so every
+//! exec costs what it costs on a real host. `--via-ip-netns-exec` instead
+//! prefixes every command with `ip netns exec <ns>`, which adds a few ms per
+//! exec to both variants and so favours the variant with fewer execs.
 
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use nomad_driver_virt::net::iptables::rules::{parse_save, SavedRule};
+use nomad_driver_virt::net::iptables::rules::{
+    is_task_chain, parse_save, restore_batch, BatchOp, TASK_CHAINS,
+};
 use nomad_driver_virt::net::iptables::{
-    base_chains, port_forward_rules, task_tag, Iptables, IptablesRule, PortForward, TAG_PREFIX,
+    port_forward_rules, task_tag, Iptables, IptablesRule, PortForward,
 };
 
 /// Set by the SIGINT/SIGTERM handler; the loops check it between execs so
 /// the namespace guard's `Drop` gets to run.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_signal: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
+/// Watches for SIGINT/SIGTERM on a thread of its own (tokio's signal
+/// handling, no unsafe code) and sets [`INTERRUPTED`].
 fn install_signal_handlers() {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic, which is signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
-    }
+    std::thread::spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            let Ok(mut terminate) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        });
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    });
 }
 
 fn check_interrupted() -> Result<()> {
@@ -59,40 +82,61 @@ fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "usage: bench_port_mapping [--tasks N] [--rounds R] [--via-ip-netns-exec]
-  --tasks N             tasks, each with 2 forwarded ports = 12 rules (default 50)
-  --rounds R            measured rounds, variants interleaved (default 3)
+const USAGE: &str =
+    "usage: bench_port_mapping [--tasks LIST] [--rounds R] [--short] [--via-ip-netns-exec]
+  --tasks LIST          other tasks installed, comma-separated (default 0,100,400)
+  --rounds R            measured add/remove pairs per N and variant (default 7)
+  --short               CI mode: --tasks 0,10 --rounds 1
   --via-ip-netns-exec   run every command through `ip netns exec` (Iptables::in_netns)
                         instead of entering the namespace once";
 
 struct Options {
-    tasks: usize,
+    tasks: Vec<usize>,
     rounds: usize,
+    short: bool,
     via_ip_netns_exec: bool,
 }
 
 fn parse_args() -> Result<Option<Options>> {
     let mut options = Options {
-        tasks: 50,
-        rounds: 3,
+        tasks: vec![0, 100, 400],
+        rounds: 7,
+        short: false,
         via_ip_netns_exec: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut number = |name: &str, max: usize| -> Result<usize> {
-            let value = args
-                .next()
-                .with_context(|| format!("{name} needs a value\n{USAGE}"))?;
-            let n: usize = value
-                .parse()
-                .with_context(|| format!("{name} {value:?} is not a number\n{USAGE}"))?;
-            ensure!((1..=max).contains(&n), "{name} must be 1..={max}, not {n}");
-            Ok(n)
+        let mut value = |name: &str| -> Result<String> {
+            args.next()
+                .with_context(|| format!("{name} needs a value\n{USAGE}"))
         };
         match arg.as_str() {
-            // Host ports are 20000+i and 40000+i, so at most 25000 tasks.
-            "--tasks" => options.tasks = number("--tasks", 25_000)?,
-            "--rounds" => options.rounds = number("--rounds", 1000)?,
+            "--tasks" => {
+                let text = value("--tasks")?;
+                options.tasks = text
+                    .split(',')
+                    .map(|n| {
+                        let n: usize = n.trim().parse().with_context(|| {
+                            format!("--tasks {text:?}: {n:?} is not a number\n{USAGE}")
+                        })?;
+                        // Host ports are 10000 + 4 * index.
+                        ensure!(n <= 10_000, "--tasks: at most 10000, not {n}");
+                        Ok(n)
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            "--rounds" => {
+                let text = value("--rounds")?;
+                let n: usize = text
+                    .parse()
+                    .with_context(|| format!("--rounds {text:?} is not a number\n{USAGE}"))?;
+                ensure!(
+                    (1..=1000).contains(&n),
+                    "--rounds must be 1..=1000, not {n}"
+                );
+                options.rounds = n;
+            }
+            "--short" => options.short = true,
             "--via-ip-netns-exec" => options.via_ip_netns_exec = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -100,6 +144,10 @@ fn parse_args() -> Result<Option<Options>> {
             }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
+    }
+    if options.short {
+        options.tasks = vec![0, 10];
+        options.rounds = 1;
     }
     Ok(Some(options))
 }
@@ -131,18 +179,18 @@ impl NetnsGuard {
         })
     }
 
-    /// Moves this (still single-threaded) process into the namespace, so
-    /// every child inherits it. Verified afterwards: carrying on in the
+    /// Moves the main thread into the namespace, so every command it starts
+    /// inherits it. Verified afterwards: carrying on in the
     /// host's namespace would edit the host's firewall.
     fn enter(&self) -> Result<()> {
         let path = format!("/run/netns/{}", self.name);
         let file = File::open(&path).with_context(|| format!("cannot open {path}"))?;
-        // SAFETY: setns on a descriptor we own; no other threads exist yet.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("setns into {path}"));
-        }
+        // Only this (the main) thread moves; the commands it starts inherit it.
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&file),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .with_context(|| format!("setns into {path}"))?;
         let want = std::fs::metadata(&path).with_context(|| format!("stat {path}"))?;
         let now = std::fs::metadata("/proc/thread-self/ns/net")
             .context("stat /proc/thread-self/ns/net")?;
@@ -213,86 +261,94 @@ impl Runner {
         self.run(&argv.iter().map(|s| s.to_string()).collect::<Vec<_>>())
     }
 
-    /// Every rule of the namespace that belongs to the benchmark: anything
-    /// in the driver's chains, or tagged with the driver's prefix.
-    fn our_rules(&self) -> Result<Vec<SavedRule>> {
-        let chains: Vec<&str> = base_chains().into_iter().map(|(_, c, _)| c).collect();
-        let save = self.run_strs(&["iptables-save"])?;
-        Ok(parse_save(&save)
-            .into_iter()
-            .filter(|r| {
-                chains.contains(&r.chain.as_str())
-                    || r.tag.as_deref().is_some_and(|t| t.starts_with(TAG_PREFIX))
-            })
-            .collect())
+    /// How many rules the namespace holds, all tables.
+    fn rule_count(&self) -> Result<usize> {
+        Ok(parse_save(&self.run_strs(&["iptables-save"])?).len())
     }
 
-    /// Fails loudly unless none of the driver's rules are left.
-    fn assert_empty(&self, after: &str) -> Result<()> {
-        let left = self.our_rules()?;
-        if !left.is_empty() {
-            let lines: Vec<&str> = left.iter().take(10).map(|r| r.line.as_str()).collect();
-            bail!(
-                "{} rule(s) left after {after}, e.g.:\n  {}",
-                left.len(),
-                lines.join("\n  ")
-            );
+    /// Empties the nat and filter tables (rules and user chains).
+    fn flush_all(&self) -> Result<()> {
+        for table in ["nat", "filter"] {
+            self.run_strs(&["iptables", "-w", "-t", table, "-F"])?;
+            self.run_strs(&["iptables", "-w", "-t", table, "-X"])?;
         }
         Ok(())
     }
 
-    /// Empties the driver's chains (keeps the chains and their jumps).
-    fn flush_our_chains(&self) -> Result<()> {
-        for (table, chain, _) in base_chains() {
-            self.run_strs(&["iptables", "-w", "-t", table, "-F", chain])?;
-        }
+    /// Feeds `batch` to `iptables-restore -w --noflush`.
+    fn restore(&self, batch: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut child = self
+            .command("iptables-restore")
+            .args(["-w", "--noflush"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run iptables-restore")?;
+        child
+            .stdin
+            .take()
+            .context("iptables-restore stdin")?
+            .write_all(batch.as_bytes())
+            .context("writing the batch")?;
+        let out = child.wait_with_output().context("iptables-restore")?;
+        ensure!(
+            out.status.success(),
+            "iptables-restore failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         Ok(())
     }
 }
 
-/// One task's rules: an HTTP port on a host address and an SSH port on
-/// loopback, i.e. both shapes `port_forward_rules` produces (12 rules).
+/// One task: 4 host ports on 10.0.0.5, TCP and UDP each, to its guest.
 fn task_rules(index: usize) -> Result<(String, Vec<IptablesRule>)> {
     let tag = task_tag(&format!("bench-alloc-{index:05}/web/0123abcd"));
-    let offset = u16::try_from(index).context("task index too large")?;
-    let guest = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 10)) + u32::from(offset));
-    let forwards = [
-        PortForward {
-            label: "http".into(),
-            host_ip: Ipv4Addr::new(10, 0, 0, 5),
-            host_port: 20_000 + offset,
-            guest_port: 80,
-        },
-        PortForward {
-            label: "ssh".into(),
-            host_ip: Ipv4Addr::LOCALHOST,
-            host_port: 40_000 + offset,
-            guest_port: 22,
-        },
-    ];
+    let offset = u32::try_from(index).context("task index too large")?;
+    let guest = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 10)) + offset);
+    let forwards: Vec<PortForward> = (0..4u16)
+        .map(|port| -> Result<PortForward> {
+            let host_port = u16::try_from(10_000 + 4 * offset + u32::from(port))
+                .context("host port out of range")?;
+            Ok(PortForward {
+                label: format!("p{port}"),
+                host_ip: Ipv4Addr::new(10, 0, 0, 5),
+                host_port,
+                guest_port: 8000 + port,
+            })
+        })
+        .collect::<Result<_>>()?;
     let rules = port_forward_rules(&tag, guest, "virbr0", &forwards)
         .with_context(|| format!("rules for task {index}"))?;
     Ok((tag, rules))
 }
 
+/// The same rules in the Go layout: flat in the shared chains, no jumps.
+fn flat(rules: &[IptablesRule]) -> Vec<IptablesRule> {
+    rules
+        .iter()
+        .filter(|r| is_task_chain(&r.table, &r.chain))
+        .filter_map(|r| {
+            let suffix = r.chain.chars().last()?;
+            let (_, shared, _) = TASK_CHAINS.iter().find(|(_, _, s)| *s == suffix)?;
+            Some(IptablesRule {
+                table: r.table.clone(),
+                chain: shared.to_string(),
+                args: r.args.clone(),
+            })
+        })
+        .collect()
+}
+
 /// The argv the Go driver would exec for one rule.
-fn naive_argv(rule: &IptablesRule, op: &str) -> Vec<String> {
+fn go_argv(rule: &IptablesRule, op: &str) -> Vec<String> {
     let mut argv: Vec<String> = ["iptables", "-w", "-t", &rule.table, op, &rule.chain]
         .iter()
         .map(|s| s.to_string())
         .collect();
     argv.extend(rule.args.iter().cloned());
     argv
-}
-
-/// One timed phase: installs or removes every task's rules.
-type Phase<'a> = &'a dyn Fn(&[Task]) -> Result<()>;
-
-struct Task {
-    tag: String,
-    rules: Vec<IptablesRule>,
-    add_argvs: Vec<Vec<String>>,
-    delete_argvs: Vec<Vec<String>>,
 }
 
 /// Times `f`, checking for Ctrl-C afterwards.
@@ -314,12 +370,27 @@ fn median(values: &[Duration]) -> Duration {
     }
 }
 
-fn ratio_text(slow: Duration, fast: Duration) -> String {
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn ratio(slow: Duration, fast: Duration) -> f64 {
     if fast.is_zero() {
-        "n/a".to_string()
+        0.0
     } else {
-        format!("{:.2}x", slow.as_secs_f64() / fast.as_secs_f64())
+        slow.as_secs_f64() / fast.as_secs_f64()
     }
+}
+
+/// Medians for one N.
+struct Row {
+    tasks: usize,
+    ours_add: Duration,
+    ours_remove: Duration,
+    ours_init: Duration,
+    go_add: Duration,
+    go_remove: Duration,
+    go_rules: usize,
 }
 
 fn main() -> Result<()> {
@@ -346,181 +417,190 @@ fn main() -> Result<()> {
         )
     };
     let version = runner.run_strs(&["iptables", "--version"])?;
-
     // A fresh namespace has no rules; anything else means we are not where
     // we think we are.
-    let existing = parse_save(&runner.run_strs(&["iptables-save"])?);
+    let existing = runner.rule_count()?;
     ensure!(
-        existing.is_empty(),
-        "namespace {name} already has {} rule(s); refusing to run",
-        existing.len()
+        existing == 0,
+        "namespace {name} already has {existing} rule(s); refusing to run"
     );
-    ipt.init().context("creating the driver's chains")?;
 
-    let mut tasks = Vec::with_capacity(options.tasks);
-    for index in 0..options.tasks {
-        let (tag, rules) = task_rules(index)?;
-        let add_argvs = rules.iter().map(|r| naive_argv(r, "-A")).collect();
-        let delete_argvs = rules.iter().map(|r| naive_argv(r, "-D")).collect();
-        tasks.push(Task {
-            tag,
-            rules,
-            add_argvs,
-            delete_argvs,
-        });
+    let max = options.tasks.iter().copied().max().unwrap_or(0);
+    let mut background = Vec::with_capacity(max);
+    for index in 0..max {
+        background.push(task_rules(index)?.1);
     }
-    let rule_count: usize = tasks.iter().map(|t| t.rules.len()).sum();
-    let per_task = tasks.first().map_or(0, |t| t.rules.len());
-
-    println!("port mapping benchmark");
+    let per_task = task_rules(0)?.1;
+    println!("port mapping: add and remove one task's rules with N other tasks installed");
     println!(
-        "  {} tasks x {per_task} rules = {rule_count} rules, {} rounds, {}",
-        options.tasks,
+        "  one task = 4 ports x tcp+udp: ours {} rules in 5 chains of its own (incl. 5 jumps), Go {} flat rules",
+        per_task.len(),
+        flat(&per_task).len()
+    );
+    println!(
+        "  {} rounds per N, medians; {}; {}",
         options.rounds,
-        version.trim()
-    );
-    println!(
-        "  namespace {name}, commands run {}",
+        version.trim(),
         if options.via_ip_netns_exec {
-            "through `ip netns exec` (adds its cost to every exec)"
+            "commands through `ip netns exec`"
         } else {
-            "directly (process entered the namespace)"
+            "process inside the namespace"
         }
     );
-    println!();
+    if options.short {
+        println!("  --short: proves the program works; the figures mean nothing");
+    }
 
-    let driver_install = |tasks: &[Task]| -> Result<()> {
-        for task in tasks {
-            ipt.apply(&task.rules)
-                .with_context(|| format!("apply {}", task.tag))?;
-            check_interrupted()?;
-        }
-        Ok(())
-    };
-    let naive_install = |tasks: &[Task]| -> Result<()> {
-        for argv in tasks.iter().flat_map(|t| &t.add_argvs) {
-            runner.run(argv)?;
-            check_interrupted()?;
-        }
-        Ok(())
-    };
-    let driver_remove = |tasks: &[Task]| -> Result<()> {
-        for task in tasks {
-            let removed = ipt
-                .remove_tag(&task.tag)
-                .with_context(|| format!("remove_tag {}", task.tag))?;
-            ensure!(
-                removed == task.rules.len(),
-                "remove_tag {} removed {removed} rules, expected {}",
-                task.tag,
-                task.rules.len()
-            );
-            check_interrupted()?;
-        }
-        Ok(())
-    };
-    let naive_remove = |tasks: &[Task]| -> Result<()> {
-        for argv in tasks.iter().flat_map(|t| &t.delete_argvs) {
-            runner.run(argv)?;
-            check_interrupted()?;
-        }
-        Ok(())
-    };
+    let mut rows = Vec::new();
+    for &n in &options.tasks {
+        let others = &background[..n];
+        let mut ours_add = Vec::new();
+        let mut ours_remove = Vec::new();
+        let mut ours_init = Vec::new();
+        let mut go_add = Vec::new();
+        let mut go_remove = Vec::new();
 
-    // (a, b, c, d) durations per round.
-    let mut times: [Vec<Duration>; 4] = Default::default();
-    let mut reference_ruleset: Option<Vec<String>> = None;
-    for round in 0..options.rounds {
-        runner.flush_our_chains()?;
-        runner.assert_empty("flushing")?;
-        // Alternate which variant goes first so drift hits both alike.
-        let order: [bool; 2] = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for driver in order {
-            let (install, remove): (Phase, Phase) = if driver {
-                (&driver_install, &driver_remove)
-            } else {
-                (&naive_install, &naive_remove)
-            };
-            let slot = if driver { 0 } else { 1 };
-            times[slot].push(timed(|| install(&tasks))?);
-
-            // Both ways must produce the identical ruleset.
-            let lines: Vec<String> = runner.our_rules()?.into_iter().map(|r| r.line).collect();
-            ensure!(
-                lines.len() == rule_count,
-                "round {round}: {} rules installed, expected {rule_count}",
-                lines.len()
-            );
-            match &reference_ruleset {
-                Some(reference) => ensure!(
-                    *reference == lines,
-                    "round {round}: the two install variants produced different rulesets"
-                ),
-                None => reference_ruleset = Some(lines),
+        // Ours: N tasks in per-task chains.
+        runner.flush_all()?;
+        ipt.init().context("creating the driver's chains")?;
+        let all: Vec<IptablesRule> = others.iter().flatten().cloned().collect();
+        if !all.is_empty() {
+            runner.restore(&restore_batch(&all, BatchOp::Append))?;
+        }
+        let baseline = runner.rule_count()?;
+        for round in 0..options.rounds {
+            let (tag, rules) = task_rules(max + round)?;
+            ours_init.push(timed(|| Ok(ipt.init()?))?);
+            ours_add.push(timed(|| Ok(ipt.apply(&rules)?))?);
+            if round == 0 {
+                let now = runner.rule_count()?;
+                ensure!(
+                    now == baseline + rules.len(),
+                    "N={n}: apply left {now} rules, expected {}",
+                    baseline + rules.len()
+                );
             }
-
-            times[slot + 2].push(timed(|| remove(&tasks))?);
-            let variant = if driver { "remove_tag" } else { "iptables -D" };
-            runner.assert_empty(&format!("round {round} {variant}"))?;
+            let mut removed = 0;
+            ours_remove.push(timed(|| {
+                removed = ipt.remove_tag(&tag)?;
+                Ok(())
+            })?);
+            ensure!(
+                removed == TASK_CHAINS.len(),
+                "N={n}: remove_tag removed {removed} chains"
+            );
+            if round == 0 {
+                let now = runner.rule_count()?;
+                ensure!(
+                    now == baseline,
+                    "N={n}: {now} rules after remove_tag, expected {baseline}"
+                );
+            }
         }
-        eprintln!(
-            "round {}/{}: a {:.3}s  b {:.3}s  c {:.3}s  d {:.3}s",
-            round + 1,
-            options.rounds,
-            times[0][round].as_secs_f64(),
-            times[1][round].as_secs_f64(),
-            times[2][round].as_secs_f64(),
-            times[3][round].as_secs_f64(),
-        );
-    }
 
-    let medians: Vec<Duration> = times.iter().map(|t| median(t)).collect();
-    let labels = [
-        ("install", "(a) driver: 1 apply batch per task"),
-        ("install", "(b) naive: 1 `iptables -A` per rule"),
-        ("remove", "(c) driver: 1 remove_tag per task"),
-        ("remove", "(d) naive: 1 `iptables -D` per rule"),
-    ];
-    println!(
-        "{:<8} {:<38} {:>10} {:>10} {:>10} {:>12} {:>11}",
-        "op", "variant", "median s", "min s", "max s", "ms per task", "rules/s"
-    );
-    println!("{}", "-".repeat(104));
-    for (i, (op, variant)) in labels.iter().enumerate() {
-        let med = medians[i];
-        let min = times[i].iter().min().copied().unwrap_or_default();
-        let max = times[i].iter().max().copied().unwrap_or_default();
-        let rules_per_sec = if med.is_zero() {
-            0.0
-        } else {
-            rule_count as f64 / med.as_secs_f64()
+        // Go: N tasks flat in the shared chains.
+        runner.flush_all()?;
+        ipt.init().context("creating the driver's chains")?;
+        let all: Vec<IptablesRule> = others.iter().flat_map(|r| flat(r)).collect();
+        if !all.is_empty() {
+            runner.restore(&restore_batch(&all, BatchOp::Append))?;
+        }
+        let baseline = runner.rule_count()?;
+        let mut go_rules = 0;
+        for round in 0..options.rounds {
+            let rules = flat(&task_rules(max + round)?.1);
+            go_rules = rules.len();
+            go_add.push(timed(|| {
+                for rule in &rules {
+                    // AppendUnique: -C (exit 1: missing), then -A.
+                    let check = runner
+                        .command("iptables")
+                        .args(&go_argv(rule, "-C")[1..])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .context("iptables -C")?;
+                    ensure!(!check.success(), "rule already present: {:?}", rule.args);
+                    runner.run(&go_argv(rule, "-A"))?;
+                    check_interrupted()?;
+                }
+                Ok(())
+            })?);
+            if round == 0 {
+                let now = runner.rule_count()?;
+                ensure!(
+                    now == baseline + rules.len(),
+                    "N={n}: Go add left {now} rules"
+                );
+            }
+            go_remove.push(timed(|| {
+                for rule in &rules {
+                    // DeleteIfExists: -C, then -D.
+                    runner.run(&go_argv(rule, "-C"))?;
+                    runner.run(&go_argv(rule, "-D"))?;
+                    check_interrupted()?;
+                }
+                Ok(())
+            })?);
+            if round == 0 {
+                let now = runner.rule_count()?;
+                ensure!(now == baseline, "N={n}: {now} rules after the Go removal");
+            }
+        }
+        let row = Row {
+            tasks: n,
+            ours_add: median(&ours_add),
+            ours_remove: median(&ours_remove),
+            ours_init: median(&ours_init),
+            go_add: median(&go_add),
+            go_remove: median(&go_remove),
+            go_rules,
         };
-        println!(
-            "{op:<8} {variant:<38} {:>10.3} {:>10.3} {:>10.3} {:>12.2} {:>11.0}",
-            med.as_secs_f64(),
-            min.as_secs_f64(),
-            max.as_secs_f64(),
-            med.as_secs_f64() * 1000.0 / options.tasks as f64,
-            rules_per_sec
+        eprintln!(
+            "N={n}: ours add {:.1} ms remove {:.1} ms (init {:.1} ms); Go add {:.1} ms remove {:.1} ms",
+            ms(row.ours_add),
+            ms(row.ours_remove),
+            ms(row.ours_init),
+            ms(row.go_add),
+            ms(row.go_remove)
         );
+        rows.push(row);
     }
+    runner.flush_all()?;
+
     println!();
     println!(
-        "speed-up install  (b / a): {}",
-        ratio_text(medians[1], medians[0])
+        "| N other tasks | ours add ms | ours remove ms | ours init ms | Go add ms ({} execs) | Go remove ms ({} execs) | add: Go/ours | remove: Go/ours | add+remove: Go/ours |",
+        rows.first().map_or(0, |r| 2 * r.go_rules),
+        rows.first().map_or(0, |r| 2 * r.go_rules),
     );
-    println!(
-        "speed-up removal  (d / c): {}",
-        ratio_text(medians[3], medians[2])
-    );
-    println!(
-        "speed-up total    (b+d) / (a+c): {}",
-        ratio_text(medians[1] + medians[3], medians[0] + medians[2])
-    );
-    println!("(ratios of the medians over {} rounds)", options.rounds);
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}x | {:.1}x | {:.1}x |",
+            row.tasks,
+            ms(row.ours_add),
+            ms(row.ours_remove),
+            ms(row.ours_init),
+            ms(row.go_add),
+            ms(row.go_remove),
+            ratio(row.go_add, row.ours_add),
+            ratio(row.go_remove, row.ours_remove),
+            ratio(row.go_add + row.go_remove, row.ours_add + row.ours_remove),
+        );
+    }
+    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+        println!();
+        println!(
+            "ours add+remove at N={} vs N={}: {:.2}x; Go: {:.2}x",
+            last.tasks,
+            first.tasks,
+            ratio(
+                last.ours_add + last.ours_remove,
+                first.ours_add + first.ours_remove
+            ),
+            ratio(last.go_add + last.go_remove, first.go_add + first.go_remove),
+        );
+    }
     Ok(())
 }

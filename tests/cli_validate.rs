@@ -349,7 +349,7 @@ fn usage_errors() {
 fn go_examples_validate() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/go-examples");
     let mut files = Vec::new();
-    let mut pending = vec![root.clone()];
+    let mut pending = vec![root];
     while let Some(dir) = pending.pop() {
         for entry in std::fs::read_dir(&dir).expect("read go-examples").flatten() {
             let path = entry.path();

@@ -220,8 +220,8 @@ fn hostile_full_input() -> CloudInitInput {
 
 /// The real cloud-init (Debian package `cloud-init`, 22.4 on Debian 12)
 /// must accept what we write.
-fn cloud_init(args: &[&str]) -> std::process::Output {
-    std::process::Command::new("cloud-init")
+fn cloud_init(args: &[&str]) -> Output {
+    Command::new("cloud-init")
         .args(args)
         .output()
         .unwrap_or_else(|e| {
@@ -281,7 +281,7 @@ fn cloud_init_yaml_loader_reads_back_the_inputs() {
         let path = dir.path().join("doc");
         std::fs::write(&path, text).unwrap();
         // /usr/bin/python3 is the interpreter cloud-init is installed for.
-        let out = std::process::Command::new("/usr/bin/python3")
+        let out = Command::new("/usr/bin/python3")
             .args([
                 "-c",
                 "import json, sys\n\

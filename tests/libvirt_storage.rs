@@ -394,7 +394,7 @@ fn parent_overlay_and_prune() {
     create_empty(&pool, &stale, ImageFormat::Qcow2, MIB).unwrap();
     let mut pruned = prune_unused_parents(conn, &pool, Duration::ZERO).unwrap();
     pruned.sort();
-    assert_eq!(pruned, vec![parent_name.clone(), stale]);
+    assert_eq!(pruned, vec![parent_name, stale]);
     assert!(pool.volume_names().unwrap().is_empty());
 }
 

@@ -562,7 +562,7 @@ impl<'a> Parser<'a> {
         };
         let scope = format!("job \"{}\"", job.id);
         let mut names = BTreeSet::new();
-        for structure in block.body.iter() {
+        for structure in &block.body {
             match structure {
                 Structure::Attribute(attribute) => {
                     let key = attribute.key.as_str();
@@ -574,7 +574,7 @@ impl<'a> Parser<'a> {
                         "name" => job.name = self.string(attribute, &at).unwrap_or(job.name),
                         "region" => job.region = self.string(attribute, &at).unwrap_or(job.region),
                         "namespace" => {
-                            job.namespace = self.string(attribute, &at).unwrap_or(job.namespace)
+                            job.namespace = self.string(attribute, &at).unwrap_or(job.namespace);
                         }
                         "datacenters" => {
                             if let Some(datacenters) = self.strings(attribute, &at) {
@@ -623,7 +623,7 @@ impl<'a> Parser<'a> {
             tasks: Vec::new(),
         };
         let mut task_names = BTreeSet::new();
-        for structure in block.body.iter() {
+        for structure in &block.body {
             match structure {
                 Structure::Attribute(attribute) if attribute.key.as_str() == "count" => {
                     let at = At {
@@ -685,7 +685,7 @@ impl<'a> Parser<'a> {
             line: self.line(block.span()).unwrap_or(1),
         };
         let mut labels = BTreeSet::new();
-        for structure in block.body.iter() {
+        for structure in &block.body {
             match structure {
                 Structure::Attribute(attribute) if attribute.key.as_str() == "mode" => {
                     let at = At {
@@ -767,7 +767,7 @@ impl<'a> Parser<'a> {
             artifacts: Vec::new(),
             templates: Vec::new(),
         };
-        for structure in block.body.iter() {
+        for structure in &block.body {
             match structure {
                 Structure::Attribute(attribute) => {
                     let key = attribute.key.as_str();
@@ -869,7 +869,7 @@ impl<'a> Parser<'a> {
                     resources.memory_line = self.line(attribute.span());
                 }
                 "memory_max" => {
-                    resources.memory_max = self.int(attribute, &at, 0..i64::from(i32::MAX))
+                    resources.memory_max = self.int(attribute, &at, 0..i64::from(i32::MAX));
                 }
                 "cores" => resources.cores = self.int(attribute, &at, 1..4097),
                 _ => {}
@@ -1132,7 +1132,7 @@ job "web" {
             "{text:?}"
         );
         let syntax = parse("job \"x\" {\n  group \"g\" {\n    count = \n").expect_err("syntax");
-        assert_eq!(syntax.0[0].line, Some(3), "{}", syntax);
+        assert_eq!(syntax.0[0].line, Some(3), "{syntax}");
         assert!(parse("").expect_err("empty").0[0]
             .message
             .contains("no job block"));

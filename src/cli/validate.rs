@@ -35,7 +35,7 @@ impl std::fmt::Display for Summary {
                 tasks.join(", ")
             ),
             Summary::ClientConfig => {
-                write!(f, "plugin \"{}\" config", PLUGIN_BLOCK_LABEL)
+                write!(f, "plugin \"{PLUGIN_BLOCK_LABEL}\" config")
             }
         }
     }
@@ -118,17 +118,14 @@ pub fn check_task(
         .map(located)
         .unwrap_or_default();
     let memory = task.resources.memory.unwrap_or(alloc::DEFAULT_MEMORY_MB);
-    if memory < crate::task::plan::MIN_MEMORY_MB {
+    if let Err(problem) = crate::task::plan::check_memory(memory) {
         problems.push(at(
             task.resources
                 .memory_line
                 .or(task.resources.line)
                 .unwrap_or(task.line),
             "resources.memory",
-            format!(
-                "{memory} MB is too little for a VM; give at least {} MB",
-                crate::task::plan::MIN_MEMORY_MB
-            ),
+            problem,
         ));
     }
     if problems.is_empty() {
@@ -234,7 +231,7 @@ pub fn validate_file(path: &Path) -> Result<Summary, Diagnostics> {
     }
     if problems.is_empty() {
         Ok(Summary::Job {
-            job: file.job.id.clone(),
+            job: file.job.id,
             tasks,
         })
     } else {

@@ -152,7 +152,7 @@ mod tests {
             .arg(&script)
             .output()
             .expect("run /bin/sh");
-        assert!(output.status.success(), "{script}: {:?}", output);
+        assert!(output.status.success(), "{script}: {output:?}");
         let mut words: Vec<String> = output
             .stdout
             .split(|b| *b == 0)

@@ -138,7 +138,7 @@ pub fn init_process() {
                 }
             }
             Err(error) => {
-                tracing::error!(error = %error, "cannot register libvirt's default event loop")
+                tracing::error!(error = %error, "cannot register libvirt's default event loop");
             }
         }
     });
@@ -249,7 +249,7 @@ fn ensure_connected(
         match register_lifecycle_events(&connection, sink.clone()) {
             Ok(registration) => state.registration = Some(registration),
             Err(error) => {
-                tracing::warn!(error = %error.message(), "cannot subscribe to libvirt domain events")
+                tracing::warn!(error = %error.message(), "cannot subscribe to libvirt domain events");
             }
         }
     }

@@ -584,7 +584,7 @@ mod tests {
         for order in [
             vec![stale.clone(), middle.clone(), fresh.clone()],
             vec![fresh.clone(), middle.clone(), stale.clone()],
-            vec![middle.clone(), stale.clone(), fresh.clone()],
+            vec![middle, stale, fresh],
         ] {
             let got = pick_lease(&order, MAC, None, NOW).expect("a lease");
             assert_eq!(got.ip, Ipv4Addr::new(192, 168, 122, 20));
@@ -595,10 +595,7 @@ mod tests {
     fn pick_lease_tie_prefers_the_named_lease() {
         let unnamed = lease(MAC, [192, 168, 122, 5], None, NOW + 60);
         let named = lease(MAC, [192, 168, 122, 6], Some("web"), NOW + 60);
-        for order in [
-            [unnamed.clone(), named.clone()],
-            [named.clone(), unnamed.clone()],
-        ] {
+        for order in [[unnamed.clone(), named.clone()], [named.clone(), unnamed]] {
             assert_eq!(
                 pick_lease(&order, MAC, Some("web"), NOW),
                 Some(named.clone())
@@ -828,7 +825,7 @@ mod tests {
         ));
         match check(reservation("52:54:00:00:00:01", [192, 168, 122, 20], None)) {
             Presence::Conflict(existing) => {
-                assert_eq!(existing, "<host name=\"db\" ip=\"192.168.122.20\"/>")
+                assert_eq!(existing, "<host name=\"db\" ip=\"192.168.122.20\"/>");
             }
             _ => panic!("expected a conflict"),
         }

@@ -474,7 +474,7 @@ fn check_mac(field: &str, mac: &str) -> Result<(), DomainXmlError> {
 fn check_disk(i: usize, disk: &DiskSpec) -> Result<(), DomainXmlError> {
     match &disk.source {
         DiskSource::File(path) | DiskSource::Block(path) => {
-            check_path(&format!("disks[{i}].source"), path)?
+            check_path(&format!("disks[{i}].source"), path)?;
         }
     }
     if !matches!(disk.format.as_str(), "qcow2" | "raw") {

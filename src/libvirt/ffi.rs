@@ -246,9 +246,9 @@ pub(crate) fn network_dhcp_leases(
     net: &Network,
     mac: Option<&str>,
 ) -> Result<Vec<RawLease>, Error> {
-    let mac = match mac.map(CString::new).transpose() {
-        Ok(mac) => mac,
-        Err(_) => return Ok(Vec::new()),
+    // A MAC with a NUL byte matches no lease.
+    let Ok(mac) = mac.map(CString::new).transpose() else {
+        return Ok(Vec::new());
     };
     let mut ptr: *mut sys::virNetworkDHCPLeasePtr = ptr::null_mut();
     let mac_ptr: *const c_char = mac.as_deref().map_or(ptr::null(), CStr::as_ptr);
@@ -356,7 +356,7 @@ impl Drop for RawInterfaces {
 }
 
 fn raw_interface_addresses(dom: &Domain) -> Result<RawInterfaces, Error> {
-    let mut ptr: *mut sys::virDomainInterfacePtr = std::ptr::null_mut();
+    let mut ptr: *mut sys::virDomainInterfacePtr = ptr::null_mut();
     // SAFETY: `dom` keeps its pointer alive for the call; `ptr` is a valid
     // out-pointer; flags must be 0.
     let count = unsafe {

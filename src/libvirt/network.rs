@@ -255,7 +255,7 @@ pub fn remove_reservation(conn: &Connect, r: &Reservation) -> Result<(), DhcpErr
         );
         match result {
             Ok(()) => {
-                tracing::debug!(network = %r.network, entry = %xml, "removed DHCP reservation")
+                tracing::debug!(network = %r.network, entry = %xml, "removed DHCP reservation");
             }
             // Gone meanwhile (entry or network): that is what we wanted.
             Err(error)
@@ -511,7 +511,7 @@ mod tests {
         remove_reservation(&conn, &r).expect("remove again");
         let missing = Reservation {
             network: "nosuch".into(),
-            ..r.clone()
+            ..r
         };
         remove_reservation(&conn, &missing).expect("missing network is fine");
     }

@@ -217,10 +217,9 @@ impl Net for LibvirtNet {
         }
         for (bridge, mac) in &intent.interfaces {
             let found = self.libvirt.call_blocking(|conn| {
-                let network = match libvirt_network::network_by_bridge(conn, bridge) {
-                    Ok(network) => network,
-                    // No such network any more: nothing of ours is in it.
-                    Err(_) => return Ok(Ok((None, Vec::new(), Vec::new()))),
+                // No such network any more: nothing of ours is in it.
+                let Ok(network) = libvirt_network::network_by_bridge(conn, bridge) else {
+                    return Ok(Ok((None, Vec::new(), Vec::new())));
                 };
                 let reserved = match libvirt_network::reserved_ips(conn, &network, mac) {
                     Ok(reserved) => reserved,

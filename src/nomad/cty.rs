@@ -785,7 +785,7 @@ pub(crate) mod tests {
     #[test]
     fn string_and_collection_headers() {
         let s31 = "x".repeat(31);
-        assert_eq!(to_msgpack(&CtyValue::string(s31.clone()))[0], 0xbf);
+        assert_eq!(to_msgpack(&CtyValue::string(s31))[0], 0xbf);
         let s32 = "x".repeat(32);
         assert_eq!(to_msgpack(&CtyValue::string(s32))[..2], [0xd9, 32]);
         let s256 = "x".repeat(256);

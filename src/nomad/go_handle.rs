@@ -461,10 +461,7 @@ fn rules(field: &str, value: Option<&Value>) -> Result<Vec<IptablesRule>, GoHand
         let [table, chain, args @ ..] = words.as_slice() else {
             return Err(GoHandleError::Invalid {
                 field: path,
-                reason: format!(
-                    "a rule needs a table, a chain and arguments, found {:?}",
-                    words
-                ),
+                reason: format!("a rule needs a table, a chain and arguments, found {words:?}"),
             });
         };
         let rule = IptablesRule {

@@ -660,10 +660,10 @@ fn remove_recorded(
     if record.domain_defined {
         match hypervisor.domain_owner(&record.domain_name)? {
             Some(owner) if owner == record.task_id => {
-                hypervisor.remove_domain(&record.domain_name)?
+                hypervisor.remove_domain(&record.domain_name)?;
             }
             Some(other) => {
-                tracing::warn!(domain = %record.domain_name, owner = %other, task_id = %record.task_id, "domain belongs to another task; leaving it")
+                tracing::warn!(domain = %record.domain_name, owner = %other, task_id = %record.task_id, "domain belongs to another task; leaving it");
             }
             None => {}
         }

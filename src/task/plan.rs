@@ -63,6 +63,16 @@ pub struct VmResources {
 /// Smallest memory we boot a VM with.
 pub const MIN_MEMORY_MB: i64 = 64;
 
+/// The one memory rule, shared by StartTask and `validate`.
+pub fn check_memory(memory_mb: i64) -> Result<(), String> {
+    if memory_mb < MIN_MEMORY_MB {
+        return Err(format!(
+            "{memory_mb} MB is too little for a VM; give at least {MIN_MEMORY_MB} MB"
+        ));
+    }
+    Ok(())
+}
+
 /// Derives VM resources from what Nomad allocated.
 ///
 /// vCPUs: one per reserved core when cores are reserved; otherwise enough
@@ -76,11 +86,7 @@ pub fn vm_resources(
     host_mhz_per_core: u64,
     host_cpus: u32,
 ) -> Result<VmResources, String> {
-    if memory_mb < MIN_MEMORY_MB {
-        return Err(format!(
-            "resources.memory is {memory_mb} MB; a VM needs at least {MIN_MEMORY_MB} MB"
-        ));
-    }
+    check_memory(memory_mb).map_err(|problem| format!("resources.memory: {problem}"))?;
     let max_mb = memory_max_mb.max(memory_mb);
     let cores = parse_cpuset(cpuset_cpus)?;
     let vcpus = if !cores.is_empty() {

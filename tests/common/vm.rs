@@ -316,7 +316,7 @@ impl Drop for Alloc {
             self.save_diagnostics();
         }
         // Remove the private pool from libvirt (its directory goes with the tempdir).
-        let _ = std::process::Command::new("virsh")
+        let _ = Command::new("virsh")
             .args([
                 "-q",
                 "-c",
@@ -325,7 +325,7 @@ impl Drop for Alloc {
                 &self.pool_name,
             ])
             .output();
-        let _ = std::process::Command::new("virsh")
+        let _ = Command::new("virsh")
             .args([
                 "-q",
                 "-c",
@@ -351,7 +351,7 @@ pub async fn start(
 
 /// Whether libvirt knows a domain by this name.
 pub fn domain_exists(name: &str) -> bool {
-    std::process::Command::new("virsh")
+    Command::new("virsh")
         .args(["-q", "-c", "qemu:///system", "dominfo", name])
         .output()
         .map(|o| o.status.success())
@@ -360,10 +360,10 @@ pub fn domain_exists(name: &str) -> bool {
 
 /// Volume names in a pool (empty if the pool is gone).
 pub fn pool_volumes(pool: &str) -> Vec<String> {
-    let _ = std::process::Command::new("virsh")
+    let _ = Command::new("virsh")
         .args(["-q", "-c", "qemu:///system", "pool-refresh", pool])
         .output();
-    let output = std::process::Command::new("virsh")
+    let output = Command::new("virsh")
         .args(["-q", "-c", "qemu:///system", "vol-list", pool])
         .output();
     match output {

@@ -412,7 +412,7 @@ pub fn prune_pools(conn: &Connect, pools: &[String], min_idle: Duration) -> Vec<
         match result {
             Ok(names) => pruned.extend(names),
             Err(error) => {
-                tracing::warn!(error = %error, pool = %name, "pruning unused parent images failed")
+                tracing::warn!(error = %error, pool = %name, "pruning unused parent images failed");
             }
         }
     }

@@ -7,13 +7,18 @@
 //! - `iptables-restore --noflush` applies each `*table` ... `COMMIT` section
 //!   atomically, but commits section by section: when the filter section of
 //!   a batch fails, the nat section before it has already been committed.
-//!   [`Iptables::apply`] therefore snapshots the driver's chains first and,
-//!   on failure, deletes whatever the batch left behind.
+//!   [`Iptables::apply`] therefore undoes, on failure, the sections that
+//!   ended before the line iptables-restore blames (the rules it appended
+//!   to shared chains, and the per-task chains it created).
 //! - `--test` only parses, so it does not catch rules the kernel rejects.
 //! - Deleting by spec is slow as single execs (~14 ms each) but fast in a
 //!   restore batch, so removal also goes through one batch.
+//! - `iptables -S <chain>` and a restore batch read only the chains they
+//!   name (nf_tables backend), while `iptables-save` reads every chain and
+//!   costs ~0.3 s per table with 400 tasks installed. Adding and removing a
+//!   task therefore never runs `iptables-save`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -23,10 +28,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::rules::{
-    base_chains, chain_declared, delete_line_for, find_saved, is_our_chain,
-    is_valid_interface_name, jump_count, our_tables, parse_save, restore_batch, rules_to_delete,
-    table_batch, validate_rule, validate_tag, BatchOp, IptablesRule, RuleError, SavedRule,
-    TAG_PREFIX,
+    base_chains, delete_line_for, find_saved, is_valid_interface_name, our_tables,
+    parent_jump_args, parse_save, removal_lines, restore_batch, table_batch, table_lines,
+    tables_of, task_removal_batch, validate_rule, validate_tag, BatchOp, IptablesRule, RuleError,
+    SavedRule, TAG_PREFIX, TASK_CHAINS,
 };
 
 /// The lock every plugin process on the host shares, so two plugins (or two
@@ -89,6 +94,10 @@ pub enum IptablesError {
     /// Boxed: the details are large and errors travel by value.
     #[error("{0}")]
     Restore(Box<RestoreFailure>),
+    /// The `iptables` crate failed; its errors are not `Send`, so the
+    /// text is what remains of them.
+    #[error("iptables failed while {action}: {message}")]
+    Crate { action: String, message: String },
     #[error("lock file {}: {source}", path.display())]
     Lock {
         path: PathBuf,
@@ -183,31 +192,42 @@ impl Iptables {
         &self.lock_path
     }
 
-    /// Creates the driver's chains and the jumps to them (at position 1 of
-    /// their parents) where missing. Idempotent; duplicate jumps left by
-    /// anything else are reduced to one. Runs under the lock, so concurrent
-    /// plugins cannot both add a jump.
+    /// Creates the driver's shared chains and the jumps to them (at
+    /// position 1 of their parents) where missing. Idempotent; duplicate
+    /// jumps left by anything else are reduced to one. Runs under the lock,
+    /// so concurrent plugins cannot both add a jump. Reads only the built-in
+    /// parent chains (and a shared chain whose jump is missing), never the
+    /// per-task chains, so its cost does not grow with the number of tasks.
     pub fn init(&self) -> Result<(), IptablesError> {
         let _lock = self.lock()?;
         let mut batch = String::new();
         for table in our_tables() {
-            let save = self.save(table)?;
             let mut lines = Vec::new();
             for (_, chain, parent) in base_chains().into_iter().filter(|(t, ..)| *t == table) {
-                // `-N`, not a `:CHAIN` declaration: with --noflush the latter
-                // would flush an existing chain, `-N` fails instead.
-                if !chain_declared(&save, chain) {
+                let listed = self.list_chain(table, parent)?.unwrap_or_default();
+                let jump = parent_jump_args(chain);
+                let jumps: Vec<SavedRule> = parse_save(&listed)
+                    .into_iter()
+                    .filter(|r| r.chain == parent)
+                    .collect();
+                let count = jumps.iter().filter(|r| r.args == jump).count();
+                let first = jumps.first().is_some_and(|r| r.args == jump);
+                // A jump proves the chain exists (nf_tables refuses dangling
+                // jumps); without one, look. `-N`, not a `:CHAIN`
+                // declaration: with --noflush the latter would flush an
+                // existing chain, `-N` fails instead.
+                if count == 0 && self.list_chain(table, chain)?.is_none() {
                     lines.push(format!("-N {chain}"));
                 }
                 // Our jump must stay first: libvirt re-inserts its own
                 // jumps (with a REJECT for new inbound connections) at the
                 // top of FORWARD when its networks restart.
-                let count = jump_count(&save, parent, chain);
-                if count != 1 || !first_rule_is_jump(&save, parent, chain) {
+                if count != 1 || !first {
+                    let spec = jump.join(" ");
                     for _ in 0..count {
-                        lines.push(format!("-D {parent} -j {chain}"));
+                        lines.push(format!("-D {parent} {spec}"));
                     }
-                    lines.push(format!("-I {parent} 1 -j {chain}"));
+                    lines.push(format!("-I {parent} 1 {spec}"));
                 }
             }
             batch.push_str(&table_batch(table, &lines));
@@ -220,8 +240,12 @@ impl Iptables {
     }
 
     /// Appends `rules` (all tables) in one `iptables-restore --noflush`
-    /// batch. On failure nothing of the batch stays: tables the restore had
-    /// already committed are cleaned up, and the error says so.
+    /// batch, creating the per-task chains they use first. On failure
+    /// nothing of the batch stays: `iptables-restore` commits table by
+    /// table, so the tables whose section ended before the failing line are
+    /// undone again (their jumps deleted, their new chains flushed and
+    /// deleted; a `-N` that succeeded proves the chain is ours), and the
+    /// error says so. No listing of existing rules is needed either way.
     pub fn apply(&self, rules: &[IptablesRule]) -> Result<(), IptablesError> {
         if rules.is_empty() {
             return Ok(());
@@ -229,37 +253,103 @@ impl Iptables {
         for rule in rules {
             validate_rule(rule)?;
         }
-        let batch = restore_batch(rules, BatchOp::Append);
-        let mut tables: Vec<&str> = Vec::new();
-        for rule in rules {
-            if !tables.contains(&rule.table.as_str()) {
-                tables.push(&rule.table);
-            }
+        let tables = tables_of(rules);
+        let mut batch = String::new();
+        // (table, line number of its COMMIT)
+        let mut commits = Vec::new();
+        for table in &tables {
+            batch.push_str(&table_batch(
+                table,
+                &table_lines(rules, table, BatchOp::Append),
+            ));
+            commits.push((*table, batch.lines().count()));
         }
 
         let _lock = self.lock()?;
-        let mut before = BTreeMap::new();
-        for table in &tables {
-            before.insert(*table, self.our_lines(table)?);
-        }
-        let ran = self.run("iptables-restore", &["-w", "--noflush"], Some(&batch))?;
+        let args = ["-w", "--noflush"];
+        let ran = self.run("iptables-restore", &args, Some(&batch))?;
         if ran.status.success() {
             return Ok(());
         }
-        let rollback = self.roll_back(&before);
+        let rollback = match failed_line(&ran.stderr) {
+            None => Rollback::Failed {
+                reason: "iptables-restore did not say which line failed, so it is unknown \
+                         which tables were committed; removing the task's tag cleans up"
+                    .into(),
+            },
+            Some(line) => {
+                let committed: Vec<IptablesRule> = rules
+                    .iter()
+                    .filter(|r| {
+                        commits
+                            .iter()
+                            .any(|(t, commit)| *t == r.table && *commit < line)
+                    })
+                    .cloned()
+                    .collect();
+                if committed.is_empty() {
+                    Rollback::NothingApplied
+                } else {
+                    tracing::warn!(
+                        rules = committed.len(),
+                        "iptables-restore committed part of a failed batch; removing it"
+                    );
+                    let undo = restore_batch(&committed, BatchOp::Delete);
+                    match self.restore(&undo, Rollback::NotAttempted) {
+                        Ok(()) => Rollback::Undone {
+                            rules: committed.len(),
+                        },
+                        Err(e) => Rollback::Failed {
+                            reason: e.to_string(),
+                        },
+                    }
+                }
+            }
+        };
         Err(restore_error(
-            self.describe("iptables-restore", &["-w", "--noflush"]),
+            self.describe("iptables-restore", &args),
             &ran,
             &batch,
             rollback,
         ))
     }
 
-    /// Deletes every rule in the driver's chains tagged `tag`, in one batch.
-    /// Returns how many went; a tag without rules is `Ok(0)`.
+    /// Removes everything tagged `tag`: the task's chains and the jumps to
+    /// them in one batch that names them exactly (no listing, so the cost
+    /// does not depend on how many other tasks are installed). When that
+    /// batch fails (nothing there, a removal interrupted half-way, or rules
+    /// of the previous layout, which sat directly in the shared chains), the
+    /// shared chains are listed and whatever carries the tag is removed.
+    /// Returns how many chains and old-layout rules went; a tag with
+    /// nothing installed is `Ok(0)`, so removal can always be retried.
     pub fn remove_tag(&self, tag: &str) -> Result<usize, IptablesError> {
         validate_tag(tag)?;
-        Ok(self.remove_where(|t| t != tag)?.len())
+        let _lock = self.lock()?;
+        let batch = task_removal_batch(tag);
+        let args = ["-w", "--noflush"];
+        let ran = self.run("iptables-restore", &args, Some(&batch))?;
+        if ran.status.success() {
+            return Ok(TASK_CHAINS.len());
+        }
+        // Sections that ended before the failing line were committed.
+        let committed = failed_line(&ran.stderr).map_or(0, |line| {
+            let mut count = 0;
+            let mut in_section = 0;
+            for (index, text) in batch.lines().enumerate() {
+                if index + 1 >= line {
+                    break;
+                }
+                if text.starts_with("-X ") {
+                    in_section += 1;
+                } else if text == "COMMIT" {
+                    count += in_section;
+                    in_section = 0;
+                }
+            }
+            count
+        });
+        tracing::debug!(tag, stderr = %ran.stderr.trim(), "removing by listing the shared chains");
+        Ok(committed + self.remove_listed(|t| t == tag)?.len())
     }
 
     /// Deletes exactly `rules` (untagged ones, such as those the Go driver
@@ -326,11 +416,13 @@ impl Iptables {
         }
     }
 
-    /// Deletes every rule in the driver's chains whose tag has the driver's
-    /// prefix and is not in `keep`. Rules tagged otherwise, untagged rules
+    /// Deletes everything in the driver's shared chains whose tag has the
+    /// driver's prefix and is not in `keep`: per-task jumps (with their
+    /// chains) and old-layout rules. Rules tagged otherwise, untagged rules
     /// and rules in other chains are never touched. Returns the removed tags.
     pub fn reconcile(&self, keep: &BTreeSet<String>) -> Result<Vec<String>, IptablesError> {
-        let removed = self.remove_where(|t| !t.starts_with(TAG_PREFIX) || keep.contains(t))?;
+        let _lock = self.lock()?;
+        let removed = self.remove_listed(|t| t.starts_with(TAG_PREFIX) && !keep.contains(t))?;
         let tags: BTreeSet<String> = removed.into_iter().filter_map(|r| r.tag).collect();
         Ok(tags.into_iter().collect())
     }
@@ -363,92 +455,70 @@ impl Iptables {
         })
     }
 
-    /// Deletes the rules in our chains whose tag `keep` rejects, in one batch
-    /// built from what exists, and returns them.
-    fn remove_where(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<SavedRule>, IptablesError> {
-        let _lock = self.lock()?;
+    /// `iptables -S <chain>` in `table`, or `None` when the chain does not
+    /// exist. Only that chain's rules are read.
+    pub fn list_chain(&self, table: &str, chain: &str) -> Result<Option<String>, IptablesError> {
+        if self.prefix.is_empty() {
+            return host_list_chain(table, chain);
+        }
+        let args = ["-w", "-t", table, "-S", chain];
+        let ran = self.run("iptables", &args, None)?;
+        if ran.status.success() {
+            return Ok(Some(ran.stdout));
+        }
+        // iptables-nft 1.8.9 says "chain `X' in table `t' is incompatible"
+        // for a missing chain; the legacy backend says "No chain/target/match".
+        let missing = ["incompatible", "No chain", "does not exist"]
+            .iter()
+            .any(|m| ran.stderr.contains(m));
+        if missing {
+            return Ok(None);
+        }
+        Err(IptablesError::Command {
+            command: self.describe("iptables", &args),
+            status: ran.status.to_string(),
+            stderr: ran.stderr.trim().to_string(),
+        })
+    }
+
+    /// The rules of the driver's shared chains, each with its table.
+    fn shared_chain_rules(&self) -> Result<Vec<SavedRule>, IptablesError> {
+        let mut rules = Vec::new();
+        for (table, chain, _) in base_chains() {
+            let listed = self.list_chain(table, chain)?.unwrap_or_default();
+            rules.extend(
+                parse_save(&listed)
+                    .into_iter()
+                    .filter(|r| r.chain == chain)
+                    .map(|mut r| {
+                        r.table = table.to_string();
+                        r
+                    }),
+            );
+        }
+        Ok(rules)
+    }
+
+    /// Removes, in one batch, what the shared chains hold with a tag
+    /// `doomed` accepts (see [`removal_lines`]). The caller holds the lock.
+    fn remove_listed(
+        &self,
+        doomed: impl Fn(&str) -> bool,
+    ) -> Result<Vec<SavedRule>, IptablesError> {
+        let listed = self.shared_chain_rules()?;
         let mut batch = String::new();
         let mut removed = Vec::new();
         for table in our_tables() {
-            let save = self.save(table)?;
-            let doomed = rules_to_delete(&save, table, &keep);
-            let lines: Vec<String> = doomed.iter().map(SavedRule::delete_line).collect();
+            let (lines, gone) = removal_lines(&listed, table, &doomed);
             batch.push_str(&table_batch(table, &lines));
-            removed.extend(doomed);
+            removed.extend(gone);
         }
         if batch.is_empty() {
             return Ok(removed);
         }
-        tracing::debug!(rules = removed.len(), "deleting iptables rules");
+        tracing::debug!(rules = removed.len(), "deleting iptables rules and chains");
         self.restore(&batch, Rollback::NotAttempted)?;
         Ok(removed)
-    }
-
-    /// The `-A` lines currently in the driver's chains of `table`.
-    fn our_lines(&self, table: &str) -> Result<Vec<SavedRule>, IptablesError> {
-        Ok(parse_save(&self.save(table)?)
-            .into_iter()
-            .filter(|r| r.table == table && is_our_chain(table, &r.chain))
-            .collect())
-    }
-
-    /// Deletes what a failed batch left in our chains: the lines present now
-    /// but not before (as a multiset, so pre-existing duplicates survive).
-    fn roll_back(&self, before: &BTreeMap<&str, Vec<SavedRule>>) -> Rollback {
-        let mut batch = String::new();
-        let mut count = 0;
-        for (table, old) in before {
-            let now = match self.our_lines(table) {
-                Ok(now) => now,
-                Err(e) => {
-                    return Rollback::Failed {
-                        reason: e.to_string(),
-                    }
-                }
-            };
-            let mut remaining: BTreeMap<&str, usize> = BTreeMap::new();
-            for rule in old {
-                *remaining.entry(rule.line.as_str()).or_default() += 1;
-            }
-            let mut lines = Vec::new();
-            for rule in &now {
-                match remaining.get_mut(rule.line.as_str()) {
-                    Some(n) if *n > 0 => *n -= 1,
-                    _ => lines.push(rule.delete_line()),
-                }
-            }
-            count += lines.len();
-            batch.push_str(&table_batch(table, &lines));
-        }
-        if batch.is_empty() {
-            return Rollback::NothingApplied;
-        }
-        tracing::warn!(
-            rules = count,
-            "iptables-restore committed part of a failed batch; removing it"
-        );
-        if let Err(e) = self.restore(&batch, Rollback::NotAttempted) {
-            return Rollback::Failed {
-                reason: e.to_string(),
-            };
-        }
-        // Check, rather than assume, that the chains are back as they were.
-        for (table, old) in before {
-            match self.our_lines(table) {
-                Ok(now) if now.iter().map(|r| &r.line).eq(old.iter().map(|r| &r.line)) => {}
-                Ok(_) => {
-                    return Rollback::Failed {
-                        reason: format!("table {table} still differs after the cleanup"),
-                    }
-                }
-                Err(e) => {
-                    return Rollback::Failed {
-                        reason: e.to_string(),
-                    }
-                }
-            }
-        }
-        Rollback::Undone { rules: count }
     }
 
     fn restore(&self, batch: &str, rollback: Rollback) -> Result<(), IptablesError> {
@@ -578,6 +648,31 @@ fn restore_error(command: String, ran: &Ran, batch: &str, rollback: Rollback) ->
 /// The batch line iptables-restore blames: it prints "Error occurred at
 /// line: N" for parse errors and "line N: ..." / "line N failed" for rules
 /// the kernel rejected.
+/// On the host's own ruleset, the `iptables` crate checks that a chain
+/// exists and lists it (`iptables -w -t TABLE -S CHAIN`); changes still go
+/// in atomic `iptables-restore` batches.
+fn host_list_chain(table: &str, chain: &str) -> Result<Option<String>, IptablesError> {
+    let failed = |action: &str, error: Box<dyn std::error::Error>| IptablesError::Crate {
+        action: format!("{action} chain {chain} in table {table}"),
+        message: error.to_string(),
+    };
+    let mut ipt = iptables::new(false).map_err(|e| failed("preparing to list", e))?;
+    // Numeric: never resolve addresses while checking.
+    ipt.set_numeric(true);
+    if !ipt
+        .chain_exists(table, chain)
+        .map_err(|e| failed("checking", e))?
+    {
+        return Ok(None);
+    }
+    // `-S` refuses `-n` (and never resolves anyway).
+    ipt.set_numeric(false);
+    let rules = ipt.list(table, chain).map_err(|e| failed("listing", e))?;
+    let mut listing = rules.join("\n");
+    listing.push('\n');
+    Ok(Some(listing))
+}
+
 fn failed_line(stderr: &str) -> Option<usize> {
     let mut words = stderr.split(|c: char| c.is_whitespace() || c == ':');
     while let Some(word) = words.next() {
@@ -625,15 +720,6 @@ pub fn route_localnet_fix(device: &str) -> String {
         })
         .collect();
     format!("sysctl -w net.ipv4.conf.{key}.route_localnet=1")
-}
-
-/// Whether the first rule of `parent` in `iptables-save` output is the
-/// plain jump to `chain`.
-fn first_rule_is_jump(save: &str, parent: &str, chain: &str) -> bool {
-    let prefix = format!("-A {parent} ");
-    save.lines()
-        .find(|line| line.starts_with(&prefix))
-        .is_some_and(|line| line.trim_end() == format!("-A {parent} -j {chain}"))
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Port mapping with iptables: a pure rule model and its atomic batch apply.
+//! Port mapping with iptables: a pure rule model (per-task chains under
+//! five shared chains) and its atomic batch apply and removal.
 
 pub mod apply;
 pub mod rules;
@@ -8,6 +9,7 @@ pub use apply::{
     HOST_LOCK_PATH,
 };
 pub use rules::{
-    base_chains, port_forward_rules, restore_batch, task_tag, BatchOp, IptablesRule, PortForward,
-    RuleError, CHAIN_FW, CHAIN_OUT, CHAIN_PRT, CHAIN_PST, TAG_PREFIX,
+    base_chains, port_forward_rules, restore_batch, task_chain, task_tag, BatchOp, IptablesRule,
+    PortForward, RuleError, CHAIN_FW, CHAIN_IN, CHAIN_OUT, CHAIN_PRT, CHAIN_PST, TAG_PREFIX,
+    TASK_CHAINS,
 };

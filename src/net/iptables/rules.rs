@@ -3,10 +3,17 @@
 //! and the parsing of `iptables-save` output that removal and reconciliation
 //! work from. No I/O happens here, so every shape is unit-tested exactly.
 //!
-//! Every rule carries `-m comment --comment <tag>`, with the tag naming the
-//! task. Rules are removed by what exists (parsed `iptables-save` output with
-//! that tag), never by re-deriving them, so removal is idempotent and also
-//! garbage-collects rules whose task state was lost.
+//! Layout: five shared chains (created once by `init`, jumped to from the
+//! built-in chains) and, per task, five chains of its own named from a hash
+//! of the task's tag ([`task_chain`]), each reached by one jump from its
+//! shared chain. Every rule and every jump carries `-m comment --comment
+//! <tag>`. Adding a task is one batch that creates its chains, fills them
+//! and adds the five jumps; removing it deletes exactly those jumps and
+//! chains, which needs no listing of the other tasks' rules, so both cost
+//! the same whatever else is installed.
+//!
+//! Rules of the previous layout (tagged rules directly in the shared chains)
+//! are still found and removed by tag.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -27,6 +34,18 @@ pub const CHAIN_PST: &str = "NOMAD_VT_PST";
 /// filter chain jumped from FORWARD: lets forwarded traffic reach the guest
 /// before libvirt's own FORWARD rules reject it.
 pub const CHAIN_FW: &str = "NOMAD_VT_FW";
+/// filter chain jumped from INPUT for traffic to 127.0.0.0/8 that did not
+/// come in on `lo`: with `route_localnet` on a bridge, guests could reach
+/// the host's loopback services (CVE-2020-8558); each task's chain here drops
+/// what arrives from its bridge unless our DNAT sent it.
+pub const CHAIN_IN: &str = "NOMAD_VT_IN";
+
+/// The match in front of `-j NOMAD_VT_IN` in INPUT, so that ordinary input
+/// traffic never walks the per-task chains.
+pub const IN_JUMP_MATCH: [&str; 5] = ["-d", "127.0.0.0/8", "!", "-i", "lo"];
+
+/// Prefix of every chain name the driver creates.
+pub const CHAIN_PREFIX: &str = "NOMAD_VT_";
 
 /// Every tag this driver writes starts with this; reconciliation only ever
 /// touches rules whose tag has it.
@@ -44,7 +63,99 @@ pub fn base_chains() -> Vec<(&'static str, &'static str, &'static str)> {
         (NAT, CHAIN_OUT, "OUTPUT"),
         (NAT, CHAIN_PST, "POSTROUTING"),
         (FILTER, CHAIN_FW, "FORWARD"),
+        (FILTER, CHAIN_IN, "INPUT"),
     ]
+}
+
+/// The arguments of the jump from `parent` to the shared `chain`, after
+/// `-A <parent>`, exactly as `iptables-save` prints them.
+pub fn parent_jump_args(chain: &str) -> Vec<String> {
+    let mut args: Vec<String> = if chain == CHAIN_IN {
+        IN_JUMP_MATCH.iter().map(|a| a.to_string()).collect()
+    } else {
+        Vec::new()
+    };
+    args.push("-j".into());
+    args.push(chain.into());
+    args
+}
+
+/// Which shared chain each per-task chain hangs off, and the one-letter
+/// suffix of its name. Every task with rules gets all five (some may stay
+/// empty), so removal knows the exact set from the tag alone.
+pub const TASK_CHAINS: [(&str, &str, char); 5] = [
+    (NAT, CHAIN_PRT, 'P'),
+    (NAT, CHAIN_OUT, 'O'),
+    (NAT, CHAIN_PST, 'S'),
+    (FILTER, CHAIN_FW, 'F'),
+    (FILTER, CHAIN_IN, 'I'),
+];
+
+/// The per-task chain below shared chain `shared` for `tag`:
+/// `NOMAD_VT_<16 hex digits of FNV-1a(tag)>_<suffix>`, 27 characters, within
+/// iptables' 28. `None` if `shared` is not one of the shared chains.
+pub fn task_chain(tag: &str, shared: &str) -> Option<String> {
+    let (_, _, suffix) = TASK_CHAINS.iter().find(|(_, s, _)| *s == shared)?;
+    Some(format!(
+        "{CHAIN_PREFIX}{:016x}_{suffix}",
+        fnv1a64(tag.as_bytes())
+    ))
+}
+
+/// Whether `chain` has the shape of a per-task chain name in `table`.
+pub fn is_task_chain(table: &str, chain: &str) -> bool {
+    let Some(rest) = chain.strip_prefix(CHAIN_PREFIX) else {
+        return false;
+    };
+    let Some((hash, suffix)) = rest.split_once('_') else {
+        return false;
+    };
+    hash.len() == 16
+        && hash
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        && TASK_CHAINS
+            .iter()
+            .any(|(t, _, s)| *t == table && suffix.len() == 1 && suffix.starts_with(*s))
+}
+
+/// The jump from shared chain `shared` into the task's chain `chain`, as
+/// `-A`/`-D` arguments after the chain name.
+pub fn task_jump_args(tag: &str, chain: &str) -> Vec<String> {
+    ["-m", "comment", "--comment", tag, "-j", chain]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+}
+
+/// `iptables-restore` input that removes every per-task chain of `tag` and
+/// the jumps to them: per table the jumps first (a referenced chain cannot
+/// be deleted), then flush, then delete. Fails as a whole (per table) when
+/// any of them is missing; the caller then falls back to removing what
+/// exists.
+pub fn task_removal_batch(tag: &str) -> String {
+    let mut out = String::new();
+    for table in our_tables() {
+        let mut jumps = Vec::new();
+        let mut flushes = Vec::new();
+        let mut deletes = Vec::new();
+        for (_, shared, _) in TASK_CHAINS.iter().filter(|(t, ..)| *t == table) {
+            let Some(chain) = task_chain(tag, shared) else {
+                continue;
+            };
+            let args: Vec<String> = task_jump_args(tag, &chain)
+                .iter()
+                .map(|a| quote_arg(a))
+                .collect();
+            jumps.push(format!("-D {shared} {}", args.join(" ")));
+            flushes.push(format!("-F {chain}"));
+            deletes.push(format!("-X {chain}"));
+        }
+        jumps.extend(flushes);
+        jumps.extend(deletes);
+        out.push_str(&table_batch(table, &jumps));
+    }
+    out
 }
 
 /// The driver's chains in `table` (empty for tables it does not use).
@@ -56,7 +167,7 @@ pub fn chains_in_table(table: &str) -> Vec<&'static str> {
         .collect()
 }
 
-/// Whether `chain` in `table` is one of the driver's chains.
+/// Whether `chain` in `table` is one of the driver's shared chains.
 pub fn is_our_chain(table: &str, chain: &str) -> bool {
     chains_in_table(table).contains(&chain)
 }
@@ -203,10 +314,11 @@ pub fn is_valid_interface_name(name: &str) -> bool {
     crate::net::config::is_valid_device_name(name)
 }
 
-/// Checks that a rule targets one of the driver's chains and that no
-/// argument can break out of its place in an `iptables-restore` line.
+/// Checks that a rule targets one of the driver's chains (shared or
+/// per-task) and that no argument can break out of its place in an
+/// `iptables-restore` line.
 pub fn validate_rule(rule: &IptablesRule) -> Result<(), RuleError> {
-    if !is_our_chain(&rule.table, &rule.chain) {
+    if !is_our_chain(&rule.table, &rule.chain) && !is_task_chain(&rule.table, &rule.chain) {
         return Err(RuleError::ForeignChain {
             table: rule.table.clone(),
             chain: rule.chain.clone(),
@@ -224,13 +336,19 @@ pub fn validate_rule(rule: &IptablesRule) -> Result<(), RuleError> {
 }
 
 /// The rules forwarding each of `forwards` (tcp and udp) to `guest_ip`
-/// behind `bridge`, all tagged with `tag`.
+/// behind `bridge`, all tagged with `tag`: the contents of the task's five
+/// chains (see [`task_chain`]) followed by the five jumps into them. Empty
+/// when there is nothing to forward.
 ///
-/// A non-loopback host address gets a DNAT in `NOMAD_VT_PRT` (other hosts)
-/// and the same DNAT in `NOMAD_VT_OUT` (the host itself; an open bug in the
-/// Go driver). A loopback address gets a DNAT in `NOMAD_VT_OUT` and a
-/// per-task MASQUERADE in `NOMAD_VT_PST`, since a 127/8 source cannot leave
-/// through the bridge. Both get an ACCEPT in `NOMAD_VT_FW`.
+/// A non-loopback host address gets a DNAT in the task's PREROUTING chain
+/// (other hosts) and the same DNAT in its OUTPUT chain (the host itself; an
+/// open bug in the Go driver). A loopback address gets a DNAT in the OUTPUT
+/// chain only and a MASQUERADE in the POSTROUTING chain, since a 127/8
+/// source cannot leave through the bridge. The FORWARD chain accepts
+/// connections to the guest port only when our DNAT made them
+/// (`--ctstate DNAT`), and the INPUT chain drops traffic from the bridge to
+/// 127.0.0.0/8 that no DNAT of ours answers (with `route_localnet` on, the
+/// guest could otherwise reach every loopback service of the host).
 pub fn port_forward_rules(
     tag: &str,
     guest_ip: Ipv4Addr,
@@ -274,7 +392,22 @@ pub fn port_forward_rules(
         }
     }
 
-    let mut rules = Vec::new();
+    if forwards.is_empty() {
+        return Ok(Vec::new());
+    }
+    let chain = |shared: &str| task_chain(tag, shared).unwrap_or_default();
+    let (prt, out, pst, fw, input) = (
+        chain(CHAIN_PRT),
+        chain(CHAIN_OUT),
+        chain(CHAIN_PST),
+        chain(CHAIN_FW),
+        chain(CHAIN_IN),
+    );
+    let comment = ["-m", "comment", "--comment", tag];
+    let mut nat_prt = Vec::new();
+    let mut nat_out = Vec::new();
+    let mut nat_pst = Vec::new();
+    let mut filter_fw = Vec::new();
     for forward in forwards {
         for proto in ["tcp", "udp"] {
             let host_port = forward.host_port.to_string();
@@ -282,7 +415,6 @@ pub fn port_forward_rules(
             let host_dst = format!("{}/32", forward.host_ip);
             let guest_dst = format!("{guest_ip}/32");
             let to = format!("{guest_ip}:{guest_port}");
-            let comment = ["-m", "comment", "--comment", tag];
 
             let dnat: Vec<&str> = [
                 "-d", &host_dst, "-p", proto, "-m", proto, "--dport", &host_port,
@@ -291,7 +423,7 @@ pub fn port_forward_rules(
             .chain(comment)
             .chain(["-j", "DNAT", "--to-destination", &to])
             .collect();
-            let to_guest: Vec<&str> = [
+            let to_guest = [
                 "-d",
                 &guest_dst,
                 "-o",
@@ -302,26 +434,60 @@ pub fn port_forward_rules(
                 proto,
                 "--dport",
                 &guest_port,
-            ]
-            .into_iter()
-            .chain(comment)
-            .collect();
+            ];
 
             if forward.host_ip.is_loopback() {
-                rules.push(rule(NAT, CHAIN_OUT, &dnat));
+                nat_out.push(rule(NAT, &out, &dnat));
                 let masquerade: Vec<&str> = ["-s", "127.0.0.0/8"]
                     .into_iter()
-                    .chain(to_guest.iter().copied())
+                    .chain(to_guest)
+                    .chain(comment)
                     .chain(["-j", "MASQUERADE"])
                     .collect();
-                rules.push(rule(NAT, CHAIN_PST, &masquerade));
+                nat_pst.push(rule(NAT, &pst, &masquerade));
             } else {
-                rules.push(rule(NAT, CHAIN_PRT, &dnat));
-                rules.push(rule(NAT, CHAIN_OUT, &dnat));
+                nat_prt.push(rule(NAT, &prt, &dnat));
+                nat_out.push(rule(NAT, &out, &dnat));
             }
-            let accept: Vec<&str> = to_guest.iter().copied().chain(["-j", "ACCEPT"]).collect();
-            rules.push(rule(FILTER, CHAIN_FW, &accept));
+            let accept: Vec<&str> = to_guest
+                .into_iter()
+                .chain(["-m", "conntrack", "--ctstate", "DNAT"])
+                .chain(comment)
+                .chain(["-j", "ACCEPT"])
+                .collect();
+            filter_fw.push(rule(FILTER, &fw, &accept));
         }
+    }
+    let guard: Vec<&str> = [
+        "-d",
+        "127.0.0.0/8",
+        "-i",
+        bridge,
+        "-m",
+        "conntrack",
+        "!",
+        "--ctstate",
+        "DNAT",
+    ]
+    .into_iter()
+    .chain(comment)
+    .chain(["-j", "DROP"])
+    .collect();
+
+    let mut rules = Vec::new();
+    rules.extend(nat_prt);
+    rules.extend(nat_out);
+    rules.extend(nat_pst);
+    rules.extend(filter_fw);
+    rules.push(rule(FILTER, &input, &guard));
+    for (table, shared, _) in TASK_CHAINS {
+        let target = chain(shared);
+        let args = task_jump_args(tag, &target);
+        rules.push(IptablesRule {
+            table: table.to_string(),
+            chain: shared.to_string(),
+            args,
+        });
     }
     Ok(rules)
 }
@@ -356,33 +522,78 @@ pub fn quote_arg(arg: &str) -> String {
     out
 }
 
-/// `iptables-restore` input adding or deleting `rules`: one `*table` ...
-/// `COMMIT` section per table, tables in order of first appearance. Callers
-/// passing rules from outside [`port_forward_rules`] check them with
-/// [`validate_rule`] first (a newline in an argument would start a new line).
-pub fn restore_batch(rules: &[IptablesRule], op: BatchOp) -> String {
+/// The per-task chains `rules` use in `table`, as rule chains or as jump
+/// targets, in order of first appearance. An [`BatchOp::Append`] batch
+/// creates them; a [`BatchOp::Delete`] batch flushes and deletes them.
+pub fn task_chains_used(rules: &[IptablesRule], table: &str) -> Vec<String> {
+    let mut chains: Vec<String> = Vec::new();
+    for r in rules.iter().filter(|r| r.table == table) {
+        let target = r
+            .args
+            .windows(2)
+            .rev()
+            .find(|w| w[0] == "-j")
+            .map(|w| w[1].as_str());
+        for chain in [Some(r.chain.as_str()), target].into_iter().flatten() {
+            if is_task_chain(table, chain) && !chains.iter().any(|c| c == chain) {
+                chains.push(chain.to_string());
+            }
+        }
+    }
+    chains
+}
+
+/// The tables `rules` touch, in order of first appearance.
+pub fn tables_of(rules: &[IptablesRule]) -> Vec<&str> {
     let mut tables: Vec<&str> = Vec::new();
     for r in rules {
         if !tables.contains(&r.table.as_str()) {
             tables.push(&r.table);
         }
     }
-    let mut out = String::new();
-    for table in tables {
-        out.push('*');
-        out.push_str(table);
-        out.push('\n');
-        for r in rules.iter().filter(|r| r.table == table) {
-            out.push_str(op.flag());
-            out.push(' ');
-            out.push_str(&r.chain);
-            for arg in &r.args {
-                out.push(' ');
-                out.push_str(&quote_arg(arg));
-            }
-            out.push('\n');
+    tables
+}
+
+/// One table's section of [`restore_batch`] (without `*table`/`COMMIT`).
+pub fn table_lines(rules: &[IptablesRule], table: &str, op: BatchOp) -> Vec<String> {
+    let chains = task_chains_used(rules, table);
+    let line = |r: &IptablesRule| {
+        let mut line = format!("{} {}", op.flag(), r.chain);
+        for arg in &r.args {
+            line.push(' ');
+            line.push_str(&quote_arg(arg));
         }
-        out.push_str("COMMIT\n");
+        line
+    };
+    let in_table = rules.iter().filter(|r| r.table == table);
+    match op {
+        BatchOp::Append => chains
+            .iter()
+            .map(|c| format!("-N {c}"))
+            .chain(in_table.map(line))
+            .collect(),
+        // Jumps out of shared chains go first; a chain of our own goes whole.
+        BatchOp::Delete => in_table
+            .filter(|r| !chains.contains(&r.chain))
+            .map(line)
+            .chain(chains.iter().map(|c| format!("-F {c}")))
+            .chain(chains.iter().map(|c| format!("-X {c}")))
+            .collect(),
+    }
+}
+
+/// `iptables-restore` input adding or deleting `rules`: one `*table` ...
+/// `COMMIT` section per table, tables in order of first appearance. Adding
+/// creates the per-task chains first (`-N`: it fails if one exists, so a
+/// task's chains are never filled twice); deleting removes the rules in
+/// shared chains (the jumps) and then flushes and deletes the per-task
+/// chains. Callers passing rules from outside [`port_forward_rules`] check
+/// them with [`validate_rule`] first (a newline in an argument would start a
+/// new line).
+pub fn restore_batch(rules: &[IptablesRule], op: BatchOp) -> String {
+    let mut out = String::new();
+    for table in tables_of(rules) {
+        out.push_str(&table_batch(table, &table_lines(rules, table, op)));
     }
     out
 }
@@ -589,6 +800,36 @@ pub fn delete_lines_for_tags(save: &str, table: &str, keep: impl Fn(&str) -> boo
         .collect()
 }
 
+/// What removing everything tagged as `doomed` accepts from the shared
+/// chains of `table` takes, given their rules (`listed`, any table): the
+/// `-D` lines for those rules, then `-F` and `-X` for every per-task chain
+/// one of them jumps to. Returns the lines and the removed rules. Untagged
+/// rules are never selected.
+pub fn removal_lines(
+    listed: &[SavedRule],
+    table: &str,
+    doomed: impl Fn(&str) -> bool,
+) -> (Vec<String>, Vec<SavedRule>) {
+    let gone: Vec<SavedRule> = listed
+        .iter()
+        .filter(|r| r.table == table && is_our_chain(table, &r.chain))
+        .filter(|r| r.tag.as_deref().is_some_and(&doomed))
+        .cloned()
+        .collect();
+    let mut lines: Vec<String> = gone.iter().map(SavedRule::delete_line).collect();
+    let mut chains: Vec<&str> = Vec::new();
+    for rule in &gone {
+        if let [.., jump, target] = rule.args.as_slice() {
+            if jump == "-j" && is_task_chain(table, target) && !chains.contains(&target.as_str()) {
+                chains.push(target);
+            }
+        }
+    }
+    lines.extend(chains.iter().map(|c| format!("-F {c}")));
+    lines.extend(chains.iter().map(|c| format!("-X {c}")));
+    (lines, gone)
+}
+
 /// Whether `iptables-save` output of one table declares `chain`.
 pub fn chain_declared(save: &str, chain: &str) -> bool {
     save.lines().any(|line| {
@@ -674,7 +915,7 @@ mod tests {
         assert_eq!(find_saved(&other_port, &saved, &[false; 3]), None);
         let other_chain = IptablesRule {
             chain: CHAIN_OUT.into(),
-            ..dnat.clone()
+            ..dnat
         };
         assert_eq!(find_saved(&other_chain, &saved, &[false; 3]), None);
         assert_eq!(
@@ -701,71 +942,57 @@ mod tests {
                 ("nat", "NOMAD_VT_OUT", "OUTPUT"),
                 ("nat", "NOMAD_VT_PST", "POSTROUTING"),
                 ("filter", "NOMAD_VT_FW", "FORWARD"),
+                ("filter", "NOMAD_VT_IN", "INPUT"),
             ]
         );
         assert_eq!(our_tables(), vec!["nat", "filter"]);
         assert!(is_our_chain("filter", CHAIN_FW));
         assert!(!is_our_chain("nat", CHAIN_FW));
         assert!(!is_our_chain("filter", "FORWARD"));
+        assert_eq!(parent_jump_args(CHAIN_FW), ["-j", "NOMAD_VT_FW"]);
+        assert_eq!(
+            parent_jump_args(CHAIN_IN),
+            ["-d", "127.0.0.0/8", "!", "-i", "lo", "-j", "NOMAD_VT_IN"]
+        );
     }
 
     #[test]
-    fn host_ip_forward_tcp_and_udp() {
-        let rules =
-            port_forward_rules(TAG, GUEST, "virbr0", &[fwd([10, 0, 0, 5], 8080, 80)]).unwrap();
-        let c = "-m comment --comment nomad-driver-virt:alloc1/web/abcd1234";
-        let expected: Vec<String> = ["tcp", "udp"]
-            .iter()
-            .flat_map(|p| {
-                let dnat = format!(
-                    "-d 10.0.0.5/32 -p {p} -m {p} --dport 8080 {c} -j DNAT --to-destination 192.168.122.10:80"
-                );
-                vec![
-                    format!("nat NOMAD_VT_PRT {dnat}"),
-                    format!("nat NOMAD_VT_OUT {dnat}"),
-                    format!(
-                        "filter NOMAD_VT_FW -d 192.168.122.10/32 -o virbr0 -p {p} -m {p} --dport 80 {c} -j ACCEPT"
-                    ),
-                ]
-            })
-            .collect();
-        assert_eq!(lines(&rules), expected);
+    fn task_chain_names_are_stable_short_and_recognised() {
+        // FNV-1a of the tag: stable across releases, since a later plugin
+        // removes chains an earlier one made.
+        assert_eq!(
+            task_chain(TAG, CHAIN_PRT).unwrap(),
+            "NOMAD_VT_bb19ff15fd1b896b_P"
+        );
+        for (table, shared, suffix) in TASK_CHAINS {
+            let name = task_chain(TAG, shared).unwrap();
+            assert!(name.len() <= 28, "{name}");
+            assert!(name.ends_with(suffix), "{name}");
+            assert!(is_task_chain(table, &name), "{name}");
+            assert!(!is_our_chain(table, &name));
+            let other = if table == NAT { FILTER } else { NAT };
+            assert!(!is_task_chain(other, &name), "{name}");
+        }
+        assert_ne!(
+            task_chain(TAG, CHAIN_FW),
+            task_chain("nomad-driver-virt:other", CHAIN_FW)
+        );
+        assert_eq!(task_chain(TAG, "FORWARD"), None);
+        for bad in [
+            "NOMAD_VT_PRT",
+            "NOMAD_VT_bb19ff15fd1b896b_X",
+            "NOMAD_VT_bb19ff15fd1b896B_P",
+            "NOMAD_VT_bb19ff15fd1b89_P",
+            "NOMAD_VT_bb19ff15fd1b896b_PP",
+            "LIBVIRT_bb19ff15fd1b896b_P",
+        ] {
+            assert!(!is_task_chain(NAT, bad), "{bad}");
+        }
     }
 
+    /// The exact rules for one host-address and one loopback forward.
     #[test]
-    fn loopback_forward_tcp_and_udp() {
-        let rules =
-            port_forward_rules(TAG, GUEST, "virbr0", &[fwd([127, 0, 0, 1], 2222, 22)]).unwrap();
-        let c = "-m comment --comment nomad-driver-virt:alloc1/web/abcd1234";
-        let expected: Vec<String> = ["tcp", "udp"]
-            .iter()
-            .flat_map(|p| {
-                vec![
-                    format!(
-                        "nat NOMAD_VT_OUT -d 127.0.0.1/32 -p {p} -m {p} --dport 2222 {c} -j DNAT --to-destination 192.168.122.10:22"
-                    ),
-                    format!(
-                        "nat NOMAD_VT_PST -s 127.0.0.0/8 -d 192.168.122.10/32 -o virbr0 -p {p} -m {p} --dport 22 {c} -j MASQUERADE"
-                    ),
-                    format!(
-                        "filter NOMAD_VT_FW -d 192.168.122.10/32 -o virbr0 -p {p} -m {p} --dport 22 {c} -j ACCEPT"
-                    ),
-                ]
-            })
-            .collect();
-        assert_eq!(lines(&rules), expected);
-    }
-
-    #[test]
-    fn other_loopback_addresses_are_loopback() {
-        let rules =
-            port_forward_rules(TAG, GUEST, "br0", &[fwd([127, 1, 2, 3], 1000, 1000)]).unwrap();
-        assert!(rules.iter().all(|r| r.chain != CHAIN_PRT));
-        assert_eq!(rules.iter().filter(|r| r.chain == CHAIN_PST).count(), 2);
-    }
-
-    #[test]
-    fn mixed_forwards_and_no_forwards() {
+    fn forwards_make_per_task_chains_and_one_jump_each() {
         let rules = port_forward_rules(
             TAG,
             GUEST,
@@ -773,35 +1000,164 @@ mod tests {
             &[fwd([10, 0, 0, 5], 8080, 80), fwd([127, 0, 0, 1], 2222, 22)],
         )
         .unwrap();
-        assert_eq!(rules.len(), 12);
+        let c = "-m comment --comment nomad-driver-virt:alloc1/web/abcd1234";
+        let h = "NOMAD_VT_bb19ff15fd1b896b";
+        let dnat = |p: &str| {
+            format!("-d 10.0.0.5/32 -p {p} -m {p} --dport 8080 {c} -j DNAT --to-destination 192.168.122.10:80")
+        };
+        let dnat_lo = |p: &str| {
+            format!("-d 127.0.0.1/32 -p {p} -m {p} --dport 2222 {c} -j DNAT --to-destination 192.168.122.10:22")
+        };
+        let accept = |p: &str, port: u16| {
+            format!("-d 192.168.122.10/32 -o virbr0 -p {p} -m {p} --dport {port} -m conntrack --ctstate DNAT {c} -j ACCEPT")
+        };
+        let expected = vec![
+            format!("nat {h}_P {}", dnat("tcp")),
+            format!("nat {h}_P {}", dnat("udp")),
+            format!("nat {h}_O {}", dnat("tcp")),
+            format!("nat {h}_O {}", dnat_lo("tcp")),
+            format!("nat {h}_O {}", dnat("udp")),
+            format!("nat {h}_O {}", dnat_lo("udp")),
+            format!("nat {h}_S -s 127.0.0.0/8 -d 192.168.122.10/32 -o virbr0 -p tcp -m tcp --dport 22 {c} -j MASQUERADE"),
+            format!("nat {h}_S -s 127.0.0.0/8 -d 192.168.122.10/32 -o virbr0 -p udp -m udp --dport 22 {c} -j MASQUERADE"),
+            format!("filter {h}_F {}", accept("tcp", 80)),
+            format!("filter {h}_F {}", accept("tcp", 22)),
+            format!("filter {h}_F {}", accept("udp", 80)),
+            format!("filter {h}_F {}", accept("udp", 22)),
+            format!("filter {h}_I -d 127.0.0.0/8 -i virbr0 -m conntrack ! --ctstate DNAT {c} -j DROP"),
+            format!("nat NOMAD_VT_PRT {c} -j {h}_P"),
+            format!("nat NOMAD_VT_OUT {c} -j {h}_O"),
+            format!("nat NOMAD_VT_PST {c} -j {h}_S"),
+            format!("filter NOMAD_VT_FW {c} -j {h}_F"),
+            format!("filter NOMAD_VT_IN {c} -j {h}_I"),
+        ];
+        // The FW rules come out per forward and protocol; compare as sets
+        // where the order inside a chain does not matter.
+        let mut got = lines(&rules);
+        let mut want = expected;
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        for rule in &rules {
+            validate_rule(rule).unwrap();
+        }
+    }
+
+    #[test]
+    fn other_loopback_addresses_are_loopback() {
+        let rules =
+            port_forward_rules(TAG, GUEST, "br0", &[fwd([127, 1, 2, 3], 1000, 1000)]).unwrap();
+        let prt = task_chain(TAG, CHAIN_PRT).unwrap();
+        let pst = task_chain(TAG, CHAIN_PST).unwrap();
+        assert!(rules.iter().all(|r| r.chain != prt));
+        assert_eq!(rules.iter().filter(|r| r.chain == pst).count(), 2);
+    }
+
+    #[test]
+    fn no_forwards_no_rules() {
         assert!(port_forward_rules(TAG, GUEST, "virbr0", &[])
             .unwrap()
             .is_empty());
+        let rules = port_forward_rules(TAG, GUEST, "virbr0", &[fwd([10, 0, 0, 5], 1, 2)]).unwrap();
+        // 2 x (PRT, OUT, FW) + the guard + 5 jumps.
+        assert_eq!(rules.len(), 12);
     }
 
     #[test]
     fn batch_text_is_exact() {
         let rules =
-            port_forward_rules(TAG, GUEST, "virbr0", &[fwd([10, 0, 0, 5], 8080, 80)]).unwrap();
+            port_forward_rules(TAG, GUEST, "virbr0", &[fwd([127, 0, 0, 1], 8080, 80)]).unwrap();
         let c = "-m comment --comment nomad-driver-virt:alloc1/web/abcd1234";
+        let h = "NOMAD_VT_bb19ff15fd1b896b";
+        let add = restore_batch(&rules, BatchOp::Append);
         let expected = format!(
             "*nat\n\
-             -A NOMAD_VT_PRT -d 10.0.0.5/32 -p tcp -m tcp --dport 8080 {c} -j DNAT --to-destination 192.168.122.10:80\n\
-             -A NOMAD_VT_OUT -d 10.0.0.5/32 -p tcp -m tcp --dport 8080 {c} -j DNAT --to-destination 192.168.122.10:80\n\
-             -A NOMAD_VT_PRT -d 10.0.0.5/32 -p udp -m udp --dport 8080 {c} -j DNAT --to-destination 192.168.122.10:80\n\
-             -A NOMAD_VT_OUT -d 10.0.0.5/32 -p udp -m udp --dport 8080 {c} -j DNAT --to-destination 192.168.122.10:80\n\
+             -N {h}_O\n\
+             -N {h}_S\n\
+             -N {h}_P\n\
+             -A {h}_O -d 127.0.0.1/32 -p tcp -m tcp --dport 8080 {c} -j DNAT --to-destination 192.168.122.10:80\n\
+             -A {h}_O -d 127.0.0.1/32 -p udp -m udp --dport 8080 {c} -j DNAT --to-destination 192.168.122.10:80\n\
+             -A {h}_S -s 127.0.0.0/8 -d 192.168.122.10/32 -o virbr0 -p tcp -m tcp --dport 80 {c} -j MASQUERADE\n\
+             -A {h}_S -s 127.0.0.0/8 -d 192.168.122.10/32 -o virbr0 -p udp -m udp --dport 80 {c} -j MASQUERADE\n\
+             -A NOMAD_VT_PRT {c} -j {h}_P\n\
+             -A NOMAD_VT_OUT {c} -j {h}_O\n\
+             -A NOMAD_VT_PST {c} -j {h}_S\n\
              COMMIT\n\
              *filter\n\
-             -A NOMAD_VT_FW -d 192.168.122.10/32 -o virbr0 -p tcp -m tcp --dport 80 {c} -j ACCEPT\n\
-             -A NOMAD_VT_FW -d 192.168.122.10/32 -o virbr0 -p udp -m udp --dport 80 {c} -j ACCEPT\n\
+             -N {h}_F\n\
+             -N {h}_I\n\
+             -A {h}_F -d 192.168.122.10/32 -o virbr0 -p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT {c} -j ACCEPT\n\
+             -A {h}_F -d 192.168.122.10/32 -o virbr0 -p udp -m udp --dport 80 -m conntrack --ctstate DNAT {c} -j ACCEPT\n\
+             -A {h}_I -d 127.0.0.0/8 -i virbr0 -m conntrack ! --ctstate DNAT {c} -j DROP\n\
+             -A NOMAD_VT_FW {c} -j {h}_F\n\
+             -A NOMAD_VT_IN {c} -j {h}_I\n\
              COMMIT\n"
         );
-        assert_eq!(restore_batch(&rules, BatchOp::Append), expected);
+        assert_eq!(add, expected);
+        // Deleting the same rules and removing by tag alone agree, up to
+        // the order of the jumps.
+        let delete = restore_batch(&rules, BatchOp::Delete);
+        let by_tag = task_removal_batch(TAG);
+        let sorted = |text: &str| {
+            let mut lines: Vec<&str> = text.lines().collect();
+            lines.sort();
+            lines.join("\n")
+        };
+        assert_eq!(sorted(&delete), sorted(&by_tag));
         assert_eq!(
-            restore_batch(&rules, BatchOp::Delete),
-            expected.replace("-A NOMAD", "-D NOMAD")
+            by_tag,
+            format!(
+                "*nat\n\
+                 -D NOMAD_VT_PRT {c} -j {h}_P\n\
+                 -D NOMAD_VT_OUT {c} -j {h}_O\n\
+                 -D NOMAD_VT_PST {c} -j {h}_S\n\
+                 -F {h}_P\n-F {h}_O\n-F {h}_S\n\
+                 -X {h}_P\n-X {h}_O\n-X {h}_S\n\
+                 COMMIT\n\
+                 *filter\n\
+                 -D NOMAD_VT_FW {c} -j {h}_F\n\
+                 -D NOMAD_VT_IN {c} -j {h}_I\n\
+                 -F {h}_F\n-F {h}_I\n\
+                 -X {h}_F\n-X {h}_I\n\
+                 COMMIT\n"
+            )
         );
         assert_eq!(restore_batch(&[], BatchOp::Append), "");
+        // Plain rules in a shared chain stay plain (no chains to create).
+        let plain = rule(NAT, CHAIN_PRT, &["-j", "RETURN"]);
+        assert_eq!(
+            restore_batch(std::slice::from_ref(&plain), BatchOp::Delete),
+            "*nat\n-D NOMAD_VT_PRT -j RETURN\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn removal_lines_cover_both_layouts() {
+        let h = "NOMAD_VT_bb19ff15fd1b896b";
+        let listing = format!(
+            "*nat\n\
+             -A NOMAD_VT_PRT -m comment --comment \"{TAG}\" -j {h}_P\n\
+             -A NOMAD_VT_PRT -m comment --comment nomad-driver-virt:other -j NOMAD_VT_0000000000000000_P\n\
+             -A NOMAD_VT_PRT -d 10.0.0.5/32 -p tcp -m tcp --dport 1 -m comment --comment \"{TAG}\" -j DNAT --to-destination 192.168.122.10:1\n\
+             -A NOMAD_VT_PRT -m comment --comment \"{TAG}\" -j RETURN\n\
+             -A NOMAD_VT_PRT -j {h}_O\n\
+             -A PREROUTING -m comment --comment \"{TAG}\" -j RETURN\n"
+        );
+        let listed = parse_save(&listing);
+        let (lines, gone) = removal_lines(&listed, NAT, |t| t == TAG);
+        assert_eq!(gone.len(), 3);
+        assert_eq!(
+            lines,
+            vec![
+                format!("-D NOMAD_VT_PRT -m comment --comment \"{TAG}\" -j {h}_P"),
+                format!("-D NOMAD_VT_PRT -d 10.0.0.5/32 -p tcp -m tcp --dport 1 -m comment --comment \"{TAG}\" -j DNAT --to-destination 192.168.122.10:1"),
+                format!("-D NOMAD_VT_PRT -m comment --comment \"{TAG}\" -j RETURN"),
+                format!("-F {h}_P"),
+                format!("-X {h}_P"),
+            ]
+        );
+        let (lines, gone) = removal_lines(&listed, FILTER, |_| true);
+        assert!(lines.is_empty() && gone.is_empty());
     }
 
     #[test]
