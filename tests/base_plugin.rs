@@ -126,7 +126,10 @@ async fn capabilities_schema_and_unsupported_rpcs() {
     assert_eq!(caps.fs_isolation, 2, "IMAGE");
     assert_eq!(caps.mount_configs, 0, "ANY_MOUNTS so volume_mount works");
     assert!(!caps.disable_log_collection, "log collection on");
-    assert!(!caps.exec && !caps.send_signals);
+    assert!(
+        caps.exec && caps.send_signals,
+        "exec and signals through the guest agent"
+    );
     assert_eq!(caps.network_isolation_modes, vec![0], "HOST");
 
     let schema = plugin.task_config_schema().await.expect("task schema");
@@ -141,6 +144,8 @@ async fn capabilities_schema_and_unsupported_rpcs() {
         "disk",
         "network_interface",
         "timezone",
+        "guest_agent",
+        "signal_commands",
     ] {
         assert!(fields.contains_key(field), "task schema lacks {field}");
     }
@@ -153,12 +158,8 @@ async fn capabilities_schema_and_unsupported_rpcs() {
         })
         .await
         .expect_err("exec");
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(
-        status.message().contains("exec=false"),
-        "{}",
-        status.message()
-    );
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(status.message().contains("\"x\""), "{}", status.message());
     let status = driver
         .signal_task(SignalTaskRequest {
             task_id: "x".into(),
@@ -166,12 +167,7 @@ async fn capabilities_schema_and_unsupported_rpcs() {
         })
         .await
         .expect_err("signal");
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(
-        status.message().contains("send_signals=false"),
-        "{}",
-        status.message()
-    );
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     driver
         .shutdown(ShutdownRequest {})
         .await

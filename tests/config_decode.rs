@@ -61,9 +61,11 @@ fn task(overrides: Vec<(&'static str, Mp)>) -> Vec<u8> {
         "default_user_authorized_ssh_key",
         "default_user_password",
         "disk",
+        "guest_agent",
         "hostname",
         "network_interface",
         "os",
+        "signal_commands",
         "timezone",
         "user_data",
     ]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::vm::{self, Alloc};
 use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
-    DestroyTaskRequest, PortMapping, RecoverTaskRequest, TaskEventsRequest,
+    DestroyTaskRequest, InspectTaskRequest, PortMapping, RecoverTaskRequest, TaskEventsRequest,
 };
 
 fn run(args: &[&str]) -> std::process::Output {
@@ -357,8 +357,13 @@ async fn macvtap_interface_on_a_dummy_device() {
         .set_config_hcl(&alloc.plugin_config(), None)
         .await
         .expect("set config");
+    // No DHCP behind the macvtap device: the guest skips its DHCP wait
+    // (bootcmd), stops udhcpc and takes a static address (runcmd); its guest
+    // agent reports it to the driver.
+    let user_data = "#cloud-config\\nbootcmd:\\n  - echo 192.0.2.10 >/run/guest-ip\\n";
+    let cmds = "cmds = [\"killall udhcpc; ifconfig eth0 192.0.2.10 netmask 255.255.255.0 up\"]";
     let body = format!(
-        "disk {{\n  chained = true\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\nnetwork_interface {{\n  macvtap {{\n    device = \"{device}\"\n    mode   = \"vepa\"\n  }}\n}}\n"
+        "user_data = \"{user_data}\"\n{cmds}\ndisk {{\n  chained = true\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\nnetwork_interface {{\n  macvtap {{\n    device = \"{device}\"\n    mode   = \"vepa\"\n  }}\n}}\n"
     );
     let msgpack = plugin
         .encode_task_config(&body, &HashMap::new())
@@ -366,10 +371,47 @@ async fn macvtap_interface_on_a_dummy_device() {
         .expect("encode");
     let task = alloc.task_config(msgpack, 256);
     let domain = vm::domain_name_of(&task);
+    // Removes the domain if a check below panics before DestroyTask.
+    struct Domain(String);
+    impl Drop for Domain {
+        fn drop(&mut self) {
+            for action in ["destroy", "undefine"] {
+                let _ = run(&["virsh", "-q", "-c", "qemu:///system", action, &self.0]);
+            }
+        }
+    }
+    let _domain_guard = Domain(domain.clone());
     let started = vm::start(&plugin, task.clone()).await.expect("StartTask");
-    assert!(
-        started.network_override.is_none(),
-        "macvtap takes no part in lease discovery"
+    // macvtap takes no part in lease discovery: the address comes from the
+    // guest agent, for address_mode = "driver" services and InspectTask.
+    let address = started
+        .network_override
+        .as_ref()
+        .map(|network| network.addr.clone());
+    assert_eq!(
+        address.as_deref(),
+        Some("192.0.2.10"),
+        "the guest agent's address; console:\n{}\nplugin:\n{}",
+        alloc.console(),
+        plugin
+            .stderr_lines()
+            .iter()
+            .filter(|line| line.contains("agent"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let inspected = plugin
+        .driver()
+        .inspect_task(InspectTaskRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .expect("InspectTask")
+        .into_inner();
+    assert_eq!(
+        inspected.network_override.map(|network| network.addr),
+        Some("192.0.2.10".to_string())
     );
     let xml = must(&["virsh", "-c", "qemu:///system", "dumpxml", &domain]);
     assert!(xml.contains("<interface type='direct'>"), "{xml}");

@@ -49,7 +49,9 @@ async fn acpi_ignoring_guest_survives_libvirtd_restart_and_is_destroyed_at_timeo
         .set_config_hcl(&alloc.plugin_config(), None)
         .await
         .expect("set config");
-    let body = "cmds = [\"touch /run/no-acpi\"]\ndisk {\n  chained = true\n  source {\n    image = \"guest.qcow2\"\n  }\n}\n";
+    // Without the guest agent, which would shut the guest down despite
+    // its ignoring ACPI.
+    let body = "guest_agent = false\ncmds = [\"touch /run/no-acpi\"]\ndisk {\n  chained = true\n  source {\n    image = \"guest.qcow2\"\n  }\n}\n";
     let msgpack = plugin
         .encode_task_config(body, &HashMap::new())
         .await

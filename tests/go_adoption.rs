@@ -576,6 +576,8 @@ fn our_own_json_state_still_wins() {
         net: None,
         guest_ip: None,
         origin: StateOrigin::Native,
+        guest_agent: false,
+        signal_commands: Default::default(),
     };
     assert_eq!(recovered_state(&handle(ours.encode())).expect("ours"), ours);
     // A handle from before the origin field existed decodes as ours.

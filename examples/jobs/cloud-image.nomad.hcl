@@ -18,7 +18,14 @@ job "debian-vm" {
         default_user_password           = "change-me"
         default_user_authorized_ssh_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnlyForDocs user@example"
         timezone                        = "Europe/Berlin"
-        cmds                            = ["apt-get update", "apt-get install -y nginx"]
+        cmds                            = ["apt-get update", "apt-get install -y nginx qemu-guest-agent"]
+
+        # `nomad alloc signal -s SIGHUP` reloads nginx in the guest (through
+        # the QEMU guest agent, which also serves `nomad alloc exec`).
+        guest_agent = true
+        signal_commands = {
+          SIGHUP = "systemctl reload nginx"
+        }
 
         user_data = <<EOT
 #cloud-config

@@ -4,6 +4,8 @@
 //! then checked into the typed [`TaskSpec`] ([`parse_task_config`]), which is
 //! what every consumer reads.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::hclspec::Spec;
@@ -25,6 +27,11 @@ pub struct TaskConfig {
     pub os: Option<OsConfig>,
     pub disk: Option<Vec<DiskConfig>>,
     pub network_interface: Option<Vec<NetworkInterfaceConfig>>,
+    /// Give the VM the QEMU guest agent's channel (exec, signals, agent
+    /// shutdown, guest addresses). Default true.
+    pub guest_agent: Option<bool>,
+    /// Signal name (e.g. `SIGHUP`) to a shell command run in the guest.
+    pub signal_commands: Option<BTreeMap<String, String>>,
 }
 
 /// Guest architecture and machine type, e.g. `x86_64` / `pc`.
@@ -158,6 +165,10 @@ pub struct TaskSpec {
     pub os: OsSpec,
     pub disks: Vec<DiskSpec>,
     pub network_interfaces: Vec<NetworkInterface>,
+    /// The domain gets the QEMU guest agent's channel.
+    pub guest_agent: bool,
+    /// Checked signal names (`SIGHUP`) to the shell command run for them.
+    pub signal_commands: BTreeMap<String, String>,
 }
 
 /// Guest architecture and machine type, e.g. `x86_64` / `pc`.
@@ -314,6 +325,11 @@ pub fn schema() -> Spec {
             ])),
         ),
         ("network_interface", network::schema()),
+        (
+            "guest_agent",
+            Spec::attr_with_default("guest_agent", "bool", "true"),
+        ),
+        ("signal_commands", Spec::attr("map(string)")),
     ])
 }
 
@@ -391,6 +407,10 @@ impl TryFrom<&TaskConfig> for TaskSpec {
             wire.network_interface.as_deref().unwrap_or_default(),
             &mut problems,
         );
+        let signal_commands = check_signal_commands(
+            wire.signal_commands.as_ref().unwrap_or(&BTreeMap::new()),
+            &mut problems,
+        );
         problems.into_result(
             "task config",
             TaskSpec {
@@ -406,9 +426,68 @@ impl TryFrom<&TaskConfig> for TaskSpec {
                 },
                 disks,
                 network_interfaces,
+                guest_agent: wire.guest_agent.unwrap_or(true),
+                signal_commands,
             },
         )
     }
+}
+
+/// Longest `signal_commands` entry accepted (it travels in every handle).
+pub const MAX_SIGNAL_COMMAND_LEN: usize = 4096;
+/// Most `signal_commands` entries accepted.
+const MAX_SIGNAL_COMMANDS: usize = 64;
+
+/// Whether `name` is a signal name as Nomad sends it: `SIG` then upper-case
+/// letters and digits (`SIGHUP`, `SIGUSR1`, `SIGRTMIN`).
+pub fn is_signal_name(name: &str) -> bool {
+    name.strip_prefix("SIG").is_some_and(|rest| {
+        !rest.is_empty()
+            && rest.len() <= 12
+            && rest
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+            && rest.starts_with(|c: char| c.is_ascii_uppercase())
+    })
+}
+
+fn check_signal_commands(
+    wire: &BTreeMap<String, String>,
+    problems: &mut Problems,
+) -> BTreeMap<String, String> {
+    if wire.len() > MAX_SIGNAL_COMMANDS {
+        problems.add(
+            "signal_commands",
+            format!(
+                "has {} entries; at most {MAX_SIGNAL_COMMANDS} are allowed",
+                wire.len()
+            ),
+        );
+    }
+    let mut checked = BTreeMap::new();
+    for (name, command) in wire {
+        let field = format!("signal_commands.{name}");
+        if !is_signal_name(name) {
+            problems.add(
+                field,
+                format!("{name:?} is not a signal name; use the upper-case name with SIG, e.g. SIGHUP or SIGUSR1"),
+            );
+            continue;
+        }
+        if command.trim().is_empty() {
+            problems.add(field, "is empty; give the shell command to run in the guest, e.g. \"systemctl reload nginx\"");
+            continue;
+        }
+        if command.len() > MAX_SIGNAL_COMMAND_LEN || command.contains('\0') {
+            problems.add(
+                field,
+                format!("must be at most {MAX_SIGNAL_COMMAND_LEN} bytes without NUL bytes; put a longer script in the image and call it"),
+            );
+            continue;
+        }
+        checked.insert(name.clone(), command.clone());
+    }
+    checked
 }
 
 fn check_disks(disks: &[DiskConfig], problems: &mut Problems) -> Vec<DiskSpec> {
@@ -667,6 +746,53 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(on_nomad_volume.validate(), Ok(()));
+    }
+
+    #[test]
+    fn guest_agent_defaults_on_and_signal_commands_are_checked() {
+        let disk = Some(vec![DiskConfig {
+            size: Some(ByteSize(1 << 30)),
+            ..Default::default()
+        }]);
+        let spec = TaskSpec::try_from(&TaskConfig {
+            disk: disk.clone(),
+            signal_commands: Some(BTreeMap::from([(
+                "SIGHUP".to_string(),
+                "touch /run/hup".to_string(),
+            )])),
+            ..Default::default()
+        })
+        .expect("valid");
+        assert!(spec.guest_agent);
+        assert_eq!(spec.signal_commands["SIGHUP"], "touch /run/hup");
+        let error = TaskConfig {
+            disk,
+            guest_agent: Some(false),
+            signal_commands: Some(BTreeMap::from([
+                ("hup".to_string(), "x".to_string()),
+                ("SIGUSR1".to_string(), " ".to_string()),
+                (
+                    "SIGUSR2".to_string(),
+                    "x".repeat(MAX_SIGNAL_COMMAND_LEN + 1),
+                ),
+            ])),
+            ..Default::default()
+        }
+        .validate()
+        .expect_err("invalid");
+        let fields: Vec<&str> = error.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "signal_commands.SIGUSR1",
+                "signal_commands.SIGUSR2",
+                "signal_commands.hup"
+            ]
+        );
+        assert!(is_signal_name("SIGRTMIN"));
+        assert!(!is_signal_name("SIG"));
+        assert!(!is_signal_name("SIG1"));
+        assert!(!is_signal_name("HUP"));
     }
 
     /// Go's rules for disks on Nomad volumes and for empty source blocks.

@@ -12,11 +12,11 @@ pub const ANY_MOUNTS: i32 = 0;
 /// The capabilities, each chosen on purpose.
 pub fn capabilities() -> DriverCapabilities {
     DriverCapabilities {
-        // No channel into the guest yet to deliver signals; `nomad alloc
-        // signal` would otherwise silently do nothing.
-        send_signals: false,
-        // `nomad alloc exec` needs a guest agent; not offered until it works.
-        exec: false,
+        // Signals reach the guest through its agent (`signal_commands`);
+        // SIGTERM/SIGINT/SIGKILL without an entry stop the VM.
+        send_signals: true,
+        // `nomad alloc exec` and script checks run through the guest agent.
+        exec: true,
         // The VM is its own filesystem: Nomad builds no chroot, gives guest
         // paths (/alloc, /local, /secrets) in the environment, and we share the
         // host dirs into the guest ourselves.
@@ -46,6 +46,6 @@ mod tests {
         assert_eq!(caps.mount_configs, 0, "ANY_MOUNTS");
         assert_eq!(caps.network_isolation_modes, vec![0], "HOST");
         assert!(!caps.disable_log_collection);
-        assert!(!caps.exec && !caps.send_signals);
+        assert!(caps.exec && caps.send_signals);
     }
 }

@@ -4,19 +4,21 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use prost::Message;
 use tonic::{Code, Status};
 
+use crate::guest_agent::{ExecOutput, SessionEvent, SessionInput, SessionRequest, TerminalSize};
 use crate::net::AllocatedPort;
 use crate::nomad::driver_state::{DriverState, DriverStateError, TASK_HANDLE_VERSION};
 use crate::nomad::go_handle;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::{
-    cpu_usage, memory_usage, CpuUsage, DriverTaskEvent, ExitResult, InspectTaskResponse,
-    MemoryUsage, NetworkOverride, StartTaskResponse, TaskConfig as NomadTaskConfig,
-    TaskDriverStatus, TaskHandle, TaskResourceUsage, TaskState, TaskStats, TaskStatsResponse,
-    TaskStatus as NomadTaskStatus, WaitTaskResponse,
+    cpu_usage, memory_usage, CpuUsage, DriverTaskEvent, ExecTaskResponse,
+    ExecTaskStreamingIoOperation, ExecTaskStreamingRequest, ExecTaskStreamingResponse, ExitResult,
+    InspectTaskResponse, MemoryUsage, NetworkOverride, StartTaskResponse,
+    TaskConfig as NomadTaskConfig, TaskDriverStatus, TaskHandle, TaskResourceUsage, TaskState,
+    TaskStats, TaskStatsResponse, TaskStatus as NomadTaskStatus, WaitTaskResponse,
 };
 use crate::pb::hashicorp::nomad::plugins::shared::structs::RecoverableError;
 use crate::task::contract::{
@@ -142,6 +144,122 @@ fn exit_result(exit: &TaskExit) -> ExitResult {
         exit_code: exit.exit_code,
         signal: exit.signal,
         oom_killed: false,
+    }
+}
+
+/// A guest exit code as Nomad's int32.
+fn guest_exit_code(code: i64) -> i32 {
+    i32::try_from(code).unwrap_or(if code < 0 { -1 } else { i32::MAX })
+}
+
+/// ExecTask's answer.
+pub fn exec_response(output: ExecOutput) -> ExecTaskResponse {
+    ExecTaskResponse {
+        result: Some(ExitResult {
+            exit_code: guest_exit_code(output.exit_code),
+            signal: 0,
+            oom_killed: false,
+        }),
+        stdout: output.stdout,
+        stderr: output.stderr,
+    }
+}
+
+/// ExecTask's timeout; none or zero is "no limit" (zero).
+pub fn exec_timeout(timeout: Option<prost_types::Duration>) -> Duration {
+    timeout
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// The first ExecTaskStreaming message: the session to start and any
+/// input it already carries.
+pub fn exec_setup(
+    first: ExecTaskStreamingRequest,
+) -> Result<(String, SessionRequest, Vec<SessionInput>), Status> {
+    let Some(setup) = first.setup.clone() else {
+        return Err(Status::invalid_argument(
+            "ExecTaskStreaming: the first message must carry setup (task id, command, tty)",
+        ));
+    };
+    let inputs = session_inputs(first);
+    let size = inputs.iter().find_map(|input| match input {
+        SessionInput::Resize(size) => Some(*size),
+        _ => None,
+    });
+    let request = SessionRequest {
+        argv: setup.command,
+        tty: setup.tty.then(|| size.unwrap_or(DEFAULT_TERMINAL)),
+    };
+    Ok((setup.task_id, request, inputs))
+}
+
+/// The terminal size a TTY session starts with when Nomad sent none yet.
+pub const DEFAULT_TERMINAL: TerminalSize = TerminalSize { rows: 24, cols: 80 };
+
+/// What one ExecTaskStreaming message asks of the session, in order:
+/// resize, stdin data, stdin close.
+pub fn session_inputs(message: ExecTaskStreamingRequest) -> Vec<SessionInput> {
+    let mut inputs = Vec::new();
+    if let Some(size) = message.tty_size {
+        let clamp = |value: i32| u16::try_from(value.max(1)).unwrap_or(u16::MAX);
+        inputs.push(SessionInput::Resize(TerminalSize {
+            rows: clamp(size.height),
+            cols: clamp(size.width),
+        }));
+    }
+    if let Some(stdin) = message.stdin {
+        if !stdin.data.is_empty() {
+            inputs.push(SessionInput::Stdin(stdin.data));
+        }
+        if stdin.close {
+            inputs.push(SessionInput::CloseStdin);
+        }
+    }
+    inputs
+}
+
+/// One session event as an ExecTaskStreaming answer, and whether it is the
+/// last one.
+pub fn session_event(
+    task_id: &str,
+    event: SessionEvent,
+) -> (Result<ExecTaskStreamingResponse, Status>, bool) {
+    let io = |data: Vec<u8>| Some(ExecTaskStreamingIoOperation { data, close: false });
+    match event {
+        SessionEvent::Stdout(data) => (
+            Ok(ExecTaskStreamingResponse {
+                stdout: io(data),
+                ..Default::default()
+            }),
+            false,
+        ),
+        SessionEvent::Stderr(data) => (
+            Ok(ExecTaskStreamingResponse {
+                stderr: io(data),
+                ..Default::default()
+            }),
+            false,
+        ),
+        SessionEvent::Exited { exit_code } => (
+            Ok(ExecTaskStreamingResponse {
+                exited: true,
+                result: Some(ExitResult {
+                    exit_code: guest_exit_code(exit_code),
+                    signal: 0,
+                    oom_killed: false,
+                }),
+                ..Default::default()
+            }),
+            true,
+        ),
+        SessionEvent::Failed(source) => (
+            Err(Status::from(TaskError::Agent {
+                task_id: task_id.to_string(),
+                source,
+            })),
+            true,
+        ),
     }
 }
 
@@ -339,6 +457,82 @@ impl From<TaskError> for Status {
 mod tests {
     use super::*;
     use crate::libvirt::LibvirtError;
+    use crate::pb::hashicorp::nomad::plugins::drivers::proto::exec_task_streaming_request::{
+        Setup, TerminalSize as WireSize,
+    };
+
+    #[test]
+    fn exec_streaming_messages_become_session_inputs_and_answers() {
+        let first = ExecTaskStreamingRequest {
+            setup: Some(Setup {
+                task_id: "t".into(),
+                command: vec!["/bin/sh".into()],
+                tty: true,
+            }),
+            tty_size: Some(WireSize {
+                height: 40,
+                width: 100_000,
+            }),
+            stdin: Some(ExecTaskStreamingIoOperation {
+                data: b"ls\n".to_vec(),
+                close: true,
+            }),
+        };
+        let (task_id, request, inputs) = exec_setup(first).expect("setup");
+        assert_eq!(task_id, "t");
+        let size = TerminalSize {
+            rows: 40,
+            cols: u16::MAX,
+        };
+        assert_eq!(request.tty, Some(size));
+        assert_eq!(
+            inputs,
+            vec![
+                SessionInput::Resize(size),
+                SessionInput::Stdin(b"ls\n".to_vec()),
+                SessionInput::CloseStdin
+            ]
+        );
+        let no_setup = exec_setup(ExecTaskStreamingRequest::default()).expect_err("no setup");
+        assert_eq!(no_setup.code(), Code::InvalidArgument);
+
+        let (answer, last) = session_event("t", SessionEvent::Stderr(b"e".to_vec()));
+        assert!(!last);
+        assert_eq!(answer.expect("ok").stderr.expect("stderr").data, b"e");
+        let (answer, last) = session_event("t", SessionEvent::Exited { exit_code: 3 });
+        assert!(last);
+        let answer = answer.expect("ok");
+        assert!(answer.exited);
+        assert_eq!(answer.result.expect("result").exit_code, 3);
+        let (answer, last) = session_event(
+            "t",
+            SessionEvent::Failed(crate::guest_agent::GuestAgentError::SessionClosed),
+        );
+        assert!(last && answer.is_err());
+    }
+
+    #[test]
+    fn agent_errors_map_to_clear_statuses() {
+        let status = Status::from(TaskError::AgentDisabled {
+            task_id: "t".into(),
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(status.message().contains("set guest_agent = true"));
+        let status = Status::from(TaskError::AgentUnreachable {
+            task_id: "t".into(),
+            source: crate::guest_agent::GuestAgentError::SessionClosed,
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status
+            .message()
+            .contains("install and start qemu-guest-agent in the image"));
+        let status = Status::from(TaskError::UnmappedSignal {
+            signal: "SIGUSR1".into(),
+        });
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("signal_commands"));
+        assert_eq!(exec_timeout(None), Duration::ZERO);
+    }
 
     #[test]
     fn errors_map_to_codes_and_recoverable_details() {

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert;
 use super::fingerprint::{FINGERPRINT_PERIOD, HEALTH_CHECK_PERIOD};
 use super::Driver;
+use crate::guest_agent::SessionInput;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::driver_server::Driver as DriverService;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::fingerprint_response::HealthState;
 use crate::pb::hashicorp::nomad::plugins::drivers::proto::*;
@@ -28,6 +29,9 @@ pub(crate) fn reconcile_delay() -> Duration {
         .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
         .unwrap_or(RECONCILE_DELAY)
 }
+
+/// How long a TTY session waits after setup for Nomad's terminal size.
+const FIRST_SIZE_WAIT: Duration = Duration::from_millis(500);
 
 /// StopTask timeout when Nomad sends none (Nomad's default kill timeout).
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -240,29 +244,101 @@ impl DriverService for Driver {
 
     async fn signal_task(
         &self,
-        _request: Request<SignalTaskRequest>,
+        request: Request<SignalTaskRequest>,
     ) -> Result<Response<SignalTaskResponse>, Status> {
-        Err(Status::unimplemented(
-            "signals are not supported by the virt driver: there is no channel into the guest (capabilities: send_signals=false)",
-        ))
+        let request = request.into_inner();
+        self.tasks()
+            .signal(&request.task_id, &request.signal)
+            .await?;
+        Ok(Response::new(SignalTaskResponse {}))
     }
 
     async fn exec_task(
         &self,
-        _request: Request<ExecTaskRequest>,
+        request: Request<ExecTaskRequest>,
     ) -> Result<Response<ExecTaskResponse>, Status> {
-        Err(Status::unimplemented(
-            "exec is not supported by the virt driver: there is no guest agent channel (capabilities: exec=false)",
-        ))
+        let request = request.into_inner();
+        let timeout = convert::exec_timeout(request.timeout);
+        let output = self
+            .tasks()
+            .exec(&request.task_id, request.command, timeout)
+            .await?;
+        Ok(Response::new(convert::exec_response(output)))
     }
 
     async fn exec_task_streaming(
         &self,
-        _request: Request<Streaming<ExecTaskStreamingRequest>>,
+        request: Request<Streaming<ExecTaskStreamingRequest>>,
     ) -> Result<Response<BoxStream<ExecTaskStreamingResponse>>, Status> {
-        Err(Status::unimplemented(
-            "exec is not supported by the virt driver: there is no guest agent channel (capabilities: exec=false)",
-        ))
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("ExecTaskStreaming: the stream ended before its setup message")
+        })?;
+        let (task_id, mut session_request, mut pending) = convert::exec_setup(first)?;
+        if session_request.tty.is_some()
+            && !pending.iter().any(|i| matches!(i, SessionInput::Resize(_)))
+        {
+            // Nomad sends the terminal size right after setup: start with it.
+            if let Ok(Ok(Some(next))) =
+                tokio::time::timeout(FIRST_SIZE_WAIT, inbound.message()).await
+            {
+                let more = convert::session_inputs(next);
+                if let Some(size) = more.iter().find_map(|input| match input {
+                    SessionInput::Resize(size) => Some(*size),
+                    _ => None,
+                }) {
+                    session_request.tty = Some(size);
+                }
+                pending.extend(more);
+            }
+        }
+        let session = self.tasks().exec_session(&task_id, session_request).await?;
+        let (input, mut events) = session.into_parts();
+        tokio::spawn(async move {
+            for item in pending {
+                if input.send(item).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                match inbound.message().await {
+                    Ok(Some(message)) => {
+                        for item in convert::session_inputs(message) {
+                            if input.send(item).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    // The client finished sending: close stdin, keep the
+                    // session going until the command exits.
+                    Ok(None) => {
+                        let _ = input.send(SessionInput::CloseStdin).await;
+                        input.closed().await;
+                        return;
+                    }
+                    // The client went away: the response side notices too
+                    // and ends the session.
+                    Err(_) => return,
+                }
+            }
+        });
+        let (sender, receiver) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    // The client went away: dropping `events` kills the
+                    // command in the guest and cleans up.
+                    _ = sender.closed() => return,
+                };
+                let Some(event) = event else { return };
+                let (message, last) = convert::session_event(&task_id, event);
+                if sender.send(message).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
     async fn create_network(

@@ -88,6 +88,13 @@ pub fn pool_volumes_in_domain_xml(xml: &str) -> Vec<CreatedVolume> {
 }
 
 impl Hypervisor for LibvirtHypervisor {
+    fn guest_agent(&self, name: &str) -> Option<crate::guest_agent::GuestAgent> {
+        Some(crate::guest_agent::GuestAgent::new(
+            self.libvirt.clone(),
+            name,
+        ))
+    }
+
     fn ping(&self) -> Result<(), HypervisorError> {
         self.with(|_| Ok(()))
     }

@@ -11,6 +11,7 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use crate::config::plugin::DirectoryPool;
+use crate::guest_agent::GuestAgent;
 use crate::libvirt::domain_xml::DomainSpec;
 use crate::libvirt::events::LifecycleEvent;
 use crate::libvirt::stats::MemorySample;
@@ -125,6 +126,11 @@ pub trait Hypervisor: Send + Sync + 'static {
     ) -> Result<Option<Vec<CreatedVolume>>, HypervisorError>;
     /// `None` when no such domain exists.
     fn counters(&self, name: &str) -> Result<Option<DomainCounters>, HypervisorError>;
+
+    /// The QEMU guest agent of a domain; `None` when this hypervisor has
+    /// no way to reach guest agents. Reaching it may still fail (no channel,
+    /// agent not running): each call says so.
+    fn guest_agent(&self, name: &str) -> Option<GuestAgent>;
 
     /// Sends lifecycle events of every domain to `sink`, across reconnects.
     fn subscribe_events(&self, sink: Sender<LifecycleEvent>);

@@ -194,6 +194,9 @@ pub struct DomainSpec {
     /// is a pty.
     pub console_log: Option<PathBuf>,
     pub metadata: DomainMetadata,
+    /// The QEMU guest agent's virtio-serial channel
+    /// (`org.qemu.guest_agent.0`); libvirt picks the host socket itself.
+    pub guest_agent: bool,
 }
 
 /// A spec field that cannot be rendered, and why.
@@ -667,7 +670,7 @@ fn write_domain(spec: &DomainSpec, extra: ExtraDevices) -> String {
         write_interface(&mut w, interface);
     }
     write_console(&mut w, spec.console_log.as_deref());
-    if extra.guest_agent {
+    if spec.guest_agent || extra.guest_agent {
         w.open("channel", &[("type", "unix")]);
         w.empty(
             "target",
@@ -856,6 +859,7 @@ mod tests {
                 task_name: "web".into(),
                 plugin_version: "0.1.0".into(),
             },
+            guest_agent: false,
         }
     }
 
@@ -922,6 +926,7 @@ mod tests {
                 task_name: "db".into(),
                 plugin_version: "0.1.0".into(),
             },
+            guest_agent: false,
         }
     }
 
@@ -1007,6 +1012,9 @@ mod tests {
     fn guest_agent_channel_golden() {
         let extra = ExtraDevices { guest_agent: true };
         let xml = render_domain_xml_with(&tcg_minimal(), extra).expect("spec renders");
+        let mut with_agent = tcg_minimal();
+        with_agent.guest_agent = true;
+        assert_eq!(render_domain_xml(&with_agent).expect("renders"), xml);
         let path = golden_path("tcg_guest_agent");
         if std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1") {
             std::fs::write(&path, &xml).unwrap();

@@ -43,6 +43,13 @@ pub struct DriverState {
     /// Which driver wrote the handle this state came from.
     #[serde(default)]
     pub origin: StateOrigin,
+    /// The domain has the QEMU guest agent's channel (task config
+    /// `guest_agent`); false for handles written before it existed.
+    #[serde(default)]
+    pub guest_agent: bool,
+    /// The task config's `signal_commands`, for SignalTask after recovery.
+    #[serde(default)]
+    pub signal_commands: std::collections::BTreeMap<String, String>,
 }
 
 /// Which driver started a task.
@@ -119,6 +126,8 @@ mod tests {
             }),
             guest_ip: Some(std::net::Ipv4Addr::new(192, 168, 122, 10)),
             origin: StateOrigin::Native,
+            guest_agent: false,
+            signal_commands: Default::default(),
         }
     }
 

@@ -592,6 +592,8 @@ pub fn decode(bytes: &[u8], fallback_task_id: &str) -> Result<DriverState, GoHan
         net,
         guest_ip,
         origin: StateOrigin::GoDriver,
+        guest_agent: false,
+        signal_commands: Default::default(),
     })
 }
 

@@ -4,6 +4,7 @@
 
 use crate::cloudinit::CloudInitError;
 use crate::config::ConfigError;
+use crate::guest_agent::GuestAgentError;
 use crate::libvirt::domain_xml::DomainXmlError;
 use crate::libvirt::LibvirtError;
 use crate::net::NetError;
@@ -52,6 +53,28 @@ pub enum TaskError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("task {task_id} runs without the QEMU guest agent, which exec and signal_commands need; set guest_agent = true in the task config (the default) and install and start qemu-guest-agent in the image")]
+    AgentDisabled { task_id: String },
+    #[error("the guest agent of task {task_id} does not answer; install and start qemu-guest-agent in the image (the guest may also still be booting)")]
+    AgentUnreachable {
+        task_id: String,
+        #[source]
+        source: GuestAgentError,
+    },
+    #[error("the guest agent of task {task_id} failed")]
+    Agent {
+        task_id: String,
+        #[source]
+        source: GuestAgentError,
+    },
+    #[error("signal {signal} has no entry in the task config's signal_commands; add one, e.g. signal_commands = {{ {signal} = \"systemctl reload myservice\" }} (SIGTERM, SIGINT and SIGKILL work without one)")]
+    UnmappedSignal { signal: String },
+    #[error("signal_commands.{signal} exited with {exit_code} in the guest: {stderr}")]
+    SignalCommandFailed {
+        signal: String,
+        exit_code: i64,
+        stderr: String,
+    },
     /// A blocking worker died (a panic in a libvirt or network call).
     #[error("{action} failed: the worker thread stopped unexpectedly")]
     Worker {
@@ -90,7 +113,15 @@ impl TaskError {
             | TaskError::DomainXml(_)
             | TaskError::Handle(_)
             | TaskError::NotFound(_)
-            | TaskError::Conflict(_) => false,
+            | TaskError::Conflict(_)
+            | TaskError::AgentDisabled { .. }
+            | TaskError::UnmappedSignal { .. }
+            | TaskError::SignalCommandFailed { .. } => false,
+            TaskError::AgentUnreachable { .. } => true,
+            TaskError::Agent { source, .. } => !matches!(
+                source,
+                GuestAgentError::EmptyArgv | GuestAgentError::NulInArgv { .. }
+            ),
             // Bad input in the seed is the job's fault; hashing, randomness
             // and ISO writing failing is the host's.
             TaskError::CloudInit(error) => !matches!(
@@ -114,7 +145,9 @@ impl TaskError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             TaskError::NotFound(_) => ErrorKind::NotFound,
-            TaskError::Conflict(_) => ErrorKind::Conflict,
+            TaskError::Conflict(_) | TaskError::AgentDisabled { .. } => ErrorKind::Conflict,
+            TaskError::AgentUnreachable { .. } => ErrorKind::Unavailable,
+            TaskError::SignalCommandFailed { .. } => ErrorKind::Internal,
             TaskError::Libvirt(LibvirtError::Connect { .. }) => ErrorKind::Unavailable,
             _ if !self.recoverable() => ErrorKind::Invalid,
             _ => ErrorKind::Internal,

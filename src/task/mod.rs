@@ -3,6 +3,7 @@
 //! [`Hypervisor`] and the [`Net`] contract; domain lifecycle comes from the
 //! hypervisor's events, reconciled with the real state after a reconnect.
 
+pub mod agent;
 pub mod console;
 pub mod contract;
 pub mod error;
@@ -315,6 +316,17 @@ impl Tasks {
             })
             .await?
         };
+        let mut network = booted.network;
+        if network.is_none() && request.config.guest_agent && !booted.direct_macs.is_empty() {
+            network = self
+                .agent_address(
+                    &request.task_id,
+                    &booted.domain_name,
+                    &booted.direct_macs,
+                    settings.dhcp_timeout,
+                )
+                .await;
+        }
         let state = DriverState {
             version: DRIVER_STATE_VERSION,
             task_id: request.task_id.clone(),
@@ -326,8 +338,10 @@ impl Tasks {
             console_log: Some(booted.console_log.clone()),
             stdout_path: request.stdout_path.to_string_lossy().into_owned(),
             net: booted.teardown,
-            guest_ip: booted.network.as_ref().map(|network| network.ip),
+            guest_ip: network.as_ref().map(|network| network.ip),
             origin: StateOrigin::Native,
+            guest_agent: request.config.guest_agent,
+            signal_commands: request.config.signal_commands.clone(),
         };
         let entry = TaskEntry::new(state.clone());
         if !request.stdout_path.as_os_str().is_empty() {
@@ -342,10 +356,7 @@ impl Tasks {
             "Started VM {}",
             booted.domain_name
         ));
-        Ok(StartedTask {
-            state,
-            network: booted.network,
-        })
+        Ok(StartedTask { state, network })
     }
 
     /// WaitTask: answers when the task has exited (at once if it has).
@@ -354,7 +365,8 @@ impl Tasks {
         Ok(entry.wait().await)
     }
 
-    /// StopTask: ACPI power button, wait up to `timeout`, then power off.
+    /// StopTask: the guest agent's shutdown when it answers, the ACPI power
+    /// button, then power off once `timeout` has passed.
     pub async fn stop(
         &self,
         task_id: &str,
@@ -372,15 +384,18 @@ impl Tasks {
         let name = entry.state.domain_name.clone();
         let immediate = matches!(signal, "SIGKILL" | "KILL" | "9");
         if !immediate {
-            let (hypervisor, domain) = (self.hypervisor.clone(), name.clone());
-            let asked = blocking("sending the ACPI power button", move || {
-                Ok(hypervisor.request_shutdown(&domain)?)
-            })
-            .await;
-            if let Err(error) = asked {
-                tracing::warn!(error = %error, domain = %name, "could not send the ACPI power button");
+            // The agent first (guests without acpid stop too), then ACPI
+            // for the rest of the time, then destroy.
+            let mut remaining = timeout;
+            if self.agent_shutdown(&entry).await {
+                let share = timeout / 2;
+                if tokio::time::timeout(share, entry.wait()).await.is_ok() {
+                    return Ok(());
+                }
+                remaining = timeout.saturating_sub(share);
             }
-            if tokio::time::timeout(timeout, entry.wait()).await.is_ok() {
+            self.acpi_shutdown(&entry).await;
+            if tokio::time::timeout(remaining, entry.wait()).await.is_ok() {
                 return Ok(());
             }
             tracing::info!(domain = %name, timeout = ?timeout, "guest did not power off in time; destroying it");

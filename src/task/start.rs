@@ -38,6 +38,9 @@ pub struct Booted {
     pub console_log: PathBuf,
     pub teardown: Option<TeardownSpec>,
     pub network: Option<DriverNetwork>,
+    /// MACs of the macvtap interfaces: the host sees no lease for them, so
+    /// their address comes from the guest agent.
+    pub direct_macs: Vec<String>,
 }
 
 /// Inputs resolved before touching the hypervisor.
@@ -504,6 +507,7 @@ pub fn boot(
             task_name: request.task_name.clone(),
             plugin_version: crate::meta::PLUGIN_VERSION.into(),
         },
+        guest_agent: request.config.guest_agent,
     };
     rollback.domain()?;
     hypervisor.define_domain(&spec)?;
@@ -546,5 +550,12 @@ pub fn boot(
         console_log: start_plan.console_log.clone(),
         teardown,
         network,
+        direct_macs: attachments
+            .iter()
+            .filter_map(|attachment| match attachment {
+                Attachment::Direct { mac, .. } => Some(mac.clone()),
+                Attachment::Network { .. } => None,
+            })
+            .collect(),
     })
 }

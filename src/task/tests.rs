@@ -228,6 +228,9 @@ impl Hypervisor for TestHypervisor {
     fn counters(&self, name: &str) -> Result<Option<DomainCounters>, HypervisorError> {
         self.inner.counters(name)
     }
+    fn guest_agent(&self, name: &str) -> Option<crate::guest_agent::GuestAgent> {
+        self.inner.guest_agent(name)
+    }
     fn subscribe_events(&self, sink: Sender<LifecycleEvent>) {
         self.inner.subscribe_events(sink);
     }
@@ -860,6 +863,8 @@ async fn an_adopted_go_domain_is_destroyed_with_only_its_own_volumes() {
         net: None,
         guest_ip: None,
         origin: crate::nomad::driver_state::StateOrigin::GoDriver,
+        guest_agent: false,
+        signal_commands: Default::default(),
     };
     harness.tasks.recover(state).await.expect("recover");
     let status = harness
@@ -1036,4 +1041,96 @@ async fn starting_again_over_an_unfinished_start_removes_its_leftovers_first() {
         .await
         .expect("destroy");
     assert_nothing_left(&harness, "after the retried start");
+}
+
+/// Exec and mapped signals fail fast, naming cause and fix, without an
+/// agent (test:/// has none to answer); unmapped signals name
+/// `signal_commands`; SIGKILL without an entry powers off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_signals_without_an_agent_fail_fast_and_say_why() {
+    let harness = harness(None);
+    let mut without = request(&harness.node, "abab1212", false);
+    without.config.guest_agent = false;
+    without.config.signal_commands =
+        BTreeMap::from([("SIGHUP".to_string(), "touch /run/hup".to_string())]);
+    harness
+        .tasks
+        .start(without, settings(&harness.node))
+        .await
+        .expect("start");
+    let started = std::time::Instant::now();
+    let error = harness
+        .tasks
+        .exec(
+            "alloc/web/abab1212",
+            vec!["true".into()],
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("no agent");
+    assert!(
+        matches!(error, TaskError::AgentDisabled { .. }),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("set guest_agent = true"),
+        "{error}"
+    );
+    let error = harness
+        .tasks
+        .signal("alloc/web/abab1212", "SIGHUP")
+        .await
+        .expect_err("no agent");
+    assert!(
+        matches!(error, TaskError::AgentDisabled { .. }),
+        "{error:?}"
+    );
+    let error = harness
+        .tasks
+        .signal("alloc/web/abab1212", "SIGUSR2")
+        .await
+        .expect_err("unmapped");
+    assert!(error.to_string().contains("signal_commands"), "{error}");
+
+    let with = request(&harness.node, "cdcd3434", false);
+    assert!(with.config.guest_agent, "guest_agent defaults to true");
+    harness
+        .tasks
+        .start(with, settings(&harness.node))
+        .await
+        .expect("start");
+    let error = harness
+        .tasks
+        .exec(
+            "alloc/web/cdcd3434",
+            vec!["true".into()],
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("the test driver has no agent");
+    assert!(
+        error
+            .to_string()
+            .contains("install and start qemu-guest-agent in the image"),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "fails fast");
+
+    harness
+        .tasks
+        .signal("alloc/web/abab1212", "SIGKILL")
+        .await
+        .expect("SIGKILL powers off");
+    let exit = tokio::time::timeout(
+        Duration::from_secs(15),
+        harness.tasks.wait("alloc/web/abab1212"),
+    )
+    .await
+    .expect("exits")
+    .expect("known");
+    assert_eq!(exit.signal, 9, "{exit:?}");
+    for id in ["alloc/web/abab1212", "alloc/web/cdcd3434"] {
+        harness.tasks.destroy(id, true).await.expect("destroy");
+    }
+    assert_nothing_left(&harness, "after the agent checks");
 }

@@ -135,9 +135,9 @@ impl AgentVm {
                 task_name: "agent".into(),
                 plugin_version: "test".into(),
             },
+            guest_agent,
         };
-        let xml =
-            render_domain_xml_with(&spec, ExtraDevices { guest_agent }).expect("domain renders");
+        let xml = render_domain_xml_with(&spec, ExtraDevices::default()).expect("domain renders");
         let xml_path = dir.path().join("domain.xml");
         std::fs::write(&xml_path, xml).expect("write domain xml");
         let output = virsh(&["create", &xml_path.display().to_string()]);
