@@ -28,7 +28,8 @@ test_things() {
     ip netns list | awk '{ print $1 }'
     ip -o link show | awk -F': ' '{ print $2 }'
     iptables-save | grep -v '^#' | sed -E 's/ \[[0-9]+:[0-9]+\]$//'
-  } 2>/dev/null | grep -iE 'ndvtest|^hello-[0-9a-f]{8}$' | sort -u || true
+    ls /var/lib/nomad-driver-virt/journal | sed 's/^/start journal record /'
+  } 2>/dev/null | grep -iE 'ndvtest|^hello-[0-9a-f]{8}$|^start journal record ' | sort -u || true
 }
 dhcp_hosts() { virsh -q -c qemu:///system net-dumpxml default | grep -c "<host " || true; }
 hosts_before=$(dhcp_hosts)
