@@ -402,6 +402,39 @@ impl TryFrom<&TaskConfig> for TaskSpec {
                 );
             }
         }
+        // Bounds checked before any work: hashing a password costs more the
+        // longer it is, and everything here ends up in the seed ISO.
+        for (field, value, limit) in [
+            (
+                "default_user_password",
+                wire.default_user_password.as_deref(),
+                MAX_PASSWORD_BYTES,
+            ),
+            ("user_data", wire.user_data.as_deref(), MAX_USER_DATA_BYTES),
+            (
+                "default_user_authorized_ssh_key",
+                wire.default_user_authorized_ssh_key.as_deref(),
+                MAX_SSH_KEY_BYTES,
+            ),
+        ] {
+            if let Some(value) = value.filter(|value| value.len() > limit) {
+                problems.add(
+                    field,
+                    format!("is {} bytes; at most {limit} are accepted", value.len()),
+                );
+            }
+        }
+        if cmds.len() > MAX_CMDS
+            || cmds.iter().map(String::len).sum::<usize>() > MAX_USER_DATA_BYTES
+        {
+            problems.add(
+                "cmds",
+                format!(
+                    "at most {MAX_CMDS} commands of {MAX_USER_DATA_BYTES} bytes in all are accepted; \
+                     put longer scripts in user_data or an artifact"
+                ),
+            );
+        }
         let disks = check_disks(wire.disk.as_deref().unwrap_or_default(), &mut problems);
         let network_interfaces = network::check(
             wire.network_interface.as_deref().unwrap_or_default(),
@@ -432,6 +465,17 @@ impl TryFrom<&TaskConfig> for TaskSpec {
         )
     }
 }
+
+/// Longest `default_user_password` accepted (SHA-512-crypt's cost grows
+/// with the length).
+pub const MAX_PASSWORD_BYTES: usize = 256;
+/// Largest inline `user_data`, and largest `user_data` file read (cloud
+/// providers stop at 16-64 KiB too).
+pub const MAX_USER_DATA_BYTES: usize = 64 * 1024;
+/// Largest `default_user_authorized_ssh_key`.
+pub const MAX_SSH_KEY_BYTES: usize = 16 * 1024;
+/// Most `cmds` entries.
+pub const MAX_CMDS: usize = 256;
 
 /// Longest `signal_commands` entry accepted (it travels in every handle).
 pub const MAX_SIGNAL_COMMAND_LEN: usize = 4096;
@@ -719,6 +763,54 @@ mod tests {
             ..Default::default()
         };
         assert!(one_disk.validate().is_ok());
+    }
+
+    #[test]
+    fn oversized_secrets_and_scripts_are_refused_up_front() {
+        let base = TaskConfig {
+            disk: Some(vec![DiskConfig {
+                size: Some(ByteSize(1 << 30)),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let fields = |config: TaskConfig| -> Vec<String> {
+            config
+                .validate()
+                .err()
+                .map(|e| {
+                    let mut fields: Vec<String> =
+                        e.errors.iter().map(|p| p.field.clone()).collect();
+                    fields.sort();
+                    fields
+                })
+                .unwrap_or_default()
+        };
+        let at_limit = TaskConfig {
+            default_user_password: Some("p".repeat(MAX_PASSWORD_BYTES)),
+            user_data: Some(format!(
+                "#cloud-config\n{}",
+                "x".repeat(MAX_USER_DATA_BYTES - 14)
+            )),
+            ..base.clone()
+        };
+        assert!(fields(at_limit).is_empty());
+        let over = TaskConfig {
+            default_user_password: Some("p".repeat(MAX_PASSWORD_BYTES + 1)),
+            user_data: Some("#".repeat(MAX_USER_DATA_BYTES + 1)),
+            default_user_authorized_ssh_key: Some("k".repeat(MAX_SSH_KEY_BYTES + 1)),
+            cmds: Some(vec!["true".to_string(); MAX_CMDS + 1]),
+            ..base
+        };
+        assert_eq!(
+            fields(over),
+            vec![
+                "cmds",
+                "default_user_authorized_ssh_key",
+                "default_user_password",
+                "user_data"
+            ]
+        );
     }
 
     /// What the Go examples (storage/directory/08, storage/dhv/02 and 04)

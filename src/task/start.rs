@@ -174,12 +174,10 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         Some(path) => {
             let resolved = images::resolve_image(path, &settings.image_paths, alloc_dir, &task_dir)
                 .map_err(|error| error.in_field("user_data"))?;
-            Some(std::fs::read_to_string(&resolved).map_err(|error| {
-                TaskError::Invalid(format!(
-                    "user_data: cannot read {}: {error}",
-                    resolved.display()
-                ))
-            })?)
+            Some(read_bounded(
+                &resolved,
+                crate::config::task::MAX_USER_DATA_BYTES,
+            )?)
         }
     };
 
@@ -236,6 +234,25 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         console_log,
         hwaddrs,
     })
+}
+
+/// Reads a `user_data` file of at most `limit` bytes, refusing a larger one
+/// before reading it whole.
+fn read_bounded(path: &std::path::Path, limit: usize) -> Result<String, TaskError> {
+    use std::io::Read as _;
+    let invalid = |problem: String| TaskError::Invalid(format!("user_data: {problem}"));
+    let file = std::fs::File::open(path)
+        .map_err(|error| invalid(format!("cannot read the file: {error}")))?;
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|error| invalid(format!("cannot read the file: {error}")))?;
+    if bytes.len() > limit {
+        return Err(invalid(format!(
+            "the file is larger than {limit} bytes; keep user data small and fetch the rest in the guest"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| invalid("the file is not UTF-8 text".into()))
 }
 
 /// Inline cloud-config or script rather than a file name.

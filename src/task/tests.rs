@@ -1134,3 +1134,33 @@ async fn exec_and_signals_without_an_agent_fail_fast_and_say_why() {
     }
     assert_nothing_left(&harness, "after the agent checks");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_data_file_over_the_limit_is_refused_before_anything_is_made() {
+    let harness = harness(None);
+    let mut request = request(&harness.node, "b16da7a0", false);
+    let task_dir = request.alloc_dir.join(&request.task_name);
+    std::fs::create_dir_all(&task_dir).expect("task dir");
+    let big = task_dir.join("user-data.yaml");
+    std::fs::write(
+        &big,
+        "#".repeat(crate::config::task::MAX_USER_DATA_BYTES + 1),
+    )
+    .expect("write");
+    request.config.user_data = Some("user-data.yaml".into());
+    let error = harness
+        .tasks
+        .start(request, settings(&harness.node))
+        .await
+        .expect_err("too big");
+    let message = error.to_string();
+    assert!(
+        message.starts_with("user_data:") && message.contains("larger than"),
+        "{message}"
+    );
+    assert!(
+        !message.contains(&task_dir.display().to_string()),
+        "no host path: {message}"
+    );
+    assert_nothing_left(&harness, "after the refused user_data");
+}
