@@ -219,24 +219,8 @@ impl DomainXmlError {
 
 /// Validates `spec` and renders it as libvirt domain XML.
 pub fn render_domain_xml(spec: &DomainSpec) -> Result<String, DomainXmlError> {
-    render_domain_xml_with(spec, ExtraDevices::default())
-}
-
-/// Optional devices beyond what [`DomainSpec`] describes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ExtraDevices {
-    /// The QEMU guest agent's virtio-serial channel
-    /// (`org.qemu.guest_agent.0`); libvirt picks the host socket itself.
-    pub guest_agent: bool,
-}
-
-/// [`render_domain_xml`] plus `extra` devices.
-pub fn render_domain_xml_with(
-    spec: &DomainSpec,
-    extra: ExtraDevices,
-) -> Result<String, DomainXmlError> {
     spec.validate()?;
-    Ok(write_domain(spec, extra))
+    Ok(write_domain(spec))
 }
 
 impl DomainSpec {
@@ -579,7 +563,7 @@ fn path_text(path: &Path) -> Cow<'_, str> {
     path.to_string_lossy()
 }
 
-fn write_domain(spec: &DomainSpec, extra: ExtraDevices) -> String {
+fn write_domain(spec: &DomainSpec) -> String {
     let mut w = XmlWriter::new();
     w.open("domain", &[("type", spec.domain_type.as_str())]);
     w.text("name", &[], &spec.name);
@@ -670,7 +654,7 @@ fn write_domain(spec: &DomainSpec, extra: ExtraDevices) -> String {
         write_interface(&mut w, interface);
     }
     write_console(&mut w, spec.console_log.as_deref());
-    if spec.guest_agent || extra.guest_agent {
+    if spec.guest_agent {
         w.open("channel", &[("type", "unix")]);
         w.empty(
             "target",
@@ -1010,11 +994,9 @@ mod tests {
 
     #[test]
     fn guest_agent_channel_golden() {
-        let extra = ExtraDevices { guest_agent: true };
-        let xml = render_domain_xml_with(&tcg_minimal(), extra).expect("spec renders");
         let mut with_agent = tcg_minimal();
         with_agent.guest_agent = true;
-        assert_eq!(render_domain_xml(&with_agent).expect("renders"), xml);
+        let xml = render_domain_xml(&with_agent).expect("spec renders");
         let path = golden_path("tcg_guest_agent");
         if std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1") {
             std::fs::write(&path, &xml).unwrap();

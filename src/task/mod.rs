@@ -176,18 +176,8 @@ impl Tasks {
             .orphans(|task_id| self.store.get(task_id).is_some());
         let mut removed = Vec::new();
         for record in orphans {
-            let (hypervisor, net, journal) = (
-                self.hypervisor.clone(),
-                self.net.clone(),
-                self.journal.clone(),
-            );
             let task_id = record.task_id.clone();
-            let result = blocking("removing an unfinished start", move || {
-                remove_recorded(hypervisor.as_ref(), net.as_ref(), &record)?;
-                journal.forget(&record.task_id);
-                Ok(())
-            })
-            .await;
+            let result = self.clear_record(record).await;
             match result {
                 Ok(()) => removed.push(task_id),
                 Err(error) => {
@@ -196,6 +186,21 @@ impl Tasks {
             }
         }
         removed
+    }
+
+    /// Removes what a journal record names, then the record.
+    async fn clear_record(&self, record: TaskRecord) -> Result<(), TaskError> {
+        let (hypervisor, net, journal) = (
+            self.hypervisor.clone(),
+            self.net.clone(),
+            self.journal.clone(),
+        );
+        blocking("removing what an unfinished start left", move || {
+            remove_recorded(hypervisor.as_ref(), net.as_ref(), &record)?;
+            journal.forget(&record.task_id);
+            Ok(())
+        })
+        .await
     }
 
     /// Whether the hypervisor answers (health between full fingerprints).
@@ -275,17 +280,7 @@ impl Tasks {
                     request.task_id, record.owner.pid
                 )));
             }
-            let (hypervisor, net, journal) = (
-                self.hypervisor.clone(),
-                self.net.clone(),
-                self.journal.clone(),
-            );
-            blocking("removing what an unfinished start left", move || {
-                remove_recorded(hypervisor.as_ref(), net.as_ref(), &record)?;
-                journal.forget(&record.task_id);
-                Ok(())
-            })
-            .await?;
+            self.clear_record(record).await?;
         }
         let request = Arc::new(request);
         let progress = self.emitter(&request.task_id, &request.alloc_id, &request.task_name);

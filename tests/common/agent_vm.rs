@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use nomad_driver_virt::guest_agent::GuestAgent;
 use nomad_driver_virt::libvirt::domain_xml::{
-    render_domain_xml_with, DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec,
-    DomainType, ExtraDevices, InterfaceSpec,
+    render_domain_xml, DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec,
+    DomainType, InterfaceSpec,
 };
 use nomad_driver_virt::libvirt::Libvirt;
 
@@ -137,7 +137,7 @@ impl AgentVm {
             },
             guest_agent,
         };
-        let xml = render_domain_xml_with(&spec, ExtraDevices::default()).expect("domain renders");
+        let xml = render_domain_xml(&spec).expect("domain renders");
         let xml_path = dir.path().join("domain.xml");
         std::fs::write(&xml_path, xml).expect("write domain xml");
         let output = virsh(&["create", &xml_path.display().to_string()]);
