@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
@@ -18,13 +17,11 @@ use nomad_driver_virt::net::iptables::apply::{
 };
 use nomad_driver_virt::net::iptables::rules::{
     base_chains, chain_declared, delete_lines_for_tags, parent_jump_args, parse_save,
-    port_forward_rules, table_batch, tags_in_save_output, task_chain, task_removal_batch, task_tag,
-    IptablesRule, PortForward, RuleError, CHAIN_FW, CHAIN_IN, CHAIN_OUT, CHAIN_PRT, CHAIN_PST,
-    FILTER, NAT,
+    port_forward_rules, table_batch, task_chain, task_removal_batch, task_tag, IptablesRule,
+    PortForward, RuleError, CHAIN_FW, CHAIN_IN, CHAIN_OUT, CHAIN_PRT, CHAIN_PST, FILTER, NAT,
 };
 
 const GUEST: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 10);
-const OUR_CHAINS: [&str; 5] = [CHAIN_PRT, CHAIN_OUT, CHAIN_PST, CHAIN_FW, CHAIN_IN];
 /// Rules `forwards()` makes: 13 in the task's chains and 5 jumps.
 const FORWARDS_RULES: usize = 18;
 /// Chains per task, which `remove_tag` counts.
@@ -529,130 +526,6 @@ fn apply_refuses_rules_outside_our_chains() {
     ));
     assert_eq!(ns.save_all(), before);
     ns.ipt.apply(&[]).unwrap();
-}
-
-#[test]
-fn reconcile_removes_only_orphaned_tags_of_ours() {
-    if !common::host_ready(common::host::NETNS_IPTABLES) {
-        return;
-    }
-    let ns = Netns::new();
-    ns.ipt.init().unwrap();
-    let (kept, orphan1, orphan2) = (task_tag("kept"), task_tag("gone-1"), task_tag("gone-2"));
-    ns.ipt
-        .apply(&port_forward_rules(&kept, GUEST, "virbr0", &forwards()).unwrap())
-        .unwrap();
-    let expected = ns.save_all();
-    for tag in [&orphan1, &orphan2] {
-        let rules =
-            port_forward_rules(tag, Ipv4Addr::new(192, 168, 122, 11), "virbr0", &forwards())
-                .unwrap();
-        ns.ipt.apply(&rules).unwrap();
-    }
-    // Foreign rules: another tag in our chain, an untagged rule in our
-    // chain, and our prefix in a chain that is not ours.
-    let foreign: [&[&str]; 3] = [
-        &[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            CHAIN_PRT,
-            "-p",
-            "tcp",
-            "--dport",
-            "1",
-            "-m",
-            "comment",
-            "--comment",
-            "someone else",
-            "-j",
-            "RETURN",
-        ],
-        &[
-            "iptables", "-w", "-A", CHAIN_FW, "-p", "tcp", "--dport", "2", "-j", "ACCEPT",
-        ],
-        &[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "--dport",
-            "3",
-            "-m",
-            "comment",
-            "--comment",
-            "nomad-driver-virt:elsewhere",
-            "-j",
-            "RETURN",
-        ],
-    ];
-    for argv in foreign {
-        ns.exec(argv);
-    }
-    let keep: BTreeSet<String> = [kept.clone(), "nomad-driver-virt:unrelated".into()].into();
-    let mut removed = ns.ipt.reconcile(&keep).unwrap();
-    removed.sort();
-    let mut want = vec![orphan1, orphan2];
-    want.sort();
-    assert_eq!(removed, want);
-
-    let all = ns.exec(&["iptables-save"]);
-    let tags = tags_in_save_output(&all, &OUR_CHAINS);
-    assert_eq!(tags, [kept.clone(), "someone else".to_string()].into());
-    assert!(all.contains("--dport 2 -j ACCEPT"), "{all}");
-    assert!(all.contains("nomad-driver-virt:elsewhere"), "{all}");
-    assert!(ns.ipt.reconcile(&keep).unwrap().is_empty());
-
-    // Without the foreign rules the state equals the kept task's alone.
-    ns.exec(&[
-        "iptables",
-        "-w",
-        "-t",
-        "nat",
-        "-D",
-        CHAIN_PRT,
-        "-p",
-        "tcp",
-        "--dport",
-        "1",
-        "-m",
-        "comment",
-        "--comment",
-        "someone else",
-        "-j",
-        "RETURN",
-    ]);
-    ns.exec(&[
-        "iptables", "-w", "-D", CHAIN_FW, "-p", "tcp", "--dport", "2", "-j", "ACCEPT",
-    ]);
-    ns.exec(&[
-        "iptables",
-        "-w",
-        "-t",
-        "nat",
-        "-D",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "--dport",
-        "3",
-        "-m",
-        "comment",
-        "--comment",
-        "nomad-driver-virt:elsewhere",
-        "-j",
-        "RETURN",
-    ]);
-    assert_eq!(ns.save_all(), expected);
-
-    // An empty keep set removes the rest of ours.
-    assert_eq!(ns.ipt.reconcile(&BTreeSet::new()).unwrap(), vec![kept]);
 }
 
 #[test]

@@ -18,7 +18,6 @@
 //!   costs ~0.3 s per table with 400 tasks installed. Adding and removing a
 //!   task therefore never runs `iptables-save`.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -31,7 +30,7 @@ use super::rules::{
     base_chains, delete_line_for, find_saved, is_valid_interface_name, our_tables,
     parent_jump_args, parse_save, removal_lines, restore_batch, table_batch, table_lines,
     tables_of, task_removal_batch, validate_rule, validate_tag, BatchOp, IptablesRule, RuleError,
-    SavedRule, TAG_PREFIX, TASK_CHAINS,
+    SavedRule, TASK_CHAINS,
 };
 
 /// The lock every plugin process on the host shares, so two plugins (or two
@@ -414,17 +413,6 @@ impl Iptables {
                 stderr: ran.stderr.trim().to_string(),
             }),
         }
-    }
-
-    /// Deletes everything in the driver's shared chains whose tag has the
-    /// driver's prefix and is not in `keep`: per-task jumps (with their
-    /// chains) and old-layout rules. Rules tagged otherwise, untagged rules
-    /// and rules in other chains are never touched. Returns the removed tags.
-    pub fn reconcile(&self, keep: &BTreeSet<String>) -> Result<Vec<String>, IptablesError> {
-        let _lock = self.lock()?;
-        let removed = self.remove_listed(|t| t.starts_with(TAG_PREFIX) && !keep.contains(t))?;
-        let tags: BTreeSet<String> = removed.into_iter().filter_map(|r| r.tag).collect();
-        Ok(tags.into_iter().collect())
     }
 
     /// `iptables-save -t <table>` output.
