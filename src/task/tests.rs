@@ -161,6 +161,14 @@ impl Hypervisor for TestHypervisor {
     fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
         self.inner.host_facts()
     }
+    fn share_support(
+        &self,
+        domain_type: crate::libvirt::domain_xml::DomainType,
+        arch: &str,
+        machine: &str,
+    ) -> Result<crate::libvirt::shares::ShareSupport, HypervisorError> {
+        self.inner.share_support(domain_type, arch, machine)
+    }
     fn prepare_pool(&self, pool: &DirectoryPool) -> Result<(), HypervisorError> {
         self.step("prepare_pool")?;
         self.inner.prepare_pool(pool)
