@@ -65,6 +65,7 @@ fn task(overrides: Vec<(&'static str, Mp)>) -> Vec<u8> {
         "hostname",
         "network_interface",
         "os",
+        "shared_dirs_driver",
         "signal_commands",
         "timezone",
         "user_data",

@@ -950,7 +950,9 @@ mod tests {
         .expect_err("invalid");
         assert_eq!(error.errors[0].field, "shared_dirs_driver");
         assert!(
-            error.errors[0].message.contains("\"auto\", \"virtiofs\", \"9p\""),
+            error.errors[0]
+                .message
+                .contains("\"auto\", \"virtiofs\", \"9p\""),
             "{error}"
         );
     }

@@ -3,6 +3,8 @@
 //! needs 11.0.0) and the uid/gid QEMU runs as (libvirt's DAC base label),
 //! which decides whether QEMU itself can open a 9p share.
 
+use std::path::Path;
+
 use virt::connect::Connect;
 
 use super::LibvirtError;
@@ -21,7 +23,8 @@ pub struct QemuIdentity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShareSupport {
     /// QEMU has the vhost-user-fs device (libvirt reports driver type
-    /// `virtiofs` in the domain capabilities).
+    /// `virtiofs` in the domain capabilities) and, on a local libvirt,
+    /// a virtiofsd is installed where libvirt looks for it.
     pub virtiofs: bool,
     /// libvirt's version (the daemon's on a remote connection).
     pub libvirt_version: u32,
@@ -49,10 +52,19 @@ pub fn share_support(
     let libvirt_version = connection
         .lib_version()
         .map_err(|e| LibvirtError::host("reading the libvirt version", e))?;
-    let virtiofs = connection
+    let qemu_offers_virtiofs = connection
         .domain_capabilities(None, Some(arch), Some(machine), Some(virt_type), 0)
         .map(|xml| offers_virtiofs(&xml))
         .unwrap_or(false);
+    // A remote host's files are not ours to read: trust its capabilities.
+    let local = connection
+        .uri()
+        .is_ok_and(|uri| uri.starts_with("qemu:///"));
+    let virtiofs = qemu_offers_virtiofs
+        && (!local
+            || VHOST_USER_DIRS
+                .iter()
+                .any(|dir| virtiofsd_described(Path::new(dir))));
     let capabilities = connection
         .capabilities()
         .map_err(|e| LibvirtError::host("reading host capabilities", e))?;
@@ -60,6 +72,36 @@ pub fn share_support(
         virtiofs,
         libvirt_version,
         qemu_identity: dac_identity(&capabilities, virt_type),
+    })
+}
+
+/// Where libvirt looks for vhost-user backends (QEMU's interop
+/// descriptors), in its order.
+const VHOST_USER_DIRS: [&str; 2] = ["/etc/qemu/vhost-user", "/usr/share/qemu/vhost-user"];
+
+/// Whether `dir` holds a vhost-user descriptor of `"type": "fs"` whose
+/// binary exists: how libvirt finds virtiofsd (Debian 12 ships it in
+/// qemu-system-common, newer Debian in the `virtiofsd` package).
+pub fn virtiofsd_described(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            return false;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return false;
+        };
+        let Ok(descriptor) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return false;
+        };
+        descriptor.get("type").and_then(|t| t.as_str()) == Some("fs")
+            && descriptor
+                .get("binary")
+                .and_then(|b| b.as_str())
+                .is_some_and(|binary| Path::new(binary).is_file())
     })
 }
 
@@ -138,6 +180,37 @@ mod tests {
             dac_identity("<capabilities><host/></capabilities>", "qemu"),
             None
         );
+    }
+
+    #[test]
+    fn virtiofsd_from_its_vhost_user_descriptor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(!virtiofsd_described(dir.path()));
+        assert!(!virtiofsd_described(&dir.path().join("missing")));
+        let binary = dir.path().join("virtiofsd");
+        let descriptor = |binary: &Path| {
+            format!(
+                "{{\"description\": \"QEMU virtiofsd vhost-user-fs\", \"type\": \"fs\", \"binary\": {:?}}}",
+                binary.display().to_string()
+            )
+        };
+        std::fs::write(
+            dir.path().join("50-qemu-virtiofsd.json"),
+            descriptor(&binary),
+        )
+        .expect("write");
+        assert!(!virtiofsd_described(dir.path()), "the binary is missing");
+        std::fs::write(&binary, "").expect("write");
+        assert!(virtiofsd_described(dir.path()));
+        let gpu = dir.path().join("gpu");
+        std::fs::create_dir(&gpu).expect("mkdir");
+        std::fs::write(
+            gpu.join("50-gpu.json"),
+            descriptor(&binary).replace("\"fs\"", "\"gpu\""),
+        )
+        .expect("write");
+        std::fs::write(gpu.join("broken.json"), "{").expect("write");
+        assert!(!virtiofsd_described(&gpu));
     }
 
     #[test]

@@ -64,9 +64,10 @@ pub fn choose(
             SharedDirsDriver::Virtiofs => {
                 if !support.virtiofs {
                     return Err(
-                        "shared_dirs_driver = \"virtiofs\": this host's QEMU offers no virtiofs \
-                         (libvirt's domain capabilities list no virtiofs driver); use \"9p\" or \
-                         \"auto\", or install a QEMU with vhost-user-fs and virtiofsd"
+                        "shared_dirs_driver = \"virtiofs\": this host offers no virtiofs \
+                         (libvirt's domain capabilities list no virtiofs driver, or no virtiofsd \
+                         is installed: Debian 12 has it in qemu-system-common, newer Debian in \
+                         the virtiofsd package); use \"9p\" or \"auto\""
                             .into(),
                     );
                 }
@@ -86,8 +87,8 @@ pub fn choose(
                 Transport::Virtiofs
             }
         };
-        let host_read_only = share.read_only
-            && (transport == Transport::NineP || support.virtiofs_readonly());
+        let host_read_only =
+            share.read_only && (transport == Transport::NineP || support.virtiofs_readonly());
         if share.read_only && !host_read_only {
             tracing::warn!(
                 share = %share.guest_path,
@@ -203,7 +204,10 @@ impl QemuUser {
             .into_iter()
             .collect();
         if let Some(name) = &name {
-            for fields in group.lines().map(|line| line.split(':').collect::<Vec<_>>()) {
+            for fields in group
+                .lines()
+                .map(|line| line.split(':').collect::<Vec<_>>())
+            {
                 if fields.len() >= 4 && fields[3].split(',').any(|member| member == name) {
                     if let Ok(gid) = fields[2].parse() {
                         groups.push(gid);
@@ -294,7 +298,11 @@ fn kernel_allows(dir: &Path, user: &QemuUser, writable: bool) -> Option<bool> {
     } else {
         command.arg("--clear-groups");
     }
-    command.args(["--", "test", "-r"]).arg(dir).args(["-a", "-x"]).arg(dir);
+    command
+        .args(["--", "test", "-r"])
+        .arg(dir)
+        .args(["-a", "-x"])
+        .arg(dir);
     if writable {
         command.args(["-a", "-w"]).arg(dir);
     }
@@ -334,10 +342,7 @@ pub fn check_qemu_access(
         if kernel_allows(&share.host_dir, user, writable) == Some(true) {
             continue;
         }
-        let who = user
-            .name
-            .clone()
-            .unwrap_or_else(|| user.uid.to_string());
+        let who = user.name.clone().unwrap_or_else(|| user.uid.to_string());
         let mut fixes = vec![format!(
             "give {who} {} on {} (e.g. `setfacl -m u:{who}:{} {}`)",
             blocked.needs,
@@ -413,7 +418,10 @@ mod tests {
     #[test]
     fn auto_chooses_like_the_go_driver() {
         use Transport::{NineP, Virtiofs};
-        let shares = [share("secrets", "/secrets", true), share("vol0", "/data", false)];
+        let shares = [
+            share("secrets", "/secrets", true),
+            share("vol0", "/data", false),
+        ];
         let auto = |support: ShareSupport, insecure| {
             transports(&choose(&shares, SharedDirsDriver::Auto, &support, insecure).expect("ok"))
         };
@@ -532,7 +540,14 @@ mod tests {
         );
         assert_eq!(user.name.as_deref(), Some("libvirt-qemu"));
         assert!(user.in_group(107) && user.in_group(64055) && !user.in_group(5));
-        let nobody = QemuUser::from_files(QemuIdentity { uid: 4242, gid: 4242 }, passwd, group);
+        let nobody = QemuUser::from_files(
+            QemuIdentity {
+                uid: 4242,
+                gid: 4242,
+            },
+            passwd,
+            group,
+        );
         assert_eq!(nobody.name, None);
         assert_eq!(nobody.groups, Vec::<u32>::new());
     }
@@ -567,7 +582,10 @@ mod tests {
         assert_eq!((blocked.needs, blocked.mode), ("rwx", 0o755));
         chmod(&share_dir, 0o711);
         let blocked = first_blocked(&share_dir, &stranger, false).expect("not readable");
-        assert_eq!(blocked.path, std::fs::canonicalize(&share_dir).expect("path"));
+        assert_eq!(
+            blocked.path,
+            std::fs::canonicalize(&share_dir).expect("path")
+        );
         assert_eq!(blocked.needs, "rx");
         chmod(&outer, 0o700);
         let blocked = first_blocked(&share_dir, &stranger, false).expect("not traversable");
@@ -589,6 +607,9 @@ mod tests {
             ..stranger.clone()
         };
         assert_eq!(first_blocked(&share_dir, &root_user, true), None);
-        assert_eq!(first_blocked(&outer.join("missing"), &stranger, false), None);
+        assert_eq!(
+            first_blocked(&outer.join("missing"), &stranger, false),
+            None
+        );
     }
 }
