@@ -289,6 +289,9 @@ pub fn first_blocked(dir: &Path, user: &QemuUser, writable: bool) -> Option<Bloc
 /// Asks the kernel whether QEMU's user can use `dir`, by running `test` as
 /// that user (so ACLs count). `None` when the check cannot run.
 fn kernel_allows(dir: &Path, user: &QemuUser, writable: bool) -> Option<bool> {
+    // Absolute, so `test` cannot read the path as an operator.
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let dir = dir.as_path();
     let mut command = std::process::Command::new("setpriv");
     command
         .arg(format!("--reuid={}", user.uid))
