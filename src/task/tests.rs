@@ -17,10 +17,12 @@ use crate::config::plugin::{DirectoryPool, Settings};
 use crate::config::task::{DiskConfig, TaskConfig, TaskSpec};
 use crate::hypervisor::libvirt::LibvirtHypervisor;
 use crate::hypervisor::{
-    DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent,
+    CreatedDisk, DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError,
+    SourceVolumeFacts, VolumeContent,
 };
 use crate::libvirt::domain_xml::DomainSpec;
 use crate::libvirt::events::LifecycleEvent;
+use crate::libvirt::host::OsDefaults;
 use crate::libvirt::{Libvirt, LibvirtError};
 use crate::net::iptables::Iptables;
 use crate::net::libvirt::LibvirtNet;
@@ -170,12 +172,13 @@ impl Hypervisor for TestHypervisor {
         pool: &str,
         name: &str,
         content: VolumeContent<'_>,
-    ) -> Result<PathBuf, HypervisorError> {
+    ) -> Result<CreatedDisk, HypervisorError> {
         // A fault here hits after the volume exists, the nastier case.
         let content = match content {
             VolumeContent::Bytes { data, format } => VolumeContent::Empty {
                 format,
                 size: data.len() as u64,
+                sparse: true,
             },
             other => other,
         };
@@ -183,8 +186,16 @@ impl Hypervisor for TestHypervisor {
         self.step("create_volume")?;
         Ok(path)
     }
-    fn existing_volume_path(&self, pool: &str, name: &str) -> Result<PathBuf, HypervisorError> {
-        self.inner.existing_volume_path(pool, name)
+    fn source_volume(&self, pool: &str, name: &str) -> Result<SourceVolumeFacts, HypervisorError> {
+        self.inner.source_volume(pool, name)
+    }
+    fn os_defaults(
+        &self,
+        arch: Option<&str>,
+        machine: Option<&str>,
+        virt_type: &str,
+    ) -> Result<Result<OsDefaults, String>, HypervisorError> {
+        self.inner.os_defaults(arch, machine, virt_type)
     }
     fn delete_volume(&self, volume: &CreatedVolume) -> Result<(), HypervisorError> {
         self.inner.delete_volume(volume)
@@ -819,6 +830,7 @@ async fn an_adopted_go_domain_is_destroyed_with_only_its_own_volumes() {
     let empty = VolumeContent::Empty {
         format: crate::storage::images::ImageFormat::Raw,
         size: 1 << 20,
+        sparse: true,
     };
     for name in [
         "web-1234abcd_vda.img",

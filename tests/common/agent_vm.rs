@@ -122,6 +122,7 @@ impl AgentVm {
                 device: DiskDevice::Disk,
                 read_only: false,
                 boot_order: None,
+                backing: None,
             }],
             shares: vec![],
             interfaces: vec![InterfaceSpec::Network {
