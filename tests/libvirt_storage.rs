@@ -546,7 +546,11 @@ fn qemu_img_qcow2_is_detected_and_backing_files_refused() {
 
 fn file_digest(path: &Path) -> (Vec<u8>, i64, i64) {
     let meta = std::fs::metadata(path).unwrap();
-    (std::fs::read(path).unwrap(), meta.mtime(), meta.mtime_nsec())
+    (
+        std::fs::read(path).unwrap(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    )
 }
 
 /// Issues 9.7 and 11.1: a job's `source.volume` is cloned into a new
@@ -605,7 +609,10 @@ fn source_volumes_are_cloned_never_written() {
         ],
     );
     let head_bytes = std::fs::read(&head).unwrap();
-    assert_eq!(&head_bytes[..16 * MIB as usize], &std::fs::read(&raw).unwrap()[..]);
+    assert_eq!(
+        &head_bytes[..16 * MIB as usize],
+        &std::fs::read(&raw).unwrap()[..]
+    );
 
     // qcow2 -> raw, not sparse: the whole file is allocated.
     let source = source_volume(&pool, "base.qcow2").unwrap();

@@ -931,6 +931,84 @@ mod tests {
         assert!(!is_signal_name("HUP"));
     }
 
+    /// Issue 11.3: kind "lun" (block devices only), Nomad volume names,
+    /// chained needs qcow2, and sparse defaults as in Go (qcow2 sparse,
+    /// raw allocated).
+    #[test]
+    fn disk_attributes_go_accepts_are_checked_and_honoured() {
+        let spec = |disk: DiskConfig| {
+            TaskSpec::try_from(&TaskConfig {
+                disk: Some(vec![disk]),
+                ..Default::default()
+            })
+        };
+        let fields = |disk: DiskConfig| -> Vec<String> {
+            spec(disk)
+                .err()
+                .map(|e| e.errors.iter().map(|p| p.field.clone()).collect())
+                .unwrap_or_default()
+        };
+        let lun = spec(DiskConfig {
+            volume: Some("/dev/sdb".into()),
+            kind: Some("lun".into()),
+            ..Default::default()
+        })
+        .expect("lun on a Nomad volume");
+        assert_eq!(lun.disks[0].kind, DiskKind::Lun);
+        assert_eq!(lun.disks[0].bus(), DiskBus::Scsi);
+        assert_eq!(lun.disks[0].nomad_volume(), Some("/dev/sdb"));
+        assert_eq!(
+            fields(DiskConfig {
+                size: Some(ByteSize(1 << 20)),
+                kind: Some("lun".into()),
+                ..Default::default()
+            }),
+            ["disk[0].kind"]
+        );
+        for bad in [
+            "vdb",
+            "/dev/../etc/passwd",
+            "/dev/VDB",
+            "/mnt/data",
+            "/dev/",
+        ] {
+            assert_eq!(
+                fields(DiskConfig {
+                    volume: Some(bad.into()),
+                    ..Default::default()
+                }),
+                ["disk[0].volume"],
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            fields(DiskConfig {
+                chained: Some(true),
+                format: Some("raw".into()),
+                source: Some(DiskSourceConfig {
+                    volume: Some("base.img".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ["disk[0].format"]
+        );
+        let sized = |sparse: Option<bool>| {
+            spec(DiskConfig {
+                size: Some(ByteSize(1 << 20)),
+                sparse,
+                ..Default::default()
+            })
+            .expect("valid")
+            .disks[0]
+                .clone()
+        };
+        assert!(sized(None).sparse(DiskFormat::Qcow2));
+        assert!(!sized(None).sparse(DiskFormat::Raw));
+        assert!(sized(Some(true)).sparse(DiskFormat::Raw));
+        assert!(!sized(Some(false)).sparse(DiskFormat::Qcow2));
+    }
+
     /// Go's rules for disks on Nomad volumes and for empty source blocks.
     #[test]
     fn nomad_volume_disks_cannot_be_reshaped() {

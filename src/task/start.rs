@@ -248,18 +248,18 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         }
         matched[position] = true;
         let mount = &request.mounts[position];
-        if !is_block_device(&mount.host_path) {
-            return Err(TaskError::Invalid(format!(
-                "{field}: the volume mounted at {volume:?} is not a block device; a disk needs a \
-                 block-device volume (e.g. a dynamic host volume made by the mkblock plugin), \
-                 or drop the disk block to share the directory"
-            )));
-        }
         if mount.read_only && disk.image().is_some() {
             return Err(TaskError::Invalid(format!(
                 "disk[{index}].source.image: the volume_mount {volume:?} is read_only, so the \
                  image cannot be written to it; remove read_only from the volume_mount or the \
                  source block"
+            )));
+        }
+        if !is_block_device(&mount.host_path) {
+            return Err(TaskError::Invalid(format!(
+                "{field}: the volume mounted at {volume:?} is not a block device; a disk needs a \
+                 block-device volume (e.g. a dynamic host volume made by the mkblock plugin), \
+                 or drop the disk block to share the directory"
             )));
         }
         nomad_volumes.push(Some(BlockMount {

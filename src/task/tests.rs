@@ -1176,3 +1176,109 @@ async fn a_user_data_file_over_the_limit_is_refused_before_anything_is_made() {
     );
     assert_nothing_left(&harness, "after the refused user_data");
 }
+
+/// Issues 9.6/9.7/11.1/11.2: bad disk sources are refused before any
+/// volume or domain exists, each naming the field and the fix; an
+/// operator's volume named like a task disk is never a source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_disk_sources_are_refused_before_anything_is_created() {
+    use crate::config::names::ObjectName;
+    use crate::config::task::DiskSource;
+    let harness = harness(None);
+    let refused = |request: StartRequest| {
+        let tasks = harness.tasks.clone();
+        let settings = settings(&harness.node);
+        async move {
+            tasks
+                .start(request, settings)
+                .await
+                .expect_err("refused")
+                .to_string()
+        }
+    };
+    let on_volume = |request: &mut StartRequest, name: &str| {
+        request.config.disks[1].source = Some(DiskSource::Volume {
+            name: ObjectName::parse(name).expect("name"),
+            format: None,
+        });
+        request.config.disks[1].size = None;
+    };
+
+    let mut unknown = request(&harness.node, "5eed0001", false);
+    on_volume(&mut unknown, "no-such-base.img");
+    let message = refused(unknown).await;
+    assert!(
+        message.starts_with("disk[1].source.volume:") && message.contains("does not exist"),
+        "{message}"
+    );
+    assert_nothing_left(&harness, "after an unknown source volume");
+
+    // Another task's disk, made before this start.
+    harness
+        .observer
+        .create_volume(
+            POOL,
+            "db-0011aabb_vda.img",
+            VolumeContent::Empty {
+                format: crate::storage::images::ImageFormat::Raw,
+                size: 1 << 20,
+                sparse: true,
+            },
+        )
+        .expect("another task's disk");
+    let mut driver_owned = request(&harness.node, "5eed0002", false);
+    on_volume(&mut driver_owned, "db-0011aabb_vda.img");
+    let message = refused(driver_owned).await;
+    assert!(
+        message.starts_with("disk[1].source.volume:") && message.contains("name another volume"),
+        "{message}"
+    );
+    assert_eq!(harness.volumes(), vec!["db-0011aabb_vda.img".to_string()]);
+    assert!(harness.domains().is_empty());
+
+    // A disk on a Nomad volume no volume_mount provides.
+    let mut unmatched = request(&harness.node, "5eed0003", false);
+    unmatched.config.disks[1] = TaskSpec::try_from(&TaskConfig {
+        disk: Some(vec![DiskConfig {
+            volume: Some("/dev/vdb".into()),
+            ..DiskConfig::default()
+        }]),
+        ..TaskConfig::default()
+    })
+    .expect("valid")
+    .disks[0]
+        .clone();
+    let message = refused(unmatched.clone()).await;
+    assert!(
+        message.starts_with("disk[1].volume:") && message.contains("destination = \"/dev/vdb\""),
+        "{message}"
+    );
+    // Matched, but to a directory.
+    let dir = tempfile::tempdir().expect("dir");
+    unmatched.mounts = vec![crate::task::contract::Mount {
+        host_path: dir.path().to_path_buf(),
+        task_path: "/dev/vdb".into(),
+        read_only: false,
+    }];
+    let message = refused(unmatched.clone()).await;
+    assert!(
+        message.starts_with("disk[1].volume:") && message.contains("not a block device"),
+        "{message}"
+    );
+    // A read_only mount cannot be written from an image.
+    unmatched.mounts[0].read_only = true;
+    unmatched.config.disks[1].source = Some(DiskSource::Image {
+        path: "base.img".into(),
+        format: None,
+    });
+    let task_dir = unmatched.alloc_dir.join("web");
+    std::fs::create_dir_all(&task_dir).expect("task dir");
+    std::fs::write(task_dir.join("base.img"), [0u8; 512]).expect("image");
+    let message = refused(unmatched).await;
+    assert!(
+        message.starts_with("disk[1].source.image:") && message.contains("read_only"),
+        "{message}"
+    );
+    assert_eq!(harness.volumes(), vec!["db-0011aabb_vda.img".to_string()]);
+    assert!(harness.domains().is_empty());
+}
