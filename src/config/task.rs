@@ -289,6 +289,30 @@ impl TaskSpec {
         problems.into_result("task config", ())
     }
 
+    /// Checks that every disk on a Nomad volume names the `destination` of
+    /// one of the task's `volume_mount`s (`destinations`), as StartTask
+    /// matches them.
+    pub fn check_volume_mounts(
+        &self,
+        destinations: &std::collections::BTreeSet<&str>,
+    ) -> Result<(), ConfigErrors> {
+        let mut problems = Problems::default();
+        for (index, disk) in self.disks.iter().enumerate() {
+            let Some(volume) = disk.nomad_volume() else {
+                continue;
+            };
+            if !destinations.contains(volume) {
+                problems.add(
+                    format!("disk[{index}].volume"),
+                    format!(
+                        "no volume_mount of this task has destination {volume:?}; add volume_mount {{ volume = \"...\" destination = {volume:?} }} to the task"
+                    ),
+                );
+            }
+        }
+        problems.into_result("task config", ())
+    }
+
     /// The interfaces that take part in host port mapping and lease discovery.
     pub fn bridges(&self) -> impl Iterator<Item = &BridgeInterface> {
         self.network_interfaces
