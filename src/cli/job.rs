@@ -836,7 +836,7 @@ impl<'a> Parser<'a> {
                             inner.span(),
                             &scope,
                             "volume_mount blocks are not mounted by the local runner",
-                        )
+                        );
                     }
                     _ => {}
                 },

@@ -124,7 +124,7 @@ impl AgentVm {
                 boot_order: None,
                 // The domain XML spells the chain out: without this QEMU
                 // would not open the overlay's backing file.
-                backing: Some((image.clone(), "qcow2".into())),
+                backing: Some((image, "qcow2".into())),
             }],
             shares: vec![],
             interfaces: vec![InterfaceSpec::Network {
