@@ -122,12 +122,26 @@ pub fn is_driver_volume_name(name: &str) -> bool {
     let Some((vm, dev)) = stem.rsplit_once('_') else {
         return false;
     };
-    !vm.is_empty()
-        && ["vd", "sd", "hd", "xvd"].iter().any(|prefix| {
-            dev.strip_prefix(prefix).is_some_and(|rest| {
-                !rest.is_empty() && rest.len() <= 4 && rest.bytes().all(|b| b.is_ascii_lowercase())
-            })
+    if vm.is_empty() {
+        return false;
+    }
+    let generated_dev = ["vd", "sd", "hd", "xvd"].iter().any(|prefix| {
+        dev.strip_prefix(prefix).is_some_and(|rest| {
+            !rest.is_empty() && rest.len() <= 4 && rest.bytes().all(|b| b.is_ascii_lowercase())
         })
+    });
+    // A job's own devname can be any short name, so a volume of one of our
+    // domains (`<task>-<8 characters of the task id>`) counts whatever its
+    // device part.
+    let any_devname = !dev.is_empty()
+        && dev.len() <= 8
+        && dev
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let our_domain = vm.rsplit_once('-').is_some_and(|(task, suffix)| {
+        !task.is_empty() && suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_alphanumeric())
+    });
+    generated_dev || (our_domain && any_devname)
 }
 
 /// Volume names in directory pools are file names: refuses what a file
@@ -318,6 +332,9 @@ mod tests {
             "nomad-virt-base-raw-00ff.img.partial-1-2-3",
             "nmdsrc-qcow2-abcdef.img",
             "python-server_vda.img",
+            // A job's own devname on one of our domains.
+            "web-1a2b3c4d_data.qcow2",
+            "web-1a2b3c4d_d1.img",
         ] {
             assert!(is_driver_volume_name(ours), "{ours}");
         }
@@ -328,6 +345,8 @@ mod tests {
             "_vda.img",
             "data_vd.img",
             "base_vda.raw",
+            "ubuntu-focal_data.img",
+            "web-1a2b3c4d_Data.img",
         ] {
             assert!(!is_driver_volume_name(operators), "{operators}");
         }
