@@ -1049,6 +1049,26 @@ mod tests {
         }
     }
 
+    /// `kind = "lun"`: a block device on the scsi bus, nothing else.
+    #[test]
+    fn a_lun_is_a_block_device_on_scsi() {
+        let mut spec = kvm_full();
+        spec.disks[1].device = DiskDevice::Lun;
+        spec.disks[1].bus = DiskBus::Scsi;
+        spec.disks[1].target_dev = "sdb".into();
+        let xml = render(&spec);
+        assert!(
+            xml.contains("<disk type=\"block\" device=\"lun\">"),
+            "{xml}"
+        );
+        spec.disks[1].bus = DiskBus::Virtio;
+        assert_eq!(rejected(&spec).field, "disks[1].bus");
+        let mut file_lun = kvm_full();
+        file_lun.disks[0].device = DiskDevice::Lun;
+        file_lun.disks[0].bus = DiskBus::Scsi;
+        assert_eq!(rejected(&file_lun).field, "disks[0].device");
+    }
+
     /// Issue 9.7: QEMU never follows a backing file named inside an image;
     /// an overlay's chain is spelled out and ends in `<backingStore/>`.
     #[test]

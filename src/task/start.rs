@@ -759,3 +759,39 @@ pub fn boot(
             .collect(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The seed cdrom's bus follows the machine libvirt chose.
+    #[test]
+    fn seed_bus_follows_the_machine() {
+        use task_config::DiskBus as Bus;
+        for (machine, expected) in [
+            ("pc", Bus::Ide),
+            ("pc-i440fx-7.2", Bus::Ide),
+            ("q35", Bus::Sata),
+            ("pc-q35-8.2", Bus::Sata),
+            ("virt", Bus::Scsi),
+            ("virt-7.2", Bus::Scsi),
+        ] {
+            assert_eq!(seed_bus(machine), expected, "{machine}");
+        }
+    }
+
+    #[test]
+    fn block_mount_devnames_come_from_the_destination() {
+        let mount = |task_path: &str| BlockMount {
+            host_path: "/dev/loop0".into(),
+            task_path: task_path.into(),
+            read_only: false,
+        };
+        assert_eq!(
+            mount("/dev/vdb").devname().map(|n| n.as_str().to_string()),
+            Some("vdb".to_string())
+        );
+        assert_eq!(mount("/data").devname(), None);
+        assert_eq!(mount("/dev/../vdb").devname(), None);
+    }
+}
