@@ -1282,3 +1282,69 @@ async fn bad_disk_sources_are_refused_before_anything_is_created() {
     assert_eq!(harness.volumes(), vec!["db-0011aabb_vda.img".to_string()]);
     assert!(harness.domains().is_empty());
 }
+
+/// Issue 11.1 on the test driver: a `source.volume` disk becomes a clone
+/// in the task's own volume; the domain uses the clone, never the source,
+/// and destroying the task leaves the source where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_volume_is_cloned_and_the_clone_attached() {
+    use crate::config::names::ObjectName;
+    use crate::config::task::DiskSource;
+    let harness = harness(None);
+    harness
+        .observer
+        .prepare_pool(&DirectoryPool {
+            name: POOL.into(),
+            path: harness.node.pool_path.clone(),
+        })
+        .expect("pool");
+    harness
+        .observer
+        .create_volume(
+            POOL,
+            "golden-base.img",
+            VolumeContent::Empty {
+                format: crate::storage::images::ImageFormat::Raw,
+                size: 4 << 20,
+                sparse: true,
+            },
+        )
+        .expect("the operator's volume");
+    let mut request = request(&harness.node, "c10e0001", false);
+    request.config.disks[1].source = Some(DiskSource::Volume {
+        name: ObjectName::parse("golden-base.img").expect("name"),
+        format: None,
+    });
+    // The test driver cannot resize: the clone keeps the source's size
+    // (growing is covered on a real pool in tests/libvirt_storage.rs).
+    request.config.disks[1].size = None;
+    let started = harness
+        .tasks
+        .start(request, settings(&harness.node))
+        .await
+        .expect("start");
+    let domain = started.state.domain_name.clone();
+    let xml = harness
+        .libvirt
+        .call_blocking(|conn| crate::libvirt::domain::domain_xml(conn, &domain))
+        .expect("domain xml")
+        .expect("domain exists");
+    assert!(!xml.contains("golden-base.img"), "{xml}");
+    assert!(xml.contains("web-c10e0001_vdb.img"), "{xml}");
+    assert!(
+        started
+            .state
+            .volumes
+            .iter()
+            .all(|v| v.name != "golden-base.img"),
+        "the source is not the task's to delete: {:?}",
+        started.state.volumes
+    );
+    harness
+        .tasks
+        .destroy("alloc/web/c10e0001", true)
+        .await
+        .expect("destroy");
+    assert_eq!(harness.volumes(), vec!["golden-base.img".to_string()]);
+    assert!(harness.domains().is_empty());
+}
