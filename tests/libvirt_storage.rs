@@ -16,7 +16,8 @@ use nomad_driver_virt::libvirt::storage::{
     refresh_pool, source_volume, upload_bytes, Pool,
 };
 use nomad_driver_virt::storage::volume::{
-    image_cache_key, parent_volume_name, seed_volume_name, unique_suffix, STAGING_MARK,
+    image_cache_key, parent_volume_name, seed_volume_name, unique_suffix, write_image_to_device,
+    STAGING_MARK,
 };
 use nomad_driver_virt::storage::{detect_format, image_virtual_size, ImageFormat, StorageError};
 use virt::connect::Connect;
@@ -691,4 +692,36 @@ fn source_volumes_are_cloned_never_written() {
     assert!(err.to_string().contains("backing file"), "{err}");
     let err = source_volume(&pool, "missing.img").unwrap_err();
     assert!(matches!(err, StorageError::VolumeNotFound { .. }), "{err}");
+}
+
+/// Issue 11.2: an image is written onto a Nomad volume's device as raw
+/// bytes; an image larger than the device is refused before any write.
+/// (A regular file stands in for the block device; the e2e test uses a
+/// loop device.)
+#[test]
+fn an_image_is_written_onto_a_volume_device() {
+    if !common::host_ready(&[common::Need::Tool {
+        program: "qemu-img",
+        package: "qemu-utils",
+    }]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, qcow2) = source_images(dir.path());
+    let device = dir.path().join("device");
+    std::fs::write(&device, vec![0x11u8; 20 * MIB as usize]).unwrap();
+    write_image_to_device(&qcow2, ImageFormat::Qcow2, &device).unwrap();
+    let written = std::fs::read(&device).unwrap();
+    let source = std::fs::read(&raw).unwrap();
+    assert_eq!(&written[..source.len()], &source[..]);
+    assert!(
+        written[source.len()..].iter().all(|&b| b == 0x11),
+        "bytes past the image are left alone"
+    );
+    let small = dir.path().join("small-device");
+    std::fs::write(&small, vec![0x22u8; MIB as usize]).unwrap();
+    let err = write_image_to_device(&raw, ImageFormat::Raw, &small).unwrap_err();
+    assert!(matches!(err, StorageError::UnsafeImage { .. }), "{err}");
+    assert!(err.to_string().contains("exceeds"), "{err}");
+    assert!(std::fs::read(&small).unwrap().iter().all(|&b| b == 0x22));
 }

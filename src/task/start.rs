@@ -529,7 +529,6 @@ pub fn boot(
                 progress("Writing image to volume");
                 volume::write_image_to_device(image, image_format, &volume.host_path)
                     .map_err(|e| e.in_field(format!("{field}.source.image")))?;
-                crash_point("start:disk");
             }
             disk_specs.push(DiskSpec {
                 source: DiskSource::Block(volume.host_path.clone()),
