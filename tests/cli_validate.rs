@@ -270,6 +270,40 @@ fn bad_disk_values_are_all_reported() {
     );
 }
 
+/// A disk on a Nomad volume needs the task's volume_mount with that
+/// destination, as StartTask matches them (issue 11.2).
+#[test]
+fn disk_on_a_volume_no_volume_mount_provides() {
+    let config = format!("{DISK}\n        disk {{\n          volume = \"/dev/vdb\"\n        }}");
+    let job = job_with_config(&config);
+    assert_problem(
+        "unmatched-volume",
+        &job,
+        17,
+        "disk[1].volume",
+        &["no volume_mount", "destination = \"/dev/vdb\""],
+    );
+    // With the mount it validates.
+    let mounted = job.replace(
+        "      driver = \"virt\"\n",
+        "      driver = \"virt\"\n      volume_mount {\n        volume      = \"data\"\n        destination = \"/dev/vdb\"\n      }\n",
+    );
+    assert_ne!(mounted, job);
+    let dir = tempfile::Builder::new()
+        .prefix("ndvtest-validate-")
+        .tempdir()
+        .expect("tempdir");
+    let path = dir.path().join("mounted.nomad.hcl");
+    std::fs::write(&path, &mounted).expect("write job");
+    let output = validate(&[&path]);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
 #[test]
 fn too_little_memory() {
     let job = job_with_config(DISK).replace("memory = 256", "memory = 32");

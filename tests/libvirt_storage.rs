@@ -11,12 +11,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use nomad_driver_virt::libvirt::storage::{
-    create_empty, create_from_image, create_overlay, delete_volume, ensure_directory_pool,
-    ensure_parent, lookup_pool, pool_fingerprint, prune_unused_parents, refresh_pool, upload_bytes,
-    Pool,
+    clone_volume, create_empty, create_from_image, create_overlay, delete_volume,
+    ensure_directory_pool, ensure_parent, lookup_pool, pool_fingerprint, prune_unused_parents,
+    refresh_pool, source_volume, upload_bytes, Pool,
 };
 use nomad_driver_virt::storage::volume::{
-    image_cache_key, parent_volume_name, seed_volume_name, unique_suffix, STAGING_MARK,
+    image_cache_key, parent_volume_name, seed_volume_name, unique_suffix, write_image_to_device,
+    STAGING_MARK,
 };
 use nomad_driver_virt::storage::{detect_format, image_virtual_size, ImageFormat, StorageError};
 use virt::connect::Connect;
@@ -542,4 +543,185 @@ fn qemu_img_qcow2_is_detected_and_backing_files_refused() {
     );
     let err = check_image_safe(&overlay, ImageFormat::Qcow2).unwrap_err();
     assert!(err.to_string().contains("backing file"), "{err}");
+}
+
+fn file_digest(path: &Path) -> (Vec<u8>, i64, i64) {
+    let meta = std::fs::metadata(path).unwrap();
+    (
+        std::fs::read(path).unwrap(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    )
+}
+
+/// Issues 9.7 and 11.1: a job's `source.volume` is cloned into a new
+/// volume (resized, format honoured) or overlaid (chained); the source's
+/// bytes and mtime never change. Driver-owned names, backing-file qcow2
+/// and unknown volumes are refused before anything is created.
+#[test]
+fn source_volumes_are_cloned_never_written() {
+    if !common::host_ready(&[
+        common::Need::Root,
+        common::Need::Libvirtd,
+        common::Need::Tool {
+            program: "qemu-img",
+            package: "qemu-utils",
+        },
+    ]) {
+        return;
+    }
+    let (guard, pool) = PoolGuard::transient();
+    let pool_dir = guard.dir.path().join("pool");
+    let (raw, qcow2) = source_images(guard.dir.path());
+    std::fs::copy(&raw, pool_dir.join("base.img")).unwrap();
+    std::fs::copy(&qcow2, pool_dir.join("base.qcow2")).unwrap();
+    refresh_pool(&pool).unwrap();
+    let before_raw = file_digest(&pool_dir.join("base.img"));
+    let before_qcow2 = file_digest(&pool_dir.join("base.qcow2"));
+
+    let source = source_volume(&pool, "base.img").unwrap();
+    assert_eq!(source.format, ImageFormat::Raw);
+    assert_eq!(source.capacity, 16 * MIB);
+    // raw -> qcow2, grown to 32 MiB.
+    let clone = clone_volume(
+        &pool,
+        "vm_vda.qcow2",
+        &source,
+        ImageFormat::Qcow2,
+        Some(32 * MIB),
+        true,
+    )
+    .unwrap();
+    let info = qemu_img_info(&clone.path().unwrap());
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["virtual-size"], 32 * MIB, "{info}");
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    // The first 16 MiB are the source's bytes.
+    let head = guard.dir.path().join("head.img");
+    run(
+        "qemu-img",
+        &[
+            &"convert",
+            &"-U",
+            &"-O",
+            &"raw",
+            &clone.path().unwrap(),
+            &head,
+        ],
+    );
+    let head_bytes = std::fs::read(&head).unwrap();
+    assert_eq!(
+        &head_bytes[..16 * MIB as usize],
+        &std::fs::read(&raw).unwrap()[..]
+    );
+
+    // qcow2 -> raw, not sparse: the whole file is allocated.
+    let source = source_volume(&pool, "base.qcow2").unwrap();
+    assert_eq!(source.format, ImageFormat::Qcow2);
+    let clone = clone_volume(
+        &pool,
+        "vm_vdb.img",
+        &source,
+        ImageFormat::Raw,
+        Some(24 * MIB),
+        false,
+    )
+    .unwrap();
+    let path = clone.path().unwrap();
+    assert_eq!(qemu_img_info(&path)["format"], "raw");
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), 24 * MIB);
+    assert!(
+        meta.blocks() * 512 >= 24 * MIB,
+        "sparse = false allocates the file: {} blocks",
+        meta.blocks()
+    );
+    // A sparse raw clone is not fully allocated.
+    let sparse = clone_volume(
+        &pool,
+        "vm_vdc.img",
+        &source,
+        ImageFormat::Raw,
+        Some(64 * MIB),
+        true,
+    )
+    .unwrap();
+    let meta = std::fs::metadata(sparse.path().unwrap()).unwrap();
+    assert!(meta.blocks() * 512 < 32 * MIB, "{} blocks", meta.blocks());
+
+    // chained: a qcow2 overlay whose backing file is the source.
+    let overlay = create_overlay(
+        &pool,
+        "vm_vdd.qcow2",
+        &source.volume,
+        source.format,
+        Some(20 * MIB),
+    )
+    .unwrap();
+    let info = qemu_img_info(&overlay.path().unwrap());
+    assert_eq!(
+        info["backing-filename"],
+        pool_dir.join("base.qcow2").to_string_lossy().as_ref(),
+        "{info}"
+    );
+    assert_eq!(info["virtual-size"], 20 * MIB, "{info}");
+
+    assert_eq!(file_digest(&pool_dir.join("base.img")), before_raw);
+    assert_eq!(file_digest(&pool_dir.join("base.qcow2")), before_qcow2);
+
+    // Refused: another task's disk, a seed, a shared parent, the overlay
+    // just made (it has a backing file), an unknown volume.
+    for name in [
+        "vm_vda.qcow2",
+        "vm_cidata.iso",
+        "nomad-virt-base-raw-00ff.img",
+    ] {
+        let err = source_volume(&pool, name).unwrap_err();
+        assert!(
+            matches!(err, StorageError::DriverOwnedVolume { .. }),
+            "{name}: {err}"
+        );
+        assert!(err.to_string().contains("name another volume"), "{err}");
+    }
+    std::fs::copy(overlay.path().unwrap(), pool_dir.join("chain.qcow2")).unwrap();
+    let err = source_volume(&pool, "chain.qcow2").unwrap_err();
+    assert!(
+        matches!(err, StorageError::UnsafeSourceVolume { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("backing file"), "{err}");
+    let err = source_volume(&pool, "missing.img").unwrap_err();
+    assert!(matches!(err, StorageError::VolumeNotFound { .. }), "{err}");
+}
+
+/// Issue 11.2: an image is written onto a Nomad volume's device as raw
+/// bytes; an image larger than the device is refused before any write.
+/// (A regular file stands in for the block device; the e2e test uses a
+/// loop device.)
+#[test]
+fn an_image_is_written_onto_a_volume_device() {
+    if !common::host_ready(&[common::Need::Tool {
+        program: "qemu-img",
+        package: "qemu-utils",
+    }]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, qcow2) = source_images(dir.path());
+    let device = dir.path().join("device");
+    std::fs::write(&device, vec![0x11u8; 20 * MIB as usize]).unwrap();
+    write_image_to_device(&qcow2, ImageFormat::Qcow2, &device).unwrap();
+    let written = std::fs::read(&device).unwrap();
+    let source = std::fs::read(&raw).unwrap();
+    assert_eq!(&written[..source.len()], &source[..]);
+    assert!(
+        written[source.len()..].iter().all(|&b| b == 0x11),
+        "bytes past the image are left alone"
+    );
+    let small = dir.path().join("small-device");
+    std::fs::write(&small, vec![0x22u8; MIB as usize]).unwrap();
+    let err = write_image_to_device(&raw, ImageFormat::Raw, &small).unwrap_err();
+    assert!(matches!(err, StorageError::UnsafeImage { .. }), "{err}");
+    assert!(err.to_string().contains("exceeds"), "{err}");
+    assert!(std::fs::read(&small).unwrap().iter().all(|&b| b == 0x22));
 }

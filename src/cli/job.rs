@@ -91,6 +91,9 @@ pub struct Task {
     pub user: Option<String>,
     pub artifacts: Vec<ArtifactSpec>,
     pub templates: Vec<TemplateSpec>,
+    /// `destination`s of the `volume_mount` blocks written as plain
+    /// strings: what `disk { volume = "..." }` is matched against.
+    pub volume_mounts: Vec<String>,
 }
 
 impl Task {
@@ -766,6 +769,7 @@ impl<'a> Parser<'a> {
             user: None,
             artifacts: Vec::new(),
             templates: Vec::new(),
+            volume_mounts: Vec::new(),
         };
         for structure in &block.body {
             match structure {
@@ -820,11 +824,20 @@ impl<'a> Parser<'a> {
                     "resources" => task.resources = self.resources(inner, &scope),
                     "artifact" => task.artifacts.push(self.artifact(inner)),
                     "template" => task.templates.push(self.template(inner)),
-                    "volume_mount" => self.warning(
-                        inner.span(),
-                        &scope,
-                        "volume_mount blocks are not mounted by the local runner",
-                    ),
+                    "volume_mount" => {
+                        if let Some(hcl::Expression::String(destination)) = inner
+                            .body
+                            .get_attribute("destination")
+                            .map(|a| hcl::Expression::from(a.value.clone()))
+                        {
+                            task.volume_mounts.push(destination);
+                        }
+                        self.warning(
+                            inner.span(),
+                            &scope,
+                            "volume_mount blocks are not mounted by the local runner",
+                        );
+                    }
                     _ => {}
                 },
             }

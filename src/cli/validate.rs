@@ -117,6 +117,14 @@ pub fn check_task(
         .err()
         .map(located)
         .unwrap_or_default();
+    let mounts: BTreeSet<&str> = task.volume_mounts.iter().map(String::as_str).collect();
+    problems.extend(
+        typed
+            .check_volume_mounts(&mounts)
+            .err()
+            .map(located)
+            .unwrap_or_default(),
+    );
     let memory = task.resources.memory.unwrap_or(alloc::DEFAULT_MEMORY_MB);
     if let Err(problem) = crate::task::plan::check_memory(memory) {
         problems.push(at(

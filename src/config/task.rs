@@ -78,6 +78,8 @@ pub enum DiskKind {
     #[default]
     Disk,
     Cdrom,
+    /// SCSI pass-through of a block device (a disk on a Nomad volume).
+    Lun,
 }
 
 /// The bus a disk is attached to.
@@ -139,7 +141,7 @@ macro_rules! keywords {
     };
 }
 
-keywords!(DiskKind { Disk => "disk", Cdrom => "cdrom" });
+keywords!(DiskKind { Disk => "disk", Cdrom => "cdrom", Lun => "lun" });
 keywords!(DiskBus { Virtio => "virtio", Sata => "sata", Scsi => "scsi", Ide => "ide", Usb => "usb" });
 keywords!(DiskFormat { Qcow2 => "qcow2", Raw => "raw" });
 keywords!(DiskDriver { Qemu => "qemu" });
@@ -211,7 +213,8 @@ pub struct DiskSpec {
     pub size: Option<ByteSize>,
     pub chained: bool,
     pub read_only: bool,
-    pub sparse: bool,
+    /// As written; see [`DiskSpec::sparse`] for the one used.
+    pub sparse: Option<bool>,
     /// Where the contents come from; `None` is an empty disk of `size`.
     pub source: Option<DiskSource>,
 }
@@ -233,13 +236,28 @@ pub enum DiskSource {
 }
 
 impl DiskSpec {
-    /// The bus the disk uses: `bus_type`, else IDE for cdroms and virtio otherwise.
+    /// The bus the disk uses: `bus_type`, else IDE for cdroms, SCSI for
+    /// luns and virtio otherwise.
     pub fn bus(&self) -> DiskBus {
         match (self.bus_type, self.kind) {
             (Some(bus), _) => bus,
             (None, DiskKind::Cdrom) => DiskBus::Ide,
+            (None, DiskKind::Lun) => DiskBus::Scsi,
             (None, DiskKind::Disk) => DiskBus::Virtio,
         }
+    }
+
+    /// Whether the volume is made sparse: `sparse` as written, else (as in
+    /// the Go driver's directory pools) sparse for qcow2 and allocated in
+    /// full for raw.
+    pub fn sparse(&self, format: DiskFormat) -> bool {
+        self.sparse.unwrap_or(format == DiskFormat::Qcow2)
+    }
+
+    /// The guest device a disk on a Nomad volume is matched by: the
+    /// `destination` of the task's `volume_mount` (`/dev/vdb`).
+    pub fn nomad_volume(&self) -> Option<&str> {
+        self.volume.as_deref().filter(|volume| !volume.is_empty())
     }
 
     /// The image path, when the disk is made from an image.
@@ -281,6 +299,30 @@ impl TaskSpec {
                     format!("network_interface[{index}].bridge.ports[{port_index}]"),
                     format!(
                         "{label:?} is not a port of {group} ({known}); add network {{ port {label:?} {{ to = ... }} }} to the group"
+                    ),
+                );
+            }
+        }
+        problems.into_result("task config", ())
+    }
+
+    /// Checks that every disk on a Nomad volume names the `destination` of
+    /// one of the task's `volume_mount`s (`destinations`), as StartTask
+    /// matches them.
+    pub fn check_volume_mounts(
+        &self,
+        destinations: &std::collections::BTreeSet<&str>,
+    ) -> Result<(), ConfigErrors> {
+        let mut problems = Problems::default();
+        for (index, disk) in self.disks.iter().enumerate() {
+            let Some(volume) = disk.nomad_volume() else {
+                continue;
+            };
+            if !destinations.contains(volume) {
+                problems.add(
+                    format!("disk[{index}].volume"),
+                    format!(
+                        "no volume_mount of this task has destination {volume:?}; add volume_mount {{ volume = \"...\" destination = {volume:?} }} to the task"
                     ),
                 );
             }
@@ -631,6 +673,13 @@ fn check_disk(disk: &DiskConfig, field: &str, problems: &mut Problems) -> DiskSp
             "needs source.image or source.volume: a chained disk is an overlay on one",
         );
     }
+    // As in Go's directory pools: the overlay is a qcow2 file.
+    if chained && format.is_some_and(|format| format != DiskFormat::Qcow2) {
+        problems.add(
+            format!("{field}.format"),
+            "must be \"qcow2\" (or unset) on a chained disk: the overlay is a qcow2 file",
+        );
+    }
     // A disk on a Nomad volume (`volume = "/dev/vdX"`, matched to the task's
     // volume_mount) takes its size from the block device, as in Go.
     let on_nomad_volume = disk.volume.as_deref().is_some_and(|v| !v.is_empty());
@@ -657,6 +706,25 @@ fn check_disk(disk: &DiskConfig, field: &str, problems: &mut Problems) -> DiskSp
                 problems.add(format!("{field}.{name}"), not_on_volume);
             }
         }
+    }
+    if let Some(volume) = disk.volume.as_deref() {
+        // Matched to a volume_mount whose destination is under /dev/, as in
+        // Go; the name after /dev/ becomes the guest device name.
+        let name_ok = volume
+            .strip_prefix("/dev/")
+            .is_some_and(|name| GuestDeviceName::parse(name).is_ok());
+        if !name_ok {
+            problems.add(
+                format!("{field}.volume"),
+                format!("{volume:?} is not a volume_mount destination under /dev/; use the destination of the task's volume_mount, e.g. volume = \"/dev/vdb\" with volume_mount {{ destination = \"/dev/vdb\" }}"),
+            );
+        }
+    }
+    if kind == DiskKind::Lun && !on_nomad_volume {
+        problems.add(
+            format!("{field}.kind"),
+            "\"lun\" passes a block device through: use it on a disk on a Nomad volume (volume = \"/dev/...\")",
+        );
     }
     if disk
         .source
@@ -689,7 +757,7 @@ fn check_disk(disk: &DiskConfig, field: &str, problems: &mut Problems) -> DiskSp
         size: disk.size,
         chained,
         read_only: disk.read_only == Some(true),
-        sparse: disk.sparse == Some(true),
+        sparse: disk.sparse,
         source,
     }
 }
@@ -955,6 +1023,84 @@ mod tests {
                 .contains("\"auto\", \"virtiofs\", \"9p\""),
             "{error}"
         );
+    }
+
+    /// Issue 11.3: kind "lun" (block devices only), Nomad volume names,
+    /// chained needs qcow2, and sparse defaults as in Go (qcow2 sparse,
+    /// raw allocated).
+    #[test]
+    fn disk_attributes_go_accepts_are_checked_and_honoured() {
+        let spec = |disk: DiskConfig| {
+            TaskSpec::try_from(&TaskConfig {
+                disk: Some(vec![disk]),
+                ..Default::default()
+            })
+        };
+        let fields = |disk: DiskConfig| -> Vec<String> {
+            spec(disk)
+                .err()
+                .map(|e| e.errors.iter().map(|p| p.field.clone()).collect())
+                .unwrap_or_default()
+        };
+        let lun = spec(DiskConfig {
+            volume: Some("/dev/sdb".into()),
+            kind: Some("lun".into()),
+            ..Default::default()
+        })
+        .expect("lun on a Nomad volume");
+        assert_eq!(lun.disks[0].kind, DiskKind::Lun);
+        assert_eq!(lun.disks[0].bus(), DiskBus::Scsi);
+        assert_eq!(lun.disks[0].nomad_volume(), Some("/dev/sdb"));
+        assert_eq!(
+            fields(DiskConfig {
+                size: Some(ByteSize(1 << 20)),
+                kind: Some("lun".into()),
+                ..Default::default()
+            }),
+            ["disk[0].kind"]
+        );
+        for bad in [
+            "vdb",
+            "/dev/../etc/passwd",
+            "/dev/VDB",
+            "/mnt/data",
+            "/dev/",
+        ] {
+            assert_eq!(
+                fields(DiskConfig {
+                    volume: Some(bad.into()),
+                    ..Default::default()
+                }),
+                ["disk[0].volume"],
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            fields(DiskConfig {
+                chained: Some(true),
+                format: Some("raw".into()),
+                source: Some(DiskSourceConfig {
+                    volume: Some("base.img".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ["disk[0].format"]
+        );
+        let sized = |sparse: Option<bool>| {
+            spec(DiskConfig {
+                size: Some(ByteSize(1 << 20)),
+                sparse,
+                ..Default::default()
+            })
+            .expect("valid")
+            .disks[0]
+                .clone()
+        };
+        assert!(sized(None).sparse(DiskFormat::Qcow2));
+        assert!(!sized(None).sparse(DiskFormat::Raw));
+        assert!(sized(Some(true)).sparse(DiskFormat::Raw));
+        assert!(!sized(Some(false)).sparse(DiskFormat::Qcow2));
     }
 
     /// Go's rules for disks on Nomad volumes and for empty source blocks.

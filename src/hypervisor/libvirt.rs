@@ -1,11 +1,13 @@
 //! The libvirt backend of [`Hypervisor`], on the plugin's shared connection: each method is
 //! one call into this module's domain and storage functions.
 
-use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use super::{DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent};
+use super::{
+    CreatedDisk, DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError,
+    SourceVolumeFacts, VolumeContent,
+};
 use crate::config::plugin::DirectoryPool;
 use crate::libvirt::conn::Connect;
 use crate::libvirt::domain_xml::{render_domain_xml, DomainSpec, DomainType};
@@ -140,19 +142,23 @@ impl Hypervisor for LibvirtHypervisor {
         pool_name: &str,
         name: &str,
         content: VolumeContent<'_>,
-    ) -> Result<PathBuf, HypervisorError> {
+    ) -> Result<CreatedDisk, HypervisorError> {
         self.with(|conn| {
             let pool = pool(conn, pool_name)?;
+            let mut backing = None;
             let created = match content {
-                VolumeContent::Empty { format, size } => {
-                    storage::create_empty(&pool, name, format, size)?
-                }
+                VolumeContent::Empty {
+                    format,
+                    size,
+                    sparse,
+                } => storage::create_empty_with(&pool, name, format, size, sparse)?,
                 VolumeContent::Copy {
                     image,
                     image_format,
                     format,
                     capacity,
-                } => storage::create_from_image(
+                    sparse,
+                } => storage::create_from_image_with(
                     conn,
                     &pool,
                     name,
@@ -160,6 +166,7 @@ impl Hypervisor for LibvirtHypervisor {
                     image_format,
                     format,
                     capacity,
+                    sparse,
                 )?,
                 VolumeContent::Overlay {
                     image,
@@ -167,22 +174,55 @@ impl Hypervisor for LibvirtHypervisor {
                     capacity,
                 } => {
                     let parent = storage::ensure_parent(conn, &pool, image, image_format)?;
+                    backing = Some((parent.path()?, image_format));
                     storage::create_overlay(&pool, name, &parent, image_format, capacity)?
+                }
+                VolumeContent::Clone {
+                    source,
+                    format,
+                    capacity,
+                    sparse,
+                } => {
+                    let source = storage::source_volume(&pool, source)?;
+                    storage::clone_volume(&pool, name, &source, format, capacity, sparse)?
+                }
+                VolumeContent::VolumeOverlay { source, capacity } => {
+                    let source = storage::source_volume(&pool, source)?;
+                    backing = Some((source.volume.path()?, source.format));
+                    storage::create_overlay(&pool, name, &source.volume, source.format, capacity)?
                 }
                 VolumeContent::Bytes { data, format } => {
                     storage::upload_bytes(conn, &pool, name, data, format)?
                 }
             };
-            Ok(created.path()?)
+            Ok(CreatedDisk {
+                path: created.path()?,
+                backing,
+            })
         })
     }
 
-    fn existing_volume_path(
+    fn source_volume(
         &self,
         pool_name: &str,
         name: &str,
-    ) -> Result<PathBuf, HypervisorError> {
-        self.with(|conn| Ok(storage::existing_path(&pool(conn, pool_name)?, name)?))
+    ) -> Result<SourceVolumeFacts, HypervisorError> {
+        self.with(|conn| {
+            let source = storage::source_volume(&pool(conn, pool_name)?, name)?;
+            Ok(SourceVolumeFacts {
+                format: source.format,
+                capacity: source.capacity,
+            })
+        })
+    }
+
+    fn os_defaults(
+        &self,
+        arch: Option<&str>,
+        machine: Option<&str>,
+        virt_type: &str,
+    ) -> Result<Result<host::OsDefaults, String>, HypervisorError> {
+        self.with(|conn| Ok(host::os_defaults(conn, arch, machine, virt_type)?))
     }
 
     fn delete_volume(&self, created: &CreatedVolume) -> Result<(), HypervisorError> {

@@ -30,16 +30,37 @@ pub struct HostFacts {
     pub kvm_offered: bool,
 }
 
-/// What a new volume holds.
+/// What a new volume holds. `sparse = false` allocates a raw volume's
+/// whole file (qcow2: its metadata), as the disk's `sparse` asks.
 #[derive(Debug, Clone, Copy)]
 pub enum VolumeContent<'a> {
     /// Zeroes, `size` bytes.
-    Empty { format: ImageFormat, size: u64 },
+    Empty {
+        format: ImageFormat,
+        size: u64,
+        sparse: bool,
+    },
     /// A copy of a host image, converted to `format`, grown to `capacity`.
     Copy {
         image: &'a Path,
         image_format: ImageFormat,
         format: ImageFormat,
+        capacity: Option<u64>,
+        sparse: bool,
+    },
+    /// A clone of the operator's volume `source` in the same pool (checked
+    /// with [`Hypervisor::source_volume`]), in `format`, grown to
+    /// `capacity`; the source is only read.
+    Clone {
+        source: &'a str,
+        format: ImageFormat,
+        capacity: Option<u64>,
+        sparse: bool,
+    },
+    /// A qcow2 overlay whose backing file is the operator's volume `source`
+    /// in the same pool; the source is never written.
+    VolumeOverlay {
+        source: &'a str,
         capacity: Option<u64>,
     },
     /// A qcow2 overlay on a shared parent made from the image.
@@ -50,6 +71,22 @@ pub enum VolumeContent<'a> {
     },
     /// These bytes (the cloud-init seed).
     Bytes { data: &'a [u8], format: ImageFormat },
+}
+
+/// A volume the driver made for a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedDisk {
+    pub path: PathBuf,
+    /// For an overlay: its backing file and that file's format, so the
+    /// domain XML can spell out the whole chain.
+    pub backing: Option<(PathBuf, ImageFormat)>,
+}
+
+/// What a checked `source.volume` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceVolumeFacts {
+    pub format: ImageFormat,
+    pub capacity: u64,
 }
 
 /// A domain's state in libvirt's raw codes (`VIR_DOMAIN_*` and the
@@ -95,15 +132,26 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// Makes sure the pool exists and is started.
     fn prepare_pool(&self, pool: &DirectoryPool) -> Result<(), HypervisorError>;
-    /// Creates `name` in `pool` and returns its path.
+    /// Creates `name` in `pool` and returns its path (and backing file).
     fn create_volume(
         &self,
         pool: &str,
         name: &str,
         content: VolumeContent<'_>,
-    ) -> Result<PathBuf, HypervisorError>;
-    /// The path of a volume the operator made (never created nor deleted by us).
-    fn existing_volume_path(&self, pool: &str, name: &str) -> Result<PathBuf, HypervisorError>;
+    ) -> Result<CreatedDisk, HypervisorError>;
+    /// Checks a volume the operator made that a job names as
+    /// `source.volume` (never attached, written nor deleted by us): it
+    /// exists, is not one of the driver's own, and has no backing file.
+    fn source_volume(&self, pool: &str, name: &str) -> Result<SourceVolumeFacts, HypervisorError>;
+    /// The `os` a domain gets: what the job set, the rest from the host's
+    /// capabilities for `virt_type` (`kvm`/`qemu`). The inner error names
+    /// the job field to set.
+    fn os_defaults(
+        &self,
+        arch: Option<&str>,
+        machine: Option<&str>,
+        virt_type: &str,
+    ) -> Result<Result<crate::libvirt::host::OsDefaults, String>, HypervisorError>;
     /// Deletes a volume; a missing pool or volume is fine.
     fn delete_volume(&self, volume: &CreatedVolume) -> Result<(), HypervisorError>;
     /// Deletes chained-disk parents no volume has used for `idle`.

@@ -67,6 +67,8 @@ pub enum DiskDevice {
     Disk,
     /// Always rendered read-only (e.g. the cloud-init NoCloud seed ISO).
     Cdrom,
+    /// SCSI commands passed through to a block device.
+    Lun,
 }
 
 impl DiskDevice {
@@ -74,6 +76,7 @@ impl DiskDevice {
         match self {
             DiskDevice::Disk => "disk",
             DiskDevice::Cdrom => "cdrom",
+            DiskDevice::Lun => "lun",
         }
     }
 }
@@ -124,6 +127,10 @@ pub struct DiskSpec {
     /// uses per-device ordering only: libvirt forbids mixing it with
     /// `<os><boot dev=…/>`.
     pub boot_order: Option<u32>,
+    /// The backing file of a qcow2 overlay and its format (`qcow2`/`raw`).
+    /// The chain is always spelled out: `None` renders `<backingStore/>`,
+    /// so QEMU never follows a backing file named inside an image.
+    pub backing: Option<(PathBuf, String)>,
 }
 
 /// How a host directory reaches the guest.
@@ -493,6 +500,35 @@ fn check_disk(i: usize, disk: &DiskSpec) -> Result<(), DomainXmlError> {
             "a cdrom cannot use the virtio bus; use ide, sata or scsi",
         ));
     }
+    if disk.device == DiskDevice::Lun {
+        if !matches!(disk.source, DiskSource::Block(_)) {
+            return Err(DomainXmlError::new(
+                format!("disks[{i}].device"),
+                "a lun must be a block device; libvirt passes SCSI commands only to those",
+            ));
+        }
+        if disk.bus != DiskBus::Scsi {
+            return Err(DomainXmlError::new(
+                format!("disks[{i}].bus"),
+                "a lun needs the scsi bus",
+            ));
+        }
+    }
+    if let Some((path, format)) = &disk.backing {
+        check_path(&format!("disks[{i}].backing"), path)?;
+        if !matches!(format.as_str(), "qcow2" | "raw") {
+            return Err(DomainXmlError::new(
+                format!("disks[{i}].backing"),
+                format!("format {format:?} is not supported; use \"qcow2\" or \"raw\""),
+            ));
+        }
+        if disk.format != "qcow2" {
+            return Err(DomainXmlError::new(
+                format!("disks[{i}].backing"),
+                "only a qcow2 disk can have a backing file",
+            ));
+        }
+    }
     if disk.boot_order == Some(0) {
         return Err(DomainXmlError::new(
             format!("disks[{i}].boot_order"),
@@ -688,6 +724,19 @@ fn write_disk(w: &mut XmlWriter, disk: &DiskSpec) {
     );
     w.empty("driver", &[("name", "qemu"), ("type", &disk.format)]);
     w.empty("source", &[(source_attr, &path)]);
+    // The chain ends here, whatever the image files say: a parent with a
+    // backing file of its own (or a raw disk holding a qcow2 header) must
+    // not make QEMU open other host files.
+    match &disk.backing {
+        Some((parent, format)) => {
+            w.open("backingStore", &[("type", "file")]);
+            w.empty("format", &[("type", format)]);
+            w.empty("source", &[("file", &path_text(parent))]);
+            w.empty("backingStore", &[]);
+            w.close("backingStore");
+        }
+        None => w.empty("backingStore", &[]),
+    }
     w.empty(
         "target",
         &[("dev", &disk.target_dev), ("bus", disk.bus.as_str())],
@@ -806,6 +855,7 @@ mod tests {
                     device: DiskDevice::Disk,
                     read_only: false,
                     boot_order: None,
+                    backing: None,
                 },
                 DiskSpec {
                     source: DiskSource::File(
@@ -817,6 +867,7 @@ mod tests {
                     device: DiskDevice::Cdrom,
                     read_only: false, // a cdrom is read-only regardless
                     boot_order: None,
+                    backing: None,
                 },
             ],
             shares: [
@@ -869,6 +920,10 @@ mod tests {
                     device: DiskDevice::Disk,
                     read_only: false,
                     boot_order: Some(1),
+                    backing: Some((
+                        "/var/lib/nomad-driver-virt/pool/nomad-virt-base-raw-00ff.img".into(),
+                        "raw".into(),
+                    )),
                 },
                 DiskSpec {
                     source: DiskSource::Block("/dev/mapper/vg0-dbdata".into()),
@@ -878,6 +933,7 @@ mod tests {
                     device: DiskDevice::Disk,
                     read_only: false,
                     boot_order: Some(2),
+                    backing: None,
                 },
                 DiskSpec {
                     source: DiskSource::File(
@@ -889,6 +945,7 @@ mod tests {
                     device: DiskDevice::Cdrom,
                     read_only: true,
                     boot_order: None,
+                    backing: None,
                 },
             ],
             // Read-write: read-only virtiofs needs libvirt >= 11.0.
@@ -990,6 +1047,61 @@ mod tests {
                 path.display()
             );
         }
+    }
+
+    /// `kind = "lun"`: a block device on the scsi bus, nothing else.
+    #[test]
+    fn a_lun_is_a_block_device_on_scsi() {
+        let mut spec = kvm_full();
+        spec.disks[1].device = DiskDevice::Lun;
+        spec.disks[1].bus = DiskBus::Scsi;
+        spec.disks[1].target_dev = "sdb".into();
+        let xml = render(&spec);
+        assert!(
+            xml.contains("<disk type=\"block\" device=\"lun\">"),
+            "{xml}"
+        );
+        spec.disks[1].bus = DiskBus::Virtio;
+        assert_eq!(rejected(&spec).field, "disks[1].bus");
+        let mut file_lun = kvm_full();
+        file_lun.disks[0].device = DiskDevice::Lun;
+        file_lun.disks[0].bus = DiskBus::Scsi;
+        assert_eq!(rejected(&file_lun).field, "disks[0].device");
+    }
+
+    /// Issue 9.7: QEMU never follows a backing file named inside an image;
+    /// an overlay's chain is spelled out and ends in `<backingStore/>`.
+    #[test]
+    fn every_disk_pins_its_backing_chain() {
+        let xml = render(&kvm_full());
+        let root = parse_xml(&xml).unwrap();
+        for disk in all(&root, "disk") {
+            let chain = disk
+                .child("backingStore")
+                .expect("backingStore on every disk");
+            let source = disk.child("source").unwrap();
+            if source.attr("file").is_some_and(|f| f.ends_with("_vda.img")) {
+                assert_eq!(chain.attr("type"), Some("file"));
+                assert_eq!(
+                    chain.child("source").and_then(|s| s.attr("file")),
+                    Some("/var/lib/nomad-driver-virt/pool/nomad-virt-base-raw-00ff.img")
+                );
+                assert_eq!(
+                    chain.child("format").and_then(|f| f.attr("type")),
+                    Some("raw")
+                );
+                let end = chain.child("backingStore").expect("the chain ends");
+                assert!(end.children.is_empty() && end.attributes.is_empty());
+            } else {
+                assert!(chain.children.is_empty(), "{xml}");
+            }
+        }
+        let mut raw_with_backing = kvm_full();
+        raw_with_backing.disks[1].backing = Some(("/x/base.img".into(), "raw".into()));
+        assert_eq!(rejected(&raw_with_backing).field, "disks[1].backing");
+        let mut bad_format = kvm_full();
+        bad_format.disks[0].backing = Some(("/x/base.img".into(), "vmdk".into()));
+        assert_eq!(rejected(&bad_format).field, "disks[0].backing");
     }
 
     #[test]

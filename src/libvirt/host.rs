@@ -62,6 +62,98 @@ pub fn offers_kvm(capabilities_xml: &str) -> bool {
     offered
 }
 
+/// The guest architecture and machine a domain gets when the job's `os`
+/// block leaves them out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OsDefaults {
+    pub arch: String,
+    pub machine: String,
+}
+
+/// Fills in what the job left out of `os` from the host, as the Go driver
+/// does: the architecture is the host CPU's (capabilities `<host><cpu>
+/// <arch>`), the machine is libvirt's default for that architecture and
+/// accelerator (domain capabilities `<machine>`), else the first machine
+/// the capabilities list for the architecture, else the usual one for the
+/// architecture family. The inner error is a problem the job fixes by
+/// setting the field it names.
+pub fn os_defaults(
+    connection: &Connect,
+    arch: Option<&str>,
+    machine: Option<&str>,
+    virt_type: &str,
+) -> Result<Result<OsDefaults, String>, LibvirtError> {
+    let capabilities = connection
+        .capabilities()
+        .map_err(|e| LibvirtError::host("reading host capabilities", e))?;
+    let Some(arch) = arch
+        .map(str::to_string)
+        .or_else(|| host_arch(&capabilities))
+    else {
+        return Ok(Err(
+            "os.arch: the host capabilities name no CPU architecture; set it, e.g. \"x86_64\""
+                .into(),
+        ));
+    };
+    if let Some(machine) = machine {
+        return Ok(Ok(OsDefaults {
+            arch,
+            machine: machine.to_string(),
+        }));
+    }
+    let from_domain_caps = connection
+        .domain_capabilities(None, Some(&arch), None, Some(virt_type), 0)
+        .ok()
+        .and_then(|xml| default_machine(&xml));
+    let machine = from_domain_caps
+        .or_else(|| first_machine(&capabilities, &arch))
+        .or_else(|| family_machine(&arch).map(str::to_string));
+    Ok(match machine {
+        Some(machine) => Ok(OsDefaults { arch, machine }),
+        None => Err(format!(
+            "os.machine: libvirt names no machine type for architecture {arch:?}; set it, e.g. \"virt\""
+        )),
+    })
+}
+
+/// The host CPU architecture in a capabilities document.
+pub fn host_arch(capabilities_xml: &str) -> Option<String> {
+    let root = super::xml::parse(capabilities_xml).ok()?;
+    root.text_at(&["host", "cpu", "arch"])
+        .map(|arch| arch.trim().to_string())
+        .filter(|arch| !arch.is_empty())
+}
+
+/// The machine a domain capabilities document names (libvirt's default
+/// for the architecture it was asked about).
+pub fn default_machine(domain_capabilities_xml: &str) -> Option<String> {
+    let root = super::xml::parse(domain_capabilities_xml).ok()?;
+    root.text_at(&["machine"])
+        .map(|machine| machine.trim().to_string())
+        .filter(|machine| !machine.is_empty())
+}
+
+/// The first machine the capabilities list for guests of `arch`.
+fn first_machine(capabilities_xml: &str, arch: &str) -> Option<String> {
+    let root = super::xml::parse(capabilities_xml).ok()?;
+    let machine = root
+        .children_named("guest")
+        .flat_map(|guest| guest.children_named("arch"))
+        .filter(|candidate| candidate.attr("name") == Some(arch))
+        .flat_map(|candidate| candidate.children_named("machine"))
+        .map(|machine| machine.text.trim().to_string())
+        .find(|machine| !machine.is_empty());
+    machine
+}
+
+fn family_machine(arch: &str) -> Option<&'static str> {
+    match arch {
+        "x86_64" | "i686" => Some("pc"),
+        "aarch64" | "armv7l" | "riscv64" => Some("virt"),
+        _ => None,
+    }
+}
+
 /// The accelerator domains will use, given the plugin's choice.
 pub fn choose_accelerator(
     choice: AcceleratorChoice,
@@ -117,6 +209,53 @@ mod tests {
             choose_accelerator(AcceleratorChoice::Kvm, false, false),
             "kvm"
         );
+    }
+
+    #[test]
+    fn os_defaults_come_from_the_capabilities() {
+        let caps = "<capabilities><host><cpu><arch>aarch64</arch></cpu></host>\
+            <guest><arch name='x86_64'><machine>pc-i440fx-7.2</machine></arch></guest>\
+            <guest><arch name='aarch64'><machine maxCpus='512'>virt-7.2</machine>\
+            <machine canonical='virt-7.2'>virt</machine></arch></guest></capabilities>";
+        assert_eq!(host_arch(caps).as_deref(), Some("aarch64"));
+        assert_eq!(first_machine(caps, "aarch64").as_deref(), Some("virt-7.2"));
+        assert_eq!(
+            first_machine(caps, "x86_64").as_deref(),
+            Some("pc-i440fx-7.2")
+        );
+        assert_eq!(first_machine(caps, "s390x"), None);
+        assert_eq!(host_arch("<capabilities><host/></capabilities>"), None);
+        assert_eq!(
+            default_machine(
+                "<domainCapabilities><path>/usr/bin/qemu-system-x86_64</path>\
+                 <domain>qemu</domain><machine>pc-q35-8.2</machine><arch>x86_64</arch>\
+                 </domainCapabilities>"
+            )
+            .as_deref(),
+            Some("pc-q35-8.2")
+        );
+        assert_eq!(family_machine("x86_64"), Some("pc"));
+        assert_eq!(family_machine("s390x"), None);
+    }
+
+    /// The test driver's host is i686 and has no domain capabilities.
+    #[test]
+    fn os_defaults_on_the_test_driver() {
+        let conn = Connect::open(Some("test:///default")).expect("test driver");
+        let defaults = os_defaults(&conn, None, None, "qemu")
+            .expect("libvirt")
+            .expect("defaults");
+        assert_eq!(defaults.arch, "i686");
+        assert_eq!(defaults.machine, "pc");
+        let given = os_defaults(&conn, Some("x86_64"), Some("q35"), "qemu")
+            .expect("libvirt")
+            .expect("given");
+        assert!(os_defaults(&conn, Some("s390x"), None, "qemu")
+            .expect("libvirt")
+            .unwrap_err()
+            .starts_with("os.machine"));
+        assert_eq!(given.arch, "x86_64");
+        assert_eq!(given.machine, "q35");
     }
 
     #[test]

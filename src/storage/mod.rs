@@ -18,7 +18,8 @@ pub use images::{
     ImageFormat,
 };
 pub use volume::{
-    disk_volume_name, image_cache_key, parent_volume_name, seed_volume_name, PARENT_PREFIX,
+    disk_volume_name, image_cache_key, is_driver_volume_name, parent_volume_name, seed_volume_name,
+    PARENT_PREFIX,
 };
 
 /// Errors of the storage module. Each names the pool, volume or path
@@ -126,6 +127,18 @@ pub enum StorageError {
         "storage pool {pool:?} does not exist in libvirt; it should have been prepared before use"
     )]
     PoolMissing { pool: String },
+    #[error(
+        "volume {volume:?} in storage pool {pool:?} is one the driver made for a task (its name \
+         has the form of a task disk, seed or shared parent); a job may only clone volumes the \
+         operator made: name another volume, or copy this one under another name"
+    )]
+    DriverOwnedVolume { pool: String, volume: String },
+    #[error("volume {volume:?} in storage pool {pool:?} cannot be a source: {reason}")]
+    UnsafeSourceVolume {
+        pool: String,
+        volume: String,
+        reason: String,
+    },
     #[error("volume name {volume:?} is invalid: {reason}")]
     VolumeName { volume: String, reason: String },
     #[error("volume {volume:?} in storage pool {pool:?}: libvirt failed while {action}")]
@@ -173,7 +186,9 @@ impl StorageError {
             | StorageError::UnsafeImage { .. }
             | StorageError::PoolPathMismatch { .. }
             | StorageError::PoolType { .. }
-            | StorageError::VolumeName { .. } => false,
+            | StorageError::VolumeName { .. }
+            | StorageError::DriverOwnedVolume { .. }
+            | StorageError::UnsafeSourceVolume { .. } => false,
             StorageError::Io { .. }
             | StorageError::QemuImgSpawn { .. }
             | StorageError::QemuImg { .. }

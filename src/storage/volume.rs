@@ -25,6 +25,8 @@ use super::{ImageFormat, StorageError};
 
 /// Name prefix of the shared parent volumes of chained disks.
 pub const PARENT_PREFIX: &str = "nomad-virt-base-";
+/// Name prefix of the Go driver's shared parents (`nmdsrc-<fmt>-<sha>.img`).
+pub const GO_PARENT_PREFIX: &str = "nmdsrc-";
 /// Marks a parent volume whose upload has not finished.
 pub const STAGING_MARK: &str = ".partial-";
 
@@ -94,6 +96,52 @@ impl Fnv128 {
             self.0 = self.0.wrapping_mul(Self::PRIME);
         }
     }
+}
+
+/// Whether `name` is one the driver (this one or the Go driver) gives its
+/// own volumes: task disks (`<vm>_<dev>.qcow2`/`.img`), seeds
+/// (`<vm>_cidata.iso`), shared parents and their staging copies. Such a
+/// volume holds another task's data, so a job may not name it as
+/// `source.volume`.
+pub fn is_driver_volume_name(name: &str) -> bool {
+    if name.starts_with(PARENT_PREFIX)
+        || name.starts_with(GO_PARENT_PREFIX)
+        || name.contains(STAGING_MARK)
+        || name.ends_with("_cidata.iso")
+    {
+        return true;
+    }
+    let Some(stem) = name
+        .strip_suffix(".qcow2")
+        .or_else(|| name.strip_suffix(".img"))
+    else {
+        return false;
+    };
+    // `<vm>_<dev>`: the device part is what device naming produces (a bus
+    // prefix and letters) or a job's devname (lower-case letters/digits).
+    let Some((vm, dev)) = stem.rsplit_once('_') else {
+        return false;
+    };
+    if vm.is_empty() {
+        return false;
+    }
+    let generated_dev = ["vd", "sd", "hd", "xvd"].iter().any(|prefix| {
+        dev.strip_prefix(prefix).is_some_and(|rest| {
+            !rest.is_empty() && rest.len() <= 4 && rest.bytes().all(|b| b.is_ascii_lowercase())
+        })
+    });
+    // A job's own devname can be any short name, so a volume of one of our
+    // domains (`<task>-<8 characters of the task id>`) counts whatever its
+    // device part.
+    let any_devname = !dev.is_empty()
+        && dev.len() <= 8
+        && dev
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let our_domain = vm.rsplit_once('-').is_some_and(|(task, suffix)| {
+        !task.is_empty() && suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_alphanumeric())
+    });
+    generated_dev || (our_domain && any_devname)
 }
 
 /// Volume names in directory pools are file names: refuses what a file
@@ -188,6 +236,56 @@ pub fn convert(image: &Path, from: ImageFormat, to: ImageFormat) -> Result<TempF
     Ok(temp)
 }
 
+/// Writes the image at `image` (in `format`) onto the block device
+/// `device` (a Nomad volume), as raw bytes from offset 0. Refused before
+/// any write: unsafe images ([`super::check_image_safe`]) and images whose
+/// virtual size exceeds the device.
+pub fn write_image_to_device(
+    image: &Path,
+    format: ImageFormat,
+    device: &Path,
+) -> Result<(), StorageError> {
+    use std::io::{Seek, SeekFrom};
+    super::check_image_safe(image, format)?;
+    let virtual_size = super::image_virtual_size(image, format)?;
+    let device_size = std::fs::File::open(device)
+        .and_then(|mut file| file.seek(SeekFrom::End(0)))
+        .map_err(|error| StorageError::Io {
+            action: "read the size of block device",
+            path: device.to_path_buf(),
+            error,
+        })?;
+    if virtual_size > device_size {
+        return Err(StorageError::UnsafeImage {
+            path: image.to_path_buf(),
+            reason: format!(
+                "its virtual size ({virtual_size} bytes) exceeds the volume's block device \
+                 ({device_size} bytes); request a larger volume (capacity_min)"
+            ),
+        });
+    }
+    // -n: write into the existing device instead of creating a file.
+    let output = Command::new("qemu-img")
+        .args(["convert", "-q", "-n", "-f", format.as_str(), "-O", "raw"])
+        .arg(image)
+        .arg(device)
+        .output()
+        .map_err(|error| StorageError::QemuImgSpawn {
+            action: "write",
+            path: image.to_path_buf(),
+            error,
+        })?;
+    if !output.status.success() {
+        return Err(StorageError::QemuImg {
+            action: "write",
+            path: image.to_path_buf(),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +319,37 @@ mod tests {
             );
         }
         check_volume_name("ok_name-1.qcow2").unwrap();
+    }
+
+    #[test]
+    fn driver_volume_names_are_recognised() {
+        for ours in [
+            disk_volume_name("web-1a2b3c4d", "vda", ImageFormat::Qcow2).as_str(),
+            "web-1a2b3c4d_sdb.img",
+            "task_hdc.img",
+            "web-1a2b_cidata.iso",
+            "nomad-virt-base-qcow2-00ff.qcow2",
+            "nomad-virt-base-raw-00ff.img.partial-1-2-3",
+            "nmdsrc-qcow2-abcdef.img",
+            "python-server_vda.img",
+            // A job's own devname on one of our domains.
+            "web-1a2b3c4d_data.qcow2",
+            "web-1a2b3c4d_d1.img",
+        ] {
+            assert!(is_driver_volume_name(ours), "{ours}");
+        }
+        for operators in [
+            "focal.img",
+            "debian-12.qcow2",
+            "ubuntu_focal.img",
+            "_vda.img",
+            "data_vd.img",
+            "base_vda.raw",
+            "ubuntu-focal_data.img",
+            "web-1a2b3c4d_Data.img",
+        ] {
+            assert!(!is_driver_volume_name(operators), "{operators}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::shares::Transport;
 use crate::cloudinit::docs::{render, CloudInitInput};
 use crate::cloudinit::iso::build_seed_iso;
 use crate::cloudinit::password::random_salt;
+use crate::config::names::GuestDeviceName;
 use crate::config::plugin::{DirectoryPool, Settings};
 use crate::config::task::{
     self as task_config, hostname_from_task_name, DiskKind, DiskSource as ConfigDiskSource,
@@ -50,12 +51,34 @@ pub struct StartPlan {
     pub domain_name: String,
     pub hostname: String,
     pub shares: Vec<GuestShare>,
-    pub block_devices: Vec<PathBuf>,
+    /// Block-device mounts no `disk` block names, attached as extra disks.
+    pub block_devices: Vec<BlockMount>,
+    /// Per disk: the Nomad volume it is on (`disk { volume = "/dev/vdb" }`).
+    pub nomad_volumes: Vec<Option<BlockMount>>,
     pub images: Vec<Option<PathBuf>>,
     pub user_data: Option<String>,
     pub console_log: PathBuf,
     /// MAC of each `network_interface`, in order.
     pub hwaddrs: Vec<String>,
+}
+
+/// A block device Nomad mounts into the task (a dynamic host volume).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockMount {
+    pub host_path: PathBuf,
+    /// The mount's destination (`/dev/vdb`); its last part names the guest
+    /// device when it is a device name.
+    pub task_path: String,
+    pub read_only: bool,
+}
+
+impl BlockMount {
+    /// The guest device name the destination asks for, when it is one.
+    fn devname(&self) -> Option<GuestDeviceName> {
+        self.task_path
+            .strip_prefix("/dev/")
+            .and_then(|name| GuestDeviceName::parse(name).ok())
+    }
 }
 
 /// Undoes a start that did not finish: on drop, unless disarmed, removes
@@ -197,15 +220,71 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
             });
         }
     }
+    // Disks on Nomad volumes are matched to the volume_mount with the same
+    // destination under /dev/, as in the Go driver; the rest of the mounts
+    // are shared directories or extra block disks.
+    let mut matched = vec![false; request.mounts.len()];
+    let mut nomad_volumes = Vec::new();
+    for (index, disk) in disks.iter().enumerate() {
+        let Some(volume) = disk.nomad_volume() else {
+            nomad_volumes.push(None);
+            continue;
+        };
+        let field = format!("disk[{index}].volume");
+        let Some(position) = request
+            .mounts
+            .iter()
+            .position(|mount| mount.task_path == volume)
+        else {
+            return Err(TaskError::Invalid(format!(
+                "{field}: no volume_mount of this task has destination {volume:?}; add \
+                 volume_mount {{ volume = \"...\" destination = {volume:?} }} to the task \
+                 (and the volume to its group)"
+            )));
+        };
+        if matched[position] {
+            return Err(TaskError::Invalid(format!(
+                "{field}: another disk is already on the volume_mount {volume:?}; give each disk its own volume"
+            )));
+        }
+        matched[position] = true;
+        let mount = &request.mounts[position];
+        if mount.read_only && disk.image().is_some() {
+            return Err(TaskError::Invalid(format!(
+                "disk[{index}].source.image: the volume_mount {volume:?} is read_only, so the \
+                 image cannot be written to it; remove read_only from the volume_mount or the \
+                 source block"
+            )));
+        }
+        if !is_block_device(&mount.host_path) {
+            return Err(TaskError::Invalid(format!(
+                "{field}: the volume mounted at {volume:?} is not a block device; a disk needs a \
+                 block-device volume (e.g. a dynamic host volume made by the mkblock plugin), \
+                 or drop the disk block to share the directory"
+            )));
+        }
+        nomad_volumes.push(Some(BlockMount {
+            host_path: mount.host_path.clone(),
+            task_path: mount.task_path.clone(),
+            read_only: mount.read_only,
+        }));
+    }
     let mut block_devices = Vec::new();
     for (index, mount) in request.mounts.iter().enumerate() {
+        if matched[index] {
+            continue;
+        }
         let Mount {
             host_path,
             task_path,
             read_only,
         } = mount;
         if host_path.starts_with("/dev/") {
-            block_devices.push(host_path.clone());
+            block_devices.push(BlockMount {
+                host_path: host_path.clone(),
+                task_path: task_path.clone(),
+                read_only: *read_only,
+            });
         } else {
             if !task_path.starts_with('/') {
                 return Err(TaskError::Invalid(format!(
@@ -230,11 +309,19 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         hostname,
         shares,
         block_devices,
+        nomad_volumes,
         images: images_found,
         user_data,
         console_log,
         hwaddrs,
     })
+}
+
+/// Whether `path` is a block device (following symlinks: Nomad may hand
+/// a link to the device).
+fn is_block_device(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::metadata(path).is_ok_and(|meta| meta.file_type().is_block_device())
 }
 
 /// Reads a `user_data` file of at most `limit` bytes, refusing a larger one
@@ -259,6 +346,36 @@ fn read_bounded(path: &std::path::Path, limit: usize) -> Result<String, TaskErro
 /// Inline cloud-config or script rather than a file name.
 fn looks_inline(text: &str) -> bool {
     text.trim_start().starts_with('#') || text.contains('\n')
+}
+
+/// The bus of the cloud-init seed cdrom: IDE on i440fx (`pc`), SATA on
+/// q35 (which has no IDE), SCSI elsewhere (e.g. aarch64 `virt`), as the Go
+/// driver uses for all.
+fn seed_bus(machine: &str) -> task_config::DiskBus {
+    if machine.contains("q35") {
+        task_config::DiskBus::Sata
+    } else if machine == "pc" || machine.contains("i440fx") || machine.starts_with("pc-") {
+        task_config::DiskBus::Ide
+    } else {
+        task_config::DiskBus::Scsi
+    }
+}
+
+/// The format of a disk's source image: `source.format` when the job says
+/// it, else read from the image's header.
+fn source_image_format(
+    disk: &task_config::DiskSpec,
+    image: &std::path::Path,
+    field: &str,
+) -> Result<ImageFormat, TaskError> {
+    match &disk.source {
+        Some(ConfigDiskSource::Image {
+            format: Some(declared),
+            ..
+        }) => declared.as_str().parse().map_err(TaskError::Invalid),
+        _ => Ok(images::detect_format(image)
+            .map_err(|e| e.in_field(format!("{field}.source.image")))?),
+    }
 }
 
 fn bus(bus: task_config::DiskBus) -> DiskBus {
@@ -308,25 +425,43 @@ pub fn boot(
         _ => DomainType::Qemu,
     };
 
-    let arch = config.os.arch.clone().unwrap_or_else(|| "x86_64".into());
-    let machine = config.os.machine.clone().unwrap_or_else(|| "pc".into());
-    let seed_bus = if machine.contains("q35") {
-        task_config::DiskBus::Sata
-    } else {
-        task_config::DiskBus::Ide
-    };
+    let os = hypervisor
+        .os_defaults(
+            config.os.arch.as_deref(),
+            config.os.machine.as_deref(),
+            domain_type.as_str(),
+        )?
+        .map_err(TaskError::Invalid)?;
+    let seed_bus = seed_bus(&os.machine);
     // Before anything is created: a share QEMU cannot open fails here.
     let shares = super::shares::plan(
         hypervisor,
         &start_plan.shares,
         config.shared_dirs_driver,
         settings,
-        (domain_type, &arch, &machine),
+        (domain_type, &os.arch, &os.machine),
     )?;
-    let disks = &config.disks;
-    let (device_names, seed_device) =
-        plan::device_names(disks, seed_bus).map_err(TaskError::Invalid)?;
-
+    // Disks on Nomad volumes are named after their mount's destination
+    // unless they set devname, as in Go; extra block mounts likewise.
+    let mut disks = config.disks.clone();
+    for (disk, volume) in disks.iter_mut().zip(&start_plan.nomad_volumes) {
+        if disk.devname.is_none() {
+            disk.devname = volume.as_ref().and_then(BlockMount::devname);
+        }
+    }
+    let mut named = disks.clone();
+    named.extend(
+        start_plan
+            .block_devices
+            .iter()
+            .map(|block| task_config::DiskSpec {
+                devname: block.devname(),
+                ..Default::default()
+            }),
+    );
+    let (mut device_names, seed_device) =
+        plan::device_names(&named, seed_bus).map_err(TaskError::Invalid)?;
+    let block_names = device_names.split_off(disks.len());
     let net_config = config.network_interfaces.clone();
     let attachments = net.attachments(&net_config, &resources.ports, &start_plan.hwaddrs)?;
 
@@ -355,31 +490,76 @@ pub fn boot(
         Ok(config)
     };
 
+    let pool_of = |disk: &task_config::DiskSpec| {
+        disk.pool.as_ref().map_or_else(
+            || settings.default_pool.clone(),
+            |pool| pool.as_str().to_string(),
+        )
+    };
+    // Source volumes are checked before anything is created: they exist,
+    // are the operator's (not another task's), and have no backing file.
+    for (index, disk) in disks.iter().enumerate() {
+        let Some(ConfigDiskSource::Volume { name, format }) = &disk.source else {
+            continue;
+        };
+        let field = format!("disk[{index}]");
+        let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
+        let facts = hypervisor
+            .source_volume(&pool.name, name.as_str())
+            .map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?;
+        if let Some(declared) = format {
+            if declared.as_str() != facts.format.as_str() {
+                return Err(TaskError::Invalid(format!(
+                    "{field}.source.format: is {declared:?} but volume {:?} holds a {} image; \
+                     remove source.format or set it to {:?}",
+                    name.as_str(),
+                    facts.format.as_str(),
+                    facts.format.as_str()
+                )));
+            }
+        }
+    }
+
     progress("Preparing disks");
     let mut disk_specs = Vec::new();
     for (index, disk) in disks.iter().enumerate() {
         let field = format!("disk[{index}]");
-        let pool_name = disk.pool.as_ref().map_or_else(
-            || settings.default_pool.clone(),
-            |pool| pool.as_str().to_string(),
-        );
-        let pool = pool_for(&pool_name, &format!("{field}.pool"))?;
         let device = device_names[index].clone();
-        let target_format = disk
-            .format
-            .map_or("qcow2", task_config::DiskFormat::as_str)
-            .to_string();
-        let format: ImageFormat = target_format.parse().map_err(TaskError::Invalid)?;
-        let capacity = disk.size.map(|size| size.0);
-        let existing = match &disk.source {
-            Some(ConfigDiskSource::Volume { name, .. }) => Some(name.as_str()),
-            _ => None,
+        let guest_device = match disk.kind {
+            DiskKind::Cdrom => DiskDevice::Cdrom,
+            DiskKind::Lun => DiskDevice::Lun,
+            DiskKind::Disk => DiskDevice::Disk,
         };
-        let path = if let Some(image) = &start_plan.images[index] {
-            let image_format = images::detect_format(image)
-                .map_err(|e| e.in_field(format!("{field}.source.image")))?;
-            let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
-            let content = if disk.chained {
+        if let Some(volume) = &start_plan.nomad_volumes[index] {
+            // The volume is the disk: written from the image when there is
+            // one (prepare refused that for a read_only mount).
+            if let Some(image) = &start_plan.images[index] {
+                let image_format = source_image_format(disk, image, &field)?;
+                progress("Writing image to volume");
+                volume::write_image_to_device(image, image_format, &volume.host_path)
+                    .map_err(|e| e.in_field(format!("{field}.source.image")))?;
+            }
+            disk_specs.push(DiskSpec {
+                source: DiskSource::Block(volume.host_path.clone()),
+                format: "raw".into(),
+                target_dev: device,
+                bus: bus(disk.bus()),
+                device: guest_device,
+                read_only: volume.read_only || disk.read_only || disk.kind == DiskKind::Cdrom,
+                boot_order: disk.primary.then_some(1),
+                backing: None,
+            });
+            continue;
+        }
+        let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
+        let disk_format = disk.format.unwrap_or_default();
+        let format: ImageFormat = disk_format.as_str().parse().map_err(TaskError::Invalid)?;
+        let sparse = disk.sparse(disk_format);
+        let capacity = disk.size.map(|size| size.0);
+        let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
+        let content = if let Some(image) = &start_plan.images[index] {
+            let image_format = source_image_format(disk, image, &field)?;
+            if disk.chained {
                 VolumeContent::Overlay {
                     image,
                     image_format,
@@ -391,61 +571,62 @@ pub fn boot(
                     image_format,
                     format,
                     capacity,
+                    sparse,
                 }
-            };
-            rollback.volume(&pool.name, &name)?;
-            let path = hypervisor.create_volume(&pool.name, &name, content)?;
-            crash_point("start:disk");
-            path
-        } else if let Some(existing) = existing {
-            // An existing volume belongs to the operator: used, never deleted.
-            hypervisor
-                .existing_volume_path(&pool.name, existing)
-                .map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?
+            }
+        } else if let Some(ConfigDiskSource::Volume { name: source, .. }) = &disk.source {
+            // The operator's volume is only read: cloned, or the read-only
+            // backing file of an overlay, as in Go.
+            if disk.chained {
+                VolumeContent::VolumeOverlay {
+                    source: source.as_str(),
+                    capacity,
+                }
+            } else {
+                VolumeContent::Clone {
+                    source: source.as_str(),
+                    format,
+                    capacity,
+                    sparse,
+                }
+            }
         } else {
-            let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
             let size = capacity.ok_or_else(|| {
                 TaskError::Invalid(format!("{field}.size: is required for an empty disk"))
             })?;
-            rollback.volume(&pool.name, &name)?;
-            let path = hypervisor.create_volume(
-                &pool.name,
-                &name,
-                VolumeContent::Empty { format, size },
-            )?;
-            crash_point("start:disk");
-            path
+            VolumeContent::Empty {
+                format,
+                size,
+                sparse,
+            }
         };
-        let cdrom = disk.kind == DiskKind::Cdrom;
+        rollback.volume(&pool.name, &name)?;
+        let created = hypervisor.create_volume(&pool.name, &name, content)?;
+        crash_point("start:disk");
         disk_specs.push(DiskSpec {
-            source: DiskSource::File(path),
-            format: target_format,
+            source: DiskSource::File(created.path),
+            format: format.as_str().to_string(),
             target_dev: device,
             bus: bus(disk.bus()),
-            device: if cdrom {
-                DiskDevice::Cdrom
-            } else {
-                DiskDevice::Disk
-            },
-            read_only: disk.read_only || cdrom,
+            device: guest_device,
+            read_only: disk.read_only || disk.kind == DiskKind::Cdrom,
             // The primary disk boots first; without one, the first disk does.
             boot_order: disk.primary.then_some(1),
+            backing: created
+                .backing
+                .map(|(path, format)| (path, format.as_str().to_string())),
         });
     }
-    for (index, block) in start_plan.block_devices.iter().enumerate() {
-        let letter = u8::try_from(index)
-            .ok()
-            .and_then(|i| b'p'.checked_add(i))
-            .filter(u8::is_ascii_lowercase)
-            .ok_or_else(|| TaskError::Invalid("volume_mount: too many block devices".into()))?;
+    for (block, target_dev) in start_plan.block_devices.iter().zip(block_names) {
         disk_specs.push(DiskSpec {
-            source: DiskSource::Block(block.clone()),
+            source: DiskSource::Block(block.host_path.clone()),
             format: "raw".into(),
-            target_dev: format!("vd{}", char::from(letter)),
+            target_dev,
             bus: DiskBus::Virtio,
             device: DiskDevice::Disk,
-            read_only: false,
+            read_only: block.read_only,
             boot_order: None,
+            backing: None,
         });
     }
 
@@ -481,13 +662,14 @@ pub fn boot(
     )?;
     crash_point("start:seed");
     disk_specs.push(DiskSpec {
-        source: DiskSource::File(seed_path),
+        source: DiskSource::File(seed_path.path),
         format: "raw".into(),
         target_dev: seed_device,
         bus: bus(seed_bus),
         device: DiskDevice::Cdrom,
         read_only: true,
         boot_order: None,
+        backing: None,
     });
 
     progress("Starting VM");
@@ -499,8 +681,8 @@ pub fn boot(
         vcpus: vm.vcpus,
         cpuset: vm.cpuset.clone(),
         cpu_shares: vm.cpu_shares,
-        arch,
-        machine,
+        arch: os.arch,
+        machine: os.machine,
         disks: disk_specs,
         shares: shares
             .iter()
@@ -586,4 +768,40 @@ pub fn boot(
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The seed cdrom's bus follows the machine libvirt chose.
+    #[test]
+    fn seed_bus_follows_the_machine() {
+        use task_config::DiskBus as Bus;
+        for (machine, expected) in [
+            ("pc", Bus::Ide),
+            ("pc-i440fx-7.2", Bus::Ide),
+            ("q35", Bus::Sata),
+            ("pc-q35-8.2", Bus::Sata),
+            ("virt", Bus::Scsi),
+            ("virt-7.2", Bus::Scsi),
+        ] {
+            assert_eq!(seed_bus(machine), expected, "{machine}");
+        }
+    }
+
+    #[test]
+    fn block_mount_devnames_come_from_the_destination() {
+        let mount = |task_path: &str| BlockMount {
+            host_path: "/dev/loop0".into(),
+            task_path: task_path.into(),
+            read_only: false,
+        };
+        assert_eq!(
+            mount("/dev/vdb").devname().map(|n| n.as_str().to_string()),
+            Some("vdb".to_string())
+        );
+        assert_eq!(mount("/data").devname(), None);
+        assert_eq!(mount("/dev/../vdb").devname(), None);
+    }
 }

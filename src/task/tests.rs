@@ -17,10 +17,12 @@ use crate::config::plugin::{DirectoryPool, Settings};
 use crate::config::task::{DiskConfig, TaskConfig, TaskSpec};
 use crate::hypervisor::libvirt::LibvirtHypervisor;
 use crate::hypervisor::{
-    DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent,
+    CreatedDisk, DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError,
+    SourceVolumeFacts, VolumeContent,
 };
 use crate::libvirt::domain_xml::DomainSpec;
 use crate::libvirt::events::LifecycleEvent;
+use crate::libvirt::host::OsDefaults;
 use crate::libvirt::{Libvirt, LibvirtError};
 use crate::net::iptables::Iptables;
 use crate::net::libvirt::LibvirtNet;
@@ -178,12 +180,13 @@ impl Hypervisor for TestHypervisor {
         pool: &str,
         name: &str,
         content: VolumeContent<'_>,
-    ) -> Result<PathBuf, HypervisorError> {
+    ) -> Result<CreatedDisk, HypervisorError> {
         // A fault here hits after the volume exists, the nastier case.
         let content = match content {
             VolumeContent::Bytes { data, format } => VolumeContent::Empty {
                 format,
                 size: data.len() as u64,
+                sparse: true,
             },
             other => other,
         };
@@ -191,8 +194,16 @@ impl Hypervisor for TestHypervisor {
         self.step("create_volume")?;
         Ok(path)
     }
-    fn existing_volume_path(&self, pool: &str, name: &str) -> Result<PathBuf, HypervisorError> {
-        self.inner.existing_volume_path(pool, name)
+    fn source_volume(&self, pool: &str, name: &str) -> Result<SourceVolumeFacts, HypervisorError> {
+        self.inner.source_volume(pool, name)
+    }
+    fn os_defaults(
+        &self,
+        arch: Option<&str>,
+        machine: Option<&str>,
+        virt_type: &str,
+    ) -> Result<Result<OsDefaults, String>, HypervisorError> {
+        self.inner.os_defaults(arch, machine, virt_type)
     }
     fn delete_volume(&self, volume: &CreatedVolume) -> Result<(), HypervisorError> {
         self.inner.delete_volume(volume)
@@ -827,6 +838,7 @@ async fn an_adopted_go_domain_is_destroyed_with_only_its_own_volumes() {
     let empty = VolumeContent::Empty {
         format: crate::storage::images::ImageFormat::Raw,
         size: 1 << 20,
+        sparse: true,
     };
     for name in [
         "web-1234abcd_vda.img",
@@ -1216,4 +1228,176 @@ async fn shares_fall_back_to_9p_and_forced_virtiofs_is_refused_up_front() {
         .await
         .expect("destroy");
     assert_nothing_left(&harness, "after destroy");
+}
+
+/// Issues 9.6/9.7/11.1/11.2: bad disk sources are refused before any
+/// volume or domain exists, each naming the field and the fix; an
+/// operator's volume named like a task disk is never a source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_disk_sources_are_refused_before_anything_is_created() {
+    use crate::config::names::ObjectName;
+    use crate::config::task::DiskSource;
+    let harness = harness(None);
+    let refused = |request: StartRequest| {
+        let tasks = harness.tasks.clone();
+        let settings = settings(&harness.node);
+        async move {
+            tasks
+                .start(request, settings)
+                .await
+                .expect_err("refused")
+                .to_string()
+        }
+    };
+    let on_volume = |request: &mut StartRequest, name: &str| {
+        request.config.disks[1].source = Some(DiskSource::Volume {
+            name: ObjectName::parse(name).expect("name"),
+            format: None,
+        });
+        request.config.disks[1].size = None;
+    };
+
+    let mut unknown = request(&harness.node, "5eed0001", false);
+    on_volume(&mut unknown, "no-such-base.img");
+    let message = refused(unknown).await;
+    assert!(
+        message.starts_with("disk[1].source.volume:") && message.contains("does not exist"),
+        "{message}"
+    );
+    assert_nothing_left(&harness, "after an unknown source volume");
+
+    // Another task's disk, made before this start.
+    harness
+        .observer
+        .create_volume(
+            POOL,
+            "db-0011aabb_vda.img",
+            VolumeContent::Empty {
+                format: crate::storage::images::ImageFormat::Raw,
+                size: 1 << 20,
+                sparse: true,
+            },
+        )
+        .expect("another task's disk");
+    let mut driver_owned = request(&harness.node, "5eed0002", false);
+    on_volume(&mut driver_owned, "db-0011aabb_vda.img");
+    let message = refused(driver_owned).await;
+    assert!(
+        message.starts_with("disk[1].source.volume:") && message.contains("name another volume"),
+        "{message}"
+    );
+    assert_eq!(harness.volumes(), vec!["db-0011aabb_vda.img".to_string()]);
+    assert!(harness.domains().is_empty());
+
+    // A disk on a Nomad volume no volume_mount provides.
+    let mut unmatched = request(&harness.node, "5eed0003", false);
+    unmatched.config.disks[1] = TaskSpec::try_from(&TaskConfig {
+        disk: Some(vec![DiskConfig {
+            volume: Some("/dev/vdb".into()),
+            ..DiskConfig::default()
+        }]),
+        ..TaskConfig::default()
+    })
+    .expect("valid")
+    .disks[0]
+        .clone();
+    let message = refused(unmatched.clone()).await;
+    assert!(
+        message.starts_with("disk[1].volume:") && message.contains("destination = \"/dev/vdb\""),
+        "{message}"
+    );
+    // Matched, but to a directory.
+    let dir = tempfile::tempdir().expect("dir");
+    unmatched.mounts = vec![crate::task::contract::Mount {
+        host_path: dir.path().to_path_buf(),
+        task_path: "/dev/vdb".into(),
+        read_only: false,
+    }];
+    let message = refused(unmatched.clone()).await;
+    assert!(
+        message.starts_with("disk[1].volume:") && message.contains("not a block device"),
+        "{message}"
+    );
+    // A read_only mount cannot be written from an image.
+    unmatched.mounts[0].read_only = true;
+    unmatched.config.disks[1].source = Some(DiskSource::Image {
+        path: "base.img".into(),
+        format: None,
+    });
+    let task_dir = unmatched.alloc_dir.join("web");
+    std::fs::create_dir_all(&task_dir).expect("task dir");
+    std::fs::write(task_dir.join("base.img"), [0u8; 512]).expect("image");
+    let message = refused(unmatched).await;
+    assert!(
+        message.starts_with("disk[1].source.image:") && message.contains("read_only"),
+        "{message}"
+    );
+    assert_eq!(harness.volumes(), vec!["db-0011aabb_vda.img".to_string()]);
+    assert!(harness.domains().is_empty());
+}
+
+/// Issue 11.1 on the test driver: a `source.volume` disk becomes a clone
+/// in the task's own volume; the domain uses the clone, never the source,
+/// and destroying the task leaves the source where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_volume_is_cloned_and_the_clone_attached() {
+    use crate::config::names::ObjectName;
+    use crate::config::task::DiskSource;
+    let harness = harness(None);
+    harness
+        .observer
+        .prepare_pool(&DirectoryPool {
+            name: POOL.into(),
+            path: harness.node.pool_path.clone(),
+        })
+        .expect("pool");
+    harness
+        .observer
+        .create_volume(
+            POOL,
+            "golden-base.img",
+            VolumeContent::Empty {
+                format: crate::storage::images::ImageFormat::Raw,
+                size: 4 << 20,
+                sparse: true,
+            },
+        )
+        .expect("the operator's volume");
+    let mut request = request(&harness.node, "c10e0001", false);
+    request.config.disks[1].source = Some(DiskSource::Volume {
+        name: ObjectName::parse("golden-base.img").expect("name"),
+        format: None,
+    });
+    // The test driver cannot resize: the clone keeps the source's size
+    // (growing is covered on a real pool in tests/libvirt_storage.rs).
+    request.config.disks[1].size = None;
+    let started = harness
+        .tasks
+        .start(request, settings(&harness.node))
+        .await
+        .expect("start");
+    let domain = started.state.domain_name.clone();
+    let xml = harness
+        .libvirt
+        .call_blocking(|conn| crate::libvirt::domain::domain_xml(conn, &domain))
+        .expect("domain xml")
+        .expect("domain exists");
+    assert!(!xml.contains("golden-base.img"), "{xml}");
+    assert!(xml.contains("web-c10e0001_vdb.img"), "{xml}");
+    assert!(
+        started
+            .state
+            .volumes
+            .iter()
+            .all(|v| v.name != "golden-base.img"),
+        "the source is not the task's to delete: {:?}",
+        started.state.volumes
+    );
+    harness
+        .tasks
+        .destroy("alloc/web/c10e0001", true)
+        .await
+        .expect("destroy");
+    assert_eq!(harness.volumes(), vec!["golden-base.img".to_string()]);
+    assert!(harness.domains().is_empty());
 }

@@ -122,6 +122,9 @@ impl AgentVm {
                 device: DiskDevice::Disk,
                 read_only: false,
                 boot_order: None,
+                // The domain XML spells the chain out: without this QEMU
+                // would not open the overlay's backing file.
+                backing: Some((image, "qcow2".into())),
             }],
             shares: vec![],
             interfaces: vec![InterfaceSpec::Network {

@@ -41,11 +41,23 @@ pub(crate) fn volume_xml(
     capacity: u64,
     backing: Option<(&str, ImageFormat)>,
 ) -> String {
+    volume_xml_allocated(name, format, capacity, 0, backing)
+}
+
+/// [`volume_xml`] with an allocation: equal to the capacity, libvirt
+/// allocates a raw volume's whole file (a disk with `sparse = false`).
+fn volume_xml_allocated(
+    name: &str,
+    format: ImageFormat,
+    capacity: u64,
+    allocation: u64,
+    backing: Option<(&str, ImageFormat)>,
+) -> String {
     let mut w = XmlWriter::new();
     w.open("volume", &[]);
     w.text("name", &[], name);
     w.text("capacity", &[("unit", "bytes")], &capacity.to_string());
-    w.text("allocation", &[("unit", "bytes")], "0");
+    w.text("allocation", &[("unit", "bytes")], &allocation.to_string());
     w.open("target", &[]);
     w.empty("format", &[("type", format.as_str())]);
     w.open("permissions", &[]);
@@ -67,9 +79,24 @@ fn pool_name(pool: &StoragePool) -> String {
 }
 
 fn create_volume(pool: &Pool, name: &str, xml: &str) -> Result<Volume, StorageError> {
+    create_volume_from(pool, name, xml, None, 0)
+}
+
+/// Creates a volume from `xml`, as a clone of `from` when given.
+fn create_volume_from(
+    pool: &Pool,
+    name: &str,
+    xml: &str,
+    from: Option<&StorageVol>,
+    flags: u32,
+) -> Result<Volume, StorageError> {
     check_volume_name(name)?;
     let pool_name = pool.name.clone();
-    match StorageVol::create_xml(&pool.inner, xml, 0) {
+    let created = match from {
+        Some(source) => StorageVol::create_xml_from(&pool.inner, xml, source, flags),
+        None => StorageVol::create_xml(&pool.inner, xml, flags),
+    };
+    match created {
         Ok(vol) => Ok(Volume::new(vol, &pool_name, name)),
         Err(error) => {
             // libvirt says "exists" in several ways (its list, or the file
@@ -105,6 +132,174 @@ pub fn create_empty(
     create_volume(pool, name, &volume_xml(name, format, capacity_bytes, None))
 }
 
+/// [`create_empty`] with the disk's `sparse`: when false, a raw volume's
+/// file is allocated in full and a qcow2 volume gets its metadata
+/// preallocated (libvirt's only preallocation for qcow2).
+pub fn create_empty_with(
+    pool: &Pool,
+    name: &str,
+    format: ImageFormat,
+    capacity_bytes: u64,
+    sparse: bool,
+) -> Result<Volume, StorageError> {
+    if sparse {
+        return create_empty(pool, name, format, capacity_bytes);
+    }
+    let (allocation, flags) = match format {
+        ImageFormat::Raw => (capacity_bytes, 0),
+        ImageFormat::Qcow2 => (0, virt::sys::VIR_STORAGE_VOL_CREATE_PREALLOC_METADATA),
+    };
+    let xml = volume_xml_allocated(name, format, capacity_bytes, allocation, None);
+    create_volume_from(pool, name, &xml, None, flags)
+}
+
+/// An operator's volume a job names as `source.volume`, checked by
+/// [`source_volume`].
+#[derive(Debug, Clone)]
+pub struct SourceVolume {
+    pub volume: Volume,
+    pub format: ImageFormat,
+    pub capacity: u64,
+}
+
+/// Looks up and checks the volume a job names as `source.volume`, before
+/// anything is created from it. Refused: names of the driver's own volumes
+/// (another task's disk, seed or shared parent); volumes that are not a
+/// plain file; formats other than raw and qcow2; qcow2 images with a
+/// backing file or an external data file (cloning or overlaying one would
+/// read other host files into the guest).
+pub fn source_volume(pool: &Pool, name: &str) -> Result<SourceVolume, StorageError> {
+    check_volume_name(name)?;
+    let pool_name = pool.name.clone();
+    if crate::storage::volume::is_driver_volume_name(name) {
+        return Err(StorageError::DriverOwnedVolume {
+            pool: pool_name,
+            volume: name.to_string(),
+        });
+    }
+    // libvirt probes formats and backing files on refresh; a stale view
+    // could miss a backing file written since.
+    refresh_pool(pool)?;
+    let vol = match pool.inner.lookup_storage_vol_by_name(name) {
+        Ok(vol) => Volume::new(vol, &pool_name, name),
+        Err(error) if has_code(&error, ErrorNumber::NoStorageVolume) => {
+            return Err(StorageError::VolumeNotFound {
+                pool: pool_name,
+                volume: name.to_string(),
+            })
+        }
+        Err(error) => {
+            return Err(StorageError::volume(
+                &pool_name,
+                name,
+                "looking up the volume",
+                error,
+            ))
+        }
+    };
+    let unsafe_source = |reason: String| StorageError::UnsafeSourceVolume {
+        pool: pool_name.clone(),
+        volume: name.to_string(),
+        reason,
+    };
+    let described = describe_volume(&vol.xml()?).map_err(|error| StorageError::VolumeXml {
+        pool: pool_name.clone(),
+        volume: name.to_string(),
+        source: Box::new(error),
+    })?;
+    if described.kind.as_deref().is_some_and(|kind| kind != "file") {
+        return Err(unsafe_source(format!(
+            "it is a {:?} volume, not a file; name a raw or qcow2 file volume",
+            described.kind.unwrap_or_default()
+        )));
+    }
+    if let Some(backing) = described.backing {
+        return Err(unsafe_source(format!(
+            "it has a backing file ({backing}); a source must be self-contained: flatten it \
+             with `qemu-img convert -O qcow2 <volume> <new>` and name the new volume"
+        )));
+    }
+    // libvirt reports ISO images (and sometimes raw uploads) as "iso"; to
+    // QEMU they are raw, as the Go driver treats them.
+    let format = match described.format.as_deref() {
+        Some("raw") | Some("iso") | None => ImageFormat::Raw,
+        Some("qcow2") => ImageFormat::Qcow2,
+        Some(other) => {
+            return Err(unsafe_source(format!(
+                "its format {other:?} is not supported; convert it to raw or qcow2"
+            )))
+        }
+    };
+    if format == ImageFormat::Qcow2 {
+        // libvirt shows backing files but not external data files: read
+        // the header too.
+        check_image_safe(&vol.path()?, ImageFormat::Qcow2)
+            .map_err(|error| unsafe_source(error.root().to_string()))?;
+    }
+    Ok(SourceVolume {
+        capacity: vol.capacity()?,
+        volume: vol,
+        format,
+    })
+}
+
+/// What a volume XML says about a volume's kind, format and backing file.
+struct DescribedVolume {
+    kind: Option<String>,
+    format: Option<String>,
+    backing: Option<String>,
+}
+
+fn describe_volume(volume_xml: &str) -> Result<DescribedVolume, xml::XmlError> {
+    let root = xml::parse(volume_xml)?;
+    Ok(DescribedVolume {
+        kind: root.attr("type").map(str::to_string),
+        format: root
+            .child("target")
+            .and_then(|target| target.child("format"))
+            .and_then(|format| format.attr("type"))
+            .map(str::to_string),
+        backing: root.text_at(&["backingStore", "path"]),
+    })
+}
+
+/// Creates volume `name` in `pool` as a copy of `source` (libvirt's
+/// clone, `virStorageVolCreateXMLFrom`) in `format`, converted by libvirt
+/// when the formats differ, then grown to `capacity` when that is larger
+/// than the source. The source is only read. With `sparse = false` a raw
+/// copy is allocated in full. On failure the half-made volume is deleted.
+pub fn clone_volume(
+    pool: &Pool,
+    name: &str,
+    source: &SourceVolume,
+    format: ImageFormat,
+    capacity: Option<u64>,
+    sparse: bool,
+) -> Result<Volume, StorageError> {
+    let allocation = if sparse || format == ImageFormat::Qcow2 {
+        0
+    } else {
+        source.capacity
+    };
+    let xml = volume_xml_allocated(name, format, source.capacity, allocation, None);
+    let volume = create_volume_from(pool, name, &xml, Some(&source.volume.inner), 0)?;
+    let wanted = source.capacity.max(capacity.unwrap_or(0));
+    let (vol, pool_name) = (&volume.inner, pool.name.as_str());
+    match grow_to_with(
+        vol,
+        pool_name,
+        name,
+        wanted,
+        !sparse && format == ImageFormat::Raw,
+    ) {
+        Ok(()) => Ok(volume),
+        Err(error) => {
+            discard(vol, pool_name, name);
+            Err(error)
+        }
+    }
+}
+
 /// Creates volume `name` in `target_format` holding the image at
 /// `image_path` (in `source_format`), at least `capacity` bytes big.
 ///
@@ -127,6 +322,31 @@ pub fn create_from_image(
     source_format: ImageFormat,
     target_format: ImageFormat,
     capacity: Option<u64>,
+) -> Result<Volume, StorageError> {
+    create_from_image_with(
+        conn,
+        pool,
+        name,
+        image_path,
+        source_format,
+        target_format,
+        capacity,
+        true,
+    )
+}
+
+/// [`create_from_image`] with the disk's `sparse`: when false, a raw
+/// volume is uploaded without holes and grown allocated.
+#[allow(clippy::too_many_arguments)]
+pub fn create_from_image_with(
+    conn: &Connect,
+    pool: &Pool,
+    name: &str,
+    image_path: &Path,
+    source_format: ImageFormat,
+    target_format: ImageFormat,
+    capacity: Option<u64>,
+    sparse: bool,
 ) -> Result<Volume, StorageError> {
     check_volume_name(name)?;
     check_image_safe(image_path, source_format)?;
@@ -169,9 +389,10 @@ pub fn create_from_image(
         ImageFormat::Raw => wanted.max(length),
         ImageFormat::Qcow2 => virtual_size,
     };
-    let volume = create_empty(pool, name, target_format, initial)?;
+    let allocate = !sparse && target_format == ImageFormat::Raw;
+    let volume = create_empty_with(pool, name, target_format, initial, !allocate)?;
     let (vol, pool_name) = (&volume.inner, pool.name.as_str());
-    let sparse = target_format == ImageFormat::Raw && sparse_upload_works(conn);
+    let sparse = sparse && target_format == ImageFormat::Raw && sparse_upload_works(conn);
     let result = upload(
         conn,
         vol,
@@ -186,7 +407,7 @@ pub fn create_from_image(
         if target_format == ImageFormat::Qcow2 {
             trim_to(vol, length);
         }
-        grow_to(vol, pool_name, name, wanted)
+        grow_to_with(vol, pool_name, name, wanted, allocate)
     });
     match result {
         Ok(()) => Ok(volume),
@@ -565,14 +786,26 @@ fn discard(vol: &StorageVol, pool_name: &str, name: &str) {
     }
 }
 
-/// Grows the volume to `wanted` bytes if it is smaller.
-fn grow_to(vol: &StorageVol, pool_name: &str, name: &str, wanted: u64) -> Result<(), StorageError> {
+/// Grows the volume to `wanted` bytes if it is smaller; with `allocate` (a
+/// raw disk with `sparse = false`) the added bytes are allocated too.
+fn grow_to_with(
+    vol: &StorageVol,
+    pool_name: &str,
+    name: &str,
+    wanted: u64,
+    allocate: bool,
+) -> Result<(), StorageError> {
     let capacity = vol
         .info()
         .map_err(|e| StorageError::volume(pool_name, name, "reading the volume size", e))?
         .capacity;
+    let flags = if allocate {
+        virt::sys::VIR_STORAGE_VOL_RESIZE_ALLOCATE
+    } else {
+        0
+    };
     if capacity < wanted {
-        retry_busy(|| vol.resize(wanted, 0)).map_err(|e| {
+        retry_busy(|| vol.resize(wanted, flags)).map_err(|e| {
             StorageError::volume(pool_name, name, format!("resizing to {wanted} bytes"), e)
         })?;
     }
