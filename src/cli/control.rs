@@ -870,6 +870,76 @@ mod tests {
         }
     }
 
+    /// SO_PEERCRED for real: the same client, as root and as `nobody`, on a
+    /// socket opened up for the test. Needs root and /usr/bin/perl.
+    #[test]
+    fn other_users_get_no_answer() {
+        let perl = Path::new("/usr/bin/perl");
+        if !rustix::process::geteuid().is_root() || !perl.is_file() {
+            eprintln!("needs root and /usr/bin/perl; skipped");
+            return;
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let temp = tempfile::tempdir().expect("tempdir");
+        let base = temp.path().join("control");
+        let driver = runtime.block_on(async {
+            let channel = tonic::transport::Endpoint::from_static("http://[::]:1").connect_lazy();
+            DriverClient::new(channel)
+        });
+        let tasks = TaskDirectory::default();
+        if let Ok(mut tasks) = tasks.lock() {
+            tasks.insert("web".into(), "alloc/web/1".into());
+        }
+        let server = {
+            let _entered = runtime.enter();
+            ControlServer::start(&base, driver, tasks).expect("server")
+        };
+        // Open the way so `nobody` can reach the socket at all.
+        for dir in [temp.path(), base.as_path(), server.dir()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+        }
+        std::fs::set_permissions(server.socket_path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let script = r#"
+use IO::Socket::UNIX;
+$SIG{PIPE} = 'IGNORE';
+my $s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die "connect: $!";
+my $req = '"tasks"';
+print $s pack("N", length($req) + 1) . chr(1) . $req;
+my $n = sysread($s, my $buf, 65536);
+print defined $n ? "read $n: " . substr($buf, 5) : "error $!";
+"#;
+        let ask_as = |uid: Option<u32>| {
+            use std::os::unix::process::CommandExt;
+            let mut command = std::process::Command::new(perl);
+            command.arg("-e").arg(script).arg(server.socket_path());
+            if let Some(uid) = uid {
+                command.uid(uid).gid(65534);
+            }
+            let output = command.output().expect("perl");
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr)
+        };
+        let root = ask_as(None);
+        assert!(
+            root.contains(r#""tasks":["web"]"#),
+            "root is served: {root}"
+        );
+        let nobody = ask_as(Some(65534));
+        // Connected, then closed unanswered: an end of stream, or an error
+        // as its request was never read.
+        assert!(
+            nobody.starts_with("read 0") || nobody.starts_with("error "),
+            "nobody connects and gets nothing: {nobody}"
+        );
+        drop(server);
+        runtime.shutdown_background();
+    }
+
     #[test]
     fn only_root_and_we_are_served() {
         let ours = rustix::process::geteuid().as_raw();
