@@ -703,13 +703,20 @@ fn jobs_the_local_runner_cannot_run_are_refused_before_anything_starts() {
     );
 }
 
-/// Runs `nomad-driver-virt ARGS` with `stdin`; (exit code, stdout, stderr).
-fn cli(args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
-    program(&common::plugin_binary(), args, stdin)
+/// Runs `nomad-driver-virt ARGS` with `stdin` against `runner`; (exit
+/// code, stdout, stderr). A hang fails with the runner's output (with
+/// --verbose, the plugin's log too).
+fn cli(runner: &Runner, args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
+    program(runner, &common::plugin_binary(), args, stdin)
 }
 
 /// Runs `program ARGS` with `stdin`; (exit code, stdout, stderr).
-fn program(program: &Path, args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
+fn program(
+    runner: &Runner,
+    program: &Path,
+    args: &[&str],
+    stdin: &[u8],
+) -> (Option<i32>, String, String) {
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
@@ -728,7 +735,12 @@ fn program(program: &Path, args: &[&str], stdin: &[u8]) -> (Option<i32>, String,
     });
     let output = result
         .recv_timeout(Duration::from_secs(120))
-        .unwrap_or_else(|_| panic!("{program:?} {args:?} did not finish within 120 s"))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{program:?} {args:?} did not finish within 120 s\n{}",
+                runner.output()
+            )
+        })
         .expect("output");
     (
         output.status.code(),
@@ -775,6 +787,8 @@ fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
         setup.client_config().to_str().expect("utf-8 path"),
         "--state-dir",
         state_dir.to_str().expect("utf-8 path"),
+        // The plugin's log in the output a failure shows.
+        "--verbose",
     ]);
     let socket = PathBuf::from(
         after(
@@ -808,7 +822,7 @@ fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
     // The agent answers once the guest has booted.
     let booted = Instant::now();
     loop {
-        let (code, _, stderr) = cli(&["exec", name, "--", "true"], b"");
+        let (code, _, stderr) = cli(&runner, &["exec", name, "--", "true"], b"");
         if code == Some(0) {
             break;
         }
@@ -827,6 +841,7 @@ fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
 
     // Exit code, stdout and stderr apart.
     let (code, stdout, stderr) = cli(
+        &runner,
         &[
             "exec",
             name,
@@ -842,10 +857,11 @@ fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
         (Some(7), "out\n", "err\n")
     );
     // Without -i the command reads an empty stdin.
-    let (code, stdout, _) = cli(&["exec", name, "--", "cat"], b"ignored\n");
+    let (code, stdout, _) = cli(&runner, &["exec", name, "--", "cat"], b"ignored\n");
     assert_eq!((code, stdout.as_str()), (Some(0), ""));
     // -i: stdin goes to the command, line by line, then EOF.
     let (code, stdout, stderr) = cli(
+        &runner,
         &[
             "exec",
             "-i",
@@ -862,6 +878,7 @@ fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
     assert_eq!(stderr, "eof\n");
     // -t: a terminal in the guest (this stdin is no terminal: 24x80).
     let (code, stdout, stderr) = cli(
+        &runner,
         &["exec", "-t", name, "--", "sh", "-c", "tty; stty size"],
         b"",
     );
@@ -870,7 +887,7 @@ fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
         stdout.contains("/dev/pts/") && stdout.contains("24 80"),
         "{stdout:?}"
     );
-    let (code, _, stderr) = cli(&["exec", "-i", "-t", name, "--", "true"], b"");
+    let (code, _, stderr) = cli(&runner, &["exec", "-i", "-t", name, "--", "true"], b"");
     assert_eq!(code, Some(1));
     assert!(stderr.contains("needs a terminal on stdin"), "{stderr}");
     // -i -t on a real terminal (util-linux `script` makes one): the local
@@ -881,6 +898,7 @@ fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
         common::plugin_binary().display()
     );
     let (code, stdout, stderr) = program(
+        &runner,
         Path::new("script"),
         &["-qec", &typed, "/dev/null"],
         b"hello\n",
@@ -889,16 +907,20 @@ fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
     assert!(stdout.contains("got-hello"), "{stdout:?}");
 
     // A mapped signal runs its command in the guest.
-    let (code, _, stderr) = cli(&["signal", name, "SIGHUP"], b"");
+    let (code, _, stderr) = cli(&runner, &["signal", name, "SIGHUP"], b"");
     assert_eq!(code, Some(0), "{stderr}");
-    let (code, stdout, _) = cli(&["exec", name, "--", "cat", "/run/ndvtest-hup"], b"");
+    let (code, stdout, _) = cli(
+        &runner,
+        &["exec", name, "--", "cat", "/run/ndvtest-hup"],
+        b"",
+    );
     assert_eq!((code, stdout.as_str()), (Some(0), "reloaded\n"));
-    let (code, _, stderr) = cli(&["signal", name, "SIGUSR1"], b"");
+    let (code, _, stderr) = cli(&runner, &["signal", name, "SIGUSR1"], b"");
     assert_eq!(code, Some(1));
     assert!(stderr.contains("signal_commands"), "{stderr}");
 
     // Unknown tasks: a clear error naming what does run.
-    let (code, stdout, stderr) = cli(&["exec", "ndvtest-nope", "--", "true"], b"");
+    let (code, stdout, stderr) = cli(&runner, &["exec", "ndvtest-nope", "--", "true"], b"");
     assert_eq!(code, Some(1));
     assert!(stdout.is_empty());
     assert!(
@@ -906,7 +928,7 @@ fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
             && stderr.contains(&format!("{name} (pid {})", runner.child.id())),
         "{stderr}"
     );
-    let (code, _, stderr) = cli(&["signal", "ndvtest-nope", "SIGHUP"], b"");
+    let (code, _, stderr) = cli(&runner, &["signal", "ndvtest-nope", "SIGHUP"], b"");
     assert_eq!(code, Some(1));
     assert!(
         stderr.contains("owns a task named \"ndvtest-nope\""),
@@ -921,7 +943,7 @@ fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
         "the control directory {} is removed with the run",
         control_dir.display()
     );
-    let (code, _, stderr) = cli(&["signal", name, "SIGHUP"], b"");
+    let (code, _, stderr) = cli(&runner, &["signal", name, "SIGHUP"], b"");
     assert_eq!(code, Some(1));
     assert!(stderr.contains("owns a task named"), "{stderr}");
 }
