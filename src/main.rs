@@ -64,6 +64,14 @@ fn run_cli() -> ExitCode {
             logging::init(LogFormat::Human);
             exit_code(cli::run::command(args))
         }
+        Some(Command::Exec(args)) => {
+            logging::init(LogFormat::Human);
+            exit_code(cli::exec::exec_command(args))
+        }
+        Some(Command::Signal(args)) => {
+            logging::init(LogFormat::Human);
+            exit_code(cli::exec::signal_command(args))
+        }
         Some(Command::Validate { files }) => {
             logging::init(LogFormat::Human);
             exit_code(cli::validate::command(&files))

@@ -41,6 +41,11 @@ if [ "$hosts_before" != "$hosts_after" ]; then
   exit 1
 fi
 
+# The exec benchmark through the plugin's real gRPC (go-plugin transport,
+# ExecTask/ExecTaskStreaming into the test guest), in its short mode: it must
+# keep working. Its table is informational; the leftover check below covers it.
+cargo run --quiet --example bench_exec_rpc -- --short
+
 # The README's first command, end to end: boot the hello VM, fetch its page
 # through the mapped port, then Ctrl-C it and expect a clean exit.
 quickstart_log=/tmp/nomad-driver-virt-quickstart.log

@@ -3,7 +3,8 @@
 //! answers through the mapped host port, Ctrl-C (SIGINT) stops and removes
 //! everything, and the exit code is the task's. Also: failed starts and a
 //! guest that powers itself off leave nothing behind, and jobs the local
-//! runner cannot run are refused before anything is created.
+//! runner cannot run are refused before anything is created, and `exec` /
+//! `signal` reach a running task through `run`'s control socket.
 //!
 //! Everything the tests create is named "ndvtest" so tests/ci.sh's leftover
 //! check sees it.
@@ -700,4 +701,249 @@ fn jobs_the_local_runner_cannot_run_are_refused_before_anything_starts() {
             && stderr.contains("Usage: nomad-driver-virt run"),
         "{stderr}"
     );
+}
+
+/// Runs `nomad-driver-virt ARGS` with `stdin` against `runner`; (exit
+/// code, stdout, stderr). A hang fails with the runner's output (with
+/// --verbose, the plugin's log too).
+fn cli(runner: &Runner, args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
+    program(runner, &common::plugin_binary(), args, stdin)
+}
+
+/// Runs `program ARGS` with `stdin`; (exit code, stdout, stderr).
+fn program(
+    runner: &Runner,
+    program: &Path,
+    args: &[&str],
+    stdin: &[u8],
+) -> (Option<i32>, String, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nomad-driver-virt");
+    let mut input = child.stdin.take().expect("stdin");
+    let stdin = stdin.to_vec();
+    std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let output = result
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{program:?} {args:?} did not finish within 120 s\n{}",
+                runner.output()
+            )
+        })
+        .expect("output");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Issue 10 point 6: `exec` and `signal` from another terminal reach the
+/// task of a running `run` through its private control socket: exit codes
+/// and stderr, stdin with -i, a TTY with -t, a mapped signal whose effect
+/// shows in the guest, an unknown task; the socket directory is private
+/// and goes away with the run.
+#[test]
+fn exec_and_signal_reach_a_running_task_through_the_control_socket() {
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
+    let setup = Setup::new();
+    let name = "ndvtest-ctl";
+    let job = hello_job(name).replace(
+        &format!("hostname = \"{name}\"\n"),
+        &format!(
+            "hostname = \"{name}\"\n        signal_commands = {{\n          SIGHUP = \"echo reloaded > /run/ndvtest-hup\"\n        }}\n"
+        ),
+    );
+    assert!(job.contains("signal_commands"), "job rewritten");
+    let job = setup.write_job("ctl.nomad.hcl", &job);
+    // A busy CI machine boots TCG guests slowly.
+    let config = std::fs::read_to_string(setup.client_config()).expect("read config");
+    assert!(config.contains("accelerator = \"tcg\"\n"), "{config}");
+    std::fs::write(
+        setup.client_config(),
+        config.replace(
+            "accelerator = \"tcg\"\n",
+            "accelerator = \"tcg\"\n    dhcp_timeout = \"5m\"\n",
+        ),
+    )
+    .expect("write config");
+    let state_dir = setup.state_dir();
+    let mut runner = Runner::spawn(&[
+        job.to_str().expect("utf-8 path"),
+        "--plugin-config",
+        setup.client_config().to_str().expect("utf-8 path"),
+        "--state-dir",
+        state_dir.to_str().expect("utf-8 path"),
+        // The plugin's log in the output a failure shows.
+        "--verbose",
+    ]);
+    let socket = PathBuf::from(
+        after(
+            &runner.wait_for("==> Control socket ", Duration::from_secs(60)),
+            "==> Control socket",
+        )
+        .split(" (")
+        .next()
+        .expect("path")
+        .to_string(),
+    );
+    let control_dir = socket.parent().expect("dir").to_path_buf();
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(&control_dir).expect("control dir");
+        assert!(meta.is_dir());
+        assert_eq!(meta.mode() & 0o777, 0o700, "private control dir");
+        assert_eq!(meta.uid(), 0, "root's");
+        assert_eq!(
+            control_dir.file_name().and_then(|n| n.to_str()),
+            Some(runner.child.id().to_string().as_str())
+        );
+    }
+    let how = runner.wait_for("    exec into it: ", BOOT_LIMIT);
+    assert!(
+        how.ends_with(&format!(" exec -i -t {name} -- /bin/sh")),
+        "{how}"
+    );
+    runner.wait_for("    signal it:    ", Duration::from_secs(5));
+
+    // The agent answers once the guest has booted.
+    let booted = Instant::now();
+    loop {
+        let (code, _, stderr) = cli(&runner, &["exec", name, "--", "true"], b"");
+        if code == Some(0) {
+            break;
+        }
+        // Twice the boot limit: the agent starts late on a busy machine.
+        assert!(
+            booted.elapsed() < 2 * BOOT_LIMIT,
+            "exec never worked: {stderr}\n{}",
+            runner.output()
+        );
+        assert!(
+            stderr.contains("qemu-guest-agent"),
+            "only the agent may be missing while booting: {stderr}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // Exit code, stdout and stderr apart.
+    let (code, stdout, stderr) = cli(
+        &runner,
+        &[
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 7",
+        ],
+        b"",
+    );
+    assert_eq!(
+        (code, stdout.as_str(), stderr.as_str()),
+        (Some(7), "out\n", "err\n")
+    );
+    // Without -i the command reads an empty stdin.
+    let (code, stdout, _) = cli(&runner, &["exec", name, "--", "cat"], b"ignored\n");
+    assert_eq!((code, stdout.as_str()), (Some(0), ""));
+    // -i: stdin goes to the command, line by line, then EOF.
+    let (code, stdout, stderr) = cli(
+        &runner,
+        &[
+            "exec",
+            "-i",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "while read l; do echo \"got:$l\"; done; echo eof >&2",
+        ],
+        b"one\ntwo\n",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "got:one\ngot:two\n");
+    assert_eq!(stderr, "eof\n");
+    // -t: a terminal in the guest (this stdin is no terminal: 24x80).
+    let (code, stdout, stderr) = cli(
+        &runner,
+        &["exec", "-t", name, "--", "sh", "-c", "tty; stty size"],
+        b"",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("/dev/pts/") && stdout.contains("24 80"),
+        "{stdout:?}"
+    );
+    let (code, _, stderr) = cli(&runner, &["exec", "-i", "-t", name, "--", "true"], b"");
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("needs a terminal on stdin"), "{stderr}");
+    // -i -t on a real terminal (util-linux `script` makes one): the local
+    // terminal goes raw, typed input reaches the guest's terminal, and the
+    // exit code comes back.
+    let typed = format!(
+        "{} exec -i -t {name} -- sh -c 'read x; echo \"got-$x\"; exit 3'",
+        common::plugin_binary().display()
+    );
+    let (code, stdout, stderr) = program(
+        &runner,
+        Path::new("script"),
+        &["-qec", &typed, "/dev/null"],
+        b"hello\n",
+    );
+    assert_eq!(code, Some(3), "{stdout}\n{stderr}");
+    assert!(stdout.contains("got-hello"), "{stdout:?}");
+
+    // A mapped signal runs its command in the guest.
+    let (code, _, stderr) = cli(&runner, &["signal", name, "SIGHUP"], b"");
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stdout, _) = cli(
+        &runner,
+        &["exec", name, "--", "cat", "/run/ndvtest-hup"],
+        b"",
+    );
+    assert_eq!((code, stdout.as_str()), (Some(0), "reloaded\n"));
+    let (code, _, stderr) = cli(&runner, &["signal", name, "SIGUSR1"], b"");
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("signal_commands"), "{stderr}");
+
+    // Unknown tasks: a clear error naming what does run.
+    let (code, stdout, stderr) = cli(&runner, &["exec", "ndvtest-nope", "--", "true"], b"");
+    assert_eq!(code, Some(1));
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("no running `nomad-driver-virt run` owns a task named \"ndvtest-nope\"")
+            && stderr.contains(&format!("{name} (pid {})", runner.child.id())),
+        "{stderr}"
+    );
+    let (code, _, stderr) = cli(&runner, &["signal", "ndvtest-nope", "SIGHUP"], b"");
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("owns a task named \"ndvtest-nope\""),
+        "{stderr}"
+    );
+
+    runner.interrupt();
+    let code = runner.wait_exit(STOP_LIMIT);
+    assert_eq!(code, Some(0), "{}", runner.output());
+    assert!(
+        !control_dir.exists(),
+        "the control directory {} is removed with the run",
+        control_dir.display()
+    );
+    let (code, _, stderr) = cli(&runner, &["signal", name, "SIGHUP"], b"");
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("owns a task named"), "{stderr}");
 }

@@ -4,6 +4,8 @@
 
 pub mod alloc;
 pub mod artifact;
+pub mod control;
+pub mod exec;
 pub mod hostnet;
 pub mod job;
 pub mod run;
@@ -120,6 +122,15 @@ pub enum Command {
         #[arg(required = true, value_name = "JOBFILE")]
         files: Vec<PathBuf>,
     },
+    /// Run a command in a task's VM, from another terminal than `run`'s.
+    ///
+    /// Finds the running `nomad-driver-virt run` that owns TASK (through its
+    /// private control socket) and runs the command in the guest through the
+    /// QEMU guest agent, as `nomad alloc exec` does. The exit code is the
+    /// command's; 1 if it could not run.
+    Exec(exec::ExecArgs),
+    /// Send a signal to a task of a running `run`, as `nomad alloc signal` does.
+    Signal(exec::SignalArgs),
     /// Print the plugin version.
     Version,
 }
@@ -128,12 +139,19 @@ pub enum Command {
 /// CLI spells flags; clap wants two.
 const GO_STYLE_FLAGS: [&str; 4] = ["-plugin-config", "-task", "-state-dir", "-verbose"];
 
-/// Rewrites Go-style single-dash long flags to clap's `--flag`.
+/// Rewrites Go-style single-dash long flags to clap's `--flag`; nothing
+/// after `--` (an `exec` command's own arguments) is touched.
 pub fn normalize_flags(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut verbatim = false;
     args.into_iter()
         .map(|arg| {
             let name = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
-            if GO_STYLE_FLAGS.contains(&name) {
+            if verbatim {
+                arg
+            } else if arg == "--" {
+                verbatim = true;
+                arg
+            } else if GO_STYLE_FLAGS.contains(&name) {
                 format!("-{arg}")
             } else {
                 arg
@@ -226,6 +244,21 @@ mod tests {
             Some(Command::Version)
         ));
         assert!(parse(&[]).expect("parses").command.is_none());
+        let Some(Command::Exec(exec)) = parse(&["exec", "web", "--", "find", "-task"])
+            .expect("parses")
+            .command
+        else {
+            panic!("not exec");
+        };
+        assert_eq!(
+            exec.command,
+            ["find", "-task"],
+            "nothing after -- is rewritten"
+        );
+        assert!(matches!(
+            parse(&["signal", "web", "SIGHUP"]).expect("parses").command,
+            Some(Command::Signal(args)) if args.task == "web" && args.signal == "SIGHUP"
+        ));
         assert_eq!(parse(&["bogus"]).expect_err("unknown").exit_code(), 2);
     }
 }

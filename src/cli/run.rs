@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::alloc::{self, AllocIdentity, AllocPaths, HostCpu, TaskRequest, TaskResources};
 use super::artifact::{self, LocalArtifact};
+use super::control::{self, ControlServer, TaskDirectory};
 use super::hostnet;
 use super::job::{JobFile, Task};
 use super::template::{self, LocalTemplate};
@@ -365,6 +366,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         started: Vec::new(),
         alloc_dirs: Vec::new(),
         cleaned: false,
+        control: None,
+        control_tasks: TaskDirectory::default(),
         multi: allocs.iter().map(|a| a.tasks.len()).sum::<usize>() > 1,
     };
     let result = session.run(&allocs, signals).await;
@@ -390,6 +393,10 @@ struct Session {
     started: Vec<StartedTask>,
     alloc_dirs: Vec<AllocPaths>,
     cleaned: bool,
+    /// The private control socket `exec` and `signal` reach us through.
+    control: Option<ControlServer>,
+    /// Running tasks by name, for the control socket.
+    control_tasks: TaskDirectory,
     /// More than one task: prefix output with the task name.
     multi: bool,
 }
@@ -637,6 +644,34 @@ fn port_lines(
     lines
 }
 
+/// A word as the shell reads it back: plain, or single-quoted.
+fn shell_word(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.,/:=@%+".contains(c));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+/// How to exec into and signal a running task from another terminal.
+fn control_lines(task: &str, guest_agent: bool) -> Vec<String> {
+    if !guest_agent {
+        return vec!["    exec and signal: off for this task (guest_agent = false)".to_string()];
+    }
+    let program = std::env::args()
+        .next()
+        .unwrap_or_else(|| "nomad-driver-virt".to_string());
+    let (program, task) = (shell_word(&program), shell_word(task));
+    vec![
+        format!("    exec into it: {program} exec -i -t {task} -- /bin/sh"),
+        format!("    signal it:    {program} signal {task} SIGHUP"),
+    ]
+}
+
 /// A task's exit as a process exit code: the task's code; a signal that
 /// was not our stop request as 128 + signal; an error without a code as 1.
 fn exit_code(outcome: &Outcome, stop_requested: bool) -> i32 {
@@ -737,6 +772,20 @@ impl Session {
         }
         self.plugin = Some(plugin);
         self.check_health().await?;
+        match ControlServer::start(
+            &control::base_dir(),
+            self.plugin()?.driver(),
+            self.control_tasks.clone(),
+        ) {
+            Ok(server) => {
+                say(&format!(
+                    "==> Control socket {} (exec and signal from another terminal)",
+                    server.socket_path().display()
+                ));
+                self.control = Some(server);
+            }
+            Err(error) => tracing::warn!("exec and signal from another terminal are off: {error}"),
+        }
         let alloc_ids = allocs.iter().map(|a| a.identity.alloc_id.clone()).collect();
         let mut events = print_events(self.plugin()?, alloc_ids, self.multi);
 
@@ -752,6 +801,14 @@ impl Session {
                 say(&format!("==> Task {:?} is running", task.task.name));
                 for line in port_lines(&task.typed, &planned.ports, &response) {
                     say(&line);
+                }
+                if self.control.is_some() {
+                    if let Ok(mut tasks) = self.control_tasks.lock() {
+                        tasks.insert(task.task.name.clone(), task.task_id.clone());
+                    }
+                    for line in control_lines(&task.task.name, task.typed.guest_agent) {
+                        say(&line);
+                    }
                 }
                 running.push((self.started.len() - 1, planned, task));
             }
@@ -813,6 +870,9 @@ impl Session {
                 }
                 exit = exit_events.recv() => {
                     let Some((index, outcome)) = exit else { break };
+                    if let Ok(mut tasks) = self.control_tasks.lock() {
+                        tasks.remove(&outcome.name);
+                    }
                     outcomes.insert(index, outcome);
                 }
                 _ = async {
@@ -1012,6 +1072,8 @@ impl Session {
     /// Destroys every started task, removes the allocation directories and
     /// stops the plugin. Runs on every exit path.
     async fn cleanup(&mut self) -> anyhow::Result<()> {
+        // No more exec or signal: the socket and its directory go first.
+        self.control = None;
         let mut failures = Vec::new();
         let mut orphans = Vec::new();
         for index in 0..self.started.len() {
@@ -1212,6 +1274,21 @@ mod tests {
             result: Err("plugin is shut down".into()),
         };
         assert_eq!(exit_code(&lost, true), 1);
+    }
+
+    #[test]
+    fn control_lines_quote_what_the_shell_would_split() {
+        assert_eq!(shell_word("web-1.a"), "web-1.a");
+        assert_eq!(shell_word("my task"), "'my task'");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+        assert_eq!(shell_word(""), "''");
+        let lines = control_lines("my task", true);
+        assert!(
+            lines[0].ends_with(" exec -i -t 'my task' -- /bin/sh"),
+            "{lines:?}"
+        );
+        assert!(lines[1].ends_with(" signal 'my task' SIGHUP"), "{lines:?}");
+        assert!(control_lines("web", false)[0].contains("guest_agent = false"));
     }
 
     #[test]
