@@ -66,6 +66,7 @@ fn task(overrides: Vec<(&'static str, Mp)>) -> Vec<u8> {
         "network_interface",
         "os",
         "signal_commands",
+        "ssh_password_auth",
         "timezone",
         "user_data",
     ]

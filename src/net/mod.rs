@@ -4,6 +4,7 @@
 
 pub mod iptables;
 pub mod libvirt;
+pub mod routes;
 
 /// The interface config types live with the rest of the task config;
 /// this path keeps `net::config::...` working for net's own modules.
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use self::config::NetworkInterface;
 use self::iptables::rules::IptablesRule;
 use crate::libvirt::dhcp::Reservation;
+use crate::libvirt::domain_xml::FilterRef;
 
 /// Prefix of every network fingerprint attribute.
 pub const ATTRIBUTE_PREFIX: &str = "driver.virt.network.";
@@ -123,6 +125,9 @@ pub enum Attachment {
         network: String,
         bridge: String,
         mac: String,
+        /// The network's own DHCP servers: the only ones whose replies
+        /// the traffic filter learns the guest's address from.
+        dhcp_servers: Vec<Ipv4Addr>,
     },
     /// A macvtap (`direct`) interface on a host device.
     Direct {
@@ -130,6 +135,27 @@ pub enum Attachment {
         mode: String,
         mac: String,
     },
+}
+
+/// The libvirt network filter guests on a shared bridge get: no MAC, IP
+/// or ARP spoofing. It ships with libvirt (`virsh nwfilter-list`).
+pub const CLEAN_TRAFFIC_FILTER: &str = "clean-traffic";
+
+/// `clean-traffic` for a guest whose address is not known yet (it comes
+/// from DHCP after boot): libvirt learns it from the DHCP replies of the
+/// network's own servers only, so neither the guest's first packet nor a
+/// rogue DHCP server on the bridge can pick it.
+pub fn clean_traffic_filter(dhcp_servers: &[Ipv4Addr]) -> FilterRef {
+    let mut parameters = vec![("CTRL_IP_LEARNING".to_string(), "dhcp".to_string())];
+    parameters.extend(
+        dhcp_servers
+            .iter()
+            .map(|server| ("DHCPSERVER".to_string(), server.to_string())),
+    );
+    FilterRef {
+        filter: CLEAN_TRAFFIC_FILTER.into(),
+        parameters,
+    }
 }
 
 /// Errors from networking, each naming what to fix.

@@ -165,6 +165,9 @@ impl Hypervisor for TestHypervisor {
         self.step("prepare_pool")?;
         self.inner.prepare_pool(pool)
     }
+    fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError> {
+        self.inner.pool_available(pool)
+    }
     fn create_volume(
         &self,
         pool: &str,
