@@ -411,6 +411,28 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
+    #[test]
+    fn dhcp_servers_are_the_ip_elements_with_dhcp() {
+        let xml = "<network><name>n</name>\
+            <ip address='192.168.122.1' netmask='255.255.255.0'><dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp></ip>\
+            <ip address='10.9.0.1' netmask='255.255.255.0'/>\
+            <ip family='ipv6' address='fd00::1' prefix='64'><dhcp/></ip></network>";
+        assert_eq!(
+            dhcp_servers_in_xml(xml),
+            vec![Ipv4Addr::new(192, 168, 122, 1)]
+        );
+        assert!(dhcp_servers_in_xml("not xml").is_empty());
+    }
+
+    #[test]
+    fn the_test_driver_has_no_network_filters() {
+        let (_dir, conn) = private_connection();
+        assert_eq!(
+            nwfilter_exists(&conn, "clean-traffic").expect("no error"),
+            None
+        );
+    }
+
     const MAC: &str = "52:54:00:12:34:56";
 
     fn reservation(mac: &str, ip: [u8; 4], hostname: Option<&str>) -> Reservation {
