@@ -511,3 +511,28 @@ fn huge_plugin_values_are_refused() {
         );
     }
 }
+
+/// Huge disk sizes in a job, through the HCL decode path: each refused at
+/// `disk[0].size`, never wrapped.
+#[test]
+fn huge_disk_sizes_are_refused_by_name() {
+    for (index, size) in [
+        "\"99999999999999999999TiB\"",
+        "1e300",
+        "-5",
+        "18446744073709551616",
+        "\"17179869184GiB\"",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let config = format!(
+            "        disk {{\n          size = {size}\n          source {{\n            image = \"guest.qcow2\"\n          }}\n        }}"
+        );
+        let (_path, stderr, _dir) = fails(&format!("huge-size-{index}"), &job_with_config(&config));
+        assert!(
+            stderr.contains("task \"vm\": disk[0].size"),
+            "{size}: {stderr}"
+        );
+    }
+}
