@@ -368,7 +368,7 @@ fn validate_client_config(
 /// settings the job files are checked against.
 pub fn command(files: &[std::path::PathBuf]) -> i32 {
     let mut failed = false;
-    let settings = files.iter().filter_map(|path| client_settings(path)).last();
+    let settings = files.iter().rev().find_map(|path| client_settings(path));
     for path in files {
         match validate_file_with(path, settings.as_ref()) {
             Ok(summary) => println!("{}: OK: {summary}", path.display()),
