@@ -146,6 +146,7 @@ async fn capabilities_schema_and_unsupported_rpcs() {
         "timezone",
         "guest_agent",
         "signal_commands",
+        "shared_dirs_driver",
     ] {
         assert!(fields.contains_key(field), "task schema lacks {field}");
     }

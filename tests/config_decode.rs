@@ -69,6 +69,7 @@ fn task(overrides: Vec<(&'static str, Mp)>) -> Vec<u8> {
         "hostname",
         "network_interface",
         "os",
+        "shared_dirs_driver",
         "signal_commands",
         "ssh_password_auth",
         "timezone",

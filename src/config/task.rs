@@ -35,6 +35,8 @@ pub struct TaskConfig {
     pub guest_agent: Option<bool>,
     /// Signal name (e.g. `SIGHUP`) to a shell command run in the guest.
     pub signal_commands: Option<BTreeMap<String, String>>,
+    /// How shared directories reach the guest: `auto`, `virtiofs` or `9p`.
+    pub shared_dirs_driver: Option<String>,
 }
 
 /// Guest architecture and machine type, e.g. `x86_64` / `pc`.
@@ -144,6 +146,20 @@ keywords!(DiskKind { Disk => "disk", Cdrom => "cdrom" });
 keywords!(DiskBus { Virtio => "virtio", Sata => "sata", Scsi => "scsi", Ide => "ide", Usb => "usb" });
 keywords!(DiskFormat { Qcow2 => "qcow2", Raw => "raw" });
 keywords!(DiskDriver { Qemu => "qemu" });
+keywords!(SharedDirsDriver { Auto => "auto", Virtiofs => "virtiofs", NineP => "9p" });
+
+/// How the alloc, local, secrets and `volume_mount` directories reach the
+/// guest (`shared_dirs_driver`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SharedDirsDriver {
+    /// Per share, as the Go driver chooses: virtiofs where QEMU offers it,
+    /// except read-only shares libvirt cannot protect (before 11.0.0),
+    /// which use 9p unless the plugin allows insecure read-only mounts.
+    #[default]
+    Auto,
+    Virtiofs,
+    NineP,
+}
 
 /// A keyword that is not one of the allowed ones.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -174,6 +190,7 @@ pub struct TaskSpec {
     pub guest_agent: bool,
     /// Checked signal names (`SIGHUP`) to the shell command run for them.
     pub signal_commands: BTreeMap<String, String>,
+    pub shared_dirs_driver: SharedDirsDriver,
 }
 
 /// Guest architecture and machine type, e.g. `x86_64` / `pc`.
@@ -336,6 +353,10 @@ pub fn schema() -> Spec {
             Spec::attr_with_default("guest_agent", "bool", "true"),
         ),
         ("signal_commands", Spec::attr("map(string)")),
+        (
+            "shared_dirs_driver",
+            Spec::attr_with_default("shared_dirs_driver", "string", "\"auto\""),
+        ),
     ])
 }
 
@@ -450,6 +471,13 @@ impl TryFrom<&TaskConfig> for TaskSpec {
             wire.signal_commands.as_ref().unwrap_or(&BTreeMap::new()),
             &mut problems,
         );
+        let shared_dirs_driver = wire
+            .shared_dirs_driver
+            .as_deref()
+            .and_then(|driver| {
+                problems.check("shared_dirs_driver", SharedDirsDriver::parse(driver))
+            })
+            .unwrap_or_default();
         problems.into_result(
             "task config",
             TaskSpec {
@@ -468,6 +496,7 @@ impl TryFrom<&TaskConfig> for TaskSpec {
                 network_interfaces,
                 guest_agent: wire.guest_agent.unwrap_or(true),
                 signal_commands,
+                shared_dirs_driver,
             },
         )
     }
@@ -892,6 +921,47 @@ mod tests {
         assert!(!is_signal_name("SIG"));
         assert!(!is_signal_name("SIG1"));
         assert!(!is_signal_name("HUP"));
+    }
+
+    #[test]
+    fn shared_dirs_driver_defaults_to_auto_and_is_checked() {
+        let disk = Some(vec![DiskConfig {
+            size: Some(ByteSize(1 << 30)),
+            ..Default::default()
+        }]);
+        let spec = TaskSpec::try_from(&TaskConfig {
+            disk: disk.clone(),
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(spec.shared_dirs_driver, SharedDirsDriver::Auto);
+        for (text, driver) in [
+            ("9p", SharedDirsDriver::NineP),
+            ("virtiofs", SharedDirsDriver::Virtiofs),
+            ("auto", SharedDirsDriver::Auto),
+        ] {
+            let spec = TaskSpec::try_from(&TaskConfig {
+                disk: disk.clone(),
+                shared_dirs_driver: Some(text.into()),
+                ..Default::default()
+            })
+            .expect("valid");
+            assert_eq!(spec.shared_dirs_driver, driver);
+        }
+        let error = TaskConfig {
+            disk,
+            shared_dirs_driver: Some("nfs".into()),
+            ..Default::default()
+        }
+        .validate()
+        .expect_err("invalid");
+        assert_eq!(error.errors[0].field, "shared_dirs_driver");
+        assert!(
+            error.errors[0]
+                .message
+                .contains("\"auto\", \"virtiofs\", \"9p\""),
+            "{error}"
+        );
     }
 
     /// Go's rules for disks on Nomad volumes and for empty source blocks.

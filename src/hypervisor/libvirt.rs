@@ -8,9 +8,10 @@ use std::time::Duration;
 use super::{DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, VolumeContent};
 use crate::config::plugin::DirectoryPool;
 use crate::libvirt::conn::Connect;
-use crate::libvirt::domain_xml::{render_domain_xml, DomainSpec};
+use crate::libvirt::domain_xml::{render_domain_xml, DomainSpec, DomainType};
 use crate::libvirt::events::LifecycleEvent;
-use crate::libvirt::{domain, host, storage, Libvirt, LibvirtError};
+use crate::libvirt::shares::ShareSupport;
+use crate::libvirt::{domain, host, shares, storage, Libvirt, LibvirtError};
 use crate::nomad::driver_state::CreatedVolume;
 use crate::storage::StorageError;
 
@@ -108,6 +109,22 @@ impl Hypervisor for LibvirtHypervisor {
                 mhz_per_core: cpu.mhz,
                 kvm_offered: info.kvm_offered,
             })
+        })
+    }
+
+    fn share_support(
+        &self,
+        domain_type: DomainType,
+        arch: &str,
+        machine: &str,
+    ) -> Result<ShareSupport, HypervisorError> {
+        self.with(|conn| {
+            Ok(shares::share_support(
+                conn,
+                arch,
+                machine,
+                domain_type.as_str(),
+            )?)
         })
     }
 

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use crate::config::plugin::DirectoryPool;
 use crate::guest_agent::GuestAgent;
-use crate::libvirt::domain_xml::DomainSpec;
+use crate::libvirt::domain_xml::{DomainSpec, DomainType};
 use crate::libvirt::events::LifecycleEvent;
+use crate::libvirt::shares::ShareSupport;
 use crate::libvirt::stats::MemorySample;
 use crate::libvirt::LibvirtError;
 use crate::nomad::driver_state::CreatedVolume;
@@ -83,6 +84,14 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Cheap liveness check (health between full fingerprints).
     fn ping(&self) -> Result<(), HypervisorError>;
     fn host_facts(&self) -> Result<HostFacts, HypervisorError>;
+    /// What shared directories can use for domains of this type, arch and
+    /// machine (virtiofs or not, the libvirt version, QEMU's uid/gid).
+    fn share_support(
+        &self,
+        domain_type: DomainType,
+        arch: &str,
+        machine: &str,
+    ) -> Result<ShareSupport, HypervisorError>;
 
     /// Makes sure the pool exists and is started.
     fn prepare_pool(&self, pool: &DirectoryPool) -> Result<(), HypervisorError>;

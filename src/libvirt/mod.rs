@@ -11,6 +11,8 @@
 //!   mean for a task; [`stats`]: usage arithmetic.
 //! - [`host`]: versions and capabilities for the fingerprint.
 //! - [`network`]: networks by bridge, DHCP leases and reservations.
+//! - [`shares`]: what the host offers shared directories (virtiofs, the
+//!   libvirt version, the user QEMU runs as).
 //! - [`storage`]: directory pools and volumes ([`storage::Pool`],
 //!   [`storage::Volume`]).
 //! - [`xml`]: the one XML writer and reader (quick-xml).
@@ -29,6 +31,7 @@ pub(crate) mod ffi;
 pub mod host;
 pub mod lifecycle;
 pub mod network;
+pub mod shares;
 pub mod stats;
 pub mod storage;
 pub mod xml;

@@ -9,6 +9,7 @@ pub mod contract;
 pub mod error;
 pub mod journal;
 pub mod plan;
+pub mod shares;
 pub mod start;
 pub mod store;
 

@@ -198,25 +198,6 @@ pub fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "'\\''"))
 }
 
-/// The guest commands (cloud-init bootcmd) that mount each share.
-pub fn mount_commands(shares: &[GuestShare]) -> Vec<String> {
-    shares
-        .iter()
-        .map(|share| {
-            let options = if share.read_only {
-                "trans=virtio,version=9p2000.L,ro"
-            } else {
-                "trans=virtio,version=9p2000.L"
-            };
-            let path = shell_quote(&share.guest_path);
-            format!(
-                "mkdir -p {path} && mount -t 9p -o {options} {} {path}",
-                shell_quote(&share.tag)
-            )
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,19 +260,5 @@ mod tests {
         let (names, seed) = device_names(&disks, DiskBus::Ide).expect("names");
         assert_eq!(names, vec!["vda", "vdb", "vdc", "hda"]);
         assert_eq!(seed, "hdb");
-    }
-
-    #[test]
-    fn mount_commands_quote_everything() {
-        let shares = vec![GuestShare {
-            host_dir: "/x".into(),
-            tag: "alloc".into(),
-            guest_path: "/data/it's".into(),
-            read_only: true,
-        }];
-        assert_eq!(
-            mount_commands(&shares),
-            vec!["mkdir -p '/data/it'\\''s' && mount -t 9p -o trans=virtio,version=9p2000.L,ro 'alloc' '/data/it'\\''s'"]
-        );
     }
 }

@@ -10,6 +10,7 @@ use super::contract::{Mount, StartRequest};
 use super::error::TaskError;
 use super::journal::{Journal, RecordWriter};
 use super::plan::{self, GuestShare};
+use super::shares::Transport;
 use crate::cloudinit::docs::{render, CloudInitInput};
 use crate::cloudinit::iso::build_seed_iso;
 use crate::cloudinit::password::random_salt;
@@ -354,6 +355,14 @@ pub fn boot(
     } else {
         task_config::DiskBus::Ide
     };
+    // Before anything is created: a share QEMU cannot open fails here.
+    let shares = super::shares::plan(
+        hypervisor,
+        &start_plan.shares,
+        config.shared_dirs_driver,
+        settings,
+        (domain_type, &arch, &machine),
+    )?;
     let disks = &config.disks;
     let (device_names, seed_device) =
         plan::device_names(disks, seed_bus).map_err(TaskError::Invalid)?;
@@ -519,7 +528,7 @@ pub fn boot(
             ssh_authorized_key: config.default_user_authorized_ssh_key.clone(),
             ssh_password_auth: config.ssh_password_auth,
             cmds: config.cmds.clone(),
-            bootcmds: plan::mount_commands(&start_plan.shares),
+            bootcmds: super::shares::mount_commands(&shares),
             timezone: config
                 .timezone
                 .as_ref()
@@ -563,14 +572,16 @@ pub fn boot(
         arch,
         machine,
         disks: disk_specs,
-        shares: start_plan
-            .shares
+        shares: shares
             .iter()
-            .map(|share| ShareSpec {
-                source_dir: share.host_dir.clone(),
-                tag: share.tag.clone(),
-                read_only: share.read_only,
-                driver: ShareDriver::NineP,
+            .map(|planned| ShareSpec {
+                source_dir: planned.share.host_dir.clone(),
+                tag: planned.share.tag.clone(),
+                read_only: planned.host_read_only,
+                driver: match planned.transport {
+                    Transport::NineP => ShareDriver::NineP,
+                    Transport::Virtiofs => ShareDriver::Virtiofs,
+                },
             })
             .collect(),
         interfaces: attachments

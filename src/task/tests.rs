@@ -161,6 +161,14 @@ impl Hypervisor for TestHypervisor {
     fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
         self.inner.host_facts()
     }
+    fn share_support(
+        &self,
+        domain_type: crate::libvirt::domain_xml::DomainType,
+        arch: &str,
+        machine: &str,
+    ) -> Result<crate::libvirt::shares::ShareSupport, HypervisorError> {
+        self.inner.share_support(domain_type, arch, machine)
+    }
     fn prepare_pool(&self, pool: &DirectoryPool) -> Result<(), HypervisorError> {
         self.step("prepare_pool")?;
         self.inner.prepare_pool(pool)
@@ -1338,6 +1346,51 @@ async fn guests_on_a_libvirt_network_get_clean_traffic_unless_turned_off() {
     harness
         .tasks
         .destroy("alloc/web/c1ea0002", true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after destroy");
+}
+
+/// On the test driver (no domain capabilities, so no virtiofs) shares use
+/// 9p under `auto`, and a forced `virtiofs` is refused before anything is
+/// created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_fall_back_to_9p_and_forced_virtiofs_is_refused_up_front() {
+    let harness = harness(None);
+    let with_shares = |id: &str, driver| {
+        let mut request = request(&harness.node, id, false);
+        std::fs::create_dir_all(request.alloc_dir.join("web/local")).expect("mkdir");
+        request.config.shared_dirs_driver = driver;
+        request
+    };
+    use crate::config::task::SharedDirsDriver;
+    let error = harness
+        .tasks
+        .start(
+            with_shares("eeee5555", SharedDirsDriver::Virtiofs),
+            settings(&harness.node),
+        )
+        .await
+        .expect_err("no virtiofs on the test driver");
+    assert!(
+        error
+            .to_string()
+            .starts_with("shared_dirs_driver = \"virtiofs\": this host offers no virtiofs"),
+        "{error}"
+    );
+    assert!(!error.recoverable());
+    assert_nothing_left(&harness, "after the refused start");
+    harness
+        .tasks
+        .start(
+            with_shares("eeee5555", SharedDirsDriver::Auto),
+            settings(&harness.node),
+        )
+        .await
+        .expect("auto falls back to 9p");
+    harness
+        .tasks
+        .destroy("alloc/web/eeee5555", true)
         .await
         .expect("destroy");
     assert_nothing_left(&harness, "after destroy");

@@ -53,10 +53,11 @@
 #     runcmd -> vendor/user script -> GUEST-READY. Each command runs synchronously with
 #     `sh FILE </dev/null`, stdout/stderr to the console; end a long-running
 #     command with '&'. Commands run as root, cwd /, PATH=/sbin:/bin:/usr/sbin:/usr/bin.
-#   9p: the modules 9pnet, 9pnet_virtio, 9p are loaded before bootcmd, so a
-#     bootcmd like
+#   9p and virtiofs: the modules 9pnet, 9pnet_virtio, 9p and virtiofs (with
+#     fuse) are loaded before bootcmd, so bootcmds like
 #       mkdir -p /alloc && mount -t 9p -o trans=virtio,version=9p2000.L,ro alloc /alloc
-#     (busybox mount, TAG as the source) works.
+#       mkdir -p /data && mount -t virtiofs -o ro vol0 /data
+#     (busybox mount, TAG as the source) work.
 #   Network: lo + eth0; busybox udhcpc -x hostname:<hostname> (dnsmasq records
 #     the hostname in the lease); the script applies ip/subnet/router with
 #     ifconfig + route.
@@ -101,6 +102,7 @@ WANT_MODULES=(
   scsi_common scsi_mod cdrom sr_mod libata ata_piix
   libahci ahci virtio_scsi sd_mod          # q35/SATA and virtio-scsi seeds/disks
   isofs netfs fscache 9pnet 9pnet_virtio 9p
+  virtiofs                                 # virtiofs shares (pulls in fuse)
   evdev button
   virtio_console                           # the guest agent's virtio-serial port
 )
@@ -521,7 +523,7 @@ wait_for() { # tries(0.25s) command...
   done
 }
 
-# ---- kernel modules (virtio, cdrom, 9p, input), dependencies first ----
+# ---- kernel modules (virtio, cdrom, 9p, virtiofs, input), dependencies first ----
 while read -r m; do
   [ -n "$m" ] || continue
   if ! out=$(insmod "/lib/modules/$m.ko" 2>&1); then

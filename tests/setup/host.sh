@@ -29,6 +29,7 @@ WAIT_SECS=${LIBVIRT_WAIT_SECS:-60}
 PKGS=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 dnsmasq-base iptables iproute2 genisoimage curl libxml2-utils cloud-init dnsmasq-utils
+  acl  # setfacl: tests/e2e_shares.rs grants QEMU's user an ACL
   # guest image build (tests/setup/guest.sh)
   grub-pc-bin grub-common xorriso mtools cpio gzip xz-utils
 )
@@ -51,7 +52,7 @@ all_present() {
     [ "$v" = "$qv" ] || { log "package $p is '${v:-absent}', wants '$qv' (qemu-system-x86's)"; return 1; }
   done
   local b
-  for b in virsh libvirtd virtlogd qemu-system-x86_64 qemu-img grub-mkrescue xorriso genisoimage curl iptables ip; do
+  for b in virsh libvirtd virtlogd qemu-system-x86_64 qemu-img grub-mkrescue xorriso genisoimage curl iptables ip setfacl; do
     command -v "$b" >/dev/null || { log "missing command: $b"; return 1; }
   done
   return 0
@@ -91,6 +92,19 @@ else
     "${PKGS[@]}" "qemu-system-x86=$QV" "${pinned_args[@]}" \
     || die "apt-get install failed"
   all_present || die "packages still missing after apt-get install"
+fi
+
+# ---- virtiofsd (virtiofs shares) ----
+# libvirt finds it through a vhost-user descriptor of type "fs": Debian 12's
+# qemu-system-common ships /usr/lib/qemu/virtiofsd with one; newer Debian
+# has it in the virtiofsd package.
+has_virtiofsd() { grep -qsE '"type"[[:space:]]*:[[:space:]]*"fs"' /etc/qemu/vhost-user/*.json /usr/share/qemu/vhost-user/*.json; }
+if ! has_virtiofsd; then
+  if apt-cache show virtiofsd >/dev/null 2>&1; then
+    log "apt-get install virtiofsd"
+    apt-get install -y -q --no-install-recommends virtiofsd || die "apt-get install virtiofsd failed"
+  fi
+  has_virtiofsd || die "no virtiofsd for libvirt (no vhost-user descriptor of type fs); virtiofs tests need it"
 fi
 t1=$(date +%s)
 
