@@ -27,5 +27,16 @@ plugin "nomad-driver-virt" {
     # "auto" uses KVM when /dev/kvm works, else TCG software emulation.
     accelerator = "auto"
     log_level   = "info"
+
+    # What jobs may touch (README, Security model). Unset, jobs may join
+    # every libvirt network, use macvtap on the default-route devices in
+    # bridge/private/vepa mode, use every pool above, and have disks up to
+    # the pool's free space; guests on libvirt networks get clean-traffic.
+    # allow_networks        = ["default"]
+    # allow_macvtap_devices = ["eth0"]
+    # allow_macvtap_modes   = ["bridge"]
+    # allow_storage_pools   = ["local"]
+    # max_disk_size         = "100GiB"
+    # clean_traffic         = true
   }
 }

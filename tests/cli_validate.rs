@@ -421,3 +421,152 @@ fn go_examples_validate() {
     }
     assert_eq!(ceph_refused, 1);
 }
+
+/// Given a client config too, jobs are checked against the operator's
+/// allow_* settings; each refusal names the field, the value and the
+/// setting that would allow it.
+#[test]
+fn client_config_settings_refuse_what_the_operator_does_not_allow() {
+    let dir = tempfile::Builder::new()
+        .prefix("ndvtest-validate-")
+        .tempdir()
+        .expect("tempdir");
+    let client = dir.path().join("client.hcl");
+    std::fs::write(
+        &client,
+        r#"plugin "nomad-driver-virt" {
+  config {
+    storage_pools {
+      default = "local"
+      directory "local" {
+        path = "/srv/local"
+      }
+      directory "fast" {
+        path = "/srv/fast"
+      }
+    }
+    allow_storage_pools   = ["local"]
+    allow_macvtap_devices = ["eth0"]
+    max_disk_size         = "10GiB"
+  }
+}
+"#,
+    )
+    .expect("write client config");
+    let config = "        disk {\n          pool = \"fast\"\n          size = \"20GiB\"\n        }\n        network_interface {\n          macvtap {\n            device = \"eth1\"\n            mode   = \"passthrough\"\n          }\n        }";
+    let job = dir.path().join("job.nomad.hcl");
+    std::fs::write(&job, job_with_config(config)).expect("write job");
+
+    // Alone, the job is fine: nothing says what the operator allows.
+    let alone = validate(&[&job]);
+    assert!(alone.status.success(), "{}", text(&alone.stderr));
+
+    let output = validate(&[&client, &job]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    for (field, parts) in [
+        (
+            "disk[0].pool",
+            &[
+                "\"fast\"",
+                "allow_storage_pools with \"fast\" in it would allow it",
+            ][..],
+        ),
+        (
+            "disk[0].size",
+            &[
+                "21474836480 bytes (20GiB)",
+                "max_disk_size = \"20GiB\" would allow it",
+            ][..],
+        ),
+        (
+            "network_interface[0].macvtap.device",
+            &[
+                "\"eth1\"",
+                "allow_macvtap_devices = [\"eth1\"] would allow it",
+            ][..],
+        ),
+        (
+            "network_interface[0].macvtap.mode",
+            &["\"passthrough\" is not allowed", "allow_macvtap_modes"][..],
+        ),
+    ] {
+        let prefix = format!("task \"vm\": {field}: ");
+        let Some(line) = stderr.lines().find(|line| line.contains(&prefix)) else {
+            panic!("no {prefix:?} in:\n{stderr}");
+        };
+        assert!(line.starts_with(&job.display().to_string()), "{line}");
+        for part in parts {
+            assert!(line.contains(part), "{part:?} missing from {line:?}");
+        }
+    }
+    // The client config itself is fine.
+    assert!(
+        text(&output.stdout).contains("client.hcl: OK"),
+        "{}",
+        text(&output.stdout)
+    );
+}
+
+/// Huge and out-of-range values in the plugin config are refused by name,
+/// through the HCL decode path (no panic, no wrap).
+#[test]
+fn huge_plugin_values_are_refused() {
+    let dir = tempfile::Builder::new()
+        .prefix("ndvtest-validate-")
+        .tempdir()
+        .expect("tempdir");
+    for (setting, field) in [
+        (
+            "max_disk_size = \"99999999999999999999TiB\"",
+            "max_disk_size",
+        ),
+        ("max_disk_size = 1e30", "max_disk_size"),
+        ("max_disk_size = -1", "max_disk_size"),
+        ("dhcp_timeout = \"9999999999999999999h\"", "dhcp_timeout"),
+        ("dhcp_timeout = \"2562047h\"", "dhcp_timeout"),
+        (
+            "allow_macvtap_modes = [\"passthru\"]",
+            "allow_macvtap_modes[0]",
+        ),
+    ] {
+        let client = dir.path().join("client.hcl");
+        std::fs::write(
+            &client,
+            format!("plugin \"nomad-driver-virt\" {{\n  config {{\n    {setting}\n  }}\n}}\n"),
+        )
+        .expect("write");
+        let output = validate(&[&client]);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{setting}: {stderr}");
+        assert!(
+            stderr.contains(&format!("plugin \"nomad-driver-virt\": {field}")),
+            "{setting}: {stderr}"
+        );
+    }
+}
+
+/// Huge disk sizes in a job, through the HCL decode path: each refused at
+/// `disk[0].size`, never wrapped.
+#[test]
+fn huge_disk_sizes_are_refused_by_name() {
+    for (index, size) in [
+        "\"99999999999999999999TiB\"",
+        "1e300",
+        "-5",
+        "18446744073709551616",
+        "\"17179869184GiB\"",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let config = format!(
+            "        disk {{\n          size = {size}\n          source {{\n            image = \"guest.qcow2\"\n          }}\n        }}"
+        );
+        let (_path, stderr, _dir) = fails(&format!("huge-size-{index}"), &job_with_config(&config));
+        assert!(
+            stderr.contains("task \"vm\": disk[0].size"),
+            "{size}: {stderr}"
+        );
+    }
+}

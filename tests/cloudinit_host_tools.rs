@@ -317,9 +317,9 @@ fn cloud_init_yaml_loader_reads_back_the_inputs() {
     assert_eq!(v["timezone"], "Etc/GMT+5");
     assert_eq!(v["password"], sha512_crypt("pw\n---\nx: y", SALT).unwrap());
     assert_eq!(v["chpasswd"]["expire"], false);
-    assert_eq!(v["ssh_pwauth"], true);
+    assert_eq!(v["ssh_pwauth"], false);
     assert_eq!(v["write_files"][0]["path"], ENV_SCRIPT_PATH);
-    assert_eq!(v["write_files"][0]["permissions"], "0644");
+    assert_eq!(v["write_files"][0]["permissions"], "0600");
     assert_eq!(v["write_files"][0]["owner"], "root:root");
     assert_eq!(
         v["write_files"][0]["content"].as_str(),

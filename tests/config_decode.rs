@@ -16,6 +16,7 @@ enum Mp {
     Nil,
     Bool(bool),
     Int(i64),
+    UInt(u64),
     Float(f64),
     Str(&'static str),
     Array(Vec<Mp>),
@@ -28,6 +29,9 @@ fn encode(value: &Mp, out: &mut Vec<u8>) {
         Mp::Bool(flag) => rmp::encode::write_bool(out, *flag).expect("write"),
         Mp::Int(number) => {
             rmp::encode::write_sint(out, *number).expect("write");
+        }
+        Mp::UInt(number) => {
+            rmp::encode::write_uint(out, *number).expect("write");
         }
         Mp::Float(number) => rmp::encode::write_f64(out, *number).expect("write"),
         Mp::Str(text) => rmp::encode::write_str(out, text).expect("write"),
@@ -67,6 +71,7 @@ fn task(overrides: Vec<(&'static str, Mp)>) -> Vec<u8> {
         "os",
         "shared_dirs_driver",
         "signal_commands",
+        "ssh_password_auth",
         "timezone",
         "user_data",
     ]
@@ -381,5 +386,140 @@ fn huge_declared_lengths_do_not_allocate_or_panic() {
         vec![0xdb, 0xff, 0xff, 0xff, 0xff],
     ] {
         assert!(decode_msgpack::<TaskConfig>("task config", &input).is_err());
+    }
+}
+
+/// The operator's allow_* settings, as Nomad sends them (every attribute
+/// present, nil when unset): defaults when nil, lists and sizes when set.
+#[test]
+fn plugin_config_decodes_the_operator_settings() {
+    use nomad_driver_virt::config::network::MacvtapMode;
+    use nomad_driver_virt::config::plugin::parse_plugin_config;
+    let config = |entries: Vec<(&'static str, Mp)>| {
+        let mut all: Vec<(&'static str, Mp)> = [
+            "allow_macvtap_devices",
+            "allow_macvtap_modes",
+            "allow_networks",
+            "allow_storage_pools",
+            "clean_traffic",
+            "max_disk_size",
+        ]
+        .into_iter()
+        .map(|key| (key, Mp::Nil))
+        .collect();
+        for (key, value) in entries {
+            if let Some(slot) = all.iter_mut().find(|(k, _)| *k == key) {
+                slot.1 = value;
+            }
+        }
+        bytes(Mp::Map(all))
+    };
+    let defaults = parse_plugin_config(&config(vec![])).expect("defaults");
+    assert_eq!(defaults.policy.networks, None);
+    assert_eq!(defaults.policy.macvtap_devices, None);
+    assert_eq!(
+        defaults.policy.macvtap_modes,
+        vec![MacvtapMode::Bridge, MacvtapMode::Private, MacvtapMode::Vepa]
+    );
+    assert_eq!(defaults.policy.storage_pools, None);
+    assert_eq!(defaults.policy.max_disk_size, None);
+    assert!(defaults.policy.clean_traffic);
+
+    let set = parse_plugin_config(&config(vec![
+        ("allow_networks", Mp::Array(vec![Mp::Str("default")])),
+        ("allow_macvtap_devices", Mp::Array(vec![Mp::Str("eth1")])),
+        (
+            "allow_macvtap_modes",
+            Mp::Array(vec![Mp::Str("passthrough")]),
+        ),
+        ("allow_storage_pools", Mp::Array(vec![])),
+        ("clean_traffic", Mp::Bool(false)),
+        ("max_disk_size", Mp::Str("10GiB")),
+    ]))
+    .expect("valid");
+    assert_eq!(set.policy.networks, Some(vec!["default".to_string()]));
+    assert_eq!(set.policy.macvtap_devices, Some(vec!["eth1".to_string()]));
+    assert_eq!(set.policy.macvtap_modes, vec![MacvtapMode::Passthrough]);
+    assert_eq!(set.policy.storage_pools, Some(Vec::new()));
+    assert_eq!(set.policy.max_disk_size, Some(10 << 30));
+    assert!(!set.policy.clean_traffic);
+
+    // Huge values: the largest size decodes exactly; beyond it, negative,
+    // fractional or unknown units are refused by name, never wrapped.
+    let largest = parse_plugin_config(&config(vec![("max_disk_size", Mp::UInt(u64::MAX))]))
+        .expect("u64::MAX bytes");
+    assert_eq!(largest.policy.max_disk_size, Some(u64::MAX));
+    for bad in [
+        Mp::Int(-1),
+        Mp::Int(0),
+        Mp::Float(1e30),
+        Mp::Float(18_446_744_073_709_551_616.0),
+        Mp::Str("16EiB"),
+        Mp::Str("99999999999999999999999TiB"),
+    ] {
+        let error =
+            parse_plugin_config(&config(vec![("max_disk_size", bad)])).expect_err("refused");
+        assert!(error.to_string().contains("max_disk_size"), "{error}");
+    }
+    for (key, value, field) in [
+        (
+            "allow_macvtap_devices",
+            Mp::Array(vec![Mp::Str("eth 0; x")]),
+            "allow_macvtap_devices[0]",
+        ),
+        (
+            "allow_networks",
+            Mp::Array(vec![Mp::Str("")]),
+            "allow_networks[0]",
+        ),
+        (
+            "allow_storage_pools",
+            Mp::Array(vec![Mp::Str("other")]),
+            "allow_storage_pools[0]",
+        ),
+        (
+            "allow_macvtap_modes",
+            Mp::Array(vec![Mp::Str("all")]),
+            "allow_macvtap_modes[0]",
+        ),
+    ] {
+        let error = parse_plugin_config(&config(vec![(key, value)])).expect_err("refused");
+        assert!(
+            error.errors.iter().any(|e| e.field == field),
+            "{field} not named: {error}"
+        );
+    }
+}
+
+/// Sizes and durations at and beyond their limits through the msgpack
+/// path: no panic, no wrap, a named refusal.
+#[test]
+fn huge_sizes_and_durations_decode_or_are_refused_by_name() {
+    use nomad_driver_virt::config::plugin::parse_plugin_config;
+    let disk = |size: Mp| {
+        task(vec![(
+            "disk",
+            Mp::Array(vec![Mp::Map(vec![("size", size)])]),
+        )])
+    };
+    let largest = parse_task_config(&disk(Mp::UInt(u64::MAX))).expect("u64::MAX bytes");
+    assert_eq!(largest.disks[0].size, Some(ByteSize(u64::MAX)));
+    for bad in [
+        Mp::Int(i64::MIN),
+        Mp::Float(f64::MAX),
+        Mp::Float(f64::INFINITY),
+        Mp::Str("18446744073709551616"),
+        Mp::Str("17179869184GiB"),
+    ] {
+        let error = parse_task_config(&disk(bad)).expect_err("refused");
+        assert!(error.to_string().contains("disk"), "{error}");
+    }
+    for timeout in ["2562048h", "9223372036854775808ns", "25h", "-1s"] {
+        let config = bytes(Mp::Map(vec![("dhcp_timeout", Mp::Str(timeout))]));
+        let error = parse_plugin_config(&config).expect_err(timeout);
+        assert!(
+            error.errors.iter().any(|e| e.field == "dhcp_timeout"),
+            "{timeout}: {error}"
+        );
     }
 }

@@ -255,6 +255,17 @@ async fn bridge_ports_reach_the_guest_and_teardown_survives_a_plugin_crash() {
         dumped.contains(&mac) && dumped.contains(&network.addr),
         "reservation missing:\n{dumped}"
     );
+    // The guest sits behind clean-traffic (the default), which learns its
+    // address from the network's DHCP server only; the lease above and
+    // the port mapping below prove the filter lets DHCP and traffic through.
+    let xml = must(&["virsh", "-c", "qemu:///system", "dumpxml", &domain]);
+    for part in [
+        "<filterref filter='clean-traffic'>",
+        "<parameter name='CTRL_IP_LEARNING' value='dhcp'/>",
+        "<parameter name='DHCPSERVER' value='192.168.122.1'/>",
+    ] {
+        assert!(xml.contains(part), "{part} missing:\n{xml}");
+    }
     alloc.wait_for_console("GUEST-READY", Duration::from_secs(240));
 
     let from_namespace = retry(Duration::from_secs(30), || {
@@ -353,8 +364,13 @@ async fn macvtap_interface_on_a_dummy_device() {
 
     let alloc = Alloc::new("macvtap");
     let plugin = common::launch().await;
+    // Not a default-route device: the operator allows it by name.
+    let config = format!(
+        "{}allow_macvtap_devices = [\"{device}\"]\n",
+        alloc.plugin_config()
+    );
     plugin
-        .set_config_hcl(&alloc.plugin_config(), None)
+        .set_config_hcl(&config, None)
         .await
         .expect("set config");
     // No DHCP behind the macvtap device: the guest skips its DHCP wait

@@ -15,8 +15,8 @@ use nomad_driver_virt::libvirt::dhcp::{
     release_lease, reservation_xml, reservations_in_xml, validate_mac, DhcpError, Reservation,
 };
 use nomad_driver_virt::libvirt::network::{
-    add_reservation, network_by_bridge, network_fingerprint, network_leases, remove_reservation,
-    wait_for_lease,
+    add_reservation, dhcp_servers, network_by_bridge, network_fingerprint, network_leases,
+    nwfilter_exists, remove_reservation, wait_for_lease,
 };
 use virt::connect::Connect;
 use virt::network::Network;
@@ -263,5 +263,32 @@ fn release_on_a_missing_bridge_is_an_error_naming_it() {
     assert!(
         message.contains("ndvnosuch0") && message.contains("No such device"),
         "{message}"
+    );
+}
+
+/// The filter guests on shared bridges get ships with libvirt, and the
+/// default network's DHCP server is what it learns addresses from.
+#[test]
+fn clean_traffic_filter_exists_and_default_has_a_dhcp_server() {
+    if !common::host_ready(&[common::Need::Root, common::Need::Libvirtd]) {
+        return;
+    }
+    let conn = system();
+    assert_eq!(
+        nwfilter_exists(&conn, nomad_driver_virt::net::CLEAN_TRAFFIC_FILTER)
+            .expect("list network filters"),
+        Some(true),
+        "libvirt's clean-traffic filter is missing: install libvirt's nwfilter driver \
+         (tests/setup/host.sh)"
+    );
+    assert_eq!(
+        nwfilter_exists(&conn, "ndvtest-no-such-filter").expect("list network filters"),
+        Some(false)
+    );
+    let _ = default_network(&conn);
+    let servers = dhcp_servers(&conn, "default").expect("default's XML");
+    assert!(
+        servers.contains(&Ipv4Addr::new(192, 168, 122, 1)),
+        "{servers:?}"
     );
 }

@@ -11,8 +11,10 @@ use super::alloc::{self, AllocIdentity, HostCpu};
 use super::job::{Group, JobFile, Task};
 use super::{Diagnostic, Diagnostics};
 use crate::config::client::{self, PLUGIN_BLOCK_LABEL};
+use crate::config::plugin::Settings;
 use crate::config::task::{self as task_config, TaskSpec};
 use crate::config::ConfigErrors;
+use crate::config::Problems;
 use crate::nomad_client::hcldec::{self, HclDecodeError};
 
 /// What a successful validation found.
@@ -193,6 +195,17 @@ pub fn placeholder_env(
 /// Validates every virt task of a job file, or the plugin block of a
 /// Nomad client config (a file with `plugin` blocks and no `job`).
 pub fn validate_file(path: &Path) -> Result<Summary, Diagnostics> {
+    validate_file_with(path, None)
+}
+
+/// [`validate_file`], with a job's tasks also checked against the
+/// operator's `allow_*` settings of `settings` (from a client config).
+/// `allow_networks` needs libvirt (which network a bridge belongs to) and
+/// the default macvtap devices are this host's: StartTask checks those.
+pub fn validate_file_with(
+    path: &Path,
+    settings: Option<&Settings>,
+) -> Result<Summary, Diagnostics> {
     let source = std::fs::read_to_string(path).map_err(|error| {
         Diagnostics(vec![Diagnostic::new(
             path,
@@ -202,7 +215,7 @@ pub fn validate_file(path: &Path) -> Result<Summary, Diagnostics> {
     })?;
     if let Ok(body) = client::parse(&source) {
         if client::is_client_config(&body) {
-            return validate_client_config(path, &source, &body);
+            return validate_client_config(path, &source, &body).map(|(summary, _)| summary);
         }
     }
     let file = JobFile::parse(path, source)?;
@@ -217,11 +230,14 @@ pub fn validate_file(path: &Path) -> Result<Summary, Diagnostics> {
         for task in virt {
             tasks.push(task.name.clone());
             match placeholder_env(&file, group, task) {
-                Ok(env) => {
-                    if let Err(found) = check_task(&file, group, task, &env) {
-                        problems.extend(found);
+                Ok(env) => match check_task(&file, group, task, &env) {
+                    Ok(typed) => {
+                        if let Some(settings) = settings {
+                            problems.extend(check_policy(&file, task, &typed, settings));
+                        }
                     }
-                }
+                    Err(found) => problems.extend(found),
+                },
                 Err(problem) => problems.push(problem),
             }
         }
@@ -247,13 +263,61 @@ pub fn validate_file(path: &Path) -> Result<Summary, Diagnostics> {
     }
 }
 
+/// Problems of a checked task with the operator's `allow_*` settings.
+pub fn check_policy(
+    file: &JobFile,
+    task: &Task,
+    typed: &TaskSpec,
+    settings: &Settings,
+) -> Vec<Diagnostic> {
+    let mut problems = Problems::default();
+    crate::config::policy::check_task(
+        typed,
+        &settings.policy,
+        &settings.default_pool,
+        None,
+        &mut problems,
+    );
+    let Err(errors) = problems.into_result("task config", ()) else {
+        return Vec::new();
+    };
+    let line = |field: &str| {
+        task.config
+            .as_ref()
+            .map_or(task.line, |config| file.line_of_config_field(config, field))
+    };
+    errors
+        .errors
+        .iter()
+        .map(|problem| {
+            // "disk[0].pool (unset: the default pool)" locates as disk[0].
+            let located = problem.field.split(' ').next().unwrap_or_default();
+            Diagnostic::new(&file.path, Some(line(located)), problem.message.clone())
+                .scoped(task_scope(task))
+                .field(&problem.field)
+        })
+        .collect()
+}
+
+/// The settings of the plugin block of a client config file, when `path`
+/// is one and it is valid (its problems are reported when it is validated).
+pub fn client_settings(path: &Path) -> Option<Settings> {
+    let source = std::fs::read_to_string(path).ok()?;
+    let body = client::parse(&source).ok()?;
+    if !client::is_client_config(&body) {
+        return None;
+    }
+    validate_client_config(path, &source, &body).ok()?.1
+}
+
 /// Checks a client config's `plugin "nomad-driver-virt" { config { ... } }`
-/// against the plugin schema and the plugin's validation.
+/// against the plugin schema and the plugin's validation; returns its
+/// settings when it has that block.
 fn validate_client_config(
     path: &Path,
     source: &str,
     body: &hcl::edit::structure::Body,
-) -> Result<Summary, Diagnostics> {
+) -> Result<(Summary, Option<Settings>), Diagnostics> {
     let starts: Vec<usize> = std::iter::once(0)
         .chain(source.match_indices('\n').map(|(i, _)| i + 1))
         .collect();
@@ -263,7 +327,7 @@ fn validate_client_config(
     let scope = format!("plugin \"{PLUGIN_BLOCK_LABEL}\"");
     let config = match client::plugin_config_block(body) {
         Ok(Some(config)) => config,
-        Ok(None) => return Ok(Summary::ClientConfig),
+        Ok(None) => return Ok((Summary::ClientConfig, None)),
         Err(error) => {
             return Err(Diagnostics(vec![Diagnostic::new(
                 path,
@@ -295,7 +359,7 @@ fn validate_client_config(
         }])
     })?;
     let bytes = crate::nomad::cty::to_msgpack(&value);
-    crate::config::plugin::parse_plugin_config(&bytes).map_err(|error| {
+    let settings = crate::config::plugin::parse_plugin_config(&bytes).map_err(|error| {
         Diagnostics(
             error
                 .errors
@@ -304,14 +368,17 @@ fn validate_client_config(
                 .collect(),
         )
     })?;
-    Ok(Summary::ClientConfig)
+    Ok((Summary::ClientConfig, Some(settings)))
 }
 
-/// The `validate` command: 0 when every file is fine, 1 otherwise.
+/// The `validate` command: 0 when every file is fine, 1 otherwise. A
+/// client config among the files (the last, if several) sets the operator
+/// settings the job files are checked against.
 pub fn command(files: &[std::path::PathBuf]) -> i32 {
     let mut failed = false;
+    let settings = files.iter().rev().find_map(|path| client_settings(path));
     for path in files {
-        match validate_file(path) {
+        match validate_file_with(path, settings.as_ref()) {
             Ok(summary) => println!("{}: OK: {summary}", path.display()),
             Err(problems) => {
                 failed = true;

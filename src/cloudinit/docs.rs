@@ -18,6 +18,9 @@ pub const DEFAULT_USER_DATA: &str = "#cloud-config\n{}\n";
 /// Where vendor-data writes the task's environment for login shells.
 pub const ENV_SCRIPT_PATH: &str = "/etc/profile.d/virt.sh";
 
+/// Mode of [`ENV_SCRIPT_PATH`]: readable by root only.
+pub const ENV_SCRIPT_MODE: &str = "0600";
+
 /// What the driver knows about a task's guest setup.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct CloudInitInput {
@@ -33,6 +36,9 @@ pub struct CloudInitInput {
     /// One or more public keys for the default user, one per line; blank
     /// lines and `#` comment lines are ignored.
     pub ssh_authorized_key: Option<String>,
+    /// sshd accepts password logins (cloud-init `ssh_pwauth`). Without it a
+    /// password opens the console only, and sshd is told so explicitly.
+    pub ssh_password_auth: bool,
     /// Run once per instance, after boot (`runcmd`), each through `sh -c`.
     pub cmds: Vec<String>,
     /// Run on every boot, early (`bootcmd`): the driver's mount commands.
@@ -63,6 +69,7 @@ impl fmt::Debug for CloudInitInput {
                 &self.default_user_password.as_ref().map(|_| "<redacted>"),
             )
             .field("ssh_authorized_key", &self.ssh_authorized_key)
+            .field("ssh_password_auth", &self.ssh_password_auth)
             .field("cmds", &self.cmds)
             .field("bootcmds", &self.bootcmds)
             .field("timezone", &self.timezone)
@@ -150,6 +157,11 @@ fn render_vendor_data(
         // as-is, the plaintext never leaves the host.
         doc.string("password", &sha512_crypt(password, salt)?);
         doc.raw("chpasswd:\n  expire: false\n");
+        // Explicit either way: images whose sshd takes passwords by
+        // default must not do so just because a password was set.
+        doc.raw(&format!("ssh_pwauth: {}\n", input.ssh_password_auth));
+    } else if input.ssh_password_auth {
+        // Passwords set by the user's own user-data.
         doc.raw("ssh_pwauth: true\n");
     }
 
@@ -163,12 +175,14 @@ fn render_vendor_data(
     doc.list("runcmd", &input.cmds);
 
     if let Some(script) = env_script(&input.env) {
-        // 0644: login shells of every user must read it; only root may change
-        // what they source.
+        // 0600 root: env values often carry secrets (template env = true),
+        // so no other guest user may read them. Login shells of other users
+        // skip it (/etc/profile sources only readable files); root's and
+        // `cmds` (run as root) get it.
         doc.raw("write_files:\n");
         doc.raw(&format!("  - path: {}\n", yaml_quote(ENV_SCRIPT_PATH)));
         doc.raw("    owner: \"root:root\"\n");
-        doc.raw("    permissions: \"0644\"\n");
+        doc.raw(&format!("    permissions: \"{ENV_SCRIPT_MODE}\"\n"));
         doc.raw(&format!("    content: {}\n", yaml_quote(&script)));
     }
     Ok(doc.finish())
@@ -441,7 +455,7 @@ mod tests {
              hostname: \"web-1\"\n\
              password: \"{hash}\"\n\
              chpasswd:\n  expire: false\n\
-             ssh_pwauth: true\n\
+             ssh_pwauth: false\n\
              ssh_authorized_keys:\n  - \"ssh-ed25519 AAAAC3 me@host\"\n\
              timezone: \"Europe/Berlin\"\n\
              bootcmd:\n  - \"mkdir -p /srv\"\n\
@@ -449,15 +463,15 @@ mod tests {
              write_files:\n\
             \x20 - path: \"/etc/profile.d/virt.sh\"\n\
             \x20   owner: \"root:root\"\n\
-            \x20   permissions: \"0644\"\n\
+            \x20   permissions: \"0600\"\n\
             \x20   content: \"# Task environment, written by nomad-driver-virt.\\nexport GREETING='it'\\\\''s'\\n\"\n"
         );
         assert_eq!(vd, expected);
 
         let v = yaml(&vd);
         assert_eq!(v["chpasswd"]["expire"].as_bool(), Some(false));
-        assert_eq!(v["ssh_pwauth"].as_bool(), Some(true));
-        assert_eq!(v["write_files"][0]["permissions"].as_str(), Some("0644"));
+        assert_eq!(v["ssh_pwauth"].as_bool(), Some(false));
+        assert_eq!(v["write_files"][0]["permissions"].as_str(), Some("0600"));
         assert_eq!(v["write_files"][0]["owner"].as_str(), Some("root:root"));
     }
 
@@ -544,6 +558,39 @@ mod tests {
         for key in ["password", "chpasswd", "ssh_pwauth"] {
             assert!(v.get(key).is_none(), "{key} set without a password");
         }
+    }
+
+    #[test]
+    fn password_ssh_login_only_when_asked() {
+        let mut i = input();
+        i.default_user_password = Some("pw".into());
+        let v = yaml(&render(&i, SALT).unwrap().vendor_data);
+        assert_eq!(
+            v["ssh_pwauth"].as_bool(),
+            Some(false),
+            "a password alone must close SSH password login"
+        );
+        i.ssh_password_auth = true;
+        let v = yaml(&render(&i, SALT).unwrap().vendor_data);
+        assert_eq!(v["ssh_pwauth"].as_bool(), Some(true));
+        // Asked for without a password here (user-data sets one).
+        let mut i = input();
+        i.ssh_password_auth = true;
+        let v = yaml(&render(&i, SALT).unwrap().vendor_data);
+        assert_eq!(v["ssh_pwauth"].as_bool(), Some(true));
+        assert!(v.get("password").is_none());
+    }
+
+    #[test]
+    fn env_file_is_root_only() {
+        let mut i = input();
+        i.env = BTreeMap::from([("TOKEN".into(), "secret".into())]);
+        let v = yaml(&render(&i, SALT).unwrap().vendor_data);
+        let file = &v["write_files"][0];
+        assert_eq!(file["path"].as_str(), Some(ENV_SCRIPT_PATH));
+        assert_eq!(file["owner"].as_str(), Some("root:root"));
+        let mode = u32::from_str_radix(file["permissions"].as_str().unwrap(), 8).unwrap();
+        assert_eq!(mode & 0o077, 0, "group or others can read {mode:o}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!   ([`task::parse_task_config`] is the one entry for StartTask and the CLI);
 //! - `network`: its `network_interface` blocks;
 //! - `plugin`: the plugin config and its [`plugin::Settings`];
+//! - `policy`: a task config against the operator's `allow_*` settings;
 //! - `client`: finding the plugin's block in a Nomad client config file;
 //! - `names`, `units`: the newtypes (hostname, interface name, MAC, ...),
 //!   byte sizes and Go durations the configs are made of;
@@ -16,6 +17,7 @@ pub mod hclspec;
 pub mod names;
 pub mod network;
 pub mod plugin;
+pub mod policy;
 pub mod task;
 pub mod units;
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tracing_subscriber::filter::LevelFilter;
 
 use super::hclspec::Spec;
+use super::network::MacvtapMode;
 use super::{ConfigErrors, Problems};
 
 /// libvirt URI used when the plugin config names none.
@@ -26,6 +27,13 @@ pub struct PluginConfig {
     pub accelerator: Option<String>,
     pub log_level: Option<String>,
     pub dhcp_timeout: Option<String>,
+    /// What jobs may touch: see [`Policy`].
+    pub allow_networks: Option<Vec<String>>,
+    pub allow_macvtap_devices: Option<Vec<String>>,
+    pub allow_macvtap_modes: Option<Vec<String>>,
+    pub allow_storage_pools: Option<Vec<String>>,
+    pub max_disk_size: Option<super::units::ByteSize>,
+    pub clean_traffic: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -139,7 +147,55 @@ pub fn schema() -> Spec {
             "dhcp_timeout",
             Spec::attr_with_default("dhcp_timeout", "string", "\"2m\""),
         ),
+        ("allow_networks", Spec::attr("list(string)")),
+        ("allow_macvtap_devices", Spec::attr("list(string)")),
+        ("allow_macvtap_modes", Spec::attr("list(string)")),
+        ("allow_storage_pools", Spec::attr("list(string)")),
+        // A number of bytes or a string such as "100GiB", like a disk's size.
+        ("max_disk_size", Spec::attr("any")),
+        ("clean_traffic", Spec::attr("bool")),
     ])
+}
+
+/// Longest DHCP wait an operator may configure: far beyond any real boot,
+/// and small enough that deadline arithmetic can never overflow.
+pub const MAX_DHCP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// macvtap modes allowed when `allow_macvtap_modes` is unset: everything
+/// but `passthrough`, which hands the whole host device to one guest.
+pub const DEFAULT_MACVTAP_MODES: [MacvtapMode; 3] =
+    [MacvtapMode::Bridge, MacvtapMode::Private, MacvtapMode::Vepa];
+
+/// What the operator lets jobs touch (the `allow_*` settings). `None` in a
+/// list means the documented default, not "anything".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// libvirt networks (by network or bridge name) a `bridge` interface
+    /// may join; `None`: every libvirt network.
+    pub networks: Option<Vec<String>>,
+    /// Host devices a `macvtap` interface may use; `None`: the devices
+    /// that carry the host's default route.
+    pub macvtap_devices: Option<Vec<String>>,
+    pub macvtap_modes: Vec<MacvtapMode>,
+    /// Pools a job's disks may use; `None`: every configured pool.
+    pub storage_pools: Option<Vec<String>>,
+    /// Largest disk (bytes); `None`: bounded by the pool's free space only.
+    pub max_disk_size: Option<u64>,
+    /// Guests on a libvirt network get the `clean-traffic` nwfilter.
+    pub clean_traffic: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            networks: None,
+            macvtap_devices: None,
+            macvtap_modes: DEFAULT_MACVTAP_MODES.to_vec(),
+            storage_pools: None,
+            max_disk_size: None,
+            clean_traffic: true,
+        }
+    }
 }
 
 /// How long StartTask waits for a bridge-attached guest's DHCP lease.
@@ -176,6 +232,8 @@ pub struct Settings {
     /// `provider.libvirt.allow_insecure_readonly_mounts` (default false).
     /// Read it through [`Settings::insecure_readonly_virtiofs`].
     pub allow_insecure_readonly_mounts: bool,
+    /// The `allow_*` settings, `max_disk_size` and `clean_traffic`.
+    pub policy: Policy,
 }
 
 impl Settings {
@@ -216,6 +274,7 @@ fn unreachable_default() -> Settings {
         log_level: None,
         dhcp_timeout: DEFAULT_DHCP_TIMEOUT,
         allow_insecure_readonly_mounts: false,
+        policy: Policy::default(),
     }
 }
 
@@ -397,6 +456,13 @@ impl PluginConfig {
         let dhcp_timeout = match self.dhcp_timeout.as_deref() {
             None => DEFAULT_DHCP_TIMEOUT,
             Some(text) => match super::units::parse_duration(text) {
+                Ok(duration) if duration > MAX_DHCP_TIMEOUT => {
+                    problems.add(
+                        "dhcp_timeout",
+                        format!("{text:?} is too long; use at most \"24h\""),
+                    );
+                    DEFAULT_DHCP_TIMEOUT
+                }
                 Ok(duration) if duration >= std::time::Duration::from_secs(1) => duration,
                 Ok(_) => {
                     problems.add(
@@ -412,6 +478,8 @@ impl PluginConfig {
             },
         };
 
+        let policy = self.policy(&pools, &mut problems);
+
         problems.into_result(
             "plugin config",
             Settings {
@@ -426,8 +494,97 @@ impl PluginConfig {
                 allow_insecure_readonly_mounts: libvirt
                     .allow_insecure_readonly_mounts
                     .unwrap_or(false),
+                policy,
             },
         )
+    }
+
+    /// Checks the `allow_*` settings into a [`Policy`].
+    fn policy(&self, pools: &[DirectoryPool], problems: &mut Problems) -> Policy {
+        let names = |field: &str,
+                     list: &Option<Vec<String>>,
+                     valid: fn(&str) -> bool,
+                     what: &str,
+                     problems: &mut Problems| {
+            list.as_ref().map(|list| {
+                let mut kept = Vec::new();
+                for (index, name) in list.iter().enumerate() {
+                    if valid(name) {
+                        kept.push(name.clone());
+                    } else {
+                        problems.add(
+                            format!("{field}[{index}]"),
+                            format!("{name:?} is not {what}"),
+                        );
+                    }
+                }
+                kept
+            })
+        };
+        let networks = names(
+            "allow_networks",
+            &self.allow_networks,
+            super::names::is_object_name,
+            "a libvirt network or bridge name",
+            problems,
+        );
+        let macvtap_devices = names(
+            "allow_macvtap_devices",
+            &self.allow_macvtap_devices,
+            super::names::is_interface_name,
+            "a host network device name such as \"eth0\"",
+            problems,
+        );
+        let macvtap_modes = match &self.allow_macvtap_modes {
+            None => DEFAULT_MACVTAP_MODES.to_vec(),
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(index, mode)| {
+                    problems.check(
+                        format!("allow_macvtap_modes[{index}]"),
+                        MacvtapMode::parse(mode),
+                    )
+                })
+                .collect(),
+        };
+        let storage_pools = names(
+            "allow_storage_pools",
+            &self.allow_storage_pools,
+            super::names::is_object_name,
+            "a pool name",
+            problems,
+        );
+        for (index, name) in storage_pools.iter().flatten().enumerate() {
+            if !pools.iter().any(|pool| &pool.name == name) {
+                problems.add(
+                    format!("allow_storage_pools[{index}]"),
+                    format!(
+                        "{name:?} is not a configured pool; configured: {}",
+                        pools
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+        }
+        let max_disk_size = self.max_disk_size.map(|size| size.0);
+        if max_disk_size == Some(0) {
+            problems.add(
+                "max_disk_size",
+                "must be greater than zero; leave it unset for no limit but the pool's free space",
+            );
+        }
+        Policy {
+            networks,
+            macvtap_devices,
+            macvtap_modes,
+            storage_pools,
+            max_disk_size,
+            clean_traffic: self.clean_traffic.unwrap_or(true),
+        }
     }
 }
 
@@ -474,6 +631,7 @@ mod tests {
             accelerator: Some("hvf".into()),
             log_level: Some("loud".into()),
             dhcp_timeout: Some("soon".into()),
+            ..Default::default()
         };
         let error = config.validate().expect_err("invalid");
         let text = error.to_string();

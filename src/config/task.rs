@@ -22,6 +22,9 @@ pub struct TaskConfig {
     pub user_data: Option<String>,
     pub default_user_password: Option<String>,
     pub default_user_authorized_ssh_key: Option<String>,
+    /// Let sshd accept password logins (cloud-init `ssh_pwauth`). Default
+    /// false: a `default_user_password` alone opens only the console.
+    pub ssh_password_auth: Option<bool>,
     pub cmds: Option<Vec<String>>,
     pub timezone: Option<String>,
     pub os: Option<OsConfig>,
@@ -177,6 +180,8 @@ pub struct TaskSpec {
     pub user_data: Option<String>,
     pub default_user_password: Option<String>,
     pub default_user_authorized_ssh_key: Option<String>,
+    /// sshd accepts password logins (`ssh_password_auth = true`).
+    pub ssh_password_auth: bool,
     /// Commands cloud-init runs once, in order.
     pub cmds: Vec<String>,
     pub timezone: Option<Timezone>,
@@ -345,6 +350,7 @@ pub fn schema() -> Spec {
         ("user_data", Spec::attr("string")),
         ("default_user_password", Spec::attr("string")),
         ("default_user_authorized_ssh_key", Spec::attr("string")),
+        ("ssh_password_auth", Spec::attr("bool")),
         ("cmds", Spec::attr("list(string)")),
         ("timezone", Spec::attr("string")),
         (
@@ -521,6 +527,7 @@ impl TryFrom<&TaskConfig> for TaskSpec {
                 user_data: wire.user_data.clone(),
                 default_user_password: wire.default_user_password.clone(),
                 default_user_authorized_ssh_key: wire.default_user_authorized_ssh_key.clone(),
+                ssh_password_auth: wire.ssh_password_auth.unwrap_or(false),
                 cmds,
                 timezone,
                 os: OsSpec {

@@ -144,6 +144,29 @@ pub fn add_pool_attributes(
     }
 }
 
+/// Why guests cannot get the `clean-traffic` filter the plugin config asks
+/// for, if they cannot. A driver without network filters (libvirt's test
+/// driver) has nothing to filter with and is not a problem.
+pub fn clean_traffic_problem(
+    found: &Result<Option<bool>, crate::libvirt::LibvirtError>,
+) -> Option<String> {
+    let fix = "libvirt ships it with its nwfilter driver (Debian: libvirt-daemon-driver-nwfilter; \
+               `virsh nwfilter-list` lists it); or set clean_traffic = false in the plugin config \
+               to run guests on shared bridges without it";
+    match found {
+        Ok(Some(true)) | Ok(None) => None,
+        Ok(Some(false)) => Some(format!(
+            "libvirt has no network filter \"{}\", which guests on shared bridges get; {fix}",
+            crate::net::CLEAN_TRAFFIC_FILTER
+        )),
+        Err(error) => Some(format!(
+            "cannot list libvirt's network filters ({}); guests on shared bridges need \"{}\"; {fix}",
+            crate::libvirt::error::with_sources(error),
+            crate::net::CLEAN_TRAFFIC_FILTER
+        )),
+    }
+}
+
 fn base_attributes() -> HashMap<String, Attribute> {
     HashMap::from([
         ("driver.virt".to_string(), attribute::bool(true)),
@@ -158,17 +181,31 @@ impl Driver {
     /// Takes one fingerprint of the host now.
     pub async fn fingerprint_once(&self) -> FingerprintResponse {
         let settings = self.settings();
+        let clean_traffic = settings.policy.clean_traffic;
         let result = self
             .libvirt()
-            .call(|connection| {
+            .call(move |connection| {
                 let info = host::host_info(connection)?;
                 let pools =
                     crate::libvirt::storage::pool_fingerprint(connection).unwrap_or_default();
-                Ok((info, pools))
+                let filter = if clean_traffic {
+                    Some(crate::libvirt::network::nwfilter_exists(
+                        connection,
+                        crate::net::CLEAN_TRAFFIC_FILTER,
+                    ))
+                } else {
+                    None
+                };
+                Ok((info, pools, filter))
             })
             .await;
         match result {
-            Ok((info, pools)) => {
+            Ok((_, _, Some(filter))) if clean_traffic_problem(&filter).is_some() => {
+                let problem = clean_traffic_problem(&filter).unwrap_or_default();
+                tracing::warn!(problem = %problem, "clean-traffic filter unavailable");
+                unhealthy(problem)
+            }
+            Ok((info, pools, _)) => {
                 let mut response = healthy(&settings, &info, host::kvm_device_usable());
                 add_pool_attributes(&mut response, &settings, &pools);
                 for (key, value) in self.tasks().network_fingerprint().await {
@@ -187,6 +224,23 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_clean_traffic_filter_is_explained() {
+        assert_eq!(clean_traffic_problem(&Ok(Some(true))), None);
+        assert_eq!(clean_traffic_problem(&Ok(None)), None);
+        let missing = clean_traffic_problem(&Ok(Some(false))).expect("a problem");
+        for part in [
+            "no network filter \"clean-traffic\"",
+            "libvirt-daemon-driver-nwfilter",
+            "clean_traffic = false",
+        ] {
+            assert!(missing.contains(part), "{part} missing: {missing}");
+        }
+        let unhealthy = unhealthy(missing.clone());
+        assert_eq!(unhealthy.health, HealthState::Unhealthy as i32);
+        assert_eq!(unhealthy.health_description, missing);
+    }
 
     #[test]
     fn pool_types_use_the_go_spelling() {

@@ -137,6 +137,14 @@ impl Hypervisor for LibvirtHypervisor {
         })
     }
 
+    fn pool_available(&self, pool_name: &str) -> Result<u64, HypervisorError> {
+        self.with(|conn| {
+            let pool = pool(conn, pool_name)?;
+            storage::refresh_pool(&pool)?;
+            Ok(pool.available()?)
+        })
+    }
+
     fn create_volume(
         &self,
         pool_name: &str,

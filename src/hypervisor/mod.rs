@@ -132,6 +132,8 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// Makes sure the pool exists and is started.
     fn prepare_pool(&self, pool: &DirectoryPool) -> Result<(), HypervisorError>;
+    /// Bytes free in a prepared pool (libvirt's pool info, after a refresh).
+    fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError>;
     /// Creates `name` in `pool` and returns its path (and backing file).
     fn create_volume(
         &self,

@@ -206,7 +206,9 @@ pub(crate) fn poll_for_lease(
     timeout: Duration,
     on_attempt: &mut dyn FnMut(u32),
 ) -> Result<Lease, DhcpError> {
-    let deadline = Instant::now() + timeout;
+    // Clamped: `Instant + Duration` panics on overflow, and no caller
+    // means to wait longer than a day.
+    let deadline = Instant::now() + timeout.min(Duration::from_secs(24 * 3600));
     let mut delay = FIRST_RETRY_DELAY;
     let mut attempts = 0u32;
     let mut last_error = None;

@@ -156,14 +156,27 @@ pub struct ShareSpec {
 /// A network interface; the model is always virtio.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InterfaceSpec {
-    /// Attached to a libvirt network (e.g. `default`).
-    Network { network: String, mac: String },
+    /// Attached to a libvirt network (e.g. `default`), optionally behind a
+    /// libvirt network filter (`clean-traffic` on shared bridges).
+    Network {
+        network: String,
+        mac: String,
+        filter: Option<FilterRef>,
+    },
     /// macvtap on a host device; `mode` is bridge, private, vepa or passthrough.
     Direct {
         device: String,
         mode: String,
         mac: String,
     },
+}
+
+/// `<filterref filter='NAME'>` with its `<parameter name= value=>`s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterRef {
+    pub filter: String,
+    /// e.g. `("CTRL_IP_LEARNING", "dhcp")`, `("DHCPSERVER", "192.168.122.1")`.
+    pub parameters: Vec<(String, String)>,
 }
 
 /// Who the domain belongs to, kept inside `<metadata>` so a restarted plugin
@@ -572,8 +585,15 @@ fn check_share(i: usize, share: &ShareSpec) -> Result<(), DomainXmlError> {
 
 fn check_interface(i: usize, interface: &InterfaceSpec) -> Result<(), DomainXmlError> {
     match interface {
-        InterfaceSpec::Network { network, mac } => {
+        InterfaceSpec::Network {
+            network,
+            mac,
+            filter,
+        } => {
             check_non_empty_text(&format!("interfaces[{i}].network"), network)?;
+            if let Some(filter) = filter {
+                check_filter(&format!("interfaces[{i}].filter"), filter)?;
+            }
             check_mac(&format!("interfaces[{i}].mac"), mac)
         }
         InterfaceSpec::Direct { device, mode, mac } => {
@@ -589,6 +609,34 @@ fn check_interface(i: usize, interface: &InterfaceSpec) -> Result<(), DomainXmlE
             check_mac(&format!("interfaces[{i}].mac"), mac)
         }
     }
+}
+
+/// Filter and parameter names as libvirt spells them (`clean-traffic`,
+/// `CTRL_IP_LEARNING`); values are plain text.
+fn check_filter(field: &str, filter: &FilterRef) -> Result<(), DomainXmlError> {
+    let is_name = |name: &str, extra: &[char]| {
+        !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || extra.contains(&c))
+    };
+    if !is_name(&filter.filter, &['-', '.']) {
+        return Err(DomainXmlError::new(
+            field,
+            format!("{:?} is not a network filter name", filter.filter),
+        ));
+    }
+    for (name, value) in &filter.parameters {
+        if !is_name(name, &[]) {
+            return Err(DomainXmlError::new(
+                format!("{field}.parameters"),
+                format!("{name:?} is not a filter parameter name"),
+            ));
+        }
+        check_non_empty_text(&format!("{field}.parameters.{name}"), value)?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -771,10 +819,21 @@ fn write_share(w: &mut XmlWriter, share: &ShareSpec) {
 
 fn write_interface(w: &mut XmlWriter, interface: &InterfaceSpec) {
     match interface {
-        InterfaceSpec::Network { network, mac } => {
+        InterfaceSpec::Network {
+            network,
+            mac,
+            filter,
+        } => {
             w.open("interface", &[("type", "network")]);
             w.empty("mac", &[("address", &mac.to_ascii_lowercase())]);
             w.empty("source", &[("network", network)]);
+            if let Some(filter) = filter {
+                w.open("filterref", &[("filter", &filter.filter)]);
+                for (name, value) in &filter.parameters {
+                    w.empty("parameter", &[("name", name), ("value", value)]);
+                }
+                w.close("filterref");
+            }
         }
         InterfaceSpec::Direct { device, mode, mac } => {
             w.open("interface", &[("type", "direct")]);
@@ -886,6 +945,7 @@ mod tests {
             interfaces: vec![InterfaceSpec::Network {
                 network: "default".into(),
                 mac: "52:54:00:12:34:56".into(),
+                filter: None,
             }],
             console_log: Some(format!("{ALLOC}/alloc/logs/web.console.log").into()),
             metadata: DomainMetadata {
@@ -1264,6 +1324,7 @@ mod tests {
             spec.interfaces[0] = InterfaceSpec::Network {
                 network: "default".into(),
                 mac: mac.into(),
+                filter: None,
             };
             assert_eq!(rejected(&spec).field, "interfaces[0].mac", "{mac:?}");
         }
@@ -1440,6 +1501,7 @@ mod tests {
         spec.interfaces[0] = InterfaceSpec::Network {
             network: String::new(),
             mac: "52:54:00:00:00:01".into(),
+            filter: None,
         };
         assert_eq!(rejected(&spec).field, "interfaces[0].network");
 
@@ -1447,8 +1509,66 @@ mod tests {
         spec.interfaces.push(InterfaceSpec::Network {
             network: "other".into(),
             mac: "52:54:00:12:34:56".to_uppercase(),
+            filter: None,
         });
         assert_eq!(rejected(&spec).field, "interfaces[1].mac");
+    }
+
+    #[test]
+    fn network_interfaces_carry_their_filter() {
+        let mut spec = tcg_minimal();
+        spec.interfaces[0] = InterfaceSpec::Network {
+            network: "default".into(),
+            mac: "52:54:00:00:00:01".into(),
+            filter: Some(FilterRef {
+                filter: "clean-traffic".into(),
+                parameters: vec![
+                    ("CTRL_IP_LEARNING".into(), "dhcp".into()),
+                    ("DHCPSERVER".into(), "192.168.122.1".into()),
+                ],
+            }),
+        };
+        let xml = render_domain_xml(&spec).expect("renders");
+        let root = crate::libvirt::xml::parse(&xml).expect("parses");
+        let interface = root
+            .child("devices")
+            .and_then(|devices| devices.child("interface"))
+            .expect("interface");
+        let filterref = interface.child("filterref").expect("filterref");
+        assert_eq!(filterref.attr("filter"), Some("clean-traffic"));
+        let parameters: Vec<(&str, &str)> = filterref
+            .children_named("parameter")
+            .filter_map(|p| Some((p.attr("name")?, p.attr("value")?)))
+            .collect();
+        assert_eq!(
+            parameters,
+            vec![
+                ("CTRL_IP_LEARNING", "dhcp"),
+                ("DHCPSERVER", "192.168.122.1")
+            ]
+        );
+        // No filter, no filterref.
+        let plain = render_domain_xml(&tcg_minimal()).expect("renders");
+        assert!(!plain.contains("filterref"), "{plain}");
+
+        for (filter, parameter, field) in [
+            ("clean traffic", "IP", "interfaces[0].filter"),
+            (
+                "clean-traffic",
+                "IP'/><x",
+                "interfaces[0].filter.parameters",
+            ),
+        ] {
+            spec.interfaces[0] = InterfaceSpec::Network {
+                network: "default".into(),
+                mac: "52:54:00:00:00:01".into(),
+                filter: Some(FilterRef {
+                    filter: filter.into(),
+                    parameters: vec![(parameter.into(), "10.0.0.1".into())],
+                }),
+            };
+            assert_eq!(rejected(&spec).field, field);
+        }
     }
 
     // -- Shape of the output

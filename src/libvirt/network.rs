@@ -1,4 +1,5 @@
 //! libvirt networks: finding one by its bridge, the network fingerprint,
+//! its DHCP servers and the network filters,
 //! DHCP leases, and DHCP host reservations through `virNetworkUpdate`. The
 //! lease choice and the reservation model are pure, in [`crate::libvirt::dhcp`].
 //!
@@ -12,6 +13,7 @@ use virt::network::Network;
 use virt::sys;
 
 use super::ffi::{self, RawLease};
+use super::LibvirtError;
 use crate::libvirt::dhcp::{
     dhcp_hosts, host_xml, poll_for_lease, presence, reservation_xml, validate_hostname,
     validate_mac, DhcpError, HostEntry, Lease, Presence, Reservation,
@@ -153,6 +155,46 @@ pub fn network_fingerprint(conn: &Connect) -> Vec<(String, bool, String)> {
         .collect();
     out.sort();
     out
+}
+
+/// The addresses of a network's DHCP servers (its `<ip address>`
+/// elements that hold a `<dhcp>` block): the only senders whose DHCP
+/// replies the `clean-traffic` filter should learn guest addresses from.
+pub fn dhcp_servers(conn: &Connect, network: &str) -> Result<Vec<Ipv4Addr>, DhcpError> {
+    let net = lookup_network(conn, network)?;
+    let xml = net
+        .xml_desc(0)
+        .map_err(|error| libvirt_error("read the network XML", network, error))?;
+    Ok(dhcp_servers_in_xml(&xml))
+}
+
+/// Pure part of [`dhcp_servers`].
+pub fn dhcp_servers_in_xml(xml: &str) -> Vec<Ipv4Addr> {
+    let Ok(root) = crate::libvirt::xml::parse(xml) else {
+        return Vec::new();
+    };
+    root.children_named("ip")
+        .filter(|ip| ip.child("dhcp").is_some())
+        .filter_map(|ip| ip.attr("address")?.parse().ok())
+        .collect()
+}
+
+/// Whether libvirt has the network filter `name` (`virsh nwfilter-list`);
+/// `Ok(None)` when the connection's driver has no network filters at all
+/// (libvirt's test driver).
+pub fn nwfilter_exists(conn: &Connect, name: &str) -> Result<Option<bool>, LibvirtError> {
+    match conn.list_all_nw_filters(0) {
+        Ok(filters) => Ok(Some(
+            filters
+                .iter()
+                .any(|filter| filter.name().is_ok_and(|n| n == name)),
+        )),
+        Err(error) if has_code(&error, sys::VIR_ERR_NO_SUPPORT) => Ok(None),
+        Err(error) => Err(LibvirtError::Host {
+            action: "listing network filters",
+            source: error.into(),
+        }),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -368,6 +410,28 @@ fn libvirt_error(action: &'static str, network: &str, error: virt::error::Error)
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn dhcp_servers_are_the_ip_elements_with_dhcp() {
+        let xml = "<network><name>n</name>\
+            <ip address='192.168.122.1' netmask='255.255.255.0'><dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp></ip>\
+            <ip address='10.9.0.1' netmask='255.255.255.0'/>\
+            <ip family='ipv6' address='fd00::1' prefix='64'><dhcp/></ip></network>";
+        assert_eq!(
+            dhcp_servers_in_xml(xml),
+            vec![Ipv4Addr::new(192, 168, 122, 1)]
+        );
+        assert!(dhcp_servers_in_xml("not xml").is_empty());
+    }
+
+    #[test]
+    fn the_test_driver_has_no_network_filters() {
+        let (_dir, conn) = private_connection();
+        assert_eq!(
+            nwfilter_exists(&conn, "clean-traffic").expect("no error"),
+            None
+        );
+    }
 
     const MAC: &str = "52:54:00:12:34:56";
 

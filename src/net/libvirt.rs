@@ -106,10 +106,15 @@ impl Net for LibvirtNet {
             match interface {
                 NetworkInterface::Bridge(bridge) => {
                     let name = bridge.name.as_str().to_string();
-                    let network = self.libvirt.call_blocking(move |conn| {
-                        Ok(libvirt_network::network_by_bridge(conn, &name))
+                    let found = self.libvirt.call_blocking(move |conn| {
+                        Ok(
+                            libvirt_network::network_by_bridge(conn, &name).and_then(|network| {
+                                let servers = libvirt_network::dhcp_servers(conn, &network)?;
+                                Ok((network, servers))
+                            }),
+                        )
                     })?;
-                    let network = network.map_err(|e| {
+                    let (network, dhcp_servers) = found.map_err(|e| {
                         NetError::Invalid(format!("network_interface[{index}].bridge.name: {e}"))
                     })?;
                     let labels: Vec<String> = bridge
@@ -131,6 +136,7 @@ impl Net for LibvirtNet {
                         network,
                         bridge: bridge.name.as_str().to_string(),
                         mac,
+                        dhcp_servers,
                     });
                 }
                 NetworkInterface::Macvtap(macvtap) => {

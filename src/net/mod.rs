@@ -4,6 +4,7 @@
 
 pub mod iptables;
 pub mod libvirt;
+pub mod routes;
 
 /// The interface config types live with the rest of the task config;
 /// this path keeps `net::config::...` working for net's own modules.
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use self::config::NetworkInterface;
 use self::iptables::rules::IptablesRule;
 use crate::libvirt::dhcp::Reservation;
+use crate::libvirt::domain_xml::FilterRef;
 
 /// Prefix of every network fingerprint attribute.
 pub const ATTRIBUTE_PREFIX: &str = "driver.virt.network.";
@@ -123,6 +125,9 @@ pub enum Attachment {
         network: String,
         bridge: String,
         mac: String,
+        /// The network's own DHCP servers: the only ones whose replies
+        /// the traffic filter learns the guest's address from.
+        dhcp_servers: Vec<Ipv4Addr>,
     },
     /// A macvtap (`direct`) interface on a host device.
     Direct {
@@ -130,6 +135,32 @@ pub enum Attachment {
         mode: String,
         mac: String,
     },
+}
+
+/// The libvirt network filter guests on a shared bridge get: no MAC, IP
+/// or ARP spoofing. It ships with libvirt (`virsh nwfilter-list`).
+pub const CLEAN_TRAFFIC_FILTER: &str = "clean-traffic";
+
+/// `clean-traffic` for a guest whose address is not known yet (it comes
+/// from DHCP after boot): on a network with DHCP, libvirt learns it from
+/// the replies of the network's own servers only, so neither the guest's
+/// first packet nor a rogue DHCP server on the bridge can pick it. On a
+/// network without DHCP libvirt's default applies (the first address the
+/// guest uses is the only one it may use).
+pub fn clean_traffic_filter(dhcp_servers: &[Ipv4Addr]) -> FilterRef {
+    let mut parameters = Vec::new();
+    if !dhcp_servers.is_empty() {
+        parameters.push(("CTRL_IP_LEARNING".to_string(), "dhcp".to_string()));
+        parameters.extend(
+            dhcp_servers
+                .iter()
+                .map(|server| ("DHCPSERVER".to_string(), server.to_string())),
+        );
+    }
+    FilterRef {
+        filter: CLEAN_TRAFFIC_FILTER.into(),
+        parameters,
+    }
 }
 
 /// Errors from networking, each naming what to fix.
@@ -200,6 +231,21 @@ pub fn mac_for(task_id: &str, index: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clean_traffic_learns_addresses_from_the_networks_dhcp_only() {
+        let servers = [Ipv4Addr::new(192, 168, 122, 1)];
+        let filter = clean_traffic_filter(&servers);
+        assert_eq!(filter.filter, "clean-traffic");
+        assert_eq!(
+            filter.parameters,
+            vec![
+                ("CTRL_IP_LEARNING".to_string(), "dhcp".to_string()),
+                ("DHCPSERVER".to_string(), "192.168.122.1".to_string()),
+            ]
+        );
+        assert!(clean_traffic_filter(&[]).parameters.is_empty());
+    }
 
     #[test]
     fn is_active_strings() {

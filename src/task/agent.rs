@@ -96,7 +96,8 @@ impl Tasks {
         limit: Duration,
     ) -> Option<DriverNetwork> {
         let agent = self.hypervisor.guest_agent(domain)?;
-        let deadline = Instant::now() + limit;
+        // Clamped: `Instant + Duration` panics on overflow.
+        let deadline = Instant::now() + limit.min(Duration::from_secs(24 * 3600));
         let mut delay = Duration::from_millis(500);
         let outcome = loop {
             let remaining = deadline.saturating_duration_since(Instant::now());

@@ -63,6 +63,10 @@ pub struct VmResources {
 /// Smallest memory we boot a VM with.
 pub const MIN_MEMORY_MB: i64 = 64;
 
+/// Largest memory given to libvirt (16 TiB, in KiB): beyond any host, and
+/// far below where KiB or byte counts could overflow.
+pub const MAX_MEMORY_KIB: u64 = 16 << 30;
+
 /// The one memory rule, shared by StartTask and `validate`.
 pub fn check_memory(memory_mb: i64) -> Result<(), String> {
     if memory_mb < MIN_MEMORY_MB {
@@ -97,9 +101,22 @@ pub fn vm_resources(
     } else {
         1
     };
+    // Nomad's values are i64: a huge one must be refused, not wrapped.
+    let kib = |mb: i64| {
+        u64::try_from(mb)
+            .ok()
+            .and_then(|mb| mb.checked_mul(1024))
+            .filter(|kib| *kib <= MAX_MEMORY_KIB)
+            .ok_or_else(|| {
+                format!(
+                    "resources.memory: {mb} MB is more than a VM can have; give at most {} MB",
+                    MAX_MEMORY_KIB / 1024
+                )
+            })
+    };
     Ok(VmResources {
-        memory_kib: max_mb as u64 * 1024,
-        current_memory_kib: memory_mb as u64 * 1024,
+        memory_kib: kib(max_mb)?,
+        current_memory_kib: kib(memory_mb)?,
         vcpus,
         cpuset: (!cores.is_empty()).then(|| cpuset_cpus.trim().to_string()),
         cpu_shares: (cpu_mhz > 0).then_some(cpu_mhz as u64),
@@ -217,6 +234,13 @@ mod tests {
             .unwrap_err()
             .contains("at least 64 MB"));
         assert!(vm_resources(512, 0, 100, "0-x", 2000, 2).is_err());
+        // Huge values from Nomad are refused, never wrapped.
+        for (memory, max) in [(i64::MAX, 0), (512, i64::MAX), (1 << 45, 0)] {
+            let error = vm_resources(memory, max, i64::MAX, "", 2000, 2).expect_err("too big");
+            assert!(error.starts_with("resources.memory:"), "{error}");
+        }
+        let huge_cpu = vm_resources(512, 0, i64::MAX, "", 1, u32::MAX).expect("valid");
+        assert_eq!(huge_cpu.vcpus, u32::MAX);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::cloudinit::iso::build_seed_iso;
 use crate::cloudinit::password::random_salt;
 use crate::config::names::GuestDeviceName;
 use crate::config::plugin::{DirectoryPool, Settings};
+use crate::config::policy;
 use crate::config::task::{
     self as task_config, hostname_from_task_name, DiskKind, DiskSource as ConfigDiskSource,
 };
@@ -167,6 +168,17 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         || hostname_from_task_name(&domain_name),
         |hostname| hostname.as_str().to_string(),
     );
+    // The operator's allow_* settings, before anything else is looked at.
+    let mut problems = crate::config::Problems::default();
+    let routes = crate::net::routes::default_route_devices();
+    policy::check_task(
+        config,
+        &settings.policy,
+        &settings.default_pool,
+        Some(&routes),
+        &mut problems,
+    );
+    problems.into_result("task config", ())?;
     let alloc_dir = &request.alloc_dir;
     if alloc_dir.as_os_str().is_empty() || !alloc_dir.is_absolute() {
         return Err(TaskError::Invalid(format!(
@@ -343,6 +355,34 @@ fn read_bounded(path: &std::path::Path, limit: usize) -> Result<String, TaskErro
     String::from_utf8(bytes).map_err(|_| invalid("the file is not UTF-8 text".into()))
 }
 
+/// The size a disk can grow to, and the field it comes from: its `size`,
+/// or its image's virtual size when that is larger; `None` for a disk the
+/// driver does not create (an existing volume).
+fn disk_size(
+    disk: &task_config::DiskSpec,
+    image: Option<&std::path::Path>,
+    field: &str,
+) -> Result<Option<(u64, String)>, TaskError> {
+    let explicit = disk.size.map(|size| (size.0, format!("{field}.size")));
+    let Some(image) = image else {
+        return Ok(match disk.source {
+            Some(ConfigDiskSource::Volume { .. }) => None,
+            _ => explicit,
+        });
+    };
+    let image_field = format!("{field}.source.image");
+    let format = images::detect_format(image).map_err(|e| e.in_field(image_field.clone()))?;
+    let virtual_size =
+        images::image_virtual_size(image, format).map_err(|e| e.in_field(image_field.clone()))?;
+    Ok(Some(match explicit {
+        Some((size, size_field)) if size >= virtual_size => (size, size_field),
+        _ => (
+            virtual_size,
+            format!("{image_field} (the image's virtual size)"),
+        ),
+    }))
+}
+
 /// Inline cloud-config or script rather than a file name.
 fn looks_inline(text: &str) -> bool {
     text.trim_start().starts_with('#') || text.contains('\n')
@@ -464,6 +504,16 @@ pub fn boot(
     let block_names = device_names.split_off(disks.len());
     let net_config = config.network_interfaces.clone();
     let attachments = net.attachments(&net_config, &resources.ports, &start_plan.hwaddrs)?;
+    for (index, attachment) in attachments.iter().enumerate() {
+        if let Attachment::Network {
+            network, bridge, ..
+        } = attachment
+        {
+            policy::check_network(bridge, network, &settings.policy).map_err(|message| {
+                TaskError::Invalid(format!("network_interface[{index}].bridge.name: {message}"))
+            })?;
+        }
+    }
 
     // Each pool is prepared once per start, not per disk.
     let mut prepared: HashMap<String, ()> = HashMap::new();
@@ -518,6 +568,21 @@ pub fn boot(
                 )));
             }
         }
+    }
+
+    // Every disk's size against the operator's maximum and its pool's free
+    // space, before any volume is created.
+    for (index, disk) in disks.iter().enumerate() {
+        let field = format!("disk[{index}]");
+        let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
+        let Some((size, size_field)) =
+            disk_size(disk, start_plan.images[index].as_deref(), &field)?
+        else {
+            continue;
+        };
+        let available = hypervisor.pool_available(&pool.name)?;
+        policy::check_disk_size(size, Some((&pool.name, available)), &settings.policy)
+            .map_err(|message| TaskError::Invalid(format!("{size_field}: {message}")))?;
     }
 
     progress("Preparing disks");
@@ -638,6 +703,7 @@ pub fn boot(
             user_data: start_plan.user_data.clone(),
             default_user_password: config.default_user_password.clone(),
             ssh_authorized_key: config.default_user_authorized_ssh_key.clone(),
+            ssh_password_auth: config.ssh_password_auth,
             cmds: config.cmds.clone(),
             bootcmds: super::shares::mount_commands(&shares),
             timezone: config
@@ -699,9 +765,18 @@ pub fn boot(
         interfaces: attachments
             .iter()
             .map(|attachment| match attachment {
-                Attachment::Network { network, mac, .. } => InterfaceSpec::Network {
+                Attachment::Network {
+                    network,
+                    mac,
+                    dhcp_servers,
+                    ..
+                } => InterfaceSpec::Network {
                     network: network.clone(),
                     mac: mac.clone(),
+                    filter: settings
+                        .policy
+                        .clean_traffic
+                        .then(|| crate::net::clean_traffic_filter(dhcp_servers)),
                 },
                 Attachment::Direct { device, mode, mac } => InterfaceSpec::Direct {
                     device: device.clone(),

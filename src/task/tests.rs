@@ -175,6 +175,9 @@ impl Hypervisor for TestHypervisor {
         self.step("prepare_pool")?;
         self.inner.prepare_pool(pool)
     }
+    fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError> {
+        self.inner.pool_available(pool)
+    }
     fn create_volume(
         &self,
         pool: &str,
@@ -1183,6 +1186,181 @@ async fn a_user_data_file_over_the_limit_is_refused_before_anything_is_made() {
         "no host path: {message}"
     );
     assert_nothing_left(&harness, "after the refused user_data");
+}
+
+/// Settings with an operator policy changed by `change`.
+fn settings_with(
+    node: &TestNode,
+    change: impl FnOnce(&mut crate::config::plugin::Policy),
+) -> Arc<Settings> {
+    let mut settings = (*settings(node)).clone();
+    change(&mut settings.policy);
+    Arc::new(settings)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_settings_refuse_before_anything_is_created() {
+    let harness = harness(None);
+    let refused = |request: StartRequest, settings: Arc<Settings>| {
+        let tasks = harness.tasks.clone();
+        async move {
+            let error = tasks.start(request, settings).await.expect_err("refused");
+            assert!(!error.recoverable(), "{error}");
+            error.to_string()
+        }
+    };
+
+    // A libvirt network the operator did not list.
+    let message = refused(
+        request(&harness.node, "0a0a0001", true),
+        settings_with(&harness.node, |policy| {
+            policy.networks = Some(vec!["default".into()]);
+        }),
+    )
+    .await;
+    for part in [
+        "network_interface[0].bridge.name:",
+        "\"ndvtestbr0\"",
+        "allow_networks = [\"ndvtest-net\"] would allow it",
+    ] {
+        assert!(message.contains(part), "{part} missing: {message}");
+    }
+
+    // A disk over max_disk_size (disk[1] is 2 MiB).
+    let message = refused(
+        request(&harness.node, "0a0a0002", false),
+        settings_with(&harness.node, |policy| policy.max_disk_size = Some(1 << 20)),
+    )
+    .await;
+    assert!(
+        message.contains("disk[1].size: 2097152 bytes (2MiB)")
+            && message.contains("max_disk_size = \"2MiB\" would allow it"),
+        "{message}"
+    );
+
+    // A pool the operator keeps from jobs.
+    let message = refused(
+        request(&harness.node, "0a0a0003", false),
+        settings_with(&harness.node, |policy| {
+            policy.storage_pools = Some(Vec::new());
+        }),
+    )
+    .await;
+    assert!(
+        message.contains(
+            "disk[0].pool (unset: the default pool): storage pool \"ndvtest-orchestrator\""
+        ) && message.contains("allow_storage_pools"),
+        "{message}"
+    );
+
+    // macvtap passthrough, off by default.
+    let mut passthrough = request(&harness.node, "0a0a0004", false);
+    passthrough.config.network_interfaces =
+        vec![crate::config::network::NetworkInterface::Macvtap(
+            crate::config::network::MacvtapInterface {
+                device: crate::config::names::InterfaceName::parse("ndvtest0").expect("name"),
+                mode: crate::config::network::MacvtapMode::Passthrough,
+            },
+        )];
+    let message = refused(
+        passthrough,
+        settings_with(&harness.node, |policy| {
+            policy.macvtap_devices = Some(vec!["ndvtest0".into()]);
+        }),
+    )
+    .await;
+    assert!(
+        message.contains("network_interface[0].macvtap.mode: \"passthrough\" is not allowed")
+            && message.contains("allow_macvtap_modes"),
+        "{message}"
+    );
+
+    assert_eq!(harness.net.builds.load(Ordering::SeqCst), 0);
+    assert_nothing_left(&harness, "after refused starts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_larger_than_the_pools_free_space_is_refused_up_front() {
+    let harness = harness(None);
+    let mut huge = request(&harness.node, "f5eef5ee", false);
+    // Far beyond what test:///'s pool reports free.
+    huge.config.disks[1].size = Some(crate::config::units::ByteSize(1 << 60));
+    let error = harness
+        .tasks
+        .start(huge, settings(&harness.node))
+        .await
+        .expect_err("too big for the pool");
+    let message = error.to_string();
+    assert!(
+        message.starts_with("disk[1].size: 1152921504606846976 bytes")
+            && message.contains("more than storage pool \"ndvtest-orchestrator\" has free"),
+        "{message}"
+    );
+    assert!(!error.recoverable());
+    assert_nothing_left(&harness, "after the refused disk");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_on_a_libvirt_network_get_clean_traffic_unless_turned_off() {
+    let harness = harness(None);
+    let filterref_of = |domain: String| {
+        let xml = harness
+            .libvirt
+            .call_blocking(move |conn| crate::libvirt::domain::domain_xml(conn, &domain))
+            .expect("libvirt")
+            .expect("domain exists");
+        let root = crate::libvirt::xml::parse(&xml).expect("parses");
+        let interface = root
+            .child("devices")
+            .and_then(|devices| devices.child("interface"))
+            .expect("an interface")
+            .clone();
+        interface.child("filterref").map(|filter| {
+            let parameters: Vec<(String, String)> = filter
+                .children_named("parameter")
+                .filter_map(|p| Some((p.attr("name")?.into(), p.attr("value")?.into())))
+                .collect();
+            (
+                filter.attr("filter").unwrap_or_default().to_string(),
+                parameters,
+            )
+        })
+    };
+
+    let started = harness
+        .tasks
+        .start(
+            request(&harness.node, "c1ea0001", true),
+            settings(&harness.node),
+        )
+        .await
+        .expect("start");
+    assert_eq!(
+        filterref_of(started.state.domain_name.clone()),
+        Some(("clean-traffic".to_string(), Vec::new())),
+        "the test network has no <dhcp>: libvirt's default address learning"
+    );
+    harness
+        .tasks
+        .destroy("alloc/web/c1ea0001", true)
+        .await
+        .expect("destroy");
+
+    let started = harness
+        .tasks
+        .start(
+            request(&harness.node, "c1ea0002", true),
+            settings_with(&harness.node, |policy| policy.clean_traffic = false),
+        )
+        .await
+        .expect("start");
+    assert_eq!(filterref_of(started.state.domain_name.clone()), None);
+    harness
+        .tasks
+        .destroy("alloc/web/c1ea0002", true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after destroy");
 }
 
 /// On the test driver (no domain capabilities, so no virtiofs) shares use

@@ -130,6 +130,7 @@ impl AgentVm {
             interfaces: vec![InterfaceSpec::Network {
                 network: "default".into(),
                 mac,
+                filter: None,
             }],
             console_log: Some(dir.path().join("console.log")),
             metadata: DomainMetadata {

@@ -44,6 +44,14 @@ impl Pool {
         &self.name
     }
 
+    /// Bytes free in the pool (as of its last refresh).
+    pub fn available(&self) -> Result<u64, StorageError> {
+        self.inner
+            .info()
+            .map(|info| info.available)
+            .map_err(|e| StorageError::pool(&self.name, "reading pool info", e))
+    }
+
     /// The names of the volumes libvirt lists in the pool (as of its last
     /// refresh).
     pub fn volume_names(&self) -> Result<Vec<String>, StorageError> {
