@@ -347,17 +347,19 @@ proptest! {
 // Job files (`validate`, `run`)
 // ---------------------------------------------------------------------------
 
+/// The example jobs and client configs (`validate` takes both).
 fn example_jobs() -> Vec<String> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/jobs");
-    let mut jobs: Vec<String> = std::fs::read_dir(&dir)
-        .expect("examples/jobs")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut jobs: Vec<String> = [root.join("jobs"), root.clone()]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).expect("examples"))
         .filter_map(|entry| entry.ok())
         .map(|entry| entry.path())
         .filter(|path| path.extension().is_some_and(|e| e == "hcl"))
         .filter_map(|path| std::fs::read_to_string(path).ok())
         .collect();
     jobs.sort();
-    assert!(jobs.len() >= 3, "expected example jobs in {dir:?}");
+    assert!(jobs.len() >= 5, "expected example jobs under {root:?}");
     jobs
 }
 

@@ -1038,6 +1038,42 @@ mod tests {
         );
     }
 
+    /// libvirtd restarting during the wait: looks fail to reach it, then a
+    /// reconnected look finds the lease. The wait goes on through the failures.
+    #[test]
+    fn poll_waits_through_an_unreachable_libvirt() {
+        let mut calls = 0;
+        let mut lookup = || {
+            calls += 1;
+            if calls < 3 {
+                Err(DhcpError::Unreachable {
+                    network: "default".into(),
+                    source: Box::new(crate::libvirt::LibvirtError::Worker(
+                        "libvirtd restarting".into(),
+                    )),
+                })
+            } else {
+                Ok(vec![lease(MAC, [192, 168, 122, 9], None, 0)])
+            }
+        };
+        let got = poll_for_lease(
+            &mut lookup,
+            "default",
+            MAC,
+            None,
+            Duration::from_secs(10),
+            &mut |_| {},
+        )
+        .expect("lease after the restart");
+        assert_eq!(got.ip, Ipv4Addr::new(192, 168, 122, 9));
+        let error = DhcpError::Unreachable {
+            network: "default".into(),
+            source: Box::new(crate::libvirt::LibvirtError::Worker("x".into())),
+        };
+        assert!(error.is_recoverable());
+        assert!(error.to_string().contains("\"default\""), "{error}");
+    }
+
     #[test]
     fn poll_looks_at_once() {
         let started = Instant::now();
