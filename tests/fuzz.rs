@@ -1085,3 +1085,80 @@ fn hostile_escapes_in_jobs_are_not_printed_raw() {
         }
     }
 }
+
+/// Deep nesting is refused or decoded without exhausting the stack (a
+/// stack overflow aborts the process; no panic handler would catch it).
+#[test]
+fn deep_nesting_does_not_overflow_the_stack() {
+    for depth in [1_000usize, 100_000] {
+        // msgpack: {"cmds": [[[[...]]]]} and {"signal_commands": {..}}.
+        for (key, opener) in [("cmds", 0x91u8), ("disk", 0x91), ("os", 0x81)] {
+            let mut bytes = vec![0x81];
+            Val::Str(key.into()).encode(&mut bytes);
+            for _ in 0..depth {
+                bytes.push(opener);
+                if opener == 0x81 {
+                    Val::Str("a".into()).encode(&mut bytes);
+                }
+            }
+            bytes.push(0xc0);
+            assert!(task::parse_task_config(&bytes).is_err());
+            assert!(plugin::parse_plugin_config(&bytes).is_err());
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for depth in [100usize, 5_000, 100_000] {
+        let nested = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let job = format!(
+            "job \"j\" {{\n  group \"g\" {{\n    task \"t\" {{\n      driver = \"virt\"\n      config {{\n        cmds = {nested}\n      }}\n    }}\n  }}\n}}\n"
+        );
+        validate_text(dir.path(), job);
+        let parens = format!("x = {}1{}\n", "(".repeat(depth), ")".repeat(depth));
+        validate_text(dir.path(), parens);
+    }
+}
+
+/// XML nested deeper than any libvirt document parses (or fails) and is
+/// dropped without exhausting the stack.
+#[test]
+fn deep_xml_does_not_overflow_the_stack() {
+    for depth in [1_000usize, 200_000] {
+        let doc = format!("{}{}", "<a>".repeat(depth), "</a>".repeat(depth));
+        let _ = xml::parse(&doc);
+        let _ = dhcp::reservations_in_xml(&doc);
+        let _ = offers_kvm(&doc);
+        let _ = pool_volumes_in_domain_xml(&doc);
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// A task handle Nomad hands back at RecoverTask (ours or the Go
+    /// driver's) decodes or fails cleanly, whatever the bytes.
+    #[test]
+    fn go_task_handles_never_panic(
+        value in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..128).prop_map(Val::Bin),
+            any_val(),
+        ],
+    ) {
+        let bytes = match &value {
+            Val::Bin(raw) => raw.clone(),
+            other => other.bytes(),
+        };
+        let _ = nomad_driver_virt::nomad::go_handle::looks_like_go_state(&bytes);
+        let _ = nomad_driver_virt::nomad::go_handle::decode(&bytes, "ndvtest/alloc/task");
+        let _ = nomad_driver_virt::nomad::go_handle::go_time_unix_nanos(&bytes);
+        let _ = nomad_driver_virt::nomad::driver_state::DriverState::decode(&bytes);
+    }
+
+    /// Our own handle format (JSON) with random edits.
+    #[test]
+    fn driver_state_json_never_panics(text in prop_oneof![
+        "\\PC{0,120}",
+        "\\{(\"[a-z_]{1,12}\": ?(null|[0-9]{1,20}|-1|\"[^\"]{0,8}\"|\\[\\]|\\{\\}|true),? ?){0,8}\\}",
+    ]) {
+        let _ = nomad_driver_virt::nomad::driver_state::DriverState::decode(text.as_bytes());
+    }
+}
