@@ -115,29 +115,36 @@ impl TestNetwork {
         let id = vm::short_id();
         let name = format!("ndvtest-fault-{id}");
         let bridge = format!("ndvtf{}", &id[..id.len().min(8)]);
-        let used = run(&["ip", "-4", "-o", "addr"]).1;
-        let octet = (180..250)
-            .find(|o| !used.contains(&format!("192.168.{o}.")))
-            .expect("a free 192.168.x.0/24");
-        let xml = format!(
-            "<network><name>{name}</name><forward mode='nat'/>\
-             <bridge name='{bridge}' stp='on' delay='0'/>\
-             <ip address='192.168.{octet}.1' netmask='255.255.255.0'>\
-             <dhcp><range start='192.168.{octet}.2' end='192.168.{octet}.254'/></dhcp>\
-             </ip></network>"
-        );
-        let file = tempfile::NamedTempFile::new().expect("tempfile");
-        std::fs::write(file.path(), xml).expect("network xml");
-        let (ok, out) = run(&[
-            "virsh",
-            "-q",
-            "-c",
-            URI,
-            "net-create",
-            &file.path().display().to_string(),
-        ]);
-        assert!(ok, "net-create {name}: {out}");
-        TestNetwork { name, bridge }
+        // Another test may take a subnet meanwhile: try the next one.
+        let mut last = String::new();
+        for octet in 180..250 {
+            let used = run(&["ip", "-4", "-o", "addr"]).1;
+            if used.contains(&format!("192.168.{octet}.")) {
+                continue;
+            }
+            let xml = format!(
+                "<network><name>{name}</name><forward mode='nat'/>\
+                 <bridge name='{bridge}' stp='on' delay='0'/>\
+                 <ip address='192.168.{octet}.1' netmask='255.255.255.0'>\
+                 <dhcp><range start='192.168.{octet}.2' end='192.168.{octet}.254'/></dhcp>\
+                 </ip></network>"
+            );
+            let file = tempfile::NamedTempFile::new().expect("tempfile");
+            std::fs::write(file.path(), xml).expect("network xml");
+            let (ok, out) = run(&[
+                "virsh",
+                "-q",
+                "-c",
+                URI,
+                "net-create",
+                &file.path().display().to_string(),
+            ]);
+            if ok {
+                return TestNetwork { name, bridge };
+            }
+            last = out;
+        }
+        panic!("net-create {name}: no free 192.168.x.0/24 ({last})");
     }
 
     /// The pids of the network's dnsmasq processes (the daemon and its
