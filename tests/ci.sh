@@ -24,6 +24,7 @@ test_things() {
   {
     virsh -q -c qemu:///system list --all --name | sed '/^$/d; s/^/domain /'
     virsh -q -c qemu:///system pool-list --all --name | sed '/^$/d; s/^/storage pool /'
+    virsh -q -c qemu:///system net-list --all --name | sed '/^$/d; s/^/network /'
     virsh -q -c qemu:///system net-dumpxml default | grep -o '<host [^>]*>'
     ip netns list | awk '{ print $1 }'
     ip -o link show | awk -F': ' '{ print $2 }'

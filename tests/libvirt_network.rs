@@ -154,8 +154,9 @@ fn waiting_for_a_made_up_mac_times_out_clearly() {
     default_network(&conn);
     let mac = made_up_mac();
     let mut attempts = 0;
+    let libvirt = nomad_driver_virt::libvirt::Libvirt::new("qemu:///system", None);
     let error = wait_for_lease(
-        &conn,
+        &libvirt,
         "default",
         &mac,
         None,

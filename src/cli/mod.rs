@@ -53,20 +53,39 @@ impl Diagnostic {
     }
 }
 
+/// `text` with control characters escaped (`\u{1b}`), newlines too unless
+/// `keep_newlines`: scopes, fields and messages carry names and values from
+/// the job, and must not forge lines or move the terminal's cursor.
+fn printable(text: &str, keep_newlines: bool) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && !(keep_newlines && c == '\n');
+    if !text.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if bad(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
+        write!(f, "{}", printable(&self.file.display().to_string(), false))?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         write!(f, ": ")?;
         if let Some(scope) = &self.scope {
-            write!(f, "{scope}: ")?;
+            write!(f, "{}: ", printable(scope, false))?;
         }
         if let Some(field) = &self.field {
-            write!(f, "{field}: ")?;
+            write!(f, "{}: ", printable(field, false))?;
         }
-        write!(f, "{}", self.message)
+        write!(f, "{}", printable(&self.message, true))
     }
 }
 
@@ -162,6 +181,20 @@ pub fn normalize_flags(args: impl IntoIterator<Item = String>) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    /// Found by tests/fuzz.rs: task and group labels and map keys a job
+    /// spells with HCL escapes reached the terminal raw, so a label could
+    /// clear the screen or print a fake "ok" line.
+    #[test]
+    fn diagnostics_escape_control_characters() {
+        let diagnostic = Diagnostic::new(Path::new("job.hcl"), Some(3), "bad\nvalue \u{7}")
+            .scoped("task \"\u{1b}[2J\nfake: ok\"")
+            .field("signal_commands.\r");
+        assert_eq!(
+            diagnostic.to_string(),
+            "job.hcl:3: task \"\\u{1b}[2J\\nfake: ok\": signal_commands.\\r: bad\nvalue \\u{7}"
+        );
+    }
+
     use super::*;
     use clap::Parser as _;
 

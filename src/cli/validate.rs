@@ -213,6 +213,12 @@ pub fn validate_file_with(
             format!("cannot read it: {error}"),
         )])
     })?;
+    validate_source(path, source)
+}
+
+/// [`validate_file`] on text already read; `path` names the file in
+/// messages and is where relative paths in the job resolve from.
+pub fn validate_source(path: &Path, source: String) -> Result<Summary, Diagnostics> {
     if let Ok(body) = client::parse(&source) {
         if client::is_client_config(&body) {
             return validate_client_config(path, &source, &body).map(|(summary, _)| summary);

@@ -75,7 +75,7 @@ pub struct Problems(Vec<FieldError>);
 impl Problems {
     pub fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError {
-            field: field.into(),
+            field: printable(field.into()),
             message: message.into(),
         });
     }
@@ -123,7 +123,11 @@ pub fn decode_msgpack<T: DeserializeOwned + Default>(
     let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let field = error.path().to_string();
-        let field = if field == "." { String::new() } else { field };
+        let field = if field == "." {
+            String::new()
+        } else {
+            printable(field)
+        };
         let message = explain_decode_error(&error.inner().to_string());
         ConfigErrors {
             what,
@@ -132,13 +136,101 @@ pub fn decode_msgpack<T: DeserializeOwned + Default>(
     })
 }
 
+/// A field path with control characters escaped: map keys in it come from
+/// the job, and the path is printed to terminals and logs.
+fn printable(field: String) -> String {
+    if field.chars().any(char::is_control) {
+        field
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_debug().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    } else {
+        field
+    }
+}
+
 /// Turns serde's wording into advice a job author can act on.
 fn explain_decode_error(raw: &str) -> String {
     if let Some(rest) = raw.strip_prefix("unknown field ") {
         format!("unknown attribute or block {rest}")
     } else if raw.starts_with("invalid type") {
         format!("wrong type ({raw})")
+    } else if let Some(marker) = raw.strip_prefix("wrong msgpack marker ") {
+        // rmp's wording for a value of a msgpack type (bin, ext, ...) the
+        // field can never hold.
+        format!("wrong type (a msgpack {marker} value); give a value of the attribute's type")
     } else {
         raw.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msgpack_signal_commands(key: &str, value: rmpv_like::Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmp::encode::write_map_len(&mut out, 1).unwrap();
+        rmp::encode::write_str(&mut out, "signal_commands").unwrap();
+        rmp::encode::write_map_len(&mut out, 1).unwrap();
+        rmp::encode::write_str(&mut out, key).unwrap();
+        match value {
+            rmpv_like::Value::Str(s) => rmp::encode::write_str(&mut out, s).unwrap(),
+            rmpv_like::Value::Int(i) => {
+                rmp::encode::write_sint(&mut out, i).unwrap();
+            }
+        }
+        out
+    }
+
+    mod rmpv_like {
+        pub enum Value {
+            Str(&'static str),
+            Int(i64),
+        }
+    }
+
+    /// Found by tests/fuzz.rs: a map key a job controls went into the field
+    /// path raw, so a newline or escape sequence in it forged lines in
+    /// `validate` output and in the logs.
+    #[test]
+    fn hostile_map_keys_are_escaped_in_field_paths() {
+        let hostile = "\u{1b}[2J\nSIGHUP";
+        for value in [rmpv_like::Value::Str("x"), rmpv_like::Value::Int(5)] {
+            let bytes = msgpack_signal_commands(hostile, value);
+            let errors = task::parse_task_config(&bytes).expect_err("hostile key");
+            let text = errors.to_string();
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+            assert!(
+                errors
+                    .errors
+                    .iter()
+                    .any(|e| e.field.starts_with("signal_commands")),
+                "{errors:?}"
+            );
+        }
+    }
+
+    /// Found by tests/fuzz.rs: a msgpack type the field cannot take (bin,
+    /// ext) was reported as "wrong msgpack marker Bin8", which does not say
+    /// what to change.
+    #[test]
+    fn wrong_msgpack_markers_read_as_wrong_types() {
+        let mut bytes = Vec::new();
+        rmp::encode::write_map_len(&mut bytes, 1).unwrap();
+        rmp::encode::write_str(&mut bytes, "guest_agent").unwrap();
+        rmp::encode::write_bin(&mut bytes, b"x").unwrap();
+        let errors = task::parse_task_config(&bytes).expect_err("bin for a bool");
+        assert_eq!(errors.errors[0].field, "guest_agent");
+        assert!(
+            errors.errors[0].message.starts_with("wrong type"),
+            "{errors}"
+        );
     }
 }

@@ -47,6 +47,12 @@ pub enum DhcpError {
         attempts: u32,
         last_error: Option<String>,
     },
+    #[error("cannot reach libvirt to look at network {network:?}")]
+    Unreachable {
+        network: String,
+        #[source]
+        source: Box<crate::libvirt::LibvirtError>,
+    },
     #[error("cannot list libvirt networks; is libvirtd running?")]
     ListNetworks {
         #[source]
@@ -138,6 +144,7 @@ impl DhcpError {
             | DhcpError::NoNetwork { .. }
             | DhcpError::Conflict { .. } => false,
             DhcpError::Leases { .. }
+            | DhcpError::Unreachable { .. }
             | DhcpError::LeaseTimeout { .. }
             | DhcpError::ListNetworks { .. }
             | DhcpError::Libvirt { .. }
@@ -243,6 +250,32 @@ pub(crate) fn poll_for_lease(
         std::thread::sleep(delay.min(left));
         delay = (delay * 2).min(MAX_RETRY_DELAY);
     }
+}
+
+/// Where libvirt keeps the pid of a network's dnsmasq (system daemon).
+const NETWORK_PID_DIR: &str = "/run/libvirt/network";
+
+/// Whether the dnsmasq libvirt started for `network` runs: `None` when
+/// that cannot be told (no pid file here, e.g. a remote or session libvirt,
+/// or a network without DHCP).
+pub fn dnsmasq_running(network: &str) -> Option<bool> {
+    dnsmasq_running_in(std::path::Path::new(NETWORK_PID_DIR), network, |pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()
+    })
+}
+
+fn dnsmasq_running_in(
+    dir: &std::path::Path,
+    network: &str,
+    comm_of: impl Fn(u32) -> Option<String>,
+) -> Option<bool> {
+    // A libvirt network name never holds '/', but it is not ours to trust.
+    if network.is_empty() || network.contains(['/', '\0']) || network.starts_with('.') {
+        return None;
+    }
+    let text = std::fs::read_to_string(dir.join(format!("{network}.pid"))).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    Some(comm_of(pid).is_some_and(|comm| comm.trim() == "dnsmasq"))
 }
 
 fn is_unsupported(error: &DhcpError) -> bool {
@@ -498,6 +531,33 @@ mod tests {
 
     const MAC: &str = "52:54:00:12:34:56";
     const NOW: i64 = 1_700_000_000;
+
+    // ---- dnsmasq state ----------------------------------------------------
+
+    #[test]
+    fn dnsmasq_state_from_the_pid_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let comm = |pid: u32| match pid {
+            41 => Some("dnsmasq\n".to_string()),
+            42 => Some("bash\n".to_string()),
+            _ => None,
+        };
+        // No pid file: cannot tell (remote libvirt, no DHCP).
+        assert_eq!(dnsmasq_running_in(dir.path(), "ndvtest", comm), None);
+        std::fs::write(dir.path().join("ndvtest.pid"), "41\n").expect("write");
+        assert_eq!(dnsmasq_running_in(dir.path(), "ndvtest", comm), Some(true));
+        // The pid went to another program, or to none: dnsmasq is dead.
+        std::fs::write(dir.path().join("ndvtest.pid"), "42").expect("write");
+        assert_eq!(dnsmasq_running_in(dir.path(), "ndvtest", comm), Some(false));
+        std::fs::write(dir.path().join("ndvtest.pid"), "43").expect("write");
+        assert_eq!(dnsmasq_running_in(dir.path(), "ndvtest", comm), Some(false));
+        std::fs::write(dir.path().join("ndvtest.pid"), "junk").expect("write");
+        assert_eq!(dnsmasq_running_in(dir.path(), "ndvtest", comm), None);
+        // Names that would leave the directory are not looked at.
+        for name in ["", "../ndvtest", "a/b", ".ndvtest", "x\0"] {
+            assert_eq!(dnsmasq_running_in(dir.path(), name, comm), None, "{name:?}");
+        }
+    }
 
     // ---- pick_lease -------------------------------------------------------
 
@@ -978,6 +1038,42 @@ mod tests {
             took >= Duration::from_millis(700) && took < Duration::from_secs(3),
             "{took:?}"
         );
+    }
+
+    /// libvirtd restarting during the wait: looks fail to reach it, then a
+    /// reconnected look finds the lease. The wait goes on through the failures.
+    #[test]
+    fn poll_waits_through_an_unreachable_libvirt() {
+        let mut calls = 0;
+        let mut lookup = || {
+            calls += 1;
+            if calls < 3 {
+                Err(DhcpError::Unreachable {
+                    network: "default".into(),
+                    source: Box::new(crate::libvirt::LibvirtError::Worker(
+                        "libvirtd restarting".into(),
+                    )),
+                })
+            } else {
+                Ok(vec![lease(MAC, [192, 168, 122, 9], None, 0)])
+            }
+        };
+        let got = poll_for_lease(
+            &mut lookup,
+            "default",
+            MAC,
+            None,
+            Duration::from_secs(10),
+            &mut |_| {},
+        )
+        .expect("lease after the restart");
+        assert_eq!(got.ip, Ipv4Addr::new(192, 168, 122, 9));
+        let error = DhcpError::Unreachable {
+            network: "default".into(),
+            source: Box::new(crate::libvirt::LibvirtError::Worker("x".into())),
+        };
+        assert!(error.is_recoverable());
+        assert!(error.to_string().contains("\"default\""), "{error}");
     }
 
     #[test]

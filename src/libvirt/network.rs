@@ -12,6 +12,7 @@ use virt::connect::Connect;
 use virt::network::Network;
 use virt::sys;
 
+use super::conn::{Libvirt, LibvirtError};
 use super::ffi::{self, RawLease};
 use super::LibvirtError;
 use crate::libvirt::dhcp::{
@@ -73,8 +74,13 @@ fn lease_from_raw(raw: RawLease) -> Option<Lease> {
 /// doubling to at most 2 s between looks, and a last time at the deadline.
 /// `on_attempt` gets the 1-based number of each look (for "waiting for DHCP
 /// (attempt n)" task events).
+///
+/// Every look asks `libvirt` for a live connection, so a libvirtd restart
+/// during the wait costs a few failed looks, not the start. A look that
+/// finds no lease also checks the network's dnsmasq and has libvirt start
+/// it again when it died (see [`respawn_dead_dnsmasq`]).
 pub fn wait_for_lease(
-    conn: &Connect,
+    libvirt: &Libvirt,
     network: &str,
     mac: &str,
     hostname: Option<&str>,
@@ -82,15 +88,76 @@ pub fn wait_for_lease(
     on_attempt: &mut dyn FnMut(u32),
 ) -> Result<Lease, DhcpError> {
     validate_mac(mac)?;
-    let net = lookup_network(conn, network)?;
+    let unreachable = |source: LibvirtError| DhcpError::Unreachable {
+        network: network.to_string(),
+        source: Box::new(source),
+    };
+    // A network that does not exist fails at once, not at the deadline.
+    libvirt
+        .call_blocking(|conn| Ok(lookup_network(conn, network).map(drop)))
+        .map_err(unreachable)??;
     poll_for_lease(
-        &mut || leases_of(&net, network, Some(mac)),
+        &mut || {
+            let leases = libvirt
+                .call_blocking(|conn| Ok(network_leases(conn, network, Some(mac))))
+                .map_err(unreachable)??;
+            if !leases
+                .iter()
+                .any(|lease| lease.mac.eq_ignore_ascii_case(mac))
+            {
+                let _ = libvirt.call_blocking(|conn| {
+                    respawn_dead_dnsmasq(conn, network);
+                    Ok(())
+                });
+            }
+            Ok(leases)
+        },
         network,
         mac,
         hostname,
         timeout,
         on_attempt,
     )
+}
+
+/// When the dnsmasq libvirt runs for `network` has died (killed, crashed),
+/// has libvirt start it again: any update of the network's live DNS makes
+/// libvirt refresh its DHCP daemon, which starts one when none runs. The
+/// update adds and removes a TXT record of our own, so the network's
+/// definition ends as it was. Nothing happens when dnsmasq runs or its
+/// state cannot be read (remote libvirt, other pid file location).
+pub fn respawn_dead_dnsmasq(conn: &Connect, network: &str) {
+    if crate::libvirt::dhcp::dnsmasq_running(network) != Some(false) {
+        return;
+    }
+    let Ok(net) = conn.lookup_network_by_name(network) else {
+        return;
+    };
+    tracing::warn!(
+        network,
+        "the network's dnsmasq is not running; asking libvirt to start it"
+    );
+    let txt = "<txt name='nomad-driver-virt-respawn' value='1'/>";
+    let add = net.update(
+        sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+        sys::VIR_NETWORK_SECTION_DNS_TXT,
+        -1,
+        txt,
+        sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
+    );
+    if let Err(error) = &add {
+        tracing::warn!(network, error = %error, "cannot make libvirt restart dnsmasq");
+    }
+    let delete = net.update(
+        sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
+        sys::VIR_NETWORK_SECTION_DNS_TXT,
+        -1,
+        txt,
+        sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
+    );
+    if let (Ok(()), Err(error)) = (&add, delete) {
+        tracing::warn!(network, error = %error, "cannot remove the TXT record that restarted dnsmasq");
+    }
 }
 
 fn network_name(net: &Network) -> String {
@@ -530,8 +597,10 @@ mod tests {
         assert!(error.to_string().contains("\"default\""), "{error}");
         let mut attempts = 0;
         let started = Instant::now();
+        let uri = format!("test://{}", _dir.path().join("node.xml").display());
+        let libvirt = Libvirt::new(uri, None);
         let result = wait_for_lease(
-            &conn,
+            &libvirt,
             "default",
             MAC,
             None,

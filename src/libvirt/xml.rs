@@ -192,6 +192,11 @@ fn check_chars(text: &str) -> Result<(), XmlError> {
     }
 }
 
+/// How deep elements may nest. libvirt's documents use fewer than 20
+/// levels; the tree is dropped recursively, so an unbounded depth could
+/// exhaust the stack.
+const MAX_DEPTH: usize = 256;
+
 /// Parses a whole document into its root element. Comments, processing
 /// instructions and the declaration are skipped; CDATA counts as text.
 pub fn parse(xml: &str) -> Result<Element, XmlError> {
@@ -201,7 +206,12 @@ pub fn parse(xml: &str) -> Result<Element, XmlError> {
     loop {
         let event = reader.read_event()?;
         match event {
-            Event::Start(start) => stack.push(element_from(&start)?),
+            Event::Start(start) => {
+                if stack.len() >= MAX_DEPTH {
+                    return Err(XmlError::Structure("elements nested too deeply"));
+                }
+                stack.push(element_from(&start)?);
+            }
             Event::Empty(start) => {
                 let element = element_from(&start)?;
                 match stack.last_mut() {
@@ -316,6 +326,16 @@ mod tests {
         ] {
             assert!(parse(junk).is_err(), "{junk:?}");
         }
+    }
+
+    /// Found by tests/fuzz.rs: 200 000 nested elements parsed into a tree
+    /// whose drop overflowed the stack and aborted the plugin.
+    #[test]
+    fn deep_nesting_is_refused() {
+        let doc = format!("{}{}", "<a>".repeat(200_000), "</a>".repeat(200_000));
+        assert!(matches!(parse(&doc), Err(XmlError::Structure(_))));
+        let fine = format!("{}{}", "<a>".repeat(MAX_DEPTH), "</a>".repeat(MAX_DEPTH));
+        assert!(parse(&fine).is_ok());
     }
 
     proptest! {

@@ -13,6 +13,7 @@ use super::{
     TeardownSpec, VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
     VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
 };
+use crate::faults::crash_point;
 use crate::libvirt::dhcp::{self, Reservation};
 use crate::libvirt::error::with_sources;
 use crate::libvirt::network as libvirt_network;
@@ -289,30 +290,25 @@ impl LibvirtNet {
     ) -> Result<DriverNetwork, NetError> {
         let forwards = forwards_for(labels, &request.resources)?;
         let timeout = request.dhcp_timeout;
-        let (bridge_name, hostname, mac_owned) = (
-            bridge.to_string(),
-            request.hostname.clone(),
-            mac.to_string(),
-        );
-        let (network_name, lease) = self.libvirt.call_blocking(move |conn| {
-            let name = match libvirt_network::network_by_bridge(conn, &bridge_name) {
-                Ok(name) => name,
-                Err(error) => return Ok((String::new(), Err(error))),
-            };
-            progress(&format!(
-                "Waiting for a DHCP lease for {mac_owned} on network {name}"
-            ));
-            let lease = libvirt_network::wait_for_lease(
-                conn,
-                &name,
-                &mac_owned,
-                Some(&hostname),
-                timeout,
-                &mut |_| {},
-            );
-            Ok((name, lease))
-        })?;
-        let lease = lease?;
+        let network_name = self
+            .libvirt
+            .call_blocking(|conn| Ok(libvirt_network::network_by_bridge(conn, bridge)))??;
+        progress(&format!(
+            "Waiting for a DHCP lease for {mac} on network {network_name}"
+        ));
+        let lease = libvirt_network::wait_for_lease(
+            &self.libvirt,
+            &network_name,
+            mac,
+            Some(&request.hostname),
+            timeout,
+            &mut |attempt| {
+                // Test hook: the guest is booting and we are waiting.
+                if attempt == 1 {
+                    crash_point("start:lease-wait");
+                }
+            },
+        )?;
         progress(&format!("Guest IP {}", lease.ip));
         spec.network = Some(network_name.clone());
         spec.bridge = Some(bridge.to_string());
