@@ -750,13 +750,17 @@ fn domain_spec() -> impl Strategy<Value = DomainSpec> {
                 },
                 read_only,
                 boot_order: None,
+                backing: None,
             }
         });
     let mac = prop::array::uniform3(any::<u8>())
         .prop_map(|b| format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]));
     let interface = prop_oneof![
-        ("[a-z][a-z0-9-]{0,10}", mac.clone())
-            .prop_map(|(network, mac)| InterfaceSpec::Network { network, mac }),
+        ("[a-z][a-z0-9-]{0,10}", mac.clone()).prop_map(|(network, mac)| InterfaceSpec::Network {
+            network,
+            mac,
+            filter: None,
+        }),
         (
             "[a-z][a-z0-9]{0,8}",
             prop::sample::select(vec!["bridge", "private", "vepa"]),
@@ -865,7 +869,7 @@ proptest! {
             let source = interface.child("source").expect("source");
             let mac = interface.child("mac").and_then(|m| m.attr("address"));
             match want {
-                InterfaceSpec::Network { network, mac: want_mac } => {
+                InterfaceSpec::Network { network, mac: want_mac, .. } => {
                     prop_assert_eq!(interface.attr("type"), Some("network"));
                     prop_assert_eq!(source.attr("network"), Some(network.as_str()));
                     prop_assert_eq!(mac, Some(want_mac.as_str()));

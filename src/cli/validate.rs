@@ -213,12 +213,22 @@ pub fn validate_file_with(
             format!("cannot read it: {error}"),
         )])
     })?;
-    validate_source(path, source)
+    validate_source_with(path, source, settings)
 }
 
 /// [`validate_file`] on text already read; `path` names the file in
 /// messages and is where relative paths in the job resolve from.
 pub fn validate_source(path: &Path, source: String) -> Result<Summary, Diagnostics> {
+    validate_source_with(path, source, None)
+}
+
+/// [`validate_source`], checked against the operator's settings as in
+/// [`validate_file_with`].
+pub fn validate_source_with(
+    path: &Path,
+    source: String,
+    settings: Option<&Settings>,
+) -> Result<Summary, Diagnostics> {
     if let Ok(body) = client::parse(&source) {
         if client::is_client_config(&body) {
             return validate_client_config(path, &source, &body).map(|(summary, _)| summary);

@@ -14,7 +14,6 @@ use virt::sys;
 
 use super::conn::{Libvirt, LibvirtError};
 use super::ffi::{self, RawLease};
-use super::LibvirtError;
 use crate::libvirt::dhcp::{
     dhcp_hosts, host_xml, poll_for_lease, presence, reservation_xml, validate_hostname,
     validate_mac, DhcpError, HostEntry, Lease, Presence, Reservation,
