@@ -50,7 +50,8 @@ pub struct StartPlan {
     pub hostname: String,
     pub shares: Vec<GuestShare>,
     pub block_devices: Vec<PathBuf>,
-    pub images: Vec<Option<PathBuf>>,
+    /// Each disk's image, opened once ([`images::open_image`]).
+    pub images: Vec<Option<images::ImageFile>>,
     pub user_data: Option<String>,
     pub console_log: PathBuf,
     /// MAC of each `network_interface`, in order.
@@ -160,10 +161,10 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
     for (index, disk) in disks.iter().enumerate() {
         match disk.image() {
             Some(image) => {
-                let path =
-                    images::resolve_image(image, &settings.image_paths, alloc_dir, &task_dir)
+                let file =
+                    images::open_image(image, &settings.image_paths, alloc_dir, &task_dir)
                         .map_err(|error| error.in_field(format!("disk[{index}].source.image")))?;
-                images_found.push(Some(path));
+                images_found.push(Some(file));
             }
             None => images_found.push(None),
         }
@@ -172,10 +173,12 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         None => None,
         Some(text) if looks_inline(text) => Some(text.to_string()),
         Some(path) => {
-            let resolved = images::resolve_image(path, &settings.image_paths, alloc_dir, &task_dir)
+            // Opened like an image (once, beneath the same roots) and read
+            // from that descriptor.
+            let file = images::open_image(path, &settings.image_paths, alloc_dir, &task_dir)
                 .map_err(|error| error.in_field("user_data"))?;
             Some(read_bounded(
-                &resolved,
+                file.file(),
                 crate::config::task::MAX_USER_DATA_BYTES,
             )?)
         }
@@ -238,11 +241,9 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
 
 /// Reads a `user_data` file of at most `limit` bytes, refusing a larger one
 /// before reading it whole.
-fn read_bounded(path: &std::path::Path, limit: usize) -> Result<String, TaskError> {
+fn read_bounded(file: &std::fs::File, limit: usize) -> Result<String, TaskError> {
     use std::io::Read as _;
     let invalid = |problem: String| TaskError::Invalid(format!("user_data: {problem}"));
-    let file = std::fs::File::open(path)
-        .map_err(|error| invalid(format!("cannot read the file: {error}")))?;
     let mut bytes = Vec::new();
     file.take(limit as u64 + 1)
         .read_to_end(&mut bytes)
