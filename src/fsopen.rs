@@ -70,6 +70,11 @@ pub enum OpenError {
          (copy it instead of linking it)"
     )]
     HardLinked(u64),
+    #[error(
+        "it was replaced or linked elsewhere while being opened; leave it alone while the \
+         task starts, and try again"
+    )]
+    Changed,
     #[error("it cannot be opened: {0}")]
     Io(io::Error),
 }
@@ -77,13 +82,56 @@ pub enum OpenError {
 /// Opens `relative` beneath `root` for reading; see the module docs.
 /// `relative` must be relative: an absolute path is [`OpenError::Escapes`].
 pub fn open_beneath(root: &Root, relative: &Path) -> Result<File, OpenError> {
-    let fd = match open_openat2(root, relative) {
+    let file = check(
+        File::from(open_either(root, relative, file_flags())?),
+        root.links,
+    )?;
+    if root.links == Links::Single {
+        single_link_still(root, relative, &file, open_either)?;
+    }
+    Ok(file)
+}
+
+type OpenFn = fn(&Root, &Path, OFlags) -> Result<OwnedFd, OpenError>;
+
+fn open_either(root: &Root, relative: &Path, flags: OFlags) -> Result<OwnedFd, OpenError> {
+    match open_openat2(root, relative, flags) {
         Err(OpenError::Io(error)) if error.raw_os_error() == Some(libc::ENOSYS) => {
-            open_walk(root, relative)?
+            open_walk(root, relative, flags)
         }
-        other => other?,
+        other => other,
+    }
+}
+
+/// The one-link rule, made race-free. `fstat`'s link count alone can be
+/// fooled: a hard link to a host file is opened, then removed, and the
+/// count reads 1 though the one link left is outside. So the path is
+/// resolved again (beneath, no symlinks) and must still name the very
+/// inode opened, with one link: with our name on it that one link is
+/// ours, so the file lives nowhere else.
+fn single_link_still(
+    root: &Root,
+    relative: &Path,
+    file: &File,
+    open: OpenFn,
+) -> Result<(), OpenError> {
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let again = match open(root, relative, flags) {
+        Ok(fd) => File::from(fd),
+        Err(OpenError::NotFound | OpenError::Symlink) => return Err(OpenError::Changed),
+        Err(other) => return Err(other),
     };
-    check(File::from(fd), root.links)
+    let (opened, now) = (
+        file.metadata().map_err(OpenError::Io)?,
+        again.metadata().map_err(OpenError::Io)?,
+    );
+    if (now.dev(), now.ino()) != (opened.dev(), opened.ino()) {
+        return Err(OpenError::Changed);
+    }
+    if now.nlink() > 1 {
+        return Err(OpenError::HardLinked(now.nlink()));
+    }
+    Ok(())
 }
 
 /// How the final component is opened. `NONBLOCK` so a FIFO planted in
@@ -93,11 +141,11 @@ fn file_flags() -> OFlags {
     OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY
 }
 
-fn open_openat2(root: &Root, relative: &Path) -> Result<OwnedFd, OpenError> {
+fn open_openat2(root: &Root, relative: &Path, flags: OFlags) -> Result<OwnedFd, OpenError> {
     let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     let mut attempts = 0;
     loop {
-        match rustix::fs::openat2(&root.dir, relative, file_flags(), Mode::empty(), resolve) {
+        match rustix::fs::openat2(&root.dir, relative, flags, Mode::empty(), resolve) {
             Ok(fd) => return Ok(fd),
             // A concurrent rename made the kernel unsure the `..` walk stayed
             // beneath: it asks to retry.
@@ -120,7 +168,7 @@ fn classify(errno: rustix::io::Errno) -> OpenError {
 /// The fallback for kernels without openat2 (before 5.6): one `openat` per
 /// component, none following symlinks, `..` only back to a directory this
 /// walk opened (never above the root).
-pub(crate) fn open_walk(root: &Root, relative: &Path) -> Result<OwnedFd, OpenError> {
+pub(crate) fn open_walk(root: &Root, relative: &Path, flags: OFlags) -> Result<OwnedFd, OpenError> {
     let mut names = Vec::new();
     for component in relative.components() {
         match component {
@@ -170,9 +218,7 @@ pub(crate) fn open_walk(root: &Root, relative: &Path) -> Result<OwnedFd, OpenErr
                 Err(OpenError::NotRegular("directory"))
             }
         }
-        Some(name) => {
-            rustix::fs::openat(current, name, file_flags(), Mode::empty()).map_err(classify)
-        }
+        Some(name) => rustix::fs::openat(current, name, flags, Mode::empty()).map_err(classify),
     }
 }
 
@@ -260,7 +306,14 @@ mod tests {
     type Opener = fn(&Root, &Path) -> Result<File, OpenError>;
 
     fn walk(root: &Root, relative: &Path) -> Result<File, OpenError> {
-        check(File::from(open_walk(root, relative)?), root.links)
+        let file = check(
+            File::from(open_walk(root, relative, file_flags())?),
+            root.links,
+        )?;
+        if root.links == Links::Single {
+            single_link_still(root, relative, &file, open_walk)?;
+        }
+        Ok(file)
     }
 
     /// Both ways of opening: openat2, and the walk used without it.

@@ -409,7 +409,7 @@ pub(crate) fn check_qcow2_header(path: &Path, header: &Qcow2Header) -> Result<()
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     struct Dirs {
         _root: tempfile::TempDir,
@@ -698,24 +698,45 @@ mod tests {
         let target = d.task.join("disk.img");
         write(&target, GOOD);
         let stop = AtomicBool::new(false);
+        // Swap cycles done; each open waits for a new one, so on a loaded
+        // machine the swapper cannot be starved into one state.
+        let swaps = AtomicU64::new(0);
         let secret = d.outside.join("secret");
         std::thread::scope(|scope| {
             scope.spawn(|| {
-                let staged = d.task.join("staged");
-                let mut step = 0u64;
+                // Each state is held for a few microseconds (busy, no
+                // sleep), so each is seen whatever the scheduler does.
+                let hold = || {
+                    swaps.fetch_add(1, Ordering::Relaxed);
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < std::time::Duration::from_micros(30) {
+                        std::hint::spin_loop();
+                    }
+                };
+                let good_staged = d.task.join("staged-good");
+                let bad_staged = d.task.join("staged-bad");
+                let _ = std::fs::write(&good_staged, GOOD);
                 while !stop.load(Ordering::Relaxed) {
-                    let _ = std::fs::remove_file(&staged);
-                    let _ = match step % 3 {
-                        0 => std::fs::write(&staged, GOOD),
-                        1 => symlink(&secret, &staged),
-                        _ => std::fs::hard_link(&secret, &staged),
-                    };
-                    let _ = std::fs::rename(&staged, &target);
-                    step += 1;
+                    let _ = std::fs::rename(&good_staged, &target);
+                    hold();
+                    let _ = std::fs::write(&good_staged, GOOD);
+                    let _ = std::fs::remove_file(&bad_staged);
+                    let _ = symlink(&secret, &bad_staged);
+                    let _ = std::fs::rename(&bad_staged, &target);
+                    hold();
+                    let _ = std::fs::remove_file(&bad_staged);
+                    let _ = std::fs::hard_link(&secret, &bad_staged);
+                    let _ = std::fs::rename(&bad_staged, &target);
+                    hold();
                 }
             });
             let (mut opened, mut refused_count) = (0, 0);
+            let mut last_swap = 0;
+            // Stops the swapper even when an assertion below panics, so
+            // the scope can join it and the test fails instead of hanging.
+            let _stop = StopOnDrop(&stop);
             for _ in 0..600 {
+                wait_for_swap(&swaps, &mut last_swap);
                 match resolve(&d, "disk.img") {
                     Ok(image) => {
                         opened += 1;
@@ -823,5 +844,23 @@ mod tests {
             .parse::<ImageFormat>()
             .unwrap_err()
             .contains("\"raw\""));
+    }
+
+    /// Waits (bounded) until the swapper has swapped since `last`.
+    fn wait_for_swap(swaps: &AtomicU64, last: &mut u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while swaps.load(Ordering::Relaxed) == *last && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        *last = swaps.load(Ordering::Relaxed);
+    }
+
+    /// Sets the flag when dropped (also while unwinding).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
     }
 }

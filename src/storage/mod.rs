@@ -172,7 +172,10 @@ impl StorageError {
             StorageError::InField { inner, .. } => inner.is_recoverable(),
             // A failed read of a file that is there may pass.
             StorageError::ImageOpen { reason, .. } => {
-                matches!(reason, crate::fsopen::OpenError::Io(_))
+                matches!(
+                    reason,
+                    crate::fsopen::OpenError::Io(_) | crate::fsopen::OpenError::Changed
+                )
             }
             StorageError::ImageNotFound { .. }
             | StorageError::ImageNotAllowed { .. }
