@@ -353,7 +353,8 @@ mod tests {
             .unwrap();
         assert!(status.success());
         let outside_abs = s.outside.join("secret");
-        let cases: Vec<(String, fn(&OpenError) -> bool)> = vec![
+        type Expect = fn(&OpenError) -> bool;
+        let cases: Vec<(String, Expect)> = vec![
             ("link.img".into(), |e| matches!(e, OpenError::Symlink)),
             ("dirlink/secret".into(), |e| matches!(e, OpenError::Symlink)),
             // Even a symlink that stays inside is refused: no symlinks at all.

@@ -693,7 +693,7 @@ fn swapping_the_image_never_uploads_the_secret() {
                 let hold = || {
                     swaps.fetch_add(1, Ordering::Relaxed);
                     let start = std::time::Instant::now();
-                    while start.elapsed() < std::time::Duration::from_micros(30) {
+                    while start.elapsed() < Duration::from_micros(30) {
                         std::hint::spin_loop();
                     }
                 };

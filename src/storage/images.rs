@@ -465,9 +465,8 @@ mod tests {
 
     /// The error, checked to name no host path outside what was asked.
     fn refused(d: &Dirs, requested: &str) -> StorageError {
-        let err = match resolve(d, requested) {
-            Ok(_) => panic!("{requested}: opened"),
-            Err(err) => err,
+        let Err(err) = resolve(d, requested) else {
+            panic!("{requested}: opened")
         };
         let message = format!("disk[0].source.image: {err}");
         for host in [&d.outside, &d.images] {
@@ -668,7 +667,7 @@ mod tests {
     fn missing_file_names_no_host_directory() {
         let d = dirs();
         let missing_allowed = d.base.join("does-not-exist");
-        let allowed = [d.images.clone(), missing_allowed.clone()];
+        let allowed = [d.images.clone(), missing_allowed];
         let err = open_image("nope.img", &allowed, &d.alloc, &d.task).unwrap_err();
         assert!(matches!(err, StorageError::ImageNotFound { .. }), "{err}");
         let message = err.in_field("disk[1].source.image").to_string();
