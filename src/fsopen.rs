@@ -79,6 +79,36 @@ pub enum OpenError {
     Io(io::Error),
 }
 
+impl From<OpenError> for io::Error {
+    fn from(error: OpenError) -> io::Error {
+        match error {
+            OpenError::Io(error) => error,
+            OpenError::NotFound => io::Error::new(io::ErrorKind::NotFound, error),
+            other => io::Error::new(io::ErrorKind::InvalidInput, other),
+        }
+    }
+}
+
+/// Opens a file the person running the CLI named by an absolute path: its
+/// directory is theirs to choose (followed as written), but the file
+/// itself is opened once, never through a symlink, and must be a regular
+/// file. Hard links are allowed (these are the runner's own files).
+pub fn open_local(path: &Path) -> Result<File, OpenError> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(OpenError::NotRegular("directory"));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let root = Root::open(parent, Links::Any).map_err(|error| match error.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => OpenError::NotFound,
+        _ => OpenError::Io(error),
+    })?;
+    open_beneath(&root, Path::new(name))
+}
+
 /// Opens `relative` beneath `root` for reading; see the module docs.
 /// `relative` must be relative: an absolute path is [`OpenError::Escapes`].
 pub fn open_beneath(root: &Root, relative: &Path) -> Result<File, OpenError> {
@@ -410,6 +440,23 @@ mod tests {
             let file = open(&operator, Path::new("hard.img")).unwrap();
             assert_eq!(read(file), SECRET, "{how}");
         }
+    }
+
+    #[test]
+    fn local_files_are_opened_without_following_the_last_link() {
+        let s = setup();
+        let good = s.root_path.join("sub/good.img");
+        assert_eq!(read(open_local(&good).unwrap()), b"good");
+        symlink(s.outside.join("secret"), s.root_path.join("link")).unwrap();
+        let err = open_local(&s.root_path.join("link")).unwrap_err();
+        assert!(matches!(err, OpenError::Symlink), "{err:?}");
+        let err = open_local(&s.root_path.join("sub")).unwrap_err();
+        assert!(matches!(err, OpenError::NotRegular("directory")), "{err:?}");
+        let err = open_local(&s.root_path.join("missing/x")).unwrap_err();
+        assert!(matches!(err, OpenError::NotFound), "{err:?}");
+        let io: io::Error = OpenError::Symlink.into();
+        assert_eq!(io.kind(), io::ErrorKind::InvalidInput);
+        assert!(io.to_string().contains("symbolic link"));
     }
 
     #[test]
