@@ -776,3 +776,42 @@ impl Drop for StopOnDrop<'_> {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// qemu-img's complaint about a broken image names the image as the job
+/// wrote it: not `/proc/self/fd/0`, not the host's temporary file.
+#[test]
+fn qemu_img_errors_name_only_what_the_job_wrote() {
+    if !storage_host_ready() {
+        return;
+    }
+    let (guard, pool) = PoolGuard::transient();
+    let path = guard.dir.path().join("broken.qcow2");
+    // A qcow2 header our checks accept (v3, no backing or data file) with
+    // an impossible cluster size, which qemu-img rejects.
+    let mut header = vec![0u8; 512];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    header[4..8].copy_from_slice(&3u32.to_be_bytes());
+    header[24..32].copy_from_slice(&MIB.to_be_bytes());
+    header[100..104].copy_from_slice(&104u32.to_be_bytes());
+    std::fs::write(&path, &header).unwrap();
+    let image = ImageFile::from_file(std::fs::File::open(&path).unwrap(), "local/broken.qcow2");
+    let err = create_from_image(
+        &guard.conn,
+        &pool,
+        "ndvtest-broken.img",
+        &image,
+        ImageFormat::Qcow2,
+        ImageFormat::Raw,
+        None,
+    )
+    .unwrap_err();
+    assert!(matches!(err, StorageError::QemuImg { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("local/broken.qcow2"), "{message}");
+    assert!(!message.contains("/proc/self/fd"), "{message}");
+    assert!(
+        !message.contains(&*std::env::temp_dir().to_string_lossy()),
+        "{message}"
+    );
+    assert!(pool.volume_names().unwrap().is_empty());
+}

@@ -84,7 +84,11 @@ pub fn convert(
             action: "convert",
             path: image.shown_path(),
             status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            // Only the job's name for the image, never the host's paths.
+            stderr: String::from_utf8_lossy(&output.stderr)
+                .trim()
+                .replace(&*temp.path.to_string_lossy(), "<converted image>")
+                .replace(STDIN_IMAGE, image.shown()),
         });
     }
     Ok(temp)
