@@ -29,6 +29,8 @@ WAIT_SECS=${LIBVIRT_WAIT_SECS:-60}
 PKGS=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 dnsmasq-base iptables iproute2 genisoimage curl libxml2-utils cloud-init dnsmasq-utils
+  # prlimit: the driver runs qemu-img under CPU and memory limits
+  util-linux
   # guest image build (tests/setup/guest.sh)
   grub-pc-bin grub-common xorriso mtools cpio gzip xz-utils
 )
@@ -51,7 +53,7 @@ all_present() {
     [ "$v" = "$qv" ] || { log "package $p is '${v:-absent}', wants '$qv' (qemu-system-x86's)"; return 1; }
   done
   local b
-  for b in virsh libvirtd virtlogd qemu-system-x86_64 qemu-img grub-mkrescue xorriso genisoimage curl iptables ip; do
+  for b in virsh libvirtd virtlogd qemu-system-x86_64 qemu-img prlimit grub-mkrescue xorriso genisoimage curl iptables ip; do
     command -v "$b" >/dev/null || { log "missing command: $b"; return 1; }
   done
   return 0
