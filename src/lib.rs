@@ -10,6 +10,7 @@ pub mod cloudinit;
 pub mod config;
 pub mod driver;
 pub mod faults;
+pub mod fsopen;
 pub mod guest_agent;
 pub mod hypervisor;
 pub mod libvirt;

@@ -15,11 +15,14 @@ use nomad_driver_virt::libvirt::storage::{
     ensure_directory_pool, ensure_parent, lookup_pool, pool_fingerprint, prune_unused_parents,
     refresh_pool, source_volume, upload_bytes, Pool,
 };
+use nomad_driver_virt::storage::parent_key::key_of;
+use nomad_driver_virt::storage::qemu_img::write_to_device;
 use nomad_driver_virt::storage::volume::{
-    image_cache_key, parent_volume_name, seed_volume_name, unique_suffix, write_image_to_device,
-    STAGING_MARK,
+    parent_volume_name, seed_volume_name, unique_suffix, STAGING_MARK,
 };
-use nomad_driver_virt::storage::{detect_format, image_virtual_size, ImageFormat, StorageError};
+use nomad_driver_virt::storage::{
+    detect_format, image_virtual_size, ImageFile, ImageFormat, StorageError,
+};
 use virt::connect::Connect;
 
 const MIB: u64 = 1 << 20;
@@ -32,6 +35,12 @@ fn directory_pool_xml(name: &str, path: &Path) -> String {
 }
 
 const URI: &str = "qemu:///system";
+
+/// A test image the test made itself, opened as the driver would hold it.
+fn open(path: &Path) -> ImageFile {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    ImageFile::from_file(file, path.display().to_string())
+}
 
 fn system() -> Connect {
     Connect::open(Some(URI)).unwrap_or_else(|error| {
@@ -166,7 +175,7 @@ fn upload_convert_and_resize() {
         conn,
         &pool,
         "blank.qcow2",
-        &blank,
+        &open(&blank),
         ImageFormat::Qcow2,
         ImageFormat::Qcow2,
         None,
@@ -204,7 +213,7 @@ fn upload_convert_and_resize() {
         conn,
         &pool,
         "small.qcow2",
-        &small,
+        &open(&small),
         ImageFormat::Qcow2,
         ImageFormat::Qcow2,
         None,
@@ -221,7 +230,7 @@ fn upload_convert_and_resize() {
         conn,
         &pool,
         "grown.qcow2",
-        &qcow2,
+        &open(&qcow2),
         ImageFormat::Qcow2,
         ImageFormat::Qcow2,
         Some(32 * MIB),
@@ -238,7 +247,7 @@ fn upload_convert_and_resize() {
         conn,
         &pool,
         "vm_vdb.img",
-        &qcow2,
+        &open(&qcow2),
         ImageFormat::Qcow2,
         ImageFormat::Raw,
         Some(24 * MIB),
@@ -254,14 +263,17 @@ fn upload_convert_and_resize() {
         allocated < 4 * MIB,
         "sparse upload allocated {allocated} bytes"
     );
-    assert_eq!(detect_format(Path::new(&path)).unwrap(), ImageFormat::Raw);
+    assert_eq!(
+        detect_format(&open(Path::new(&path))).unwrap(),
+        ImageFormat::Raw
+    );
 
     // raw → qcow2, and raw → raw at the image's own size.
     let vol = create_from_image(
         conn,
         &pool,
         "fromraw.qcow2",
-        &raw,
+        &open(&raw),
         ImageFormat::Raw,
         ImageFormat::Qcow2,
         None,
@@ -274,7 +286,7 @@ fn upload_convert_and_resize() {
         conn,
         &pool,
         "copy.img",
-        &raw,
+        &open(&raw),
         ImageFormat::Raw,
         ImageFormat::Raw,
         Some(MIB),
@@ -283,7 +295,7 @@ fn upload_convert_and_resize() {
     let path = vol.path().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&raw).unwrap());
     assert_eq!(
-        image_virtual_size(Path::new(&path), ImageFormat::Raw).unwrap(),
+        image_virtual_size(&open(Path::new(&path)), ImageFormat::Raw).unwrap(),
         16 * MIB
     );
 
@@ -292,7 +304,7 @@ fn upload_convert_and_resize() {
         conn,
         &pool,
         "copy.img",
-        &raw,
+        &open(&raw),
         ImageFormat::Raw,
         ImageFormat::Raw,
         None,
@@ -345,7 +357,7 @@ fn parent_overlay_and_prune() {
                 scope.spawn(|| {
                     let conn = system();
                     let pool = lookup_pool(&conn, &guard.name).unwrap().unwrap();
-                    ensure_parent(&conn, &pool, &qcow2, ImageFormat::Qcow2)
+                    ensure_parent(&conn, &pool, &open(&qcow2), ImageFormat::Qcow2)
                         .unwrap()
                         .name()
                         .to_string()
@@ -359,7 +371,7 @@ fn parent_overlay_and_prune() {
     assert!(parent_name.starts_with("nomad-virt-base-qcow2-"));
     refresh_pool(&pool).unwrap();
     assert_eq!(pool.volume_names().unwrap(), vec![parent_name.clone()]);
-    let parent = ensure_parent(conn, &pool, &qcow2, ImageFormat::Qcow2).unwrap();
+    let parent = ensure_parent(conn, &pool, &open(&qcow2), ImageFormat::Qcow2).unwrap();
     let parent_path = parent.path().unwrap();
     assert_same_content(&qcow2, ImageFormat::Qcow2, &parent_path, ImageFormat::Qcow2);
 
@@ -414,11 +426,11 @@ fn parent_published_by_another_process_is_used() {
     let (guard, pool) = PoolGuard::transient();
     let conn = &guard.conn;
     let (_raw, qcow2) = source_images(guard.dir.path());
-    let name = parent_volume_name(ImageFormat::Qcow2, &image_cache_key(&qcow2).unwrap());
+    let name = parent_volume_name(ImageFormat::Qcow2, &key_of(&std::fs::read(&qcow2).unwrap()));
     // Another process finished first; this pool has not seen it yet.
     let final_path = guard.dir.path().join("pool").join(&name);
     std::fs::copy(&qcow2, &final_path).unwrap();
-    let parent = ensure_parent(conn, &pool, &qcow2, ImageFormat::Qcow2).unwrap();
+    let parent = ensure_parent(conn, &pool, &open(&qcow2), ImageFormat::Qcow2).unwrap();
     assert_eq!(parent.name(), name);
     assert_eq!(parent.path().unwrap(), final_path);
     assert_eq!(pool.volume_names().unwrap(), vec![name]);
@@ -530,9 +542,9 @@ fn qemu_img_qcow2_is_detected_and_backing_files_refused() {
         "qemu-img",
         &[&"create", &"-q", &"-f", &"qcow2", &path, &"16M"],
     );
-    assert_eq!(detect_format(&path).unwrap(), ImageFormat::Qcow2);
-    assert_eq!(qcow2_virtual_size(&path).unwrap(), Some(16 << 20));
-    check_image_safe(&path, ImageFormat::Qcow2).unwrap();
+    assert_eq!(detect_format(&open(&path)).unwrap(), ImageFormat::Qcow2);
+    assert_eq!(qcow2_virtual_size(&open(&path)).unwrap(), Some(16 << 20));
+    check_image_safe(&open(&path), ImageFormat::Qcow2).unwrap();
 
     let overlay = dir.path().join("overlay.qcow2");
     run(
@@ -541,8 +553,268 @@ fn qemu_img_qcow2_is_detected_and_backing_files_refused() {
             &"create", &"-q", &"-f", &"qcow2", &"-F", &"qcow2", &"-b", &path, &overlay,
         ],
     );
-    let err = check_image_safe(&overlay, ImageFormat::Qcow2).unwrap_err();
+    let err = check_image_safe(&open(&overlay), ImageFormat::Qcow2).unwrap_err();
     assert!(err.to_string().contains("backing file"), "{err}");
+}
+
+fn storage_host_ready() -> bool {
+    common::host_ready(&[
+        common::Need::Root,
+        common::Need::Libvirtd,
+        common::Need::Tool {
+            program: "qemu-img",
+            package: "qemu-utils",
+        },
+        common::Need::Tool {
+            program: "prlimit",
+            package: "util-linux",
+        },
+    ])
+}
+
+/// A parent's name is the digest of the bytes uploaded: two different
+/// images written at the same path (and with the same name, size and
+/// mtime) get different parents, and the same bytes from another file
+/// share one.
+#[test]
+fn parent_key_is_the_digest_of_the_bytes_uploaded() {
+    if !storage_host_ready() {
+        return;
+    }
+    let (guard, pool) = PoolGuard::transient();
+    let conn = &guard.conn;
+    let path = guard.dir.path().join("base.img");
+    let first = vec![0x11u8; MIB as usize];
+    let mut second = first.clone();
+    second[MIB as usize / 2] = 0x22;
+    std::fs::write(&path, &first).unwrap();
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let a = ensure_parent(conn, &pool, &open(&path), ImageFormat::Raw).unwrap();
+    assert_eq!(
+        a.name(),
+        parent_volume_name(ImageFormat::Raw, &key_of(&first))
+    );
+    assert_eq!(std::fs::read(a.path().unwrap()).unwrap(), first);
+    // Reused while unchanged.
+    let again = ensure_parent(conn, &pool, &open(&path), ImageFormat::Raw).unwrap();
+    assert_eq!(again.name(), a.name());
+
+    // Same path, same size, mtime put back: other bytes, another parent.
+    std::fs::write(&path, &second).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let b = ensure_parent(conn, &pool, &open(&path), ImageFormat::Raw).unwrap();
+    assert_ne!(b.name(), a.name());
+    assert_eq!(
+        b.name(),
+        parent_volume_name(ImageFormat::Raw, &key_of(&second))
+    );
+    assert_eq!(std::fs::read(b.path().unwrap()).unwrap(), second);
+    // The first parent still holds the first image's bytes.
+    assert_eq!(std::fs::read(a.path().unwrap()).unwrap(), first);
+
+    // The first bytes again, from another file: the first parent, shared.
+    let copy = guard.dir.path().join("copy.img");
+    std::fs::write(&copy, &first).unwrap();
+    let c = ensure_parent(conn, &pool, &open(&copy), ImageFormat::Raw).unwrap();
+    assert_eq!(c.name(), a.name());
+    refresh_pool(&pool).unwrap();
+    let mut names = pool.volume_names().unwrap();
+    names.sort();
+    let mut expected = vec![a.name().to_string(), b.name().to_string()];
+    expected.sort();
+    assert_eq!(names, expected, "no staging volume left behind");
+    for name in expected {
+        delete_volume(&pool, &name).unwrap();
+    }
+}
+
+/// A sibling task swaps the image's path between a good image, a symlink
+/// to a host secret and a hard link to it, in a tight loop, while the
+/// driver opens the image and uploads it (a copy, a conversion through
+/// qemu-img, a shared parent) hundreds of times: the secret's bytes never
+/// reach a volume.
+#[test]
+fn swapping_the_image_never_uploads_the_secret() {
+    use nomad_driver_virt::storage::open_image;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    if !storage_host_ready() {
+        return;
+    }
+    let (guard, pool) = PoolGuard::transient();
+    let conn = &guard.conn;
+    let alloc = guard.dir.path().join("alloc");
+    let task = guard.dir.path().join("web");
+    let outside = guard.dir.path().join("outside");
+    for dir in [&alloc, &task, &outside] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    const MARKER: &[u8] = b"ndvtest host secret ";
+    let secret_bytes = MARKER.repeat(64);
+    let secret = outside.join("secret");
+    std::fs::write(&secret, &secret_bytes).unwrap();
+    // Good images: raw, and the same as qcow2 for the conversion path.
+    let good_raw = vec![0x5au8; 64 * 1024];
+    let raw_master = outside.join("good.img");
+    std::fs::write(&raw_master, &good_raw).unwrap();
+    let qcow2_master = outside.join("good.qcow2");
+    run(
+        "qemu-img",
+        &[
+            &"convert",
+            &"-f",
+            &"raw",
+            &"-O",
+            &"qcow2",
+            &raw_master,
+            &qcow2_master,
+        ],
+    );
+    let good_qcow2 = std::fs::read(&qcow2_master).unwrap();
+    let contains_secret = |bytes: &[u8]| bytes.windows(MARKER.len()).any(|w| w == MARKER);
+
+    for (round, (good, iterations)) in [(&good_raw, 300), (&good_qcow2, 40)]
+        .into_iter()
+        .enumerate()
+    {
+        let target = task.join("disk.img");
+        std::fs::write(&target, good).unwrap();
+        let stop = AtomicBool::new(false);
+        // Swap cycles done; each open waits for a new one, so on a loaded
+        // machine the swapper cannot be starved into one state.
+        let swaps = AtomicU64::new(0);
+        let (opened, refused) = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // Each state is held for a few microseconds (busy, no
+                // sleep), so each is seen whatever the scheduler does.
+                let hold = || {
+                    swaps.fetch_add(1, Ordering::Relaxed);
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < Duration::from_micros(30) {
+                        std::hint::spin_loop();
+                    }
+                };
+                let good_staged = task.join("staged-good");
+                let bad_staged = task.join("staged-bad");
+                let _ = std::fs::write(&good_staged, good);
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = std::fs::rename(&good_staged, &target);
+                    hold();
+                    let _ = std::fs::write(&good_staged, good);
+                    let _ = std::fs::remove_file(&bad_staged);
+                    let _ = std::os::unix::fs::symlink(&secret, &bad_staged);
+                    let _ = std::fs::rename(&bad_staged, &target);
+                    hold();
+                    let _ = std::fs::remove_file(&bad_staged);
+                    let _ = std::fs::hard_link(&secret, &bad_staged);
+                    let _ = std::fs::rename(&bad_staged, &target);
+                    hold();
+                }
+            });
+            let (mut opened, mut refused) = (0, 0);
+            let mut last_swap = 0;
+            // Stops the swapper even when an assertion below panics, so
+            // the scope can join it and the test fails instead of hanging.
+            let _stop = StopOnDrop(&stop);
+            for i in 0..iterations {
+                wait_for_swap(&swaps, &mut last_swap);
+                let image = match open_image("disk.img", &[], &alloc, &task) {
+                    Ok(image) => image,
+                    Err(err) => {
+                        refused += 1;
+                        let message = err.to_string();
+                        assert!(!message.contains(&*outside.to_string_lossy()), "{message}");
+                        continue;
+                    }
+                };
+                opened += 1;
+                let format = detect_format(&image).unwrap();
+                let name = format!("ndvtest-race-{round}-{i}.img");
+                // Raw: a copy, and every third a shared parent. qcow2:
+                // converted to raw by qemu-img from the descriptor.
+                let vol = if round == 0 && i % 3 == 0 {
+                    ensure_parent(conn, &pool, &image, format).unwrap()
+                } else {
+                    create_from_image(conn, &pool, &name, &image, format, ImageFormat::Raw, None)
+                        .unwrap()
+                };
+                let uploaded = std::fs::read(vol.path().unwrap()).unwrap();
+                assert!(!contains_secret(&uploaded), "the secret reached a volume");
+                assert_eq!(&uploaded[..good_raw.len()], &good_raw[..], "{name}");
+                delete_volume(&pool, vol.name()).unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            (opened, refused)
+        });
+        assert!(
+            opened > 0 && refused > 0,
+            "round {round}: {opened} opened, {refused} refused"
+        );
+    }
+    refresh_pool(&pool).unwrap();
+    assert!(pool.volume_names().unwrap().is_empty());
+}
+
+/// Waits (bounded) until the swapper has swapped since `last`.
+fn wait_for_swap(swaps: &std::sync::atomic::AtomicU64, last: &mut u64) {
+    use std::sync::atomic::Ordering;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while swaps.load(Ordering::Relaxed) == *last && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    *last = swaps.load(Ordering::Relaxed);
+}
+
+/// Sets the flag when dropped (also while unwinding).
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// qemu-img's complaint about a broken image names the image as the job
+/// wrote it: not `/proc/self/fd/0`, not the host's temporary file.
+#[test]
+fn qemu_img_errors_name_only_what_the_job_wrote() {
+    if !storage_host_ready() {
+        return;
+    }
+    let (guard, pool) = PoolGuard::transient();
+    let path = guard.dir.path().join("broken.qcow2");
+    // A qcow2 header our checks accept (v3, no backing or data file) with
+    // an impossible cluster size, which qemu-img rejects.
+    let mut header = vec![0u8; 512];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    header[4..8].copy_from_slice(&3u32.to_be_bytes());
+    header[24..32].copy_from_slice(&MIB.to_be_bytes());
+    header[100..104].copy_from_slice(&104u32.to_be_bytes());
+    std::fs::write(&path, &header).unwrap();
+    let image = ImageFile::from_file(std::fs::File::open(&path).unwrap(), "local/broken.qcow2");
+    let err = create_from_image(
+        &guard.conn,
+        &pool,
+        "ndvtest-broken.img",
+        &image,
+        ImageFormat::Qcow2,
+        ImageFormat::Raw,
+        None,
+    )
+    .unwrap_err();
+    assert!(matches!(err, StorageError::QemuImg { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("local/broken.qcow2"), "{message}");
+    assert!(!message.contains("/proc/self/fd"), "{message}");
+    assert!(
+        !message.contains(&*std::env::temp_dir().to_string_lossy()),
+        "{message}"
+    );
+    assert!(pool.volume_names().unwrap().is_empty());
 }
 
 fn file_digest(path: &Path) -> (Vec<u8>, i64, i64) {
@@ -710,7 +982,7 @@ fn an_image_is_written_onto_a_volume_device() {
     let (raw, qcow2) = source_images(dir.path());
     let device = dir.path().join("device");
     std::fs::write(&device, vec![0x11u8; 20 * MIB as usize]).unwrap();
-    write_image_to_device(&qcow2, ImageFormat::Qcow2, &device).unwrap();
+    write_to_device(&open(&qcow2), ImageFormat::Qcow2, &device).unwrap();
     let written = std::fs::read(&device).unwrap();
     let source = std::fs::read(&raw).unwrap();
     assert_eq!(&written[..source.len()], &source[..]);
@@ -720,7 +992,7 @@ fn an_image_is_written_onto_a_volume_device() {
     );
     let small = dir.path().join("small-device");
     std::fs::write(&small, vec![0x22u8; MIB as usize]).unwrap();
-    let err = write_image_to_device(&raw, ImageFormat::Raw, &small).unwrap_err();
+    let err = write_to_device(&open(&raw), ImageFormat::Raw, &small).unwrap_err();
     assert!(matches!(err, StorageError::UnsafeImage { .. }), "{err}");
     assert!(err.to_string().contains("exceeds"), "{err}");
     assert!(std::fs::read(&small).unwrap().iter().all(|&b| b == 0x22));

@@ -385,19 +385,28 @@ fn url_file_name(url: &str) -> Option<String> {
 /// Places the artifact into `task_dir`; returns what was written.
 pub fn place(artifact: &LocalArtifact, task_dir: &Path) -> Result<PathBuf, ArtifactError> {
     let destination = task_dir.join(&artifact.destination);
+    // A local file is opened once here (never through a symlink, a regular
+    // file) and copied from that descriptor; a directory is copied entry
+    // by entry the same way.
+    let mut local_file = None;
     let name = match &artifact.source {
         Source::Local(path) => {
-            let metadata = fs::metadata(path).map_err(|source| ArtifactError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            if metadata.is_dir() {
-                copy_dir(path, &destination).map_err(|source| ArtifactError::Copy {
-                    path: path.clone(),
-                    to: destination.clone(),
-                    source,
-                })?;
-                return Ok(destination);
+            match crate::fsopen::open_local(path) {
+                Ok(file) => local_file = Some(file),
+                Err(crate::fsopen::OpenError::NotRegular("directory")) => {
+                    copy_dir(path, &destination).map_err(|source| ArtifactError::Copy {
+                        path: path.clone(),
+                        to: destination.clone(),
+                        source,
+                    })?;
+                    return Ok(destination);
+                }
+                Err(error) => {
+                    return Err(ArtifactError::Read {
+                        path: path.clone(),
+                        source: error.into(),
+                    })
+                }
             }
             path.file_name()
                 .map(|name| name.to_string_lossy().into_owned())
@@ -436,7 +445,7 @@ pub fn place(artifact: &LocalArtifact, task_dir: &Path) -> Result<PathBuf, Artif
     // Fetched next to where it goes, verified, then moved or unpacked.
     let fetched = parent.join(format!(".{name}.artifact-{}", std::process::id()));
     let _ = fs::remove_file(&fetched);
-    let result = fetch(artifact, &fetched).and_then(|()| match kind {
+    let result = fetch(artifact, local_file, &fetched).and_then(|()| match kind {
         None => fs::rename(&fetched, &target)
             .map(|()| target.clone())
             .map_err(|source| ArtifactError::Copy {
@@ -457,8 +466,12 @@ pub fn place(artifact: &LocalArtifact, task_dir: &Path) -> Result<PathBuf, Artif
 }
 
 /// Copies or downloads the source to `to` (a new file), checking the
-/// checksum if one was given.
-fn fetch(artifact: &LocalArtifact, to: &Path) -> Result<(), ArtifactError> {
+/// checksum if one was given. `local` is the local source already opened.
+fn fetch(
+    artifact: &LocalArtifact,
+    mut local: Option<fs::File>,
+    to: &Path,
+) -> Result<(), ArtifactError> {
     let mut output = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -472,10 +485,13 @@ fn fetch(artifact: &LocalArtifact, to: &Path) -> Result<(), ArtifactError> {
     let mut hasher = artifact.checksum.as_ref().map(Checksum::hasher);
     match &artifact.source {
         Source::Local(path) => {
-            let mut input = fs::File::open(path).map_err(|source| ArtifactError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let mut input = match local.take() {
+                Some(file) => file,
+                None => crate::fsopen::open_local(path).map_err(|error| ArtifactError::Read {
+                    path: path.clone(),
+                    source: error.into(),
+                })?,
+            };
             copy_hashing(&mut input, &mut output, hasher.as_mut(), u64::MAX).map_err(|source| {
                 ArtifactError::Copy {
                     path: path.clone(),
@@ -573,15 +589,32 @@ fn copy_hashing(
     Ok(total)
 }
 
+/// Copies a local directory tree. Symlinks in it are refused, not
+/// followed, and each file is opened once without following links.
 fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
     fs::create_dir_all(to)?;
     for entry in fs::read_dir(from)? {
         let entry = entry?;
         let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{:?} is a symbolic link; the local runner does not follow links in artifact directories",
+                    entry.file_name()
+                ),
+            ));
+        } else if kind.is_dir() {
             copy_dir(&entry.path(), &target)?;
         } else {
-            fs::copy(entry.path(), &target)?;
+            let mut input = crate::fsopen::open_local(&entry.path())?;
+            let mut output = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&target)?;
+            io::copy(&mut input, &mut output)?;
         }
     }
     Ok(())
@@ -657,6 +690,35 @@ mod tests {
         );
         assert_eq!(url_file_name("http://h/"), None);
         assert_eq!(url_file_name("http://h"), None);
+    }
+
+    #[test]
+    fn local_symlinks_are_not_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        fs::write(&secret, "host secret").expect("write");
+        std::os::unix::fs::symlink(&secret, dir.path().join("page.html")).expect("symlink");
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(&tree).expect("mkdir");
+        std::os::unix::fs::symlink(&secret, tree.join("x")).expect("symlink");
+        let task_dir = dir.path().join("task");
+        let env = BTreeMap::new();
+        let artifact =
+            resolve(&spec("file://page.html", None, None), &env, dir.path()).expect("resolve");
+        let err = place(&artifact, &task_dir).expect_err("a symlink source");
+        let reason = std::error::Error::source(&err).map(ToString::to_string);
+        assert!(matches!(err, ArtifactError::Read { .. }), "{err}");
+        assert!(
+            reason
+                .as_deref()
+                .is_some_and(|r| r.contains("symbolic link")),
+            "{reason:?}"
+        );
+        let artifact =
+            resolve(&spec("tree", Some("local/t"), None), &env, dir.path()).expect("resolve");
+        let err = place(&artifact, &task_dir).expect_err("a symlink in a tree");
+        assert!(matches!(err, ArtifactError::Copy { .. }), "{err}");
+        assert!(!task_dir.join("local/t/x").exists());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use super::job::{self, TemplateSpec};
 use super::unpack;
+use crate::fsopen::{open_beneath, open_local, Links, OpenError, Root};
 
 /// Largest template source read, and largest rendered output.
 pub const MAX_TEMPLATE_BYTES: u64 = 16 * 1024 * 1024;
@@ -211,23 +212,29 @@ pub fn place(
     Ok(target)
 }
 
-/// Reads a template source; one inside the task dir must resolve inside it.
+/// Reads a template source; one inside the task dir must stay inside it.
 fn read_bounded(path: &Path, task_dir: &Path) -> Result<String, TemplateError> {
     let read_error = |source| TemplateError::Read {
         path: path.to_path_buf(),
         source,
     };
-    if path.starts_with(task_dir) {
-        let real = fs::canonicalize(path).map_err(read_error)?;
-        let root = fs::canonicalize(task_dir).map_err(read_error)?;
-        if !real.starts_with(&root) {
-            return Err(TemplateError::Invalid(format!(
-                "source {} resolves outside the task directory",
-                path.display()
-            )));
+    // Opened once, never through a symlink: inside the task dir beneath
+    // it (one link only, as a job could link a host file in), elsewhere as
+    // the runner's own file.
+    let opened = match path.strip_prefix(task_dir) {
+        Ok(rest) => {
+            let root = Root::open(task_dir, Links::Single).map_err(read_error)?;
+            open_beneath(&root, rest)
         }
-    }
-    let file = fs::File::open(path).map_err(read_error)?;
+        Err(_) => open_local(path),
+    };
+    let file = opened.map_err(|error| match error {
+        OpenError::Escapes => TemplateError::Invalid(format!(
+            "source {} leads outside the task directory",
+            path.display()
+        )),
+        other => read_error(other.into()),
+    })?;
     let mut text = String::new();
     file.take(MAX_TEMPLATE_BYTES + 1)
         .read_to_string(&mut text)
@@ -554,6 +561,29 @@ mod tests {
         ] {
             assert!(render_default(text).is_err(), "{text}");
         }
+    }
+
+    #[test]
+    fn sources_in_the_task_dir_are_opened_safely() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let task_dir = dir.path().join("task");
+        fs::create_dir_all(task_dir.join("local")).expect("mkdir");
+        let secret = dir.path().join("secret");
+        fs::write(&secret, "host secret").expect("write");
+        fs::write(task_dir.join("local/ok.tpl"), "ok").expect("write");
+        std::os::unix::fs::symlink(&secret, task_dir.join("local/link.tpl")).expect("symlink");
+        fs::hard_link(&secret, task_dir.join("local/hard.tpl")).expect("hard link");
+        let read = |name: &str| read_bounded(&task_dir.join(name), &task_dir);
+        assert_eq!(read("local/ok.tpl").expect("ok"), "ok");
+        for name in ["local/link.tpl", "local/hard.tpl"] {
+            let err = read(name).expect_err(name);
+            let reason = std::error::Error::source(&err).map(ToString::to_string);
+            let message = format!("{err}: {reason:?}");
+            assert!(!message.contains(&*secret.to_string_lossy()), "{message}");
+            assert!(matches!(err, TemplateError::Read { .. }), "{message}");
+        }
+        let err = read_bounded(&task_dir.join("../secret"), &task_dir).expect_err("escape");
+        assert!(matches!(err, TemplateError::Invalid(_)), "{err}");
     }
 
     #[test]

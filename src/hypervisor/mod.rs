@@ -6,7 +6,7 @@
 
 pub mod libvirt;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use crate::libvirt::shares::ShareSupport;
 use crate::libvirt::stats::MemorySample;
 use crate::libvirt::LibvirtError;
 use crate::nomad::driver_state::CreatedVolume;
-use crate::storage::images::ImageFormat;
+use crate::storage::images::{ImageFile, ImageFormat};
 use crate::storage::StorageError;
 
 /// Facts about the host a start needs.
@@ -42,7 +42,7 @@ pub enum VolumeContent<'a> {
     },
     /// A copy of a host image, converted to `format`, grown to `capacity`.
     Copy {
-        image: &'a Path,
+        image: &'a ImageFile,
         image_format: ImageFormat,
         format: ImageFormat,
         capacity: Option<u64>,
@@ -65,7 +65,7 @@ pub enum VolumeContent<'a> {
     },
     /// A qcow2 overlay on a shared parent made from the image.
     Overlay {
-        image: &'a Path,
+        image: &'a ImageFile,
         image_format: ImageFormat,
         capacity: Option<u64>,
     },

@@ -7,9 +7,11 @@
 
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::StorageError;
+use crate::fsopen::{normalize, open_beneath, Links, OpenError, Root};
 
 /// The image formats we read and write (the task config's `DISK_FORMATS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,115 +66,209 @@ impl std::fmt::Display for ImageFormat {
 /// The first four bytes of every qcow2 file.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
-/// Resolves the image a job asks for to a canonical path of a regular file
-/// inside one of `allowed_dirs`, the alloc dir or the task dir.
+/// An image file a job named, opened once (see [`open_image`]). Every
+/// later step reads this descriptor, never the path again, so swapping the
+/// path afterwards changes nothing.
+#[derive(Debug)]
+pub struct ImageFile {
+    file: File,
+    shown: String,
+}
+
+impl ImageFile {
+    /// An already opened file; `shown` is what errors call it (what the job
+    /// wrote, never a resolved host path).
+    pub fn from_file(file: File, shown: impl Into<String>) -> ImageFile {
+        ImageFile {
+            file,
+            shown: shown.into(),
+        }
+    }
+
+    /// The descriptor.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// What the job wrote.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// The name errors use for it.
+    pub fn shown_path(&self) -> PathBuf {
+        PathBuf::from(&self.shown)
+    }
+
+    /// Its length now (fstat).
+    pub fn len(&self) -> Result<u64, StorageError> {
+        self.file
+            .metadata()
+            .map(|meta| meta.len())
+            .map_err(|error| self.io("read metadata of image", error))
+    }
+
+    /// Whether it is empty now.
+    pub fn is_empty(&self) -> Result<bool, StorageError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// A reader from byte 0 with its own position (positional reads), so
+    /// readers of the same file never disturb each other.
+    pub fn reader(&self) -> FileReader<'_> {
+        FileReader {
+            file: &self.file,
+            at: 0,
+        }
+    }
+
+    pub(crate) fn io(&self, action: &'static str, error: io::Error) -> StorageError {
+        StorageError::Io {
+            action,
+            path: self.shown_path(),
+            error,
+        }
+    }
+}
+
+/// Reads a file from byte 0 with `pread`; see [`ImageFile::reader`].
+pub struct FileReader<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl Read for FileReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.file.read_at(buf, self.at)?;
+        self.at += read as u64;
+        Ok(read)
+    }
+}
+
+/// A directory images may come from, open.
+struct Base {
+    /// As given, lexically normalised.
+    given: PathBuf,
+    /// Symlinks resolved, for paths written against the real location.
+    canonical: Option<PathBuf>,
+    root: Root,
+}
+
+impl Base {
+    /// The part of `path` below this base, by whichever spelling matches.
+    fn below<'p>(&self, path: &'p Path) -> Option<&'p Path> {
+        path.strip_prefix(&self.given).ok().or_else(|| {
+            self.canonical
+                .as_ref()
+                .and_then(|canonical| path.strip_prefix(canonical).ok())
+        })
+    }
+
+    fn depth(&self) -> usize {
+        self.given.components().count()
+    }
+}
+
+/// Opens the image a job asks for, once, beneath one of `allowed_dirs` (the
+/// operator's `image_paths`), the alloc dir or the task dir.
 ///
-/// - An absolute path is canonicalised (symlinks followed, `..` removed)
-///   and must land inside one of those directories (themselves
-///   canonicalised; ones that do not exist are skipped).
+/// - The path is first normalised lexically (`.` and `..`) and matched to
+///   the directory that contains it (the deepest one; a tie goes to the
+///   alloc or task dir). That is exact because the open then refuses any
+///   symlink component ([`crate::fsopen`]).
 /// - A relative path is tried against each allowed dir, then the alloc dir,
-///   then the task dir (the Go driver's order). The first candidate that
-///   exists decides: if it resolves outside every allowed directory, or is
-///   not a regular file, that is an error rather than a reason to keep
-///   looking, so a planted symlink cannot shadow a later directory silently.
+///   then the task dir (the Go driver's order). The first that has the file
+///   decides; a symlink, special file or hard-linked job file there is an
+///   error, not a reason to look further.
+/// - Files in the alloc or task dir must have a single link; files under
+///   `image_paths` may have several.
 ///
-/// Containment compares path components, so `/a/bc` is not inside `/a/b`.
-/// Errors do not name the job field; the caller adds it with
-/// [`StorageError::in_field`].
-pub fn resolve_image(
+/// Errors name only what the job wrote, never the directories tried or
+/// where a symlink points. Errors do not name the job field; the caller
+/// adds it with [`StorageError::in_field`].
+pub fn open_image(
     requested: &str,
     allowed_dirs: &[PathBuf],
     alloc_dir: &Path,
     task_dir: &Path,
-) -> Result<PathBuf, StorageError> {
-    let bases: Vec<&Path> = allowed_dirs
-        .iter()
-        .map(PathBuf::as_path)
-        .chain([alloc_dir, task_dir])
-        .collect();
-    // Directories that cannot be canonicalised (missing) allow nothing.
-    let roots: Vec<PathBuf> = bases
-        .iter()
-        .filter_map(|base| std::fs::canonicalize(base).ok())
-        .collect();
-
+) -> Result<ImageFile, StorageError> {
+    let not_found = || StorageError::ImageNotFound {
+        requested: requested.to_string(),
+    };
     if requested.is_empty() {
-        return Err(StorageError::ImageNotFound {
-            requested: requested.to_string(),
-            tried: Vec::new(),
-        });
+        return Err(not_found());
     }
+    let links = allowed_dirs
+        .iter()
+        .map(|dir| (dir.as_path(), Links::Any))
+        .chain([(alloc_dir, Links::Single), (task_dir, Links::Single)]);
+    // Directories that cannot be opened (missing) allow nothing.
+    let bases: Vec<Base> = links
+        .filter_map(|(dir, links)| {
+            let root = Root::open(dir, links).ok()?;
+            Some(Base {
+                given: normalize(dir),
+                canonical: std::fs::canonicalize(dir).ok(),
+                root,
+            })
+        })
+        .collect();
     let requested_path = Path::new(requested);
     let candidates: Vec<PathBuf> = if requested_path.is_absolute() {
-        vec![requested_path.to_path_buf()]
+        vec![normalize(requested_path)]
     } else {
-        bases.iter().map(|base| base.join(requested_path)).collect()
+        bases
+            .iter()
+            .map(|base| normalize(&base.given.join(requested_path)))
+            .collect()
     };
-
-    let mut tried = Vec::new();
+    let mut inside_any = false;
     for candidate in candidates {
-        let canonical = match std::fs::canonicalize(&candidate) {
-            Ok(canonical) => canonical,
-            Err(error) if is_missing(&error) => {
-                tried.push(candidate);
-                continue;
-            }
-            Err(error) => {
-                return Err(StorageError::Io {
-                    action: "resolve image",
-                    path: candidate,
-                    error,
+        // The deepest base holding the candidate; on a tie the job's dirs
+        // (later in the list) win, so their one-link rule applies.
+        let Some((base, rest)) = bases
+            .iter()
+            .filter_map(|base| base.below(&candidate).map(|rest| (base, rest)))
+            .max_by_key(|(base, _)| base.depth())
+        else {
+            continue;
+        };
+        inside_any = true;
+        let opened = if rest.as_os_str().is_empty() {
+            Err(OpenError::NotRegular("directory"))
+        } else {
+            open_beneath(&base.root, rest)
+        };
+        match opened {
+            Ok(file) => return Ok(ImageFile::from_file(file, requested)),
+            Err(OpenError::NotFound) => {}
+            Err(reason) => {
+                return Err(StorageError::ImageOpen {
+                    requested: requested.to_string(),
+                    reason,
                 })
             }
-        };
-        if !roots.iter().any(|root| canonical.starts_with(root)) {
-            return Err(StorageError::ImageNotAllowed {
-                requested: requested.to_string(),
-                resolved: canonical,
-                allowed: roots,
-            });
         }
-        let metadata = std::fs::metadata(&canonical).map_err(|error| StorageError::Io {
-            action: "read metadata of image",
-            path: canonical.clone(),
-            error,
-        })?;
-        if !metadata.is_file() {
-            return Err(StorageError::ImageNotFile {
-                requested: requested.to_string(),
-                path: canonical,
-            });
-        }
-        return Ok(canonical);
     }
-    Err(StorageError::ImageNotFound {
-        requested: requested.to_string(),
-        tried,
-    })
+    if inside_any {
+        Err(not_found())
+    } else {
+        Err(StorageError::ImageNotAllowed {
+            requested: requested.to_string(),
+        })
+    }
 }
 
-fn is_missing(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-    )
-}
-
-/// Reads up to `buf.len()` bytes from the start of `path`; returns how many.
-fn read_header(path: &Path, buf: &mut [u8]) -> Result<usize, StorageError> {
-    let io_error = |error| StorageError::Io {
-        action: "read the header of image",
-        path: path.to_path_buf(),
-        error,
-    };
-    let mut file = File::open(path).map_err(io_error)?;
+/// Reads up to `buf.len()` bytes from the start of the image; returns how many.
+fn read_header(image: &ImageFile, buf: &mut [u8]) -> Result<usize, StorageError> {
+    let mut reader = image.reader();
     let mut filled = 0;
     while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
+        match reader.read(&mut buf[filled..]) {
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(io_error(error)),
+            Err(error) => return Err(image.io("read the header of image", error)),
         }
     }
     Ok(filled)
@@ -181,9 +277,9 @@ fn read_header(path: &Path, buf: &mut [u8]) -> Result<usize, StorageError> {
 /// qcow2 when the file starts with the qcow2 magic, else raw. (Other
 /// formats are not supported, and treating them as raw is safe: a raw disk
 /// is never interpreted by QEMU.)
-pub fn detect_format(path: &Path) -> Result<ImageFormat, StorageError> {
+pub fn detect_format(image: &ImageFile) -> Result<ImageFormat, StorageError> {
     let mut magic = [0u8; 4];
-    let read = read_header(path, &mut magic)?;
+    let read = read_header(image, &mut magic)?;
     Ok(if read == 4 && magic == QCOW2_MAGIC {
         ImageFormat::Qcow2
     } else {
@@ -235,15 +331,15 @@ const QCOW2_HEADER_READ: usize = 104;
 /// The virtual (guest-visible) size recorded in a qcow2 header: the
 /// big-endian u64 at offset 24. None when the file is not qcow2; an error
 /// when it starts with the magic but the header is cut short.
-pub fn qcow2_virtual_size(path: &Path) -> Result<Option<u64>, StorageError> {
+pub fn qcow2_virtual_size(image: &ImageFile) -> Result<Option<u64>, StorageError> {
     let mut header = [0u8; QCOW2_HEADER_READ];
-    let read = read_header(path, &mut header)?;
+    let read = read_header(image, &mut header)?;
     if read < 4 || header[..4] != QCOW2_MAGIC {
         return Ok(None);
     }
     match parse_qcow2_header(&header[..read]) {
         Some(parsed) => Ok(Some(parsed.virtual_size)),
-        None => Err(truncated(path)),
+        None => Err(truncated(&image.shown_path())),
     }
 }
 
@@ -256,23 +352,15 @@ fn truncated(path: &Path) -> StorageError {
 
 /// The guest-visible size of an image in `format`: the qcow2 header's
 /// virtual size, or the file length for raw.
-pub fn image_virtual_size(path: &Path, format: ImageFormat) -> Result<u64, StorageError> {
+pub fn image_virtual_size(image: &ImageFile, format: ImageFormat) -> Result<u64, StorageError> {
     match format {
-        ImageFormat::Qcow2 => qcow2_virtual_size(path)?.ok_or_else(|| StorageError::UnsafeImage {
-            path: path.to_path_buf(),
+        ImageFormat::Qcow2 => qcow2_virtual_size(image)?.ok_or_else(|| StorageError::UnsafeImage {
+            path: image.shown_path(),
             reason: "it is declared qcow2 but has no qcow2 header; set source.format = \"raw\" or \
                      leave the format unset"
                 .into(),
         }),
-        ImageFormat::Raw => {
-            std::fs::metadata(path)
-                .map(|m| m.len())
-                .map_err(|error| StorageError::Io {
-                    action: "read metadata of image",
-                    path: path.to_path_buf(),
-                    error,
-                })
-        }
+        ImageFormat::Raw => image.len(),
     }
 }
 
@@ -280,14 +368,15 @@ pub fn image_virtual_size(path: &Path, format: ImageFormat) -> Result<u64, Stora
 /// files: a backing file (e.g. `/etc/shadow` or `/dev/sda` planted in an
 /// image a job downloaded) or an external data file. Raw images are always
 /// safe because nothing in them is interpreted.
-pub fn check_image_safe(path: &Path, format: ImageFormat) -> Result<(), StorageError> {
+pub fn check_image_safe(image: &ImageFile, format: ImageFormat) -> Result<(), StorageError> {
     if format == ImageFormat::Raw {
         return Ok(());
     }
     let mut header = [0u8; QCOW2_HEADER_READ];
-    let read = read_header(path, &mut header)?;
-    let parsed = parse_qcow2_header(&header[..read]).ok_or_else(|| truncated(path))?;
-    check_qcow2_header(path, &parsed)
+    let read = read_header(image, &mut header)?;
+    let path = image.shown_path();
+    let parsed = parse_qcow2_header(&header[..read]).ok_or_else(|| truncated(&path))?;
+    check_qcow2_header(&path, &parsed)
 }
 
 pub(crate) fn check_qcow2_header(path: &Path, header: &Qcow2Header) -> Result<(), StorageError> {
@@ -320,6 +409,7 @@ pub(crate) fn check_qcow2_header(path: &Path, header: &Qcow2Header) -> Result<()
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     struct Dirs {
         _root: tempfile::TempDir,
@@ -330,9 +420,10 @@ mod tests {
         outside: PathBuf,
     }
 
+    const SECRET: &[u8] = b"host secret: must never reach a guest";
+
     fn dirs() -> Dirs {
         let root = tempfile::tempdir().expect("tempdir");
-        // Canonical base, so expected paths compare equal (e.g. /tmp symlinked).
         let base = std::fs::canonicalize(root.path()).expect("canonicalize tempdir");
         let images = base.join("images");
         // Nomad's layout: <alloc>/alloc is shared, <alloc>/<task> is the task's.
@@ -342,6 +433,7 @@ mod tests {
         for dir in [&images, &alloc, &task, &outside] {
             std::fs::create_dir_all(dir).expect("mkdir");
         }
+        std::fs::write(outside.join("secret"), SECRET).expect("write secret");
         Dirs {
             _root: root,
             base,
@@ -356,8 +448,8 @@ mod tests {
         std::fs::write(path, bytes).expect("write file");
     }
 
-    fn resolve(d: &Dirs, requested: &str) -> Result<PathBuf, StorageError> {
-        resolve_image(
+    fn resolve(d: &Dirs, requested: &str) -> Result<ImageFile, StorageError> {
+        open_image(
             requested,
             std::slice::from_ref(&d.images),
             &d.alloc,
@@ -365,86 +457,172 @@ mod tests {
         )
     }
 
+    fn content(image: &ImageFile) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image.reader().read_to_end(&mut bytes).expect("read image");
+        bytes
+    }
+
+    /// The error, checked to name no host path outside what was asked.
+    fn refused(d: &Dirs, requested: &str) -> StorageError {
+        let Err(err) = resolve(d, requested) else {
+            panic!("{requested}: opened")
+        };
+        let message = format!("disk[0].source.image: {err}");
+        for host in [&d.outside, &d.images] {
+            let host = host.display().to_string();
+            if !requested.contains(&host) {
+                assert!(!message.contains(&host), "{requested}: {message}");
+            }
+        }
+        err
+    }
+
+    fn path_str(path: &Path) -> String {
+        path.display().to_string()
+    }
+
     #[test]
     fn absolute_path_inside_allowed_dirs() {
         let d = dirs();
-        write(&d.images.join("a.img"), b"x");
-        write(&d.task.join("t.img"), b"x");
-        let found = resolve(&d, d.images.join("a.img").to_str().unwrap()).unwrap();
-        assert_eq!(found, d.images.join("a.img"));
-        let found = resolve(&d, d.task.join("t.img").to_str().unwrap()).unwrap();
-        assert_eq!(found, d.task.join("t.img"));
+        write(&d.images.join("a.img"), b"a");
+        write(&d.task.join("t.img"), b"t");
+        let found = resolve(&d, &path_str(&d.images.join("a.img"))).unwrap();
+        assert_eq!(content(&found), b"a");
+        assert_eq!(found.shown(), path_str(&d.images.join("a.img")));
+        let found = resolve(&d, &path_str(&d.task.join("t.img"))).unwrap();
+        assert_eq!(content(&found), b"t");
     }
 
     #[test]
     fn absolute_path_outside_is_refused() {
         let d = dirs();
-        write(&d.outside.join("secret"), b"x");
-        let err = resolve(&d, d.outside.join("secret").to_str().unwrap()).unwrap_err();
-        assert!(
-            matches!(&err, StorageError::ImageNotAllowed { resolved, .. } if *resolved == d.outside.join("secret")),
-            "{err}"
-        );
+        let err = refused(&d, &path_str(&d.outside.join("secret")));
+        assert!(matches!(err, StorageError::ImageNotAllowed { .. }), "{err}");
         assert!(err.to_string().contains("image_paths"), "{err}");
+        let err = refused(&d, "/etc/passwd");
+        assert!(matches!(err, StorageError::ImageNotAllowed { .. }), "{err}");
     }
 
     #[test]
     fn dotdot_cannot_escape() {
         let d = dirs();
-        write(&d.outside.join("secret"), b"x");
         for requested in [
             "../outside/secret".to_string(),
+            "../../outside/secret".to_string(),
             format!("{}/../outside/secret", d.images.display()),
+            format!("{}/../../outside/secret", d.task.display()),
         ] {
-            let err = resolve(&d, &requested).unwrap_err();
+            let err = refused(&d, &requested);
             assert!(
                 matches!(err, StorageError::ImageNotAllowed { .. }),
                 "{requested}: {err}"
             );
         }
         // `..` that stays inside is fine: task dir → alloc dir.
-        write(&d.alloc.join("shared.img"), b"x");
+        write(&d.alloc.join("shared.img"), b"shared");
         let found = resolve(&d, "../alloc/shared.img").unwrap();
-        assert_eq!(found, d.alloc.join("shared.img"));
+        assert_eq!(content(&found), b"shared");
         let found = resolve(&d, "../a1/web/../alloc/shared.img").unwrap();
-        assert_eq!(found, d.alloc.join("shared.img"));
+        assert_eq!(content(&found), b"shared");
     }
 
     #[test]
-    fn symlink_cannot_escape() {
+    fn symlinks_are_refused_and_not_revealed() {
         let d = dirs();
-        write(&d.outside.join("secret"), b"x");
         symlink(d.outside.join("secret"), d.images.join("link.img")).unwrap();
         symlink(&d.outside, d.task.join("dirlink")).unwrap();
+        // Even one from an allowed place to another: no symlinks at all.
+        write(&d.images.join("real.img"), b"x");
+        symlink(d.images.join("real.img"), d.task.join("alias.img")).unwrap();
         for requested in [
             "link.img".to_string(),
-            d.images.join("link.img").display().to_string(),
+            path_str(&d.images.join("link.img")),
             "dirlink/secret".to_string(),
+            path_str(&d.task.join("dirlink/secret")),
+            "alias.img".to_string(),
         ] {
-            let err = resolve(&d, &requested).unwrap_err();
+            let err = refused(&d, &requested);
             assert!(
-                matches!(err, StorageError::ImageNotAllowed { .. }),
+                matches!(
+                    &err,
+                    StorageError::ImageOpen {
+                        reason: OpenError::Symlink,
+                        ..
+                    }
+                ),
+                "{requested}: {err}"
+            );
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+            assert!(!err.is_recoverable());
+        }
+    }
+
+    #[test]
+    fn hard_links_refused_in_job_dirs_only() {
+        let d = dirs();
+        std::fs::hard_link(d.outside.join("secret"), d.task.join("hard.img")).unwrap();
+        std::fs::hard_link(d.outside.join("secret"), d.alloc.join("hard2.img")).unwrap();
+        for requested in ["hard.img", "hard2.img"] {
+            let err = refused(&d, requested);
+            assert!(
+                matches!(
+                    &err,
+                    StorageError::ImageOpen {
+                        reason: OpenError::HardLinked(_),
+                        ..
+                    }
+                ),
                 "{requested}: {err}"
             );
         }
-        // A symlink from one allowed place to another is fine.
-        write(&d.images.join("real.img"), b"x");
-        symlink(d.images.join("real.img"), d.task.join("alias.img")).unwrap();
-        assert_eq!(resolve(&d, "alias.img").unwrap(), d.images.join("real.img"));
+        // The operator's directories may hold hard links.
+        std::fs::hard_link(d.outside.join("secret"), d.images.join("op.img")).unwrap();
+        assert_eq!(content(&resolve(&d, "op.img").unwrap()), SECRET);
+    }
+
+    #[test]
+    fn fifos_and_directories_are_refused() {
+        let d = dirs();
+        let fifo = d.task.join("fifo.img");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(status.success());
+        std::fs::create_dir(d.images.join("dir.img")).unwrap();
+        for (requested, kind) in [
+            ("fifo.img".to_string(), "FIFO"),
+            ("dir.img".to_string(), "directory"),
+            (path_str(&d.images), "directory"),
+            (".".to_string(), "directory"),
+        ] {
+            let err = refused(&d, &requested);
+            assert!(
+                matches!(
+                    &err,
+                    StorageError::ImageOpen { reason: OpenError::NotRegular(k), .. } if *k == kind
+                ),
+                "{requested}: {err}"
+            );
+        }
     }
 
     #[test]
     fn allowed_dir_given_through_a_symlink() {
         let d = dirs();
         symlink(&d.images, d.base.join("images-link")).unwrap();
-        write(&d.images.join("a.img"), b"x");
+        write(&d.images.join("a.img"), b"a");
         let allowed = [d.base.join("images-link")];
-        let found = resolve_image("a.img", &allowed, &d.alloc, &d.task).unwrap();
-        assert_eq!(found, d.images.join("a.img"));
-        let requested = d.base.join("images-link/a.img");
-        let found =
-            resolve_image(requested.to_str().unwrap(), &allowed, &d.alloc, &d.task).unwrap();
-        assert_eq!(found, d.images.join("a.img"));
+        for requested in [
+            "a.img".to_string(),
+            path_str(&d.base.join("images-link/a.img")),
+            // The real location of the configured directory works too.
+            path_str(&d.images.join("a.img")),
+        ] {
+            let found = open_image(&requested, &allowed, &d.alloc, &d.task).unwrap();
+            assert_eq!(content(&found), b"a", "{requested}");
+        }
     }
 
     #[test]
@@ -454,9 +632,9 @@ mod tests {
         let sibling = d.base.join("imagesX");
         std::fs::create_dir(&sibling).unwrap();
         write(&sibling.join("a.img"), b"x");
-        let err = resolve(&d, sibling.join("a.img").to_str().unwrap()).unwrap_err();
+        let err = refused(&d, &path_str(&sibling.join("a.img")));
         assert!(matches!(err, StorageError::ImageNotAllowed { .. }), "{err}");
-        let err = resolve(&d, "../imagesX/a.img").unwrap_err();
+        let err = refused(&d, "../imagesX/a.img");
         assert!(matches!(err, StorageError::ImageNotAllowed { .. }), "{err}");
     }
 
@@ -466,65 +644,120 @@ mod tests {
         let second = d.base.join("images2");
         std::fs::create_dir(&second).unwrap();
         let allowed = [d.images.clone(), second.clone()];
+        let r = |name: &str| content(&open_image(name, &allowed, &d.alloc, &d.task).unwrap());
         write(&d.task.join("a.img"), b"task");
-        let r = |name: &str| resolve_image(name, &allowed, &d.alloc, &d.task).unwrap();
-        assert_eq!(r("a.img"), d.task.join("a.img"));
+        assert_eq!(r("a.img"), b"task");
         write(&d.alloc.join("a.img"), b"alloc");
-        assert_eq!(r("a.img"), d.alloc.join("a.img"));
+        assert_eq!(r("a.img"), b"alloc");
         write(&second.join("a.img"), b"second");
-        assert_eq!(r("a.img"), second.join("a.img"));
+        assert_eq!(r("a.img"), b"second");
         write(&d.images.join("a.img"), b"first");
-        assert_eq!(r("a.img"), d.images.join("a.img"));
-        // Subdirectories work too.
+        assert_eq!(r("a.img"), b"first");
         std::fs::create_dir(d.task.join("local")).unwrap();
-        write(&d.task.join("local/b.img"), b"x");
-        assert_eq!(r("local/b.img"), d.task.join("local/b.img"));
+        write(&d.task.join("local/b.img"), b"b");
+        assert_eq!(r("local/b.img"), b"b");
+        // A symlink where the file is first found stops the search.
+        symlink(d.outside.join("secret"), d.images.join("c.img")).unwrap();
+        write(&d.task.join("c.img"), b"c");
+        let err = open_image("c.img", &allowed, &d.alloc, &d.task).unwrap_err();
+        assert!(matches!(err, StorageError::ImageOpen { .. }), "{err}");
     }
 
     #[test]
-    fn missing_file_names_the_paths_tried() {
+    fn missing_file_names_no_host_directory() {
         let d = dirs();
         let missing_allowed = d.base.join("does-not-exist");
-        let allowed = [d.images.clone(), missing_allowed.clone()];
-        let err = resolve_image("nope.img", &allowed, &d.alloc, &d.task).unwrap_err();
-        let StorageError::ImageNotFound { tried, .. } = &err else {
-            panic!("{err}")
-        };
-        assert_eq!(
-            tried,
-            &vec![
-                d.images.join("nope.img"),
-                missing_allowed.join("nope.img"),
-                d.alloc.join("nope.img"),
-                d.task.join("nope.img"),
-            ]
-        );
+        let allowed = [d.images.clone(), missing_allowed];
+        let err = open_image("nope.img", &allowed, &d.alloc, &d.task).unwrap_err();
+        assert!(matches!(err, StorageError::ImageNotFound { .. }), "{err}");
         let message = err.in_field("disk[1].source.image").to_string();
         assert!(
-            message.starts_with("disk[1].source.image: image \"nope.img\" was not found; tried "),
+            message.starts_with("disk[1].source.image: image \"nope.img\" was not found"),
             "{message}"
         );
-        assert!(message.contains(&d.task.join("nope.img").display().to_string()));
+        assert!(!message.contains(&path_str(&d.base)), "{message}");
         // A path through a regular file is "missing", not an I/O error.
         write(&d.images.join("file"), b"x");
-        let err = resolve(&d, "file/x.img").unwrap_err();
+        let err = refused(&d, "file/x.img");
         assert!(matches!(err, StorageError::ImageNotFound { .. }), "{err}");
-        let err = resolve(&d, "").unwrap_err();
+        let err = refused(&d, "");
         assert!(matches!(err, StorageError::ImageNotFound { .. }), "{err}");
-        let err = resolve(&d, "/definitely/not/here.img").unwrap_err();
-        assert!(matches!(err, StorageError::ImageNotFound { .. }), "{err}");
+        let err = refused(&d, "/definitely/not/here.img");
+        assert!(matches!(err, StorageError::ImageNotAllowed { .. }), "{err}");
     }
 
+    /// A sibling task swaps the path between a good file, a symlink to a
+    /// host secret and a hard link to it, as fast as it can, while the
+    /// driver opens and reads the image many times: the secret is never
+    /// read, and no error names it.
     #[test]
-    fn directory_is_not_an_image() {
+    fn swapping_the_path_never_reads_the_secret() {
         let d = dirs();
-        std::fs::create_dir(d.images.join("dir.img")).unwrap();
-        let err = resolve(&d, "dir.img").unwrap_err();
-        assert!(matches!(err, StorageError::ImageNotFile { .. }), "{err}");
-        let err = resolve(&d, d.images.to_str().unwrap()).unwrap_err();
-        assert!(matches!(err, StorageError::ImageNotFile { .. }), "{err}");
-        let err = resolve(&d, ".").unwrap_err();
-        assert!(matches!(err, StorageError::ImageNotFile { .. }), "{err}");
+        const GOOD: &[u8] = b"good image bytes";
+        let target = d.task.join("disk.img");
+        write(&target, GOOD);
+        let stop = AtomicBool::new(false);
+        // Swap cycles done; each open waits for a new one, so on a loaded
+        // machine the swapper cannot be starved into one state.
+        let swaps = AtomicU64::new(0);
+        let secret = d.outside.join("secret");
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // Each state is held for a few microseconds (busy, no
+                // sleep), so each is seen whatever the scheduler does.
+                let hold = || {
+                    swaps.fetch_add(1, Ordering::Relaxed);
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < std::time::Duration::from_micros(30) {
+                        std::hint::spin_loop();
+                    }
+                };
+                let good_staged = d.task.join("staged-good");
+                let bad_staged = d.task.join("staged-bad");
+                let _ = std::fs::write(&good_staged, GOOD);
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = std::fs::rename(&good_staged, &target);
+                    hold();
+                    let _ = std::fs::write(&good_staged, GOOD);
+                    let _ = std::fs::remove_file(&bad_staged);
+                    let _ = symlink(&secret, &bad_staged);
+                    let _ = std::fs::rename(&bad_staged, &target);
+                    hold();
+                    let _ = std::fs::remove_file(&bad_staged);
+                    let _ = std::fs::hard_link(&secret, &bad_staged);
+                    let _ = std::fs::rename(&bad_staged, &target);
+                    hold();
+                }
+            });
+            let (mut opened, mut refused_count) = (0, 0);
+            let mut last_swap = 0;
+            // Stops the swapper even when an assertion below panics, so
+            // the scope can join it and the test fails instead of hanging.
+            let _stop = StopOnDrop(&stop);
+            for _ in 0..600 {
+                wait_for_swap(&swaps, &mut last_swap);
+                match resolve(&d, "disk.img") {
+                    Ok(image) => {
+                        opened += 1;
+                        let format = detect_format(&image).expect("format");
+                        assert_eq!(format, ImageFormat::Raw);
+                        let bytes = content(&image);
+                        assert_eq!(bytes, GOOD, "read something other than the good file");
+                        assert_eq!(image_virtual_size(&image, format).unwrap(), 16);
+                    }
+                    Err(err) => {
+                        refused_count += 1;
+                        let message = err.to_string();
+                        assert!(!message.contains("outside"), "{message}");
+                    }
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(
+                opened > 0 && refused_count > 0,
+                "{opened} opened, {refused_count} refused"
+            );
+        });
     }
 
     fn qcow2_header_bytes(version: u32, backing: u64, size: u64, incompat: u64) -> Vec<u8> {
@@ -541,55 +774,59 @@ mod tests {
     fn handwritten_qcow2_header() {
         let d = dirs();
         let path = d.images.join("hand.qcow2");
+        let open = |path: &Path| ImageFile::from_file(File::open(path).unwrap(), "hand.qcow2");
         write(&path, &qcow2_header_bytes(3, 0, 5 << 30, 0));
-        assert_eq!(detect_format(&path).unwrap(), ImageFormat::Qcow2);
-        assert_eq!(qcow2_virtual_size(&path).unwrap(), Some(5 << 30));
+        assert_eq!(detect_format(&open(&path)).unwrap(), ImageFormat::Qcow2);
+        assert_eq!(qcow2_virtual_size(&open(&path)).unwrap(), Some(5 << 30));
         assert_eq!(
-            image_virtual_size(&path, ImageFormat::Qcow2).unwrap(),
+            image_virtual_size(&open(&path), ImageFormat::Qcow2).unwrap(),
             5 << 30
         );
-        check_image_safe(&path, ImageFormat::Qcow2).unwrap();
+        check_image_safe(&open(&path), ImageFormat::Qcow2).unwrap();
 
         write(&path, &qcow2_header_bytes(3, 0x200, 1 << 20, 0));
-        let err = check_image_safe(&path, ImageFormat::Qcow2).unwrap_err();
+        let err = check_image_safe(&open(&path), ImageFormat::Qcow2).unwrap_err();
         assert!(err.to_string().contains("backing file"), "{err}");
         write(
             &path,
             &qcow2_header_bytes(3, 0, 1 << 20, QCOW2_INCOMPAT_DATA_FILE),
         );
-        let err = check_image_safe(&path, ImageFormat::Qcow2).unwrap_err();
+        let err = check_image_safe(&open(&path), ImageFormat::Qcow2).unwrap_err();
         assert!(err.to_string().contains("external data file"), "{err}");
         // Version 2 has no feature fields; the bytes there are ignored.
         write(
             &path,
             &qcow2_header_bytes(2, 0, 1 << 20, QCOW2_INCOMPAT_DATA_FILE),
         );
-        check_image_safe(&path, ImageFormat::Qcow2).unwrap();
+        check_image_safe(&open(&path), ImageFormat::Qcow2).unwrap();
         write(&path, &qcow2_header_bytes(4, 0, 1 << 20, 0));
-        assert!(check_image_safe(&path, ImageFormat::Qcow2).is_err());
+        assert!(check_image_safe(&open(&path), ImageFormat::Qcow2).is_err());
 
         // Magic but cut short.
         write(&path, &QCOW2_MAGIC);
-        assert_eq!(detect_format(&path).unwrap(), ImageFormat::Qcow2);
-        assert!(qcow2_virtual_size(&path).is_err());
-        assert!(check_image_safe(&path, ImageFormat::Qcow2).is_err());
+        assert_eq!(detect_format(&open(&path)).unwrap(), ImageFormat::Qcow2);
+        assert!(qcow2_virtual_size(&open(&path)).is_err());
+        assert!(check_image_safe(&open(&path), ImageFormat::Qcow2).is_err());
     }
 
     #[test]
     fn raw_detection_and_sizes() {
         let d = dirs();
         let path = d.images.join("disk.img");
+        let open = |path: &Path| ImageFile::from_file(File::open(path).unwrap(), "disk.img");
         write(&path, &[0u8; 3000]);
-        assert_eq!(detect_format(&path).unwrap(), ImageFormat::Raw);
-        assert_eq!(qcow2_virtual_size(&path).unwrap(), None);
-        assert_eq!(image_virtual_size(&path, ImageFormat::Raw).unwrap(), 3000);
-        check_image_safe(&path, ImageFormat::Raw).unwrap();
-        let err = image_virtual_size(&path, ImageFormat::Qcow2).unwrap_err();
+        assert_eq!(detect_format(&open(&path)).unwrap(), ImageFormat::Raw);
+        assert_eq!(qcow2_virtual_size(&open(&path)).unwrap(), None);
+        assert_eq!(
+            image_virtual_size(&open(&path), ImageFormat::Raw).unwrap(),
+            3000
+        );
+        check_image_safe(&open(&path), ImageFormat::Raw).unwrap();
+        let err = image_virtual_size(&open(&path), ImageFormat::Qcow2).unwrap_err();
         assert!(matches!(err, StorageError::UnsafeImage { .. }), "{err}");
         let empty = d.images.join("empty.img");
         write(&empty, b"");
-        assert_eq!(detect_format(&empty).unwrap(), ImageFormat::Raw);
-        assert!(detect_format(&d.images.join("missing")).is_err());
+        assert_eq!(detect_format(&open(&empty)).unwrap(), ImageFormat::Raw);
     }
 
     #[test]
@@ -606,5 +843,23 @@ mod tests {
             .parse::<ImageFormat>()
             .unwrap_err()
             .contains("\"raw\""));
+    }
+
+    /// Waits (bounded) until the swapper has swapped since `last`.
+    fn wait_for_swap(swaps: &AtomicU64, last: &mut u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while swaps.load(Ordering::Relaxed) == *last && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        *last = swaps.load(Ordering::Relaxed);
+    }
+
+    /// Sets the flag when dropped (also while unwinding).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
     }
 }

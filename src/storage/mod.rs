@@ -1,25 +1,28 @@
 //! Storage: directory pools, volumes for task disks, and the image allow-list.
 //!
-//! - [`images`] resolves a job's `disk[N].source.image` against the allowed
-//!   directories and reads image headers (no libvirt).
-//! - [`volume`] names volumes and converts images with qemu-img.
+//! - [`images`] opens a job's `disk[N].source.image` once beneath the
+//!   allowed directories and reads image headers from that descriptor
+//!   (no libvirt).
+//! - [`volume`] names volumes.
+//! - [`qemu_img`] converts images with qemu-img under CPU and memory limits.
+//! - [`parent_key`] keys shared parents by the digest of the bytes read.
 //!
 //! Pools and volumes themselves are made through libvirt, in
 //! [`crate::libvirt::storage`].
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 
 pub mod images;
+pub mod parent_key;
+pub mod qemu_img;
 pub mod volume;
 
 pub use images::{
-    check_image_safe, detect_format, image_virtual_size, qcow2_virtual_size, resolve_image,
+    check_image_safe, detect_format, image_virtual_size, open_image, qcow2_virtual_size, ImageFile,
     ImageFormat,
 };
 pub use volume::{
-    disk_volume_name, image_cache_key, is_driver_volume_name, parent_volume_name, seed_volume_name,
-    PARENT_PREFIX,
+    disk_volume_name, is_driver_volume_name, parent_volume_name, seed_volume_name, PARENT_PREFIX,
 };
 
 /// Errors of the storage module. Each names the pool, volume or path
@@ -33,24 +36,25 @@ pub enum StorageError {
         field: String,
         inner: Box<StorageError>,
     },
-    #[error("image {requested:?} was not found; tried {}", list_paths(tried))]
-    ImageNotFound {
-        requested: String,
-        tried: Vec<PathBuf>,
-    },
     #[error(
-        "image {requested:?} resolves to {}, which is outside the allowed directories ({}); \
-         put the image in one of them or add its directory to the plugin config's image_paths",
-        resolved.display(),
-        list_paths(allowed)
+        "image {requested:?} was not found in the task dir, the alloc dir or the plugin's \
+         image_paths; put it in the task dir (e.g. with an artifact block) or ask the operator \
+         to place it under image_paths"
     )]
-    ImageNotAllowed {
+    ImageNotFound { requested: String },
+    #[error(
+        "image {requested:?} is outside the directories images may come from (the task dir, the \
+         alloc dir and the plugin's image_paths); name a file inside one of them"
+    )]
+    ImageNotAllowed { requested: String },
+    /// Found but refused by the safe open (symlink, special file, hard
+    /// link, `..` escape) or unreadable.
+    #[error("image {requested:?} cannot be used: {reason}")]
+    ImageOpen {
         requested: String,
-        resolved: PathBuf,
-        allowed: Vec<PathBuf>,
+        #[source]
+        reason: crate::fsopen::OpenError,
     },
-    #[error("image {requested:?} resolves to {}, which is not a regular file", path.display())]
-    ImageNotFile { requested: String, path: PathBuf },
     #[error("image {} cannot be used: {reason}", path.display())]
     UnsafeImage { path: PathBuf, reason: String },
     #[error("cannot {action} {}", path.display())]
@@ -157,7 +161,7 @@ pub type HypervisorSource = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 impl StorageError {
     /// Attributes the error to a job field, e.g.
-    /// `resolve_image(..).map_err(|e| e.in_field(format!("disk[{i}].source.image")))`.
+    /// `open_image(..).map_err(|e| e.in_field(format!("disk[{i}].source.image")))`.
     pub fn in_field(self, field: impl Into<String>) -> Self {
         StorageError::InField {
             field: field.into(),
@@ -180,9 +184,15 @@ impl StorageError {
     pub fn is_recoverable(&self) -> bool {
         match self {
             StorageError::InField { inner, .. } => inner.is_recoverable(),
+            // A failed read of a file that is there may pass.
+            StorageError::ImageOpen { reason, .. } => {
+                matches!(
+                    reason,
+                    crate::fsopen::OpenError::Io(_) | crate::fsopen::OpenError::Changed
+                )
+            }
             StorageError::ImageNotFound { .. }
             | StorageError::ImageNotAllowed { .. }
-            | StorageError::ImageNotFile { .. }
             | StorageError::UnsafeImage { .. }
             | StorageError::PoolPathMismatch { .. }
             | StorageError::PoolType { .. }
@@ -203,20 +213,6 @@ impl StorageError {
     }
 }
 
-fn list_paths(paths: &[PathBuf]) -> String {
-    if paths.is_empty() {
-        return "none".to_string();
-    }
-    let mut out = String::new();
-    for (i, path) in paths.iter().enumerate() {
-        if i > 0 {
-            out.push_str(", ");
-        }
-        let _ = write!(out, "{}", path.display());
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,12 +221,13 @@ mod tests {
     fn in_field_prefixes_the_message() {
         let error = StorageError::ImageNotFound {
             requested: "x.img".into(),
-            tried: vec!["/a/x.img".into(), "/b/x.img".into()],
         }
         .in_field("disk[0].source.image");
-        assert_eq!(
-            error.to_string(),
-            "disk[0].source.image: image \"x.img\" was not found; tried /a/x.img, /b/x.img"
+        assert!(
+            error
+                .to_string()
+                .starts_with("disk[0].source.image: image \"x.img\" was not found in the task dir"),
+            "{error}"
         );
         assert!(matches!(error.root(), StorageError::ImageNotFound { .. }));
         assert!(!error.is_recoverable());

@@ -4,20 +4,16 @@
 //!   driver's `<vm>_<dev>.img`;
 //! - the cloud-init seed: `<vm>_cidata.iso`;
 //! - shared parents of chained disks: `nomad-virt-base-<fmt>-<key>.<ext>`,
-//!   where the key comes from the image's canonical path, size, mtime,
-//!   ctime and inode — never from hashing the whole image on every start,
-//!   as the Go driver does;
+//!   where the key is the SHA-256 of the bytes uploaded (see
+//!   [`super::parent_key`]);
 //! - parents being uploaded: `<parent name>.partial-<unique>`, published
 //!   under the parent name only once complete;
-//! - format conversion with `qemu-img convert` into a private temporary file.
 //!
 //! The libvirt side (creating, uploading, deleting volumes) is
 //! [`crate::libvirt::storage`].
 
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
@@ -41,61 +37,13 @@ pub fn seed_volume_name(vm_name: &str) -> String {
 }
 
 /// The shared parent volume for an image with cache key `cache_key` (see
-/// [`image_cache_key`]).
+/// [`super::parent_key`]).
 pub fn parent_volume_name(format: ImageFormat, cache_key: &str) -> String {
     format!(
         "{PARENT_PREFIX}{}-{cache_key}.{}",
         format.as_str(),
         format.extension()
     )
-}
-
-/// A cache key for an image file: a 128-bit FNV-1a hash, in hex, of its
-/// canonical path, device, inode, size, mtime and ctime. Reading metadata
-/// instead of the contents keeps starts fast for big images; any rewrite
-/// changes the ctime (which users cannot set), so a changed image gets a
-/// new parent. It is a cache key, not a security boundary.
-pub fn image_cache_key(path: &Path) -> Result<String, StorageError> {
-    let io_error = |error| StorageError::Io {
-        action: "read metadata of image",
-        path: path.to_path_buf(),
-        error,
-    };
-    let canonical = std::fs::canonicalize(path).map_err(io_error)?;
-    let meta = std::fs::metadata(&canonical).map_err(io_error)?;
-    let mut hash = Fnv128::new();
-    hash.write(canonical.as_os_str().as_encoded_bytes());
-    hash.write(&[0]);
-    for value in [
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        meta.mtime() as u64,
-        meta.mtime_nsec() as u64,
-        meta.ctime() as u64,
-        meta.ctime_nsec() as u64,
-    ] {
-        hash.write(&value.to_le_bytes());
-    }
-    Ok(format!("{:032x}", hash.0))
-}
-
-struct Fnv128(u128);
-
-impl Fnv128 {
-    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
-    const PRIME: u128 = 0x0000000001000000000000000000013b;
-
-    fn new() -> Self {
-        Fnv128(Self::OFFSET)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 ^= u128::from(*byte);
-            self.0 = self.0.wrapping_mul(Self::PRIME);
-        }
-    }
 }
 
 /// Whether `name` is one the driver (this one or the Go driver) gives its
@@ -195,102 +143,9 @@ impl Drop for TempFile {
     }
 }
 
-/// Converts `image` to `to` with qemu-img into a new temporary file.
-pub fn convert(image: &Path, from: ImageFormat, to: ImageFormat) -> Result<TempFile, StorageError> {
-    let path = std::env::temp_dir().join(format!(
-        "nomad-virt-convert-{}.{}",
-        unique_suffix(),
-        to.extension()
-    ));
-    // Created 0600 first: qemu-img keeps the mode of an existing file, so
-    // the guest data is never readable by others.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|error| StorageError::Io {
-            action: "create temporary file",
-            path: path.clone(),
-            error,
-        })?;
-    let temp = TempFile { path };
-    let output = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", from.as_str(), "-O", to.as_str()])
-        .arg(image)
-        .arg(&temp.path)
-        .output()
-        .map_err(|error| StorageError::QemuImgSpawn {
-            action: "convert",
-            path: image.to_path_buf(),
-            error,
-        })?;
-    if !output.status.success() {
-        return Err(StorageError::QemuImg {
-            action: "convert",
-            path: image.to_path_buf(),
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    Ok(temp)
-}
-
-/// Writes the image at `image` (in `format`) onto the block device
-/// `device` (a Nomad volume), as raw bytes from offset 0. Refused before
-/// any write: unsafe images ([`super::check_image_safe`]) and images whose
-/// virtual size exceeds the device.
-pub fn write_image_to_device(
-    image: &Path,
-    format: ImageFormat,
-    device: &Path,
-) -> Result<(), StorageError> {
-    use std::io::{Seek, SeekFrom};
-    super::check_image_safe(image, format)?;
-    let virtual_size = super::image_virtual_size(image, format)?;
-    let device_size = std::fs::File::open(device)
-        .and_then(|mut file| file.seek(SeekFrom::End(0)))
-        .map_err(|error| StorageError::Io {
-            action: "read the size of block device",
-            path: device.to_path_buf(),
-            error,
-        })?;
-    if virtual_size > device_size {
-        return Err(StorageError::UnsafeImage {
-            path: image.to_path_buf(),
-            reason: format!(
-                "its virtual size ({virtual_size} bytes) exceeds the volume's block device \
-                 ({device_size} bytes); request a larger volume (capacity_min)"
-            ),
-        });
-    }
-    // -n: write into the existing device instead of creating a file.
-    let output = Command::new("qemu-img")
-        .args(["convert", "-q", "-n", "-f", format.as_str(), "-O", "raw"])
-        .arg(image)
-        .arg(device)
-        .output()
-        .map_err(|error| StorageError::QemuImgSpawn {
-            action: "write",
-            path: image.to_path_buf(),
-            error,
-        })?;
-    if !output.status.success() {
-        return Err(StorageError::QemuImg {
-            action: "write",
-            path: image.to_path_buf(),
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::File;
-    use std::time::Duration;
 
     #[test]
     fn names() {
@@ -350,35 +205,5 @@ mod tests {
         ] {
             assert!(!is_driver_volume_name(operators), "{operators}");
         }
-    }
-
-    #[test]
-    fn cache_key_follows_file_identity() {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("a.img");
-        std::fs::write(&image, b"one").unwrap();
-        let key = image_cache_key(&image).unwrap();
-        assert_eq!(key.len(), 32);
-        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(image_cache_key(&image).unwrap(), key, "stable");
-        // The same file through a symlink: same key.
-        std::os::unix::fs::symlink(&image, dir.path().join("link.img")).unwrap();
-        assert_eq!(image_cache_key(&dir.path().join("link.img")).unwrap(), key);
-        // Another file with the same content: another key.
-        std::fs::write(dir.path().join("b.img"), b"one").unwrap();
-        assert_ne!(image_cache_key(&dir.path().join("b.img")).unwrap(), key);
-        // Rewritten in place with the same size and mtime: still another key
-        // (the ctime moves).
-        let mtime = std::fs::metadata(&image).unwrap().modified().unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(&image, b"two").unwrap();
-        File::options()
-            .write(true)
-            .open(&image)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
-        assert_ne!(image_cache_key(&image).unwrap(), key);
-        assert!(image_cache_key(&dir.path().join("missing")).is_err());
     }
 }

@@ -56,7 +56,8 @@ pub struct StartPlan {
     pub block_devices: Vec<BlockMount>,
     /// Per disk: the Nomad volume it is on (`disk { volume = "/dev/vdb" }`).
     pub nomad_volumes: Vec<Option<BlockMount>>,
-    pub images: Vec<Option<PathBuf>>,
+    /// Each disk's image, opened once ([`images::open_image`]).
+    pub images: Vec<Option<images::ImageFile>>,
     pub user_data: Option<String>,
     pub console_log: PathBuf,
     /// MAC of each `network_interface`, in order.
@@ -196,10 +197,10 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
     for (index, disk) in disks.iter().enumerate() {
         match disk.image() {
             Some(image) => {
-                let path =
-                    images::resolve_image(image, &settings.image_paths, alloc_dir, &task_dir)
+                let file =
+                    images::open_image(image, &settings.image_paths, alloc_dir, &task_dir)
                         .map_err(|error| error.in_field(format!("disk[{index}].source.image")))?;
-                images_found.push(Some(path));
+                images_found.push(Some(file));
             }
             None => images_found.push(None),
         }
@@ -208,10 +209,12 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
         None => None,
         Some(text) if looks_inline(text) => Some(text.to_string()),
         Some(path) => {
-            let resolved = images::resolve_image(path, &settings.image_paths, alloc_dir, &task_dir)
+            // Opened like an image (once, beneath the same roots) and read
+            // from that descriptor.
+            let file = images::open_image(path, &settings.image_paths, alloc_dir, &task_dir)
                 .map_err(|error| error.in_field("user_data"))?;
             Some(read_bounded(
-                &resolved,
+                file.file(),
                 crate::config::task::MAX_USER_DATA_BYTES,
             )?)
         }
@@ -338,11 +341,9 @@ fn is_block_device(path: &std::path::Path) -> bool {
 
 /// Reads a `user_data` file of at most `limit` bytes, refusing a larger one
 /// before reading it whole.
-fn read_bounded(path: &std::path::Path, limit: usize) -> Result<String, TaskError> {
+fn read_bounded(file: &std::fs::File, limit: usize) -> Result<String, TaskError> {
     use std::io::Read as _;
     let invalid = |problem: String| TaskError::Invalid(format!("user_data: {problem}"));
-    let file = std::fs::File::open(path)
-        .map_err(|error| invalid(format!("cannot read the file: {error}")))?;
     let mut bytes = Vec::new();
     file.take(limit as u64 + 1)
         .read_to_end(&mut bytes)
@@ -360,7 +361,7 @@ fn read_bounded(path: &std::path::Path, limit: usize) -> Result<String, TaskErro
 /// driver does not create (an existing volume).
 fn disk_size(
     disk: &task_config::DiskSpec,
-    image: Option<&std::path::Path>,
+    image: Option<&images::ImageFile>,
     field: &str,
 ) -> Result<Option<(u64, String)>, TaskError> {
     let explicit = disk.size.map(|size| (size.0, format!("{field}.size")));
@@ -371,7 +372,7 @@ fn disk_size(
         });
     };
     let image_field = format!("{field}.source.image");
-    let format = images::detect_format(image).map_err(|e| e.in_field(image_field.clone()))?;
+    let format = source_image_format(disk, image, field)?;
     let virtual_size =
         images::image_virtual_size(image, format).map_err(|e| e.in_field(image_field.clone()))?;
     Ok(Some(match explicit {
@@ -405,7 +406,7 @@ fn seed_bus(machine: &str) -> task_config::DiskBus {
 /// it, else read from the image's header.
 fn source_image_format(
     disk: &task_config::DiskSpec,
-    image: &std::path::Path,
+    image: &images::ImageFile,
     field: &str,
 ) -> Result<ImageFormat, TaskError> {
     match &disk.source {
@@ -575,8 +576,7 @@ pub fn boot(
     for (index, disk) in disks.iter().enumerate() {
         let field = format!("disk[{index}]");
         let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
-        let Some((size, size_field)) =
-            disk_size(disk, start_plan.images[index].as_deref(), &field)?
+        let Some((size, size_field)) = disk_size(disk, start_plan.images[index].as_ref(), &field)?
         else {
             continue;
         };
@@ -601,7 +601,7 @@ pub fn boot(
             if let Some(image) = &start_plan.images[index] {
                 let image_format = source_image_format(disk, image, &field)?;
                 progress("Writing image to volume");
-                volume::write_image_to_device(image, image_format, &volume.host_path)
+                crate::storage::qemu_img::write_to_device(image, image_format, &volume.host_path)
                     .map_err(|e| e.in_field(format!("{field}.source.image")))?;
             }
             disk_specs.push(DiskSpec {

@@ -30,6 +30,8 @@ PKGS=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 dnsmasq-base iptables iproute2 genisoimage curl libxml2-utils cloud-init dnsmasq-utils
   acl  # setfacl: tests/e2e_shares.rs grants QEMU's user an ACL
+  # prlimit: the driver runs qemu-img under CPU and memory limits
+  util-linux
   # guest image build (tests/setup/guest.sh)
   grub-pc-bin grub-common xorriso mtools cpio gzip xz-utils
 )
@@ -52,7 +54,7 @@ all_present() {
     [ "$v" = "$qv" ] || { log "package $p is '${v:-absent}', wants '$qv' (qemu-system-x86's)"; return 1; }
   done
   local b
-  for b in virsh libvirtd virtlogd qemu-system-x86_64 qemu-img grub-mkrescue xorriso genisoimage curl iptables ip setfacl; do
+  for b in virsh libvirtd virtlogd qemu-system-x86_64 qemu-img prlimit grub-mkrescue xorriso genisoimage curl iptables ip setfacl; do
     command -v "$b" >/dev/null || { log "missing command: $b"; return 1; }
   done
   return 0

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Cursor, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -24,11 +25,12 @@ use super::pool::{refresh_pool, retry_busy};
 use super::{has_code, Pool, Volume};
 use crate::libvirt::xml::{self, XmlWriter};
 use crate::storage::images::{
-    check_image_safe, check_qcow2_header, image_virtual_size, parse_qcow2_header,
+    check_image_safe, check_qcow2_header, image_virtual_size, parse_qcow2_header, ImageFile,
 };
+use crate::storage::parent_key::{self, HashingReader, Identity};
+use crate::storage::qemu_img::convert;
 use crate::storage::volume::{
-    check_volume_name, convert, image_cache_key, parent_volume_name, unique_suffix, PARENT_PREFIX,
-    STAGING_MARK,
+    check_volume_name, parent_volume_name, unique_suffix, PARENT_PREFIX, STAGING_MARK,
 };
 use crate::storage::{ImageFormat, StorageError};
 
@@ -233,7 +235,19 @@ pub fn source_volume(pool: &Pool, name: &str) -> Result<SourceVolume, StorageErr
     if format == ImageFormat::Qcow2 {
         // libvirt shows backing files but not external data files: read
         // the header too.
-        check_image_safe(&vol.path()?, ImageFormat::Qcow2)
+        // The operator's volume, opened without following a link, read
+        // through that one descriptor.
+        let path = vol.path()?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|error| StorageError::Io {
+                action: "open source volume",
+                path: PathBuf::from(name),
+                error,
+            })?;
+        check_image_safe(&ImageFile::from_file(file, name), ImageFormat::Qcow2)
             .map_err(|error| unsafe_source(error.root().to_string()))?;
     }
     Ok(SourceVolume {
@@ -300,15 +314,16 @@ pub fn clone_volume(
     }
 }
 
-/// Creates volume `name` in `target_format` holding the image at
-/// `image_path` (in `source_format`), at least `capacity` bytes big.
+/// Creates volume `name` in `target_format` holding `image` (in
+/// `source_format`, read through its descriptor only), at least `capacity`
+/// bytes big.
 ///
 /// - qcow2 images with a backing or external data file are refused
 ///   ([`check_image_safe`]): they would read other host files.
 /// - When the formats differ the image is converted with
-///   `qemu-img convert` into a 0600 temporary file in `std::env::temp_dir()`
-///   (`$TMPDIR`; it needs room for the converted image) that is removed
-///   afterwards.
+///   `qemu-img convert`, confined ([`crate::storage::qemu_img`]), into a
+///   0600 temporary file in `std::env::temp_dir()` (`$TMPDIR`; it needs
+///   room for the converted image) that is removed afterwards.
 /// - The bytes go through a libvirt stream. Raw targets are uploaded
 ///   sparse (zero blocks become holes) where libvirt handles that.
 /// - The result is resized to `capacity` when that exceeds the image's
@@ -318,7 +333,7 @@ pub fn create_from_image(
     conn: &Connect,
     pool: &Pool,
     name: &str,
-    image_path: &Path,
+    image: &ImageFile,
     source_format: ImageFormat,
     target_format: ImageFormat,
     capacity: Option<u64>,
@@ -327,7 +342,7 @@ pub fn create_from_image(
         conn,
         pool,
         name,
-        image_path,
+        image,
         source_format,
         target_format,
         capacity,
@@ -342,19 +357,42 @@ pub fn create_from_image_with(
     conn: &Connect,
     pool: &Pool,
     name: &str,
-    image_path: &Path,
+    image: &ImageFile,
     source_format: ImageFormat,
     target_format: ImageFormat,
     capacity: Option<u64>,
     sparse: bool,
 ) -> Result<Volume, StorageError> {
+    create_hashed(
+        conn,
+        pool,
+        name,
+        image,
+        (source_format, target_format),
+        capacity,
+        sparse,
+    )
+    .map(|(volume, _)| volume)
+}
+
+/// [`create_from_image_with`], also returning the [`parent_key`] of the
+/// bytes uploaded when they were the image's own (no conversion).
+fn create_hashed(
+    conn: &Connect,
+    pool: &Pool,
+    name: &str,
+    image: &ImageFile,
+    (source_format, target_format): (ImageFormat, ImageFormat),
+    capacity: Option<u64>,
+    sparse: bool,
+) -> Result<(Volume, Option<String>), StorageError> {
     check_volume_name(name)?;
-    check_image_safe(image_path, source_format)?;
-    let virtual_size = image_virtual_size(image_path, source_format)?;
+    check_image_safe(image, source_format)?;
+    let virtual_size = image_virtual_size(image, source_format)?;
     let wanted = virtual_size.max(capacity.unwrap_or(0));
     if capacity.is_some_and(|c| c < virtual_size) {
         tracing::warn!(
-            image = %image_path.display(),
+            image = image.shown(),
             virtual_size,
             requested = capacity,
             "requested disk size is smaller than the image; using the image size"
@@ -362,26 +400,19 @@ pub fn create_from_image_with(
     }
 
     let converted = if source_format != target_format {
-        Some(convert(image_path, source_format, target_format)?)
+        let temp = convert(image, source_format, target_format)?;
+        // Our own private file, so opening it by path is fine.
+        let file = File::open(&temp.path).map_err(|error| StorageError::Io {
+            action: "open the converted image of",
+            path: image.shown_path(),
+            error,
+        })?;
+        Some((temp, ImageFile::from_file(file, image.shown())))
     } else {
         None
     };
-    let upload_path = converted
-        .as_ref()
-        .map_or(image_path, |temp| temp.path.as_path());
-    let mut file = File::open(upload_path).map_err(|error| StorageError::Io {
-        action: "open image for upload",
-        path: upload_path.to_path_buf(),
-        error,
-    })?;
-    let length = file
-        .metadata()
-        .map_err(|error| StorageError::Io {
-            action: "read metadata of image",
-            path: upload_path.to_path_buf(),
-            error,
-        })?
-        .len();
+    let upload_from = converted.as_ref().map_or(image, |(_, file)| file);
+    let length = upload_from.len()?;
 
     // A raw volume's file is its disk, so it must hold the whole upload; a
     // qcow2 volume's header is replaced by the image's, so start it small.
@@ -393,13 +424,14 @@ pub fn create_from_image_with(
     let volume = create_empty_with(pool, name, target_format, initial, !allocate)?;
     let (vol, pool_name) = (&volume.inner, pool.name.as_str());
     let sparse = sparse && target_format == ImageFormat::Raw && sparse_upload_works(conn);
+    let mut reader = HashingReader::new(upload_from.reader());
     let result = upload(
         conn,
         vol,
         pool_name,
         name,
-        upload_path,
-        &mut file,
+        &upload_from.shown_path(),
+        &mut reader,
         length,
         sparse,
     )
@@ -410,7 +442,10 @@ pub fn create_from_image_with(
         grow_to_with(vol, pool_name, name, wanted, allocate)
     });
     match result {
-        Ok(()) => Ok(volume),
+        Ok(()) => {
+            let key = converted.is_none().then(|| reader.key());
+            Ok((volume, key))
+        }
         Err(error) => {
             discard(vol, pool_name, name);
             Err(error)
@@ -496,34 +531,68 @@ pub fn create_overlay(
     create_volume(pool, name, &xml)
 }
 
-/// The shared parent volume for the image at `image_path` (in `format`),
-/// uploaded on first use and reused while the image is unchanged.
+/// The shared parent volume for `image` (in `format`), uploaded on first
+/// use and reused while the image is unchanged.
 ///
-/// Safe when starts race: within the plugin a per-parent lock serialises
-/// them; across processes the upload goes to a `.partial-` volume that is
-/// hard-linked to the parent name only once complete (the link fails if
-/// another upload won, and then that one is used). So a parent name never
-/// points at half an image, even after a crash. This needs the pool's
-/// directory on this host, which holds for `dir` pools. Reusing a parent
-/// refreshes its mtime, which [`prune_unused_parents`] reads as "last used".
+/// Its name carries the SHA-256 of the bytes uploaded from the image's
+/// descriptor ([`parent_key`]), so a parent holds exactly what its name
+/// says whichever job uploaded it. The upload goes to a `.partial-` volume
+/// that is hard-linked to the parent name once complete (an existing
+/// parent of that name holds the same bytes and is used instead), so a
+/// parent name never points at half an image, even after a crash. This
+/// needs the pool's directory on this host, which holds for `dir` pools.
+/// Concurrent starts from one image file share one upload. Reusing a
+/// parent refreshes its mtime, which [`prune_unused_parents`] reads as
+/// "last used".
 pub fn ensure_parent(
     conn: &Connect,
     pool: &Pool,
-    image_path: &Path,
+    image: &ImageFile,
     format: ImageFormat,
 ) -> Result<Volume, StorageError> {
-    check_image_safe(image_path, format)?;
-    let name = parent_volume_name(format, &image_cache_key(image_path)?);
+    check_image_safe(image, format)?;
+    let identity =
+        Identity::of(image.file()).map_err(|error| image.io("read metadata of image", error))?;
     let pool_name = pool.name.as_str();
+    let upload_lock = parent_key::upload_lock(&identity);
+    let _uploading = upload_lock
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(key) = parent_key::remembered(&identity) {
+        let name = parent_volume_name(format, &key);
+        let lock = parent_lock(pool_name, &name);
+        let _held = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Ok(vol) = pool.inner.lookup_storage_vol_by_name(&name) {
+            touch(&vol);
+            return Ok(Volume::new(vol, pool_name, &name));
+        }
+    }
+    let staging_name = format!(
+        "{PARENT_PREFIX}{}-upload{STAGING_MARK}{}",
+        format.as_str(),
+        unique_suffix()
+    );
+    let (staging, key) = create_hashed(
+        conn,
+        pool,
+        &staging_name,
+        image,
+        (format, format),
+        None,
+        true,
+    )?;
+    let Some(key) = key else {
+        // Cannot happen (same format, no conversion); refuse rather than
+        // publish unhashed bytes.
+        discard(&staging.inner, pool_name, &staging_name);
+        return Err(image.io(
+            "hash image",
+            io::Error::other("the upload was converted, so its bytes were not hashed"),
+        ));
+    };
+    let name = parent_volume_name(format, &key);
     let lock = parent_lock(pool_name, &name);
     let _held = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-
-    if let Ok(vol) = pool.inner.lookup_storage_vol_by_name(&name) {
-        touch(&vol);
-        return Ok(Volume::new(vol, pool_name, &name));
-    }
-    let staging_name = format!("{name}{STAGING_MARK}{}", unique_suffix());
-    let staging = create_from_image(conn, pool, &staging_name, image_path, format, format, None)?;
     let published = publish(&staging.inner, pool_name, &staging_name, &name);
     discard(&staging.inner, pool_name, &staging_name);
     published?;
@@ -532,7 +601,9 @@ pub fn ensure_parent(
         .inner
         .lookup_storage_vol_by_name(&name)
         .map_err(|e| StorageError::volume(pool_name, &name, "looking up the new parent", e))?;
-    tracing::info!(pool = %pool_name, volume = %name, image = %image_path.display(), "uploaded parent volume");
+    touch(&vol);
+    parent_key::remember(image.file(), identity, &key);
+    tracing::info!(pool = %pool_name, volume = %name, image = image.shown(), "uploaded parent volume");
     Ok(Volume::new(vol, pool_name, &name))
 }
 
@@ -989,6 +1060,10 @@ mod tests {
     use crate::libvirt::storage::pool::tests::{test_node, TestNode};
     use crate::storage::volume::disk_volume_name;
 
+    fn open(path: &Path) -> ImageFile {
+        ImageFile::from_file(File::open(path).expect("open image"), "image")
+    }
+
     const MIB: u64 = 1 << 20;
 
     fn test_pool(node: &TestNode) -> Pool {
@@ -1089,8 +1164,9 @@ mod tests {
         // the volume was created, and the volume must be gone again.
         let node = test_node();
         let pool = test_pool(&node);
-        let image = node.dir.path().join("disk.img");
-        std::fs::write(&image, vec![7u8; 4096]).unwrap();
+        let path = node.dir.path().join("disk.img");
+        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        let image = open(&path);
         let err = create_from_image(
             &node.conn,
             &pool,
@@ -1118,13 +1194,14 @@ mod tests {
     fn unsafe_images_are_refused_before_any_volume_exists() {
         let node = test_node();
         let pool = test_pool(&node);
-        let image = node.dir.path().join("evil.qcow2");
+        let path = node.dir.path().join("evil.qcow2");
         let mut header = vec![0u8; 112];
         header[..4].copy_from_slice(b"QFI\xfb");
         header[4..8].copy_from_slice(&3u32.to_be_bytes());
         header[8..16].copy_from_slice(&0x200u64.to_be_bytes()); // backing file
         header[24..32].copy_from_slice(&MIB.to_be_bytes());
-        std::fs::write(&image, &header).unwrap();
+        std::fs::write(&path, &header).unwrap();
+        let image = open(&path);
         for result in [
             create_from_image(
                 &node.conn,
@@ -1145,16 +1222,15 @@ mod tests {
     }
 
     #[test]
-    fn ensure_parent_reuses_an_existing_parent() {
+    fn failed_parent_upload_leaves_nothing() {
+        // The test driver cannot upload: the staging volume must go again
+        // and no parent name may appear.
         let node = test_node();
         let pool = test_pool(&node);
-        let image = node.dir.path().join("base.img");
-        std::fs::write(&image, vec![1u8; 8192]).unwrap();
-        let name = parent_volume_name(ImageFormat::Raw, &image_cache_key(&image).unwrap());
-        create_empty(&pool, &name, ImageFormat::Raw, 8192).unwrap();
-        // The test driver cannot upload, so this only passes by reuse.
-        let parent = ensure_parent(&node.conn, &pool, &image, ImageFormat::Raw).unwrap();
-        assert_eq!(parent.name(), name);
-        assert_eq!(pool.volume_names().unwrap(), vec![name]);
+        let path = node.dir.path().join("base.img");
+        std::fs::write(&path, vec![1u8; 8192]).unwrap();
+        let err = ensure_parent(&node.conn, &pool, &open(&path), ImageFormat::Raw).unwrap_err();
+        assert!(matches!(err, StorageError::Volume { .. }), "{err}");
+        assert!(pool.volume_names().unwrap().is_empty());
     }
 }

@@ -1,0 +1,190 @@
+//! `qemu-img` on images a job supplied, confined: the image is handed over
+//! as the child's stdin and named `/proc/self/fd/0` (so the child opens
+//! exactly the file the driver opened, never a path a job could swap), and
+//! the child runs under `prlimit` with a cap on address space and CPU time
+//! (so a crafted image cannot make it eat the host's memory or a core).
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use super::images::ImageFile;
+use super::volume::{unique_suffix, TempFile};
+use super::{ImageFormat, StorageError};
+
+/// Address-space cap for qemu-img: ample for converting (it streams in
+/// small buffers; threads reserve arenas), far below a host's memory.
+pub const MEMORY_LIMIT_BYTES: u64 = 2 << 30;
+/// CPU-time cap for qemu-img, in seconds: converting tens of GiB takes
+/// well under this; a decompression bomb or loop is stopped.
+pub const CPU_LIMIT_SECONDS: u64 = 1200;
+
+/// The path the child opens the image by: its own stdin.
+const STDIN_IMAGE: &str = "/proc/self/fd/0";
+
+/// `prlimit --as=.. --cpu=.. -- qemu-img <action>`, with `image` as stdin.
+fn limited(image: &ImageFile, action: &'static str) -> Result<Command, StorageError> {
+    let mut command = limited_program(image, "qemu-img")?;
+    command.arg(action);
+    Ok(command)
+}
+
+/// `prlimit --as=.. --cpu=.. -- <program>`, with `image` as stdin. prlimit
+/// (util-linux) sets the limits and execs the program, keeping fd 0: no
+/// `pre_exec` hook (which would need unsafe code) is needed.
+fn limited_program(image: &ImageFile, program: &str) -> Result<Command, StorageError> {
+    let stdin = image
+        .file()
+        .try_clone()
+        .map_err(|error| image.io("hand over to qemu-img the image", error))?;
+    let mut command = Command::new("prlimit");
+    command
+        .arg(format!("--as={MEMORY_LIMIT_BYTES}"))
+        .arg(format!("--cpu={CPU_LIMIT_SECONDS}"))
+        .args(["--", program])
+        .stdin(Stdio::from(stdin));
+    Ok(command)
+}
+
+/// Converts `image` (in `from`) to `to` with qemu-img into a new 0600
+/// temporary file in `std::env::temp_dir()`, removed on drop.
+pub fn convert(
+    image: &ImageFile,
+    from: ImageFormat,
+    to: ImageFormat,
+) -> Result<TempFile, StorageError> {
+    let path = std::env::temp_dir().join(format!(
+        "nomad-virt-convert-{}.{}",
+        unique_suffix(),
+        to.extension()
+    ));
+    // Created 0600 first: qemu-img keeps the mode of an existing file, so
+    // the guest data is never readable by others.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|error| StorageError::Io {
+            action: "create temporary file",
+            path: path.clone(),
+            error,
+        })?;
+    let temp = TempFile { path };
+    let output = limited(image, "convert")?
+        .args(["-q", "-f", from.as_str(), "-O", to.as_str(), STDIN_IMAGE])
+        .arg(&temp.path)
+        .output()
+        .map_err(|error| StorageError::QemuImgSpawn {
+            action: "convert",
+            path: image.shown_path(),
+            error,
+        })?;
+    if !output.status.success() {
+        return Err(StorageError::QemuImg {
+            action: "convert",
+            path: image.shown_path(),
+            status: output.status.to_string(),
+            // Only the job's name for the image, never the host's paths.
+            stderr: String::from_utf8_lossy(&output.stderr)
+                .trim()
+                .replace(&*temp.path.to_string_lossy(), "<converted image>")
+                .replace(STDIN_IMAGE, image.shown()),
+        });
+    }
+    Ok(temp)
+}
+
+/// Writes `image` (in `format`) onto the block device `device` (a Nomad
+/// volume) as raw bytes from offset 0, confined like [`convert`]. Refused
+/// before any write: unsafe images ([`super::check_image_safe`]) and images
+/// whose virtual size exceeds the device.
+pub fn write_to_device(
+    image: &ImageFile,
+    format: ImageFormat,
+    device: &Path,
+) -> Result<(), StorageError> {
+    use std::io::{Seek, SeekFrom};
+    super::check_image_safe(image, format)?;
+    let virtual_size = super::image_virtual_size(image, format)?;
+    let device_size = std::fs::File::open(device)
+        .and_then(|mut file| file.seek(SeekFrom::End(0)))
+        .map_err(|error| StorageError::Io {
+            action: "read the size of block device",
+            path: device.to_path_buf(),
+            error,
+        })?;
+    if virtual_size > device_size {
+        return Err(StorageError::UnsafeImage {
+            path: image.shown_path(),
+            reason: format!(
+                "its virtual size ({virtual_size} bytes) exceeds the volume's block device \
+                 ({device_size} bytes); request a larger volume (capacity_min)"
+            ),
+        });
+    }
+    // -n: write into the existing device instead of creating a file.
+    let output = limited(image, "convert")?
+        .args(["-q", "-n", "-f", format.as_str(), "-O", "raw", STDIN_IMAGE])
+        .arg(device)
+        .output()
+        .map_err(|error| StorageError::QemuImgSpawn {
+            action: "write",
+            path: image.shown_path(),
+            error,
+        })?;
+    if !output.status.success() {
+        return Err(StorageError::QemuImg {
+            action: "write",
+            path: image.shown_path(),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr)
+                .trim()
+                .replace(STDIN_IMAGE, image.shown()),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+
+    #[test]
+    fn the_child_gets_the_descriptor_and_the_limits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x");
+        std::fs::write(&path, b"image bytes").expect("write");
+        let image = ImageFile::from_file(File::open(&path).expect("open"), "x");
+        // The path is gone: only the descriptor can still reach the bytes.
+        std::fs::remove_file(&path).expect("remove");
+        let output = limited_program(&image, "sh")
+            .expect("command")
+            .args(["-c", &format!("cat /proc/self/limits; cat {STDIN_IMAGE}")])
+            .output()
+            .expect("run prlimit (util-linux)");
+        assert!(output.status.success(), "{output:?}");
+        let out = String::from_utf8_lossy(&output.stdout);
+        let limit = |name: &str| {
+            out.lines()
+                .find(|line| line.starts_with(name))
+                .and_then(|line| line[name.len()..].split_whitespace().next())
+                .map(str::to_string)
+        };
+        assert_eq!(
+            limit("Max cpu time"),
+            Some(CPU_LIMIT_SECONDS.to_string()),
+            "{out}"
+        );
+        assert_eq!(
+            limit("Max address space"),
+            Some(MEMORY_LIMIT_BYTES.to_string()),
+            "{out}"
+        );
+        assert!(out.ends_with("image bytes"), "{out}");
+        let command = limited(&image, "convert").expect("command");
+        let args: Vec<_> = command.get_args().collect();
+        assert_eq!(args[2..], ["--", "qemu-img", "convert"]);
+    }
+}
