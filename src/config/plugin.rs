@@ -43,6 +43,8 @@ pub struct LibvirtConfig {
     /// Go's `allow_insecure_readonly_mounts`: see
     /// [`Settings::insecure_readonly_virtiofs`].
     pub allow_insecure_readonly_mounts: Option<bool>,
+    /// Ours, not Go's: see [`Settings::allow_writable_virtiofs`].
+    pub allow_writable_virtiofs: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -96,6 +98,7 @@ pub fn schema() -> Spec {
                     ("user", Spec::attr("string")),
                     ("password", Spec::attr("string")),
                     ("allow_insecure_readonly_mounts", Spec::attr("bool")),
+                    ("allow_writable_virtiofs", Spec::attr("bool")),
                 ])),
             )])),
         ),
@@ -176,6 +179,12 @@ pub struct Settings {
     /// `provider.libvirt.allow_insecure_readonly_mounts` (default false).
     /// Read it through [`Settings::insecure_readonly_virtiofs`].
     pub allow_insecure_readonly_mounts: bool,
+    /// `provider.libvirt.allow_writable_virtiofs` (default false): whether
+    /// writable shares may use virtiofs. virtiofsd runs as root without an
+    /// id map, so guest root could create root-owned and setuid files in
+    /// the host directory; without this, writable shares use 9p (files
+    /// owned by QEMU's unprivileged user).
+    pub allow_writable_virtiofs: bool,
 }
 
 impl Settings {
@@ -216,6 +225,7 @@ fn unreachable_default() -> Settings {
         log_level: None,
         dhcp_timeout: DEFAULT_DHCP_TIMEOUT,
         allow_insecure_readonly_mounts: false,
+        allow_writable_virtiofs: false,
     }
 }
 
@@ -426,6 +436,7 @@ impl PluginConfig {
                 allow_insecure_readonly_mounts: libvirt
                     .allow_insecure_readonly_mounts
                     .unwrap_or(false),
+                allow_writable_virtiofs: libvirt.allow_writable_virtiofs.unwrap_or(false),
             },
         )
     }
@@ -455,6 +466,7 @@ mod tests {
                     user: Some("u".into()),
                     password: None,
                     allow_insecure_readonly_mounts: None,
+                    allow_writable_virtiofs: None,
                 }),
             }),
             image_paths: Some(vec!["relative/dir".into()]),
