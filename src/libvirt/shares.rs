@@ -59,25 +59,20 @@ pub fn share_support(
     // Only a driver without domain capabilities (the test driver) means
     // "no virtiofs"; any other failure (a machine type QEMU lacks) is the
     // start's to report, not a reason to quietly pick 9p.
-    let qemu_offers_virtiofs = match connection.domain_capabilities(
-        None,
-        Some(arch),
-        Some(machine),
-        Some(virt_type),
-        0,
-    ) {
-        Ok(xml) => offers_virtiofs(&xml),
-        Err(error) => {
-            let error = super::error::VirtError::from(error);
-            if !error.is_unsupported() {
-                return Err(LibvirtError::host(
+    let qemu_offers_virtiofs =
+        match connection.domain_capabilities(None, Some(arch), Some(machine), Some(virt_type), 0) {
+            Ok(xml) => offers_virtiofs(&xml),
+            Err(error) => {
+                let error = super::error::VirtError::from(error);
+                if !error.is_unsupported() {
+                    return Err(LibvirtError::host(
                     "reading the domain capabilities (os.arch, os.machine) for shared directories",
                     error,
                 ));
+                }
+                false
             }
-            false
-        }
-    };
+        };
     // A remote host's files are not ours to read: trust its capabilities.
     let local = connection.uri().is_ok_and(|uri| is_local_uri(&uri));
     let virtiofs = qemu_offers_virtiofs

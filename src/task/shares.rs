@@ -13,8 +13,9 @@ use super::error::TaskError;
 use super::plan::{shell_quote, GuestShare};
 use crate::config::plugin::Settings;
 use crate::config::task::SharedDirsDriver;
-use crate::hypervisor::Hypervisor;
+use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::libvirt::domain_xml::DomainType;
+use crate::libvirt::error::with_sources;
 use crate::libvirt::host::readable_version;
 use crate::libvirt::shares::{QemuIdentity, ShareSupport, VIRTIOFS_READONLY_VERSION};
 
@@ -157,7 +158,19 @@ pub fn plan(
         return Ok(Vec::new());
     }
     let (domain_type, arch, machine) = domain;
-    let support = hypervisor.share_support(domain_type, arch, machine)?;
+    let support = hypervisor
+        .share_support(domain_type, arch, machine)
+        .map_err(|error| match error {
+            // A machine or arch QEMU lacks: the task's to fix, not a retry.
+            HypervisorError::Libvirt(error) if error.is_invalid_host_argument() => {
+                TaskError::Invalid(format!(
+                    "os.arch {arch:?} / os.machine {machine:?}: {}; use a machine type \
+                     `qemu-system-{arch} -machine help` lists, e.g. \"pc\" or \"q35\"",
+                    with_sources(&error)
+                ))
+            }
+            other => other.into(),
+        })?;
     let policy = VirtiofsPolicy::from_settings(settings);
     let planned = choose(shares, requested, &support, policy).map_err(TaskError::Invalid)?;
     match support.qemu_identity {
