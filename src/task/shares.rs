@@ -173,17 +173,23 @@ pub fn plan(
         })?;
     let policy = VirtiofsPolicy::from_settings(settings);
     let planned = choose(shares, requested, &support, policy).map_err(TaskError::Invalid)?;
-    match support.qemu_identity {
-        // This machine's dirs and accounts say nothing about a remote host.
-        Some(identity) if support.local => {
-            let user = QemuUser::lookup(identity);
-            check_qemu_access(&planned, &user, &support, requested, policy)
-                .map_err(TaskError::Invalid)?;
-        }
-        Some(_) => tracing::debug!("remote libvirt: share permissions are not checked here"),
-        None => {}
+    if let Some(identity) = identity_to_check(&support) {
+        let user = QemuUser::lookup(identity);
+        check_qemu_access(&planned, &user, &support, requested, policy)
+            .map_err(TaskError::Invalid)?;
     }
     Ok(planned)
+}
+
+/// QEMU's uid/gid when this machine can check its access: libvirt reports
+/// one and runs here. A remote host's dirs and accounts are not ours.
+pub fn identity_to_check(support: &ShareSupport) -> Option<QemuIdentity> {
+    let identity = support.qemu_identity?;
+    if !support.local {
+        tracing::debug!("remote libvirt: share permissions are not checked here");
+        return None;
+    }
+    Some(identity)
 }
 
 /// What the job calls a share: the driver's tags name Nomad's task dirs,
@@ -555,23 +561,28 @@ pub fn check_qemu_access(
             blocked.needs,
             shell_quote(&blocked.path.to_string_lossy()),
         )];
+        // A forced 9p also has to be lifted for virtiofs to serve it.
+        let and_auto = if requested == SharedDirsDriver::NineP {
+            " with shared_dirs_driver = \"auto\""
+        } else {
+            ""
+        };
         if support.virtiofs {
             if share.read_only && !support.virtiofs_readonly() && !policy.insecure_readonly {
                 fixes.push(format!(
-                    "or let virtiofs serve it (virtiofsd runs as root): libvirt {} cannot make \
-                     virtiofs read-only, so that needs libvirt {} or allow_insecure_readonly_mounts \
-                     = true in the plugin's provider.libvirt block (the guest's mount alone then \
-                     keeps it read-only)",
+                    "or let virtiofs serve it{and_auto} (virtiofsd runs as root): libvirt {} \
+                     cannot make virtiofs read-only, so that needs libvirt {} or \
+                     allow_insecure_readonly_mounts = true in the plugin's provider.libvirt block \
+                     (the guest's mount alone then keeps it read-only)",
                     readable_version(support.libvirt_version),
                     readable_version(VIRTIOFS_READONLY_VERSION),
                 ));
             } else if !share.read_only && !policy.writable {
-                fixes.push(
-                    "or let virtiofs serve it with allow_writable_virtiofs = true in the plugin's \
-                     provider.libvirt block (virtiofsd runs as root: root in the guest then \
-                     creates root-owned files on the host)"
-                        .into(),
-                );
+                fixes.push(format!(
+                    "or let virtiofs serve it{and_auto} and allow_writable_virtiofs = true in the \
+                     plugin's provider.libvirt block (virtiofsd runs as root: root in the guest \
+                     then creates root-owned files on the host)"
+                ));
             } else if requested == SharedDirsDriver::NineP {
                 fixes.push(
                     "or set shared_dirs_driver = \"auto\" or \"virtiofs\" (virtiofsd runs as root)"
@@ -969,6 +980,58 @@ mod tests {
         // Writable, r-x for QEMU's user: started (the guest's writes fail).
         chmod(&outer, 0o755);
         check(false).expect("read and search are enough to open it");
+    }
+
+    /// When the kernel check cannot run (here: an account `--init-groups`
+    /// cannot resolve; anywhere: not root), mode bits alone refuse nothing.
+    #[test]
+    fn no_kernel_answer_no_refusal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        let unresolvable = QemuUser {
+            uid: 4_000_001,
+            gid: 4_000_001,
+            name: Some("ndvtest-nobody".into()),
+            groups: Vec::new(),
+            nss: true,
+        };
+        assert!(first_blocked(Path::new("/"), dir.path(), &unresolvable).is_some());
+        let planned = PlannedShare {
+            share: GuestShare {
+                host_dir: dir.path().to_path_buf(),
+                tag: "secrets".into(),
+                guest_path: "/secrets".into(),
+                read_only: true,
+            },
+            transport: Transport::NineP,
+            host_read_only: true,
+        };
+        check_qemu_access(
+            &[planned],
+            &unresolvable,
+            &support(true, 9_000_000),
+            SharedDirsDriver::Auto,
+            VirtiofsPolicy::default(),
+        )
+        .expect("the kernel could not be asked: QEMU gets to try");
+    }
+
+    /// Only a local libvirt's QEMU user is checked against this machine.
+    #[test]
+    fn a_remote_libvirt_is_not_checked_here() {
+        let identity = QemuIdentity {
+            uid: 64055,
+            gid: 64055,
+        };
+        let with = |local| ShareSupport {
+            qemu_identity: Some(identity),
+            local,
+            ..support(true, 9_000_000)
+        };
+        assert_eq!(identity_to_check(&with(true)), Some(identity));
+        assert_eq!(identity_to_check(&with(false)), None);
+        assert_eq!(identity_to_check(&support(true, 9_000_000)), None);
     }
 
     #[test]
