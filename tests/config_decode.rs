@@ -358,6 +358,45 @@ fn plugin_config_allows_insecure_readonly_mounts() {
     );
 }
 
+/// Our `provider.libvirt.allow_writable_virtiofs`, a bool that defaults
+/// to false (writable shares then stay on 9p).
+#[test]
+fn plugin_config_allows_writable_virtiofs() {
+    let config = |flag: Mp| {
+        bytes(Mp::Map(vec![(
+            "provider",
+            Mp::Map(vec![(
+                "libvirt",
+                Mp::Map(vec![
+                    ("allow_writable_virtiofs", flag),
+                    ("uri", Mp::Str("qemu:///system")),
+                ]),
+            )]),
+        )]))
+    };
+    let settings = |flag| {
+        decode_msgpack::<PluginConfig>("plugin config", &config(flag))
+            .expect("decodes")
+            .validate()
+            .expect("valid")
+    };
+    assert!(settings(Mp::Bool(true)).allow_writable_virtiofs);
+    assert!(!settings(Mp::Bool(false)).allow_writable_virtiofs);
+    assert!(!settings(Mp::Nil).allow_writable_virtiofs);
+    assert!(
+        !PluginConfig::default()
+            .validate()
+            .expect("valid")
+            .allow_writable_virtiofs
+    );
+    let error = decode_msgpack::<PluginConfig>("plugin config", &config(Mp::Int(1)))
+        .expect_err("not a bool");
+    assert_eq!(
+        first_error(error).0,
+        "provider.libvirt.allow_writable_virtiofs"
+    );
+}
+
 proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..256)) {

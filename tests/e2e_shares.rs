@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -50,19 +50,32 @@ disk {{
     )
 }
 
-/// The plugin config of `alloc`, with `allow_insecure_readonly_mounts`.
-fn plugin_config(alloc: &Alloc, insecure: bool) -> String {
+/// The plugin config of `alloc`, with `allow_insecure_readonly_mounts`
+/// and `allow_writable_virtiofs` when asked for.
+fn plugin_config(alloc: &Alloc, insecure: bool, writable_virtiofs: bool) -> String {
     let config = alloc.plugin_config();
-    if !insecure {
-        return config;
-    }
     let uri = "uri = \"qemu:///system\"\n";
     assert!(config.contains(uri), "{config}");
-    config.replacen(
-        uri,
-        &format!("{uri}    allow_insecure_readonly_mounts = true\n"),
-        1,
-    )
+    let mut settings = String::from(uri);
+    if insecure {
+        settings.push_str("    allow_insecure_readonly_mounts = true\n");
+    }
+    if writable_virtiofs {
+        settings.push_str("    allow_writable_virtiofs = true\n");
+    }
+    config.replacen(uri, &settings, 1)
+}
+
+/// The uid QEMU runs as here (libvirt's Debian account).
+fn qemu_uid() -> u32 {
+    let output = std::process::Command::new("id")
+        .args(["-u", "libvirt-qemu"])
+        .output()
+        .expect("id");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("libvirt-qemu's uid")
 }
 
 /// A task with the alloc's dirs plus a writable and a read-only
@@ -157,12 +170,12 @@ fn filesystems(domain: &str) -> (Vec<(String, String, bool)>, bool) {
 
 /// Boots a task with `driver`, checks what the guest sees through each
 /// share, and destroys it. `fstype` is what the guest's /proc/mounts must
-/// show for every share.
+/// show for every share. `insecure` sets both virtiofs opt-ins.
 async fn shares_reach_the_guest(name: &str, driver: &str, insecure: bool, fstype: &str) {
     let alloc = Alloc::new(name);
     let plugin = common::launch().await;
     plugin
-        .set_config_hcl(&plugin_config(&alloc, insecure), None)
+        .set_config_hcl(&plugin_config(&alloc, insecure, insecure), None)
         .await
         .expect("set config");
     let task = task(&plugin, &alloc, driver).await;
@@ -179,8 +192,17 @@ async fn shares_reach_the_guest(name: &str, driver: &str, insecure: bool, fstype
         "path"
     };
     assert_eq!(shares.len(), 5, "{shares:?}");
-    for (tag, driver, _) in &shares {
+    // libvirt enforces read-only on 9p, and on virtiofs from 11 on; before
+    // that the insecure setting leaves it to the guest's mount.
+    let enforced = fstype == "9p" || daemon_major() >= 11;
+    for (tag, driver, readonly) in &shares {
         assert_eq!(driver, driver_type, "{tag}: {shares:?}");
+        let read_only_share = tag != "vol0";
+        assert_eq!(
+            *readonly,
+            read_only_share && enforced,
+            "<readonly/> of {tag}: {shares:?}"
+        );
     }
     assert_eq!(shared_memory, fstype == "virtiofs", "memoryBacking");
 
@@ -244,10 +266,16 @@ async fn shares_reach_the_guest(name: &str, driver: &str, insecure: bool, fstype
     )
     .await;
     assert_eq!(code, 0, "{text}");
+    let from_guest = alloc.root.path().join("rw/from-guest");
     assert_eq!(
-        std::fs::read_to_string(alloc.root.path().join("rw/from-guest")).expect("guest's file"),
+        std::fs::read_to_string(&from_guest).expect("guest's file"),
         "from the guest\n"
     );
+    // Over 9p (mapped) guest root's file belongs to QEMU's user; over
+    // virtiofs (opted in) to root: why writable virtiofs is opt-in.
+    let owner = std::fs::metadata(&from_guest).expect("stat").uid();
+    let expected_owner = if fstype == "9p" { qemu_uid() } else { 0 };
+    assert_eq!(owner, expected_owner, "owner of the guest's file");
 
     // Read-only shares refuse writes in the guest, and nothing lands.
     for path in [
@@ -273,19 +301,22 @@ async fn shares_reach_the_guest(name: &str, driver: &str, insecure: bool, fstype
     assert!(!vm::domain_exists(&domain));
 }
 
-/// `shared_dirs_driver = "9p"`: every share over 9p, opened by QEMU as
-/// libvirt's user; read-only ones carry `<readonly/>`.
+/// Every share over 9p, opened by QEMU as libvirt's user; read-only ones
+/// carry `<readonly/>`. Before libvirt 11 that is what `auto` does without
+/// the opt-ins (writable shares too, unlike Go); from 11 on `auto` puts
+/// read-only shares on virtiofs, so the test forces 9p there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nine_p_shares_reach_the_guest() {
     if !common::host_ready(common::host::VM) {
         return;
     }
-    shares_reach_the_guest("ninep", "9p", false, "9p").await;
+    let driver = if daemon_major() < 11 { "auto" } else { "9p" };
+    shares_reach_the_guest("ninep", driver, false, "9p").await;
 }
 
-/// `auto` with `allow_insecure_readonly_mounts = true` on libvirt before
-/// 11: every share over virtiofs (Go's rule), the read-only ones kept
-/// read-only by the guest's mount alone.
+/// `auto` with `allow_insecure_readonly_mounts` and
+/// `allow_writable_virtiofs`: every share over virtiofs (before libvirt 11
+/// the read-only ones kept read-only by the guest's mount alone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtiofs_shares_reach_the_guest() {
     if !common::host_ready(common::host::VM) {
@@ -311,7 +342,9 @@ async fn shares_qemu_cannot_serve_are_refused_before_boot() {
     let secrets = alloc.task_dir().join("secrets");
     chmod(&secrets, 0o700);
 
-    let task = task(&plugin, &alloc, "auto").await;
+    // Forced 9p: from libvirt 11 `auto` would serve read-only secrets over
+    // virtiofs.
+    let task = task(&plugin, &alloc, "9p").await;
     let domain = vm::domain_name_of(&task);
     let _guard = DomainGuard(domain.clone());
     let status = vm::start(&plugin, task)
@@ -319,13 +352,19 @@ async fn shares_qemu_cannot_serve_are_refused_before_boot() {
         .expect_err("a secrets dir QEMU cannot read");
     let message = status.message();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    // Before libvirt 11 virtiofs needs the insecure setting to serve it.
+    let other_fix = if daemon_major() < 11 {
+        "allow_insecure_readonly_mounts = true"
+    } else {
+        "shared_dirs_driver = \"auto\" or \"virtiofs\""
+    };
     for needle in [
         "the task's secrets dir (/secrets in the guest",
         &secrets.display().to_string(),
         "QEMU runs as libvirt-qemu",
         "mode 0700 owned by 0:0",
         "setfacl -m u:libvirt-qemu:rx",
-        "allow_insecure_readonly_mounts = true",
+        other_fix,
     ] {
         assert!(message.contains(needle), "{needle:?} not in: {message}");
     }
@@ -383,6 +422,52 @@ async fn shares_qemu_cannot_serve_are_refused_before_boot() {
         assert!(!vm::domain_exists(&domain));
         assert_eq!(vm::pool_volumes(&alloc.pool_name), Vec::<String>::new());
     }
+
+    // Forced virtiofs with a writable share needs allow_writable_virtiofs
+    // (read-only shares allowed on virtiofs here, so the writable one is
+    // what stops it).
+    plugin
+        .set_config_hcl(&plugin_config(&alloc, true, false), None)
+        .await
+        .expect("set config");
+    let task = self::task(&plugin, &alloc, "virtiofs").await;
+    let domain = vm::domain_name_of(&task);
+    let _guard = DomainGuard(domain.clone());
+    let status = vm::start(&plugin, task)
+        .await
+        .expect_err("writable virtiofs without the opt-in");
+    let message = status.message();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    for needle in [
+        "shared_dirs_driver = \"virtiofs\": volume_mount 0 (/data-rw in the guest) is writable",
+        "virtiofsd runs as root",
+        "allow_writable_virtiofs = true",
+    ] {
+        assert!(message.contains(needle), "{needle:?} not in: {message}");
+    }
+    assert!(!vm::domain_exists(&domain));
+    assert_eq!(vm::pool_volumes(&alloc.pool_name), Vec::<String>::new());
+
+    // A machine type QEMU lacks is reported as such, not read as "no
+    // virtiofs" (which would quietly pick 9p).
+    let hcl = task_hcl("auto").replace("disk {", "os {\n  machine = \"ndvtest-bogus\"\n}\ndisk {");
+    let mut task = self::task(&plugin, &alloc, "auto").await;
+    task.msgpack_driver_config = plugin
+        .encode_task_config(&hcl, &HashMap::new())
+        .await
+        .expect("encode");
+    let domain = vm::domain_name_of(&task);
+    let _guard = DomainGuard(domain.clone());
+    let status = vm::start(&plugin, task)
+        .await
+        .expect_err("a machine type QEMU lacks");
+    let message = status.message();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    for needle in ["os.machine \"ndvtest-bogus\"", "domain capabilities", "q35"] {
+        assert!(message.contains(needle), "{needle:?} not in: {message}");
+    }
+    assert!(!vm::domain_exists(&domain));
+    assert_eq!(vm::pool_volumes(&alloc.pool_name), Vec::<String>::new());
 }
 
 /// libvirtd's major version (`virsh version --daemon`).

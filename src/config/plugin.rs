@@ -51,6 +51,8 @@ pub struct LibvirtConfig {
     /// Go's `allow_insecure_readonly_mounts`: see
     /// [`Settings::insecure_readonly_virtiofs`].
     pub allow_insecure_readonly_mounts: Option<bool>,
+    /// Ours, not Go's: see [`Settings::allow_writable_virtiofs`].
+    pub allow_writable_virtiofs: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -104,6 +106,7 @@ pub fn schema() -> Spec {
                     ("user", Spec::attr("string")),
                     ("password", Spec::attr("string")),
                     ("allow_insecure_readonly_mounts", Spec::attr("bool")),
+                    ("allow_writable_virtiofs", Spec::attr("bool")),
                 ])),
             )])),
         ),
@@ -234,6 +237,12 @@ pub struct Settings {
     pub allow_insecure_readonly_mounts: bool,
     /// The `allow_*` settings, `max_disk_size` and `clean_traffic`.
     pub policy: Policy,
+    /// `provider.libvirt.allow_writable_virtiofs` (default false): whether
+    /// writable shares may use virtiofs. virtiofsd runs as root without an
+    /// id map, so guest root could create root-owned and setuid files in
+    /// the host directory; without this, writable shares use 9p (files
+    /// owned by QEMU's unprivileged user).
+    pub allow_writable_virtiofs: bool,
 }
 
 impl Settings {
@@ -275,6 +284,7 @@ fn unreachable_default() -> Settings {
         dhcp_timeout: DEFAULT_DHCP_TIMEOUT,
         allow_insecure_readonly_mounts: false,
         policy: Policy::default(),
+        allow_writable_virtiofs: false,
     }
 }
 
@@ -495,6 +505,7 @@ impl PluginConfig {
                     .allow_insecure_readonly_mounts
                     .unwrap_or(false),
                 policy,
+                allow_writable_virtiofs: libvirt.allow_writable_virtiofs.unwrap_or(false),
             },
         )
     }
@@ -612,6 +623,7 @@ mod tests {
                     user: Some("u".into()),
                     password: None,
                     allow_insecure_readonly_mounts: None,
+                    allow_writable_virtiofs: None,
                 }),
             }),
             image_paths: Some(vec!["relative/dir".into()]),

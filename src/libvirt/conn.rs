@@ -46,6 +46,11 @@ pub enum LibvirtError {
 }
 
 impl LibvirtError {
+    /// libvirt refused a host call's arguments ([`VirtError::is_invalid_argument`]).
+    pub fn is_invalid_host_argument(&self) -> bool {
+        matches!(self, LibvirtError::Host { source, .. } if source.is_invalid_argument())
+    }
+
     /// Whether retrying could succeed: every libvirt failure may be
     /// transient (a restarting daemon, a busy pool). Exhaustive on purpose.
     pub fn is_recoverable(&self) -> bool {

@@ -36,6 +36,12 @@ impl VirtError {
     pub fn is_unsupported(&self) -> bool {
         self.code() == virt::sys::VIR_ERR_NO_SUPPORT
     }
+
+    /// Whether libvirt refused the call's arguments (e.g. a machine type
+    /// QEMU lacks): the input's fault, which no retry fixes.
+    pub fn is_invalid_argument(&self) -> bool {
+        self.code() == virt::sys::VIR_ERR_INVALID_ARG
+    }
 }
 
 impl From<virt::error::Error> for VirtError {

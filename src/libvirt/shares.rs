@@ -31,6 +31,10 @@ pub struct ShareSupport {
     /// `None` when libvirt reports no DAC label (the test driver, or DAC
     /// disabled): nothing to check against then.
     pub qemu_identity: Option<QemuIdentity>,
+    /// libvirt runs on this machine (a URI without a host), so its share
+    /// dirs and QEMU's user can be checked here; on a remote libvirt
+    /// neither this machine's dirs nor its /etc/passwd say anything.
+    pub local: bool,
 }
 
 impl ShareSupport {
@@ -52,14 +56,25 @@ pub fn share_support(
     let libvirt_version = connection
         .lib_version()
         .map_err(|e| LibvirtError::host("reading the libvirt version", e))?;
-    let qemu_offers_virtiofs = connection
-        .domain_capabilities(None, Some(arch), Some(machine), Some(virt_type), 0)
-        .map(|xml| offers_virtiofs(&xml))
-        .unwrap_or(false);
+    // Only a driver without domain capabilities (the test driver) means
+    // "no virtiofs"; any other failure (a machine type QEMU lacks) is the
+    // start's to report, not a reason to quietly pick 9p.
+    let qemu_offers_virtiofs =
+        match connection.domain_capabilities(None, Some(arch), Some(machine), Some(virt_type), 0) {
+            Ok(xml) => offers_virtiofs(&xml),
+            Err(error) => {
+                let error = super::error::VirtError::from(error);
+                if !error.is_unsupported() {
+                    return Err(LibvirtError::host(
+                    "reading the domain capabilities (os.arch, os.machine) for shared directories",
+                    error,
+                ));
+                }
+                false
+            }
+        };
     // A remote host's files are not ours to read: trust its capabilities.
-    let local = connection
-        .uri()
-        .is_ok_and(|uri| uri.starts_with("qemu:///"));
+    let local = connection.uri().is_ok_and(|uri| is_local_uri(&uri));
     let virtiofs = qemu_offers_virtiofs
         && (!local
             || VHOST_USER_DIRS
@@ -72,7 +87,16 @@ pub fn share_support(
         virtiofs,
         libvirt_version,
         qemu_identity: dac_identity(&capabilities, virt_type),
+        local,
     })
+}
+
+/// Whether a libvirt URI names this machine: no host part
+/// (`qemu:///system`, `qemu+unix:///system`, `test:///default`). Anything
+/// with a host, even `localhost`, may be another machine's files.
+pub fn is_local_uri(uri: &str) -> bool {
+    uri.split_once("://")
+        .is_some_and(|(_, rest)| rest.starts_with('/'))
 }
 
 /// Where libvirt looks for vhost-user backends (QEMU's interop
@@ -214,11 +238,36 @@ mod tests {
     }
 
     #[test]
+    fn local_uris_have_no_host() {
+        for uri in ["qemu:///system", "qemu+unix:///system", "test:///default"] {
+            assert!(is_local_uri(uri), "{uri}");
+        }
+        for uri in [
+            "qemu+ssh://root@hv1/system",
+            "qemu+tcp://hv1:16509/system",
+            "qemu://localhost/system",
+            "nonsense",
+        ] {
+            assert!(!is_local_uri(uri), "{uri}");
+        }
+    }
+
+    /// The test driver has no domain capabilities: no virtiofs, no error.
+    #[test]
+    fn no_domain_capabilities_means_no_virtiofs() {
+        let connection = Connect::open(Some("test:///default")).expect("test driver");
+        let support = share_support(&connection, "x86_64", "pc", "qemu").expect("share support");
+        assert!(!support.virtiofs);
+        assert!(support.local);
+    }
+
+    #[test]
     fn readonly_virtiofs_from_libvirt_11() {
         let support = |libvirt_version| ShareSupport {
             virtiofs: true,
             libvirt_version,
             qemu_identity: None,
+            local: true,
         };
         assert!(!support(10_010_000).virtiofs_readonly());
         assert!(support(11_000_000).virtiofs_readonly());

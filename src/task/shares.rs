@@ -13,8 +13,9 @@ use super::error::TaskError;
 use super::plan::{shell_quote, GuestShare};
 use crate::config::plugin::Settings;
 use crate::config::task::SharedDirsDriver;
-use crate::hypervisor::Hypervisor;
+use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::libvirt::domain_xml::DomainType;
+use crate::libvirt::error::with_sources;
 use crate::libvirt::host::readable_version;
 use crate::libvirt::shares::{QemuIdentity, ShareSupport, VIRTIOFS_READONLY_VERSION};
 
@@ -36,29 +37,57 @@ pub struct PlannedShare {
     pub host_read_only: bool,
 }
 
+/// Which shares may use virtiofs, from the operator's plugin settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VirtiofsPolicy {
+    /// `allow_insecure_readonly_mounts`: read-only shares may use virtiofs
+    /// where libvirt cannot make it read-only (the guest's mount only).
+    pub insecure_readonly: bool,
+    /// `allow_writable_virtiofs`: writable shares may use virtiofs, whose
+    /// virtiofsd runs as root (guest root can then create root-owned and
+    /// setuid files in the host directory).
+    pub writable: bool,
+}
+
+impl VirtiofsPolicy {
+    pub fn from_settings(settings: &Settings) -> Self {
+        VirtiofsPolicy {
+            insecure_readonly: settings.insecure_readonly_virtiofs(),
+            writable: settings.allow_writable_virtiofs,
+        }
+    }
+}
+
 /// Chooses each share's transport.
 ///
-/// `auto` follows the Go driver: a read-only share uses 9p when libvirt
+/// `auto` follows the Go driver for read-only shares: 9p when libvirt
 /// cannot make virtiofs read-only (before 11.0.0) and the operator did not
-/// set `allow_insecure_readonly_mounts`; any other share uses virtiofs when
-/// QEMU offers it, else 9p. `virtiofs` and `9p` force one transport and
-/// refuse what it cannot do.
+/// set `allow_insecure_readonly_mounts`, else virtiofs when QEMU offers it.
+/// Unlike Go, writable shares use 9p unless the operator set
+/// `allow_writable_virtiofs`: virtiofsd runs as root, and without an id map
+/// guest root would own what it creates on the host. `virtiofs` and `9p`
+/// force one transport and refuse what it cannot (or may not) do.
 pub fn choose(
     shares: &[GuestShare],
     requested: SharedDirsDriver,
     support: &ShareSupport,
-    allow_insecure_readonly: bool,
+    policy: VirtiofsPolicy,
 ) -> Result<Vec<PlannedShare>, String> {
-    let readonly_virtiofs_ok = support.virtiofs_readonly() || allow_insecure_readonly;
+    let readonly_virtiofs_ok = support.virtiofs_readonly() || policy.insecure_readonly;
     let mut planned = Vec::with_capacity(shares.len());
     for share in shares {
+        let allowed = if share.read_only {
+            readonly_virtiofs_ok
+        } else {
+            policy.writable
+        };
         let transport = match requested {
             SharedDirsDriver::NineP => Transport::NineP,
             SharedDirsDriver::Auto => {
-                if (share.read_only && !readonly_virtiofs_ok) || !support.virtiofs {
-                    Transport::NineP
-                } else {
+                if support.virtiofs && allowed {
                     Transport::Virtiofs
+                } else {
+                    Transport::NineP
                 }
             }
             SharedDirsDriver::Virtiofs => {
@@ -71,7 +100,7 @@ pub fn choose(
                             .into(),
                     );
                 }
-                if share.read_only && !readonly_virtiofs_ok {
+                if share.read_only && !allowed {
                     return Err(format!(
                         "shared_dirs_driver = \"virtiofs\": {} ({} in the guest) is read-only, and \
                          libvirt {} cannot make a virtiofs share read-only (that needs {}); use \
@@ -82,6 +111,17 @@ pub fn choose(
                         share.guest_path,
                         readable_version(support.libvirt_version),
                         readable_version(VIRTIOFS_READONLY_VERSION),
+                    ));
+                }
+                if !share.read_only && !allowed {
+                    return Err(format!(
+                        "shared_dirs_driver = \"virtiofs\": {} ({} in the guest) is writable, and \
+                         virtiofsd runs as root, so root in the guest could create root-owned or \
+                         setuid files on the host; use \"auto\" or \"9p\" (9p files belong to \
+                         QEMU's unprivileged user), or set allow_writable_virtiofs = true in the \
+                         plugin's provider.libvirt block to accept that",
+                        describe(share),
+                        share.guest_path,
                     ));
                 }
                 Transport::Virtiofs
@@ -118,15 +158,38 @@ pub fn plan(
         return Ok(Vec::new());
     }
     let (domain_type, arch, machine) = domain;
-    let support = hypervisor.share_support(domain_type, arch, machine)?;
-    let insecure = settings.insecure_readonly_virtiofs();
-    let planned = choose(shares, requested, &support, insecure).map_err(TaskError::Invalid)?;
-    if let Some(identity) = support.qemu_identity {
+    let support = hypervisor
+        .share_support(domain_type, arch, machine)
+        .map_err(|error| match error {
+            // A machine or arch QEMU lacks: the task's to fix, not a retry.
+            HypervisorError::Libvirt(error) if error.is_invalid_host_argument() => {
+                TaskError::Invalid(format!(
+                    "os.arch {arch:?} / os.machine {machine:?}: {}; use a machine type \
+                     `qemu-system-{arch} -machine help` lists, e.g. \"pc\" or \"q35\"",
+                    with_sources(&error)
+                ))
+            }
+            other => other.into(),
+        })?;
+    let policy = VirtiofsPolicy::from_settings(settings);
+    let planned = choose(shares, requested, &support, policy).map_err(TaskError::Invalid)?;
+    if let Some(identity) = identity_to_check(&support) {
         let user = QemuUser::lookup(identity);
-        check_qemu_access(&planned, &user, &support, requested, insecure)
+        check_qemu_access(&planned, &user, &support, requested, policy)
             .map_err(TaskError::Invalid)?;
     }
     Ok(planned)
+}
+
+/// QEMU's uid/gid when this machine can check its access: libvirt reports
+/// one and runs here. A remote host's dirs and accounts are not ours.
+pub fn identity_to_check(support: &ShareSupport) -> Option<QemuIdentity> {
+    let identity = support.qemu_identity?;
+    if !support.local {
+        tracing::debug!("remote libvirt: share permissions are not checked here");
+        return None;
+    }
+    Some(identity)
 }
 
 /// What the job calls a share: the driver's tags name Nomad's task dirs,
@@ -176,22 +239,69 @@ pub fn mount_commands(shares: &[PlannedShare]) -> Vec<String> {
 pub struct QemuUser {
     pub uid: u32,
     pub gid: u32,
-    /// From /etc/passwd; `None` for a uid without an entry.
+    /// The account's name; `None` for a uid without an entry.
     pub name: Option<String>,
-    /// Supplementary groups (libvirt sets the user's groups from
-    /// /etc/group, as initgroups does).
+    /// Supplementary groups (libvirt sets the user's groups as initgroups
+    /// does).
     pub groups: Vec<u32>,
+    /// The name resolves through NSS (getent), so `setpriv --init-groups`
+    /// gives the kernel check the groups libvirt gives QEMU.
+    pub nss: bool,
 }
 
 impl QemuUser {
-    /// Resolves libvirt's uid/gid through the host's passwd and group files.
+    /// Resolves libvirt's uid/gid through NSS (`getent passwd`, `id -G`:
+    /// LDAP or sssd accounts and groups included), else through the host's
+    /// passwd and group files.
     pub fn lookup(identity: QemuIdentity) -> QemuUser {
+        if let Some(user) = QemuUser::from_nss(identity) {
+            return user;
+        }
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
         let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
         QemuUser::from_files(identity, &passwd, &group)
     }
 
-    /// [`QemuUser::lookup`] on given file contents.
+    fn from_nss(identity: QemuIdentity) -> Option<QemuUser> {
+        let output = std::process::Command::new("getent")
+            .args(["passwd", &identity.uid.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        let entry = String::from_utf8(output.stdout).ok()?;
+        let fields: Vec<&str> = entry.lines().next()?.split(':').collect();
+        if fields.len() < 4 || fields[2].parse() != Ok(identity.uid) {
+            return None;
+        }
+        let name = fields[0].to_string();
+        let output = std::process::Command::new("id")
+            .args(["-G", "--", &name])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        let groups = String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<Vec<u32>, _>>()
+            .ok()?;
+        Some(QemuUser {
+            uid: identity.uid,
+            gid: identity.gid,
+            name: Some(name),
+            groups,
+            nss: true,
+        })
+    }
+
+    /// The files fallback of [`QemuUser::lookup`], on given file contents.
     pub fn from_files(identity: QemuIdentity, passwd: &str, group: &str) -> QemuUser {
         let entry = passwd
             .lines()
@@ -220,6 +330,7 @@ impl QemuUser {
             gid: identity.gid,
             name,
             groups,
+            nss: false,
         }
     }
 
@@ -233,6 +344,18 @@ impl QemuUser {
     fn in_group(&self, gid: u32) -> bool {
         self.gid == gid || self.groups.contains(&gid)
     }
+
+    /// The permission class (`rwx` bits) the mode bits give this user.
+    fn class(&self, metadata: &std::fs::Metadata) -> u32 {
+        let mode = metadata.mode();
+        (if metadata.uid() == self.uid {
+            mode >> 6
+        } else if self.in_group(metadata.gid()) {
+            mode >> 3
+        } else {
+            mode
+        }) & 0o7
+    }
 }
 
 /// The first directory on the way to a share that QEMU's user cannot pass.
@@ -243,71 +366,84 @@ pub struct Blocked {
     pub owner: u32,
     pub group: u32,
     /// The permission it lacks there: `x` (search) above the share, `rx`
-    /// or `rwx` on the share itself.
+    /// on the share itself (QEMU opens it; writes are the guest's business).
     pub needs: &'static str,
 }
 
-/// Walks from `/` to `dir` by mode bits: every directory above needs
-/// search permission, `dir` itself read and search (and write when the
-/// share is writable). `None` when everything passes or `dir` cannot be
-/// resolved (QEMU then reports it itself).
-pub fn first_blocked(dir: &Path, user: &QemuUser, writable: bool) -> Option<Blocked> {
+impl Blocked {
+    fn at(path: &Path, needs: &'static str) -> Option<Blocked> {
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(Blocked {
+            path: path.to_path_buf(),
+            mode: metadata.mode() & 0o7777,
+            owner: metadata.uid(),
+            group: metadata.gid(),
+            needs,
+        })
+    }
+}
+
+/// The directories from `from` down to the canonical `dir`, each with the
+/// permission QEMU's user needs there: search above, read and search on
+/// `dir` itself.
+fn walk(from: &Path, dir: &Path) -> Vec<(PathBuf, &'static str)> {
+    let mut steps: Vec<(PathBuf, &'static str)> = dir
+        .ancestors()
+        .filter(|path| path.starts_with(from))
+        .map(|path| (path.to_path_buf(), "x"))
+        .collect();
+    steps.reverse();
+    if let Some(last) = steps.last_mut() {
+        last.1 = "rx";
+    }
+    steps
+}
+
+/// Walks from `from` (`/` for a real check) down to `dir` by mode bits
+/// alone. `None` when everything passes or `dir` cannot be resolved (QEMU
+/// then reports it itself).
+pub fn first_blocked(from: &Path, dir: &Path, user: &QemuUser) -> Option<Blocked> {
     if user.uid == 0 {
         return None;
     }
     let dir = std::fs::canonicalize(dir).ok()?;
-    let ancestors: Vec<&Path> = dir.ancestors().collect();
-    for (depth, path) in ancestors.iter().rev().enumerate() {
-        let is_share = depth + 1 == ancestors.len();
-        let (bits, needs) = match (is_share, writable) {
-            (false, _) => (0o1, "x"),
-            (true, false) => (0o5, "rx"),
-            (true, true) => (0o7, "rwx"),
-        };
-        let metadata = std::fs::metadata(path).ok()?;
-        let mode = metadata.mode() & 0o7777;
-        let class = if metadata.uid() == user.uid {
-            mode >> 6
-        } else if user.in_group(metadata.gid()) {
-            mode >> 3
-        } else {
-            mode
-        } & 0o7;
-        if class & bits != bits {
-            return Some(Blocked {
-                path: path.to_path_buf(),
-                mode,
-                owner: metadata.uid(),
-                group: metadata.gid(),
-                needs,
-            });
+    for (path, needs) in walk(from, &dir) {
+        let bits = if needs == "x" { 0o1 } else { 0o5 };
+        let metadata = std::fs::metadata(&path).ok()?;
+        if user.class(&metadata) & bits != bits {
+            return Blocked::at(&path, needs);
         }
     }
     None
 }
 
-/// Asks the kernel whether QEMU's user can use `dir`, by running `test` as
-/// that user (so ACLs count). `None` when the check cannot run.
-fn kernel_allows(dir: &Path, user: &QemuUser, writable: bool) -> Option<bool> {
-    // Absolute, so `test` cannot read the path as an operator.
-    let dir = std::fs::canonicalize(dir).ok()?;
-    let dir = dir.as_path();
+/// Asks the kernel whether QEMU's user passes `test <flags> path` (so ACLs
+/// and read-only filesystems count), by running `test` as that user.
+/// `None` when the check cannot run (no setpriv, not root, an account
+/// `--init-groups` cannot resolve).
+fn kernel_test(path: &Path, user: &QemuUser, flags: &[&str]) -> Option<bool> {
+    // `path` is canonical, hence absolute: `test` cannot read it as an
+    // operator.
     let mut command = std::process::Command::new("setpriv");
     command
         .arg(format!("--reuid={}", user.uid))
         .arg(format!("--regid={}", user.gid));
-    if user.name.is_some() {
+    if user.nss {
         command.arg("--init-groups");
-    } else {
+    } else if user.groups.is_empty() {
         command.arg("--clear-groups");
+    } else {
+        let groups: Vec<String> = user.groups.iter().map(u32::to_string).collect();
+        command.arg(format!("--groups={}", groups.join(",")));
     }
-    command
-        .args(["--", "test", "-r"])
-        .arg(dir)
-        .args(["-a", "-x"])
-        .arg(dir);
-    if writable {
-        command.args(["-a", "-w"]).arg(dir);
+    // Exit 3 is the answer "no", distinct from setpriv's own failure (1)
+    // and a missing shell (127).
+    command.args(["--", "sh", "-c", "test \"$@\" && exit 0; exit 3", "sh"]);
+    for (i, flag) in flags.iter().enumerate() {
+        if i > 0 {
+            command.arg("-a");
+        }
+        command.arg(flag).arg(path);
     }
     let status = command
         .stdin(std::process::Stdio::null())
@@ -317,34 +453,106 @@ fn kernel_allows(dir: &Path, user: &QemuUser, writable: bool) -> Option<bool> {
         .ok()?;
     match status.code() {
         Some(0) => Some(true),
-        Some(1) => Some(false),
+        Some(3) => Some(false),
         _ => None,
     }
 }
 
+/// The first directory from `/` to the canonical `dir` the kernel refuses
+/// QEMU's user (search above, read and search on `dir`), so the advice
+/// names the directory to fix. `dir` itself when every single step passes
+/// (it changed meanwhile).
+fn first_refused(dir: &Path, user: &QemuUser) -> Option<Blocked> {
+    for (path, needs) in walk(Path::new("/"), dir) {
+        let flags: &[&str] = if needs == "x" { &["-x"] } else { &["-r", "-x"] };
+        if kernel_test(&path, user, flags) == Some(false) {
+            return Blocked::at(&path, needs);
+        }
+    }
+    Blocked::at(dir, "rx")
+}
+
+/// Why QEMU's user cannot write into a writable 9p share whose directory
+/// it can open, for a warning (guest writes then fail with EACCES or EROFS).
+/// Names the mode only when the mode bits are the reason.
+pub fn write_warning(dir: &Path, user: &QemuUser, kernel_writable: bool) -> Option<String> {
+    if kernel_writable {
+        return None;
+    }
+    let metadata = std::fs::metadata(dir).ok()?;
+    Some(if user.class(&metadata) & 0o2 == 0 {
+        format!(
+            "{} is mode {:04o} owned by {}:{}, which gives {} no write permission",
+            dir.display(),
+            metadata.mode() & 0o7777,
+            metadata.uid(),
+            metadata.gid(),
+            user.display(),
+        )
+    } else {
+        format!(
+            "{} is not writable for {} although its mode allows it (a read-only filesystem, \
+             or an ACL)",
+            dir.display(),
+            user.display(),
+        )
+    })
+}
+
 /// Refuses a start whose 9p shares QEMU cannot open, naming the share as
-/// the job sees it, the user QEMU runs as, and the fix. virtiofs shares
-/// pass: virtiofsd runs as root.
+/// the job sees it, the user QEMU runs as, the directory that stops it and
+/// the fix; warns about writable ones it cannot write into. virtiofs
+/// shares pass: virtiofsd runs as root.
 pub fn check_qemu_access(
     planned: &[PlannedShare],
     user: &QemuUser,
     support: &ShareSupport,
     requested: SharedDirsDriver,
-    allow_insecure_readonly: bool,
+    policy: VirtiofsPolicy,
 ) -> Result<(), String> {
+    if user.uid == 0 {
+        return Ok(());
+    }
     for planned in planned
         .iter()
         .filter(|planned| planned.transport == Transport::NineP)
     {
         let share = &planned.share;
-        let writable = !share.read_only;
-        let Some(blocked) = first_blocked(&share.host_dir, user, writable) else {
+        // A dir that does not resolve is QEMU's to report.
+        let Ok(dir) = std::fs::canonicalize(&share.host_dir) else {
             continue;
         };
-        // Mode bits say no; an ACL may still say yes.
-        if kernel_allows(&share.host_dir, user, writable) == Some(true) {
+        let blocked = match kernel_test(&dir, user, &["-r", "-x"]) {
+            Some(true) => {
+                if !share.read_only {
+                    let writable = kernel_test(&dir, user, &["-w"]).unwrap_or(true);
+                    if let Some(why) = write_warning(&dir, user, writable) {
+                        tracing::warn!(
+                            share = %share.guest_path,
+                            "writable share: guest writes will fail, {why}"
+                        );
+                    }
+                }
+                continue;
+            }
+            // Mode bits alone may be wrong (ACLs, groups): let QEMU try.
+            None => {
+                if let Some(blocked) = first_blocked(Path::new("/"), &dir, user) {
+                    tracing::warn!(
+                        share = %share.guest_path,
+                        path = %blocked.path.display(),
+                        mode = format!("{:04o}", blocked.mode),
+                        "cannot ask the kernel whether QEMU's user can open this share (setpriv \
+                         failed); its mode bits say no, starting anyway"
+                    );
+                }
+                continue;
+            }
+            Some(false) => first_refused(&dir, user),
+        };
+        let Some(blocked) = blocked else {
             continue;
-        }
+        };
         let who = user.name.clone().unwrap_or_else(|| user.uid.to_string());
         let mut fixes = vec![format!(
             "give {who} {} on {} (e.g. `setfacl -m u:{who}:{} {}`)",
@@ -353,15 +561,27 @@ pub fn check_qemu_access(
             blocked.needs,
             shell_quote(&blocked.path.to_string_lossy()),
         )];
+        // A forced 9p also has to be lifted for virtiofs to serve it.
+        let and_auto = if requested == SharedDirsDriver::NineP {
+            " with shared_dirs_driver = \"auto\""
+        } else {
+            ""
+        };
         if support.virtiofs {
-            if share.read_only && !support.virtiofs_readonly() && !allow_insecure_readonly {
+            if share.read_only && !support.virtiofs_readonly() && !policy.insecure_readonly {
                 fixes.push(format!(
-                    "or let virtiofs serve it (virtiofsd runs as root): libvirt {} cannot make \
-                     virtiofs read-only, so that needs libvirt {} or allow_insecure_readonly_mounts \
-                     = true in the plugin's provider.libvirt block (the guest's mount alone then \
-                     keeps it read-only)",
+                    "or let virtiofs serve it{and_auto} (virtiofsd runs as root): libvirt {} \
+                     cannot make virtiofs read-only, so that needs libvirt {} or \
+                     allow_insecure_readonly_mounts = true in the plugin's provider.libvirt block \
+                     (the guest's mount alone then keeps it read-only)",
                     readable_version(support.libvirt_version),
                     readable_version(VIRTIOFS_READONLY_VERSION),
+                ));
+            } else if !share.read_only && !policy.writable {
+                fixes.push(format!(
+                    "or let virtiofs serve it{and_auto} and allow_writable_virtiofs = true in the \
+                     plugin's provider.libvirt block (virtiofsd runs as root: root in the guest \
+                     then creates root-owned files on the host)"
                 ));
             } else if requested == SharedDirsDriver::NineP {
                 fixes.push(
@@ -372,12 +592,11 @@ pub fn check_qemu_access(
         }
         return Err(format!(
             "{} ({} in the guest, {} on the host) cannot be shared over 9p: QEMU runs as {} and \
-             cannot {} it, because {} is mode {:04o} owned by {}:{}; {}",
+             cannot open it, because {} is mode {:04o} owned by {}:{}; {}",
             describe(share),
             share.guest_path,
             share.host_dir.display(),
             user.display(),
-            if writable { "read and write" } else { "read" },
             blocked.path.display(),
             blocked.mode,
             blocked.owner,
@@ -407,6 +626,7 @@ mod tests {
             virtiofs,
             libvirt_version,
             qemu_identity: None,
+            local: true,
         }
     }
 
@@ -425,31 +645,48 @@ mod tests {
             share("secrets", "/secrets", true),
             share("vol0", "/data", false),
         ];
-        let auto = |support: ShareSupport, insecure| {
-            transports(&choose(&shares, SharedDirsDriver::Auto, &support, insecure).expect("ok"))
+        let auto = |support: ShareSupport, insecure_readonly, writable| {
+            let policy = VirtiofsPolicy {
+                insecure_readonly,
+                writable,
+            };
+            transports(&choose(&shares, SharedDirsDriver::Auto, &support, policy).expect("ok"))
         };
-        // libvirt 9: read-only shares need 9p, writable ones get virtiofs.
+        // libvirt 9: read-only shares need 9p; writable ones too unless the
+        // operator accepts virtiofsd's root (Go would use virtiofs).
         assert_eq!(
-            auto(support(true, 9_000_000), false),
+            auto(support(true, 9_000_000), false, false),
+            [(NineP, true), (NineP, false)]
+        );
+        assert_eq!(
+            auto(support(true, 9_000_000), false, true),
             [(NineP, true), (Virtiofs, false)]
         );
         // The insecure setting lets read-only shares use virtiofs, with
         // only the guest's mount keeping them read-only.
         assert_eq!(
-            auto(support(true, 9_000_000), true),
+            auto(support(true, 9_000_000), true, true),
             [(Virtiofs, false), (Virtiofs, false)]
+        );
+        assert_eq!(
+            auto(support(true, 9_000_000), true, false),
+            [(Virtiofs, false), (NineP, false)]
         );
         // libvirt 11 enforces read-only virtiofs, insecure setting or not
         // (Go drops <readonly/> whenever the setting is on).
         for insecure in [false, true] {
             assert_eq!(
-                auto(support(true, 11_000_000), insecure),
+                auto(support(true, 11_000_000), insecure, true),
                 [(Virtiofs, true), (Virtiofs, false)]
+            );
+            assert_eq!(
+                auto(support(true, 11_000_000), insecure, false),
+                [(Virtiofs, true), (NineP, false)]
             );
         }
         // No virtiofs in QEMU: everything over 9p.
         assert_eq!(
-            auto(support(false, 11_000_000), true),
+            auto(support(false, 11_000_000), true, true),
             [(NineP, true), (NineP, false)]
         );
     }
@@ -462,7 +699,7 @@ mod tests {
             &writable,
             SharedDirsDriver::NineP,
             &support(true, 11_000_000),
-            false,
+            VirtiofsPolicy::default(),
         )
         .expect("9p");
         assert_eq!(transports(&nine_p), [(Transport::NineP, false)]);
@@ -470,7 +707,7 @@ mod tests {
             &writable,
             SharedDirsDriver::Virtiofs,
             &support(false, 11_000_000),
-            false,
+            VirtiofsPolicy::default(),
         )
         .expect_err("no virtiofs");
         assert!(error.contains("offers no virtiofs"), "{error}");
@@ -478,7 +715,7 @@ mod tests {
             &read_only,
             SharedDirsDriver::Virtiofs,
             &support(true, 9_000_000),
-            false,
+            VirtiofsPolicy::default(),
         )
         .expect_err("no read-only virtiofs");
         for needle in [
@@ -494,10 +731,42 @@ mod tests {
             &read_only,
             SharedDirsDriver::Virtiofs,
             &support(true, 9_000_000),
-            true,
+            VirtiofsPolicy {
+                insecure_readonly: true,
+                writable: false,
+            },
         )
         .expect("insecure read-only virtiofs");
         assert_eq!(transports(&insecure), [(Transport::Virtiofs, false)]);
+        // Writable virtiofs only with the operator's opt-in, named.
+        let error = choose(
+            &writable,
+            SharedDirsDriver::Virtiofs,
+            &support(true, 11_000_000),
+            VirtiofsPolicy {
+                insecure_readonly: true,
+                writable: false,
+            },
+        )
+        .expect_err("writable virtiofs without the opt-in");
+        for needle in [
+            "volume_mount 0 (/data in the guest)",
+            "virtiofsd runs as root",
+            "allow_writable_virtiofs = true",
+        ] {
+            assert!(error.contains(needle), "{needle:?} in {error}");
+        }
+        let allowed = choose(
+            &writable,
+            SharedDirsDriver::Virtiofs,
+            &support(true, 9_000_000),
+            VirtiofsPolicy {
+                insecure_readonly: false,
+                writable: true,
+            },
+        )
+        .expect("writable virtiofs with the opt-in");
+        assert_eq!(transports(&allowed), [(Transport::Virtiofs, false)]);
     }
 
     #[test]
@@ -556,16 +825,19 @@ mod tests {
     }
 
     /// Mode bits decide; the first directory that stops QEMU's user is named.
+    /// The walk starts at the test's own directory, so /tmp's parents do
+    /// not matter.
     #[test]
     fn the_walk_names_the_first_closed_directory() {
         let root = tempfile::tempdir().expect("tempdir");
-        let outer = root.path().join("outer");
+        let top = std::fs::canonicalize(root.path()).expect("path");
+        let outer = top.join("outer");
         let share_dir = outer.join("share");
         std::fs::create_dir_all(&share_dir).expect("mkdir");
         let chmod = |path: &Path, mode| {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
         };
-        chmod(root.path(), 0o755);
+        chmod(&top, 0o755);
         chmod(&outer, 0o755);
         chmod(&share_dir, 0o755);
         // A stranger: neither the owner nor in the owning group.
@@ -574,25 +846,24 @@ mod tests {
             gid: 4_000_001,
             name: Some("qemu".into()),
             groups: Vec::new(),
+            nss: false,
         };
-        // /tmp and above may be anything on a test machine; start from a
-        // state where the tempdir's parents pass.
-        if first_blocked(root.path(), &stranger, false).is_some() {
-            return;
-        }
-        assert_eq!(first_blocked(&share_dir, &stranger, false), None);
-        let blocked = first_blocked(&share_dir, &stranger, true).expect("not writable");
-        assert_eq!((blocked.needs, blocked.mode), ("rwx", 0o755));
+        assert_eq!(first_blocked(&top, &share_dir, &stranger), None);
+        // Read and search are enough, writable share or not.
+        chmod(&share_dir, 0o555);
+        assert_eq!(first_blocked(&top, &share_dir, &stranger), None);
         chmod(&share_dir, 0o711);
-        let blocked = first_blocked(&share_dir, &stranger, false).expect("not readable");
-        assert_eq!(
-            blocked.path,
-            std::fs::canonicalize(&share_dir).expect("path")
-        );
-        assert_eq!(blocked.needs, "rx");
+        let blocked = first_blocked(&top, &share_dir, &stranger).expect("not readable");
+        assert_eq!(blocked.path, share_dir);
+        assert_eq!((blocked.needs, blocked.mode), ("rx", 0o711));
+        chmod(&top, 0o700);
+        let blocked = first_blocked(&top, &share_dir, &stranger).expect("not traversable");
+        assert_eq!(blocked.path, top);
+        assert_eq!(blocked.needs, "x");
+        chmod(&top, 0o711);
         chmod(&outer, 0o700);
-        let blocked = first_blocked(&share_dir, &stranger, false).expect("not traversable");
-        assert_eq!(blocked.path, std::fs::canonicalize(&outer).expect("path"));
+        let blocked = first_blocked(&top, &share_dir, &stranger).expect("not traversable");
+        assert_eq!(blocked.path, outer);
         assert_eq!(blocked.needs, "x");
         // The owning group passes by its group bits.
         chmod(&outer, 0o750);
@@ -602,17 +873,178 @@ mod tests {
             groups: vec![owner_group],
             ..stranger.clone()
         };
-        assert_eq!(first_blocked(&share_dir, &member, false), None);
-        assert!(first_blocked(&share_dir, &stranger, false).is_some());
+        assert_eq!(first_blocked(&top, &share_dir, &member), None);
+        assert!(first_blocked(&top, &share_dir, &stranger).is_some());
         // Root passes everything; a missing dir is QEMU's to report.
         let root_user = QemuUser {
             uid: 0,
             ..stranger.clone()
         };
-        assert_eq!(first_blocked(&share_dir, &root_user, true), None);
-        assert_eq!(
-            first_blocked(&outer.join("missing"), &stranger, false),
-            None
+        assert_eq!(first_blocked(&top, &share_dir, &root_user), None);
+        assert_eq!(first_blocked(&top, &outer.join("missing"), &stranger), None);
+    }
+
+    /// A writable 9p share QEMU cannot write into only warns; the warning
+    /// names the mode only when the mode is the reason (not on EROFS).
+    #[test]
+    fn write_warnings_blame_the_mode_only_when_it_is_the_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stranger = QemuUser {
+            uid: 4_000_001,
+            gid: 4_000_001,
+            name: Some("qemu".into()),
+            groups: Vec::new(),
+            nss: false,
+        };
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        assert_eq!(write_warning(dir.path(), &stranger, true), None);
+        let warning = write_warning(dir.path(), &stranger, false).expect("a warning");
+        assert!(warning.contains("mode 0755"), "{warning}");
+        assert!(warning.contains("no write permission"), "{warning}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        // Mode allows it, the kernel says no: a read-only filesystem.
+        let warning = write_warning(dir.path(), &stranger, false).expect("a warning");
+        assert!(!warning.contains("mode 0"), "{warning}");
+        assert!(warning.contains("read-only filesystem"), "{warning}");
+    }
+
+    /// The kernel check, where it can run (root): a 0700 dir inside an
+    /// open one is refused and named; its 0711 parent closed instead names
+    /// the parent, not the share; ACL-free read and search suffice for a
+    /// writable share (only a warning for the missing write).
+    #[test]
+    fn the_kernel_check_names_the_directory_that_refuses() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let top = std::fs::canonicalize(root.path()).expect("path");
+        let stranger = QemuUser {
+            uid: 4_000_001,
+            gid: 4_000_001,
+            name: None,
+            groups: Vec::new(),
+            nss: false,
+        };
+        std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // Where setpriv cannot run (not root) there is nothing to check.
+        let Some(open) = kernel_test(&top, &stranger, &["-r", "-x"]) else {
+            return;
+        };
+        if !open {
+            // /tmp's parents are closed to strangers here: the walk must
+            // then name one of them.
+            let blocked = first_refused(&top, &stranger).expect("blocked");
+            assert!(top.starts_with(&blocked.path), "{blocked:?}");
+            return;
+        }
+        let outer = top.join("outer");
+        let share_dir = outer.join("share");
+        std::fs::create_dir_all(&share_dir).expect("mkdir");
+        let chmod = |path: &Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        chmod(&outer, 0o755);
+        chmod(&share_dir, 0o700);
+        let planned = |read_only| PlannedShare {
+            share: GuestShare {
+                host_dir: share_dir.clone(),
+                tag: "vol0".into(),
+                guest_path: "/data".into(),
+                read_only,
+            },
+            transport: Transport::NineP,
+            host_read_only: read_only,
+        };
+        let check = |read_only| {
+            check_qemu_access(
+                &[planned(read_only)],
+                &stranger,
+                &support(false, 9_000_000),
+                SharedDirsDriver::Auto,
+                VirtiofsPolicy::default(),
+            )
+        };
+        let error = check(true).expect_err("0700");
+        assert!(
+            error.contains(&format!("because {} is mode 0700", share_dir.display())),
+            "{error}"
         );
+        chmod(&share_dir, 0o755);
+        chmod(&outer, 0o700);
+        let error = check(true).expect_err("closed parent");
+        assert!(
+            error.contains(&format!("because {} is mode 0700", outer.display())),
+            "{error}"
+        );
+        assert!(error.contains("give 4000001 x on"), "{error}");
+        // Writable, r-x for QEMU's user: started (the guest's writes fail).
+        chmod(&outer, 0o755);
+        check(false).expect("read and search are enough to open it");
+    }
+
+    /// When the kernel check cannot run (here: an account `--init-groups`
+    /// cannot resolve; anywhere: not root), mode bits alone refuse nothing.
+    #[test]
+    fn no_kernel_answer_no_refusal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        let unresolvable = QemuUser {
+            uid: 4_000_001,
+            gid: 4_000_001,
+            name: Some("ndvtest-nobody".into()),
+            groups: Vec::new(),
+            nss: true,
+        };
+        assert!(first_blocked(Path::new("/"), dir.path(), &unresolvable).is_some());
+        let planned = PlannedShare {
+            share: GuestShare {
+                host_dir: dir.path().to_path_buf(),
+                tag: "secrets".into(),
+                guest_path: "/secrets".into(),
+                read_only: true,
+            },
+            transport: Transport::NineP,
+            host_read_only: true,
+        };
+        check_qemu_access(
+            &[planned],
+            &unresolvable,
+            &support(true, 9_000_000),
+            SharedDirsDriver::Auto,
+            VirtiofsPolicy::default(),
+        )
+        .expect("the kernel could not be asked: QEMU gets to try");
+    }
+
+    /// Only a local libvirt's QEMU user is checked against this machine.
+    #[test]
+    fn a_remote_libvirt_is_not_checked_here() {
+        let identity = QemuIdentity {
+            uid: 64055,
+            gid: 64055,
+        };
+        let with = |local| ShareSupport {
+            qemu_identity: Some(identity),
+            local,
+            ..support(true, 9_000_000)
+        };
+        assert_eq!(identity_to_check(&with(true)), Some(identity));
+        assert_eq!(identity_to_check(&with(false)), None);
+        assert_eq!(identity_to_check(&support(true, 9_000_000)), None);
+    }
+
+    #[test]
+    fn the_qemu_user_resolves_through_nss() {
+        let root = QemuUser::lookup(QemuIdentity { uid: 0, gid: 0 });
+        assert_eq!(root.name.as_deref(), Some("root"));
+        assert!(root.nss, "getent and id are on every host this runs on");
+        assert!(root.in_group(0));
+        let nobody = QemuUser::lookup(QemuIdentity {
+            uid: 4_000_001,
+            gid: 4_000_001,
+        });
+        assert_eq!(nobody.name, None);
+        assert!(!nobody.nss);
     }
 }

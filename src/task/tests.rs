@@ -132,6 +132,8 @@ struct TestHypervisor {
     inner: LibvirtHypervisor,
     fault: Option<Fault>,
     mutating_calls: AtomicUsize,
+    /// The shares of every domain defined, in order.
+    defined_shares: Arc<std::sync::Mutex<Vec<Vec<crate::libvirt::domain_xml::ShareSpec>>>>,
 }
 
 impl TestHypervisor {
@@ -140,6 +142,7 @@ impl TestHypervisor {
             inner: LibvirtHypervisor::new(libvirt),
             fault,
             mutating_calls: AtomicUsize::new(0),
+            defined_shares: Arc::default(),
         }
     }
 
@@ -222,6 +225,9 @@ impl Hypervisor for TestHypervisor {
         self.inner.domain_owner(name)
     }
     fn define_domain(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
+        if let Ok(mut defined) = self.defined_shares.lock() {
+            defined.push(spec.shares.clone());
+        }
         self.inner.define_domain(spec)?;
         self.step("define_domain")
     }
@@ -326,6 +332,8 @@ struct Harness {
     observer: LibvirtHypervisor,
     net: Arc<TestNet>,
     tasks: Arc<Tasks>,
+    /// [`TestHypervisor`]'s record of defined domains' shares.
+    defined_shares: Arc<std::sync::Mutex<Vec<Vec<crate::libvirt::domain_xml::ShareSpec>>>>,
 }
 
 fn harness(fault: Option<Fault>) -> Harness {
@@ -337,12 +345,11 @@ fn harness(fault: Option<Fault>) -> Harness {
         builds: AtomicUsize::new(0),
         removed_intents: std::sync::Mutex::new(Vec::new()),
     });
-    let tasks = Tasks::new(
-        Arc::new(TestHypervisor::new(libvirt.clone(), fault)),
-        net.clone(),
-        node.journal(),
-    );
+    let hypervisor = TestHypervisor::new(libvirt.clone(), fault);
+    let defined_shares = hypervisor.defined_shares.clone();
+    let tasks = Tasks::new(Arc::new(hypervisor), net.clone(), node.journal());
     Harness {
+        defined_shares,
         observer: LibvirtHypervisor::new(libvirt.clone()),
         node,
         libvirt,
@@ -1400,6 +1407,16 @@ async fn shares_fall_back_to_9p_and_forced_virtiofs_is_refused_up_front() {
         )
         .await
         .expect("auto falls back to 9p");
+    let defined = harness.defined_shares.lock().expect("record").clone();
+    let shares = defined.last().expect("a domain was defined");
+    assert!(!shares.is_empty(), "the task's dirs are shared");
+    for share in shares {
+        assert_eq!(
+            share.driver,
+            crate::libvirt::domain_xml::ShareDriver::NineP,
+            "{share:?}"
+        );
+    }
     harness
         .tasks
         .destroy("alloc/web/eeee5555", true)
