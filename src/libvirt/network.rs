@@ -5,6 +5,7 @@
 //! Everything here blocks; call it from a blocking thread.
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::time::Duration;
 
 use virt::connect::Connect;
@@ -14,7 +15,8 @@ use virt::sys;
 use super::ffi::{self, RawLease};
 use crate::libvirt::dhcp::{
     dhcp_hosts, host_xml, poll_for_lease, presence, reservation_xml, validate_hostname,
-    validate_mac, DhcpError, HostEntry, Lease, Presence, Reservation,
+    validate_mac, DhcpError, HostEntry, Lease, Presence, Reservation, StatusFileWatch,
+    LEASE_STATUS_DIR,
 };
 
 // ---------------------------------------------------------------------------
@@ -67,10 +69,12 @@ fn lease_from_raw(raw: RawLease) -> Option<Lease> {
 }
 
 /// Waits until network `network` has a lease for `mac` (see
-/// [`crate::libvirt::dhcp::pick_lease`]): looks at once, then after 250 ms,
-/// doubling to at most 2 s between looks, and a last time at the deadline.
-/// `on_attempt` gets the 1-based number of each look (for "waiting for DHCP
-/// (attempt n)" task events).
+/// [`crate::libvirt::dhcp::pick_lease`]): looks at once, then whenever
+/// libvirt's lease helper rewrites the network's status file under
+/// [`crate::libvirt::dhcp::LEASE_STATUS_DIR`] (noticed within about 10 ms),
+/// at least every second, and a last time at the deadline. Without that
+/// directory (another libvirt) it asks libvirt every 40 ms. `on_attempt` gets
+/// the 1-based number of each look.
 pub fn wait_for_lease(
     conn: &Connect,
     network: &str,
@@ -81,8 +85,12 @@ pub fn wait_for_lease(
 ) -> Result<Lease, DhcpError> {
     validate_mac(mac)?;
     let net = lookup_network(conn, network)?;
+    // Watch before the first look, so a lease written in between still wakes us.
+    let bridge = net.bridge_name().unwrap_or_default();
+    let mut changes = StatusFileWatch::new(Path::new(LEASE_STATUS_DIR), &bridge);
     poll_for_lease(
         &mut || leases_of(&net, network, Some(mac)),
+        &mut changes,
         network,
         mac,
         hostname,
