@@ -20,7 +20,10 @@ use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::Fingerprin
 use nomad_driver_virt::plugin::handshake::{MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE};
 
 /// Exec to the first stdout line, as go-plugin waits for it.
-fn exec_to_handshake(binary: &std::path::Path, state: &std::path::Path) -> Result<Duration, BoxError> {
+fn exec_to_handshake(
+    binary: &std::path::Path,
+    state: &std::path::Path,
+) -> Result<Duration, BoxError> {
     let started = Instant::now();
     let mut child = Command::new(binary)
         .env(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE)
@@ -45,7 +48,9 @@ fn exec_to_handshake(binary: &std::path::Path, state: &std::path::Path) -> Resul
 }
 
 fn main() -> Result<(), BoxError> {
-    let short = std::env::args().skip(1).any(|a| a == "--short" || a == "short");
+    let short = std::env::args()
+        .skip(1)
+        .any(|a| a == "--short" || a == "short");
     let launches = if short { 3 } else { 20 };
     let binary = common::plugin_binary()?;
     let dir = tempfile::Builder::new().prefix("ndvtest-hs-").tempdir()?;
@@ -106,7 +111,10 @@ fn main() -> Result<(), BoxError> {
         "| exec to handshake line, max | {:.1} ms |",
         ms(samples.last().copied().unwrap_or_default())
     );
-    println!("| RSS at handshake | {:.1} MB |", at_handshake.rss_kib as f64 / 1024.0);
+    println!(
+        "| RSS at handshake | {:.1} MB |",
+        at_handshake.rss_kib as f64 / 1024.0
+    );
     println!(
         "| first fingerprint (test:///default) | {:.1} ms |",
         ms(fingerprint_took)

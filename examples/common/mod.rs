@@ -69,6 +69,9 @@ pub struct ProcStats {
     /// wake-up of a sleeping thread is one.
     pub switches: u64,
     pub threads: usize,
+    /// CPU time of the live threads in nanoseconds (schedstat): finer than
+    /// `cpu`, but a thread that exits takes its share with it.
+    pub run_ns: u64,
 }
 
 fn clock_ticks_per_second() -> u64 {
@@ -111,7 +114,9 @@ pub fn proc_stats(pid: u32) -> Result<ProcStats, BoxError> {
     let hz = clock_ticks_per_second();
     let cpu = Duration::from_millis(ticks * 1000 / hz);
     let mut switches = 0;
+    let mut run_ns = 0;
     for task in std::fs::read_dir(dir.join("task"))?.flatten() {
+        run_ns += thread_run_ns(&task.path());
         let Ok(text) = std::fs::read_to_string(task.path().join("status")) else {
             continue;
         };
@@ -130,7 +135,21 @@ pub fn proc_stats(pid: u32) -> Result<ProcStats, BoxError> {
         cpu,
         switches,
         threads,
+        run_ns,
     })
+}
+
+/// CPU nanoseconds of one thread (`/proc/.../task/<tid>`), from schedstat.
+pub fn thread_run_ns(task_dir: &Path) -> u64 {
+    std::fs::read_to_string(task_dir.join("schedstat"))
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU nanoseconds of the calling thread.
+pub fn own_thread_run_ns() -> u64 {
+    thread_run_ns(Path::new("/proc/thread-self"))
 }
 
 /// The pid of the running libvirtd, if any (for its share of the cost).
