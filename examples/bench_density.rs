@@ -9,7 +9,8 @@
 //!   cargo run --example bench_density -- --short    # 1 VM, 50 test tasks, 5 s windows (CI)
 //!   ... -- --no-vms                                 # only the test:/// part (no root)
 //!
-//! The plugin gets what Nomad gives every running task: a WaitTask stream.
+//! The plugin gets what Nomad gives it: a fingerprint stream, and a WaitTask
+//! stream per running task.
 //! Each figure comes from one window with the other side quiet; libvirtd's
 //! CPU in both windows is shown too (it is shared with anything else on
 //! the host, so it is noisy). VM part: needs root, tests/setup/host.sh and
@@ -28,7 +29,7 @@ use common::{proc_stats, BoxError, ProcStats};
 use nomad_driver_virt::libvirt::{domain, Libvirt, LibvirtError};
 use nomad_driver_virt::nomad_client::PluginClient;
 use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
-    DestroyTaskRequest, StartTaskRequest, StopTaskRequest, WaitTaskRequest,
+    DestroyTaskRequest, FingerprintRequest, StartTaskRequest, StopTaskRequest, WaitTaskRequest,
 };
 
 const GUEST_DIR: &str = "/var/lib/nomad-driver-virt-test";
@@ -118,6 +119,7 @@ struct Plugin {
     alloc_dir: std::path::PathBuf,
     tasks: Vec<String>,
     waits: Vec<tokio::task::JoinHandle<()>>,
+    fingerprints: tokio::task::JoinHandle<()>,
 }
 
 impl Plugin {
@@ -143,6 +145,14 @@ impl Plugin {
             .encode_task_config(task_body, &HashMap::new())
             .await
             .map_err(|error| format!("encode: {error:#}"))?;
+        // Nomad keeps the fingerprint stream open for the plugin's life.
+        let mut stream = client
+            .driver()
+            .fingerprint(FingerprintRequest {})
+            .await?
+            .into_inner();
+        let fingerprints =
+            tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
         Ok(Plugin {
             client,
             pid,
@@ -150,6 +160,7 @@ impl Plugin {
             alloc_dir,
             tasks: Vec::new(),
             waits: Vec::new(),
+            fingerprints,
         })
     }
 
@@ -213,6 +224,7 @@ impl Plugin {
         for wait in self.waits {
             wait.abort();
         }
+        self.fingerprints.abort();
         let _ = self.client.kill().await;
     }
 }
@@ -384,7 +396,7 @@ fn main() -> Result<(), BoxError> {
     })?;
 
     println!(
-        "idle cost per running task: plugin (each task has a WaitTask stream open) vs a reference \
+        "idle cost per running task: plugin (fingerprint stream and a WaitTask stream per task open) vs a reference \
          loop of one libvirt domain-state lookup per task per second; {} s windows after {} s \
          to settle; {} build; load average {}",
         options.window.as_secs(),
