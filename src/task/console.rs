@@ -127,10 +127,13 @@ fn open_console(path: &Path) -> io::Result<(tokio::fs::File, u64)> {
 /// copiers whose file changed.
 struct ConsoleWatches {
     watches: inotify::Watches,
-    /// Per watched directory: (subscription id, file name, its waker).
-    subscribers: Mutex<HashMap<WatchDescriptor, Vec<(u64, OsString, Arc<Notify>)>>>,
+    /// Per watched directory: the copiers interested in it.
+    subscribers: Mutex<HashMap<WatchDescriptor, Vec<Subscriber>>>,
     next_id: AtomicU64,
 }
+
+/// (subscription id, file name, its waker).
+type Subscriber = (u64, OsString, Arc<Notify>);
 
 fn console_watches() -> io::Result<Arc<ConsoleWatches>> {
     static SHARED: OnceLock<Result<Arc<ConsoleWatches>, String>> = OnceLock::new();
