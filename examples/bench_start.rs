@@ -501,7 +501,7 @@ async fn measure(bench: &Bench, runs: usize, _pool: &str) -> Result<(), BoxError
         ("cloud-init seed", |r| r.seed),
         ("define + start", |r| r.define_start),
         ("lease wait", |r| r.lease_wait),
-        ("host rules (after the lease)", |r| r.host_rules),
+        ("host rules, answer (after the lease)", |r| r.host_rules),
         ("**StartTask total**", |r| r.total),
         ("lease noticed after dnsmasq wrote it", |r| {
             r.noticed_after_grant
