@@ -315,18 +315,26 @@ impl Bench {
         Ok(xml)
     }
 
-    /// Define + start by hand until the lease exists; seconds.
-    fn floor_run(&self, xml: &str, name: &str, mac: &str, dir: &Path) -> Result<f64, BoxError> {
+    /// Define + start by hand until the lease exists: (seconds to the
+    /// lease, seconds `virsh define` + `virsh start` took).
+    fn floor_run(
+        &self,
+        xml: &str,
+        name: &str,
+        mac: &str,
+        dir: &Path,
+    ) -> Result<(f64, f64), BoxError> {
         let file = dir.join("domain.xml");
         std::fs::write(&file, xml)?;
         let path = file.display().to_string();
         let started = SystemTime::now();
         virsh(&["define", &path])?;
         virsh(&["start", name])?;
+        let define_start = secs(started, SystemTime::now());
         let deadline = Instant::now() + LEASE_LIMIT;
         loop {
             if let Some(grant) = self.grants.get(mac) {
-                return Ok(secs(started, grant));
+                return Ok((secs(started, grant), define_start));
             }
             if Instant::now() > deadline {
                 return Err(format!("no lease for {mac} within {LEASE_LIMIT:?}").into());
@@ -441,6 +449,7 @@ async fn run(runs: usize) -> Result<(), BoxError> {
 async fn measure(bench: &Bench, runs: usize, _pool: &str) -> Result<(), BoxError> {
     let mut driver_runs = Vec::new();
     let mut floors = Vec::new();
+    let mut floor_define_starts = Vec::new();
     for index in 0..runs {
         // Driver first, then the floor from the driver's XML, alternating.
         let (run, task_id, domain) = bench.driver_run(index).await?;
@@ -454,7 +463,7 @@ async fn measure(bench: &Bench, runs: usize, _pool: &str) -> Result<(), BoxError
             driver_xml.and_then(|xml| bench.floor_xml(&xml, &floor_name, &floor_mac, &floor_dir));
         let driver_mac = nomad_driver_virt::net::mac_for(&task_id, 0);
         bench.destroy(&task_id).await?;
-        let floor = match floor_xml {
+        let (floor, floor_define_start) = match floor_xml {
             Ok(xml) => {
                 let result = bench.floor_run(&xml, &floor_name, &floor_mac, &floor_dir);
                 remove_floor_domain(&floor_name);
@@ -474,6 +483,7 @@ async fn measure(bench: &Bench, runs: usize, _pool: &str) -> Result<(), BoxError
         );
         driver_runs.push(run);
         floors.push(floor);
+        floor_define_starts.push(floor_define_start);
     }
 
     println!(
@@ -520,6 +530,40 @@ async fn measure(bench: &Bench, runs: usize, _pool: &str) -> Result<(), BoxError
         print!(" {floor:.3} |");
     }
     println!(" {:.3} |", median(floors.clone()));
+    print!("| floor: of which virsh define + start |");
+    for value in &floor_define_starts {
+        print!(" {value:.3} |");
+    }
+    println!(" {:.3} |", median(floor_define_starts.clone()));
+    // What the floor does not do at all: checks, disks, seed, host rules,
+    // noticing the lease; plus define + start beyond virsh's.
+    let own: Vec<f64> = driver_runs
+        .iter()
+        .zip(&floor_define_starts)
+        .map(|(r, floor_ds)| {
+            r.before_disks
+                + r.disks
+                + r.seed
+                + r.host_rules
+                + r.noticed_after_grant
+                + (r.define_start - floor_ds)
+        })
+        .collect();
+    print!("| driver's own time: all but the guest's boot (vs virsh's define + start) |");
+    for value in &own {
+        print!(" {value:.3} |");
+    }
+    println!(" {:.3} |", median(own.clone()));
+    print!("| driver's own time / floor |");
+    let shares: Vec<f64> = own
+        .iter()
+        .zip(&floors)
+        .map(|(o, f)| o / f * 100.0)
+        .collect();
+    for share in &shares {
+        print!(" {share:.1}% |");
+    }
+    println!(" {:.1}% |", median(shares));
     print!("| StartTask / floor |");
     let ratios: Vec<f64> = driver_runs
         .iter()
