@@ -166,6 +166,12 @@ async fn run(cycles: usize) -> Result<(), BoxError> {
         after.rss_kib as i64 - before.rss_kib as i64
     );
     println!(
+        "| anonymous RSS KiB | {} | {} | {:+} |",
+        before.rss_anon_kib,
+        after.rss_anon_kib,
+        after.rss_anon_kib as i64 - before.rss_anon_kib as i64
+    );
+    println!(
         "| open fds | {} | {} | {:+} |",
         before.fds,
         after.fds,

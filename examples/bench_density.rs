@@ -48,6 +48,7 @@ struct Row {
     plugin_cpu_per_min: f64,
     plugin_wakeups_per_s: f64,
     plugin_rss_mb: f64,
+    plugin_rss_anon_mb: f64,
     plugin_libvirtd_per_min: f64,
     reference_cpu_per_min: f64,
     reference_libvirtd_per_min: f64,
@@ -249,6 +250,7 @@ async fn measure(
         plugin_wakeups_per_s: after.switches.saturating_sub(before.switches) as f64
             / window.as_secs_f64(),
         plugin_rss_mb: after.rss_kib as f64 / 1024.0,
+        plugin_rss_anon_mb: after.rss_anon_kib as f64 / 1024.0,
         plugin_libvirtd_per_min: per_minute(plugin_libvirtd, window),
         reference_cpu_per_min: per_minute(reference_ns, window),
         reference_libvirtd_per_min: per_minute(reference_libvirtd, window),
@@ -406,7 +408,7 @@ fn main() -> Result<(), BoxError> {
     );
     println!();
     println!(
-        "| setup | tasks | plugin CPU s/min | plugin wake-ups/s | plugin RSS MB | reference CPU s/min | reference / plugin | libvirtd CPU s/min: plugin window / reference window |"
+        "| setup | tasks | plugin CPU s/min | plugin wake-ups/s | plugin RSS MB (anonymous) | reference CPU s/min | reference / plugin | libvirtd CPU s/min: plugin window / reference window |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
@@ -416,12 +418,13 @@ fn main() -> Result<(), BoxError> {
             "inf".into()
         };
         println!(
-            "| {} | {} | {:.4} | {:.1} | {:.1} | {:.4} | {} | {:.3} / {:.3} |",
+            "| {} | {} | {:.4} | {:.1} | {:.1} ({:.1}) | {:.4} | {} | {:.3} / {:.3} |",
             row.setup,
             row.tasks,
             row.plugin_cpu_per_min,
             row.plugin_wakeups_per_s,
             row.plugin_rss_mb,
+            row.plugin_rss_anon_mb,
             row.reference_cpu_per_min,
             ratio,
             row.plugin_libvirtd_per_min,

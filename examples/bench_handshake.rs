@@ -120,8 +120,9 @@ fn main() -> Result<(), BoxError> {
         ms(fingerprint_took)
     );
     println!(
-        "| RSS after the first fingerprint | {:.1} MB |",
-        after_fingerprint.rss_kib as f64 / 1024.0
+        "| RSS after the first fingerprint (anonymous part) | {:.1} MB ({:.1} MB) |",
+        after_fingerprint.rss_kib as f64 / 1024.0,
+        after_fingerprint.rss_anon_kib as f64 / 1024.0
     );
     println!(
         "| threads / open fds after it | {} / {} |",

@@ -62,6 +62,9 @@ pub async fn launch(state_dir: &Path) -> Result<PluginClient, BoxError> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcStats {
     pub rss_kib: u64,
+    /// The anonymous part of the RSS (heap, stacks): the rest is the
+    /// binary and shared libraries (libvirt, GnuTLS...) mapped from files.
+    pub rss_anon_kib: u64,
     pub fds: usize,
     /// User + system CPU time.
     pub cpu: Duration,
@@ -96,6 +99,7 @@ pub fn proc_stats(pid: u32) -> Result<ProcStats, BoxError> {
             .unwrap_or(0)
     };
     let rss_kib = field("VmRSS:");
+    let rss_anon_kib = field("RssAnon:");
     let threads = field("Threads:") as usize;
     let fds = std::fs::read_dir(dir.join("fd"))?.count();
     let stat = std::fs::read_to_string(dir.join("stat"))?;
@@ -131,6 +135,7 @@ pub fn proc_stats(pid: u32) -> Result<ProcStats, BoxError> {
     }
     Ok(ProcStats {
         rss_kib,
+        rss_anon_kib,
         fds,
         cpu,
         switches,
