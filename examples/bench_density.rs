@@ -125,17 +125,9 @@ struct Plugin {
 
 impl Plugin {
     async fn new(root: &Path, config: &str, task_body: &str) -> Result<Plugin, BoxError> {
-        let alloc_dir = root.join("alloc");
-        for dir in [alloc_dir.join("alloc/logs"), alloc_dir.join("web")] {
-            std::fs::create_dir_all(&dir)?;
-        }
-        for dir in [
-            alloc_dir.clone(),
-            alloc_dir.join("alloc"),
-            alloc_dir.join("web"),
-        ] {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        }
+        let alloc_dir = root.join("allocs");
+        std::fs::create_dir_all(&alloc_dir)?;
+        std::fs::set_permissions(&alloc_dir, std::fs::Permissions::from_mode(0o755))?;
         let client = common::launch(&root.join("state")).await?;
         let pid = client.pid().ok_or("plugin has no pid")?;
         client
@@ -169,6 +161,19 @@ impl Plugin {
     async fn grow_to(&mut self, count: usize, memory_mb: i64) -> Result<(), BoxError> {
         while self.tasks.len() < count {
             let index = self.tasks.len();
+            // Each task its own alloc dir, as Nomad gives it (the console
+            // file lives in the task dir).
+            let alloc_dir = self.alloc_dir.join(format!("a{index}"));
+            for dir in [alloc_dir.join("alloc/logs"), alloc_dir.join("web")] {
+                std::fs::create_dir_all(&dir)?;
+            }
+            for dir in [
+                alloc_dir.clone(),
+                alloc_dir.join("alloc"),
+                alloc_dir.join("web"),
+            ] {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+            }
             let task = common::task_config(
                 &format!(
                     "ndvbench/web/{:08x}",
@@ -176,7 +181,7 @@ impl Plugin {
                 ),
                 "web",
                 "ndvbench",
-                &self.alloc_dir,
+                &alloc_dir,
                 self.msgpack.clone(),
                 memory_mb,
             );
@@ -278,8 +283,20 @@ async fn vm_rows(options: &Options, rows: &mut Vec<Row>) -> Result<(), BoxError>
         "disk {\n  chained = true\n  source {\n    image = \"guest.qcow2\"\n  }\n}\n",
     )
     .await?;
-    let mut result = Ok(());
+    // The plugin's own floor: no task, only Nomad's fingerprint stream.
+    let mut result = measure(
+        &plugin,
+        Libvirt::new("qemu:///system", None),
+        Vec::new(),
+        "no task (plugin-wide work only)".into(),
+        options,
+    )
+    .await
+    .map(|row| rows.push(row));
     for &count in &options.vm_counts {
+        if result.is_err() {
+            break;
+        }
         if let Err(error) = plugin.grow_to(count, 192).await {
             result = Err(error);
             break;
@@ -374,7 +391,7 @@ fn main() -> Result<(), BoxError> {
             window: Duration::from_secs(30),
             // Guests finish booting; tokio's idle blocking threads (10 s)
             // exit, so they do not take CPU time out of the window.
-            settle: Duration::from_secs(40),
+            settle: Duration::from_secs(30),
         }
     };
     if no_vms {
