@@ -200,6 +200,28 @@ impl Plugin {
         Ok(())
     }
 
+    /// Waits until every task's console shows the test guest's
+    /// "GUEST-READY" line (its boot is over).
+    async fn wait_booted(&self, limit: Duration) -> Result<(), BoxError> {
+        let deadline = Instant::now() + limit;
+        for index in 0..self.tasks.len() {
+            let console = self
+                .alloc_dir
+                .join(format!("a{index}/web/virt-console.log"));
+            loop {
+                let text = std::fs::read(&console).unwrap_or_default();
+                if String::from_utf8_lossy(&text).contains("GUEST-READY") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("guest {index} did not boot within {limit:?}").into());
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        Ok(())
+    }
+
     fn domain_names(&self) -> Vec<String> {
         self.tasks
             .iter()
@@ -301,6 +323,11 @@ async fn vm_rows(options: &Options, rows: &mut Vec<Row>) -> Result<(), BoxError>
             result = Err(error);
             break;
         }
+        // Idle means booted: wait for each guest's "GUEST-READY" line.
+        if let Err(error) = plugin.wait_booted(Duration::from_secs(600)).await {
+            result = Err(error);
+            break;
+        }
         let names = plugin.domain_names();
         match measure(
             &plugin,
@@ -389,9 +416,9 @@ fn main() -> Result<(), BoxError> {
             vm_counts: vec![1, 3, 8],
             test_tasks: 500,
             window: Duration::from_secs(30),
-            // Guests finish booting; tokio's idle blocking threads (10 s)
+            // After the guests' boot: tokio's idle blocking threads (10 s)
             // exit, so they do not take CPU time out of the window.
-            settle: Duration::from_secs(30),
+            settle: Duration::from_secs(15),
         }
     };
     if no_vms {
