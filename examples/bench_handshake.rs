@@ -112,8 +112,9 @@ fn main() -> Result<(), BoxError> {
         ms(samples.last().copied().unwrap_or_default())
     );
     println!(
-        "| RSS at handshake | {:.1} MB |",
-        at_handshake.rss_kib as f64 / 1024.0
+        "| RSS at handshake (anonymous part) | {:.1} MB ({:.1} MB) |",
+        at_handshake.rss_kib as f64 / 1024.0,
+        at_handshake.rss_anon_kib as f64 / 1024.0
     );
     println!(
         "| first fingerprint (test:///default) | {:.1} ms |",
