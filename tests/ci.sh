@@ -36,6 +36,13 @@ dhcp_hosts() { virsh -q -c qemu:///system net-dumpxml default | grep -c "<host "
 hosts_before=$(dhcp_hosts)
 things_before=$(test_things)
 cargo test --all-targets 2>&1 | tee /tmp/nomad-driver-virt-test.log
+# The benchmark programs in their short modes (built above, debug): they must
+# run and clean up, their figures are not checked. About two to three minutes
+# (three guest boots).
+for bench in bench_handshake bench_control_plane bench_density bench_start; do
+  echo "tests/ci.sh: cargo run --example $bench -- --short"
+  cargo run -q --example "$bench" -- --short
+done
 hosts_after=$(dhcp_hosts)
 if [ "$hosts_before" != "$hosts_after" ]; then
   echo "tests/ci.sh: DHCP host reservations on network default went from $hosts_before to $hosts_after" >&2

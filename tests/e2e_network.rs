@@ -250,11 +250,12 @@ async fn bridge_ports_reach_the_guest_and_teardown_survives_a_plugin_crash() {
         "events: {messages:?}"
     );
 
-    let dumped = must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"]);
-    assert!(
-        dumped.contains(&mac) && dumped.contains(&network.addr),
-        "reservation missing:\n{dumped}"
-    );
+    // The reservation is added after StartTask returns (off its critical path).
+    let reserved = retry(Duration::from_secs(20), || {
+        let dumped = must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"]);
+        (dumped.contains(&mac) && dumped.contains(&network.addr)).then_some(dumped)
+    });
+    assert!(reserved.is_some(), "reservation missing for {mac}");
     // The guest sits behind clean-traffic (the default), which learns its
     // address from the network's DHCP server only; the lease above and
     // the port mapping below prove the filter lets DHCP and traffic through.

@@ -5,21 +5,34 @@
 //!
 //! The release and the lease wait block (a child process, sleeps); the
 //! driver calls them on blocking threads. Unlike the Go original this looks for the
-//! lease at once and backs off briefly, picks the NEWEST matching lease, and
-//! takes the timeout from the caller (plugin config `dhcp_timeout`).
+//! lease at once and again whenever libvirt's lease helper rewrites the
+//! network's status file (watched with inotify), picks the NEWEST matching
+//! lease, and takes the timeout from the caller (plugin config `dhcp_timeout`).
 
+use std::ffi::OsString;
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use inotify::{Inotify, WatchMask};
 
 use serde::{Deserialize, Serialize};
 
 use crate::libvirt::xml::{self, XmlWriter};
 use crate::libvirt::VirtError;
 
-/// First pause between two lease looks; doubles up to [`MAX_RETRY_DELAY`].
-const FIRST_RETRY_DELAY: Duration = Duration::from_millis(250);
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// Where libvirt's dnsmasq helper (leaseshelper) keeps `<bridge>.status`,
+/// the file `virNetworkGetDHCPLeases` reads, for the system daemon.
+pub const LEASE_STATUS_DIR: &str = "/var/lib/libvirt/dnsmasq";
+/// How often the watcher checks its (non-blocking) inotify queue: bounds how
+/// late a new lease is noticed; an empty check is one failed read().
+const WATCH_TICK: Duration = Duration::from_millis(10);
+/// Without a usable watch (no such directory: another libvirt, the test
+/// driver), how often to ask libvirt; also the longest pause between two
+/// looks with a watch, in case a rewrite is missed (e.g. the dir is replaced).
+const FALLBACK_LOOK: Duration = Duration::from_millis(40);
+const SAFETY_LOOK: Duration = Duration::from_secs(1);
 
 /// The Debian tool (package dnsmasq-utils) that sends a DHCPRELEASE for us.
 const DHCP_RELEASE: &str = "dhcp_release";
@@ -203,10 +216,89 @@ pub fn pick_lease(
         .cloned()
 }
 
-/// The retry loop of `crate::libvirt::network::wait_for_lease`, with the
-/// lease source injectable.
+/// Blocks until the lease source may have changed: the network's status
+/// file in `dir` was rewritten (dnsmasq's helper writes a new file and
+/// renames it over the old one), or a time limit passed.
+pub trait LeaseChanges {
+    fn wait(&mut self, limit: Duration);
+}
+
+/// [`LeaseChanges`] from inotify on the status file's directory; without a
+/// watch (the directory is missing or inotify fails) it waits
+/// [`FALLBACK_LOOK`], so the caller falls back to fine polling.
+pub struct StatusFileWatch {
+    inotify: Option<Inotify>,
+    file: OsString,
+    buffer: Vec<u8>,
+}
+
+impl StatusFileWatch {
+    /// Watches `<dir>/<bridge>.status`.
+    pub fn new(dir: &Path, bridge: &str) -> Self {
+        let inotify = Inotify::init().and_then(|inotify| {
+            inotify.watches().add(
+                dir,
+                WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE,
+            )?;
+            Ok(inotify)
+        });
+        let inotify = match inotify {
+            Ok(inotify) => Some(inotify),
+            Err(error) => {
+                tracing::debug!(dir = %dir.display(), error = %error, "no lease file watch; polling libvirt instead");
+                None
+            }
+        };
+        Self {
+            inotify,
+            file: OsString::from(format!("{bridge}.status")),
+            buffer: vec![0u8; 4096],
+        }
+    }
+
+    /// Whether changes are watched (false: fixed fine polling).
+    pub fn is_watching(&self) -> bool {
+        self.inotify.is_some()
+    }
+}
+
+impl LeaseChanges for StatusFileWatch {
+    fn wait(&mut self, limit: Duration) {
+        let Some(inotify) = self.inotify.as_mut() else {
+            std::thread::sleep(limit.min(FALLBACK_LOOK));
+            return;
+        };
+        let deadline = Instant::now() + limit.min(SAFETY_LOOK);
+        loop {
+            match inotify.read_events(&mut self.buffer) {
+                Ok(mut events) => {
+                    if events.any(|event| event.name == Some(self.file.as_os_str())) {
+                        return;
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(error) => {
+                    tracing::debug!(error = %error, "lease file watch failed; polling libvirt instead");
+                    self.inotify = None;
+                    return;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(WATCH_TICK));
+        }
+    }
+}
+
+/// The look loop of `crate::libvirt::network::wait_for_lease`, with the
+/// lease source and its change signal injectable: looks at once, then each
+/// time `changes` says the source may have changed, and a last time at the
+/// deadline.
 pub(crate) fn poll_for_lease(
     lookup: &mut dyn FnMut() -> Result<Vec<Lease>, DhcpError>,
+    changes: &mut dyn LeaseChanges,
     network: &str,
     mac: &str,
     hostname: Option<&str>,
@@ -216,7 +308,6 @@ pub(crate) fn poll_for_lease(
     // Clamped: `Instant + Duration` panics on overflow, and no caller
     // means to wait longer than a day.
     let deadline = Instant::now() + timeout.min(Duration::from_secs(24 * 3600));
-    let mut delay = FIRST_RETRY_DELAY;
     let mut attempts = 0u32;
     let mut last_error = None;
     loop {
@@ -247,8 +338,7 @@ pub(crate) fn poll_for_lease(
                 last_error,
             });
         }
-        std::thread::sleep(delay.min(left));
-        delay = (delay * 2).min(MAX_RETRY_DELAY);
+        changes.wait(left);
     }
 }
 
@@ -259,13 +349,13 @@ const NETWORK_PID_DIR: &str = "/run/libvirt/network";
 /// that cannot be told (no pid file here, e.g. a remote or session libvirt,
 /// or a network without DHCP).
 pub fn dnsmasq_running(network: &str) -> Option<bool> {
-    dnsmasq_running_in(std::path::Path::new(NETWORK_PID_DIR), network, |pid| {
+    dnsmasq_running_in(Path::new(NETWORK_PID_DIR), network, |pid| {
         std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()
     })
 }
 
 fn dnsmasq_running_in(
-    dir: &std::path::Path,
+    dir: &Path,
     network: &str,
     comm_of: impl Fn(u32) -> Option<String>,
 ) -> Option<bool> {
@@ -1006,10 +1096,27 @@ mod tests {
         );
     }
 
-    // ---- the retry loop ---------------------------------------------------------
+    // ---- the look loop ----------------------------------------------------------
+
+    /// Change signals on a fixed tick (or none at all with `tick` zero).
+    struct Ticks {
+        tick: Duration,
+        waits: u32,
+    }
+
+    impl LeaseChanges for Ticks {
+        fn wait(&mut self, limit: Duration) {
+            self.waits += 1;
+            std::thread::sleep(limit.min(self.tick));
+        }
+    }
+
+    fn ticks(tick: Duration) -> Ticks {
+        Ticks { tick, waits: 0 }
+    }
 
     #[test]
-    fn poll_finds_a_lease_that_appears_later() {
+    fn poll_looks_again_on_each_change_signal() {
         let mut calls = 0;
         let mut lookup = || {
             calls += 1;
@@ -1020,9 +1127,10 @@ mod tests {
             })
         };
         let mut seen = Vec::new();
-        let started = Instant::now();
+        let mut changes = ticks(Duration::ZERO);
         let got = poll_for_lease(
             &mut lookup,
+            &mut changes,
             "default",
             MAC,
             None,
@@ -1032,12 +1140,8 @@ mod tests {
         .expect("lease");
         assert_eq!(got.ip, Ipv4Addr::new(192, 168, 122, 9));
         assert_eq!(seen, vec![1, 2, 3]);
-        // Looks at 0, 250 ms and 750 ms: no 2 s sleep before the first look.
-        let took = started.elapsed();
-        assert!(
-            took >= Duration::from_millis(700) && took < Duration::from_secs(3),
-            "{took:?}"
-        );
+        // One wait between two looks, none before the first.
+        assert_eq!(changes.waits, 2);
     }
 
     /// libvirtd restarting during the wait: looks fail to reach it, then a
@@ -1058,8 +1162,10 @@ mod tests {
                 Ok(vec![lease(MAC, [192, 168, 122, 9], None, 0)])
             }
         };
+        let mut changes = ticks(Duration::ZERO);
         let got = poll_for_lease(
             &mut lookup,
+            &mut changes,
             "default",
             MAC,
             None,
@@ -1078,9 +1184,10 @@ mod tests {
 
     #[test]
     fn poll_looks_at_once() {
-        let started = Instant::now();
+        let mut changes = ticks(Duration::from_secs(5));
         let got = poll_for_lease(
             &mut || Ok(vec![lease(MAC, [192, 168, 122, 9], None, 0)]),
+            &mut changes,
             "default",
             MAC,
             None,
@@ -1088,7 +1195,7 @@ mod tests {
             &mut |_| {},
         );
         assert!(got.is_ok());
-        assert!(started.elapsed() < Duration::from_millis(100));
+        assert_eq!(changes.waits, 0);
     }
 
     #[test]
@@ -1114,6 +1221,7 @@ mod tests {
         let started = Instant::now();
         let error = poll_for_lease(
             &mut lookup,
+            &mut ticks(Duration::from_millis(250)),
             "default",
             MAC,
             None,
@@ -1126,14 +1234,14 @@ mod tests {
             took >= Duration::from_millis(600) && took < Duration::from_millis(1500),
             "{took:?}"
         );
-        // Looks at 0, 250 and 600 ms (the last one at the deadline).
-        assert_eq!(attempts, 3);
+        // Looks at 0, 250, 500 and 600 ms (the last one at the deadline).
+        assert_eq!(attempts, 4);
         let message = error.to_string();
         for part in [
             MAC,
             "\"default\"",
             "600ms",
-            "3 looks",
+            "4 looks",
             "dhcp_timeout",
             "DHCP client",
             "ndv-no-such",
@@ -1152,6 +1260,7 @@ mod tests {
                     source: VirtError::sample_unsupported(),
                 })
             },
+            &mut ticks(Duration::ZERO),
             "default",
             MAC,
             None,
@@ -1163,15 +1272,49 @@ mod tests {
         assert!(matches!(error, DhcpError::Leases { .. }));
     }
 
+    // ---- the status file watch ---------------------------------------------------
+
     #[test]
-    fn backoff_doubles_to_two_seconds() {
-        let mut delay = FIRST_RETRY_DELAY;
-        let mut seen = vec![delay];
-        for _ in 0..5 {
-            delay = (delay * 2).min(MAX_RETRY_DELAY);
-            seen.push(delay);
-        }
-        let ms: Vec<u128> = seen.iter().map(Duration::as_millis).collect();
-        assert_eq!(ms, vec![250, 500, 1000, 2000, 2000, 2000]);
+    fn watch_wakes_when_the_status_file_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut watch = StatusFileWatch::new(dir.path(), "ndvtestbr0");
+        assert!(watch.is_watching());
+        let path = dir.path().to_path_buf();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            // As libvirt's leaseshelper does: write a new file, rename it over.
+            let temp = path.join("ndvtestbr0.status.new");
+            std::fs::write(&temp, "[]").expect("write");
+            std::fs::rename(&temp, path.join("ndvtestbr0.status")).expect("rename");
+        });
+        let started = Instant::now();
+        watch.wait(Duration::from_secs(30));
+        let took = started.elapsed();
+        writer.join().expect("writer");
+        // Woken by the rename, not by the safety limit (1 s) or the caller's.
+        assert!(
+            took >= Duration::from_millis(90) && took < SAFETY_LOOK,
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn watch_ignores_other_files_in_the_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut watch = StatusFileWatch::new(dir.path(), "ndvtestbr0");
+        std::fs::write(dir.path().join("ndvtestbr1.status"), "[]").expect("write");
+        let started = Instant::now();
+        watch.wait(Duration::from_millis(300));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[test]
+    fn without_a_directory_it_falls_back_to_fine_polling() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut watch = StatusFileWatch::new(&dir.path().join("missing"), "ndvtestbr0");
+        assert!(!watch.is_watching());
+        let started = Instant::now();
+        watch.wait(Duration::from_secs(30));
+        assert!(started.elapsed() < SAFETY_LOOK);
     }
 }

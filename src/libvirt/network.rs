@@ -6,6 +6,7 @@
 //! Everything here blocks; call it from a blocking thread.
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::time::Duration;
 
 use virt::connect::Connect;
@@ -16,7 +17,8 @@ use super::conn::{Libvirt, LibvirtError};
 use super::ffi::{self, RawLease};
 use crate::libvirt::dhcp::{
     dhcp_hosts, host_xml, poll_for_lease, presence, reservation_xml, validate_hostname,
-    validate_mac, DhcpError, HostEntry, Lease, Presence, Reservation,
+    validate_mac, DhcpError, HostEntry, Lease, Presence, Reservation, StatusFileWatch,
+    LEASE_STATUS_DIR,
 };
 
 // ---------------------------------------------------------------------------
@@ -69,10 +71,12 @@ fn lease_from_raw(raw: RawLease) -> Option<Lease> {
 }
 
 /// Waits until network `network` has a lease for `mac` (see
-/// [`crate::libvirt::dhcp::pick_lease`]): looks at once, then after 250 ms,
-/// doubling to at most 2 s between looks, and a last time at the deadline.
-/// `on_attempt` gets the 1-based number of each look (for "waiting for DHCP
-/// (attempt n)" task events).
+/// [`crate::libvirt::dhcp::pick_lease`]): looks at once, then whenever
+/// libvirt's lease helper rewrites the network's status file under
+/// [`crate::libvirt::dhcp::LEASE_STATUS_DIR`] (noticed within about 10 ms),
+/// at least every second, and a last time at the deadline. Without that
+/// directory (another libvirt) it asks libvirt every 40 ms. `on_attempt` gets
+/// the 1-based number of each look.
 ///
 /// Every look asks `libvirt` for a live connection, so a libvirtd restart
 /// during the wait costs a few failed looks, not the start. A look that
@@ -91,10 +95,15 @@ pub fn wait_for_lease(
         network: network.to_string(),
         source: Box::new(source),
     };
-    // A network that does not exist fails at once, not at the deadline.
-    libvirt
-        .call_blocking(|conn| Ok(lookup_network(conn, network).map(drop)))
+    // A network that does not exist fails at once, not at the deadline; its
+    // bridge names the status file to watch.
+    let bridge = libvirt
+        .call_blocking(|conn| {
+            Ok(lookup_network(conn, network).map(|net| net.bridge_name().unwrap_or_default()))
+        })
         .map_err(unreachable)??;
+    // Watch before the first look, so a lease written in between still wakes us.
+    let mut changes = StatusFileWatch::new(Path::new(LEASE_STATUS_DIR), &bridge);
     poll_for_lease(
         &mut || {
             let leases = libvirt
@@ -111,6 +120,7 @@ pub fn wait_for_lease(
             }
             Ok(leases)
         },
+        &mut changes,
         network,
         mac,
         hostname,

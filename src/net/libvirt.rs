@@ -2,8 +2,10 @@
 //! networks, macvtap `direct` interfaces, DHCP lease discovery and
 //! reservation, and iptables port mapping.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use super::config::NetworkInterface;
 use super::iptables::apply::{route_localnet_fix, Iptables};
@@ -22,11 +24,101 @@ use crate::libvirt::Libvirt;
 pub struct LibvirtNet {
     libvirt: Libvirt,
     iptables: Iptables,
+    /// DHCP reservations still being added, by task tag (see
+    /// [`LibvirtNet::reserve_in_background`]); an entry leaves when its add
+    /// finished or a teardown waited for it.
+    pending_reservations: Arc<Mutex<HashMap<String, JoinHandle<()>>>>,
 }
 
 impl LibvirtNet {
     pub fn new(libvirt: Libvirt, iptables: Iptables) -> Self {
-        Self { libvirt, iptables }
+        Self {
+            libvirt,
+            iptables,
+            pending_reservations: Arc::default(),
+        }
+    }
+
+    /// Adds the reservation on a thread of its own, so StartTask does not
+    /// wait for libvirt's live network update (about 0.4 s): the guest
+    /// already holds its lease, and the reservation only keeps the address
+    /// across renewals. Nothing leaks: the caller has put the reservation in
+    /// the teardown spec (and the start journal has the MAC) before this
+    /// runs, removal is idempotent, and a teardown of the task first waits
+    /// for this add ([`LibvirtNet::wait_for_reservation`]). A failed add is
+    /// logged, not fatal: the task runs with its lease, unpinned.
+    fn reserve_in_background(&self, task_tag: &str, reservation: Reservation) {
+        let Ok(mut pending) = self.pending_reservations.lock() else {
+            // A poisoned map: add it here instead of losing track.
+            self.reserve_now(task_tag, &reservation);
+            return;
+        };
+        let (libvirt, map, tag) = (
+            self.libvirt.clone(),
+            self.pending_reservations.clone(),
+            task_tag.to_string(),
+        );
+        let this_tag = tag.clone();
+        // Registered under the map's lock, so the thread cannot remove its
+        // entry before it exists.
+        let spawned = std::thread::Builder::new()
+            .name("dhcp-reserve".into())
+            .spawn(move || {
+                add_reservation_logged(&libvirt, &this_tag, &reservation);
+                if let Ok(mut pending) = map.lock() {
+                    pending.remove(&this_tag);
+                }
+            });
+        match spawned {
+            Ok(handle) => {
+                pending.insert(tag, handle);
+            }
+            Err(error) => {
+                drop(pending);
+                tracing::warn!(error = %error, "cannot start a thread for the DHCP reservation; adding it now");
+            }
+        }
+    }
+
+    fn reserve_now(&self, task_tag: &str, reservation: &Reservation) {
+        add_reservation_logged(&self.libvirt, task_tag, reservation);
+    }
+
+    /// Waits until no reservation add of `task_tag` is in flight, so a
+    /// removal that follows cannot run before the add it undoes.
+    fn wait_for_reservation(&self, task_tag: &str) {
+        let handle = self
+            .pending_reservations
+            .lock()
+            .ok()
+            .and_then(|mut pending| pending.remove(task_tag));
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::warn!(task_tag, "the DHCP reservation thread panicked");
+            }
+        }
+    }
+}
+
+fn add_reservation_logged(libvirt: &Libvirt, task_tag: &str, reservation: &Reservation) {
+    let started = std::time::Instant::now();
+    match libvirt.call_blocking(|conn| Ok(libvirt_network::add_reservation(conn, reservation))) {
+        Ok(Ok(())) => tracing::debug!(
+            task_tag,
+            ip = %reservation.ip,
+            took = ?started.elapsed(),
+            "DHCP reservation added"
+        ),
+        Ok(Err(error)) => tracing::warn!(
+            task_tag,
+            error = %with_sources(&error),
+            "cannot reserve the guest's DHCP address; the task keeps its lease, but a renewal may hand out another address"
+        ),
+        Err(error) => tracing::warn!(
+            task_tag,
+            error = %with_sources(&error),
+            "cannot reserve the guest's DHCP address; the task keeps its lease, but a renewal may hand out another address"
+        ),
     }
 }
 
@@ -216,6 +308,7 @@ impl Net for LibvirtNet {
     }
 
     fn remove_unfinished(&self, intent: &NetIntent) -> Result<(), NetError> {
+        self.wait_for_reservation(&intent.task_tag);
         let mut failures = Vec::new();
         if !intent.task_tag.is_empty() {
             if let Err(error) = self.iptables.remove_tag(&intent.task_tag) {
@@ -320,10 +413,10 @@ impl LibvirtNet {
             // several allocations of a job may share a hostname.
             hostname: None,
         };
-        // Record before create: teardown removes it even if adding half-failed.
+        // Record before create: teardown removes it even if adding half-failed
+        // or has not happened yet.
         spec.dhcp_reservation = Some(reservation.clone());
-        self.libvirt
-            .call_blocking(|conn| Ok(libvirt_network::add_reservation(conn, &reservation)))??;
+        self.reserve_in_background(&request.task_tag, reservation);
         let rules = port_forward_rules(&request.task_tag, lease.ip, bridge, &forwards)
             .map_err(|e| NetError::Invalid(e.to_string()))?;
         spec.iptables_rules = rules.clone();
@@ -342,6 +435,7 @@ impl LibvirtNet {
     }
 
     fn teardown(&self, spec: &TeardownSpec) -> Result<(), NetError> {
+        self.wait_for_reservation(&spec.task_tag);
         let mut failures = Vec::new();
         if !spec.task_tag.is_empty() {
             if let Err(error) = self.iptables.remove_tag(&spec.task_tag) {

@@ -7,19 +7,23 @@
 //! checked with `fstat` before a byte is written, on every (re)open; a link,
 //! a regular file or anything else in its place is left alone. The copier
 //! sleeps until inotify reports a change to the console file: an idle task
-//! costs no wake-ups.
+//! costs no wake-ups. All copiers share one inotify instance (one watch
+//! per task directory), so hundreds of tasks do not hit the per-user
+//! instance limit.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use inotify::{Inotify, WatchMask};
+use inotify::{Inotify, WatchDescriptor, WatchMask};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::sync::watch;
-use tokio_stream::StreamExt;
+use tokio::sync::{watch, Notify};
 
 /// Largest chunk copied at once.
 const CHUNK: usize = 64 * 1024;
@@ -115,19 +119,142 @@ fn open_console(path: &Path) -> io::Result<(tokio::fs::File, u64)> {
     Ok((tokio::fs::File::from_std(file), metadata.ino()))
 }
 
+/// One inotify instance for every console copier of the process: the
+/// kernel allows few instances per user (128 by default, shared with every
+/// other program of that user) but many watches, so a copier per task
+/// must not cost an instance. A thread of its own reads the events
+/// (blocking, so it wakes only when a watched file changes) and wakes the
+/// copiers whose file changed.
+struct ConsoleWatches {
+    watches: inotify::Watches,
+    /// Per watched directory: the copiers interested in it.
+    subscribers: Mutex<HashMap<WatchDescriptor, Vec<Subscriber>>>,
+    next_id: AtomicU64,
+}
+
+/// (subscription id, file name, its waker).
+type Subscriber = (u64, OsString, Arc<Notify>);
+
+fn console_watches() -> io::Result<Arc<ConsoleWatches>> {
+    static SHARED: OnceLock<Result<Arc<ConsoleWatches>, String>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let mut inotify = Inotify::init().map_err(|error| error.to_string())?;
+            let shared = Arc::new(ConsoleWatches {
+                watches: inotify.watches(),
+                subscribers: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+            });
+            let weak = Arc::downgrade(&shared);
+            std::thread::Builder::new()
+                .name("console-watch".into())
+                .spawn(move || {
+                    let mut buffer = vec![0u8; 4096];
+                    loop {
+                        let Ok(events) = inotify.read_events_blocking(&mut buffer) else {
+                            return;
+                        };
+                        let Some(shared) = weak.upgrade() else { return };
+                        shared.wake(events);
+                    }
+                })
+                .map_err(|error| error.to_string())?;
+            Ok(shared)
+        })
+        .clone()
+        .map_err(io::Error::other)
+}
+
+impl ConsoleWatches {
+    fn wake(&self, events: inotify::Events<'_>) {
+        let Ok(subscribers) = self.subscribers.lock() else {
+            return;
+        };
+        for event in events {
+            let Some(list) = subscribers.get(&event.wd) else {
+                continue;
+            };
+            for (_, file, waker) in list {
+                // No name: the directory itself changed (deleted).
+                if event.name.is_none_or(|name| name == file.as_os_str()) {
+                    waker.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Wakes the returned subscription when `console_log` changes.
+    fn subscribe(self: &Arc<Self>, console_log: &Path) -> io::Result<ConsoleWatch> {
+        let dir = console_log.parent().unwrap_or_else(|| Path::new("/"));
+        let file = console_log
+            .file_name()
+            .map(OsString::from)
+            .unwrap_or_default();
+        let mut subscribers = self
+            .subscribers
+            .lock()
+            .map_err(|_| io::Error::other("console watch lock poisoned"))?;
+        // Under the lock: a concurrent unsubscribe cannot remove the
+        // directory's watch between this add and the insert below.
+        let wd = self.watches.clone().add(
+            dir,
+            WatchMask::MODIFY
+                | WatchMask::CREATE
+                | WatchMask::MOVED_TO
+                | WatchMask::CLOSE_WRITE
+                | WatchMask::DELETE_SELF,
+        )?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let waker = Arc::new(Notify::new());
+        subscribers
+            .entry(wd.clone())
+            .or_default()
+            .push((id, file, waker.clone()));
+        Ok(ConsoleWatch {
+            shared: self.clone(),
+            wd,
+            id,
+            waker,
+        })
+    }
+}
+
+/// A copier's interest in its console file; dropping it removes the
+/// directory's watch when no other copier uses it.
+struct ConsoleWatch {
+    shared: Arc<ConsoleWatches>,
+    wd: WatchDescriptor,
+    id: u64,
+    waker: Arc<Notify>,
+}
+
+impl ConsoleWatch {
+    /// Returns once the file changed since the last call (a change that
+    /// came in between is not lost: it left a permit).
+    async fn changed(&self) {
+        self.waker.notified().await;
+    }
+}
+
+impl Drop for ConsoleWatch {
+    fn drop(&mut self) {
+        let Ok(mut subscribers) = self.shared.subscribers.lock() else {
+            return;
+        };
+        if let Some(list) = subscribers.get_mut(&self.wd) {
+            list.retain(|(id, ..)| *id != self.id);
+            if list.is_empty() {
+                subscribers.remove(&self.wd);
+                // Fails harmlessly when the directory is already gone.
+                let _ = self.shared.watches.clone().remove(self.wd.clone());
+            }
+        }
+    }
+}
+
 /// Watches the console file's directory for changes to that file.
-fn watch_console(console_log: &Path) -> io::Result<inotify::EventStream<Vec<u8>>> {
-    let inotify = Inotify::init()?;
-    let dir = console_log.parent().unwrap_or_else(|| Path::new("/"));
-    inotify.watches().add(
-        dir,
-        WatchMask::MODIFY
-            | WatchMask::CREATE
-            | WatchMask::MOVED_TO
-            | WatchMask::CLOSE_WRITE
-            | WatchMask::DELETE_SELF,
-    )?;
-    inotify.into_event_stream(vec![0u8; 4096])
+fn watch_console(console_log: &Path) -> io::Result<ConsoleWatch> {
+    console_watches()?.subscribe(console_log)
 }
 
 async fn copy_loop(
@@ -136,14 +263,13 @@ async fn copy_loop(
     from_end: bool,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut changes = match watch_console(&console_log) {
+    let changes = match watch_console(&console_log) {
         Ok(changes) => Some(changes),
         Err(error) => {
             tracing::warn!(error = %error, path = %console_log.display(), "cannot watch the console log; console output will not reach the task's logs");
             None
         }
     };
-    let file_name = console_log.file_name().map(OsString::from);
     let mut sink: Option<pipe::Sender> = None;
     let mut source: Option<(tokio::fs::File, u64)> = None; // file and inode
     let mut skip_existing = from_end;
@@ -207,22 +333,12 @@ async fn copy_loop(
             return;
         }
         // Nothing to copy: sleep until the file changes or we are stopped.
-        let Some(events) = changes.as_mut() else {
+        let Some(watch) = changes.as_ref() else {
             let _ = stopped.changed().await;
             continue;
         };
         tokio::select! {
-            event = events.next() => match event {
-                Some(Ok(event)) => {
-                    let ours = event.name.is_none()
-                        || event.name.as_deref() == file_name.as_deref();
-                    if !ours {
-                        // Another file in the directory: drain and wait again.
-                        continue;
-                    }
-                }
-                Some(Err(_)) | None => changes = None,
-            },
+            () = watch.changed() => {}
             _ = stopped.changed() => {}
         }
     }
@@ -292,6 +408,52 @@ mod tests {
             b"after rotation\n"
         );
         drop(copier);
+    }
+
+    /// More copiers than the kernel's default per-user inotify instance
+    /// limit (128, shared with every other process of the user) all copy:
+    /// they share one instance.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_copiers_share_one_inotify_instance() {
+        const COPIERS: usize = 160;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut readers = Vec::new();
+        let mut copiers = Vec::new();
+        for index in 0..COPIERS {
+            let task_dir = dir.path().join(format!("task{index}"));
+            std::fs::create_dir(&task_dir).expect("mkdir");
+            let fifo = task_dir.join("stdout.fifo");
+            make_fifo(&fifo);
+            readers.push(
+                pipe::OpenOptions::new()
+                    .open_receiver(&fifo)
+                    .expect("reader"),
+            );
+            copiers.push(ConsoleCopier::spawn(
+                task_dir.join("console.log"),
+                fifo,
+                false,
+            ));
+        }
+        // Let every copier register its watch before the files appear.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for index in 0..COPIERS {
+            let console = dir.path().join(format!("task{index}/console.log"));
+            std::fs::write(&console, format!("task {index:03}\n")).expect("write");
+        }
+        for (index, reader) in readers.iter_mut().enumerate() {
+            let expected = format!("task {index:03}\n");
+            assert_eq!(
+                read_some(reader, expected.as_bytes()).await,
+                expected.as_bytes()
+            );
+        }
+        // Copiers of removed tasks let go of their directory's watch.
+        drop(copiers);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let shared = console_watches().expect("shared watches");
+        let watched = shared.subscribers.lock().expect("lock").len();
+        assert!(watched < COPIERS, "{watched} directories still watched");
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ pub mod store;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -43,6 +43,9 @@ const PARENT_IDLE: Duration = Duration::from_secs(3600);
 
 /// How long to wait for the stopped event after a forced destroy.
 const DESTROY_WAIT: Duration = Duration::from_secs(10);
+/// Longest the event dispatcher sleeps without an event before checking
+/// for a reconnect itself (see [`dispatch_events`]).
+const RECONCILE_CHECK: Duration = Duration::from_secs(10);
 
 /// The driver's tasks and the machinery that tracks them.
 pub struct Tasks {
@@ -52,6 +55,8 @@ pub struct Tasks {
     journal: Journal,
     events: broadcast::Sender<TaskEvent>,
     host_initialised: AtomicBool,
+    /// The libvirt connection generation last reconciled against.
+    reconciled_generation: AtomicU64,
 }
 
 fn unix_nanos(time: SystemTime) -> i64 {
@@ -106,6 +111,7 @@ impl Tasks {
             journal,
             events,
             host_initialised: AtomicBool::new(false),
+            reconciled_generation: AtomicU64::new(0),
         });
         let (sender, receiver) = std::sync::mpsc::channel::<LifecycleEvent>();
         hypervisor.subscribe_events(sender);
@@ -205,12 +211,31 @@ impl Tasks {
     }
 
     /// Whether the hypervisor answers (health between full fingerprints).
-    pub async fn hypervisor_reachable(&self) -> bool {
-        let hypervisor = self.hypervisor.clone();
+    pub async fn hypervisor_reachable(self: &Arc<Self>) -> bool {
+        let tasks = self.clone();
         matches!(
-            tokio::task::spawn_blocking(move || hypervisor.ping()).await,
+            tokio::task::spawn_blocking(move || {
+                let pinged = tasks.hypervisor.ping();
+                // The ping is what usually reconnects: catch up at once.
+                tasks.reconcile_if_reconnected();
+                pinged
+            })
+            .await,
             Ok(Ok(()))
         )
+    }
+
+    /// After a new libvirt connection, events may have been missed:
+    /// settles every running task from its domain's real state. Called by
+    /// the event dispatcher and after the health check's ping.
+    fn reconcile_if_reconnected(&self) {
+        let generation = self.hypervisor.connection_generation();
+        let seen = self
+            .reconciled_generation
+            .swap(generation, Ordering::SeqCst);
+        if generation != seen && generation > 1 {
+            self.reconcile_all();
+        }
     }
 
     /// `driver.virt.network.*` attributes (all strings).
@@ -694,11 +719,12 @@ fn settle_from_state(hypervisor: &dyn Hypervisor, entry: &TaskEntry) -> Result<(
 }
 
 /// Runs on its own thread: applies hypervisor events and reconciles after
-/// reconnects.
+/// reconnects. Wakes on events; otherwise only every
+/// [`RECONCILE_CHECK`], as the health check's ping (every few seconds while
+/// Nomad fingerprints) already reconciles after a reconnect.
 fn dispatch_events(tasks: &Weak<Tasks>, receiver: &std::sync::mpsc::Receiver<LifecycleEvent>) {
-    let mut seen_generation = 0;
     loop {
-        let received = receiver.recv_timeout(Duration::from_secs(1));
+        let received = receiver.recv_timeout(RECONCILE_CHECK);
         let Some(tasks) = tasks.upgrade() else { return };
         match received {
             Ok(event) => tasks.handle_event(&event),
@@ -709,13 +735,7 @@ fn dispatch_events(tasks: &Weak<Tasks>, receiver: &std::sync::mpsc::Receiver<Lif
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
-        let generation = tasks.hypervisor.connection_generation();
-        if generation != seen_generation {
-            seen_generation = generation;
-            if generation > 1 {
-                tasks.reconcile_all();
-            }
-        }
+        tasks.reconcile_if_reconnected();
         drop(tasks);
     }
 }
