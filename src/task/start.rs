@@ -555,6 +555,15 @@ pub fn boot(
         };
         let field = format!("disk[{index}]");
         let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
+        // A volume another start recorded is that task's, whatever its name.
+        if let Some(task) = journal.task_using_volume(&pool.name, name.as_str()) {
+            return Err(TaskError::Invalid(format!(
+                "{field}.source.volume: volume {:?} in pool {:?} is a disk of task {task:?}; \
+                 name a volume the operator made",
+                name.as_str(),
+                pool.name
+            )));
+        }
         let facts = hypervisor
             .source_volume(&pool.name, name.as_str())
             .map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?;
