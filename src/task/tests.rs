@@ -1513,8 +1513,16 @@ async fn bad_disk_sources_are_refused_before_anything_is_created() {
         message.starts_with("disk[1].volume:") && message.contains("not a block device"),
         "{message}"
     );
-    // A read_only mount cannot be written from an image.
+    // A read_only mount cannot be passed through as a SCSI lun.
     unmatched.mounts[0].read_only = true;
+    let mut lun = unmatched.clone();
+    lun.config.disks[1].kind = crate::config::task::DiskKind::Lun;
+    let message = refused(lun).await;
+    assert!(
+        message.starts_with("disk[1].kind:") && message.contains("read_only"),
+        "{message}"
+    );
+    // A read_only mount cannot be written from an image.
     unmatched.config.disks[1].source = Some(DiskSource::Image {
         path: "base.img".into(),
         format: None,
@@ -1683,6 +1691,28 @@ async fn source_volumes_in_use_recorded_or_linked_are_refused() {
         "{message}"
     );
     harness.node.journal().forget("other-task-id");
+
+    // A size smaller than the source (Go refuses it too).
+    make("golden-big.img");
+    std::fs::write(harness.node.pool_path.join("golden-big.img"), [0u8; 4096]).expect("file");
+    let tasks = harness.tasks.clone();
+    let mut small = request(&harness.node, "5eed0104", false);
+    small.config.disks[1].source = Some(DiskSource::Volume {
+        name: ObjectName::parse("golden-big.img").expect("name"),
+        format: None,
+    });
+    small.config.disks[1].size = Some(crate::config::units::ByteSize(1 << 20));
+    let message = tasks
+        .start(small, settings(&harness.node))
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        message.starts_with("disk[1].size:")
+            && message.contains("1048576 bytes")
+            && message.contains(&(4u64 << 20).to_string()),
+        "{message}"
+    );
 
     // A link in the pool directory to a host file.
     make("golden-link.img");
