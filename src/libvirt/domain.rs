@@ -313,6 +313,23 @@ pub fn sample_domain(conn: &Connect, name: &str) -> Result<Option<DomainSample>,
 mod tests {
     use super::*;
 
+    #[test]
+    fn disk_uses_name_files_devices_backing_and_pool_volumes() {
+        let used = disk_use_in_xml(
+            "d",
+            "<domain><devices>\
+             <disk type='file'><source file='/p/a.img'/><backingStore type='file'>\
+             <source file='/p/base.qcow2'/></backingStore></disk>\
+             <disk type='block'><source dev='/dev/sdz'/></disk>\
+             <disk type='volume'><source pool='p' volume='v.img'/></disk>\
+             <interface type='network'><source network='default'/></interface>\
+             </devices></domain>",
+        );
+        assert_eq!(used.paths, ["/p/a.img", "/p/base.qcow2", "/dev/sdz"]);
+        assert_eq!(used.pool_volumes, [("p".to_string(), "v.img".to_string())]);
+        assert_eq!(disk_use_in_xml("d", "<not xml").paths.len(), 0);
+    }
+
     /// A private test-driver connection with no domains.
     fn private_connection() -> (tempfile::TempDir, Connect) {
         crate::libvirt::conn::init_process();

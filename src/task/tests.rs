@@ -1590,6 +1590,24 @@ async fn a_source_volume_is_cloned_and_the_clone_attached() {
         .expect("domain exists");
     assert!(!xml.contains("golden-base.img"), "{xml}");
     assert!(xml.contains("web-c10e0001_vdb.img"), "{xml}");
+    // The clone's format is pinned, so a qcow2 header written into a raw
+    // source is never opened as one.
+    let root = crate::libvirt::xml::parse(&xml).expect("xml");
+    let clone = root
+        .child("devices")
+        .expect("devices")
+        .children_named("disk")
+        .find(|disk| {
+            disk.child("source")
+                .and_then(|source| source.attr("file"))
+                .is_some_and(|file| file.ends_with("web-c10e0001_vdb.img"))
+        })
+        .expect("the clone's disk");
+    assert_eq!(
+        clone.child("driver").and_then(|driver| driver.attr("type")),
+        Some("raw"),
+        "{xml}"
+    );
     assert!(
         started
             .state
