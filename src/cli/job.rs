@@ -836,7 +836,7 @@ impl<'a> Parser<'a> {
                             .map(|a| hcl::Expression::from(a.value.clone()))
                         {
                             Some(hcl::Expression::String(destination)) => {
-                                task.volume_mounts.push(destination)
+                                task.volume_mounts.push(destination);
                             }
                             _ => task.volume_mounts_computed = true,
                         }

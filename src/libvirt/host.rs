@@ -99,7 +99,7 @@ pub fn os_defaults(
     // with a less helpful message. (Capabilities listing no guest arch at
     // all decide nothing.)
     let offered = guest_arches(&capabilities);
-    if !offered.is_empty() && !offered.iter().any(|offered| *offered == arch) {
+    if !offered.is_empty() && !offered.contains(&arch) {
         return Ok(Err(format!(
             "os.arch: this host runs no {arch:?} guests; use one of {}",
             offered.join(", ")

@@ -1700,7 +1700,7 @@ async fn source_volumes_in_use_recorded_or_linked_are_refused() {
             record.volumes.push(CreatedVolume {
                 pool: POOL.into(),
                 name: "golden-recorded.img".into(),
-            })
+            });
         })
         .expect("update");
     let message = refused("5eed0102", "golden-recorded.img").await;

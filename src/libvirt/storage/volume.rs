@@ -237,7 +237,7 @@ pub fn source_volume(pool: &Pool, name: &str) -> Result<SourceVolume, StorageErr
     // The operator's volume, checked without following a link: a link in
     // the pool directory to a host file (or a device, fifo, directory) is
     // no source. Its header is read through that one descriptor.
-    let path = PathBuf::from(vol.path()?);
+    let path = vol.path()?;
     let linked = std::fs::symlink_metadata(&path).map_err(|error| StorageError::Io {
         action: "inspect source volume",
         path: PathBuf::from(name),
