@@ -302,6 +302,21 @@ fn disk_on_a_volume_no_volume_mount_provides() {
         text(&output.stdout),
         text(&output.stderr)
     );
+    // A computed destination is Nomad's to resolve: not reported.
+    let computed = job.replace(
+        "      driver = \"virt\"\n",
+        "      driver = \"virt\"\n      volume_mount {\n        volume      = \"data\"\n        destination = \"${NOMAD_META_dev}\"\n      }\n",
+    );
+    assert_ne!(computed, job);
+    let path = dir.path().join("computed.nomad.hcl");
+    std::fs::write(&path, &computed).expect("write job");
+    let output = validate(&[&path]);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
 }
 
 #[test]

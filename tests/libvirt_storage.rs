@@ -955,13 +955,51 @@ fn source_volumes_are_cloned_never_written() {
         );
         assert!(err.to_string().contains("name another volume"), "{err}");
     }
-    std::fs::copy(overlay.path().unwrap(), pool_dir.join("chain.qcow2")).unwrap();
-    let err = source_volume(&pool, "chain.qcow2").unwrap_err();
+    // Named `.img`: the format comes from the content, not the name.
+    std::fs::copy(overlay.path().unwrap(), pool_dir.join("chain.img")).unwrap();
+    // source_volume refreshes no pool: a file copied in is unknown until
+    // the operator refreshes it.
+    assert!(matches!(
+        source_volume(&pool, "chain.img").unwrap_err(),
+        StorageError::VolumeNotFound { .. }
+    ));
+    refresh_pool(&pool).unwrap();
+    let err = source_volume(&pool, "chain.img").unwrap_err();
     assert!(
         matches!(err, StorageError::UnsafeSourceVolume { .. }),
         "{err}"
     );
     assert!(err.to_string().contains("backing file"), "{err}");
+    // A volume made raw whose bytes become a qcow2 header naming a host
+    // file: either libvirt re-probes it (refused for the backing file) or
+    // it stays raw and is cloned as raw bytes, never opened as qcow2.
+    create_empty(&pool, "written.img", ImageFormat::Raw, MIB).unwrap();
+    std::fs::copy(overlay.path().unwrap(), pool_dir.join("written.img")).unwrap();
+    match source_volume(&pool, "written.img") {
+        Ok(source) => {
+            assert_eq!(source.format, ImageFormat::Raw);
+            let copy =
+                clone_volume(&pool, "vm_vde.img", &source, ImageFormat::Raw, None, true).unwrap();
+            // A byte copy (libvirt copied raw, not qcow2's virtual disk).
+            let written = std::fs::read(pool_dir.join("written.img")).unwrap();
+            let copied = std::fs::read(copy.path().unwrap()).unwrap();
+            assert!(copied.starts_with(&written), "the clone is the raw bytes");
+            delete_volume(&pool, "vm_vde.img").unwrap();
+        }
+        Err(err) => assert!(err.to_string().contains("backing file"), "{err}"),
+    }
+    // A link in the pool directory to a host file is no source.
+    std::fs::write(guard.dir.path().join("host-file"), b"host secret").unwrap();
+    std::os::unix::fs::symlink(
+        guard.dir.path().join("host-file"),
+        pool_dir.join("linked.img"),
+    )
+    .unwrap();
+    refresh_pool(&pool).unwrap();
+    match source_volume(&pool, "linked.img") {
+        Err(err) => assert!(err.to_string().contains("not a regular file"), "{err}"),
+        Ok(source) => panic!("a link was accepted: {source:?}"),
+    }
     let err = source_volume(&pool, "missing.img").unwrap_err();
     assert!(matches!(err, StorageError::VolumeNotFound { .. }), "{err}");
 }

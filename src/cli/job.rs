@@ -94,6 +94,10 @@ pub struct Task {
     /// `destination`s of the `volume_mount` blocks written as plain
     /// strings: what `disk { volume = "..." }` is matched against.
     pub volume_mounts: Vec<String>,
+    /// Some `volume_mount` has a destination that is not a plain string
+    /// (e.g. `"${...}"`, known only to Nomad), so unmatched disks cannot
+    /// be told apart.
+    pub volume_mounts_computed: bool,
 }
 
 impl Task {
@@ -770,6 +774,7 @@ impl<'a> Parser<'a> {
             artifacts: Vec::new(),
             templates: Vec::new(),
             volume_mounts: Vec::new(),
+            volume_mounts_computed: false,
         };
         for structure in &block.body {
             match structure {
@@ -825,12 +830,15 @@ impl<'a> Parser<'a> {
                     "artifact" => task.artifacts.push(self.artifact(inner)),
                     "template" => task.templates.push(self.template(inner)),
                     "volume_mount" => {
-                        if let Some(hcl::Expression::String(destination)) = inner
+                        match inner
                             .body
                             .get_attribute("destination")
                             .map(|a| hcl::Expression::from(a.value.clone()))
                         {
-                            task.volume_mounts.push(destination);
+                            Some(hcl::Expression::String(destination)) => {
+                                task.volume_mounts.push(destination);
+                            }
+                            _ => task.volume_mounts_computed = true,
                         }
                         self.warning(
                             inner.span(),

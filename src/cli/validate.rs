@@ -120,13 +120,16 @@ pub fn check_task(
         .map(located)
         .unwrap_or_default();
     let mounts: BTreeSet<&str> = task.volume_mounts.iter().map(String::as_str).collect();
-    problems.extend(
-        typed
-            .check_volume_mounts(&mounts)
-            .err()
-            .map(located)
-            .unwrap_or_default(),
-    );
+    // A computed destination could be any disk's: only Nomad knows.
+    if !task.volume_mounts_computed {
+        problems.extend(
+            typed
+                .check_volume_mounts(&mounts)
+                .err()
+                .map(located)
+                .unwrap_or_default(),
+        );
+    }
     let memory = task.resources.memory.unwrap_or(alloc::DEFAULT_MEMORY_MB);
     if let Err(problem) = crate::task::plan::check_memory(memory) {
         problems.push(at(

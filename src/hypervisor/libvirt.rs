@@ -224,6 +224,23 @@ impl Hypervisor for LibvirtHypervisor {
     ) -> Result<SourceVolumeFacts, HypervisorError> {
         self.with(|conn| {
             let source = storage::source_volume(&pool(conn, pool_name)?, name)?;
+            // Whatever its name, a volume a domain reads or writes is that
+            // domain's disk: cloning it would hand its data to this job.
+            let path = source.path.to_string_lossy();
+            let key = (pool_name.to_string(), name.to_string());
+            if let Some(user) = domain::disk_uses(conn)?.into_iter().find(|used| {
+                used.paths.iter().any(|p| *p == path) || used.pool_volumes.contains(&key)
+            }) {
+                return Err(StorageError::UnsafeSourceVolume {
+                    pool: pool_name.to_string(),
+                    volume: name.to_string(),
+                    reason: format!(
+                        "domain {:?} uses it as a disk; name a volume no domain uses",
+                        user.domain
+                    ),
+                }
+                .into());
+            }
             Ok(SourceVolumeFacts {
                 format: source.format,
                 capacity: source.capacity,

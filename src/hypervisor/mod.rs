@@ -143,7 +143,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     ) -> Result<CreatedDisk, HypervisorError>;
     /// Checks a volume the operator made that a job names as
     /// `source.volume` (never attached, written nor deleted by us): it
-    /// exists, is not one of the driver's own, and has no backing file.
+    /// exists, is a regular file, is not named like one of the driver's
+    /// own nor used as a disk by any domain, and has no backing file.
     fn source_volume(&self, pool: &str, name: &str) -> Result<SourceVolumeFacts, HypervisorError>;
     /// The `os` a domain gets: what the job set, the rest from the host's
     /// capabilities for `virt_type` (`kvm`/`qemu`). The inner error names

@@ -102,6 +102,69 @@ pub fn domain_names(conn: &Connect) -> Result<Vec<String>, LibvirtError> {
     Ok(domains.iter().filter_map(|d| d.name().ok()).collect())
 }
 
+/// What one domain's disks read: the files and devices (`<source file>`,
+/// `<source dev>`, backing chains included) and the pool volumes
+/// (`<source pool volume>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskUse {
+    pub domain: String,
+    pub paths: Vec<String>,
+    pub pool_volumes: Vec<(String, String)>,
+}
+
+/// The disk sources of every domain libvirt knows, running or not (each
+/// domain's persistent XML when it has one, else its live XML). A domain
+/// whose XML cannot be read is skipped: it vanished meanwhile.
+pub fn disk_uses(conn: &Connect) -> Result<Vec<DiskUse>, LibvirtError> {
+    let domains = conn
+        .list_all_domains(0)
+        .map_err(|e| LibvirtError::host("listing domains", e))?;
+    let mut uses = Vec::new();
+    for domain in &domains {
+        let Ok(name) = domain.name() else { continue };
+        for flags in [0, sys::VIR_DOMAIN_XML_INACTIVE] {
+            if let Ok(xml) = domain.xml_desc(flags) {
+                uses.push(disk_use_in_xml(&name, &xml));
+            }
+        }
+    }
+    Ok(uses)
+}
+
+/// [`DiskUse`] of one domain XML; an unparsable XML uses nothing we can
+/// name.
+pub fn disk_use_in_xml(domain: &str, xml: &str) -> DiskUse {
+    let mut found = DiskUse {
+        domain: domain.to_string(),
+        ..DiskUse::default()
+    };
+    let Ok(root) = super::xml::parse(xml) else {
+        return found;
+    };
+    let Some(devices) = root.child("devices") else {
+        return found;
+    };
+    for disk in devices.children_named("disk") {
+        for source in disk
+            .descendants()
+            .into_iter()
+            .filter(|element| element.name == "source")
+        {
+            for key in ["file", "dev"] {
+                if let Some(path) = source.attr(key) {
+                    found.paths.push(path.to_string());
+                }
+            }
+            if let (Some(pool), Some(volume)) = (source.attr("pool"), source.attr("volume")) {
+                found
+                    .pool_volumes
+                    .push((pool.to_string(), volume.to_string()));
+            }
+        }
+    }
+    found
+}
+
 /// Whether domain `name` exists (running or not).
 pub fn domain_exists(conn: &Connect, name: &str) -> Result<bool, LibvirtError> {
     Ok(lookup(conn, name)?.is_some())
@@ -249,6 +312,23 @@ pub fn sample_domain(conn: &Connect, name: &str) -> Result<Option<DomainSample>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_uses_name_files_devices_backing_and_pool_volumes() {
+        let used = disk_use_in_xml(
+            "d",
+            "<domain><devices>\
+             <disk type='file'><source file='/p/a.img'/><backingStore type='file'>\
+             <source file='/p/base.qcow2'/></backingStore></disk>\
+             <disk type='block'><source dev='/dev/sdz'/></disk>\
+             <disk type='volume'><source pool='p' volume='v.img'/></disk>\
+             <interface type='network'><source network='default'/></interface>\
+             </devices></domain>",
+        );
+        assert_eq!(used.paths, ["/p/a.img", "/p/base.qcow2", "/dev/sdz"]);
+        assert_eq!(used.pool_volumes, [("p".to_string(), "v.img".to_string())]);
+        assert_eq!(disk_use_in_xml("d", "<not xml").paths.len(), 0);
+    }
 
     /// A private test-driver connection with no domains.
     fn private_connection() -> (tempfile::TempDir, Connect) {

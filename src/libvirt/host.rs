@@ -95,6 +95,16 @@ pub fn os_defaults(
                 .into(),
         ));
     };
+    // An arch the host offers no guests of would fail in libvirt's define
+    // with a less helpful message. (Capabilities listing no guest arch at
+    // all decide nothing.)
+    let offered = guest_arches(&capabilities);
+    if !offered.is_empty() && !offered.contains(&arch) {
+        return Ok(Err(format!(
+            "os.arch: this host runs no {arch:?} guests; use one of {}",
+            offered.join(", ")
+        )));
+    }
     if let Some(machine) = machine {
         return Ok(Ok(OsDefaults {
             arch,
@@ -114,6 +124,21 @@ pub fn os_defaults(
             "os.machine: libvirt names no machine type for architecture {arch:?}; set it, e.g. \"virt\""
         )),
     })
+}
+
+/// The guest architectures a capabilities document lists, each once.
+fn guest_arches(capabilities_xml: &str) -> Vec<String> {
+    let Ok(root) = super::xml::parse(capabilities_xml) else {
+        return Vec::new();
+    };
+    let mut arches: Vec<String> = root
+        .children_named("guest")
+        .flat_map(|guest| guest.children_named("arch"))
+        .filter_map(|arch| arch.attr("name").map(str::to_string))
+        .collect();
+    arches.sort();
+    arches.dedup();
+    arches
 }
 
 /// The host CPU architecture in a capabilities document.
@@ -247,15 +272,22 @@ mod tests {
             .expect("defaults");
         assert_eq!(defaults.arch, "i686");
         assert_eq!(defaults.machine, "pc");
-        let given = os_defaults(&conn, Some("x86_64"), Some("q35"), "qemu")
+        let given = os_defaults(&conn, Some("i686"), Some("q35"), "qemu")
             .expect("libvirt")
             .expect("given");
-        assert!(os_defaults(&conn, Some("s390x"), None, "qemu")
-            .expect("libvirt")
-            .unwrap_err()
-            .starts_with("os.machine"));
-        assert_eq!(given.arch, "x86_64");
+        assert_eq!(given.arch, "i686");
         assert_eq!(given.machine, "q35");
+        // An arch the host runs no guests of is refused, machine or not,
+        // naming os.arch and what the host offers.
+        for machine in [None, Some("s390-ccw-virtio")] {
+            let refused = os_defaults(&conn, Some("s390x"), machine, "qemu")
+                .expect("libvirt")
+                .unwrap_err();
+            assert!(
+                refused.starts_with("os.arch:") && refused.contains("i686"),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

@@ -62,34 +62,36 @@ pub fn is_driver_volume_name(name: &str) -> bool {
     let Some(stem) = name
         .strip_suffix(".qcow2")
         .or_else(|| name.strip_suffix(".img"))
+        .or_else(|| name.strip_suffix(".iso"))
     else {
         return false;
     };
     // `<vm>_<dev>`: the device part is what device naming produces (a bus
-    // prefix and letters) or a job's devname (lower-case letters/digits).
-    let Some((vm, dev)) = stem.rsplit_once('_') else {
-        return false;
-    };
-    if vm.is_empty() {
-        return false;
-    }
-    let generated_dev = ["vd", "sd", "hd", "xvd"].iter().any(|prefix| {
-        dev.strip_prefix(prefix).is_some_and(|rest| {
-            !rest.is_empty() && rest.len() <= 4 && rest.bytes().all(|b| b.is_ascii_lowercase())
-        })
+    // prefix and letters) or, on one of our domains, a job's devname,
+    // which the Go driver let be anything (`data-disk`, `data_1`, `Data`).
+    let generated = stem.rsplit_once('_').is_some_and(|(vm, dev)| {
+        !vm.is_empty()
+            && ["vd", "sd", "hd", "xvd"].iter().any(|prefix| {
+                dev.strip_prefix(prefix).is_some_and(|rest| {
+                    !rest.is_empty()
+                        && rest.len() <= 4
+                        && rest.bytes().all(|b| b.is_ascii_lowercase())
+                })
+            })
     });
-    // A job's own devname can be any short name, so a volume of one of our
-    // domains (`<task>-<8 characters of the task id>`) counts whatever its
-    // device part.
-    let any_devname = !dev.is_empty()
-        && dev.len() <= 8
-        && dev
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    let our_domain = vm.rsplit_once('-').is_some_and(|(task, suffix)| {
-        !task.is_empty() && suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_alphanumeric())
+    // One of our domains is `<task>-<8 characters of the task id>`; the
+    // first `_` after such a prefix starts the device part, whatever
+    // follows (a devname may itself hold `_`).
+    let our_domain = stem.match_indices('_').any(|(at, _)| {
+        let (vm, dev) = (&stem[..at], &stem[at + 1..]);
+        !dev.is_empty()
+            && vm.rsplit_once('-').is_some_and(|(task, suffix)| {
+                !task.is_empty()
+                    && suffix.len() == 8
+                    && suffix.bytes().all(|b| b.is_ascii_alphanumeric())
+            })
     });
-    generated_dev || (our_domain && any_devname)
+    generated || our_domain
 }
 
 /// Volume names in directory pools are file names: refuses what a file
@@ -190,6 +192,12 @@ mod tests {
             // A job's own devname on one of our domains.
             "web-1a2b3c4d_data.qcow2",
             "web-1a2b3c4d_d1.img",
+            // Go-driver devnames were free-form.
+            "web-1a2b3c4d_data-disk.img",
+            "web-1a2b3c4d_data_1.img",
+            "web-1a2b3c4d_Data.img",
+            "my_task-1a2b3c4d_scratch.qcow2",
+            "web-1a2b3c4d_blob.iso",
         ] {
             assert!(is_driver_volume_name(ours), "{ours}");
         }
@@ -201,7 +209,9 @@ mod tests {
             "data_vd.img",
             "base_vda.raw",
             "ubuntu-focal_data.img",
-            "web-1a2b3c4d_Data.img",
+            "web-1a2b3c4d_.img",
+            "web-1a2b3c4_data.img",
+            "ubuntu-22.04.iso",
         ] {
             assert!(!is_driver_volume_name(operators), "{operators}");
         }

@@ -196,6 +196,23 @@ impl Journal {
         read_record(&self.path_for(task_id))
     }
 
+    /// The task whose record lists volume `name` in `pool` (made, or about
+    /// to be made, by that task's start), whoever owns the record.
+    pub fn task_using_volume(&self, pool: &str, name: &str) -> Option<String> {
+        let entries = std::fs::read_dir(&self.dir).ok()?;
+        entries
+            .filter_map(Result::ok)
+            .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "json"))
+            .filter_map(|entry| read_record(&entry.path()))
+            .find(|record| {
+                record
+                    .volumes
+                    .iter()
+                    .any(|volume| volume.pool == pool && volume.name == name)
+            })
+            .map(|record| record.task_id)
+    }
+
     /// Records of tasks no live plugin process owns, other than the ones
     /// `is_known` (tasks this process tracks).
     pub fn orphans(&self, is_known: impl Fn(&str) -> bool) -> Vec<TaskRecord> {

@@ -271,6 +271,15 @@ pub fn prepare(request: &StartRequest, settings: &Settings) -> Result<StartPlan,
                  source block"
             )));
         }
+        if mount.read_only && disk.kind == DiskKind::Lun {
+            // SCSI passthrough lets the guest send any command to the
+            // device; libvirt's <readonly/> is not enforced for it.
+            return Err(TaskError::Invalid(format!(
+                "disk[{index}].kind: \"lun\" passes the device through, which a read_only \
+                 volume_mount {volume:?} cannot keep read-only; use kind = \"disk\" or remove \
+                 read_only from the volume_mount"
+            )));
+        }
         if !is_block_device(&mount.host_path) {
             return Err(TaskError::Invalid(format!(
                 "{field}: the volume mounted at {volume:?} is not a block device; a disk needs a \
@@ -555,9 +564,28 @@ pub fn boot(
         };
         let field = format!("disk[{index}]");
         let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
+        // A volume another start recorded is that task's, whatever its name.
+        if let Some(task) = journal.task_using_volume(&pool.name, name.as_str()) {
+            return Err(TaskError::Invalid(format!(
+                "{field}.source.volume: volume {:?} in pool {:?} is a disk of task {task:?}; \
+                 name a volume the operator made",
+                name.as_str(),
+                pool.name
+            )));
+        }
         let facts = hypervisor
             .source_volume(&pool.name, name.as_str())
             .map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?;
+        // Go: "size of disk must be equal to or greater than source".
+        if let Some(size) = disk.size.filter(|size| size.0 < facts.capacity) {
+            return Err(TaskError::Invalid(format!(
+                "{field}.size: {size} is smaller than volume {:?} ({} bytes); a disk cannot \
+                 shrink its source: remove size or set it to at least {} bytes",
+                name.as_str(),
+                facts.capacity,
+                facts.capacity
+            )));
+        }
         if let Some(declared) = format {
             if declared.as_str() != facts.format.as_str() {
                 return Err(TaskError::Invalid(format!(

@@ -1513,8 +1513,16 @@ async fn bad_disk_sources_are_refused_before_anything_is_created() {
         message.starts_with("disk[1].volume:") && message.contains("not a block device"),
         "{message}"
     );
-    // A read_only mount cannot be written from an image.
+    // A read_only mount cannot be passed through as a SCSI lun.
     unmatched.mounts[0].read_only = true;
+    let mut lun = unmatched.clone();
+    lun.config.disks[1].kind = crate::config::task::DiskKind::Lun;
+    let message = refused(lun).await;
+    assert!(
+        message.starts_with("disk[1].kind:") && message.contains("read_only"),
+        "{message}"
+    );
+    // A read_only mount cannot be written from an image.
     unmatched.config.disks[1].source = Some(DiskSource::Image {
         path: "base.img".into(),
         format: None,
@@ -1558,6 +1566,9 @@ async fn a_source_volume_is_cloned_and_the_clone_attached() {
             },
         )
         .expect("the operator's volume");
+    // The test driver keeps no files; the source check reads one.
+    std::fs::create_dir_all(&harness.node.pool_path).expect("pool dir");
+    std::fs::write(harness.node.pool_path.join("golden-base.img"), [0u8; 4096]).expect("file");
     let mut request = request(&harness.node, "c10e0001", false);
     request.config.disks[1].source = Some(DiskSource::Volume {
         name: ObjectName::parse("golden-base.img").expect("name"),
@@ -1579,6 +1590,24 @@ async fn a_source_volume_is_cloned_and_the_clone_attached() {
         .expect("domain exists");
     assert!(!xml.contains("golden-base.img"), "{xml}");
     assert!(xml.contains("web-c10e0001_vdb.img"), "{xml}");
+    // The clone's format is pinned, so a qcow2 header written into a raw
+    // source is never opened as one.
+    let root = crate::libvirt::xml::parse(&xml).expect("xml");
+    let clone = root
+        .child("devices")
+        .expect("devices")
+        .children_named("disk")
+        .find(|disk| {
+            disk.child("source")
+                .and_then(|source| source.attr("file"))
+                .is_some_and(|file| file.ends_with("web-c10e0001_vdb.img"))
+        })
+        .expect("the clone's disk");
+    assert_eq!(
+        clone.child("driver").and_then(|driver| driver.attr("type")),
+        Some("raw"),
+        "{xml}"
+    );
     assert!(
         started
             .state
@@ -1595,4 +1624,127 @@ async fn a_source_volume_is_cloned_and_the_clone_attached() {
         .expect("destroy");
     assert_eq!(harness.volumes(), vec!["golden-base.img".to_string()]);
     assert!(harness.domains().is_empty());
+}
+
+/// Issue 9.6: a volume is refused as a source, whatever its name, when a
+/// domain uses it, a start journal records it, or its path is a link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_volumes_in_use_recorded_or_linked_are_refused() {
+    use crate::config::names::ObjectName;
+    use crate::config::task::DiskSource;
+    let harness = harness(None);
+    harness
+        .observer
+        .prepare_pool(&DirectoryPool {
+            name: POOL.into(),
+            path: harness.node.pool_path.clone(),
+        })
+        .expect("pool");
+    std::fs::create_dir_all(&harness.node.pool_path).expect("pool dir");
+    let make = |name: &str| {
+        harness
+            .observer
+            .create_volume(
+                POOL,
+                name,
+                VolumeContent::Empty {
+                    format: crate::storage::images::ImageFormat::Raw,
+                    size: 4 << 20,
+                    sparse: true,
+                },
+            )
+            .expect("volume");
+    };
+    let refused = |id: &str, volume: &str| {
+        let tasks = harness.tasks.clone();
+        let settings = settings(&harness.node);
+        let mut request = request(&harness.node, id, false);
+        request.config.disks[1].source = Some(DiskSource::Volume {
+            name: ObjectName::parse(volume).expect("name"),
+            format: None,
+        });
+        request.config.disks[1].size = None;
+        async move {
+            tasks
+                .start(request, settings)
+                .await
+                .expect_err("refused")
+                .to_string()
+        }
+    };
+
+    // Used by a domain, under a name that is not ours.
+    make("golden-used.img");
+    std::fs::write(harness.node.pool_path.join("golden-used.img"), [0u8; 4096]).expect("file");
+    define_go_domain(&harness, "ndvtest-other", &["golden-used.img"]);
+    let message = refused("5eed0101", "golden-used.img").await;
+    assert!(
+        message.starts_with("disk[1].source.volume:") && message.contains("\"ndvtest-other\""),
+        "{message}"
+    );
+
+    // Recorded by another task's start, not (yet) in any domain.
+    make("golden-recorded.img");
+    std::fs::write(
+        harness.node.pool_path.join("golden-recorded.img"),
+        [0u8; 4096],
+    )
+    .expect("file");
+    let other = harness
+        .node
+        .journal()
+        .begin("other-task-id", "ndvtest-other2")
+        .expect("record");
+    other
+        .update(|record| {
+            record.volumes.push(CreatedVolume {
+                pool: POOL.into(),
+                name: "golden-recorded.img".into(),
+            });
+        })
+        .expect("update");
+    let message = refused("5eed0102", "golden-recorded.img").await;
+    assert!(
+        message.starts_with("disk[1].source.volume:") && message.contains("\"other-task-id\""),
+        "{message}"
+    );
+    harness.node.journal().forget("other-task-id");
+
+    // A size smaller than the source (Go refuses it too).
+    make("golden-big.img");
+    std::fs::write(harness.node.pool_path.join("golden-big.img"), [0u8; 4096]).expect("file");
+    let tasks = harness.tasks.clone();
+    let mut small = request(&harness.node, "5eed0104", false);
+    small.config.disks[1].source = Some(DiskSource::Volume {
+        name: ObjectName::parse("golden-big.img").expect("name"),
+        format: None,
+    });
+    small.config.disks[1].size = Some(crate::config::units::ByteSize(1 << 20));
+    let message = tasks
+        .start(small, settings(&harness.node))
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        message.starts_with("disk[1].size:")
+            && message.contains("1048576 bytes")
+            && message.contains(&(4u64 << 20).to_string()),
+        "{message}"
+    );
+
+    // A link in the pool directory to a host file.
+    make("golden-link.img");
+    let host_file = harness.node.pool_path.with_file_name("host-secret");
+    std::fs::write(&host_file, b"secret").expect("host file");
+    std::os::unix::fs::symlink(&host_file, harness.node.pool_path.join("golden-link.img"))
+        .expect("link");
+    let message = refused("5eed0103", "golden-link.img").await;
+    assert!(
+        message.starts_with("disk[1].source.volume:") && message.contains("not a regular file"),
+        "{message}"
+    );
+    assert!(harness.domains().iter().all(|d| d == "ndvtest-other"));
+    let _ = harness
+        .libvirt
+        .call_blocking(|conn| crate::libvirt::domain::remove_domain(conn, "ndvtest-other"));
 }

@@ -162,6 +162,8 @@ pub struct SourceVolume {
     pub volume: Volume,
     pub format: ImageFormat,
     pub capacity: u64,
+    /// The volume's file, checked to be a regular file (not a link).
+    pub path: PathBuf,
 }
 
 /// Looks up and checks the volume a job names as `source.volume`, before
@@ -179,9 +181,9 @@ pub fn source_volume(pool: &Pool, name: &str) -> Result<SourceVolume, StorageErr
             volume: name.to_string(),
         });
     }
-    // libvirt probes formats and backing files on refresh; a stale view
-    // could miss a backing file written since.
-    refresh_pool(pool)?;
+    // No pool refresh: that re-probes every volume in the pool, including
+    // guest-written task disks and the backing paths their headers name.
+    // Reading this volume's XML refreshes just this volume in libvirt.
     let vol = match pool.inner.lookup_storage_vol_by_name(name) {
         Ok(vol) => Volume::new(vol, &pool_name, name),
         Err(error) if has_code(&error, ErrorNumber::NoStorageVolume) => {
@@ -232,29 +234,73 @@ pub fn source_volume(pool: &Pool, name: &str) -> Result<SourceVolume, StorageErr
             )))
         }
     };
-    if format == ImageFormat::Qcow2 {
+    // The operator's volume, checked without following a link: a link in
+    // the pool directory to a host file (or a device, fifo, directory) is
+    // no source. Its header is read through that one descriptor.
+    let path = vol.path()?;
+    let linked = std::fs::symlink_metadata(&path).map_err(|error| StorageError::Io {
+        action: "inspect source volume",
+        path: PathBuf::from(name),
+        error,
+    })?;
+    if !linked.file_type().is_file() {
+        return Err(unsafe_source(
+            "its path is not a regular file (a symbolic link, device or directory); \
+             name a plain file volume"
+                .to_string(),
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(|error| StorageError::Io {
+            action: "open source volume",
+            path: PathBuf::from(name),
+            error,
+        })?;
+    let opened = file.metadata().map_err(|error| StorageError::Io {
+        action: "inspect source volume",
+        path: PathBuf::from(name),
+        error,
+    })?;
+    if !opened.file_type().is_file() {
+        return Err(unsafe_source(
+            "its path is not a regular file; name a plain file volume".to_string(),
+        ));
+    }
+    match format {
         // libvirt shows backing files but not external data files: read
         // the header too.
-        // The operator's volume, opened without following a link, read
-        // through that one descriptor.
-        let path = vol.path()?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(&path)
-            .map_err(|error| StorageError::Io {
-                action: "open source volume",
-                path: PathBuf::from(name),
-                error,
-            })?;
-        check_image_safe(&ImageFile::from_file(file, name), ImageFormat::Qcow2)
-            .map_err(|error| unsafe_source(error.root().to_string()))?;
+        ImageFormat::Qcow2 => check_image_safe(&ImageFile::from_file(file, name), format)
+            .map_err(|error| unsafe_source(error.root().to_string()))?,
+        // A raw volume may hold anything, a qcow2 header naming host files
+        // included: it stays raw (libvirt's answer), and every use of it
+        // pins format raw (the clone's format, the overlay's backing
+        // format, the domain's driver type), so nothing opens that header.
+        ImageFormat::Raw => {
+            if starts_with_qcow2_magic(&file) {
+                tracing::info!(
+                    pool = %pool_name,
+                    volume = name,
+                    "raw source volume holds a qcow2 header; it is used as raw bytes"
+                );
+            }
+        }
     }
     Ok(SourceVolume {
         capacity: vol.capacity()?,
         volume: vol,
         format,
+        path,
     })
+}
+
+/// Whether the file starts with the qcow2 magic (`QFI\xfb`).
+fn starts_with_qcow2_magic(file: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 4];
+    file.read_exact_at(&mut magic, 0).is_ok() && magic == *b"QFI\xfb"
 }
 
 /// What a volume XML says about a volume's kind, format and backing file.
