@@ -66,7 +66,7 @@ pub fn check_network(bridge: &str, network: &str, policy: &Policy) -> Result<(),
     }
     Err(format!(
         "{bridge:?} is the bridge of libvirt network {network:?}, which the operator does not allow \
-         (allow_networks = {}); the plugin setting allow_networks = [{network:?}] would allow it",
+         (allow_networks = {}); adding {network:?} to the plugin setting allow_networks would allow it",
         list(allowed)
     ))
 }
@@ -91,7 +91,7 @@ pub fn check_macvtap_device(
     }
     Err(format!(
         "host device {device:?} is not allowed by the operator (allowed: {} from {whence}); \
-         the plugin setting allow_macvtap_devices = [{device:?}] would allow it",
+         adding {device:?} to the plugin setting allow_macvtap_devices would allow it",
         list(allowed)
     ))
 }
@@ -112,7 +112,7 @@ pub fn check_macvtap_mode(mode: MacvtapMode, policy: &Policy) -> Result<(), Stri
     };
     Err(format!(
         "{:?} is not allowed by the operator (allow_macvtap_modes = {}{default}); \
-         the plugin setting allow_macvtap_modes with {:?} in it would allow it",
+         adding {:?} to the plugin setting allow_macvtap_modes would allow it",
         mode.as_str(),
         list(&modes),
         mode.as_str()
@@ -128,7 +128,7 @@ pub fn check_pool(pool: &str, policy: &Policy) -> Result<(), String> {
     }
     Err(format!(
         "storage pool {pool:?} is not allowed for job disks (allow_storage_pools = {}); \
-         the plugin setting allow_storage_pools with {pool:?} in it would allow it",
+         adding {pool:?} to the plugin setting allow_storage_pools would allow it",
         list(allowed)
     ))
 }
@@ -223,7 +223,7 @@ mod tests {
         for part in [
             "network_interface[0].macvtap.device:",
             "\"eth1\"",
-            "allow_macvtap_devices = [\"eth1\"] would allow it",
+            "adding \"eth1\" to the plugin setting allow_macvtap_devices would allow it",
             "default route",
         ] {
             assert!(refused[0].contains(part), "{part} missing: {refused:?}");
@@ -251,7 +251,7 @@ mod tests {
         for part in [
             "network_interface[0].macvtap.mode:",
             "\"passthrough\" is not allowed",
-            "allow_macvtap_modes with \"passthrough\" in it would allow it",
+            "adding \"passthrough\" to the plugin setting allow_macvtap_modes would allow it",
         ] {
             assert!(refused[0].contains(part), "{part} missing: {refused:?}");
         }
@@ -281,7 +281,7 @@ mod tests {
         for part in [
             "\"virbr1\"",
             "\"isolated\"",
-            "allow_networks = [\"isolated\"] would allow it",
+            "adding \"isolated\" to the plugin setting allow_networks would allow it",
         ] {
             assert!(refused.contains(part), "{part} missing: {refused}");
         }
@@ -312,7 +312,7 @@ mod tests {
         assert_eq!(refused.len(), 2, "{refused:?}");
         assert!(
             refused[0].starts_with("disk[1].pool: storage pool \"fast\" is not allowed")
-                && refused[0].contains("allow_storage_pools with \"fast\" in it would allow it"),
+                && refused[0].contains("adding \"fast\" to the plugin setting allow_storage_pools would allow it"),
             "{refused:?}"
         );
         assert!(

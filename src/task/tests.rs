@@ -1228,7 +1228,7 @@ async fn operator_settings_refuse_before_anything_is_created() {
     for part in [
         "network_interface[0].bridge.name:",
         "\"ndvtestbr0\"",
-        "allow_networks = [\"ndvtest-net\"] would allow it",
+        "adding \"ndvtest-net\" to the plugin setting allow_networks would allow it",
     ] {
         assert!(message.contains(part), "{part} missing: {message}");
     }
