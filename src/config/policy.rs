@@ -37,6 +37,11 @@ pub fn check_task(
     }
     for (index, disk) in spec.disks.iter().enumerate() {
         let field = format!("disk[{index}]");
+        // A disk on a Nomad volume is the volume's device: no pool holds it
+        // (its image is checked against the device's size when written).
+        if disk.nomad_volume().is_some() {
+            continue;
+        }
         let (pool, pool_field) = match &disk.pool {
             Some(pool) => (pool.as_str(), format!("{field}.pool")),
             None => (
@@ -162,6 +167,42 @@ pub fn check_disk_size(
         }
     }
     Ok(())
+}
+
+/// The disks of one pool (`(field, size)` each, plus `seed` bytes of
+/// cloud-init seed in the default pool) together against its free space.
+/// A disk too big on its own is named alone.
+pub fn check_pool_free(
+    disks: &[(String, u64)],
+    seed: u64,
+    pool: &str,
+    available: u64,
+) -> Result<(), String> {
+    let total = disks
+        .iter()
+        .fold(seed, |sum, (_, size)| sum.saturating_add(*size));
+    if total <= available {
+        return Ok(());
+    }
+    let (what, bytes, with_seed) = match disks.iter().find(|(_, size)| *size > available) {
+        Some((field, size)) => (field.clone(), *size, String::new()),
+        None if disks.is_empty() => ("the cloud-init seed".to_string(), total, String::new()),
+        None => {
+            let fields: Vec<&str> = disks.iter().map(|(field, _)| field.as_str()).collect();
+            let with_seed = if seed > 0 {
+                format!(", with the {seed}-byte cloud-init seed")
+            } else {
+                String::new()
+            };
+            (format!("{} together", fields.join(" + ")), total, with_seed)
+        }
+    };
+    Err(format!(
+        "{what}: {bytes} bytes ({}{with_seed}) is more than storage pool {pool:?} has free \
+         ({available} bytes, {}); use smaller disks or another pool, or free space in the pool",
+        human(bytes),
+        human(available)
+    ))
 }
 
 /// `["a", "b"]` as HCL would spell it.
@@ -312,7 +353,9 @@ mod tests {
         assert_eq!(refused.len(), 2, "{refused:?}");
         assert!(
             refused[0].starts_with("disk[1].pool: storage pool \"fast\" is not allowed")
-                && refused[0].contains("adding \"fast\" to the plugin setting allow_storage_pools would allow it"),
+                && refused[0].contains(
+                    "adding \"fast\" to the plugin setting allow_storage_pools would allow it"
+                ),
             "{refused:?}"
         );
         assert!(
@@ -338,6 +381,53 @@ mod tests {
             refused[0]
                 .starts_with("disk[0].pool (unset: the default pool): storage pool \"local\""),
             "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn disks_on_nomad_volumes_use_no_pool() {
+        let policy = Policy {
+            storage_pools: Some(Vec::new()),
+            max_disk_size: Some(1 << 20),
+            ..Policy::default()
+        };
+        let on_volume = DiskSpec {
+            volume: Some("/dev/ndvtest".into()),
+            ..DiskSpec::default()
+        };
+        let spec = TaskSpec {
+            disks: vec![on_volume, DiskSpec::default()],
+            ..TaskSpec::default()
+        };
+        let refused = problems_of(&spec, &policy, None);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].starts_with("disk[1].pool"), "{refused:?}");
+    }
+
+    #[test]
+    fn disks_of_a_pool_are_summed_against_its_free_space() {
+        let disks = vec![
+            ("disk[0].size".to_string(), 1 << 30),
+            ("disk[1].size".to_string(), 1 << 30),
+        ];
+        assert!(check_pool_free(&disks, 0, "p", 2 << 30).is_ok());
+        let refused = check_pool_free(&disks, 4096, "p", 2 << 30).expect_err("full");
+        for part in [
+            "disk[0].size + disk[1].size together: 2147487744 bytes",
+            "with the 4096-byte cloud-init seed",
+            "more than storage pool \"p\" has free (2147483648 bytes, 2GiB)",
+        ] {
+            assert!(refused.contains(part), "{part} missing: {refused}");
+        }
+        let alone = check_pool_free(&disks, 0, "p", 1 << 29).expect_err("full");
+        assert!(
+            alone.starts_with("disk[0].size: 1073741824 bytes (1GiB) is more"),
+            "{alone}"
+        );
+        let seed_only = check_pool_free(&[], 4096, "p", 0).expect_err("full");
+        assert!(
+            seed_only.starts_with("the cloud-init seed: 4096 bytes"),
+            "{seed_only}"
         );
     }
 

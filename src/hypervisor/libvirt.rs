@@ -166,6 +166,7 @@ impl Hypervisor for LibvirtHypervisor {
                     format,
                     capacity,
                     sparse,
+                    cap,
                 } => storage::create_from_image_with(
                     conn,
                     &pool,
@@ -173,15 +174,17 @@ impl Hypervisor for LibvirtHypervisor {
                     image,
                     image_format,
                     format,
-                    capacity,
+                    (capacity, cap),
                     sparse,
                 )?,
                 VolumeContent::Overlay {
                     image,
                     image_format,
                     capacity,
+                    cap,
                 } => {
-                    let parent = storage::ensure_parent(conn, &pool, image, image_format)?;
+                    let parent =
+                        storage::ensure_parent_capped(conn, &pool, image, image_format, cap)?;
                     backing = Some((parent.path()?, image_format));
                     storage::create_overlay(&pool, name, &parent, image_format, capacity)?
                 }

@@ -47,6 +47,9 @@ pub enum VolumeContent<'a> {
         format: ImageFormat,
         capacity: Option<u64>,
         sparse: bool,
+        /// The size checked before the start: an image bigger now (it was
+        /// rewritten since) is refused, and no more is uploaded.
+        cap: Option<u64>,
     },
     /// A clone of the operator's volume `source` in the same pool (checked
     /// with [`Hypervisor::source_volume`]), in `format`, grown to
@@ -68,6 +71,8 @@ pub enum VolumeContent<'a> {
         image: &'a ImageFile,
         image_format: ImageFormat,
         capacity: Option<u64>,
+        /// As for [`VolumeContent::Copy`], for the parent.
+        cap: Option<u64>,
     },
     /// These bytes (the cloud-init seed).
     Bytes { data: &'a [u8], format: ImageFormat },

@@ -1307,6 +1307,90 @@ async fn a_disk_larger_than_the_pools_free_space_is_refused_up_front() {
     assert_nothing_left(&harness, "after the refused disk");
 }
 
+/// Issue 9.8: disks that each fit their pool but together do not are
+/// refused up front, naming every disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_that_together_overfill_their_pool_are_refused_up_front() {
+    let harness = harness(None);
+    harness
+        .observer
+        .prepare_pool(&DirectoryPool {
+            name: POOL.into(),
+            path: harness.node.pool_path.clone(),
+        })
+        .expect("pool");
+    let available = harness.observer.pool_available(POOL).expect("free space");
+    let half = available / 2 + 1;
+    let mut request = request(&harness.node, "5a5a0001", false);
+    for disk in &mut request.config.disks {
+        disk.size = Some(crate::config::units::ByteSize(half));
+    }
+    let error = harness
+        .tasks
+        .start(request, settings(&harness.node))
+        .await
+        .expect_err("too big together");
+    let message = error.to_string();
+    assert!(
+        message.starts_with("disk[0].size + disk[1].size together:")
+            && message.contains("-byte cloud-init seed")
+            && message.contains("more than storage pool \"ndvtest-orchestrator\" has free"),
+        "{message}"
+    );
+    assert!(!error.recoverable());
+    assert_nothing_left(&harness, "after the refused disks");
+}
+
+/// Issue 9.8: a disk cloned from `source.volume` is as big as the volume,
+/// so the volume's capacity is held to max_disk_size (and the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_volume_larger_than_max_disk_size_is_refused() {
+    use crate::config::names::ObjectName;
+    use crate::config::task::DiskSource;
+    let harness = harness(None);
+    harness
+        .observer
+        .prepare_pool(&DirectoryPool {
+            name: POOL.into(),
+            path: harness.node.pool_path.clone(),
+        })
+        .expect("pool");
+    harness
+        .observer
+        .create_volume(
+            POOL,
+            "big-base.img",
+            VolumeContent::Empty {
+                format: crate::storage::images::ImageFormat::Raw,
+                size: 8 << 20,
+                sparse: true,
+            },
+        )
+        .expect("the operator's volume");
+    let mut request = request(&harness.node, "5a5a0002", false);
+    request.config.disks[1].source = Some(DiskSource::Volume {
+        name: ObjectName::parse("big-base.img").expect("name"),
+        format: None,
+    });
+    request.config.disks[1].size = None;
+    let error = harness
+        .tasks
+        .start(
+            request,
+            settings_with(&harness.node, |policy| policy.max_disk_size = Some(4 << 20)),
+        )
+        .await
+        .expect_err("the clone would be 8 MiB");
+    let message = error.to_string();
+    assert!(
+        message.starts_with("disk[1].source.volume (the volume's capacity): 8388608 bytes (8MiB)")
+            && message.contains("max_disk_size = \"8MiB\" would allow it"),
+        "{message}"
+    );
+    assert_eq!(harness.volumes(), vec!["big-base.img".to_string()]);
+    assert!(harness.domains().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guests_on_a_libvirt_network_get_clean_traffic_unless_turned_off() {
     let harness = harness(None);
