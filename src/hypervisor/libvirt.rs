@@ -145,6 +145,10 @@ impl Hypervisor for LibvirtHypervisor {
         })
     }
 
+    fn nwfilter_exists(&self, name: &str) -> Result<Option<bool>, HypervisorError> {
+        self.with(|conn| Ok(crate::libvirt::network::nwfilter_exists(conn, name)?))
+    }
+
     fn create_volume(
         &self,
         pool_name: &str,

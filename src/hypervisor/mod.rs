@@ -139,6 +139,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn prepare_pool(&self, pool: &DirectoryPool) -> Result<(), HypervisorError>;
     /// Bytes free in a prepared pool (libvirt's pool info, after a refresh).
     fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError>;
+    /// Whether libvirt has network filter `name`; `None` on libvirt's test
+    /// driver only (see [`crate::libvirt::network::nwfilter_exists`]).
+    fn nwfilter_exists(&self, name: &str) -> Result<Option<bool>, HypervisorError>;
     /// Creates `name` in `pool` and returns its path (and backing file).
     fn create_volume(
         &self,

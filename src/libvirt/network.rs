@@ -245,9 +245,10 @@ pub fn dhcp_servers_in_xml(xml: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// Whether libvirt has the network filter `name` (`virsh nwfilter-list`);
-/// `Ok(None)` when the connection's driver has no network filters at all
-/// (libvirt's test driver).
+/// Whether libvirt has the network filter `name` (`virsh nwfilter-list`).
+/// `Ok(None)` only for libvirt's test driver (`test://`), which has no
+/// network filters at all; a real libvirt without its nwfilter driver has
+/// no filter either: `Ok(Some(false))`, whose fix is the same package.
 pub fn nwfilter_exists(conn: &Connect, name: &str) -> Result<Option<bool>, LibvirtError> {
     match conn.list_all_nw_filters(0) {
         Ok(filters) => Ok(Some(
@@ -255,7 +256,10 @@ pub fn nwfilter_exists(conn: &Connect, name: &str) -> Result<Option<bool>, Libvi
                 .iter()
                 .any(|filter| filter.name().is_ok_and(|n| n == name)),
         )),
-        Err(error) if has_code(&error, sys::VIR_ERR_NO_SUPPORT) => Ok(None),
+        Err(error) if has_code(&error, sys::VIR_ERR_NO_SUPPORT) => {
+            let uri = conn.uri().unwrap_or_default();
+            Ok((!filters_optional(&uri)).then_some(false))
+        }
         Err(error) => Err(LibvirtError::Host {
             action: "listing network filters",
             source: error.into(),
@@ -460,6 +464,12 @@ fn lookup_network(conn: &Connect, network: &str) -> Result<Network, DhcpError> {
     })
 }
 
+/// Only libvirt's test driver may lack network filters without that being
+/// a problem: a guest on a real host must not go unfiltered.
+fn filters_optional(uri: &str) -> bool {
+    uri.starts_with("test:")
+}
+
 fn has_code(error: &virt::error::Error, code: sys::virErrorNumber) -> bool {
     error.code().to_raw() == code
 }
@@ -476,6 +486,18 @@ fn libvirt_error(action: &'static str, network: &str, error: virt::error::Error)
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn only_the_test_driver_may_lack_network_filters() {
+        assert!(filters_optional("test:///default"));
+        assert!(!filters_optional("qemu:///system"));
+        assert!(!filters_optional("qemu+ssh://host/system"));
+        let conn = Connect::open(Some("test:///default")).expect("test driver");
+        assert_eq!(
+            nwfilter_exists(&conn, crate::net::CLEAN_TRAFFIC_FILTER).expect("answer"),
+            None
+        );
+    }
 
     #[test]
     fn dhcp_servers_are_the_ip_elements_with_dhcp() {

@@ -522,6 +522,22 @@ pub fn boot(
             })?;
         }
     }
+    // Guests on a shared bridge get clean-traffic: without the filter
+    // libvirt would refuse the domain late, or (without nwfilter) the
+    // guest could spoof; refuse now, saying how to fix it.
+    let on_network = attachments
+        .iter()
+        .position(|attachment| matches!(attachment, Attachment::Network { .. }));
+    if let (true, Some(index)) = (settings.policy.clean_traffic, on_network) {
+        if hypervisor.nwfilter_exists(crate::net::CLEAN_TRAFFIC_FILTER)? == Some(false) {
+            return Err(TaskError::Invalid(format!(
+                "network_interface[{index}].bridge: the plugin setting clean_traffic is on but \
+                 libvirt has no network filter {:?} for this guest; {}",
+                crate::net::CLEAN_TRAFFIC_FILTER,
+                crate::net::CLEAN_TRAFFIC_FIX
+            )));
+        }
+    }
 
     // Each pool is prepared once per start, not per disk.
     let mut prepared: HashMap<String, ()> = HashMap::new();

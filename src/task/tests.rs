@@ -123,6 +123,10 @@ enum Fault {
     HypervisorCall(usize),
     /// The network build after boot fails.
     NetworkBuild,
+    /// libvirt answers that it has no `clean-traffic` filter, as a real
+    /// libvirt without its nwfilter driver does (the test driver has
+    /// network filters neither way).
+    NoCleanTraffic,
 }
 
 /// The real libvirt hypervisor on the test driver, plus what the test
@@ -180,6 +184,13 @@ impl Hypervisor for TestHypervisor {
     }
     fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError> {
         self.inner.pool_available(pool)
+    }
+    fn nwfilter_exists(&self, name: &str) -> Result<Option<bool>, HypervisorError> {
+        let answer = self.inner.nwfilter_exists(name)?;
+        Ok(match self.fault {
+            Some(Fault::NoCleanTraffic) => Some(false),
+            _ => answer,
+        })
     }
     fn create_volume(
         &self,
@@ -1389,6 +1400,49 @@ async fn a_source_volume_larger_than_max_disk_size_is_refused() {
     );
     assert_eq!(harness.volumes(), vec!["big-base.img".to_string()]);
     assert!(harness.domains().is_empty());
+}
+
+/// Issue 9.9: without the clean-traffic filter a start on a libvirt
+/// network is refused up front, naming the setting and the fix; macvtap-
+/// or network-less starts and clean_traffic = false are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_network_is_refused_when_libvirt_lacks_clean_traffic() {
+    let harness = harness(Some(Fault::NoCleanTraffic));
+    let error = harness
+        .tasks
+        .start(
+            request(&harness.node, "c1ea0a01", true),
+            settings(&harness.node),
+        )
+        .await
+        .expect_err("no filter");
+    let message = error.to_string();
+    for part in [
+        "network_interface[0].bridge:",
+        "clean_traffic is on",
+        "no network filter \"clean-traffic\"",
+        "libvirt-daemon-driver-nwfilter",
+        "clean_traffic = false",
+    ] {
+        assert!(message.contains(part), "{part} missing: {message}");
+    }
+    assert!(!error.recoverable());
+    assert_nothing_left(&harness, "after the refusal");
+
+    let started = harness
+        .tasks
+        .start(
+            request(&harness.node, "c1ea0a02", true),
+            settings_with(&harness.node, |policy| policy.clean_traffic = false),
+        )
+        .await
+        .expect("clean_traffic = false starts");
+    harness
+        .tasks
+        .destroy(&started.state.task_id, true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after destroy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
