@@ -95,19 +95,21 @@ pub fn wait_for_lease(
     libvirt
         .call_blocking(|conn| Ok(lookup_network(conn, network).map(drop)))
         .map_err(unreachable)??;
+    // One respawn per wait: a dnsmasq that dies again is not ours to chase.
+    let mut respawned = false;
     poll_for_lease(
         &mut || {
             let leases = libvirt
                 .call_blocking(|conn| Ok(network_leases(conn, network, Some(mac))))
                 .map_err(unreachable)??;
-            if !leases
-                .iter()
-                .any(|lease| lease.mac.eq_ignore_ascii_case(mac))
+            if !respawned
+                && !leases
+                    .iter()
+                    .any(|lease| lease.mac.eq_ignore_ascii_case(mac))
             {
-                let _ = libvirt.call_blocking(|conn| {
-                    respawn_dead_dnsmasq(conn, network);
-                    Ok(())
-                });
+                respawned = libvirt
+                    .call_blocking(|conn| Ok(respawn_dead_dnsmasq(conn, network)))
+                    .unwrap_or(false);
             }
             Ok(leases)
         },
@@ -119,44 +121,110 @@ pub fn wait_for_lease(
     )
 }
 
+/// The name of the DNS TXT record whose live add and delete make libvirt
+/// restart a network's dead dnsmasq ([`respawn_dead_dnsmasq`]).
+pub const RESPAWN_TXT: &str = "nomad-driver-virt-respawn";
+
+fn respawn_txt_xml() -> String {
+    format!("<txt name='{RESPAWN_TXT}' value='1'/>")
+}
+
+/// Deletes our TXT record from the network's live DNS; `false` when it was
+/// not there (or could not be deleted).
+fn delete_respawn_txt(net: &Network) -> bool {
+    net.update(
+        sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
+        sys::VIR_NETWORK_SECTION_DNS_TXT,
+        -1,
+        &respawn_txt_xml(),
+        sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
+    )
+    .is_ok()
+}
+
 /// When the dnsmasq libvirt runs for `network` has died (killed, crashed),
 /// has libvirt start it again: any update of the network's live DNS makes
 /// libvirt refresh its DHCP daemon, which starts one when none runs. The
-/// update adds and removes a TXT record of our own, so the network's
-/// definition ends as it was. Nothing happens when dnsmasq runs or its
-/// state cannot be read (remote libvirt, other pid file location).
-pub fn respawn_dead_dnsmasq(conn: &Connect, network: &str) {
+/// update adds and removes a TXT record of our own ([`RESPAWN_TXT`]), so
+/// the network's definition ends as it was; a record left by a plugin that
+/// died in between is deleted first (and at plugin start by
+/// [`remove_respawn_records`]). Only for a libvirt on this machine, whose
+/// pid file is the one read here; nothing happens when dnsmasq runs or its
+/// state cannot be read. Returns whether it asked libvirt.
+pub fn respawn_dead_dnsmasq(conn: &Connect, network: &str) -> bool {
+    if !conn
+        .uri()
+        .is_ok_and(|uri| crate::libvirt::shares::is_local_uri(&uri))
+    {
+        return false;
+    }
     if crate::libvirt::dhcp::dnsmasq_running(network) != Some(false) {
-        return;
+        return false;
     }
     let Ok(net) = conn.lookup_network_by_name(network) else {
-        return;
+        return false;
     };
     tracing::warn!(
         network,
         "the network's dnsmasq is not running; asking libvirt to start it"
     );
-    let txt = "<txt name='nomad-driver-virt-respawn' value='1'/>";
+    delete_respawn_txt(&net);
     let add = net.update(
         sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
         sys::VIR_NETWORK_SECTION_DNS_TXT,
         -1,
-        txt,
+        &respawn_txt_xml(),
         sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
     );
-    if let Err(error) = &add {
-        tracing::warn!(network, error = %error, "cannot make libvirt restart dnsmasq");
+    match add {
+        Ok(()) => {
+            if !delete_respawn_txt(&net) {
+                tracing::warn!(
+                    network,
+                    "cannot remove the TXT record {RESPAWN_TXT} that restarted dnsmasq; \
+                     the plugin removes it at its next start"
+                );
+            }
+        }
+        Err(error) => {
+            tracing::warn!(network, error = %error, "cannot make libvirt restart dnsmasq")
+        }
     }
-    let delete = net.update(
-        sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
-        sys::VIR_NETWORK_SECTION_DNS_TXT,
-        -1,
-        txt,
-        sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
-    );
-    if let (Ok(()), Err(error)) = (&add, delete) {
-        tracing::warn!(network, error = %error, "cannot remove the TXT record that restarted dnsmasq");
+    true
+}
+
+/// Deletes the [`RESPAWN_TXT`] record from every active network that has it
+/// (left by a plugin that died between adding and deleting it); returns
+/// the networks it was removed from. Errors only log: this is tidying.
+pub fn remove_respawn_records(conn: &Connect) -> Vec<String> {
+    let networks = match conn.list_all_networks(sys::VIR_CONNECT_LIST_NETWORKS_ACTIVE) {
+        Ok(networks) => networks,
+        Err(error) => {
+            tracing::debug!(error = %error, "cannot list networks to remove respawn records");
+            return Vec::new();
+        }
+    };
+    let mut removed = Vec::new();
+    for net in networks {
+        let has_record = net.xml_desc(0).is_ok_and(|xml| has_respawn_txt(&xml));
+        if has_record && delete_respawn_txt(&net) {
+            let name = network_name(&net);
+            tracing::info!(network = %name, "removed a leftover {RESPAWN_TXT} TXT record");
+            removed.push(name);
+        }
     }
+    removed
+}
+
+/// Whether a network's XML has our TXT record.
+pub fn has_respawn_txt(xml: &str) -> bool {
+    let Ok(root) = crate::libvirt::xml::parse(xml) else {
+        return false;
+    };
+    root.child("dns").is_some_and(|dns| {
+        dns.children_named("txt")
+            .any(|txt| txt.attr("name") == Some(RESPAWN_TXT))
+    })
 }
 
 fn network_name(net: &Network) -> String {
