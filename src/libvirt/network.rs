@@ -187,7 +187,7 @@ pub fn respawn_dead_dnsmasq(conn: &Connect, network: &str) -> bool {
             }
         }
         Err(error) => {
-            tracing::warn!(network, error = %error, "cannot make libvirt restart dnsmasq")
+            tracing::warn!(network, error = %error, "cannot make libvirt restart dnsmasq");
         }
     }
     true

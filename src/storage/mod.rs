@@ -60,7 +60,8 @@ pub enum StorageError {
     /// The image was rewritten after the size check (by a sibling task or
     /// anyone else who can write it): more than the checked size.
     #[error(
-        "image {} grew after its size was checked: {found} than the {cap} bytes checked;          do not change the image while the task starts",
+        "image {} grew after its size was checked: {found} than the {cap} bytes checked; \
+         do not change the image while the task starts",
         path.display()
     )]
     GrewAfterCheck {

@@ -752,7 +752,13 @@ pub fn boot(
             }
         };
         rollback.volume(&pool.name, &name)?;
-        let created = hypervisor.create_volume(&pool.name, &name, content)?;
+        let from_image = start_plan.images[index].is_some();
+        let created = hypervisor
+            .create_volume(&pool.name, &name, content)
+            .map_err(|e| match from_image {
+                true => TaskError::from(e).in_field(&format!("{field}.source.image")),
+                false => TaskError::from(e),
+            })?;
         crash_point("start:disk");
         disk_specs.push(DiskSpec {
             source: DiskSource::File(created.path),

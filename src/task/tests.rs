@@ -127,6 +127,10 @@ enum Fault {
     /// libvirt without its nwfilter driver does (the test driver has
     /// network filters neither way).
     NoCleanTraffic,
+    /// Just before an image is copied, the image file (the same inode the
+    /// start checked) is truncated to 64 MiB, as a sibling task that can
+    /// write it might.
+    GrowImageBeforeCopy,
 }
 
 /// The real libvirt hypervisor on the test driver, plus what the test
@@ -198,6 +202,17 @@ impl Hypervisor for TestHypervisor {
         name: &str,
         content: VolumeContent<'_>,
     ) -> Result<CreatedDisk, HypervisorError> {
+        if let (Some(Fault::GrowImageBeforeCopy), VolumeContent::Copy { image, .. }) =
+            (self.fault, &content)
+        {
+            use std::os::fd::AsRawFd;
+            let path = format!("/proc/self/fd/{}", image.file().as_raw_fd());
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|file| file.set_len(64 << 20))
+                .expect("the sibling's write");
+        }
         // A fault here hits after the volume exists, the nastier case.
         let content = match content {
             VolumeContent::Bytes { data, format } => VolumeContent::Empty {
@@ -1350,6 +1365,39 @@ async fn disks_that_together_overfill_their_pool_are_refused_up_front() {
     );
     assert!(!error.recoverable());
     assert_nothing_left(&harness, "after the refused disks");
+}
+
+/// Issue 9.8: an image a sibling rewrites bigger between the start's size
+/// check and the copy is refused at the copy, and the start leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_grown_between_check_and_copy_is_refused_and_leaves_nothing() {
+    use crate::config::task::DiskSource;
+    let harness = harness(Some(Fault::GrowImageBeforeCopy));
+    let mut request = request(&harness.node, "6a0e0001", false);
+    request.config.disks[1].source = Some(DiskSource::Image {
+        path: "base.img".into(),
+        format: None,
+    });
+    request.config.disks[1].size = None;
+    let task_dir = request.alloc_dir.join("web");
+    std::fs::create_dir_all(&task_dir).expect("task dir");
+    std::fs::write(task_dir.join("base.img"), vec![1u8; 1 << 20]).expect("image");
+    let error = harness
+        .tasks
+        .start(
+            request,
+            settings_with(&harness.node, |policy| policy.max_disk_size = Some(4 << 20)),
+        )
+        .await
+        .expect_err("grown after the check");
+    let message = error.to_string();
+    assert!(
+        message.starts_with("disk[1].source.image: image base.img grew after its size was checked")
+            && message.contains("67108864 bytes, more than the 1048576 bytes checked"),
+        "{message}"
+    );
+    assert!(!error.recoverable());
+    assert_nothing_left(&harness, "after the grown image");
 }
 
 /// Issue 9.8: a disk cloned from `source.volume` is as big as the volume,
