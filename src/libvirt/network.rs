@@ -562,7 +562,7 @@ mod tests {
         assert!(!filters_optional("qemu+ssh://host/system"));
         let conn = Connect::open(Some("test:///default")).expect("test driver");
         assert_eq!(
-            nwfilter_exists(&conn, crate::net::CLEAN_TRAFFIC_FILTER).expect("answer"),
+            nwfilter_exists(&conn, "clean-traffic").expect("answer"),
             None
         );
     }
