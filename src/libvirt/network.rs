@@ -152,13 +152,9 @@ fn delete_respawn_txt(net: &Network) -> bool {
 /// pid file is the one read here; nothing happens when dnsmasq runs or its
 /// state cannot be read. Returns whether it asked libvirt.
 pub fn respawn_dead_dnsmasq(conn: &Connect, network: &str) -> bool {
-    if !conn
-        .uri()
-        .is_ok_and(|uri| crate::libvirt::shares::is_local_uri(&uri))
-    {
-        return false;
-    }
-    if crate::libvirt::dhcp::dnsmasq_running(network) != Some(false) {
+    let uri = conn.uri().unwrap_or_default();
+    // The pid file is only read when the libvirt is this host's.
+    if !should_respawn(&uri, || crate::libvirt::dhcp::dnsmasq_running(network)) {
         return false;
     }
     let Ok(net) = conn.lookup_network_by_name(network) else {
@@ -191,6 +187,12 @@ pub fn respawn_dead_dnsmasq(conn: &Connect, network: &str) -> bool {
         }
     }
     true
+}
+
+/// Whether to respawn: the libvirt at `uri` runs on this host (so the pid
+/// file read by `running` is its network's) and its dnsmasq is known dead.
+fn should_respawn(uri: &str, running: impl FnOnce() -> Option<bool>) -> bool {
+    crate::libvirt::shares::is_local_uri(uri) && running() == Some(false)
 }
 
 /// Deletes the [`RESPAWN_TXT`] record from every active network that has it
@@ -554,6 +556,23 @@ fn libvirt_error(action: &'static str, network: &str, error: virt::error::Error)
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn only_a_local_libvirt_with_a_dead_dnsmasq_is_respawned() {
+        assert!(should_respawn("qemu:///system", || Some(false)));
+        assert!(!should_respawn("qemu:///system", || Some(true)));
+        assert!(!should_respawn("qemu:///system", || None));
+        // A remote libvirt: the local pid file is not its network's.
+        assert!(!should_respawn("qemu+ssh://host/system", || {
+            panic!("the local pid file must not be read")
+        }));
+        assert!(has_respawn_txt(
+            "<network><name>n</name><dns><txt name='nomad-driver-virt-respawn' value='1'/></dns></network>"
+        ));
+        assert!(!has_respawn_txt(
+            "<network><name>n</name><dns><txt name='other' value='1'/></dns></network>"
+        ));
+    }
 
     #[test]
     fn only_the_test_driver_may_lack_network_filters() {
