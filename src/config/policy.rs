@@ -39,18 +39,17 @@ pub fn check_task(
         let field = format!("disk[{index}]");
         // A disk on a Nomad volume is the volume's device: no pool holds it
         // (its image is checked against the device's size when written).
-        if disk.nomad_volume().is_some() {
-            continue;
-        }
-        let (pool, pool_field) = match &disk.pool {
-            Some(pool) => (pool.as_str(), format!("{field}.pool")),
-            None => (
-                default_pool,
-                format!("{field}.pool (unset: the default pool)"),
-            ),
-        };
-        if let Err(message) = check_pool(pool, policy) {
-            problems.add(pool_field, message);
+        if disk.nomad_volume().is_none() {
+            let (pool, pool_field) = match &disk.pool {
+                Some(pool) => (pool.as_str(), format!("{field}.pool")),
+                None => (
+                    default_pool,
+                    format!("{field}.pool (unset: the default pool)"),
+                ),
+            };
+            if let Err(message) = check_pool(pool, policy) {
+                problems.add(pool_field, message);
+            }
         }
         if let Some(size) = disk.size {
             if let Err(message) = check_disk_size(size.0, None, policy) {
