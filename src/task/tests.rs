@@ -1400,6 +1400,79 @@ async fn an_image_grown_between_check_and_copy_is_refused_and_leaves_nothing() {
     assert_nothing_left(&harness, "after the grown image");
 }
 
+/// Issue 9.8: a disk on a Nomad volume (a loop device here) is the
+/// volume: allow_storage_pools does not apply to it (only the seed goes to
+/// the default pool, which the operator cannot forbid). Needs root and
+/// losetup; skipped without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_on_a_nomad_volume_is_not_held_to_storage_pools() {
+    use std::process::Command;
+    let harness = harness(None);
+    let backing = harness.node.pool_path.with_file_name("ndvtest-volume.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing file");
+    let Some(device) = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    else {
+        eprintln!("skipped: losetup (root) is not available");
+        return;
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .output();
+        }
+    }
+    let _detach = Detach(device.clone());
+    let mut request = request(&harness.node, "0b0b0001", false);
+    request.config.disks = TaskSpec::try_from(&TaskConfig {
+        disk: Some(vec![DiskConfig {
+            volume: Some("/dev/vdb".into()),
+            ..DiskConfig::default()
+        }]),
+        ..TaskConfig::default()
+    })
+    .expect("valid")
+    .disks;
+    request.mounts = vec![crate::task::contract::Mount {
+        host_path: device.clone().into(),
+        task_path: "/dev/vdb".into(),
+        read_only: false,
+    }];
+    let started = harness
+        .tasks
+        .start(
+            request,
+            settings_with(&harness.node, |policy| {
+                policy.storage_pools = Some(Vec::new());
+            }),
+        )
+        .await
+        .expect("a disk on a Nomad volume uses no pool");
+    let domain = started.state.domain_name.clone();
+    let xml = harness
+        .libvirt
+        .call_blocking(|conn| crate::libvirt::domain::domain_xml(conn, &domain))
+        .expect("domain xml")
+        .expect("domain exists");
+    assert!(
+        xml.contains(&format!("dev=\"{device}\"")) || xml.contains(&format!("dev='{device}'")),
+        "{xml}"
+    );
+    harness
+        .tasks
+        .destroy(&started.state.task_id, true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after destroy");
+}
+
 /// Issue 9.8: a disk cloned from `source.volume` is as big as the volume,
 /// so the volume's capacity is held to max_disk_size (and the pool).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
