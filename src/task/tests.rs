@@ -1424,9 +1424,7 @@ async fn a_disk_on_a_nomad_volume_is_not_held_to_storage_pools() {
     struct Detach(String);
     impl Drop for Detach {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup")
-                .args(["-d", &self.0])
-                .output();
+            let _ = Command::new("losetup").args(["-d", &self.0]).output();
         }
     }
     let _detach = Detach(device.clone());
