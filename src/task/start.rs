@@ -598,6 +598,7 @@ pub fn boot(
 
     // The seed is built now (nothing is created yet) so that its size
     // counts against the default pool with the disks.
+    progress("Building cloud-init seed");
     let seed = render(
         &CloudInitInput {
             instance_id: start_plan.domain_name.clone(),
@@ -787,7 +788,6 @@ pub fn boot(
         });
     }
 
-    progress("Building cloud-init seed");
     let seed_name = volume::seed_volume_name(&start_plan.domain_name);
     rollback.volume(&seed_pool.name, &seed_name)?;
     let seed_path = hypervisor.create_volume(
