@@ -26,11 +26,12 @@ test_things() {
     virsh -q -c qemu:///system pool-list --all --name | sed '/^$/d; s/^/storage pool /'
     virsh -q -c qemu:///system net-list --all --name | sed '/^$/d; s/^/network /'
     virsh -q -c qemu:///system net-dumpxml default | grep -o '<host [^>]*>'
+    virsh -q -c qemu:///system net-dumpxml default | grep -o '<txt name=.nomad-driver-virt-respawn[^>]*>' | sed 's/^/TXT record on network default /'
     ip netns list | awk '{ print $1 }'
     ip -o link show | awk -F': ' '{ print $2 }'
     iptables-save | grep -v '^#' | sed -E 's/ \[[0-9]+:[0-9]+\]$//'
     ls /var/lib/nomad-driver-virt/journal | sed 's/^/start journal record /'
-  } 2>/dev/null | grep -iE 'ndvtest|^domain |^storage pool ndvtest|^start journal record ' | sort -u || true
+  } 2>/dev/null | grep -iE 'ndvtest|^domain |^storage pool ndvtest|^start journal record |^TXT record ' | sort -u || true
 }
 dhcp_hosts() { virsh -q -c qemu:///system net-dumpxml default | grep -c "<host " || true; }
 hosts_before=$(dhcp_hosts)

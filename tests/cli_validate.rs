@@ -484,7 +484,7 @@ fn client_config_settings_refuse_what_the_operator_does_not_allow() {
             "disk[0].pool",
             &[
                 "\"fast\"",
-                "allow_storage_pools with \"fast\" in it would allow it",
+                "adding \"fast\" to the plugin setting allow_storage_pools would allow it",
             ][..],
         ),
         (
@@ -498,7 +498,7 @@ fn client_config_settings_refuse_what_the_operator_does_not_allow() {
             "network_interface[0].macvtap.device",
             &[
                 "\"eth1\"",
-                "allow_macvtap_devices = [\"eth1\"] would allow it",
+                "adding \"eth1\" to the plugin setting allow_macvtap_devices would allow it",
             ][..],
         ),
         (

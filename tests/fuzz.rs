@@ -17,7 +17,7 @@ use nomad_driver_virt::hypervisor::libvirt::pool_volumes_in_domain_xml;
 use nomad_driver_virt::libvirt::dhcp::{self, Reservation};
 use nomad_driver_virt::libvirt::domain_xml::{
     self, DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec, DomainType,
-    InterfaceSpec,
+    FilterRef, InterfaceSpec,
 };
 use nomad_driver_virt::libvirt::host::offers_kvm;
 use nomad_driver_virt::libvirt::xml::{self, Element, XmlWriter};
@@ -755,11 +755,20 @@ fn domain_spec() -> impl Strategy<Value = DomainSpec> {
         });
     let mac = prop::array::uniform3(any::<u8>())
         .prop_map(|b| format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]));
+    // Filter names and parameter names are checked names; parameter values
+    // are any text (quotes, `&`, `<` included).
+    let filter = prop::option::of((
+        "[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}",
+        prop::collection::vec(("[A-Za-z_][A-Za-z0-9_]{0,15}", "[!-~][ -~]{0,15}"), 0..4),
+    ))
+    .prop_map(|filter| filter.map(|(filter, parameters)| FilterRef { filter, parameters }));
     let interface = prop_oneof![
-        ("[a-z][a-z0-9-]{0,10}", mac.clone()).prop_map(|(network, mac)| InterfaceSpec::Network {
-            network,
-            mac,
-            filter: None,
+        ("[a-z][a-z0-9-]{0,10}", mac.clone(), filter).prop_map(|(network, mac, filter)| {
+            InterfaceSpec::Network {
+                network,
+                mac,
+                filter,
+            }
         }),
         (
             "[a-z][a-z0-9]{0,8}",
@@ -869,10 +878,23 @@ proptest! {
             let source = interface.child("source").expect("source");
             let mac = interface.child("mac").and_then(|m| m.attr("address"));
             match want {
-                InterfaceSpec::Network { network, mac: want_mac, .. } => {
+                InterfaceSpec::Network { network, mac: want_mac, filter } => {
                     prop_assert_eq!(interface.attr("type"), Some("network"));
                     prop_assert_eq!(source.attr("network"), Some(network.as_str()));
                     prop_assert_eq!(mac, Some(want_mac.as_str()));
+                    let found = interface.child("filterref").map(|filterref| FilterRef {
+                        filter: filterref.attr("filter").unwrap_or_default().to_string(),
+                        parameters: filterref
+                            .children_named("parameter")
+                            .map(|p| {
+                                (
+                                    p.attr("name").unwrap_or_default().to_string(),
+                                    p.attr("value").unwrap_or_default().to_string(),
+                                )
+                            })
+                            .collect(),
+                    });
+                    prop_assert_eq!(&found, filter);
                 }
                 InterfaceSpec::Direct { device, mode, mac: want_mac } => {
                     prop_assert_eq!(interface.attr("type"), Some("direct"));

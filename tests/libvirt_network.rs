@@ -15,8 +15,9 @@ use nomad_driver_virt::libvirt::dhcp::{
     release_lease, reservation_xml, reservations_in_xml, validate_mac, DhcpError, Reservation,
 };
 use nomad_driver_virt::libvirt::network::{
-    add_reservation, dhcp_servers, network_by_bridge, network_fingerprint, network_leases,
-    nwfilter_exists, remove_reservation, wait_for_lease,
+    add_reservation, dhcp_servers, has_respawn_txt, network_by_bridge, network_fingerprint,
+    network_leases, nwfilter_exists, remove_reservation, remove_respawn_records, wait_for_lease,
+    RESPAWN_TXT,
 };
 use virt::connect::Connect;
 use virt::network::Network;
@@ -292,4 +293,81 @@ fn clean_traffic_filter_exists_and_default_has_a_dhcp_server() {
         servers.contains(&Ipv4Addr::new(192, 168, 122, 1)),
         "{servers:?}"
     );
+}
+
+/// A transient network of the test's own; destroyed (and so gone) on drop.
+struct TransientNetwork(Network);
+
+impl Drop for TransientNetwork {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.destroy() {
+            eprintln!("cleanup failed; virsh net-destroy it by hand: {error}");
+        }
+    }
+}
+
+/// Issue 9.9: a respawn TXT record left by a plugin that died between
+/// adding and deleting it is removed when the plugin starts (LibvirtNet's
+/// init runs this), and only that record.
+#[test]
+fn a_leftover_respawn_record_is_removed_at_plugin_start() {
+    if !common::host_ready(&[common::Need::Root, common::Need::Libvirtd]) {
+        return;
+    }
+    let conn = system();
+    let id = std::process::id() % 100_000;
+    let name = format!("ndvtest-txt-{id}");
+    let bridge = format!("ndvtxt{id}");
+    let used = Command::new("ip")
+        .args(["-4", "-o", "addr"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    let mut network = None;
+    let mut last = String::new();
+    for octet in 160..180 {
+        if used.contains(&format!("10.77.{octet}.")) {
+            continue;
+        }
+        let xml = format!(
+            "<network><name>{name}</name><bridge name='{bridge}' stp='on' delay='0'/>\
+             <dns><txt name='ndvtest-keep' value='kept'/></dns>\
+             <ip address='10.77.{octet}.1' netmask='255.255.255.0'/></network>"
+        );
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        std::fs::write(file.path(), xml).expect("network xml");
+        let created = Command::new("virsh")
+            .args(["-q", "-c", URI, "net-create"])
+            .arg(file.path())
+            .output()
+            .expect("run virsh");
+        if created.status.success() {
+            let net = conn.lookup_network_by_name(&name).expect("the new network");
+            network = Some(TransientNetwork(net));
+            break;
+        }
+        last = String::from_utf8_lossy(&created.stderr).into_owned();
+    }
+    let network = network.unwrap_or_else(|| panic!("cannot create network {name}: {last}"));
+    // The plugin died right after adding its record.
+    network
+        .0
+        .update(
+            virt::sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+            virt::sys::VIR_NETWORK_SECTION_DNS_TXT,
+            -1,
+            &format!("<txt name='{RESPAWN_TXT}' value='1'/>"),
+            virt::sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
+        )
+        .expect("plant the record");
+    let xml = network.0.xml_desc(0).expect("network xml");
+    assert!(has_respawn_txt(&xml), "{xml}");
+
+    let removed = remove_respawn_records(&conn);
+    assert!(removed.contains(&name), "{removed:?}");
+    let xml = network.0.xml_desc(0).expect("network xml");
+    assert!(!has_respawn_txt(&xml), "{xml}");
+    assert!(xml.contains("ndvtest-keep"), "other records stay: {xml}");
+    // Nothing left to remove: a second start finds nothing here.
+    assert!(!remove_respawn_records(&conn).contains(&name));
 }

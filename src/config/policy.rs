@@ -37,15 +37,19 @@ pub fn check_task(
     }
     for (index, disk) in spec.disks.iter().enumerate() {
         let field = format!("disk[{index}]");
-        let (pool, pool_field) = match &disk.pool {
-            Some(pool) => (pool.as_str(), format!("{field}.pool")),
-            None => (
-                default_pool,
-                format!("{field}.pool (unset: the default pool)"),
-            ),
-        };
-        if let Err(message) = check_pool(pool, policy) {
-            problems.add(pool_field, message);
+        // A disk on a Nomad volume is the volume's device: no pool holds it
+        // (its image is checked against the device's size when written).
+        if disk.nomad_volume().is_none() {
+            let (pool, pool_field) = match &disk.pool {
+                Some(pool) => (pool.as_str(), format!("{field}.pool")),
+                None => (
+                    default_pool,
+                    format!("{field}.pool (unset: the default pool)"),
+                ),
+            };
+            if let Err(message) = check_pool(pool, policy) {
+                problems.add(pool_field, message);
+            }
         }
         if let Some(size) = disk.size {
             if let Err(message) = check_disk_size(size.0, None, policy) {
@@ -66,7 +70,7 @@ pub fn check_network(bridge: &str, network: &str, policy: &Policy) -> Result<(),
     }
     Err(format!(
         "{bridge:?} is the bridge of libvirt network {network:?}, which the operator does not allow \
-         (allow_networks = {}); the plugin setting allow_networks = [{network:?}] would allow it",
+         (allow_networks = {}); adding {network:?} to the plugin setting allow_networks would allow it",
         list(allowed)
     ))
 }
@@ -91,7 +95,7 @@ pub fn check_macvtap_device(
     }
     Err(format!(
         "host device {device:?} is not allowed by the operator (allowed: {} from {whence}); \
-         the plugin setting allow_macvtap_devices = [{device:?}] would allow it",
+         adding {device:?} to the plugin setting allow_macvtap_devices would allow it",
         list(allowed)
     ))
 }
@@ -112,7 +116,7 @@ pub fn check_macvtap_mode(mode: MacvtapMode, policy: &Policy) -> Result<(), Stri
     };
     Err(format!(
         "{:?} is not allowed by the operator (allow_macvtap_modes = {}{default}); \
-         the plugin setting allow_macvtap_modes with {:?} in it would allow it",
+         adding {:?} to the plugin setting allow_macvtap_modes would allow it",
         mode.as_str(),
         list(&modes),
         mode.as_str()
@@ -128,7 +132,7 @@ pub fn check_pool(pool: &str, policy: &Policy) -> Result<(), String> {
     }
     Err(format!(
         "storage pool {pool:?} is not allowed for job disks (allow_storage_pools = {}); \
-         the plugin setting allow_storage_pools with {pool:?} in it would allow it",
+         adding {pool:?} to the plugin setting allow_storage_pools would allow it",
         list(allowed)
     ))
 }
@@ -162,6 +166,42 @@ pub fn check_disk_size(
         }
     }
     Ok(())
+}
+
+/// The disks of one pool (`(field, size)` each, plus `seed` bytes of
+/// cloud-init seed in the default pool) together against its free space.
+/// A disk too big on its own is named alone.
+pub fn check_pool_free(
+    disks: &[(String, u64)],
+    seed: u64,
+    pool: &str,
+    available: u64,
+) -> Result<(), String> {
+    let total = disks
+        .iter()
+        .fold(seed, |sum, (_, size)| sum.saturating_add(*size));
+    if total <= available {
+        return Ok(());
+    }
+    let (what, bytes, with_seed) = match disks.iter().find(|(_, size)| *size > available) {
+        Some((field, size)) => (field.clone(), *size, String::new()),
+        None if disks.is_empty() => ("the cloud-init seed".to_string(), total, String::new()),
+        None => {
+            let fields: Vec<&str> = disks.iter().map(|(field, _)| field.as_str()).collect();
+            let with_seed = if seed > 0 {
+                format!(", with the {seed}-byte cloud-init seed")
+            } else {
+                String::new()
+            };
+            (format!("{} together", fields.join(" + ")), total, with_seed)
+        }
+    };
+    Err(format!(
+        "{what}: {bytes} bytes ({}{with_seed}) is more than storage pool {pool:?} has free \
+         ({available} bytes, {}); use smaller disks or another pool, or free space in the pool",
+        human(bytes),
+        human(available)
+    ))
 }
 
 /// `["a", "b"]` as HCL would spell it.
@@ -223,7 +263,7 @@ mod tests {
         for part in [
             "network_interface[0].macvtap.device:",
             "\"eth1\"",
-            "allow_macvtap_devices = [\"eth1\"] would allow it",
+            "adding \"eth1\" to the plugin setting allow_macvtap_devices would allow it",
             "default route",
         ] {
             assert!(refused[0].contains(part), "{part} missing: {refused:?}");
@@ -251,7 +291,7 @@ mod tests {
         for part in [
             "network_interface[0].macvtap.mode:",
             "\"passthrough\" is not allowed",
-            "allow_macvtap_modes with \"passthrough\" in it would allow it",
+            "adding \"passthrough\" to the plugin setting allow_macvtap_modes would allow it",
         ] {
             assert!(refused[0].contains(part), "{part} missing: {refused:?}");
         }
@@ -281,7 +321,7 @@ mod tests {
         for part in [
             "\"virbr1\"",
             "\"isolated\"",
-            "allow_networks = [\"isolated\"] would allow it",
+            "adding \"isolated\" to the plugin setting allow_networks would allow it",
         ] {
             assert!(refused.contains(part), "{part} missing: {refused}");
         }
@@ -312,7 +352,9 @@ mod tests {
         assert_eq!(refused.len(), 2, "{refused:?}");
         assert!(
             refused[0].starts_with("disk[1].pool: storage pool \"fast\" is not allowed")
-                && refused[0].contains("allow_storage_pools with \"fast\" in it would allow it"),
+                && refused[0].contains(
+                    "adding \"fast\" to the plugin setting allow_storage_pools would allow it"
+                ),
             "{refused:?}"
         );
         assert!(
@@ -338,6 +380,53 @@ mod tests {
             refused[0]
                 .starts_with("disk[0].pool (unset: the default pool): storage pool \"local\""),
             "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn disks_on_nomad_volumes_use_no_pool() {
+        let policy = Policy {
+            storage_pools: Some(Vec::new()),
+            max_disk_size: Some(1 << 20),
+            ..Policy::default()
+        };
+        let on_volume = DiskSpec {
+            volume: Some("/dev/ndvtest".into()),
+            ..DiskSpec::default()
+        };
+        let spec = TaskSpec {
+            disks: vec![on_volume, DiskSpec::default()],
+            ..TaskSpec::default()
+        };
+        let refused = problems_of(&spec, &policy, None);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].starts_with("disk[1].pool"), "{refused:?}");
+    }
+
+    #[test]
+    fn disks_of_a_pool_are_summed_against_its_free_space() {
+        let disks = vec![
+            ("disk[0].size".to_string(), 1 << 30),
+            ("disk[1].size".to_string(), 1 << 30),
+        ];
+        assert!(check_pool_free(&disks, 0, "p", 2 << 30).is_ok());
+        let refused = check_pool_free(&disks, 4096, "p", 2 << 30).expect_err("full");
+        for part in [
+            "disk[0].size + disk[1].size together: 2147487744 bytes",
+            "with the 4096-byte cloud-init seed",
+            "more than storage pool \"p\" has free (2147483648 bytes, 2GiB)",
+        ] {
+            assert!(refused.contains(part), "{part} missing: {refused}");
+        }
+        let alone = check_pool_free(&disks, 0, "p", 1 << 29).expect_err("full");
+        assert!(
+            alone.starts_with("disk[0].size: 1073741824 bytes (1GiB) is more"),
+            "{alone}"
+        );
+        let seed_only = check_pool_free(&[], 4096, "p", 0).expect_err("full");
+        assert!(
+            seed_only.starts_with("the cloud-init seed: 4096 bytes"),
+            "{seed_only}"
         );
     }
 

@@ -145,14 +145,12 @@ pub fn add_pool_attributes(
 }
 
 /// Why guests cannot get the `clean-traffic` filter the plugin config asks
-/// for, if they cannot. A driver without network filters (libvirt's test
-/// driver) has nothing to filter with and is not a problem.
+/// for, if they cannot. Only libvirt's test driver answers `Ok(None)` (no
+/// network filters at all), which is not a problem.
 pub fn clean_traffic_problem(
     found: &Result<Option<bool>, crate::libvirt::LibvirtError>,
 ) -> Option<String> {
-    let fix = "libvirt ships it with its nwfilter driver (Debian: libvirt-daemon-driver-nwfilter; \
-               `virsh nwfilter-list` lists it); or set clean_traffic = false in the plugin config \
-               to run guests on shared bridges without it";
+    let fix = crate::net::CLEAN_TRAFFIC_FIX;
     match found {
         Ok(Some(true)) | Ok(None) => None,
         Ok(Some(false)) => Some(format!(

@@ -145,6 +145,10 @@ impl Hypervisor for LibvirtHypervisor {
         })
     }
 
+    fn nwfilter_exists(&self, name: &str) -> Result<Option<bool>, HypervisorError> {
+        self.with(|conn| Ok(crate::libvirt::network::nwfilter_exists(conn, name)?))
+    }
+
     fn create_volume(
         &self,
         pool_name: &str,
@@ -170,6 +174,7 @@ impl Hypervisor for LibvirtHypervisor {
                     format,
                     capacity,
                     sparse,
+                    cap,
                 } => storage::create_from_image_with(
                     conn,
                     &pool,
@@ -177,15 +182,17 @@ impl Hypervisor for LibvirtHypervisor {
                     image,
                     image_format,
                     format,
-                    capacity,
+                    (capacity, cap),
                     sparse,
                 )?,
                 VolumeContent::Overlay {
                     image,
                     image_format,
                     capacity,
+                    cap,
                 } => {
-                    let parent = storage::ensure_parent(conn, &pool, image, image_format)?;
+                    let parent =
+                        storage::ensure_parent_capped(conn, &pool, image, image_format, cap)?;
                     backing = Some((parent.path()?, image_format));
                     storage::create_overlay(&pool, name, &parent, image_format, capacity)?
                 }

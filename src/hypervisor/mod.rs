@@ -47,6 +47,9 @@ pub enum VolumeContent<'a> {
         format: ImageFormat,
         capacity: Option<u64>,
         sparse: bool,
+        /// The size checked before the start: an image bigger now (it was
+        /// rewritten since) is refused, and no more is uploaded.
+        cap: Option<u64>,
     },
     /// A clone of the operator's volume `source` in the same pool (checked
     /// with [`Hypervisor::source_volume`]), in `format`, grown to
@@ -68,6 +71,8 @@ pub enum VolumeContent<'a> {
         image: &'a ImageFile,
         image_format: ImageFormat,
         capacity: Option<u64>,
+        /// As for [`VolumeContent::Copy`], for the parent.
+        cap: Option<u64>,
     },
     /// These bytes (the cloud-init seed).
     Bytes { data: &'a [u8], format: ImageFormat },
@@ -134,6 +139,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn prepare_pool(&self, pool: &DirectoryPool) -> Result<(), HypervisorError>;
     /// Bytes free in a prepared pool (libvirt's pool info, after a refresh).
     fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError>;
+    /// Whether libvirt has network filter `name`; `None` on libvirt's test
+    /// driver only (see [`crate::libvirt::network::nwfilter_exists`]).
+    fn nwfilter_exists(&self, name: &str) -> Result<Option<bool>, HypervisorError>;
     /// Creates `name` in `pool` and returns its path (and backing file).
     fn create_volume(
         &self,

@@ -104,19 +104,21 @@ pub fn wait_for_lease(
         .map_err(unreachable)??;
     // Watch before the first look, so a lease written in between still wakes us.
     let mut changes = StatusFileWatch::new(Path::new(LEASE_STATUS_DIR), &bridge);
+    // One respawn per wait: a dnsmasq that dies again is not ours to chase.
+    let mut respawned = false;
     poll_for_lease(
         &mut || {
             let leases = libvirt
                 .call_blocking(|conn| Ok(network_leases(conn, network, Some(mac))))
                 .map_err(unreachable)??;
-            if !leases
-                .iter()
-                .any(|lease| lease.mac.eq_ignore_ascii_case(mac))
+            if !respawned
+                && !leases
+                    .iter()
+                    .any(|lease| lease.mac.eq_ignore_ascii_case(mac))
             {
-                let _ = libvirt.call_blocking(|conn| {
-                    respawn_dead_dnsmasq(conn, network);
-                    Ok(())
-                });
+                respawned = libvirt
+                    .call_blocking(|conn| Ok(respawn_dead_dnsmasq(conn, network)))
+                    .unwrap_or(false);
             }
             Ok(leases)
         },
@@ -129,44 +131,112 @@ pub fn wait_for_lease(
     )
 }
 
+/// The name of the DNS TXT record whose live add and delete make libvirt
+/// restart a network's dead dnsmasq ([`respawn_dead_dnsmasq`]).
+pub const RESPAWN_TXT: &str = "nomad-driver-virt-respawn";
+
+fn respawn_txt_xml() -> String {
+    format!("<txt name='{RESPAWN_TXT}' value='1'/>")
+}
+
+/// Deletes our TXT record from the network's live DNS; `false` when it was
+/// not there (or could not be deleted).
+fn delete_respawn_txt(net: &Network) -> bool {
+    net.update(
+        sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
+        sys::VIR_NETWORK_SECTION_DNS_TXT,
+        -1,
+        &respawn_txt_xml(),
+        sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
+    )
+    .is_ok()
+}
+
 /// When the dnsmasq libvirt runs for `network` has died (killed, crashed),
 /// has libvirt start it again: any update of the network's live DNS makes
 /// libvirt refresh its DHCP daemon, which starts one when none runs. The
-/// update adds and removes a TXT record of our own, so the network's
-/// definition ends as it was. Nothing happens when dnsmasq runs or its
-/// state cannot be read (remote libvirt, other pid file location).
-pub fn respawn_dead_dnsmasq(conn: &Connect, network: &str) {
-    if crate::libvirt::dhcp::dnsmasq_running(network) != Some(false) {
-        return;
+/// update adds and removes a TXT record of our own ([`RESPAWN_TXT`]), so
+/// the network's definition ends as it was; a record left by a plugin that
+/// died in between is deleted first (and at plugin start by
+/// [`remove_respawn_records`]). Only for a libvirt on this machine, whose
+/// pid file is the one read here; nothing happens when dnsmasq runs or its
+/// state cannot be read. Returns whether it asked libvirt.
+pub fn respawn_dead_dnsmasq(conn: &Connect, network: &str) -> bool {
+    let uri = conn.uri().unwrap_or_default();
+    // The pid file is only read when the libvirt is this host's.
+    if !should_respawn(&uri, || crate::libvirt::dhcp::dnsmasq_running(network)) {
+        return false;
     }
     let Ok(net) = conn.lookup_network_by_name(network) else {
-        return;
+        return false;
     };
     tracing::warn!(
         network,
         "the network's dnsmasq is not running; asking libvirt to start it"
     );
-    let txt = "<txt name='nomad-driver-virt-respawn' value='1'/>";
+    delete_respawn_txt(&net);
     let add = net.update(
         sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
         sys::VIR_NETWORK_SECTION_DNS_TXT,
         -1,
-        txt,
+        &respawn_txt_xml(),
         sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
     );
-    if let Err(error) = &add {
-        tracing::warn!(network, error = %error, "cannot make libvirt restart dnsmasq");
+    match add {
+        Ok(()) => {
+            if !delete_respawn_txt(&net) {
+                tracing::warn!(
+                    network,
+                    "cannot remove the TXT record {RESPAWN_TXT} that restarted dnsmasq; \
+                     the plugin removes it at its next start"
+                );
+            }
+        }
+        Err(error) => {
+            tracing::warn!(network, error = %error, "cannot make libvirt restart dnsmasq");
+        }
     }
-    let delete = net.update(
-        sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
-        sys::VIR_NETWORK_SECTION_DNS_TXT,
-        -1,
-        txt,
-        sys::VIR_NETWORK_UPDATE_AFFECT_LIVE,
-    );
-    if let (Ok(()), Err(error)) = (&add, delete) {
-        tracing::warn!(network, error = %error, "cannot remove the TXT record that restarted dnsmasq");
+    true
+}
+
+/// Whether to respawn: the libvirt at `uri` runs on this host (so the pid
+/// file read by `running` is its network's) and its dnsmasq is known dead.
+fn should_respawn(uri: &str, running: impl FnOnce() -> Option<bool>) -> bool {
+    crate::libvirt::shares::is_local_uri(uri) && running() == Some(false)
+}
+
+/// Deletes the [`RESPAWN_TXT`] record from every active network that has it
+/// (left by a plugin that died between adding and deleting it); returns
+/// the networks it was removed from. Errors only log: this is tidying.
+pub fn remove_respawn_records(conn: &Connect) -> Vec<String> {
+    let networks = match conn.list_all_networks(sys::VIR_CONNECT_LIST_NETWORKS_ACTIVE) {
+        Ok(networks) => networks,
+        Err(error) => {
+            tracing::debug!(error = %error, "cannot list networks to remove respawn records");
+            return Vec::new();
+        }
+    };
+    let mut removed = Vec::new();
+    for net in networks {
+        let has_record = net.xml_desc(0).is_ok_and(|xml| has_respawn_txt(&xml));
+        if has_record && delete_respawn_txt(&net) {
+            let name = network_name(&net);
+            tracing::info!(network = %name, "removed a leftover {RESPAWN_TXT} TXT record");
+            removed.push(name);
+        }
     }
+    removed
+}
+
+/// Whether a network's XML has our TXT record.
+pub fn has_respawn_txt(xml: &str) -> bool {
+    let Ok(root) = crate::libvirt::xml::parse(xml) else {
+        return false;
+    };
+    root.child("dns").is_some_and(|dns| {
+        dns.children_named("txt")
+            .any(|txt| txt.attr("name") == Some(RESPAWN_TXT))
+    })
 }
 
 fn network_name(net: &Network) -> String {
@@ -255,9 +325,10 @@ pub fn dhcp_servers_in_xml(xml: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// Whether libvirt has the network filter `name` (`virsh nwfilter-list`);
-/// `Ok(None)` when the connection's driver has no network filters at all
-/// (libvirt's test driver).
+/// Whether libvirt has the network filter `name` (`virsh nwfilter-list`).
+/// `Ok(None)` only for libvirt's test driver (`test://`), which has no
+/// network filters at all; a real libvirt without its nwfilter driver has
+/// no filter either: `Ok(Some(false))`, whose fix is the same package.
 pub fn nwfilter_exists(conn: &Connect, name: &str) -> Result<Option<bool>, LibvirtError> {
     match conn.list_all_nw_filters(0) {
         Ok(filters) => Ok(Some(
@@ -265,7 +336,10 @@ pub fn nwfilter_exists(conn: &Connect, name: &str) -> Result<Option<bool>, Libvi
                 .iter()
                 .any(|filter| filter.name().is_ok_and(|n| n == name)),
         )),
-        Err(error) if has_code(&error, sys::VIR_ERR_NO_SUPPORT) => Ok(None),
+        Err(error) if has_code(&error, sys::VIR_ERR_NO_SUPPORT) => {
+            let uri = conn.uri().unwrap_or_default();
+            Ok((!filters_optional(&uri)).then_some(false))
+        }
         Err(error) => Err(LibvirtError::Host {
             action: "listing network filters",
             source: error.into(),
@@ -470,6 +544,12 @@ fn lookup_network(conn: &Connect, network: &str) -> Result<Network, DhcpError> {
     })
 }
 
+/// Only libvirt's test driver may lack network filters without that being
+/// a problem: a guest on a real host must not go unfiltered.
+fn filters_optional(uri: &str) -> bool {
+    uri.starts_with("test:")
+}
+
 fn has_code(error: &virt::error::Error, code: sys::virErrorNumber) -> bool {
     error.code().to_raw() == code
 }
@@ -486,6 +566,35 @@ fn libvirt_error(action: &'static str, network: &str, error: virt::error::Error)
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn only_a_local_libvirt_with_a_dead_dnsmasq_is_respawned() {
+        assert!(should_respawn("qemu:///system", || Some(false)));
+        assert!(!should_respawn("qemu:///system", || Some(true)));
+        assert!(!should_respawn("qemu:///system", || None));
+        // A remote libvirt: the local pid file is not its network's.
+        assert!(!should_respawn("qemu+ssh://host/system", || {
+            panic!("the local pid file must not be read")
+        }));
+        assert!(has_respawn_txt(
+            "<network><name>n</name><dns><txt name='nomad-driver-virt-respawn' value='1'/></dns></network>"
+        ));
+        assert!(!has_respawn_txt(
+            "<network><name>n</name><dns><txt name='other' value='1'/></dns></network>"
+        ));
+    }
+
+    #[test]
+    fn only_the_test_driver_may_lack_network_filters() {
+        assert!(filters_optional("test:///default"));
+        assert!(!filters_optional("qemu:///system"));
+        assert!(!filters_optional("qemu+ssh://host/system"));
+        let conn = Connect::open(Some("test:///default")).expect("test driver");
+        assert_eq!(
+            nwfilter_exists(&conn, "clean-traffic").expect("answer"),
+            None
+        );
+    }
 
     #[test]
     fn dhcp_servers_are_the_ip_elements_with_dhcp() {

@@ -161,6 +161,13 @@ pub fn forwards_for(
 impl Net for LibvirtNet {
     fn init(&self) -> Result<(), NetError> {
         self.iptables.init()?;
+        // A plugin that died mid-respawn left its TXT record in a network.
+        if let Err(error) = self
+            .libvirt
+            .call_blocking(|conn| Ok(libvirt_network::remove_respawn_records(conn)))
+        {
+            tracing::warn!(error = %error, "cannot look for leftover respawn records");
+        }
         Ok(())
     }
 

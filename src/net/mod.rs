@@ -141,6 +141,11 @@ pub enum Attachment {
 /// or ARP spoofing. It ships with libvirt (`virsh nwfilter-list`).
 pub const CLEAN_TRAFFIC_FILTER: &str = "clean-traffic";
 
+/// How to get [`CLEAN_TRAFFIC_FILTER`] when libvirt lacks it, or do without.
+pub const CLEAN_TRAFFIC_FIX: &str = "libvirt ships it with its nwfilter driver (Debian: \
+     libvirt-daemon-driver-nwfilter; `virsh nwfilter-list` lists it); or set clean_traffic = \
+     false in the plugin config to run guests on shared bridges without it";
+
 /// `clean-traffic` for a guest whose address is not known yet (it comes
 /// from DHCP after boot): on a network with DHCP, libvirt learns it from
 /// the replies of the network's own servers only, so neither the guest's

@@ -57,6 +57,18 @@ pub enum StorageError {
     },
     #[error("image {} cannot be used: {reason}", path.display())]
     UnsafeImage { path: PathBuf, reason: String },
+    /// The image was rewritten after the size check (by a sibling task or
+    /// anyone else who can write it): more than the checked size.
+    #[error(
+        "image {} grew after its size was checked: {found} than the {cap} bytes checked; \
+         do not change the image while the task starts",
+        path.display()
+    )]
+    GrewAfterCheck {
+        path: PathBuf,
+        found: String,
+        cap: u64,
+    },
     #[error("cannot {action} {}", path.display())]
     Io {
         action: &'static str,
@@ -194,6 +206,7 @@ impl StorageError {
             StorageError::ImageNotFound { .. }
             | StorageError::ImageNotAllowed { .. }
             | StorageError::UnsafeImage { .. }
+            | StorageError::GrewAfterCheck { .. }
             | StorageError::PoolPathMismatch { .. }
             | StorageError::PoolType { .. }
             | StorageError::VolumeName { .. }

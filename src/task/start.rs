@@ -3,7 +3,7 @@
 //! records each thing before it is created and removes everything if the
 //! start does not reach its end.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use super::contract::{Mount, StartRequest};
@@ -366,22 +366,29 @@ fn read_bounded(file: &std::fs::File, limit: usize) -> Result<String, TaskError>
 }
 
 /// The size a disk can grow to, and the field it comes from: its `size`,
-/// or its image's virtual size when that is larger; `None` for a disk the
-/// driver does not create (an existing volume).
+/// or its image's virtual size (read as `image`'s format, the one the copy
+/// uses) or its source volume's capacity when that is larger.
 fn disk_size(
     disk: &task_config::DiskSpec,
-    image: Option<&images::ImageFile>,
+    image: Option<(&images::ImageFile, ImageFormat)>,
+    source_capacity: Option<u64>,
     field: &str,
 ) -> Result<Option<(u64, String)>, TaskError> {
     let explicit = disk.size.map(|size| (size.0, format!("{field}.size")));
-    let Some(image) = image else {
-        return Ok(match disk.source {
-            Some(ConfigDiskSource::Volume { .. }) => None,
-            _ => explicit,
+    let Some((image, format)) = image else {
+        return Ok(match (source_capacity, explicit) {
+            (Some(capacity), explicit)
+                if explicit.as_ref().is_none_or(|(size, _)| *size < capacity) =>
+            {
+                Some((
+                    capacity,
+                    format!("{field}.source.volume (the volume's capacity)"),
+                ))
+            }
+            (_, explicit) => explicit,
         });
     };
     let image_field = format!("{field}.source.image");
-    let format = source_image_format(disk, image, field)?;
     let virtual_size =
         images::image_virtual_size(image, format).map_err(|e| e.in_field(image_field.clone()))?;
     Ok(Some(match explicit {
@@ -524,6 +531,22 @@ pub fn boot(
             })?;
         }
     }
+    // Guests on a shared bridge get clean-traffic: without the filter
+    // libvirt would refuse the domain late, or (without nwfilter) the
+    // guest could spoof; refuse now, saying how to fix it.
+    let on_network = attachments
+        .iter()
+        .position(|attachment| matches!(attachment, Attachment::Network { .. }));
+    if let (true, Some(index)) = (settings.policy.clean_traffic, on_network) {
+        if hypervisor.nwfilter_exists(crate::net::CLEAN_TRAFFIC_FILTER)? == Some(false) {
+            return Err(TaskError::Invalid(format!(
+                "network_interface[{index}].bridge: the plugin setting clean_traffic is on but \
+                 libvirt has no network filter {:?} for this guest; {}",
+                crate::net::CLEAN_TRAFFIC_FILTER,
+                crate::net::CLEAN_TRAFFIC_FIX
+            )));
+        }
+    }
 
     // Each pool is prepared once per start, not per disk.
     let mut prepared: HashMap<String, ()> = HashMap::new();
@@ -558,6 +581,7 @@ pub fn boot(
     };
     // Source volumes are checked before anything is created: they exist,
     // are the operator's (not another task's), and have no backing file.
+    let mut source_capacities: Vec<Option<u64>> = vec![None; disks.len()];
     for (index, disk) in disks.iter().enumerate() {
         let Some(ConfigDiskSource::Volume { name, format }) = &disk.source else {
             continue;
@@ -597,20 +621,78 @@ pub fn boot(
                 )));
             }
         }
+        source_capacities[index] = Some(facts.capacity);
     }
 
-    // Every disk's size against the operator's maximum and its pool's free
-    // space, before any volume is created.
+    // The seed is built now (nothing is created yet) so that its size
+    // counts against the default pool with the disks.
+    progress("Building cloud-init seed");
+    let seed = render(
+        &CloudInitInput {
+            instance_id: start_plan.domain_name.clone(),
+            hostname: start_plan.hostname.clone(),
+            user_data: start_plan.user_data.clone(),
+            default_user_password: config.default_user_password.clone(),
+            ssh_authorized_key: config.default_user_authorized_ssh_key.clone(),
+            ssh_password_auth: config.ssh_password_auth,
+            cmds: config.cmds.clone(),
+            bootcmds: super::shares::mount_commands(&shares),
+            timezone: config
+                .timezone
+                .as_ref()
+                .map(|zone| zone.as_str().to_string()),
+            env: request.env.clone(),
+        },
+        random_salt()?,
+    )?;
+    let iso = build_seed_iso(&seed)?;
+
+    // Every disk's size against the operator's maximum, and the disks of
+    // each pool together (the seed with the default pool's) against its
+    // free space, before any volume is created. An image's format is read
+    // once, here, and the copy uses the same; the checked size caps the
+    // copy (a sibling may rewrite the image in between).
+    let mut image_formats: Vec<Option<ImageFormat>> = vec![None; disks.len()];
+    let mut caps: Vec<Option<u64>> = vec![None; disks.len()];
+    let mut per_pool: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
     for (index, disk) in disks.iter().enumerate() {
         let field = format!("disk[{index}]");
-        let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
-        let Some((size, size_field)) = disk_size(disk, start_plan.images[index].as_ref(), &field)?
+        let image = match &start_plan.images[index] {
+            Some(image) => {
+                let format = source_image_format(disk, image, &field)?;
+                image_formats[index] = Some(format);
+                Some((image, format))
+            }
+            None => None,
+        };
+        let Some((size, size_field)) = disk_size(disk, image, source_capacities[index], &field)?
         else {
             continue;
         };
-        let available = hypervisor.pool_available(&pool.name)?;
-        policy::check_disk_size(size, Some((&pool.name, available)), &settings.policy)
+        policy::check_disk_size(size, None, &settings.policy)
             .map_err(|message| TaskError::Invalid(format!("{size_field}: {message}")))?;
+        caps[index] = Some(size);
+        // A Nomad volume is the disk: its size is the device's, checked
+        // against the image when it is written, and it uses no pool.
+        if start_plan.nomad_volumes[index].is_some() {
+            continue;
+        }
+        let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
+        per_pool
+            .entry(pool.name)
+            .or_default()
+            .push((size_field, size));
+    }
+    let seed_pool = pool_for(&settings.default_pool, "storage_pools.default")?;
+    per_pool.entry(seed_pool.name.clone()).or_default();
+    for (pool, disks) in &per_pool {
+        let available = hypervisor.pool_available(pool)?;
+        let seed = if *pool == seed_pool.name {
+            iso.len() as u64
+        } else {
+            0
+        };
+        policy::check_pool_free(disks, seed, pool, available).map_err(TaskError::Invalid)?;
     }
 
     progress("Preparing disks");
@@ -626,8 +708,9 @@ pub fn boot(
         if let Some(volume) = &start_plan.nomad_volumes[index] {
             // The volume is the disk: written from the image when there is
             // one (prepare refused that for a read_only mount).
-            if let Some(image) = &start_plan.images[index] {
-                let image_format = source_image_format(disk, image, &field)?;
+            if let (Some(image), Some(image_format)) =
+                (&start_plan.images[index], image_formats[index])
+            {
                 progress("Writing image to volume");
                 crate::storage::qemu_img::write_to_device(image, image_format, &volume.host_path)
                     .map_err(|e| e.in_field(format!("{field}.source.image")))?;
@@ -650,13 +733,16 @@ pub fn boot(
         let sparse = disk.sparse(disk_format);
         let capacity = disk.size.map(|size| size.0);
         let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
-        let content = if let Some(image) = &start_plan.images[index] {
-            let image_format = source_image_format(disk, image, &field)?;
+        let content = if let (Some(image), Some(image_format)) =
+            (&start_plan.images[index], image_formats[index])
+        {
+            let cap = caps[index];
             if disk.chained {
                 VolumeContent::Overlay {
                     image,
                     image_format,
                     capacity,
+                    cap,
                 }
             } else {
                 VolumeContent::Copy {
@@ -665,6 +751,7 @@ pub fn boot(
                     format,
                     capacity,
                     sparse,
+                    cap,
                 }
             }
         } else if let Some(ConfigDiskSource::Volume { name: source, .. }) = &disk.source {
@@ -694,7 +781,13 @@ pub fn boot(
             }
         };
         rollback.volume(&pool.name, &name)?;
-        let created = hypervisor.create_volume(&pool.name, &name, content)?;
+        let from_image = start_plan.images[index].is_some();
+        let created = hypervisor
+            .create_volume(&pool.name, &name, content)
+            .map_err(|e| match from_image {
+                true => TaskError::from(e).in_field(&format!("{field}.source.image")),
+                false => TaskError::from(e),
+            })?;
         crash_point("start:disk");
         disk_specs.push(DiskSpec {
             source: DiskSource::File(created.path),
@@ -723,27 +816,6 @@ pub fn boot(
         });
     }
 
-    progress("Building cloud-init seed");
-    let seed = render(
-        &CloudInitInput {
-            instance_id: start_plan.domain_name.clone(),
-            hostname: start_plan.hostname.clone(),
-            user_data: start_plan.user_data.clone(),
-            default_user_password: config.default_user_password.clone(),
-            ssh_authorized_key: config.default_user_authorized_ssh_key.clone(),
-            ssh_password_auth: config.ssh_password_auth,
-            cmds: config.cmds.clone(),
-            bootcmds: super::shares::mount_commands(&shares),
-            timezone: config
-                .timezone
-                .as_ref()
-                .map(|zone| zone.as_str().to_string()),
-            env: request.env.clone(),
-        },
-        random_salt()?,
-    )?;
-    let iso = build_seed_iso(&seed)?;
-    let seed_pool = pool_for(&settings.default_pool, "storage_pools.default")?;
     let seed_name = volume::seed_volume_name(&start_plan.domain_name);
     rollback.volume(&seed_pool.name, &seed_name)?;
     let seed_path = hypervisor.create_volume(

@@ -123,6 +123,14 @@ enum Fault {
     HypervisorCall(usize),
     /// The network build after boot fails.
     NetworkBuild,
+    /// libvirt answers that it has no `clean-traffic` filter, as a real
+    /// libvirt without its nwfilter driver does (the test driver has
+    /// network filters neither way).
+    NoCleanTraffic,
+    /// Just before an image is copied, the image file (the same inode the
+    /// start checked) is truncated to 64 MiB, as a sibling task that can
+    /// write it might.
+    GrowImageBeforeCopy,
 }
 
 /// The real libvirt hypervisor on the test driver, plus what the test
@@ -181,12 +189,30 @@ impl Hypervisor for TestHypervisor {
     fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError> {
         self.inner.pool_available(pool)
     }
+    fn nwfilter_exists(&self, name: &str) -> Result<Option<bool>, HypervisorError> {
+        let answer = self.inner.nwfilter_exists(name)?;
+        Ok(match self.fault {
+            Some(Fault::NoCleanTraffic) => Some(false),
+            _ => answer,
+        })
+    }
     fn create_volume(
         &self,
         pool: &str,
         name: &str,
         content: VolumeContent<'_>,
     ) -> Result<CreatedDisk, HypervisorError> {
+        if let (Some(Fault::GrowImageBeforeCopy), VolumeContent::Copy { image, .. }) =
+            (self.fault, &content)
+        {
+            use std::os::fd::AsRawFd;
+            let path = format!("/proc/self/fd/{}", image.file().as_raw_fd());
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|file| file.set_len(64 << 20))
+                .expect("the sibling's write");
+        }
         // A fault here hits after the volume exists, the nastier case.
         let content = match content {
             VolumeContent::Bytes { data, format } => VolumeContent::Empty {
@@ -1228,7 +1254,7 @@ async fn operator_settings_refuse_before_anything_is_created() {
     for part in [
         "network_interface[0].bridge.name:",
         "\"ndvtestbr0\"",
-        "allow_networks = [\"ndvtest-net\"] would allow it",
+        "adding \"ndvtest-net\" to the plugin setting allow_networks would allow it",
     ] {
         assert!(message.contains(part), "{part} missing: {message}");
     }
@@ -1305,6 +1331,240 @@ async fn a_disk_larger_than_the_pools_free_space_is_refused_up_front() {
     );
     assert!(!error.recoverable());
     assert_nothing_left(&harness, "after the refused disk");
+}
+
+/// Issue 9.8: disks that each fit their pool but together do not are
+/// refused up front, naming every disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_that_together_overfill_their_pool_are_refused_up_front() {
+    let harness = harness(None);
+    harness
+        .observer
+        .prepare_pool(&DirectoryPool {
+            name: POOL.into(),
+            path: harness.node.pool_path.clone(),
+        })
+        .expect("pool");
+    let available = harness.observer.pool_available(POOL).expect("free space");
+    let half = available / 2 + 1;
+    let mut request = request(&harness.node, "5a5a0001", false);
+    for disk in &mut request.config.disks {
+        disk.size = Some(crate::config::units::ByteSize(half));
+    }
+    let error = harness
+        .tasks
+        .start(request, settings(&harness.node))
+        .await
+        .expect_err("too big together");
+    let message = error.to_string();
+    assert!(
+        message.starts_with("disk[0].size + disk[1].size together:")
+            && message.contains("-byte cloud-init seed")
+            && message.contains("more than storage pool \"ndvtest-orchestrator\" has free"),
+        "{message}"
+    );
+    assert!(!error.recoverable());
+    assert_nothing_left(&harness, "after the refused disks");
+}
+
+/// Issue 9.8: an image a sibling rewrites bigger between the start's size
+/// check and the copy is refused at the copy, and the start leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_grown_between_check_and_copy_is_refused_and_leaves_nothing() {
+    use crate::config::task::DiskSource;
+    let harness = harness(Some(Fault::GrowImageBeforeCopy));
+    let mut request = request(&harness.node, "6a0e0001", false);
+    request.config.disks[1].source = Some(DiskSource::Image {
+        path: "base.img".into(),
+        format: None,
+    });
+    request.config.disks[1].size = None;
+    let task_dir = request.alloc_dir.join("web");
+    std::fs::create_dir_all(&task_dir).expect("task dir");
+    std::fs::write(task_dir.join("base.img"), vec![1u8; 1 << 20]).expect("image");
+    let error = harness
+        .tasks
+        .start(
+            request,
+            settings_with(&harness.node, |policy| policy.max_disk_size = Some(4 << 20)),
+        )
+        .await
+        .expect_err("grown after the check");
+    let message = error.to_string();
+    assert!(
+        message.starts_with("disk[1].source.image: image base.img grew after its size was checked")
+            && message.contains("67108864 bytes, more than the 1048576 bytes checked"),
+        "{message}"
+    );
+    assert!(!error.recoverable());
+    assert_nothing_left(&harness, "after the grown image");
+}
+
+/// Issue 9.8: a disk on a Nomad volume (a loop device here) is the
+/// volume: allow_storage_pools does not apply to it (only the seed goes to
+/// the default pool, which the operator cannot forbid). Needs root and
+/// losetup; skipped without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_on_a_nomad_volume_is_not_held_to_storage_pools() {
+    use std::process::Command;
+    let harness = harness(None);
+    let backing = harness.node.pool_path.with_file_name("ndvtest-volume.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing file");
+    let Some(device) = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    else {
+        eprintln!("skipped: losetup (root) is not available");
+        return;
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).output();
+        }
+    }
+    let _detach = Detach(device.clone());
+    let mut request = request(&harness.node, "0b0b0001", false);
+    request.config.disks = TaskSpec::try_from(&TaskConfig {
+        disk: Some(vec![DiskConfig {
+            volume: Some("/dev/vdb".into()),
+            ..DiskConfig::default()
+        }]),
+        ..TaskConfig::default()
+    })
+    .expect("valid")
+    .disks;
+    request.mounts = vec![crate::task::contract::Mount {
+        host_path: device.clone().into(),
+        task_path: "/dev/vdb".into(),
+        read_only: false,
+    }];
+    let started = harness
+        .tasks
+        .start(
+            request,
+            settings_with(&harness.node, |policy| {
+                policy.storage_pools = Some(Vec::new());
+            }),
+        )
+        .await
+        .expect("a disk on a Nomad volume uses no pool");
+    let domain = started.state.domain_name.clone();
+    let xml = harness
+        .libvirt
+        .call_blocking(|conn| crate::libvirt::domain::domain_xml(conn, &domain))
+        .expect("domain xml")
+        .expect("domain exists");
+    assert!(
+        xml.contains(&format!("dev=\"{device}\"")) || xml.contains(&format!("dev='{device}'")),
+        "{xml}"
+    );
+    harness
+        .tasks
+        .destroy(&started.state.task_id, true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after destroy");
+}
+
+/// Issue 9.8: a disk cloned from `source.volume` is as big as the volume,
+/// so the volume's capacity is held to max_disk_size (and the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_volume_larger_than_max_disk_size_is_refused() {
+    use crate::config::names::ObjectName;
+    use crate::config::task::DiskSource;
+    let harness = harness(None);
+    harness
+        .observer
+        .prepare_pool(&DirectoryPool {
+            name: POOL.into(),
+            path: harness.node.pool_path.clone(),
+        })
+        .expect("pool");
+    harness
+        .observer
+        .create_volume(
+            POOL,
+            "big-base.img",
+            VolumeContent::Empty {
+                format: crate::storage::images::ImageFormat::Raw,
+                size: 8 << 20,
+                sparse: true,
+            },
+        )
+        .expect("the operator's volume");
+    // The test driver keeps no files; the plain file a real pool holds.
+    std::fs::create_dir_all(&harness.node.pool_path).expect("pool dir");
+    std::fs::write(harness.node.pool_path.join("big-base.img"), [0u8; 4096]).expect("file");
+    let mut request = request(&harness.node, "5a5a0002", false);
+    request.config.disks[1].source = Some(DiskSource::Volume {
+        name: ObjectName::parse("big-base.img").expect("name"),
+        format: None,
+    });
+    request.config.disks[1].size = None;
+    let error = harness
+        .tasks
+        .start(
+            request,
+            settings_with(&harness.node, |policy| policy.max_disk_size = Some(4 << 20)),
+        )
+        .await
+        .expect_err("the clone would be 8 MiB");
+    let message = error.to_string();
+    assert!(
+        message.starts_with("disk[1].source.volume (the volume's capacity): 8388608 bytes (8MiB)")
+            && message.contains("max_disk_size = \"8MiB\" would allow it"),
+        "{message}"
+    );
+    assert_eq!(harness.volumes(), vec!["big-base.img".to_string()]);
+    assert!(harness.domains().is_empty());
+}
+
+/// Issue 9.9: without the clean-traffic filter a start on a libvirt
+/// network is refused up front, naming the setting and the fix; macvtap-
+/// or network-less starts and clean_traffic = false are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_network_is_refused_when_libvirt_lacks_clean_traffic() {
+    let harness = harness(Some(Fault::NoCleanTraffic));
+    let error = harness
+        .tasks
+        .start(
+            request(&harness.node, "c1ea0a01", true),
+            settings(&harness.node),
+        )
+        .await
+        .expect_err("no filter");
+    let message = error.to_string();
+    for part in [
+        "network_interface[0].bridge:",
+        "clean_traffic is on",
+        "no network filter \"clean-traffic\"",
+        "libvirt-daemon-driver-nwfilter",
+        "clean_traffic = false",
+    ] {
+        assert!(message.contains(part), "{part} missing: {message}");
+    }
+    assert!(!error.recoverable());
+    assert_nothing_left(&harness, "after the refusal");
+
+    let started = harness
+        .tasks
+        .start(
+            request(&harness.node, "c1ea0a02", true),
+            settings_with(&harness.node, |policy| policy.clean_traffic = false),
+        )
+        .await
+        .expect("clean_traffic = false starts");
+    harness
+        .tasks
+        .destroy(&started.state.task_id, true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after destroy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,8 +20,8 @@ pub mod volume;
 pub use pool::{ensure_directory_pool, lookup_pool, pool_fingerprint, refresh_pool};
 pub use volume::{
     clone_volume, create_empty, create_empty_with, create_from_image, create_from_image_with,
-    create_overlay, delete_created_volume, delete_volume, ensure_parent, existing_path,
-    prune_pools, prune_unused_parents, source_volume, upload_bytes, SourceVolume,
+    create_overlay, delete_created_volume, delete_volume, ensure_parent, ensure_parent_capped,
+    existing_path, prune_pools, prune_unused_parents, source_volume, upload_bytes, SourceVolume,
 };
 
 /// A storage pool looked up on the connection, with its name.

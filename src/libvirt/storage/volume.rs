@@ -391,13 +391,14 @@ pub fn create_from_image(
         image,
         source_format,
         target_format,
-        capacity,
+        (capacity, None),
         true,
     )
 }
 
-/// [`create_from_image`] with the disk's `sparse`: when false, a raw
-/// volume is uploaded without holes and grown allocated.
+/// [`create_from_image`] with the disk's `sparse` (when false, a raw
+/// volume is uploaded without holes and grown allocated) and a `cap`: the
+/// size checked before the start, see [`create_hashed`].
 #[allow(clippy::too_many_arguments)]
 pub fn create_from_image_with(
     conn: &Connect,
@@ -406,7 +407,7 @@ pub fn create_from_image_with(
     image: &ImageFile,
     source_format: ImageFormat,
     target_format: ImageFormat,
-    capacity: Option<u64>,
+    (capacity, cap): (Option<u64>, Option<u64>),
     sparse: bool,
 ) -> Result<Volume, StorageError> {
     create_hashed(
@@ -415,26 +416,56 @@ pub fn create_from_image_with(
         name,
         image,
         (source_format, target_format),
-        capacity,
+        (capacity, cap),
         sparse,
     )
     .map(|(volume, _)| volume)
 }
 
+/// The most bytes an upload of an image whose virtual size is at most
+/// `cap` may hold: `cap` for raw; for qcow2 also its metadata (L2 and
+/// refcount tables are at most 1/64 + 1/256 of the data with the smallest
+/// clusters), rounded up generously.
+pub fn upload_cap(cap: u64, format: ImageFormat) -> u64 {
+    match format {
+        ImageFormat::Raw => cap,
+        ImageFormat::Qcow2 => cap.saturating_add(cap / 32).saturating_add(16 << 20),
+    }
+}
+
 /// [`create_from_image_with`], also returning the [`parent_key`] of the
 /// bytes uploaded when they were the image's own (no conversion).
+///
+/// `cap` is the size checked before the start (against `max_disk_size`
+/// and the pool's free space). Whoever can write the image (a sibling
+/// task) may rewrite it after that check, so the virtual size is read
+/// again here, from the same descriptor, and the bytes to upload are
+/// counted: more than the cap is refused before any volume exists.
 fn create_hashed(
     conn: &Connect,
     pool: &Pool,
     name: &str,
     image: &ImageFile,
     (source_format, target_format): (ImageFormat, ImageFormat),
-    capacity: Option<u64>,
+    (capacity, cap): (Option<u64>, Option<u64>),
     sparse: bool,
 ) -> Result<(Volume, Option<String>), StorageError> {
     check_volume_name(name)?;
     check_image_safe(image, source_format)?;
     let virtual_size = image_virtual_size(image, source_format)?;
+    let grew = |found: String, cap: u64| StorageError::GrewAfterCheck {
+        path: image.shown_path(),
+        found,
+        cap,
+    };
+    if let Some(cap) = cap {
+        if virtual_size > cap {
+            return Err(grew(
+                format!("its virtual size is {virtual_size} bytes, more"),
+                cap,
+            ));
+        }
+    }
     let wanted = virtual_size.max(capacity.unwrap_or(0));
     if capacity.is_some_and(|c| c < virtual_size) {
         tracing::warn!(
@@ -459,6 +490,17 @@ fn create_hashed(
     };
     let upload_from = converted.as_ref().map_or(image, |(_, file)| file);
     let length = upload_from.len()?;
+    // The upload sends exactly `length` bytes (fewer is an error), so this
+    // bounds what reaches the pool.
+    if let Some(cap) = cap {
+        let most = upload_cap(cap, target_format);
+        if length > most {
+            return Err(grew(
+                format!("{length} bytes to copy, more than the {most} allowed for"),
+                cap,
+            ));
+        }
+    }
 
     // A raw volume's file is its disk, so it must hold the whole upload; a
     // qcow2 volume's header is replaced by the image's, so start it small.
@@ -596,6 +638,43 @@ pub fn ensure_parent(
     image: &ImageFile,
     format: ImageFormat,
 ) -> Result<Volume, StorageError> {
+    ensure_parent_capped(conn, pool, image, format, None)
+}
+
+/// [`ensure_parent`] with the size checked before the start as a cap (see
+/// [`create_hashed`]); a parent found for the image is held to it too.
+pub fn ensure_parent_capped(
+    conn: &Connect,
+    pool: &Pool,
+    image: &ImageFile,
+    format: ImageFormat,
+    cap: Option<u64>,
+) -> Result<Volume, StorageError> {
+    let parent = ensure_parent_uncapped(conn, pool, image, format, cap)?;
+    if let Some(cap) = cap {
+        let capacity = parent
+            .inner
+            .info()
+            .map_err(|e| StorageError::volume(&pool.name, "parent", "reading its size", e))?
+            .capacity;
+        if capacity > cap {
+            return Err(StorageError::GrewAfterCheck {
+                path: image.shown_path(),
+                found: format!("its virtual size is {capacity} bytes, more"),
+                cap,
+            });
+        }
+    }
+    Ok(parent)
+}
+
+fn ensure_parent_uncapped(
+    conn: &Connect,
+    pool: &Pool,
+    image: &ImageFile,
+    format: ImageFormat,
+    cap: Option<u64>,
+) -> Result<Volume, StorageError> {
     check_image_safe(image, format)?;
     let identity =
         Identity::of(image.file()).map_err(|error| image.io("read metadata of image", error))?;
@@ -624,7 +703,7 @@ pub fn ensure_parent(
         &staging_name,
         image,
         (format, format),
-        None,
+        (None, cap),
         true,
     )?;
     let Some(key) = key else {
@@ -1234,6 +1313,98 @@ mod tests {
         // Nothing to send: no upload call at all.
         let empty = upload_bytes(&node.conn, &pool, "empty.iso", b"", ImageFormat::Raw).unwrap();
         assert_eq!(empty.capacity().unwrap(), 0);
+    }
+
+    /// Issue 9.8: a sibling that can write the image rewrites it between
+    /// the start's size check and the copy. The copy reads the size again
+    /// from the same descriptor and refuses, before any volume exists.
+    #[test]
+    fn an_image_grown_after_the_size_check_is_refused_at_copy() {
+        let node = test_node();
+        let pool = test_pool(&node);
+        let copy = |image: &ImageFile, format: ImageFormat, cap: u64| {
+            create_from_image_with(
+                &node.conn,
+                &pool,
+                "vm_vda.img",
+                image,
+                format,
+                ImageFormat::Raw,
+                (None, Some(cap)),
+                true,
+            )
+        };
+
+        // Raw: checked at 1 MiB, then truncated bigger through another handle.
+        let raw = node.dir.path().join("grow.img");
+        std::fs::write(&raw, vec![1u8; MIB as usize]).unwrap();
+        let image = open(&raw);
+        let checked = image_virtual_size(&image, ImageFormat::Raw).unwrap();
+        assert_eq!(checked, MIB);
+        File::options()
+            .write(true)
+            .open(&raw)
+            .unwrap()
+            .set_len(64 * MIB)
+            .unwrap();
+        let err = copy(&image, ImageFormat::Raw, checked).unwrap_err();
+        assert!(matches!(err, StorageError::GrewAfterCheck { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("virtual size is 67108864 bytes, more than the 1048576 bytes checked"),
+            "{err}"
+        );
+
+        // qcow2: checked at 1 MiB, then its header rewritten to claim 1 TiB.
+        let qcow2 = node.dir.path().join("grow.qcow2");
+        let header = |size: u64| {
+            let mut header = vec![0u8; 112];
+            header[..4].copy_from_slice(b"QFI\xfb");
+            header[4..8].copy_from_slice(&3u32.to_be_bytes());
+            header[24..32].copy_from_slice(&size.to_be_bytes());
+            header
+        };
+        std::fs::write(&qcow2, header(MIB)).unwrap();
+        let image = open(&qcow2);
+        let checked = image_virtual_size(&image, ImageFormat::Qcow2).unwrap();
+        std::fs::write(&qcow2, header(1 << 40)).unwrap();
+        let err = copy(&image, ImageFormat::Qcow2, checked).unwrap_err();
+        assert!(matches!(err, StorageError::GrewAfterCheck { .. }), "{err}");
+        let err =
+            ensure_parent_capped(&node.conn, &pool, &image, ImageFormat::Qcow2, Some(checked))
+                .unwrap_err();
+        assert!(matches!(err, StorageError::GrewAfterCheck { .. }), "{err}");
+        assert!(!err.is_recoverable());
+
+        // qcow2 kept at 1 MiB but padded with 64 MiB: never uploaded.
+        std::fs::write(&qcow2, header(MIB)).unwrap();
+        File::options()
+            .write(true)
+            .open(&qcow2)
+            .unwrap()
+            .set_len(64 * MIB)
+            .unwrap();
+        let err = create_from_image_with(
+            &node.conn,
+            &pool,
+            "vm_vdb.qcow2",
+            &image,
+            ImageFormat::Qcow2,
+            ImageFormat::Qcow2,
+            (None, Some(MIB)),
+            true,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("67108864 bytes to copy"), "{err}");
+        assert!(pool.volume_names().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_upload_cap_allows_qcow2_metadata_only() {
+        assert_eq!(upload_cap(MIB, ImageFormat::Raw), MIB);
+        let qcow2 = upload_cap(1 << 30, ImageFormat::Qcow2);
+        assert!(qcow2 > 1 << 30 && qcow2 < (1 << 30) + (64 << 20), "{qcow2}");
+        assert_eq!(upload_cap(u64::MAX, ImageFormat::Qcow2), u64::MAX);
     }
 
     #[test]
