@@ -9,9 +9,9 @@ use super::config::NetworkInterface;
 use super::iptables::apply::{route_localnet_fix, Iptables};
 use super::iptables::rules::{port_forward_rules, PortForward};
 use super::{
-    is_active_string, AllocatedPort, Attachment, DriverNetwork, Net, NetError, NetIntent,
-    TeardownSpec, VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
-    VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
+    is_active_string, AllocatedPort, Attachment, BridgeTeardown, DriverNetwork, Net, NetError,
+    NetIntent, TeardownSpec, VmStartedBuildRequest, VmStartedBuildResponse,
+    VmTerminatedTeardownRequest, VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
 };
 use crate::faults::crash_point;
 use crate::libvirt::dhcp::{self, Reservation};
@@ -162,49 +162,52 @@ impl Net for LibvirtNet {
             task_tag: request.task_tag.clone(),
             ..TeardownSpec::default()
         };
-        let Some((index, bridge)) = request
-            .net_config
-            .iter()
-            .enumerate()
-            .find_map(|(index, interface)| interface.bridge().map(|bridge| (index, bridge)))
-        else {
-            // Only macvtap (or nothing): no lease to find, no ports to map.
-            return Ok(VmStartedBuildResponse {
-                driver_network: None,
-                teardown_spec: spec,
-            });
-        };
-        let mac = request
-            .hwaddrs
-            .get(index)
-            .cloned()
-            .ok_or_else(|| NetError::Invalid("missing MAC address".into()))?;
-        let labels: Vec<String> = bridge
-            .ports
-            .iter()
-            .map(|label| label.as_str().to_string())
-            .collect();
-        let result = self.build_bridge(
-            request,
-            bridge.name.as_str(),
-            &labels,
-            &mac,
-            &mut spec,
-            progress,
-        );
-        match result {
-            Ok(driver_network) => Ok(VmStartedBuildResponse {
-                driver_network: Some(driver_network),
-                teardown_spec: spec,
-            }),
-            Err(error) => {
-                // Undo whatever part was built before reporting.
-                if let Err(teardown_error) = self.teardown(&spec) {
-                    tracing::warn!(error = %teardown_error, "cleanup after a failed network build failed");
+        // Every bridge interface in order: each gets its lease reserved
+        // and maps the ports its block lists; the first one's address is
+        // the one Nomad gets. Macvtap interfaces have no host-side lease.
+        let mut driver_network = None;
+        for (index, interface) in request.net_config.iter().enumerate() {
+            let Some(bridge) = interface.bridge() else {
+                continue;
+            };
+            let built = request
+                .hwaddrs
+                .get(index)
+                .ok_or_else(|| NetError::Invalid("missing MAC address".into()))
+                .and_then(|mac| {
+                    let labels: Vec<String> = bridge
+                        .ports
+                        .iter()
+                        .map(|label| label.as_str().to_string())
+                        .collect();
+                    self.build_bridge(
+                        request,
+                        bridge.name.as_str(),
+                        &labels,
+                        mac,
+                        &mut spec,
+                        progress,
+                    )
+                });
+            match built {
+                Ok(network) => {
+                    if driver_network.is_none() {
+                        driver_network = Some(network);
+                    }
                 }
-                Err(error)
+                Err(error) => {
+                    // Undo whatever part was built before reporting.
+                    if let Err(teardown_error) = self.teardown(&spec) {
+                        tracing::warn!(error = %teardown_error, "cleanup after a failed network build failed");
+                    }
+                    return Err(error);
+                }
             }
         }
+        Ok(VmStartedBuildResponse {
+            driver_network,
+            teardown_spec: spec,
+        })
     }
 
     fn vm_terminated_teardown(
@@ -310,10 +313,8 @@ impl LibvirtNet {
             },
         )?;
         progress(&format!("Guest IP {}", lease.ip));
-        spec.network = Some(network_name.clone());
-        spec.bridge = Some(bridge.to_string());
         let reservation = Reservation {
-            network: network_name,
+            network: network_name.clone(),
             mac: mac.to_string(),
             ip: lease.ip,
             // No name: libvirt refuses two host entries with one name, and
@@ -321,12 +322,23 @@ impl LibvirtNet {
             hostname: None,
         };
         // Record before create: teardown removes it even if adding half-failed.
-        spec.dhcp_reservation = Some(reservation.clone());
+        // The first bridge keeps the fields older handles have.
+        if spec.dhcp_reservation.is_none() {
+            spec.network = Some(network_name);
+            spec.bridge = Some(bridge.to_string());
+            spec.dhcp_reservation = Some(reservation.clone());
+        } else {
+            spec.more_bridges.push(BridgeTeardown {
+                network: network_name,
+                bridge: bridge.to_string(),
+                dhcp_reservation: reservation.clone(),
+            });
+        }
         self.libvirt
             .call_blocking(|conn| Ok(libvirt_network::add_reservation(conn, &reservation)))??;
         let rules = port_forward_rules(&request.task_tag, lease.ip, bridge, &forwards)
             .map_err(|e| NetError::Invalid(e.to_string()))?;
-        spec.iptables_rules = rules.clone();
+        spec.iptables_rules.extend(rules.iter().cloned());
         if !rules.is_empty() {
             // Idempotent; covers clients that never call Driver.Init.
             self.iptables.init()?;
@@ -339,6 +351,23 @@ impl LibvirtNet {
                 .map(|f| (f.label.clone(), f.guest_port))
                 .collect(),
         })
+    }
+
+    /// Removes a reservation and releases its lease (best effort).
+    fn release(&self, reservation: &Reservation, bridge: Option<&str>, failures: &mut Vec<String>) {
+        match self
+            .libvirt
+            .call_blocking(|conn| Ok(libvirt_network::remove_reservation(conn, reservation)))
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => failures.push(with_sources(&error)),
+            Err(error) => failures.push(with_sources(&error)),
+        }
+        if let Some(bridge) = bridge {
+            if let Err(error) = dhcp::release_lease(bridge, reservation.ip, &reservation.mac) {
+                tracing::debug!(error = %error, "DHCP release failed (best effort)");
+            }
+        }
     }
 
     fn teardown(&self, spec: &TeardownSpec) -> Result<(), NetError> {
@@ -355,14 +384,6 @@ impl LibvirtNet {
             }
         }
         if let Some(reservation) = &spec.dhcp_reservation {
-            match self
-                .libvirt
-                .call_blocking(|conn| Ok(libvirt_network::remove_reservation(conn, reservation)))
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => failures.push(with_sources(&error)),
-                Err(error) => failures.push(with_sources(&error)),
-            }
             // Adopted Go handles name only the network: find its bridge.
             let bridge = spec.bridge.clone().or_else(|| {
                 let networks = self
@@ -374,11 +395,10 @@ impl LibvirtNet {
                     .find(|(name, _, _)| *name == reservation.network)
                     .map(|(_, _, bridge)| bridge)
             });
-            if let Some(bridge) = &bridge {
-                if let Err(error) = dhcp::release_lease(bridge, reservation.ip, &reservation.mac) {
-                    tracing::debug!(error = %error, "DHCP release failed (best effort)");
-                }
-            }
+            self.release(reservation, bridge.as_deref(), &mut failures);
+        }
+        for more in &spec.more_bridges {
+            self.release(&more.dhcp_reservation, Some(&more.bridge), &mut failures);
         }
         if failures.is_empty() {
             Ok(())
