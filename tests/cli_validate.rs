@@ -203,17 +203,17 @@ fn bad_macvtap_mode() {
 }
 
 #[test]
-fn two_network_interfaces() {
+fn two_network_interfaces_cannot_map_one_port() {
     let config = format!(
-        "{DISK}\n        network_interface {{\n          bridge {{\n            name = \"virbr0\"\n          }}\n        }}\n        network_interface {{\n          bridge {{\n            name = \"virbr1\"\n          }}\n        }}"
+        "{DISK}\n        network_interface {{\n          bridge {{\n            name = \"virbr0\"\n            ports = [\"http\"]\n          }}\n        }}\n        network_interface {{\n          bridge {{\n            name = \"virbr1\"\n            ports = [\"http\"]\n          }}\n        }}"
     );
-    // Reported at the second (the extra) block.
+    // Several interfaces are fine; one port on two of them is not.
     assert_problem(
         "two-interfaces",
         &job_with_config(&config),
-        21,
-        "network_interface",
-        &["2 blocks given", "only one network_interface"],
+        25,
+        "network_interface[1].bridge.ports[0]",
+        &["already mapped by network_interface[0]"],
     );
 }
 

@@ -7,7 +7,7 @@ use super::hclspec::Spec;
 use super::names::{InterfaceName, PortLabel};
 use super::Problems;
 
-/// Every `network_interface` block of a task (at most one for now).
+/// Every `network_interface` block of a task, one guest NIC each, in order.
 pub type NetworkInterfacesConfig = Vec<NetworkInterfaceConfig>;
 
 /// One interface block as Nomad sends it: exactly one of `bridge` or `macvtap`.
@@ -157,15 +157,6 @@ pub fn check(
     interfaces: &[NetworkInterfaceConfig],
     problems: &mut Problems,
 ) -> Vec<NetworkInterface> {
-    if interfaces.len() > 1 {
-        problems.add(
-            "network_interface",
-            format!(
-                "{} blocks given; only one network_interface is supported per task",
-                interfaces.len()
-            ),
-        );
-    }
     let mut checked = Vec::new();
     for (index, interface) in interfaces.iter().enumerate() {
         let field = format!("network_interface[{index}]");
@@ -190,7 +181,33 @@ pub fn check(
             _ => {}
         }
     }
+    check_ports_mapped_once(interfaces, problems);
     checked
+}
+
+/// A port label maps to one guest: two blocks listing it would forward one
+/// host port to two addresses.
+fn check_ports_mapped_once(interfaces: &[NetworkInterfaceConfig], problems: &mut Problems) {
+    let mut first_use: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (index, interface) in interfaces.iter().enumerate() {
+        let Some(bridge) = &interface.bridge else {
+            continue;
+        };
+        for (port_index, label) in bridge.ports.iter().flatten().enumerate() {
+            match first_use.get(label.as_str()) {
+                Some(&first) if first != index => problems.add(
+                    format!("network_interface[{index}].bridge.ports[{port_index}]"),
+                    format!(
+                        "{label:?} is already mapped by network_interface[{first}]; list each port in one interface only"
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    first_use.insert(label, index);
+                }
+            }
+        }
+    }
 }
 
 fn check_bridge(
@@ -314,9 +331,37 @@ mod tests {
     }
 
     #[test]
+    fn several_interfaces_keep_their_order() {
+        let typed = checked(&[
+            bridge("virbr0", &["http"]),
+            macvtap("eth0", None),
+            bridge("virbr1", &["ssh"]),
+        ])
+        .expect("valid");
+        assert_eq!(typed.len(), 3);
+        assert_eq!(typed[0].bridge().map(|b| b.name.as_str()), Some("virbr0"));
+        assert!(matches!(typed[1], NetworkInterface::Macvtap(_)));
+        assert_eq!(typed[2].bridge().map(|b| b.name.as_str()), Some("virbr1"));
+    }
+
+    #[test]
     fn bad_interfaces_are_named() {
-        let two = problems_of(&[bridge("virbr0", &[]), bridge("virbr1", &[])]);
-        assert!(two[0].contains("only one network_interface"), "{two:?}");
+        let twice = problems_of(&[
+            bridge("virbr0", &["http"]),
+            macvtap("eth0", None),
+            bridge("virbr1", &["ssh", "http"]),
+        ]);
+        assert_eq!(twice.len(), 1, "{twice:?}");
+        assert!(
+            twice[0].starts_with("network_interface[2].bridge.ports[1]")
+                && twice[0].contains("already mapped by network_interface[0]"),
+            "{twice:?}"
+        );
+        let second_bad = problems_of(&[bridge("virbr0", &[]), macvtap("eth 0", None)]);
+        assert!(
+            second_bad[0].starts_with("network_interface[1].macvtap.device"),
+            "{second_bad:?}"
+        );
         let both = problems_of(&[NetworkInterfaceConfig {
             bridge: Some(NetworkInterfaceBridgeConfig {
                 name: "virbr0".into(),

@@ -11,9 +11,9 @@ use super::config::NetworkInterface;
 use super::iptables::apply::{route_localnet_fix, Iptables};
 use super::iptables::rules::{port_forward_rules, PortForward};
 use super::{
-    is_active_string, AllocatedPort, Attachment, DriverNetwork, Net, NetError, NetIntent,
-    TeardownSpec, VmStartedBuildRequest, VmStartedBuildResponse, VmTerminatedTeardownRequest,
-    VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
+    is_active_string, AllocatedPort, Attachment, BridgeTeardown, DriverNetwork, Net, NetError,
+    NetIntent, TeardownSpec, VmStartedBuildRequest, VmStartedBuildResponse,
+    VmTerminatedTeardownRequest, VmTerminatedTeardownResponse, ATTRIBUTE_PREFIX,
 };
 use crate::faults::crash_point;
 use crate::libvirt::dhcp::{self, Reservation};
@@ -53,29 +53,34 @@ impl LibvirtNet {
             self.reserve_now(task_tag, &reservation);
             return;
         };
-        let (libvirt, map, tag) = (
+        // One entry per interface: a task with several bridge interfaces
+        // has several adds in flight.
+        let key = pending_key(task_tag, &reservation.mac);
+        let (libvirt, map, tag, this_key) = (
             self.libvirt.clone(),
             self.pending_reservations.clone(),
             task_tag.to_string(),
+            key.clone(),
         );
-        let this_tag = tag.clone();
+        let in_thread = reservation.clone();
         // Registered under the map's lock, so the thread cannot remove its
         // entry before it exists.
         let spawned = std::thread::Builder::new()
             .name("dhcp-reserve".into())
             .spawn(move || {
-                add_reservation_logged(&libvirt, &this_tag, &reservation);
+                add_reservation_logged(&libvirt, &tag, &in_thread);
                 if let Ok(mut pending) = map.lock() {
-                    pending.remove(&this_tag);
+                    pending.remove(&this_key);
                 }
             });
         match spawned {
             Ok(handle) => {
-                pending.insert(tag, handle);
+                pending.insert(key, handle);
             }
             Err(error) => {
                 drop(pending);
                 tracing::warn!(error = %error, "cannot start a thread for the DHCP reservation; adding it now");
+                self.reserve_now(task_tag, &reservation);
             }
         }
     }
@@ -87,17 +92,30 @@ impl LibvirtNet {
     /// Waits until no reservation add of `task_tag` is in flight, so a
     /// removal that follows cannot run before the add it undoes.
     fn wait_for_reservation(&self, task_tag: &str) {
-        let handle = self
-            .pending_reservations
-            .lock()
-            .ok()
-            .and_then(|mut pending| pending.remove(task_tag));
-        if let Some(handle) = handle {
+        let prefix = pending_key(task_tag, "");
+        let handles: Vec<JoinHandle<()>> = match self.pending_reservations.lock() {
+            Ok(mut pending) => {
+                let keys: Vec<String> = pending
+                    .keys()
+                    .filter(|key| key.starts_with(&prefix))
+                    .cloned()
+                    .collect();
+                keys.iter().filter_map(|key| pending.remove(key)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for handle in handles {
             if handle.join().is_err() {
                 tracing::warn!(task_tag, "the DHCP reservation thread panicked");
             }
         }
     }
+}
+
+/// The pending-reservation key of one interface of a task; with an empty
+/// `mac`, the prefix every key of the task starts with.
+fn pending_key(task_tag: &str, mac: &str) -> String {
+    format!("{task_tag}\u{0}{mac}")
 }
 
 fn add_reservation_logged(libvirt: &Libvirt, task_tag: &str, reservation: &Reservation) {
@@ -261,49 +279,52 @@ impl Net for LibvirtNet {
             task_tag: request.task_tag.clone(),
             ..TeardownSpec::default()
         };
-        let Some((index, bridge)) = request
-            .net_config
-            .iter()
-            .enumerate()
-            .find_map(|(index, interface)| interface.bridge().map(|bridge| (index, bridge)))
-        else {
-            // Only macvtap (or nothing): no lease to find, no ports to map.
-            return Ok(VmStartedBuildResponse {
-                driver_network: None,
-                teardown_spec: spec,
-            });
-        };
-        let mac = request
-            .hwaddrs
-            .get(index)
-            .cloned()
-            .ok_or_else(|| NetError::Invalid("missing MAC address".into()))?;
-        let labels: Vec<String> = bridge
-            .ports
-            .iter()
-            .map(|label| label.as_str().to_string())
-            .collect();
-        let result = self.build_bridge(
-            request,
-            bridge.name.as_str(),
-            &labels,
-            &mac,
-            &mut spec,
-            progress,
-        );
-        match result {
-            Ok(driver_network) => Ok(VmStartedBuildResponse {
-                driver_network: Some(driver_network),
-                teardown_spec: spec,
-            }),
-            Err(error) => {
-                // Undo whatever part was built before reporting.
-                if let Err(teardown_error) = self.teardown(&spec) {
-                    tracing::warn!(error = %teardown_error, "cleanup after a failed network build failed");
+        // Every bridge interface in order: each gets its lease reserved
+        // and maps the ports its block lists; the first one's address is
+        // the one Nomad gets. Macvtap interfaces have no host-side lease.
+        let mut driver_network = None;
+        for (index, interface) in request.net_config.iter().enumerate() {
+            let Some(bridge) = interface.bridge() else {
+                continue;
+            };
+            let built = request
+                .hwaddrs
+                .get(index)
+                .ok_or_else(|| NetError::Invalid("missing MAC address".into()))
+                .and_then(|mac| {
+                    let labels: Vec<String> = bridge
+                        .ports
+                        .iter()
+                        .map(|label| label.as_str().to_string())
+                        .collect();
+                    self.build_bridge(
+                        request,
+                        bridge.name.as_str(),
+                        &labels,
+                        mac,
+                        &mut spec,
+                        progress,
+                    )
+                });
+            match built {
+                Ok(network) => {
+                    if driver_network.is_none() {
+                        driver_network = Some(network);
+                    }
                 }
-                Err(error)
+                Err(error) => {
+                    // Undo whatever part was built before reporting.
+                    if let Err(teardown_error) = self.teardown(&spec) {
+                        tracing::warn!(error = %teardown_error, "cleanup after a failed network build failed");
+                    }
+                    return Err(error);
+                }
             }
         }
+        Ok(VmStartedBuildResponse {
+            driver_network,
+            teardown_spec: spec,
+        })
     }
 
     fn vm_terminated_teardown(
@@ -410,10 +431,8 @@ impl LibvirtNet {
             },
         )?;
         progress(&format!("Guest IP {}", lease.ip));
-        spec.network = Some(network_name.clone());
-        spec.bridge = Some(bridge.to_string());
         let reservation = Reservation {
-            network: network_name,
+            network: network_name.clone(),
             mac: mac.to_string(),
             ip: lease.ip,
             // No name: libvirt refuses two host entries with one name, and
@@ -421,12 +440,23 @@ impl LibvirtNet {
             hostname: None,
         };
         // Record before create: teardown removes it even if adding half-failed
-        // or has not happened yet.
-        spec.dhcp_reservation = Some(reservation.clone());
+        // or has not happened yet. The first bridge keeps the fields older
+        // handles have.
+        if spec.dhcp_reservation.is_none() {
+            spec.network = Some(network_name);
+            spec.bridge = Some(bridge.to_string());
+            spec.dhcp_reservation = Some(reservation.clone());
+        } else {
+            spec.more_bridges.push(BridgeTeardown {
+                network: network_name,
+                bridge: bridge.to_string(),
+                dhcp_reservation: reservation.clone(),
+            });
+        }
         self.reserve_in_background(&request.task_tag, reservation);
         let rules = port_forward_rules(&request.task_tag, lease.ip, bridge, &forwards)
             .map_err(|e| NetError::Invalid(e.to_string()))?;
-        spec.iptables_rules = rules.clone();
+        spec.iptables_rules.extend(rules.iter().cloned());
         if !rules.is_empty() {
             // Idempotent; covers clients that never call Driver.Init.
             self.iptables.init()?;
@@ -439,6 +469,23 @@ impl LibvirtNet {
                 .map(|f| (f.label.clone(), f.guest_port))
                 .collect(),
         })
+    }
+
+    /// Removes a reservation and releases its lease (best effort).
+    fn release(&self, reservation: &Reservation, bridge: Option<&str>, failures: &mut Vec<String>) {
+        match self
+            .libvirt
+            .call_blocking(|conn| Ok(libvirt_network::remove_reservation(conn, reservation)))
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => failures.push(with_sources(&error)),
+            Err(error) => failures.push(with_sources(&error)),
+        }
+        if let Some(bridge) = bridge {
+            if let Err(error) = dhcp::release_lease(bridge, reservation.ip, &reservation.mac) {
+                tracing::debug!(error = %error, "DHCP release failed (best effort)");
+            }
+        }
     }
 
     fn teardown(&self, spec: &TeardownSpec) -> Result<(), NetError> {
@@ -456,14 +503,6 @@ impl LibvirtNet {
             }
         }
         if let Some(reservation) = &spec.dhcp_reservation {
-            match self
-                .libvirt
-                .call_blocking(|conn| Ok(libvirt_network::remove_reservation(conn, reservation)))
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => failures.push(with_sources(&error)),
-                Err(error) => failures.push(with_sources(&error)),
-            }
             // Adopted Go handles name only the network: find its bridge.
             let bridge = spec.bridge.clone().or_else(|| {
                 let networks = self
@@ -475,11 +514,10 @@ impl LibvirtNet {
                     .find(|(name, _, _)| *name == reservation.network)
                     .map(|(_, _, bridge)| bridge)
             });
-            if let Some(bridge) = &bridge {
-                if let Err(error) = dhcp::release_lease(bridge, reservation.ip, &reservation.mac) {
-                    tracing::debug!(error = %error, "DHCP release failed (best effort)");
-                }
-            }
+            self.release(reservation, bridge.as_deref(), &mut failures);
+        }
+        for more in &spec.more_bridges {
+            self.release(&more.dhcp_reservation, Some(&more.bridge), &mut failures);
         }
         if failures.is_empty() {
             Ok(())

@@ -105,6 +105,19 @@ pub struct TeardownSpec {
     /// That network's bridge (for the DHCP release).
     #[serde(default)]
     pub bridge: Option<String>,
+    /// The reservations of every bridge interface after the first, in
+    /// interface order. The first keeps the fields above so handles
+    /// written before several interfaces existed still decode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_bridges: Vec<BridgeTeardown>,
+}
+
+/// What a bridge interface after the first put on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeTeardown {
+    pub network: String,
+    pub bridge: String,
+    pub dhcp_reservation: Reservation,
 }
 
 /// Network setup a start began, recorded before it touches the host: enough
@@ -280,7 +293,13 @@ mod tests {
             dhcp_reservation: None,
             network: Some("default".into()),
             bridge: Some("virbr0".into()),
+            more_bridges: Vec::new(),
         };
+        // A spec of one interface is written as before (old plugins can
+        // read it back after a downgrade).
+        assert!(!serde_json::to_string(&spec)
+            .expect("json")
+            .contains("more_bridges"));
         let json = serde_json::to_string(&spec).expect("json");
         assert_eq!(
             serde_json::from_str::<TeardownSpec>(&json).expect("back"),
@@ -289,6 +308,24 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<TeardownSpec>("{}").expect("empty"),
             TeardownSpec::default()
+        );
+        let two = TeardownSpec {
+            more_bridges: vec![BridgeTeardown {
+                network: "ndvtest".into(),
+                bridge: "ndvtestbr0".into(),
+                dhcp_reservation: Reservation {
+                    network: "ndvtest".into(),
+                    mac: "52:54:00:00:00:02".into(),
+                    ip: Ipv4Addr::new(10, 9, 0, 5),
+                    hostname: None,
+                },
+            }],
+            ..spec
+        };
+        let json = serde_json::to_string(&two).expect("json");
+        assert_eq!(
+            serde_json::from_str::<TeardownSpec>(&json).expect("back"),
+            two
         );
     }
 }

@@ -528,6 +528,7 @@ fn teardown(spec: &Struct<'_>) -> Result<TeardownSpec, GoHandleError> {
         network: (!network.is_empty()).then_some(network),
         // Looked up from the network at teardown.
         bridge: None,
+        more_bridges: Vec::new(),
     })
 }
 

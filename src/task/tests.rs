@@ -49,7 +49,10 @@ fn test_node() -> TestNode {
         &node,
         "<node>\n  <network>\n    <name>ndvtest-net</name>\n    \
          <bridge name='ndvtestbr0'/>\n    \
-         <ip address='192.168.250.1' netmask='255.255.255.0'/>\n  </network>\n</node>\n",
+         <ip address='192.168.250.1' netmask='255.255.255.0'/>\n  </network>\n  \
+         <network>\n    <name>ndvtest-net2</name>\n    \
+         <bridge name='ndvtestbr1'/>\n    \
+         <ip address='192.168.251.1' netmask='255.255.255.0'/>\n  </network>\n</node>\n",
     )
     .expect("write node.xml");
     TestNode {
@@ -2007,4 +2010,108 @@ async fn source_volumes_in_use_recorded_or_linked_are_refused() {
     let _ = harness
         .libvirt
         .call_blocking(|conn| crate::libvirt::domain::remove_domain(conn, "ndvtest-other"));
+}
+
+/// Several `network_interface` blocks become one NIC each, in order, with
+/// their own MACs; the journal names every bridge interface, so a later
+/// plugin removes all their reservations and leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_interfaces_become_nics_in_order_and_all_are_journaled() {
+    let interfaces = || -> crate::config::network::NetworkInterfacesConfig {
+        serde_json::from_value(serde_json::json!([
+            { "bridge": { "name": "ndvtestbr0" } },
+            { "macvtap": { "device": "lo" } },
+            { "bridge": { "name": "ndvtestbr1" } },
+        ]))
+        .expect("network_interface")
+    };
+    let with_interfaces = |node: &TestNode, id: &str| {
+        let mut request = request(node, id, false);
+        request.config.network_interfaces =
+            crate::config::network::check(&interfaces(), &mut Default::default());
+        request
+    };
+    let allow_lo = |node: &TestNode| {
+        settings_with(node, |policy| {
+            policy.macvtap_devices = Some(vec!["lo".to_string()]);
+        })
+    };
+    let harness = harness(None);
+    let started = harness
+        .tasks
+        .start(
+            with_interfaces(&harness.node, "ee100001"),
+            allow_lo(&harness.node),
+        )
+        .await
+        .expect("start");
+    let domain = started.state.domain_name.clone();
+    let xml = harness
+        .libvirt
+        .call_blocking(move |conn| crate::libvirt::domain::domain_xml(conn, &domain))
+        .expect("libvirt")
+        .expect("domain exists");
+    let root = crate::libvirt::xml::parse(&xml).expect("parses");
+    let nics: Vec<(String, String, String)> = root
+        .child("devices")
+        .expect("devices")
+        .children_named("interface")
+        .map(|interface| {
+            let source = interface.child("source");
+            (
+                interface.attr("type").unwrap_or_default().to_string(),
+                source
+                    .and_then(|s| s.attr("network").or_else(|| s.attr("dev")))
+                    .unwrap_or_default()
+                    .to_string(),
+                interface
+                    .child("mac")
+                    .and_then(|mac| mac.attr("address"))
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let task_id = "alloc/web/ee100001";
+    assert_eq!(
+        nics,
+        vec![
+            (
+                "network".to_string(),
+                "ndvtest-net".to_string(),
+                crate::net::mac_for(task_id, 0)
+            ),
+            (
+                "direct".to_string(),
+                "lo".to_string(),
+                crate::net::mac_for(task_id, 1)
+            ),
+            (
+                "network".to_string(),
+                "ndvtest-net2".to_string(),
+                crate::net::mac_for(task_id, 2)
+            ),
+        ],
+        "{xml}"
+    );
+    // The plugin dies and its successor never hears of the task: the
+    // journal names every bridge interface (not the macvtap one), so
+    // their reservations and leases go too.
+    let successor = Tasks::new(
+        Arc::new(LibvirtHypervisor::new(harness.libvirt.clone())),
+        harness.net.clone(),
+        harness.node.journal(),
+    );
+    let removed = successor.remove_unfinished().await;
+    assert_eq!(removed, vec![task_id.to_string()]);
+    let intents = harness.net.removed_intents.lock().expect("lock").clone();
+    assert_eq!(intents.len(), 1, "{intents:?}");
+    assert_eq!(
+        intents[0].interfaces,
+        vec![
+            ("ndvtestbr0".to_string(), crate::net::mac_for(task_id, 0)),
+            ("ndvtestbr1".to_string(), crate::net::mac_for(task_id, 2)),
+        ]
+    );
+    assert_nothing_left(&harness, "after the successor's cleanup");
 }
