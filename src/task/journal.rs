@@ -104,16 +104,36 @@ pub struct Journal {
     dir: PathBuf,
 }
 
+/// Creates `dir` 0700, and the missing directories above it 0755: only the
+/// journal itself is private. A 0700 parent (e.g. /var/lib/nomad-driver-virt)
+/// would keep QEMU, which runs unprivileged, out of the directories `run`
+/// keeps its allocations in beside the journal.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .skip(1)
+        .take_while(|ancestor| !ancestor.as_os_str().is_empty() && !ancestor.exists())
+        .collect();
+    for parent in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o755).create(parent) {
+            // The umask may have taken bits away: set them, on what we made.
+            Ok(()) => std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?,
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error),
+        }
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(error) if error.kind() != std::io::ErrorKind::AlreadyExists => Err(error),
+        _ => Ok(()),
+    }
+}
+
 impl Journal {
     /// Opens (creating it 0700 if needed) the journal directory. A
     /// directory that others could write, or a link, is refused.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Journal, JournalError> {
         let dir = dir.into();
-        if let Err(source) = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-        {
+        if let Err(source) = create_private_dir(&dir) {
             return Err(JournalError::Dir { path: dir, source });
         }
         let metadata = std::fs::symlink_metadata(&dir).map_err(|source| JournalError::Dir {
@@ -330,6 +350,30 @@ mod tests {
             started: Owner::current().started + 1,
         };
         assert!(!gone.is_alive(), "a reused pid is not the owner");
+    }
+
+    /// On a fresh host the journal's parents are made too: they must stay
+    /// traversable (QEMU reaches `run`'s allocations beside the journal),
+    /// only the journal is private.
+    #[test]
+    fn only_the_journal_itself_is_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("var-lib").join("nomad-driver-virt");
+        let journal_dir = state.join("journal");
+        Journal::open(&journal_dir).expect("open");
+        let mode = |path: &Path| {
+            std::fs::symlink_metadata(path)
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(&journal_dir), 0o700);
+        assert_eq!(mode(&state), 0o755);
+        assert_eq!(mode(state.parent().expect("parent")), 0o755);
+        // Opening again changes nothing.
+        Journal::open(&journal_dir).expect("reopen");
+        assert_eq!(mode(&state), 0o755);
     }
 
     #[test]

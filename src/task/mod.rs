@@ -178,9 +178,9 @@ impl Tasks {
     /// ownership of each domain by its metadata first. Returns the task ids
     /// cleaned up completely; the others are retried next time.
     pub async fn remove_unfinished(&self) -> Vec<String> {
-        let orphans = self
-            .journal
-            .orphans(|task_id| self.store.get(task_id).is_some());
+        // A start of this process still running has a record too (written
+        // before it creates anything): it is not an orphan.
+        let orphans = self.journal.orphans(|task_id| self.store.is_known(task_id));
         let mut removed = Vec::new();
         for record in orphans {
             let task_id = record.task_id.clone();

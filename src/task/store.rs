@@ -140,6 +140,17 @@ impl TaskStore {
         })
     }
 
+    /// Whether `task_id` is in the store or a start of it is under way:
+    /// either way its journal record is live, not an orphan.
+    pub fn is_known(&self, task_id: &str) -> bool {
+        self.get(task_id).is_some()
+            || self
+                .starting
+                .lock()
+                .map(|starting| starting.contains(task_id))
+                .unwrap_or(true)
+    }
+
     pub fn insert(&self, entry: Arc<TaskEntry>) {
         if let Ok(mut tasks) = self.tasks.lock() {
             tasks.insert(entry.state.task_id.clone(), entry);

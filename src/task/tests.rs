@@ -299,9 +299,15 @@ impl Hypervisor for TestHypervisor {
 /// The real `LibvirtNet` for attachments; the post-boot build (which needs
 /// a DHCP server the test driver does not run) either fails on purpose or
 /// reports no address.
+/// Says "begun" on the first channel, then waits on the second.
+type HeldBuild = std::sync::Mutex<Option<(Sender<()>, std::sync::mpsc::Receiver<()>)>>;
+
 struct TestNet {
     inner: LibvirtNet,
     fail_build: bool,
+    /// When set, the network build says it has begun on the first channel
+    /// and waits for the second (a start held in its lease wait).
+    hold_build: HeldBuild,
     builds: AtomicUsize,
     removed_intents: std::sync::Mutex<Vec<NetIntent>>,
 }
@@ -328,6 +334,11 @@ impl Net for TestNet {
     ) -> Result<VmStartedBuildResponse, NetError> {
         self.builds.fetch_add(1, Ordering::SeqCst);
         progress("Waiting for a DHCP lease (test)");
+        let hold = self.hold_build.lock().ok().and_then(|mut hold| hold.take());
+        if let Some((begun, release)) = hold {
+            let _ = begun.send(());
+            let _ = release.recv();
+        }
         if self.fail_build {
             return Err(NetError::Invalid(
                 "injected fault in the network build".into(),
@@ -371,6 +382,7 @@ fn harness(fault: Option<Fault>) -> Harness {
     let net = Arc::new(TestNet {
         inner: LibvirtNet::new(libvirt.clone(), Iptables::host()),
         fail_build: fault == Some(Fault::NetworkBuild),
+        hold_build: std::sync::Mutex::new(None),
         builds: AtomicUsize::new(0),
         removed_intents: std::sync::Mutex::new(Vec::new()),
     });
@@ -1469,6 +1481,51 @@ async fn a_disk_on_a_nomad_volume_is_not_held_to_storage_pools() {
     harness
         .tasks
         .destroy(&started.state.task_id, true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after destroy");
+}
+
+/// The clean-up of unfinished starts (run after a delay from plugin start,
+/// and whenever it is asked again) never takes a start of this process that
+/// is still running, e.g. one waiting for a slow guest's lease: before, a
+/// start longer than the delay lost its VM under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_under_way_is_not_an_unfinished_start() {
+    let harness = harness(None);
+    let (begun_tx, begun_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    *harness.net.hold_build.lock().expect("lock") = Some((begun_tx, release_rx));
+    let tasks = harness.tasks.clone();
+    let settings = settings(&harness.node);
+    let request = request(&harness.node, "510w0001", true);
+    let task_id = request.task_id.clone();
+    let start = tokio::spawn(async move { tasks.start(request, settings).await });
+    let begun = tokio::task::spawn_blocking(move || begun_rx.recv_timeout(Duration::from_secs(60)))
+        .await
+        .expect("join");
+    if begun.is_err() {
+        panic!(
+            "the start never reached its network build: {:?}",
+            start.await
+        );
+    }
+    assert!(
+        harness.node.journal().record(&task_id).is_some(),
+        "the start has its record"
+    );
+
+    let removed = harness.tasks.remove_unfinished().await;
+    assert!(removed.is_empty(), "removed a live start: {removed:?}");
+    assert_eq!(harness.domains().len(), 1, "the VM being started stays");
+
+    release_tx.send(()).expect("release");
+    let started = start.await.expect("join").expect("the start finishes");
+    assert!(harness.running(&started.state.domain_name));
+    assert!(harness.tasks.remove_unfinished().await.is_empty());
+    harness
+        .tasks
+        .destroy(&task_id, true)
         .await
         .expect("destroy");
     assert_nothing_left(&harness, "after destroy");
