@@ -1,7 +1,9 @@
 //! End to end networking on real libvirtd + dnsmasq + a TCG guest: bridge
 //! attachment, DHCP lease and reservation, port mapping from a network
 //! namespace client and on 127.0.0.1, teardown after a plugin crash and
-//! recovery; and a macvtap interface on a dummy device.
+//! recovery; a macvtap interface on a dummy device; and several interfaces
+//! on one task (bridge, macvtap, bridge), including a second bridge
+//! interface that never gets a lease.
 
 mod common;
 
@@ -216,7 +218,6 @@ async fn bridge_ports_reach_the_guest_and_teardown_survives_a_plugin_crash() {
     );
     assert!(!vm::domain_exists(&domain), "refused start left a domain");
     drop(guard);
-    let _localnet = RouteLocalnet::set("virbr0", "1");
 
     let mut events = plugin
         .driver()
@@ -702,5 +703,100 @@ async fn several_interfaces_each_get_a_nic_a_lease_and_their_own_ports() {
             .then_some(())
     });
     assert!(leases_gone.is_some(), "a lease was not released");
+    plugin.kill().await.expect("exit");
+}
+
+/// Two bridge interfaces whose second never gets a lease (the guest renames
+/// its NIC before DHCP starts): the start fails at `dhcp_timeout`, and the
+/// first interface's reservation, which was in place while the second
+/// wait ran, goes with the domain, the volumes and the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_interface_without_a_lease_fails_the_start_and_leaves_nothing() {
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
+    let alloc = Alloc::new("nolease");
+    let plugin = common::launch().await;
+    let config = format!("{}dhcp_timeout = \"90s\"\n", alloc.plugin_config());
+    plugin
+        .set_config_hcl(&config, None)
+        .await
+        .expect("set config");
+    let user_data = "#cloud-config\\nbootcmd:\\n  - ip link set eth1 name nodhcp1\\n";
+    let body = format!(
+        "user_data = \"{user_data}\"\ndisk {{\n  chained = true\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\n\
+         network_interface {{\n  bridge {{\n    name  = \"virbr0\"\n    ports = [\"web\"]\n  }}\n}}\n\
+         network_interface {{\n  bridge {{\n    name = \"virbr0\"\n  }}\n}}\n"
+    );
+    let msgpack = plugin
+        .encode_task_config(&body, &HashMap::new())
+        .await
+        .expect("encode");
+    let mut task = alloc.task_config(msgpack, 256);
+    if let Some(resources) = task.resources.as_mut() {
+        resources.ports = vec![PortMapping {
+            label: "web".into(),
+            value: i32::from(free_port()),
+            to: 8080,
+            // The host's address on the bridge: no route_localnet needed
+            // (other tests flip it on virbr0).
+            host_ip: "192.168.122.1".into(),
+        }];
+    }
+    let domain = vm::domain_name_of(&task);
+    let tag = nomad_driver_virt::net::iptables::task_tag(&task.id);
+    let macs: Vec<String> = (0..2)
+        .map(|index| nomad_driver_virt::net::mac_for(&task.id, index))
+        .collect();
+    // Watches the network for the first interface's reservation while
+    // the start runs.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (done, mac) = (done.clone(), macs[0].clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let dumped = must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"]);
+                if dumped.contains(&format!("<host mac='{mac}'")) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            false
+        })
+    };
+    let status = vm::start(&plugin, task.clone())
+        .await
+        .expect_err("the second interface gets no lease");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let was_reserved = watcher.join().expect("watcher");
+    assert!(
+        status.message().contains(&macs[1]),
+        "the error names the MAC without a lease: {status:?}"
+    );
+    assert!(
+        was_reserved,
+        "the first interface's reservation was in place during the second wait"
+    );
+    assert!(!vm::domain_exists(&domain), "the domain was rolled back");
+    let left: Vec<String> = vm::pool_volumes(&alloc.pool_name)
+        .into_iter()
+        .filter(|volume| volume.contains(&domain))
+        .collect();
+    assert!(left.is_empty(), "volumes left behind: {left:?}");
+    let dumped = must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"]);
+    for mac in &macs {
+        assert!(
+            !dumped.contains(mac.as_str()),
+            "reservation remains:\n{dumped}"
+        );
+    }
+    for table in ["nat", "filter"] {
+        let rules = must(&["iptables-save", "-t", table]);
+        assert!(!rules.contains(&tag), "{table} rules remain:\n{rules}");
+    }
+    let lease_gone = retry(Duration::from_secs(10), || {
+        leased_ip("default", &macs[0]).is_none().then_some(())
+    });
+    assert!(lease_gone.is_some(), "the first interface's lease remains");
     plugin.kill().await.expect("exit");
 }
