@@ -32,7 +32,14 @@ use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
     DestroyTaskRequest, FingerprintRequest, StartTaskRequest, StopTaskRequest, WaitTaskRequest,
 };
 
-const GUEST_DIR: &str = "/var/lib/nomad-driver-virt-test";
+/// The test guest's dir: NDV_TEST_GUEST_DIR, as in the tests, or the
+/// default tests/setup/guest.sh builds.
+fn guest_dir() -> String {
+    std::env::var("NDV_TEST_GUEST_DIR")
+        .ok()
+        .filter(|dir| !dir.is_empty())
+        .unwrap_or_else(|| "/var/lib/nomad-driver-virt-test".to_string())
+}
 
 struct Options {
     vm_counts: Vec<usize>,
@@ -295,8 +302,9 @@ async fn vm_rows(options: &Options, rows: &mut Vec<Row>) -> Result<(), BoxError>
         .tempdir()?;
     std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
     let pool_name = format!("ndvtest-bench-density-{}", std::process::id());
+    let guest_dir = guest_dir();
     let config = format!(
-        "provider {{\n  libvirt {{\n    uri = \"qemu:///system\"\n  }}\n}}\nimage_paths = [\"{GUEST_DIR}\"]\naccelerator = \"tcg\"\nstorage_pools {{\n  directory \"{pool_name}\" {{\n    path = \"{}\"\n  }}\n}}\n",
+        "provider {{\n  libvirt {{\n    uri = \"qemu:///system\"\n  }}\n}}\nimage_paths = [\"{guest_dir}\"]\naccelerator = \"tcg\"\nstorage_pools {{\n  directory \"{pool_name}\" {{\n    path = \"{}\"\n  }}\n}}\n",
         root.path().join("pool").display()
     );
     let mut plugin = Plugin::new(
@@ -423,9 +431,10 @@ fn main() -> Result<(), BoxError> {
     };
     if no_vms {
         options.vm_counts.clear();
-    } else if !Path::new(GUEST_DIR).join("guest.qcow2").is_file() {
+    } else if !Path::new(&guest_dir()).join("guest.qcow2").is_file() {
+        let guest_dir = guest_dir();
         return Err(format!(
-            "{GUEST_DIR}/guest.qcow2 is missing: run tests/setup/guest.sh, or pass --no-vms"
+            "{guest_dir}/guest.qcow2 is missing: run tests/setup/guest.sh, or pass --no-vms"
         )
         .into());
     }

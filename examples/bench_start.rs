@@ -34,7 +34,14 @@ use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
 use tokio_stream::StreamExt;
 
 const URI: &str = "qemu:///system";
-const GUEST_DIR: &str = "/var/lib/nomad-driver-virt-test";
+/// The test guest's dir: NDV_TEST_GUEST_DIR, as in the tests, or the
+/// default tests/setup/guest.sh builds.
+fn guest_dir() -> String {
+    std::env::var("NDV_TEST_GUEST_DIR")
+        .ok()
+        .filter(|dir| !dir.is_empty())
+        .unwrap_or_else(|| "/var/lib/nomad-driver-virt-test".to_string())
+}
 const STATUS_DIR: &str = "/var/lib/libvirt/dnsmasq";
 const BRIDGE: &str = "virbr0";
 const LEASE_LIMIT: Duration = Duration::from_secs(240);
@@ -263,7 +270,7 @@ impl Bench {
         let overlay = dir.join("disk.qcow2");
         let status = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(Path::new(GUEST_DIR).join("guest.qcow2"))
+            .arg(Path::new(&guest_dir()).join("guest.qcow2"))
             .arg(&overlay)
             .status()?;
         if !status.success() {
@@ -378,8 +385,9 @@ fn main() -> Result<(), BoxError> {
         .skip(1)
         .any(|a| a == "--short" || a == "short");
     let runs = if short { 1 } else { 3 };
-    if !Path::new(GUEST_DIR).join("guest.qcow2").is_file() {
-        return Err(format!("{GUEST_DIR}/guest.qcow2 is missing: run tests/setup/guest.sh").into());
+    let guest_dir = guest_dir();
+    if !Path::new(&guest_dir).join("guest.qcow2").is_file() {
+        return Err(format!("{guest_dir}/guest.qcow2 is missing: run tests/setup/guest.sh").into());
     }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -411,10 +419,11 @@ async fn run(runs: usize) -> Result<(), BoxError> {
     }
     let plugin = common::launch(&root.path().join("state")).await?;
     let pool_name = format!("ndvtest-bench-start-{}", std::process::id());
+    let guest_dir = guest_dir();
     plugin
         .set_config_hcl(
             &format!(
-                "provider {{\n  libvirt {{\n    uri = \"{URI}\"\n  }}\n}}\nimage_paths = [\"{GUEST_DIR}\"]\naccelerator = \"tcg\"\nstorage_pools {{\n  directory \"{pool_name}\" {{\n    path = \"{}\"\n  }}\n}}\n",
+                "provider {{\n  libvirt {{\n    uri = \"{URI}\"\n  }}\n}}\nimage_paths = [\"{guest_dir}\"]\naccelerator = \"tcg\"\nstorage_pools {{\n  directory \"{pool_name}\" {{\n    path = \"{}\"\n  }}\n}}\n",
                 root.path().join("pool").display()
             ),
             None,

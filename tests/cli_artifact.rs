@@ -425,7 +425,7 @@ fn go_readme_shape_runs_with_an_http_image_and_a_template() {
     if !common::host_ready(common::host::VM) {
         return;
     }
-    let guest = Path::new(common::vm::GUEST_DIR).join("guest.qcow2");
+    let guest = common::vm::guest_dir().join("guest.qcow2");
     let image = std::fs::read(&guest).expect("read the test guest");
     let sum = hex(&sha2::Sha256::digest(&image));
     drop(image);

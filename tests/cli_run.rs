@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::vm::{self, GUEST_DIR};
+use common::vm;
 
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
 const STOP_LIMIT: Duration = Duration::from_secs(60);
@@ -172,7 +172,7 @@ plugin_dir = "/opt/nomad/plugins"
 
 plugin "nomad-driver-virt" {{
   config {{
-    image_paths = ["{GUEST_DIR}"]
+    image_paths = ["{guest_dir}"]
     accelerator = "tcg"
     storage_pools {{
       directory "{}" {{
@@ -183,7 +183,8 @@ plugin "nomad-driver-virt" {{
 }}
 "#,
             setup.pool_name,
-            setup.dir.path().join("pool").display()
+            setup.dir.path().join("pool").display(),
+            guest_dir = vm::guest_dir().display(),
         );
         std::fs::write(setup.client_config(), config).expect("write client config");
         setup

@@ -1,7 +1,9 @@
 //! End to end networking on real libvirtd + dnsmasq + a TCG guest: bridge
 //! attachment, DHCP lease and reservation, port mapping from a network
 //! namespace client and on 127.0.0.1, teardown after a plugin crash and
-//! recovery; and a macvtap interface on a dummy device.
+//! recovery; a macvtap interface on a dummy device; and several interfaces
+//! on one task (bridge, macvtap, bridge), including a second bridge
+//! interface that never gets a lease.
 
 mod common;
 
@@ -216,7 +218,6 @@ async fn bridge_ports_reach_the_guest_and_teardown_survives_a_plugin_crash() {
     );
     assert!(!vm::domain_exists(&domain), "refused start left a domain");
     drop(guard);
-    let _localnet = RouteLocalnet::set("virbr0", "1");
 
     let mut events = plugin
         .driver()
@@ -446,5 +447,356 @@ async fn macvtap_interface_on_a_dummy_device() {
         .await
         .expect("DestroyTask");
     assert!(!vm::domain_exists(&domain));
+    plugin.kill().await.expect("exit");
+}
+
+/// The value after `marker` on the console line that has it.
+fn console_value(console: &str, marker: &str) -> Option<String> {
+    console.lines().find_map(|line| {
+        line.find(marker)
+            .map(|at| line[at + marker.len()..].trim().to_string())
+    })
+}
+
+/// The address `virsh net-dhcp-leases` shows for `mac` on `network`.
+fn leased_ip(network: &str, mac: &str) -> Option<String> {
+    let leases = must(&["virsh", "-c", "qemu:///system", "net-dhcp-leases", network]);
+    leases
+        .lines()
+        .filter(|line| line.contains(mac))
+        .find_map(|line| {
+            line.split_whitespace()
+                .find(|word| word.contains('/') && word.contains('.'))
+                .and_then(|word| word.split('/').next())
+                .map(str::to_string)
+        })
+}
+
+/// Three `network_interface` blocks, bridge / macvtap / bridge: the guest
+/// sees three NICs in block order with the driver's MACs; each bridge
+/// interface gets its own lease and reservation, and the port its block
+/// lists reaches a server listening on that interface's address only;
+/// Nomad gets the first bridge's address; destroy removes it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_interfaces_each_get_a_nic_a_lease_and_their_own_ports() {
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
+    // The macvtap NIC's lower device: one end of a veth pair (as in
+    // macvtap_interface_on_a_dummy_device), nothing behind it.
+    let id = vm::short_id();
+    let device = format!("ndvtest-d{}", &id[..5]);
+    let peer = format!("ndvtest-p{}", &id[..5]);
+    must(&[
+        "ip", "link", "add", &device, "type", "veth", "peer", "name", &peer,
+    ]);
+    struct Link(String);
+    impl Drop for Link {
+        fn drop(&mut self) {
+            let _ = run(&["ip", "link", "del", &self.0]);
+        }
+    }
+    let _link = Link(device.clone());
+    must(&["ip", "link", "set", &device, "up"]);
+    let client = ClientNamespace::new();
+
+    let alloc = Alloc::new("nics");
+    let plugin = common::launch().await;
+    let config = format!(
+        "{}allow_macvtap_devices = [\"{device}\"]\n",
+        alloc.plugin_config()
+    );
+    plugin
+        .set_config_hcl(&config, None)
+        .await
+        .expect("set config");
+    // eth1 (macvtap) has no DHCP behind it: a bootcmd marks its lease as
+    // "none", so the guest does not wait for one. After the network is up
+    // the guest prints its NICs, then serves a page naming each bridge
+    // NIC's address on that address only (8082 on eth0, 8081 on eth2).
+    let user_data = "#cloud-config\\nbootcmd:\\n  - echo none >/run/guest-ip-eth1\\n";
+    let cmds = [
+        "for n in /sys/class/net/eth*; do echo GUEST-NIC: $(basename $n) $(cat $n/address); done",
+        "mkdir -p /www0 /www2 && echo nic0-$(cat /run/guest-ip) >/www0/index.html && echo nic2-$(cat /run/guest-ip-eth2) >/www2/index.html",
+        "httpd -p $(cat /run/guest-ip):8082 -h /www0",
+        "httpd -p $(cat /run/guest-ip-eth2):8081 -h /www2",
+    ]
+    .map(|cmd| format!("\"{cmd}\""))
+    .join(", ");
+    let body = format!(
+        "hostname = \"ndvtest-nics\"\nuser_data = \"{user_data}\"\ncmds = [{cmds}]\ndisk {{\n  chained = true\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\n\
+         network_interface {{\n  bridge {{\n    name  = \"virbr0\"\n    ports = [\"nic0\"]\n  }}\n}}\n\
+         network_interface {{\n  macvtap {{\n    device = \"{device}\"\n    mode   = \"vepa\"\n  }}\n}}\n\
+         network_interface {{\n  bridge {{\n    name  = \"virbr0\"\n    ports = [\"nic2\"]\n  }}\n}}\n"
+    );
+    let msgpack = plugin
+        .encode_task_config(&body, &HashMap::new())
+        .await
+        .expect("encode");
+    let mut task = alloc.task_config(msgpack, 256);
+    let (port0, port2) = (free_port(), free_port());
+    if let Some(resources) = task.resources.as_mut() {
+        resources.ports = vec![
+            PortMapping {
+                label: "nic0".into(),
+                value: i32::from(port0),
+                to: 8082,
+                host_ip: client.host_ip.clone(),
+            },
+            PortMapping {
+                label: "nic2".into(),
+                value: i32::from(port2),
+                to: 8081,
+                host_ip: client.host_ip.clone(),
+            },
+        ];
+    }
+    let domain = vm::domain_name_of(&task);
+    // Removes the domain if a check below panics before DestroyTask.
+    struct Domain(String);
+    impl Drop for Domain {
+        fn drop(&mut self) {
+            for action in ["destroy", "undefine"] {
+                let _ = run(&["virsh", "-q", "-c", "qemu:///system", action, &self.0]);
+            }
+        }
+    }
+    let _domain_guard = Domain(domain.clone());
+    let tag = nomad_driver_virt::net::iptables::task_tag(&task.id);
+    let macs: Vec<String> = (0..3)
+        .map(|index| nomad_driver_virt::net::mac_for(&task.id, index))
+        .collect();
+
+    let started = vm::start(&plugin, task.clone()).await.expect("StartTask");
+
+    // The domain has the three NICs in block order, with the driver's MACs.
+    let xml = must(&["virsh", "-c", "qemu:///system", "dumpxml", &domain]);
+    let in_xml: Vec<&str> = xml
+        .match_indices("<mac address='")
+        .map(|(at, marker)| &xml[at + marker.len()..at + marker.len() + 17])
+        .collect();
+    assert_eq!(in_xml, macs, "{xml}");
+    let kinds: Vec<&str> = xml
+        .match_indices("<interface type='")
+        .map(|(at, marker)| {
+            let rest = &xml[at + marker.len()..];
+            &rest[..rest.find('\'').unwrap_or(0)]
+        })
+        .collect();
+    assert_eq!(kinds, ["network", "direct", "network"], "{xml}");
+
+    // The guest sees them in that order too, and got a lease on each
+    // bridge NIC: the addresses on its console are the leases of their MACs.
+    let console = alloc.wait_for_console("GUEST-READY", Duration::from_secs(300));
+    for (index, mac) in macs.iter().enumerate() {
+        assert!(
+            console.contains(&format!("GUEST-NIC: eth{index} {mac}")),
+            "eth{index} should have {mac}:\n{console}"
+        );
+    }
+    let ip0 = console_value(&console, "GUEST-IP: ").expect("GUEST-IP line");
+    let ip2 = console_value(&console, "GUEST-IP-eth2: ").expect("GUEST-IP-eth2 line");
+    assert_eq!(
+        console_value(&console, "GUEST-IP-eth1: ").as_deref(),
+        Some("none"),
+        "{console}"
+    );
+    assert!(ip0.starts_with("192.168.122."), "{console}");
+    assert!(ip2.starts_with("192.168.122."), "{console}");
+    assert_ne!(ip0, ip2);
+    assert_eq!(
+        leased_ip("default", &macs[0]).as_deref(),
+        Some(ip0.as_str())
+    );
+    assert_eq!(
+        leased_ip("default", &macs[2]).as_deref(),
+        Some(ip2.as_str())
+    );
+    assert_eq!(leased_ip("default", &macs[1]), None, "macvtap has no lease");
+
+    // Nomad gets the first bridge interface's address and its ports.
+    let network = started.network_override.expect("driver network");
+    assert_eq!(network.addr, ip0);
+    assert_eq!(network.port_map.get("nic0"), Some(&8082));
+    assert_eq!(network.port_map.get("nic2"), None, "{network:?}");
+
+    // Both addresses are reserved while the task runs (added in the
+    // background after StartTask).
+    let reserved = retry(Duration::from_secs(20), || {
+        let dumped = must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"]);
+        [(&macs[0], &ip0), (&macs[2], &ip2)]
+            .iter()
+            .all(|(mac, ip)| dumped.contains(&format!("<host mac='{mac}' ip='{ip}'/>")))
+            .then_some(())
+    });
+    assert!(
+        reserved.is_some(),
+        "reservations missing:\n{}",
+        must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"])
+    );
+
+    // Each port reaches the server on its own interface's address.
+    let through0 = retry(Duration::from_secs(30), || {
+        client.curl(&format!("http://{}:{port0}/", client.host_ip))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "port nic0 does not reach {ip0}:8082; rules:\n{}",
+            must(&["iptables-save", "-t", "nat"])
+        )
+    });
+    assert_eq!(through0.trim(), format!("nic0-{ip0}"));
+    let through2 = retry(Duration::from_secs(30), || {
+        client.curl(&format!("http://{}:{port2}/", client.host_ip))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "port nic2 does not reach {ip2}:8081; rules:\n{}",
+            must(&["iptables-save", "-t", "nat"])
+        )
+    });
+    assert_eq!(through2.trim(), format!("nic2-{ip2}"));
+    let nat = must(&["iptables-save", "-t", "nat"]);
+    assert!(
+        nat.contains(&format!("--to-destination {ip0}:8082")),
+        "{nat}"
+    );
+    assert!(
+        nat.contains(&format!("--to-destination {ip2}:8081")),
+        "{nat}"
+    );
+    let of_task = || -> Vec<String> {
+        vm::pool_volumes(&alloc.pool_name)
+            .into_iter()
+            .filter(|volume| volume.contains(&domain))
+            .collect()
+    };
+    assert!(!of_task().is_empty(), "the task's disk and seed volumes");
+
+    plugin
+        .driver()
+        .destroy_task(DestroyTaskRequest {
+            task_id: task.id.clone(),
+            force: true,
+        })
+        .await
+        .expect("DestroyTask");
+    assert!(!vm::domain_exists(&domain));
+    // (The chained disk's base image stays: it is the pool's cache.)
+    assert_eq!(of_task(), Vec::<String>::new(), "volumes left behind");
+    for table in ["nat", "filter"] {
+        let rules = must(&["iptables-save", "-t", table]);
+        assert!(
+            !rules.contains(&tag),
+            "{table} rules of the task remain:\n{rules}"
+        );
+    }
+    let dumped = must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"]);
+    for mac in &macs {
+        assert!(
+            !dumped.contains(mac.as_str()),
+            "reservation remains:\n{dumped}"
+        );
+    }
+    let leases_gone = retry(Duration::from_secs(10), || {
+        (leased_ip("default", &macs[0]).is_none() && leased_ip("default", &macs[2]).is_none())
+            .then_some(())
+    });
+    assert!(leases_gone.is_some(), "a lease was not released");
+    plugin.kill().await.expect("exit");
+}
+
+/// Two bridge interfaces whose second never gets a lease (the guest renames
+/// its NIC before DHCP starts): the start fails at `dhcp_timeout`, and the
+/// first interface's reservation, which was in place while the second
+/// wait ran, goes with the domain, the volumes and the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_interface_without_a_lease_fails_the_start_and_leaves_nothing() {
+    if !common::host_ready(common::host::VM) {
+        return;
+    }
+    let alloc = Alloc::new("nolease");
+    let plugin = common::launch().await;
+    let config = format!("{}dhcp_timeout = \"90s\"\n", alloc.plugin_config());
+    plugin
+        .set_config_hcl(&config, None)
+        .await
+        .expect("set config");
+    let user_data = "#cloud-config\\nbootcmd:\\n  - ip link set eth1 name nodhcp1\\n";
+    let body = format!(
+        "user_data = \"{user_data}\"\ndisk {{\n  chained = true\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\n\
+         network_interface {{\n  bridge {{\n    name  = \"virbr0\"\n    ports = [\"web\"]\n  }}\n}}\n\
+         network_interface {{\n  bridge {{\n    name = \"virbr0\"\n  }}\n}}\n"
+    );
+    let msgpack = plugin
+        .encode_task_config(&body, &HashMap::new())
+        .await
+        .expect("encode");
+    let mut task = alloc.task_config(msgpack, 256);
+    if let Some(resources) = task.resources.as_mut() {
+        resources.ports = vec![PortMapping {
+            label: "web".into(),
+            value: i32::from(free_port()),
+            to: 8080,
+            // The host's address on the bridge: no route_localnet needed
+            // (other tests flip it on virbr0).
+            host_ip: "192.168.122.1".into(),
+        }];
+    }
+    let domain = vm::domain_name_of(&task);
+    let tag = nomad_driver_virt::net::iptables::task_tag(&task.id);
+    let macs: Vec<String> = (0..2)
+        .map(|index| nomad_driver_virt::net::mac_for(&task.id, index))
+        .collect();
+    // Watches the network for the first interface's reservation while
+    // the start runs.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (done, mac) = (done.clone(), macs[0].clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let dumped = must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"]);
+                if dumped.contains(&format!("<host mac='{mac}'")) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            false
+        })
+    };
+    let status = vm::start(&plugin, task.clone())
+        .await
+        .expect_err("the second interface gets no lease");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let was_reserved = watcher.join().expect("watcher");
+    assert!(
+        status.message().contains(&macs[1]),
+        "the error names the MAC without a lease: {status:?}"
+    );
+    assert!(
+        was_reserved,
+        "the first interface's reservation was in place during the second wait"
+    );
+    assert!(!vm::domain_exists(&domain), "the domain was rolled back");
+    let left: Vec<String> = vm::pool_volumes(&alloc.pool_name)
+        .into_iter()
+        .filter(|volume| volume.contains(&domain))
+        .collect();
+    assert!(left.is_empty(), "volumes left behind: {left:?}");
+    let dumped = must(&["virsh", "-c", "qemu:///system", "net-dumpxml", "default"]);
+    for mac in &macs {
+        assert!(
+            !dumped.contains(mac.as_str()),
+            "reservation remains:\n{dumped}"
+        );
+    }
+    for table in ["nat", "filter"] {
+        let rules = must(&["iptables-save", "-t", table]);
+        assert!(!rules.contains(&tag), "{table} rules remain:\n{rules}");
+    }
+    let lease_gone = retry(Duration::from_secs(10), || {
+        leased_ip("default", &macs[0]).is_none().then_some(())
+    });
+    assert!(lease_gone.is_some(), "the first interface's lease remains");
     plugin.kill().await.expect("exit");
 }

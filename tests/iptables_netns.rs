@@ -17,8 +17,9 @@ use nomad_driver_virt::net::iptables::apply::{
 };
 use nomad_driver_virt::net::iptables::rules::{
     base_chains, chain_declared, delete_lines_for_tags, parent_jump_args, parse_save,
-    port_forward_rules, table_batch, task_chain, task_removal_batch, task_tag, IptablesRule,
-    PortForward, RuleError, CHAIN_FW, CHAIN_IN, CHAIN_OUT, CHAIN_PRT, CHAIN_PST, FILTER, NAT,
+    port_forward_rules, table_batch, task_chain, task_port_rules, task_removal_batch, task_tag,
+    ForwardTarget, IptablesRule, PortForward, RuleError, CHAIN_FW, CHAIN_IN, CHAIN_OUT, CHAIN_PRT,
+    CHAIN_PST, FILTER, NAT,
 };
 
 const GUEST: Ipv4Addr = Ipv4Addr::new(192, 168, 122, 10);
@@ -280,6 +281,80 @@ fn apply_then_remove_restores_the_ruleset_exactly() {
             .unwrap(),
         0
     );
+    assert_eq!(ns.save_all(), before);
+}
+
+/// A task with two bridge interfaces: the ports of both go in with one
+/// batch into the task's one set of chains (a second batch for the same
+/// tag is refused: `-N` finds the chains there), each to its own guest
+/// address, and come out with the tag.
+#[test]
+fn two_interfaces_of_a_task_share_its_chains_and_one_batch() {
+    if !common::host_ready(common::host::NETNS_IPTABLES) {
+        return;
+    }
+    let ns = Netns::new();
+    ns.ipt.init().unwrap();
+    let before = ns.save_all();
+    let tag = task_tag("alloc-2/web/abcd1234");
+    let second_guest = Ipv4Addr::new(192, 168, 122, 11);
+    let first = forwards();
+    let second = vec![PortForward {
+        label: "admin".into(),
+        host_ip: Ipv4Addr::new(10, 0, 0, 5),
+        host_port: 9090,
+        guest_port: 9000,
+    }];
+    // What applying per interface did: the second batch fails.
+    ns.ipt
+        .apply(&port_forward_rules(&tag, GUEST, "virbr0", &first).unwrap())
+        .unwrap();
+    let again = ns
+        .ipt
+        .apply(&port_forward_rules(&tag, second_guest, "virbr0", &second).unwrap());
+    assert!(again.is_err(), "a second batch of one tag must not apply");
+    assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), TASK_CHAIN_COUNT);
+    assert_eq!(ns.save_all(), before);
+
+    let rules = task_port_rules(
+        &tag,
+        &[
+            ForwardTarget {
+                guest_ip: GUEST,
+                bridge: "virbr0",
+                forwards: &first,
+            },
+            ForwardTarget {
+                guest_ip: second_guest,
+                bridge: "virbr0",
+                forwards: &second,
+            },
+        ],
+    )
+    .unwrap();
+    ns.ipt.apply(&rules).unwrap();
+    let nat = ns.ipt.save(NAT).unwrap();
+    for to in [
+        "192.168.122.10:80",
+        "192.168.122.10:22",
+        "192.168.122.11:9000",
+    ] {
+        assert!(
+            nat.contains(&format!("--to-destination {to}")),
+            "{to}:\n{nat}"
+        );
+    }
+    // One jump per shared chain, one loopback guard for the one bridge.
+    let mut saved = parse_save(&nat);
+    saved.extend(parse_save(&ns.ipt.save(FILTER).unwrap()));
+    let tagged: Vec<_> = saved
+        .iter()
+        .filter(|s| s.tag.as_deref() == Some(&tag))
+        .collect();
+    // forwards() plus the admin port's tcp/udp DNATs (PREROUTING and
+    // OUTPUT) and FORWARD accepts.
+    assert_eq!(tagged.len(), FORWARDS_RULES + 6, "{tagged:?}");
+    assert_eq!(ns.ipt.remove_tag(&tag).unwrap(), TASK_CHAIN_COUNT);
     assert_eq!(ns.save_all(), before);
 }
 

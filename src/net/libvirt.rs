@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use super::config::NetworkInterface;
 use super::iptables::apply::{route_localnet_fix, Iptables};
-use super::iptables::rules::{port_forward_rules, PortForward};
+use super::iptables::rules::{task_port_rules, ForwardTarget, PortForward};
 use super::{
     is_active_string, AllocatedPort, Attachment, BridgeTeardown, DriverNetwork, Net, NetError,
     NetIntent, TeardownSpec, VmStartedBuildRequest, VmStartedBuildResponse,
@@ -279,52 +279,26 @@ impl Net for LibvirtNet {
             task_tag: request.task_tag.clone(),
             ..TeardownSpec::default()
         };
-        // Every bridge interface in order: each gets its lease reserved
-        // and maps the ports its block lists; the first one's address is
-        // the one Nomad gets. Macvtap interfaces have no host-side lease.
-        let mut driver_network = None;
-        for (index, interface) in request.net_config.iter().enumerate() {
-            let Some(bridge) = interface.bridge() else {
-                continue;
-            };
-            let built = request
-                .hwaddrs
-                .get(index)
-                .ok_or_else(|| NetError::Invalid("missing MAC address".into()))
-                .and_then(|mac| {
-                    let labels: Vec<String> = bridge
-                        .ports
-                        .iter()
-                        .map(|label| label.as_str().to_string())
-                        .collect();
-                    self.build_bridge(
-                        request,
-                        bridge.name.as_str(),
-                        &labels,
-                        mac,
-                        &mut spec,
-                        progress,
-                    )
-                });
-            match built {
-                Ok(network) => {
-                    if driver_network.is_none() {
-                        driver_network = Some(network);
-                    }
+        // Every bridge interface in order: each gets its lease reserved,
+        // then the ports every block lists are forwarded to that
+        // interface's address in one batch (the task's chains hold them
+        // all). The first one's address is the one Nomad gets. Macvtap
+        // interfaces have no host-side lease.
+        let built = self.build_bridges(request, &mut spec, progress);
+        match built {
+            Ok(driver_network) => Ok(VmStartedBuildResponse {
+                driver_network,
+                teardown_spec: spec,
+            }),
+            Err(error) => {
+                // Undo whatever part was built before reporting: the
+                // reservations recorded so far and any rules of the tag.
+                if let Err(teardown_error) = self.teardown(&spec) {
+                    tracing::warn!(error = %teardown_error, "cleanup after a failed network build failed");
                 }
-                Err(error) => {
-                    // Undo whatever part was built before reporting.
-                    if let Err(teardown_error) = self.teardown(&spec) {
-                        tracing::warn!(error = %teardown_error, "cleanup after a failed network build failed");
-                    }
-                    return Err(error);
-                }
+                Err(error)
             }
         }
-        Ok(VmStartedBuildResponse {
-            driver_network,
-            teardown_spec: spec,
-        })
     }
 
     fn vm_terminated_teardown(
@@ -400,16 +374,73 @@ impl Net for LibvirtNet {
 }
 
 impl LibvirtNet {
-    fn build_bridge(
+    /// Leases and reservations of every bridge interface, then the port
+    /// mapping of all of them; records each step in `spec` before making
+    /// it. Returns the first bridge interface's address and ports.
+    fn build_bridges(
+        &self,
+        request: &VmStartedBuildRequest,
+        spec: &mut TeardownSpec,
+        progress: &(dyn Fn(&str) + Sync),
+    ) -> Result<Option<DriverNetwork>, NetError> {
+        // (guest address, bridge, forwards) per bridge interface, in order.
+        let mut leased: Vec<(Ipv4Addr, String, Vec<PortForward>)> = Vec::new();
+        for (index, interface) in request.net_config.iter().enumerate() {
+            let Some(bridge) = interface.bridge() else {
+                continue;
+            };
+            let mac = request
+                .hwaddrs
+                .get(index)
+                .ok_or_else(|| NetError::Invalid("missing MAC address".into()))?;
+            let labels: Vec<String> = bridge
+                .ports
+                .iter()
+                .map(|label| label.as_str().to_string())
+                .collect();
+            let forwards = forwards_for(&labels, &request.resources)?;
+            let ip = self.lease_and_reserve(request, bridge.name.as_str(), mac, spec, progress)?;
+            leased.push((ip, bridge.name.as_str().to_string(), forwards));
+        }
+        let targets: Vec<ForwardTarget<'_>> = leased
+            .iter()
+            .map(|(guest_ip, bridge, forwards)| ForwardTarget {
+                guest_ip: *guest_ip,
+                bridge,
+                forwards,
+            })
+            .collect();
+        let rules = task_port_rules(&request.task_tag, &targets)
+            .map_err(|e| NetError::Invalid(e.to_string()))?;
+        spec.iptables_rules.extend(rules.iter().cloned());
+        if !rules.is_empty() {
+            // Idempotent; covers clients that never call Driver.Init.
+            self.iptables.init()?;
+            self.iptables.apply(&rules)?;
+        }
+        Ok(leased
+            .into_iter()
+            .next()
+            .map(|(ip, _, forwards)| DriverNetwork {
+                ip,
+                port_map: forwards
+                    .iter()
+                    .map(|f| (f.label.clone(), f.guest_port))
+                    .collect(),
+            }))
+    }
+
+    /// Waits for the lease of the interface with `mac` on `bridge`'s
+    /// network, records its reservation in `spec` and adds it (in the
+    /// background). Returns the guest's address on that interface.
+    fn lease_and_reserve(
         &self,
         request: &VmStartedBuildRequest,
         bridge: &str,
-        labels: &[String],
         mac: &str,
         spec: &mut TeardownSpec,
         progress: &(dyn Fn(&str) + Sync),
-    ) -> Result<DriverNetwork, NetError> {
-        let forwards = forwards_for(labels, &request.resources)?;
+    ) -> Result<Ipv4Addr, NetError> {
         let timeout = request.dhcp_timeout;
         let network_name = self
             .libvirt
@@ -454,21 +485,7 @@ impl LibvirtNet {
             });
         }
         self.reserve_in_background(&request.task_tag, reservation);
-        let rules = port_forward_rules(&request.task_tag, lease.ip, bridge, &forwards)
-            .map_err(|e| NetError::Invalid(e.to_string()))?;
-        spec.iptables_rules.extend(rules.iter().cloned());
-        if !rules.is_empty() {
-            // Idempotent; covers clients that never call Driver.Init.
-            self.iptables.init()?;
-            self.iptables.apply(&rules)?;
-        }
-        Ok(DriverNetwork {
-            ip: lease.ip,
-            port_map: forwards
-                .iter()
-                .map(|f| (f.label.clone(), f.guest_port))
-                .collect(),
-        })
+        Ok(lease.ip)
     }
 
     /// Removes a reservation and releases its lease (best effort).

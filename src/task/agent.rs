@@ -65,23 +65,29 @@ pub fn signal_action(
 }
 
 /// The guest's IPv4 address on one of `macs` (case-insensitive): global
-/// addresses only (no loopback, link-local or unspecified).
+/// addresses only (no loopback, link-local or unspecified). The MACs are
+/// tried in their order (the task's interface order), whatever order the
+/// guest lists its interfaces in.
 pub fn guest_ipv4_on(interfaces: &[GuestInterface], macs: &[String]) -> Option<Ipv4Addr> {
-    interfaces
-        .iter()
-        .filter(|interface| {
-            interface
-                .mac
-                .as_deref()
-                .is_some_and(|mac| macs.iter().any(|wanted| wanted.eq_ignore_ascii_case(mac)))
-        })
-        .flat_map(|interface| interface.addresses.iter())
-        .find_map(|address| match address.address {
-            IpAddr::V4(ip) if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() => {
-                Some(ip)
-            }
-            _ => None,
-        })
+    macs.iter().find_map(|wanted| {
+        interfaces
+            .iter()
+            .filter(|interface| {
+                interface
+                    .mac
+                    .as_deref()
+                    .is_some_and(|mac| wanted.eq_ignore_ascii_case(mac))
+            })
+            .flat_map(|interface| interface.addresses.iter())
+            .find_map(|address| match address.address {
+                IpAddr::V4(ip)
+                    if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() =>
+                {
+                    Some(ip)
+                }
+                _ => None,
+            })
+    })
 }
 
 impl Tasks {
@@ -379,6 +385,21 @@ mod tests {
             Some(Ipv4Addr::new(10, 0, 0, 5))
         );
         assert_eq!(guest_ipv4_on(&interfaces, &["x".to_string()]), None);
+        // Several macvtap interfaces: the first in task order that has an
+        // address, not the first the guest lists.
+        let both = vec![
+            "52:54:00:11:22:33".to_string(),
+            "52:54:00:aa:bb:cc".to_string(),
+        ];
+        assert_eq!(
+            guest_ipv4_on(&interfaces, &both),
+            Some(Ipv4Addr::new(192, 168, 7, 9))
+        );
+        let first_bare = vec!["x".to_string(), "52:54:00:aa:bb:cc".to_string()];
+        assert_eq!(
+            guest_ipv4_on(&interfaces, &first_bare),
+            Some(Ipv4Addr::new(10, 0, 0, 5))
+        );
     }
 
     #[test]

@@ -88,18 +88,29 @@ impl BlockMount {
 /// record if everything went. Everything is written to the journal before
 /// it is created, so a failure half-way through a creation is covered too,
 /// and so is a plugin killed mid-start (the next plugin finds the record).
-/// Network setup cleans up after itself before it fails.
+/// Network setup cleans up after itself before it fails; the rollback then
+/// also removes what the recorded network intent names (after the domain,
+/// so no guest asks for a lease again), as the next plugin would: a lease
+/// the guest got after its wait timed out, a reservation whose removal
+/// failed.
 struct Rollback<'a> {
     hypervisor: &'a dyn Hypervisor,
+    net: &'a dyn Net,
     journal: &'a Journal,
     record: RecordWriter,
     armed: bool,
 }
 
 impl<'a> Rollback<'a> {
-    fn new(hypervisor: &'a dyn Hypervisor, journal: &'a Journal, record: RecordWriter) -> Self {
+    fn new(
+        hypervisor: &'a dyn Hypervisor,
+        net: &'a dyn Net,
+        journal: &'a Journal,
+        record: RecordWriter,
+    ) -> Self {
         Self {
             hypervisor,
+            net,
             journal,
             record,
             armed: true,
@@ -145,6 +156,12 @@ impl Drop for Rollback<'_> {
             if let Err(error) = self.hypervisor.remove_domain(&record.domain_name) {
                 complete = false;
                 tracing::warn!(error = %error, domain = %record.domain_name, "rollback could not remove the domain");
+            }
+        }
+        if let Some(intent) = &record.net {
+            if let Err(error) = self.net.remove_unfinished(intent) {
+                complete = false;
+                tracing::warn!(error = %error, "rollback could not remove the network setup");
             }
         }
         for created in record.volumes.iter().rev() {
@@ -461,7 +478,7 @@ pub fn boot(
     let config = &request.config;
     let record = journal.begin(&request.task_id, &start_plan.domain_name)?;
     crash_point("start:recorded");
-    let mut rollback = Rollback::new(hypervisor, journal, record);
+    let mut rollback = Rollback::new(hypervisor, net, journal, record);
     let facts = hypervisor.host_facts()?;
     let resources = &request.resources;
     let vm = plan::vm_resources(

@@ -574,6 +574,20 @@ async fn a_failed_network_build_rolls_the_vm_back() {
         "an invalid network config is not retried"
     );
     assert_eq!(harness.net.builds.load(Ordering::SeqCst), 1);
+    // What the journal's intent names goes too (a lease that came after
+    // the wait, a reservation whose removal failed), as a successor would.
+    let intents = harness.net.removed_intents.lock().expect("lock").clone();
+    let task_id = "alloc/web/cccc3333";
+    assert_eq!(intents.len(), 1, "{intents:?}");
+    assert_eq!(intents[0].task_tag, crate::net::iptables::task_tag(task_id));
+    assert_eq!(
+        intents[0]
+            .interfaces
+            .iter()
+            .map(|(_, mac)| mac.clone())
+            .collect::<Vec<_>>(),
+        vec![crate::net::mac_for(task_id, 0)]
+    );
     assert_nothing_left(&harness, "after the network fault");
 }
 

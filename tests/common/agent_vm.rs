@@ -18,7 +18,8 @@ use nomad_driver_virt::libvirt::Libvirt;
 
 pub const URI: &str = "qemu:///system";
 
-/// Where guest.sh put the image; NDV_TEST_GUEST_DIR overrides it.
+/// Where guest.sh put the image; NDV_TEST_GUEST_DIR overrides it (as in
+/// tests/common/vm.rs, which this file cannot use).
 pub fn guest_dir() -> PathBuf {
     std::env::var_os("NDV_TEST_GUEST_DIR")
         .map(PathBuf::from)

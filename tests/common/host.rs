@@ -12,10 +12,10 @@
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
-use super::vm::GUEST_DIR;
+use super::vm::guest_dir;
 
 /// Set to anything but empty or `0` to make host tests mandatory.
 pub const HOST_TESTS_VAR: &str = "NOMAD_DRIVER_VIRT_HOST_TESTS";
@@ -143,7 +143,10 @@ fn missing(need: Need) -> Option<(String, String)> {
             (!image.is_file()).then(|| {
                 (
                     format!("the test guest {} is missing", image.display()),
-                    "run `bash tests/setup/guest.sh` as root".to_string(),
+                    format!(
+                        "run `bash tests/setup/guest.sh {}` as root",
+                        guest_dir().display()
+                    ),
                 )
             })
         }
@@ -158,7 +161,7 @@ fn missing(need: Need) -> Option<(String, String)> {
 
 /// The qcow2 image tests/setup/guest.sh builds.
 pub fn guest_image() -> PathBuf {
-    Path::new(GUEST_DIR).join("guest.qcow2")
+    guest_dir().join("guest.qcow2")
 }
 
 /// Effective uid 0, read from /proc (no unsafe FFI in tests).

@@ -18,7 +18,20 @@ use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
     Resources, StartTaskRequest, StartTaskResponse, TaskConfig,
 };
 
-pub const GUEST_DIR: &str = "/var/lib/nomad-driver-virt-test";
+/// Where tests/setup/guest.sh builds the test guest by default.
+pub const DEFAULT_GUEST_DIR: &str = "/var/lib/nomad-driver-virt-test";
+
+/// The variable naming another guest dir (`bash tests/setup/guest.sh DIR`),
+/// e.g. to try a changed guest.sh while another run uses the shared one.
+/// tests/common/agent_vm.rs and the exec benchmarks read it too.
+pub const GUEST_DIR_VAR: &str = "NDV_TEST_GUEST_DIR";
+
+/// The test guest's directory: [`GUEST_DIR_VAR`] or [`DEFAULT_GUEST_DIR`].
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os(GUEST_DIR_VAR)
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR), PathBuf::from)
+}
 
 /// A unique, short id for names in this test run.
 pub fn unique(prefix: &str) -> String {
@@ -127,7 +140,8 @@ impl Alloc {
     /// The plugin config for this alloc's pool, TCG, and the guest image dir.
     pub fn plugin_config(&self) -> String {
         format!(
-            "provider {{\n  libvirt {{\n    uri = \"qemu:///system\"\n  }}\n}}\nimage_paths = [\"{GUEST_DIR}\"]\naccelerator = \"tcg\"\nlog_level = \"debug\"\nstorage_pools {{\n  directory \"{}\" {{\n    path = \"{}\"\n  }}\n}}\n",
+            "provider {{\n  libvirt {{\n    uri = \"qemu:///system\"\n  }}\n}}\nimage_paths = [\"{}\"]\naccelerator = \"tcg\"\nlog_level = \"debug\"\nstorage_pools {{\n  directory \"{}\" {{\n    path = \"{}\"\n  }}\n}}\n",
+            guest_dir().display(),
             self.pool_name,
             self.pool_dir().display()
         )

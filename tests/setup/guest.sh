@@ -20,6 +20,8 @@
 #     GUEST-BOOTCMD[NNN]: <cmd>  then  GUEST-BOOTCMD[NNN] exit=<rc>
 #     GUEST-WRITE-FILE: <path>
 #     GUEST-IP: <ipv4>|none             eth0 DHCP lease (udhcpc keeps renewing)
+#     GUEST-IP-ethN: <ipv4>|none        one line per further NIC (eth1, eth2, ...
+#                                       in PCI order), right after GUEST-IP
 #     GUEST-RUNCMD[NNN]: <cmd>   then  GUEST-RUNCMD[NNN] exit=<rc>
 #     GUEST-VENDORSCRIPT exit=<rc> / GUEST-USERSCRIPT exit=<rc>   ("#!" documents)
 #     GUEST-UPTIME: <s>s ...            informational (also after GUEST-IP)
@@ -60,7 +62,16 @@
 #     (busybox mount, TAG as the source) work.
 #   Network: lo + eth0; busybox udhcpc -x hostname:<hostname> (dnsmasq records
 #     the hostname in the lease); the script applies ip/subnet/router with
-#     ifconfig + route.
+#     ifconfig + route. eth0's lease is in /run/guest-ip (a bootcmd that
+#     writes it skips the wait, e.g. for a NIC without DHCP behind it).
+#     Every further NIC present at boot (eth1, eth2, ...) runs udhcpc too, at
+#     the same time and without the hostname; its lease goes to
+#     /run/guest-ip-ethN (again, a bootcmd writing it skips the wait). Only
+#     eth0 sets the default route and resolv.conf; traffic from ethN's
+#     address leaves through ethN (ip rule "from <ip>" -> table 100+N with
+#     the subnet and the router), and with several NICs arp_ignore=1 /
+#     arp_announce=2, so NICs sharing a subnet each answer for their own
+#     address. With one NIC nothing of this runs and boot is unchanged.
 #   HTTP: busybox httpd on port 8080 serving /www; /www/index.html contains the
 #     hostname (one line). Commands may drop more files into /www.
 #   ACPI: busybox acpid handles the power button (virsh shutdown) with
@@ -467,13 +478,28 @@ case "$1" in
     ifconfig "$interface" 0.0.0.0 up ;;
   bound|renew)
     ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" ${broadcast:+broadcast "$broadcast"} up
-    if [ -n "$router" ]; then
-      while route del default gw 0.0.0.0 dev "$interface" 2>/dev/null; do :; done
-      for r in $router; do route add default gw "$r" dev "$interface"; break; done
+    if [ "$interface" = eth0 ]; then
+      # eth0 owns the default route and resolv.conf.
+      if [ -n "$router" ]; then
+        while route del default gw 0.0.0.0 dev "$interface" 2>/dev/null; do :; done
+        for r in $router; do route add default gw "$r" dev "$interface"; break; done
+      fi
+      : >/etc/resolv.conf
+      for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+      echo "$ip" >/run/guest-ip.tmp && mv /run/guest-ip.tmp /run/guest-ip
+    else
+      # Another NIC (maybe on eth0's subnet): what leaves from its address
+      # leaves through it (source routing in table 100+N), or a filter like
+      # libvirt's clean-traffic drops it as spoofed on eth0.
+      t=$((100 + ${interface#eth}))
+      while ip rule del table "$t" 2>/dev/null; do :; done
+      ip route flush table "$t" 2>/dev/null
+      eval "$(ipcalc -n -p "$ip" "${subnet:-255.255.255.0}")"
+      ip route add "$NETWORK/$PREFIX" dev "$interface" src "$ip" table "$t"
+      for r in $router; do ip route add default via "$r" dev "$interface" table "$t"; break; done
+      ip rule add from "$ip" table "$t"
     fi
-    : >/etc/resolv.conf
-    for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
-    echo "$ip" >/run/guest-ip.tmp && mv /run/guest-ip.tmp /run/guest-ip ;;
+    echo "$ip" >"/run/guest-ip-$interface.tmp" && mv "/run/guest-ip-$interface.tmp" "/run/guest-ip-$interface" ;;
 esac
 exit 0
 EOF
@@ -639,14 +665,38 @@ done
 # ---- network ----
 ifconfig lo 127.0.0.1 netmask 255.0.0.0 up
 IP=none
+EXTRA_NICS=
 if wait_for 40 test -e /sys/class/net/eth0; then
+  # virtio_net probed every NIC at insmod: the others exist now too.
+  n=1
+  while [ -e /sys/class/net/eth$n ]; do EXTRA_NICS="$EXTRA_NICS eth$n"; n=$((n + 1)); done
+  if [ -n "$EXTRA_NICS" ]; then
+    # Several NICs (maybe on one subnet): each answers ARP for its own
+    # address only, and asks with it.
+    echo 1 >/proc/sys/net/ipv4/conf/all/arp_ignore
+    echo 2 >/proc/sys/net/ipv4/conf/all/arp_announce
+  fi
   ifconfig eth0 up
   udhcpc -f -i eth0 -s /etc/udhcpc.script -x hostname:"$HN" -T 2 -t 5 -A 3 >/run/udhcpc.log 2>&1 &
+  # The others ask at the same time, without the hostname (dnsmasq gives
+  # a name to one lease only).
+  for nic in $EXTRA_NICS; do
+    ifconfig "$nic" up
+    udhcpc -f -i "$nic" -s /etc/udhcpc.script -T 2 -t 5 -A 3 >"/run/udhcpc-$nic.log" 2>&1 &
+  done
   if wait_for 240 test -s /run/guest-ip; then IP=$(cat /run/guest-ip); else warn "no DHCP lease after 60s"; cat /run/udhcpc.log; fi
 else
   warn "no eth0"
 fi
 echo "GUEST-IP: $IP"
+for nic in $EXTRA_NICS; do
+  if wait_for 240 test -s "/run/guest-ip-$nic"; then
+    echo "GUEST-IP-$nic: $(cat "/run/guest-ip-$nic")"
+  else
+    warn "no DHCP lease on $nic after 60s"; cat "/run/udhcpc-$nic.log"
+    echo "GUEST-IP-$nic: none"
+  fi
+done
 echo "GUEST-UPTIME: $(up)s (network up)"
 
 # ---- http ----

@@ -9,7 +9,7 @@ pub use apply::{
     HOST_LOCK_PATH,
 };
 pub use rules::{
-    base_chains, port_forward_rules, restore_batch, task_chain, task_tag, BatchOp, IptablesRule,
-    PortForward, RuleError, CHAIN_FW, CHAIN_IN, CHAIN_OUT, CHAIN_PRT, CHAIN_PST, TAG_PREFIX,
-    TASK_CHAINS,
+    base_chains, port_forward_rules, restore_batch, task_chain, task_port_rules, task_tag, BatchOp,
+    ForwardTarget, IptablesRule, PortForward, RuleError, CHAIN_FW, CHAIN_IN, CHAIN_OUT, CHAIN_PRT,
+    CHAIN_PST, TAG_PREFIX, TASK_CHAINS,
 };

@@ -355,44 +355,75 @@ pub fn port_forward_rules(
     bridge: &str,
     forwards: &[PortForward],
 ) -> Result<Vec<IptablesRule>, RuleError> {
+    task_port_rules(
+        tag,
+        &[ForwardTarget {
+            guest_ip,
+            bridge,
+            forwards,
+        }],
+    )
+}
+
+/// One guest interface's share of a task's port mapping: its address, the
+/// bridge it sits behind, and the ports forwarded to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardTarget<'a> {
+    pub guest_ip: Ipv4Addr,
+    pub bridge: &'a str,
+    pub forwards: &'a [PortForward],
+}
+
+/// [`port_forward_rules`] for a task with several bridge interfaces: every
+/// target's forwards in the task's one set of chains, so they go in (and
+/// out) with one batch (the chains are created once: `-N` refuses a chain
+/// that exists). A host address and port may be forwarded once across all
+/// targets; each bridge gets its loopback guard once.
+pub fn task_port_rules(
+    tag: &str,
+    targets: &[ForwardTarget<'_>],
+) -> Result<Vec<IptablesRule>, RuleError> {
     validate_tag(tag)?;
-    if !is_valid_interface_name(bridge) {
-        return Err(RuleError::InvalidBridge(bridge.to_string()));
-    }
-    if guest_ip.is_unspecified()
-        || guest_ip.is_broadcast()
-        || guest_ip.is_multicast()
-        || guest_ip.is_loopback()
-    {
-        return Err(RuleError::InvalidGuestIp(guest_ip));
-    }
     let mut seen = BTreeSet::new();
-    for forward in forwards {
-        for (which, port) in [("host", forward.host_port), ("guest", forward.guest_port)] {
-            if port == 0 {
-                return Err(RuleError::ZeroPort {
+    for target in targets {
+        if !is_valid_interface_name(target.bridge) {
+            return Err(RuleError::InvalidBridge(target.bridge.to_string()));
+        }
+        let guest_ip = target.guest_ip;
+        if guest_ip.is_unspecified()
+            || guest_ip.is_broadcast()
+            || guest_ip.is_multicast()
+            || guest_ip.is_loopback()
+        {
+            return Err(RuleError::InvalidGuestIp(guest_ip));
+        }
+        for forward in target.forwards {
+            for (which, port) in [("host", forward.host_port), ("guest", forward.guest_port)] {
+                if port == 0 {
+                    return Err(RuleError::ZeroPort {
+                        label: forward.label.clone(),
+                        which,
+                    });
+                }
+            }
+            let ip = forward.host_ip;
+            if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+                return Err(RuleError::InvalidHostIp {
                     label: forward.label.clone(),
-                    which,
+                    host_ip: ip,
+                });
+            }
+            if !seen.insert((ip, forward.host_port)) {
+                return Err(RuleError::DuplicateForward {
+                    label: forward.label.clone(),
+                    host_ip: ip,
+                    host_port: forward.host_port,
                 });
             }
         }
-        let ip = forward.host_ip;
-        if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-            return Err(RuleError::InvalidHostIp {
-                label: forward.label.clone(),
-                host_ip: ip,
-            });
-        }
-        if !seen.insert((ip, forward.host_port)) {
-            return Err(RuleError::DuplicateForward {
-                label: forward.label.clone(),
-                host_ip: ip,
-                host_port: forward.host_port,
-            });
-        }
     }
 
-    if forwards.is_empty() {
+    if targets.iter().all(|target| target.forwards.is_empty()) {
         return Ok(Vec::new());
     }
     let chain = |shared: &str| task_chain(tag, shared).unwrap_or_default();
@@ -408,78 +439,87 @@ pub fn port_forward_rules(
     let mut nat_out = Vec::new();
     let mut nat_pst = Vec::new();
     let mut filter_fw = Vec::new();
-    for forward in forwards {
-        for proto in ["tcp", "udp"] {
-            let host_port = forward.host_port.to_string();
-            let guest_port = forward.guest_port.to_string();
-            let host_dst = format!("{}/32", forward.host_ip);
-            let guest_dst = format!("{guest_ip}/32");
-            let to = format!("{guest_ip}:{guest_port}");
+    let mut guards: Vec<IptablesRule> = Vec::new();
+    for target in targets.iter().filter(|target| !target.forwards.is_empty()) {
+        let (guest_ip, bridge) = (target.guest_ip, target.bridge);
+        for forward in target.forwards {
+            for proto in ["tcp", "udp"] {
+                let host_port = forward.host_port.to_string();
+                let guest_port = forward.guest_port.to_string();
+                let host_dst = format!("{}/32", forward.host_ip);
+                let guest_dst = format!("{guest_ip}/32");
+                let to = format!("{guest_ip}:{guest_port}");
 
-            let dnat: Vec<&str> = [
-                "-d", &host_dst, "-p", proto, "-m", proto, "--dport", &host_port,
-            ]
-            .into_iter()
-            .chain(comment)
-            .chain(["-j", "DNAT", "--to-destination", &to])
-            .collect();
-            let to_guest = [
-                "-d",
-                &guest_dst,
-                "-o",
-                bridge,
-                "-p",
-                proto,
-                "-m",
-                proto,
-                "--dport",
-                &guest_port,
-            ];
-
-            if forward.host_ip.is_loopback() {
-                nat_out.push(rule(NAT, &out, &dnat));
-                let masquerade: Vec<&str> = ["-s", "127.0.0.0/8"]
-                    .into_iter()
-                    .chain(to_guest)
-                    .chain(comment)
-                    .chain(["-j", "MASQUERADE"])
-                    .collect();
-                nat_pst.push(rule(NAT, &pst, &masquerade));
-            } else {
-                nat_prt.push(rule(NAT, &prt, &dnat));
-                nat_out.push(rule(NAT, &out, &dnat));
-            }
-            let accept: Vec<&str> = to_guest
+                let dnat: Vec<&str> = [
+                    "-d", &host_dst, "-p", proto, "-m", proto, "--dport", &host_port,
+                ]
                 .into_iter()
-                .chain(["-m", "conntrack", "--ctstate", "DNAT"])
                 .chain(comment)
-                .chain(["-j", "ACCEPT"])
+                .chain(["-j", "DNAT", "--to-destination", &to])
                 .collect();
-            filter_fw.push(rule(FILTER, &fw, &accept));
+                let to_guest = [
+                    "-d",
+                    &guest_dst,
+                    "-o",
+                    bridge,
+                    "-p",
+                    proto,
+                    "-m",
+                    proto,
+                    "--dport",
+                    &guest_port,
+                ];
+
+                if forward.host_ip.is_loopback() {
+                    nat_out.push(rule(NAT, &out, &dnat));
+                    let masquerade: Vec<&str> = ["-s", "127.0.0.0/8"]
+                        .into_iter()
+                        .chain(to_guest)
+                        .chain(comment)
+                        .chain(["-j", "MASQUERADE"])
+                        .collect();
+                    nat_pst.push(rule(NAT, &pst, &masquerade));
+                } else {
+                    nat_prt.push(rule(NAT, &prt, &dnat));
+                    nat_out.push(rule(NAT, &out, &dnat));
+                }
+                let accept: Vec<&str> = to_guest
+                    .into_iter()
+                    .chain(["-m", "conntrack", "--ctstate", "DNAT"])
+                    .chain(comment)
+                    .chain(["-j", "ACCEPT"])
+                    .collect();
+                filter_fw.push(rule(FILTER, &fw, &accept));
+            }
+        }
+        let guard_args: Vec<&str> = [
+            "-d",
+            "127.0.0.0/8",
+            "-i",
+            bridge,
+            "-m",
+            "conntrack",
+            "!",
+            "--ctstate",
+            "DNAT",
+        ]
+        .into_iter()
+        .chain(comment)
+        .chain(["-j", "DROP"])
+        .collect();
+        let guard = rule(FILTER, &input, &guard_args);
+        // Two interfaces on one bridge need one guard.
+        if !guards.contains(&guard) {
+            guards.push(guard);
         }
     }
-    let guard: Vec<&str> = [
-        "-d",
-        "127.0.0.0/8",
-        "-i",
-        bridge,
-        "-m",
-        "conntrack",
-        "!",
-        "--ctstate",
-        "DNAT",
-    ]
-    .into_iter()
-    .chain(comment)
-    .chain(["-j", "DROP"])
-    .collect();
 
     let mut rules = Vec::new();
     rules.extend(nat_prt);
     rules.extend(nat_out);
     rules.extend(nat_pst);
     rules.extend(filter_fw);
-    rules.push(rule(FILTER, &input, &guard));
+    rules.extend(guards);
     for (table, shared, _) in TASK_CHAINS {
         let target = chain(shared);
         let args = task_jump_args(tag, &target);
@@ -862,6 +902,119 @@ mod tests {
             host_port,
             guest_port,
         }
+    }
+
+    /// Several bridge interfaces: one set of chains and jumps, each
+    /// interface's ports to its own address behind its own bridge, one
+    /// guard per bridge, a host port forwarded once across them all.
+    #[test]
+    fn several_targets_share_the_task_chains() {
+        let first = [fwd([10, 0, 0, 5], 8080, 80)];
+        let mut second = fwd([127, 0, 0, 1], 9090, 9000);
+        second.label = "admin".into();
+        let second = [second];
+        let other_guest = Ipv4Addr::new(10, 9, 0, 7);
+        fn target<'a>(
+            guest_ip: Ipv4Addr,
+            bridge: &'a str,
+            forwards: &'a [PortForward],
+        ) -> ForwardTarget<'a> {
+            ForwardTarget {
+                guest_ip,
+                bridge,
+                forwards,
+            }
+        }
+        // One target is exactly port_forward_rules.
+        assert_eq!(
+            task_port_rules(TAG, &[target(GUEST, "virbr0", &first)]).unwrap(),
+            port_forward_rules(TAG, GUEST, "virbr0", &first).unwrap()
+        );
+        let rules = task_port_rules(
+            TAG,
+            &[
+                target(GUEST, "virbr0", &first),
+                target(other_guest, "ndvtestbr1", &[]),
+                target(other_guest, "ndvtestbr1", &second),
+            ],
+        )
+        .unwrap();
+        let batch = restore_batch(&rules, BatchOp::Append);
+        for chain in TASK_CHAINS
+            .iter()
+            .map(|(_, shared, _)| task_chain(TAG, shared).unwrap())
+        {
+            assert_eq!(
+                batch.matches(&format!("-N {chain}\n")).count(),
+                1,
+                "{batch}"
+            );
+        }
+        let jumps = rules
+            .iter()
+            .filter(|r| TASK_CHAINS.iter().any(|(_, shared, _)| r.chain == *shared))
+            .count();
+        assert_eq!(jumps, TASK_CHAINS.len());
+        let text = lines(&rules).join("\n");
+        assert!(
+            text.contains("--to-destination 192.168.122.10:80"),
+            "{text}"
+        );
+        assert!(text.contains("--to-destination 10.9.0.7:9000"), "{text}");
+        assert!(text.contains("-d 10.9.0.7/32 -o ndvtestbr1"), "{text}");
+        let guards: Vec<&String> = rules
+            .iter()
+            .filter(|r| r.args.iter().any(|a| a == "DROP"))
+            .map(|r| &r.args[3])
+            .collect();
+        assert_eq!(guards, vec!["virbr0", "ndvtestbr1"]);
+        // Two interfaces on one bridge: one guard.
+        let same = task_port_rules(
+            TAG,
+            &[
+                target(GUEST, "virbr0", &first),
+                target(other_guest, "virbr0", &second),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            same.iter()
+                .filter(|r| r.args.iter().any(|a| a == "DROP"))
+                .count(),
+            1
+        );
+        // A host address and port goes to one interface only.
+        assert!(matches!(
+            task_port_rules(
+                TAG,
+                &[
+                    target(GUEST, "virbr0", &first),
+                    target(other_guest, "virbr0", &first)
+                ],
+            ),
+            Err(RuleError::DuplicateForward { .. })
+        ));
+        // Nothing to forward anywhere: no rules, no chains.
+        assert!(task_port_rules(
+            TAG,
+            &[
+                target(GUEST, "virbr0", &[]),
+                target(other_guest, "virbr0", &[])
+            ]
+        )
+        .unwrap()
+        .is_empty());
+        // A bad second target is refused like a bad first one.
+        assert!(matches!(
+            task_port_rules(
+                TAG,
+                &[
+                    target(GUEST, "virbr0", &first),
+                    target(Ipv4Addr::LOCALHOST, "virbr0", &second)
+                ],
+            ),
+            Err(RuleError::InvalidGuestIp(_))
+        ));
     }
 
     fn lines(rules: &[IptablesRule]) -> Vec<String> {
