@@ -24,6 +24,7 @@ use virt::stream::Stream;
 use super::pool::{refresh_pool, retry_busy};
 use super::{has_code, Pool, Volume};
 use crate::libvirt::xml::{self, XmlWriter};
+use crate::storage::copy::{copy_into, CopyMethod, CopyProgress};
 use crate::storage::images::{
     check_image_safe, check_qcow2_header, image_virtual_size, parse_qcow2_header, ImageFile,
 };
@@ -393,12 +394,18 @@ pub fn create_from_image(
         target_format,
         (capacity, None),
         true,
+        None,
     )
 }
 
 /// [`create_from_image`] with the disk's `sparse` (when false, a raw
-/// volume is uploaded without holes and grown allocated) and a `cap`: the
-/// size checked before the start, see [`create_hashed`].
+/// volume is uploaded without holes and grown allocated), a `cap`: the
+/// size checked before the start, see [`create_hashed`], and a counter of
+/// the bytes copied.
+///
+/// A sparse disk whose volume is a file on this host (a `dir` pool) is
+/// filled by [`fill_local`] (a reflink where the filesystem offers it,
+/// else a sparse copy) instead of a libvirt stream.
 #[allow(clippy::too_many_arguments)]
 pub fn create_from_image_with(
     conn: &Connect,
@@ -409,6 +416,7 @@ pub fn create_from_image_with(
     target_format: ImageFormat,
     (capacity, cap): (Option<u64>, Option<u64>),
     sparse: bool,
+    progress: Option<&CopyProgress>,
 ) -> Result<Volume, StorageError> {
     create_hashed(
         conn,
@@ -418,8 +426,19 @@ pub fn create_from_image_with(
         (source_format, target_format),
         (capacity, cap),
         sparse,
+        Fill::Local(progress),
     )
     .map(|(volume, _)| volume)
+}
+
+/// How [`create_hashed`] fills the volume it made.
+#[derive(Clone, Copy)]
+enum Fill<'a> {
+    /// Through a libvirt stream, hashing the bytes sent (shared parents).
+    Upload(Option<&'a CopyProgress>),
+    /// Copied locally when the volume is a file here and the disk is
+    /// sparse ([`fill_local`]), else uploaded; nothing hashed.
+    Local(Option<&'a CopyProgress>),
 }
 
 /// The most bytes an upload of an image whose virtual size is at most
@@ -441,6 +460,7 @@ pub fn upload_cap(cap: u64, format: ImageFormat) -> u64 {
 /// task) may rewrite it after that check, so the virtual size is read
 /// again here, from the same descriptor, and the bytes to upload are
 /// counted: more than the cap is refused before any volume exists.
+#[allow(clippy::too_many_arguments)]
 fn create_hashed(
     conn: &Connect,
     pool: &Pool,
@@ -449,6 +469,7 @@ fn create_hashed(
     (source_format, target_format): (ImageFormat, ImageFormat),
     (capacity, cap): (Option<u64>, Option<u64>),
     sparse: bool,
+    fill: Fill<'_>,
 ) -> Result<(Volume, Option<String>), StorageError> {
     check_volume_name(name)?;
     check_image_safe(image, source_format)?;
@@ -511,27 +532,54 @@ fn create_hashed(
     let allocate = !sparse && target_format == ImageFormat::Raw;
     let volume = create_empty_with(pool, name, target_format, initial, !allocate)?;
     let (vol, pool_name) = (&volume.inner, pool.name.as_str());
+    let (progress, local) = match fill {
+        Fill::Upload(progress) => (progress, false),
+        Fill::Local(progress) => (progress, !allocate),
+    };
+    let copied = if local {
+        let end = match target_format {
+            ImageFormat::Raw => initial,
+            ImageFormat::Qcow2 => length,
+        };
+        fill_local(vol, pool_name, name, upload_from, length, end, progress)
+    } else {
+        Ok(None)
+    };
     let sparse = sparse && target_format == ImageFormat::Raw && sparse_upload_works(conn);
     let mut reader = HashingReader::new(upload_from.reader());
-    let result = upload(
-        conn,
-        vol,
-        pool_name,
-        name,
-        &upload_from.shown_path(),
-        &mut reader,
-        length,
-        sparse,
-    )
-    .and_then(|()| {
-        if target_format == ImageFormat::Qcow2 {
-            trim_to(vol, length);
-        }
-        grow_to_with(vol, pool_name, name, wanted, allocate)
-    });
+    let result = copied
+        .and_then(|copied| match copied {
+            Some(method) => {
+                tracing::debug!(
+                    pool = pool_name,
+                    volume = name,
+                    method = method.as_str(),
+                    "image copied into the volume"
+                );
+                Ok(())
+            }
+            None => upload(
+                conn,
+                vol,
+                pool_name,
+                name,
+                &upload_from.shown_path(),
+                &mut reader,
+                length,
+                sparse,
+                progress,
+            ),
+        })
+        .and_then(|()| {
+            if target_format == ImageFormat::Qcow2 {
+                trim_to(vol, length);
+            }
+            grow_to_with(vol, pool_name, name, wanted, allocate)
+        });
     match result {
         Ok(()) => {
-            let key = converted.is_none().then(|| reader.key());
+            let hashed = converted.is_none() && matches!(fill, Fill::Upload(_));
+            let key = hashed.then(|| reader.key());
             Ok((volume, key))
         }
         Err(error) => {
@@ -539,6 +587,70 @@ fn create_hashed(
             Err(error)
         }
     }
+}
+
+/// Fills volume `name`, just made by libvirt, with the first `length`
+/// bytes of `source` (through its descriptor) by [`copy_into`]: a reflink
+/// when the pool's filesystem offers one, else a sparse copy. The file
+/// libvirt made is only written (its owner and mode stay), then set to
+/// `end` bytes (a raw disk keeps the size libvirt gave it).
+///
+/// `Ok(None)` when the volume is not a regular file on this host (a pool
+/// of another kind, libvirt's test driver, a remote libvirt): the caller
+/// uploads through libvirt instead.
+fn fill_local(
+    vol: &StorageVol,
+    pool_name: &str,
+    name: &str,
+    source: &ImageFile,
+    length: u64,
+    end: u64,
+    progress: Option<&CopyProgress>,
+) -> Result<Option<CopyMethod>, StorageError> {
+    let xml = vol
+        .xml_desc(0)
+        .map_err(|e| StorageError::volume(pool_name, name, "reading the volume XML", e))?;
+    let described = describe_volume(&xml).map_err(|error| StorageError::VolumeXml {
+        pool: pool_name.to_string(),
+        volume: name.to_string(),
+        source: Box::new(error),
+    })?;
+    if described.kind.as_deref().is_some_and(|kind| kind != "file") {
+        return Ok(None);
+    }
+    let path = PathBuf::from(
+        vol.path()
+            .map_err(|e| StorageError::volume(pool_name, name, "reading the volume path", e))?,
+    );
+    if !path.is_absolute() {
+        return Ok(None);
+    }
+    let io_error = |action: &'static str, error: io::Error| StorageError::Io {
+        action,
+        path: path.clone(),
+        error,
+    };
+    // The file libvirt just created; never through a link.
+    let file = match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(&path)
+    {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(io_error("open the new volume", error)),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|error| io_error("inspect the new volume", error))?;
+    if !meta.file_type().is_file() {
+        return Ok(None);
+    }
+    let method = copy_into(source.file(), &file, length, progress)
+        .map_err(|error| source.io("copy into the new volume", error))?;
+    file.set_len(end)
+        .map_err(|error| io_error("set the size of the new volume", error))?;
+    Ok(Some(method))
 }
 
 /// Creates volume `name` (raw, or qcow2 when `bytes` is a qcow2 image)
@@ -575,6 +687,7 @@ pub fn upload_bytes(
         &mut Cursor::new(bytes),
         length,
         false,
+        None,
     );
     match result {
         Ok(()) => {
@@ -638,19 +751,21 @@ pub fn ensure_parent(
     image: &ImageFile,
     format: ImageFormat,
 ) -> Result<Volume, StorageError> {
-    ensure_parent_capped(conn, pool, image, format, None)
+    ensure_parent_capped(conn, pool, image, format, None, None)
 }
 
 /// [`ensure_parent`] with the size checked before the start as a cap (see
-/// [`create_hashed`]); a parent found for the image is held to it too.
+/// [`create_hashed`]; a parent found for the image is held to it too) and
+/// a counter of the bytes uploaded.
 pub fn ensure_parent_capped(
     conn: &Connect,
     pool: &Pool,
     image: &ImageFile,
     format: ImageFormat,
     cap: Option<u64>,
+    progress: Option<&CopyProgress>,
 ) -> Result<Volume, StorageError> {
-    let parent = ensure_parent_uncapped(conn, pool, image, format, cap)?;
+    let parent = ensure_parent_uncapped(conn, pool, image, format, cap, progress)?;
     if let Some(cap) = cap {
         let capacity = parent
             .inner
@@ -674,6 +789,7 @@ fn ensure_parent_uncapped(
     image: &ImageFile,
     format: ImageFormat,
     cap: Option<u64>,
+    progress: Option<&CopyProgress>,
 ) -> Result<Volume, StorageError> {
     check_image_safe(image, format)?;
     let identity =
@@ -705,6 +821,7 @@ fn ensure_parent_uncapped(
         (format, format),
         (None, cap),
         true,
+        Fill::Upload(progress),
     )?;
     let Some(key) = key else {
         // Cannot happen (same format, no conversion); refuse rather than
@@ -1052,7 +1169,11 @@ fn upload(
     reader: &mut dyn Read,
     length: u64,
     sparse: bool,
+    progress: Option<&CopyProgress>,
 ) -> Result<(), StorageError> {
+    if let Some(progress) = progress {
+        progress.start(length);
+    }
     // Length 0 means "to the end of the volume" to libvirt; nothing to send.
     if length == 0 {
         return Ok(());
@@ -1066,7 +1187,7 @@ fn upload(
         0
     };
     vol.upload(&stream, 0, length, flags).map_err(libvirt)?;
-    match send_all(&stream, reader, length, sparse) {
+    match send_all(&stream, reader, length, sparse, progress) {
         Ok(()) => stream.finish().map_err(libvirt),
         Err(failure) => {
             if let Err(error) = stream.abort() {
@@ -1094,6 +1215,7 @@ fn send_all(
     reader: &mut dyn Read,
     length: u64,
     sparse: bool,
+    progress: Option<&CopyProgress>,
 ) -> Result<(), SendFailure> {
     let mut buf = vec![0u8; CHUNK];
     let mut remaining = length;
@@ -1111,6 +1233,10 @@ fn send_all(
             )));
         }
         remaining -= got as u64;
+        if let Some(progress) = progress {
+            // Counted when read: the sends below finish before the next read.
+            progress.set_done(length - remaining);
+        }
         let chunk = &buf[..got];
         if !sparse {
             send_data(stream, chunk)?;
@@ -1332,6 +1458,7 @@ mod tests {
                 ImageFormat::Raw,
                 (None, Some(cap)),
                 true,
+                None,
             )
         };
 
@@ -1370,9 +1497,15 @@ mod tests {
         std::fs::write(&qcow2, header(1 << 40)).unwrap();
         let err = copy(&image, ImageFormat::Qcow2, checked).unwrap_err();
         assert!(matches!(err, StorageError::GrewAfterCheck { .. }), "{err}");
-        let err =
-            ensure_parent_capped(&node.conn, &pool, &image, ImageFormat::Qcow2, Some(checked))
-                .unwrap_err();
+        let err = ensure_parent_capped(
+            &node.conn,
+            &pool,
+            &image,
+            ImageFormat::Qcow2,
+            Some(checked),
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(err, StorageError::GrewAfterCheck { .. }), "{err}");
         assert!(!err.is_recoverable());
 
@@ -1393,6 +1526,7 @@ mod tests {
             ImageFormat::Qcow2,
             (None, Some(MIB)),
             true,
+            None,
         )
         .unwrap_err();
         assert!(err.to_string().contains("67108864 bytes to copy"), "{err}");
