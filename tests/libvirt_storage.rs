@@ -1097,6 +1097,27 @@ fn copies_into_a_directory_pool_keep_holes_and_count_bytes() {
     assert!(copied[source.len()..].iter().all(|&b| b == 0));
     assert_eq!(vol.capacity().unwrap(), 96 * MIB);
 
+    // sparse = false: the same bytes, every block allocated.
+    let vol = create_from_image_with(
+        conn,
+        &pool,
+        "vm_vdc.img",
+        &open(&image),
+        ImageFormat::Raw,
+        ImageFormat::Raw,
+        (Some(80 * MIB), None),
+        false,
+        Some(&progress),
+    )
+    .unwrap();
+    let path = vol.path().unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), 80 * MIB);
+    assert!(meta.blocks() * 512 >= 80 * MIB, "allocated in full");
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    let copied = std::fs::read(&path).unwrap();
+    assert!(copied[..source.len()] == source[..], "bytes differ");
+
     // qcow2 to qcow2 is a byte copy too, grown by libvirt afterwards.
     let qcow2 = guard.dir.path().join("big.qcow2");
     run(
@@ -1119,7 +1140,7 @@ fn copies_into_a_directory_pool_keep_holes_and_count_bytes() {
     assert_eq!(qemu_img_info(&path)["virtual-size"], 128 * MIB);
     assert_same_content(&image, ImageFormat::Raw, &path, ImageFormat::Qcow2);
     run("qemu-img", &[&"check", &"-U", &path]);
-    for name in ["vm_vda.img", "vm_vdb.qcow2"] {
+    for name in ["vm_vda.img", "vm_vdb.qcow2", "vm_vdc.img"] {
         delete_volume(&pool, name).unwrap();
     }
 }

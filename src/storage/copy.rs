@@ -66,6 +66,9 @@ pub enum CopyMethod {
     /// Data extents copied with `copy_file_range` (or read/write where
     /// the kernel refuses that), holes left as holes.
     Sparse,
+    /// A sparse copy, then every byte allocated (`fallocate`, shared
+    /// extents unshared): a raw disk with `sparse = false`.
+    Allocated,
 }
 
 impl CopyMethod {
@@ -73,6 +76,7 @@ impl CopyMethod {
         match self {
             CopyMethod::Reflink => "reflink",
             CopyMethod::Sparse => "sparse copy",
+            CopyMethod::Allocated => "allocated copy",
         }
     }
 }
@@ -112,6 +116,41 @@ pub fn copy_into(
         progress.set_done(length);
     }
     Ok(method)
+}
+
+/// [`copy_into`] for a disk allocated in full (`sparse = false`): no
+/// reflink (the disk must own its blocks), a sparse copy, then `dest`
+/// grown to `end` bytes with all of them allocated. The holes become
+/// allocated unwritten extents, so nothing is written for them.
+pub fn copy_allocated(
+    source: &File,
+    dest: &File,
+    length: u64,
+    end: u64,
+    progress: Option<&CopyProgress>,
+) -> io::Result<CopyMethod> {
+    if let Some(progress) = progress {
+        progress.start(length);
+    }
+    dest.set_len(0)?;
+    sparse_copy(source, dest, length, progress)?;
+    let end = end.max(length);
+    if end > 0 {
+        rustix::fs::fallocate(dest, rustix::fs::FallocateFlags::empty(), 0, end)?;
+        // copy_file_range may have shared extents (XFS, btrfs); give the
+        // disk its own. Filesystems without shared extents refuse the flag.
+        match rustix::fs::fallocate(dest, rustix::fs::FallocateFlags::UNSHARE_RANGE, 0, end) {
+            Ok(())
+            | Err(rustix::io::Errno::OPNOTSUPP)
+            | Err(rustix::io::Errno::INVAL)
+            | Err(rustix::io::Errno::NOSYS) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    if let Some(progress) = progress {
+        progress.set_done(length);
+    }
+    Ok(CopyMethod::Allocated)
 }
 
 fn shrank(missing: u64) -> io::Error {
@@ -299,6 +338,25 @@ mod tests {
             allocated <= 8 * MIB,
             "{allocated} bytes allocated for 3 MiB of data ({method:?})"
         );
+    }
+
+    #[test]
+    fn an_allocated_copy_owns_every_block() {
+        let dir = tempfile::Builder::new()
+            .prefix("ndvtest")
+            .tempdir()
+            .unwrap();
+        let source = sparse_source(dir.path());
+        let copy = dest(dir.path(), "full.img");
+        let progress = CopyProgress::new();
+        let method = copy_allocated(&source, &copy, 64 * MIB, 80 * MIB, Some(&progress)).unwrap();
+        assert_eq!(method, CopyMethod::Allocated);
+        assert_eq!(progress.get(), (64 * MIB, 64 * MIB));
+        assert_eq!(copy.metadata().unwrap().len(), 80 * MIB);
+        let bytes = contents(&copy);
+        assert!(bytes[..(64 * MIB) as usize] == contents(&source)[..]);
+        assert!(bytes[(64 * MIB) as usize..].iter().all(|&b| b == 0));
+        assert!(allocated_bytes(&copy).unwrap() >= 80 * MIB);
     }
 
     #[test]

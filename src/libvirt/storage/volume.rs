@@ -24,7 +24,7 @@ use virt::stream::Stream;
 use super::pool::{refresh_pool, retry_busy};
 use super::{has_code, Pool, Volume};
 use crate::libvirt::xml::{self, XmlWriter};
-use crate::storage::copy::{copy_into, CopyMethod, CopyProgress};
+use crate::storage::copy::{copy_allocated, copy_into, CopyMethod, CopyProgress};
 use crate::storage::images::{
     check_image_safe, check_qcow2_header, image_virtual_size, parse_qcow2_header, ImageFile,
 };
@@ -371,8 +371,10 @@ pub fn clone_volume(
 ///   `qemu-img convert`, confined ([`crate::storage::qemu_img`]), into a
 ///   0600 temporary file in `std::env::temp_dir()` (`$TMPDIR`; it needs
 ///   room for the converted image) that is removed afterwards.
-/// - The bytes go through a libvirt stream. Raw targets are uploaded
-///   sparse (zero blocks become holes) where libvirt handles that.
+/// - The bytes are copied on this host when the volume is a local file
+///   (a `dir` pool: reflink or sparse copy, [`fill_local`]), else they go
+///   through a libvirt stream. Raw targets are uploaded sparse (zero
+///   blocks become holes) where libvirt handles that.
 /// - The result is resized to `capacity` when that exceeds the image's
 ///   virtual size; a smaller `capacity` is ignored (never shrinks a disk).
 /// - On failure the half-made volume is deleted.
@@ -403,9 +405,10 @@ pub fn create_from_image(
 /// size checked before the start, see [`create_hashed`], and a counter of
 /// the bytes copied.
 ///
-/// A sparse disk whose volume is a file on this host (a `dir` pool) is
-/// filled by [`fill_local`] (a reflink where the filesystem offers it,
-/// else a sparse copy) instead of a libvirt stream.
+/// A volume that is a file on this host (a `dir` pool) is filled by
+/// [`fill_local`] (a reflink where the filesystem offers it, else a
+/// sparse copy; for `sparse = false` a sparse copy allocated in full)
+/// instead of a libvirt stream.
 #[allow(clippy::too_many_arguments)]
 pub fn create_from_image_with(
     conn: &Connect,
@@ -436,8 +439,8 @@ pub fn create_from_image_with(
 enum Fill<'a> {
     /// Through a libvirt stream, hashing the bytes sent (shared parents).
     Upload(Option<&'a CopyProgress>),
-    /// Copied locally when the volume is a file here and the disk is
-    /// sparse ([`fill_local`]), else uploaded; nothing hashed.
+    /// Copied locally when the volume is a file here ([`fill_local`]),
+    /// else uploaded; nothing hashed.
     Local(Option<&'a CopyProgress>),
 }
 
@@ -534,14 +537,22 @@ fn create_hashed(
     let (vol, pool_name) = (&volume.inner, pool.name.as_str());
     let (progress, local) = match fill {
         Fill::Upload(progress) => (progress, false),
-        Fill::Local(progress) => (progress, !allocate),
+        Fill::Local(progress) => (progress, true),
     };
     let copied = if local {
         let end = match target_format {
             ImageFormat::Raw => initial,
             ImageFormat::Qcow2 => length,
         };
-        fill_local(vol, pool_name, name, upload_from, length, end, progress)
+        fill_local(
+            vol,
+            pool_name,
+            name,
+            upload_from,
+            (length, end),
+            allocate,
+            progress,
+        )
     } else {
         Ok(None)
     };
@@ -591,9 +602,10 @@ fn create_hashed(
 
 /// Fills volume `name`, just made by libvirt, with the first `length`
 /// bytes of `source` (through its descriptor) by [`copy_into`]: a reflink
-/// when the pool's filesystem offers one, else a sparse copy. The file
-/// libvirt made is only written (its owner and mode stay), then set to
-/// `end` bytes (a raw disk keeps the size libvirt gave it).
+/// when the pool's filesystem offers one, else a sparse copy; with
+/// `allocate` (a raw disk with `sparse = false`) by [`copy_allocated`].
+/// The file libvirt made is only written (its owner and mode stay), then
+/// set to `end` bytes (a raw disk keeps the size libvirt gave it).
 ///
 /// `Ok(None)` when the volume is not a regular file on this host (a pool
 /// of another kind, libvirt's test driver, a remote libvirt): the caller
@@ -603,8 +615,8 @@ fn fill_local(
     pool_name: &str,
     name: &str,
     source: &ImageFile,
-    length: u64,
-    end: u64,
+    (length, end): (u64, u64),
+    allocate: bool,
     progress: Option<&CopyProgress>,
 ) -> Result<Option<CopyMethod>, StorageError> {
     let xml = vol
@@ -646,8 +658,12 @@ fn fill_local(
     if !meta.file_type().is_file() {
         return Ok(None);
     }
-    let method = copy_into(source.file(), &file, length, progress)
-        .map_err(|error| source.io("copy into the new volume", error))?;
+    let copied = if allocate {
+        copy_allocated(source.file(), &file, length, end, progress)
+    } else {
+        copy_into(source.file(), &file, length, progress)
+    };
+    let method = copied.map_err(|error| source.io("copy into the new volume", error))?;
     file.set_len(end)
         .map_err(|error| io_error("set the size of the new volume", error))?;
     Ok(Some(method))
