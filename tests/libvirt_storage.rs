@@ -1248,6 +1248,24 @@ fn copies_on_a_reflink_filesystem_share_extents() {
     assert_eq!(source[0], 1, "writing the volume changed the image");
     delete_volume(&pool, "vm_vda.img").unwrap();
 
+    // A shared parent is a reflink too, named by the digest of its bytes
+    // (smaller: hashing is slow in debug builds).
+    let small = xfs.path().join("small.img");
+    sparse_image(&small, 32 * MIB, &[0, 1, 2, 3, 8, 9, 10, 11, 30, 31]);
+    let free_before = free_bytes(&xfs.path());
+    let parent = ensure_parent(&conn, &pool, &open(&small), ImageFormat::Raw).unwrap();
+    let used = free_before.saturating_sub(free_bytes(&xfs.path()));
+    assert!(
+        used < 4 * MIB,
+        "a reflinked parent of 10 MiB of data used {used} bytes"
+    );
+    let bytes = std::fs::read(&small).unwrap();
+    assert_eq!(
+        parent.name(),
+        parent_volume_name(ImageFormat::Raw, &key_of(&bytes))
+    );
+    delete_volume(&pool, parent.name()).unwrap();
+
     // The method chosen here is the reflink (copy_file_range would share
     // extents on XFS too; this tells them apart).
     let dest = std::fs::File::create(xfs.path().join("clone.img")).unwrap();

@@ -429,19 +429,24 @@ pub fn create_from_image_with(
         (source_format, target_format),
         (capacity, cap),
         sparse,
-        Fill::Local(progress),
+        Fill {
+            progress,
+            hash: false,
+        },
     )
     .map(|(volume, _)| volume)
 }
 
-/// How [`create_hashed`] fills the volume it made.
+/// How [`create_hashed`] fills the volume it made: copied on this host
+/// when the volume is a file here ([`fill_local`]), else through a libvirt
+/// stream; the bytes counted in `progress`. With `hash` (shared parents)
+/// the key of the bytes written is computed: from the stream as it is
+/// sent, or by reading the finished volume back (the driver's own file in
+/// the pool, which no job can write).
 #[derive(Clone, Copy)]
-enum Fill<'a> {
-    /// Through a libvirt stream, hashing the bytes sent (shared parents).
-    Upload(Option<&'a CopyProgress>),
-    /// Copied locally when the volume is a file here ([`fill_local`]),
-    /// else uploaded; nothing hashed.
-    Local(Option<&'a CopyProgress>),
+struct Fill<'a> {
+    progress: Option<&'a CopyProgress>,
+    hash: bool,
 }
 
 /// The most bytes an upload of an image whose virtual size is at most
@@ -535,38 +540,42 @@ fn create_hashed(
     let allocate = !sparse && target_format == ImageFormat::Raw;
     let volume = create_empty_with(pool, name, target_format, initial, !allocate)?;
     let (vol, pool_name) = (&volume.inner, pool.name.as_str());
-    let (progress, local) = match fill {
-        Fill::Upload(progress) => (progress, false),
-        Fill::Local(progress) => (progress, true),
+    let progress = fill.progress;
+    let end = match target_format {
+        ImageFormat::Raw => initial,
+        ImageFormat::Qcow2 => length,
     };
-    let copied = if local {
-        let end = match target_format {
-            ImageFormat::Raw => initial,
-            ImageFormat::Qcow2 => length,
-        };
-        fill_local(
-            vol,
-            pool_name,
-            name,
-            upload_from,
-            (length, end),
-            allocate,
-            progress,
-        )
-    } else {
-        Ok(None)
-    };
+    let copied = fill_local(
+        vol,
+        pool_name,
+        name,
+        upload_from,
+        (length, end),
+        allocate,
+        progress,
+    );
     let sparse = sparse && target_format == ImageFormat::Raw && sparse_upload_works(conn);
     let mut reader = HashingReader::new(upload_from.reader());
+    let mut local_key = None;
     let result = copied
         .and_then(|copied| match copied {
-            Some(method) => {
+            Some((method, file)) => {
                 tracing::debug!(
                     pool = pool_name,
                     volume = name,
                     method = method.as_str(),
                     "image copied into the volume"
                 );
+                if fill.hash {
+                    local_key =
+                        Some(
+                            key_of_prefix(&file, length).map_err(|error| StorageError::Io {
+                                action: "hash the copy of",
+                                path: upload_from.shown_path(),
+                                error,
+                            })?,
+                        );
+                }
                 Ok(())
             }
             None => upload(
@@ -589,8 +598,8 @@ fn create_hashed(
         });
     match result {
         Ok(()) => {
-            let hashed = converted.is_none() && matches!(fill, Fill::Upload(_));
-            let key = hashed.then(|| reader.key());
+            let hashed = converted.is_none() && fill.hash;
+            let key = hashed.then(|| local_key.unwrap_or_else(|| reader.key()));
             Ok((volume, key))
         }
         Err(error) => {
@@ -618,7 +627,7 @@ fn fill_local(
     (length, end): (u64, u64),
     allocate: bool,
     progress: Option<&CopyProgress>,
-) -> Result<Option<CopyMethod>, StorageError> {
+) -> Result<Option<(CopyMethod, File)>, StorageError> {
     let xml = vol
         .xml_desc(0)
         .map_err(|e| StorageError::volume(pool_name, name, "reading the volume XML", e))?;
@@ -644,6 +653,7 @@ fn fill_local(
     };
     // The file libvirt just created; never through a link.
     let file = match std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(&path)
@@ -666,7 +676,22 @@ fn fill_local(
     let method = copied.map_err(|error| source.io("copy into the new volume", error))?;
     file.set_len(end)
         .map_err(|error| io_error("set the size of the new volume", error))?;
-    Ok(Some(method))
+    Ok(Some((method, file)))
+}
+
+/// The [`parent_key`] of the first `length` bytes of `file` (the key a
+/// stream upload of exactly those bytes gets).
+fn key_of_prefix(file: &File, length: u64) -> io::Result<String> {
+    let image = ImageFile::from_file(file.try_clone()?, "");
+    let mut reader = HashingReader::new(image.reader().take(length));
+    let read = io::copy(&mut reader, &mut io::sink())?;
+    if read != length {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the copy holds {read} bytes, not {length}"),
+        ));
+    }
+    Ok(reader.key())
 }
 
 /// Creates volume `name` (raw, or qcow2 when `bytes` is a qcow2 image)
@@ -751,9 +776,12 @@ pub fn create_overlay(
 /// The shared parent volume for `image` (in `format`), uploaded on first
 /// use and reused while the image is unchanged.
 ///
-/// Its name carries the SHA-256 of the bytes uploaded from the image's
-/// descriptor ([`parent_key`]), so a parent holds exactly what its name
-/// says whichever job uploaded it. The upload goes to a `.partial-` volume
+/// Its name carries the SHA-256 of the bytes it holds ([`parent_key`]:
+/// hashed as they are streamed from the image's descriptor, or read back
+/// from the volume after a copy on this host, see [`create_hashed`]), so a
+/// parent holds exactly what its name says whichever job made it. In a
+/// `dir` pool the parent is a reflink of the image where the file system
+/// allows it. The upload goes to a `.partial-` volume
 /// that is hard-linked to the parent name once complete (an existing
 /// parent of that name holds the same bytes and is used instead), so a
 /// parent name never points at half an image, even after a crash. This
@@ -837,7 +865,10 @@ fn ensure_parent_uncapped(
         (format, format),
         (None, cap),
         true,
-        Fill::Upload(progress),
+        Fill {
+            progress,
+            hash: true,
+        },
     )?;
     let Some(key) = key else {
         // Cannot happen (same format, no conversion); refuse rather than
