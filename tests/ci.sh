@@ -40,7 +40,7 @@ cargo test --all-targets 2>&1 | tee /tmp/nomad-driver-virt-test.log
 # The benchmark programs in their short modes (built above, debug): they must
 # run and clean up, their figures are not checked. About two to three minutes
 # (three guest boots).
-for bench in bench_handshake bench_control_plane bench_density bench_start; do
+for bench in bench_handshake bench_control_plane bench_density bench_start bench_disks; do
   echo "tests/ci.sh: cargo run --example $bench -- --short"
   cargo run -q --example "$bench" -- --short
 done

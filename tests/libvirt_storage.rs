@@ -11,10 +11,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use nomad_driver_virt::libvirt::storage::{
-    clone_volume, create_empty, create_from_image, create_overlay, delete_volume,
-    ensure_directory_pool, ensure_parent, lookup_pool, pool_fingerprint, prune_unused_parents,
-    refresh_pool, source_volume, upload_bytes, Pool,
+    clone_volume, create_empty, create_from_image, create_from_image_with, create_overlay,
+    delete_volume, ensure_directory_pool, ensure_parent, lookup_pool, pool_fingerprint,
+    prune_unused_parents, refresh_pool, source_volume, upload_bytes, Pool,
 };
+use nomad_driver_virt::storage::copy::{copy_into, CopyMethod, CopyProgress};
 use nomad_driver_virt::storage::parent_key::key_of;
 use nomad_driver_virt::storage::qemu_img::write_to_device;
 use nomad_driver_virt::storage::volume::{
@@ -1034,4 +1035,256 @@ fn an_image_is_written_onto_a_volume_device() {
     assert!(matches!(err, StorageError::UnsafeImage { .. }), "{err}");
     assert!(err.to_string().contains("exceeds"), "{err}");
     assert!(std::fs::read(&small).unwrap().iter().all(|&b| b == 0x22));
+}
+
+/// A raw image of `size` bytes with data in 1 MiB runs at `data_at` (MiB
+/// offsets), holes elsewhere.
+fn sparse_image(path: &Path, size: u64, data_at: &[u64]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::create(path).unwrap();
+    file.set_len(size).unwrap();
+    for (index, at) in data_at.iter().enumerate() {
+        let byte = 1 + (index % 250) as u8;
+        file.write_all_at(&vec![byte; MIB as usize], at * MIB)
+            .unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let stat = rustix::fs::statvfs(path).expect("statvfs");
+    stat.f_bfree * stat.f_frsize
+}
+
+/// Non-chained disks in a directory pool are filled on this host, not
+/// streamed: byte-identical, holes kept, libvirt's file (mode 0600) kept,
+/// grown to the size asked for, the bytes counted.
+#[test]
+fn copies_into_a_directory_pool_keep_holes_and_count_bytes() {
+    if !storage_host_ready() {
+        return;
+    }
+    let (guard, pool) = PoolGuard::transient();
+    let conn = &guard.conn;
+    let image = guard.dir.path().join("big.img");
+    sparse_image(&image, 64 * MIB, &[0, 7, 8, 40, 63]);
+    let progress = CopyProgress::new();
+    let vol = create_from_image_with(
+        conn,
+        &pool,
+        "vm_vda.img",
+        &open(&image),
+        ImageFormat::Raw,
+        ImageFormat::Raw,
+        (Some(96 * MIB), Some(64 * MIB)),
+        true,
+        Some(&progress),
+    )
+    .unwrap();
+    assert_eq!(progress.get(), (64 * MIB, 64 * MIB));
+    let path = vol.path().unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), 96 * MIB);
+    assert_eq!(meta.mode() & 0o7777, 0o600, "libvirt's mode is kept");
+    assert!(
+        meta.blocks() * 512 <= 10 * MIB,
+        "{} bytes allocated for 5 MiB of data",
+        meta.blocks() * 512
+    );
+    let copied = std::fs::read(&path).unwrap();
+    let source = std::fs::read(&image).unwrap();
+    assert!(copied[..source.len()] == source[..], "bytes differ");
+    assert!(copied[source.len()..].iter().all(|&b| b == 0));
+    assert_eq!(vol.capacity().unwrap(), 96 * MIB);
+
+    // sparse = false: the same bytes, every block allocated.
+    let vol = create_from_image_with(
+        conn,
+        &pool,
+        "vm_vdc.img",
+        &open(&image),
+        ImageFormat::Raw,
+        ImageFormat::Raw,
+        (Some(80 * MIB), None),
+        false,
+        Some(&progress),
+    )
+    .unwrap();
+    let path = vol.path().unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), 80 * MIB);
+    assert!(meta.blocks() * 512 >= 80 * MIB, "allocated in full");
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    let copied = std::fs::read(&path).unwrap();
+    assert!(copied[..source.len()] == source[..], "bytes differ");
+
+    // qcow2 to qcow2 is a byte copy too, grown by libvirt afterwards.
+    let qcow2 = guard.dir.path().join("big.qcow2");
+    run(
+        "qemu-img",
+        &[&"convert", &"-f", &"raw", &"-O", &"qcow2", &image, &qcow2],
+    );
+    let vol = create_from_image_with(
+        conn,
+        &pool,
+        "vm_vdb.qcow2",
+        &open(&qcow2),
+        ImageFormat::Qcow2,
+        ImageFormat::Qcow2,
+        (Some(128 * MIB), None),
+        true,
+        Some(&progress),
+    )
+    .unwrap();
+    let path = vol.path().unwrap();
+    assert_eq!(qemu_img_info(&path)["virtual-size"], 128 * MIB);
+    assert_same_content(&image, ImageFormat::Raw, &path, ImageFormat::Qcow2);
+    run("qemu-img", &[&"check", &"-U", &path]);
+    for name in ["vm_vda.img", "vm_vdb.qcow2", "vm_vdc.img"] {
+        delete_volume(&pool, name).unwrap();
+    }
+}
+
+/// An XFS file system with reflinks on a loop file in a temp dir,
+/// unmounted (the loop device detaches with it) and removed on drop.
+struct XfsMount {
+    dir: tempfile::TempDir,
+}
+
+impl XfsMount {
+    fn new() -> XfsMount {
+        let dir = tempfile::Builder::new()
+            .prefix("ndvtest-xfs-")
+            .tempdir()
+            .unwrap();
+        let image = dir.path().join("fs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(512 * MIB)
+            .unwrap();
+        run("mkfs.xfs", &[&"-q", &"-m", &"reflink=1", &image]);
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        run("mount", &[&"-o", &"loop", &image, &mount]);
+        XfsMount { dir }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.path()).status();
+    }
+}
+
+/// On a filesystem with reflinks, a non-chained copy writes (next to)
+/// nothing: the volume shares the image's extents, and is still a copy
+/// (writing the volume leaves the image alone).
+#[test]
+fn copies_on_a_reflink_filesystem_share_extents() {
+    if !storage_host_ready()
+        || !common::host_ready(&[
+            common::Need::Tool {
+                program: "mkfs.xfs",
+                package: "xfsprogs",
+            },
+            common::Need::Tool {
+                program: "mount",
+                package: "mount",
+            },
+        ])
+    {
+        return;
+    }
+    let xfs = XfsMount::new();
+    let conn = system();
+    let pool_dir = xfs.path().join("pool");
+    std::fs::create_dir(&pool_dir).unwrap();
+    let name = unique_name();
+    conn.create_storage_pool_xml(&directory_pool_xml(&name, &pool_dir), 0)
+        .expect("create a transient pool");
+    let _pool_guard = PoolGuard {
+        conn: system(),
+        name: name.clone(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let pool = lookup_pool(&conn, &name).unwrap().unwrap();
+    let image = xfs.path().join("image.img");
+    let data: Vec<u64> = (0..64).collect();
+    sparse_image(&image, 128 * MIB, &data);
+
+    let free_before = free_bytes(&xfs.path());
+    let progress = CopyProgress::new();
+    let vol = create_from_image_with(
+        &conn,
+        &pool,
+        "vm_vda.img",
+        &open(&image),
+        ImageFormat::Raw,
+        ImageFormat::Raw,
+        (None, Some(128 * MIB)),
+        true,
+        Some(&progress),
+    )
+    .unwrap();
+    let used = free_before.saturating_sub(free_bytes(&xfs.path()));
+    assert!(
+        used < 8 * MIB,
+        "a reflink copy of 64 MiB of data used {used} bytes of the file system"
+    );
+    assert_eq!(progress.get(), (128 * MIB, 128 * MIB));
+    let path = vol.path().unwrap();
+    assert!(std::fs::read(&path).unwrap() == std::fs::read(&image).unwrap());
+    // Copy on write: the volume changes, the image does not.
+    {
+        use std::os::unix::fs::FileExt;
+        let disk = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        disk.write_all_at(&[0xee; 4096], 0).unwrap();
+    }
+    let source = std::fs::read(&image).unwrap();
+    assert_eq!(source[0], 1, "writing the volume changed the image");
+    delete_volume(&pool, "vm_vda.img").unwrap();
+
+    // A shared parent is a reflink too, named by the digest of its bytes
+    // (smaller: hashing is slow in debug builds).
+    let small = xfs.path().join("small.img");
+    sparse_image(&small, 32 * MIB, &[0, 1, 2, 3, 8, 9, 10, 11, 30, 31]);
+    let free_before = free_bytes(&xfs.path());
+    let parent = ensure_parent(&conn, &pool, &open(&small), ImageFormat::Raw).unwrap();
+    let used = free_before.saturating_sub(free_bytes(&xfs.path()));
+    assert!(
+        used < 4 * MIB,
+        "a reflinked parent of 10 MiB of data used {used} bytes"
+    );
+    let bytes = std::fs::read(&small).unwrap();
+    assert_eq!(
+        parent.name(),
+        parent_volume_name(ImageFormat::Raw, &key_of(&bytes))
+    );
+    delete_volume(&pool, parent.name()).unwrap();
+
+    // The method chosen here is the reflink (copy_file_range would share
+    // extents on XFS too; this tells them apart).
+    let dest = std::fs::File::create(xfs.path().join("clone.img")).unwrap();
+    let source = std::fs::File::open(&image).unwrap();
+    assert_eq!(
+        copy_into(&source, &dest, 128 * MIB, None).unwrap(),
+        CopyMethod::Reflink
+    );
+    // Across file systems (the temp dir's): a sparse copy, same bytes.
+    let other = tempfile::Builder::new()
+        .prefix("ndvtest")
+        .tempdir()
+        .unwrap();
+    let dest = std::fs::File::create(other.path().join("copy.img")).unwrap();
+    assert_eq!(
+        copy_into(&source, &dest, 128 * MIB, None).unwrap(),
+        CopyMethod::Sparse
+    );
+    assert!(
+        std::fs::read(other.path().join("copy.img")).unwrap() == std::fs::read(&image).unwrap()
+    );
 }

@@ -175,6 +175,7 @@ impl Hypervisor for LibvirtHypervisor {
                     capacity,
                     sparse,
                     cap,
+                    progress,
                 } => storage::create_from_image_with(
                     conn,
                     &pool,
@@ -184,15 +185,23 @@ impl Hypervisor for LibvirtHypervisor {
                     format,
                     (capacity, cap),
                     sparse,
+                    progress,
                 )?,
                 VolumeContent::Overlay {
                     image,
                     image_format,
                     capacity,
                     cap,
+                    progress,
                 } => {
-                    let parent =
-                        storage::ensure_parent_capped(conn, &pool, image, image_format, cap)?;
+                    let parent = storage::ensure_parent_capped(
+                        conn,
+                        &pool,
+                        image,
+                        image_format,
+                        cap,
+                        progress,
+                    )?;
                     backing = Some((parent.path()?, image_format));
                     storage::create_overlay(&pool, name, &parent, image_format, capacity)?
                 }

@@ -18,6 +18,7 @@ use crate::libvirt::shares::ShareSupport;
 use crate::libvirt::stats::MemorySample;
 use crate::libvirt::LibvirtError;
 use crate::nomad::driver_state::CreatedVolume;
+use crate::storage::copy::CopyProgress;
 use crate::storage::images::{ImageFile, ImageFormat};
 use crate::storage::StorageError;
 
@@ -50,6 +51,8 @@ pub enum VolumeContent<'a> {
         /// The size checked before the start: an image bigger now (it was
         /// rewritten since) is refused, and no more is uploaded.
         cap: Option<u64>,
+        /// Counts the bytes copied, for progress reports.
+        progress: Option<&'a CopyProgress>,
     },
     /// A clone of the operator's volume `source` in the same pool (checked
     /// with [`Hypervisor::source_volume`]), in `format`, grown to
@@ -73,6 +76,8 @@ pub enum VolumeContent<'a> {
         capacity: Option<u64>,
         /// As for [`VolumeContent::Copy`], for the parent.
         cap: Option<u64>,
+        /// Counts the bytes of the parent's upload (none when it exists).
+        progress: Option<&'a CopyProgress>,
     },
     /// These bytes (the cloud-init seed).
     Bytes { data: &'a [u8], format: ImageFormat },

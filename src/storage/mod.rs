@@ -4,6 +4,8 @@
 //!   allowed directories and reads image headers from that descriptor
 //!   (no libvirt).
 //! - [`volume`] names volumes.
+//! - [`copy`] copies an image into a volume file on this host (reflink or
+//!   sparse copy) and counts the bytes done.
 //! - [`qemu_img`] converts images with qemu-img under CPU and memory limits.
 //! - [`parent_key`] keys shared parents by the digest of the bytes read.
 //!
@@ -12,6 +14,7 @@
 
 use std::path::PathBuf;
 
+pub mod copy;
 pub mod images;
 pub mod parent_key;
 pub mod qemu_img;

@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
 
 use super::contract::{Mount, StartRequest};
 use super::error::TaskError;
@@ -30,6 +32,7 @@ use crate::libvirt::host;
 use crate::net::iptables::task_tag;
 use crate::net::{Attachment, DriverNetwork, Net, NetIntent, TeardownSpec, VmStartedBuildRequest};
 use crate::nomad::driver_state::CreatedVolume;
+use crate::storage::copy::CopyProgress;
 use crate::storage::images::{self, ImageFormat};
 use crate::storage::volume;
 
@@ -462,6 +465,76 @@ fn bus(bus: task_config::DiskBus) -> DiskBus {
     }
 }
 
+/// How often a disk still being prepared reports its bytes done, as
+/// Nomad's docker driver reports image pulls.
+const DISK_PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+/// Overrides [`DISK_PROGRESS_INTERVAL`] in seconds (tests, which copy
+/// small images fast).
+pub(crate) const DISK_PROGRESS_INTERVAL_ENV: &str = "NOMAD_DRIVER_VIRT_DISK_PROGRESS_INTERVAL";
+
+/// The disk progress interval in force.
+fn disk_progress_interval() -> Duration {
+    std::env::var(DISK_PROGRESS_INTERVAL_ENV)
+        .ok()
+        .and_then(|text| text.parse::<f64>().ok())
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .filter(|interval| !interval.is_zero())
+        .unwrap_or(DISK_PROGRESS_INTERVAL)
+}
+
+/// Runs `work` (a disk's preparation, which counts its bytes in
+/// `counter`) and, every `interval` until it returns, reports
+/// `"{label}: <done> of <total>"` through `progress`. A preparation
+/// shorter than `interval` reports nothing.
+pub(crate) fn with_progress_reports<T>(
+    label: &str,
+    counter: &CopyProgress,
+    interval: Duration,
+    progress: &(dyn Fn(&str) + Sync),
+    work: impl FnOnce() -> T,
+) -> T {
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let reporter = std::thread::Builder::new()
+            .name("disk-progress".into())
+            .spawn_scoped(scope, move || {
+                while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(interval) {
+                    progress(&progress_message(label, counter.get()));
+                }
+            });
+        if let Err(error) = reporter {
+            tracing::debug!(%error, "no thread for disk progress reports; preparing without");
+        }
+        let result = work();
+        drop(done);
+        result
+    })
+}
+
+/// `"Preparing disk[0] vda: 512 MiB of 2.0 GiB (25%)"`.
+fn progress_message(label: &str, (done, total): (u64, u64)) -> String {
+    if total == 0 {
+        return format!("{label}: working (size not known yet)");
+    }
+    let percent = done.min(total) as f64 * 100.0 / total as f64;
+    format!(
+        "{label}: {} of {} ({percent:.0}%)",
+        human_bytes(done.min(total)),
+        human_bytes(total)
+    )
+}
+
+/// Whole MiB below 1 GiB, GiB with one decimal above.
+fn human_bytes(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    if bytes < GIB {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    }
+}
+
 /// Creates volumes, the seed and the domain, boots it and wires its
 /// network. Blocks (lease wait included): run it on a blocking thread. On
 /// any failure everything this call created is removed before it returns.
@@ -750,6 +823,7 @@ pub fn boot(
         let sparse = disk.sparse(disk_format);
         let capacity = disk.size.map(|size| size.0);
         let name = volume::disk_volume_name(&start_plan.domain_name, &device, format);
+        let counter = CopyProgress::new();
         let content = if let (Some(image), Some(image_format)) =
             (&start_plan.images[index], image_formats[index])
         {
@@ -760,6 +834,7 @@ pub fn boot(
                     image_format,
                     capacity,
                     cap,
+                    progress: Some(&counter),
                 }
             } else {
                 VolumeContent::Copy {
@@ -769,6 +844,7 @@ pub fn boot(
                     capacity,
                     sparse,
                     cap,
+                    progress: Some(&counter),
                 }
             }
         } else if let Some(ConfigDiskSource::Volume { name: source, .. }) = &disk.source {
@@ -799,8 +875,11 @@ pub fn boot(
         };
         rollback.volume(&pool.name, &name)?;
         let from_image = start_plan.images[index].is_some();
-        let created = hypervisor
-            .create_volume(&pool.name, &name, content)
+        let label = format!("Preparing {field} {device}");
+        let created =
+            with_progress_reports(&label, &counter, disk_progress_interval(), progress, || {
+                hypervisor.create_volume(&pool.name, &name, content)
+            })
             .map_err(|e| match from_image {
                 true => TaskError::from(e).in_field(&format!("{field}.source.image")),
                 false => TaskError::from(e),
@@ -965,6 +1044,84 @@ pub fn boot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_messages_read_like_docker_pulls() {
+        let label = "Preparing disk[0] vda";
+        assert_eq!(
+            progress_message(label, (512 << 20, 2 << 30)),
+            "Preparing disk[0] vda: 512 MiB of 2.0 GiB (25%)"
+        );
+        assert_eq!(
+            progress_message(label, (0, 0)),
+            "Preparing disk[0] vda: working (size not known yet)"
+        );
+        assert_eq!(
+            progress_message(label, (5 << 20, 3 << 20)),
+            "Preparing disk[0] vda: 3 MiB of 3 MiB (100%)"
+        );
+    }
+
+    /// A real sparse copy (tmpfs to the temp dir: no reflink, so bytes
+    /// move) of 256 MiB with 64 MiB of data, reported every millisecond:
+    /// the reports carry the copier's own counts, some of them partial.
+    #[test]
+    fn a_long_copy_reports_bytes_done_of_total_while_it_runs() {
+        use std::os::unix::fs::FileExt;
+        const MIB: u64 = 1 << 20;
+        let shm = tempfile::Builder::new()
+            .prefix("ndvtest")
+            .tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::Builder::new().prefix("ndvtest").tempdir())
+            .unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ndvtest")
+            .tempdir()
+            .unwrap();
+        let source_path = shm.path().join("big.img");
+        let source = std::fs::File::create(&source_path).unwrap();
+        source.set_len(256 * MIB).unwrap();
+        let data = vec![0x5a_u8; 16 * MIB as usize];
+        for at in (0..256).step_by(64) {
+            source.write_all_at(&data, at * MIB).unwrap();
+            source.write_all_at(&data, (at + 32) * MIB).unwrap();
+        }
+        let source = std::fs::File::open(&source_path).unwrap();
+        let dest = std::fs::File::create(dir.path().join("disk.img")).unwrap();
+        let counter = CopyProgress::new();
+        let messages = std::sync::Mutex::new(Vec::new());
+        let report = |message: &str| messages.lock().unwrap().push(message.to_string());
+        let method = with_progress_reports(
+            "Preparing disk[1] vdb",
+            &counter,
+            Duration::from_millis(1),
+            &report,
+            || crate::storage::copy::copy_into(&source, &dest, 256 * MIB, Some(&counter)),
+        )
+        .unwrap();
+        assert_eq!(counter.get(), (256 * MIB, 256 * MIB));
+        let messages = messages.into_inner().unwrap();
+        let partial: Vec<_> = messages
+            .iter()
+            .filter(|m| m.ends_with("%)") && m.contains(" of 256 MiB") && !m.contains("(100%)"))
+            .collect();
+        assert!(
+            !partial.is_empty(),
+            "no report with bytes done < total ({method:?}): {messages:?}"
+        );
+        assert!(
+            partial
+                .iter()
+                .all(|m| m.starts_with("Preparing disk[1] vdb: ")),
+            "{partial:?}"
+        );
+
+        // Work quicker than the interval reports nothing.
+        let quiet = std::sync::Mutex::new(0);
+        let count = |_: &str| *quiet.lock().unwrap() += 1;
+        with_progress_reports("x", &counter, Duration::from_secs(60), &count, || ());
+        assert_eq!(*quiet.lock().unwrap(), 0);
+    }
 
     /// The seed cdrom's bus follows the machine libvirt chose.
     #[test]

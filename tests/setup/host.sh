@@ -32,6 +32,8 @@ PKGS=(
   acl  # setfacl: tests/e2e_shares.rs grants QEMU's user an ACL
   # prlimit: the driver runs qemu-img under CPU and memory limits
   util-linux
+  # mkfs.xfs: reflink copies are tested on an XFS loop file
+  xfsprogs
   # guest image build (tests/setup/guest.sh)
   grub-pc-bin grub-common xorriso mtools cpio gzip xz-utils
 )
@@ -54,7 +56,7 @@ all_present() {
     [ "$v" = "$qv" ] || { log "package $p is '${v:-absent}', wants '$qv' (qemu-system-x86's)"; return 1; }
   done
   local b
-  for b in virsh libvirtd virtlogd qemu-system-x86_64 qemu-img prlimit grub-mkrescue xorriso genisoimage curl iptables ip setfacl; do
+  for b in virsh libvirtd virtlogd qemu-system-x86_64 qemu-img prlimit grub-mkrescue xorriso genisoimage curl iptables ip setfacl mkfs.xfs; do
     command -v "$b" >/dev/null || { log "missing command: $b"; return 1; }
   done
   return 0

@@ -24,6 +24,7 @@ use virt::stream::Stream;
 use super::pool::{refresh_pool, retry_busy};
 use super::{has_code, Pool, Volume};
 use crate::libvirt::xml::{self, XmlWriter};
+use crate::storage::copy::{copy_allocated, copy_into, CopyMethod, CopyProgress};
 use crate::storage::images::{
     check_image_safe, check_qcow2_header, image_virtual_size, parse_qcow2_header, ImageFile,
 };
@@ -370,8 +371,10 @@ pub fn clone_volume(
 ///   `qemu-img convert`, confined ([`crate::storage::qemu_img`]), into a
 ///   0600 temporary file in `std::env::temp_dir()` (`$TMPDIR`; it needs
 ///   room for the converted image) that is removed afterwards.
-/// - The bytes go through a libvirt stream. Raw targets are uploaded
-///   sparse (zero blocks become holes) where libvirt handles that.
+/// - The bytes are copied on this host when the volume is a local file
+///   (a `dir` pool: reflink or sparse copy, [`fill_local`]), else they go
+///   through a libvirt stream. Raw targets are uploaded sparse (zero
+///   blocks become holes) where libvirt handles that.
 /// - The result is resized to `capacity` when that exceeds the image's
 ///   virtual size; a smaller `capacity` is ignored (never shrinks a disk).
 /// - On failure the half-made volume is deleted.
@@ -393,12 +396,19 @@ pub fn create_from_image(
         target_format,
         (capacity, None),
         true,
+        None,
     )
 }
 
 /// [`create_from_image`] with the disk's `sparse` (when false, a raw
-/// volume is uploaded without holes and grown allocated) and a `cap`: the
-/// size checked before the start, see [`create_hashed`].
+/// volume is uploaded without holes and grown allocated), a `cap`: the
+/// size checked before the start, see [`create_hashed`], and a counter of
+/// the bytes copied.
+///
+/// A volume that is a file on this host (a `dir` pool) is filled by
+/// [`fill_local`] (a reflink where the filesystem offers it, else a
+/// sparse copy; for `sparse = false` a sparse copy allocated in full)
+/// instead of a libvirt stream.
 #[allow(clippy::too_many_arguments)]
 pub fn create_from_image_with(
     conn: &Connect,
@@ -409,6 +419,7 @@ pub fn create_from_image_with(
     target_format: ImageFormat,
     (capacity, cap): (Option<u64>, Option<u64>),
     sparse: bool,
+    progress: Option<&CopyProgress>,
 ) -> Result<Volume, StorageError> {
     create_hashed(
         conn,
@@ -418,8 +429,24 @@ pub fn create_from_image_with(
         (source_format, target_format),
         (capacity, cap),
         sparse,
+        Fill {
+            progress,
+            hash: false,
+        },
     )
     .map(|(volume, _)| volume)
+}
+
+/// How [`create_hashed`] fills the volume it made: copied on this host
+/// when the volume is a file here ([`fill_local`]), else through a libvirt
+/// stream; the bytes counted in `progress`. With `hash` (shared parents)
+/// the key of the bytes written is computed: from the stream as it is
+/// sent, or by reading the finished volume back (the driver's own file in
+/// the pool, which no job can write).
+#[derive(Clone, Copy)]
+struct Fill<'a> {
+    progress: Option<&'a CopyProgress>,
+    hash: bool,
 }
 
 /// The most bytes an upload of an image whose virtual size is at most
@@ -441,6 +468,7 @@ pub fn upload_cap(cap: u64, format: ImageFormat) -> u64 {
 /// task) may rewrite it after that check, so the virtual size is read
 /// again here, from the same descriptor, and the bytes to upload are
 /// counted: more than the cap is refused before any volume exists.
+#[allow(clippy::too_many_arguments)]
 fn create_hashed(
     conn: &Connect,
     pool: &Pool,
@@ -449,6 +477,7 @@ fn create_hashed(
     (source_format, target_format): (ImageFormat, ImageFormat),
     (capacity, cap): (Option<u64>, Option<u64>),
     sparse: bool,
+    fill: Fill<'_>,
 ) -> Result<(Volume, Option<String>), StorageError> {
     check_volume_name(name)?;
     check_image_safe(image, source_format)?;
@@ -511,27 +540,66 @@ fn create_hashed(
     let allocate = !sparse && target_format == ImageFormat::Raw;
     let volume = create_empty_with(pool, name, target_format, initial, !allocate)?;
     let (vol, pool_name) = (&volume.inner, pool.name.as_str());
-    let sparse = sparse && target_format == ImageFormat::Raw && sparse_upload_works(conn);
-    let mut reader = HashingReader::new(upload_from.reader());
-    let result = upload(
-        conn,
+    let progress = fill.progress;
+    let end = match target_format {
+        ImageFormat::Raw => initial,
+        ImageFormat::Qcow2 => length,
+    };
+    let copied = fill_local(
         vol,
         pool_name,
         name,
-        &upload_from.shown_path(),
-        &mut reader,
-        length,
-        sparse,
-    )
-    .and_then(|()| {
-        if target_format == ImageFormat::Qcow2 {
-            trim_to(vol, length);
-        }
-        grow_to_with(vol, pool_name, name, wanted, allocate)
-    });
+        upload_from,
+        (length, end),
+        allocate,
+        progress,
+    );
+    let sparse = sparse && target_format == ImageFormat::Raw && sparse_upload_works(conn);
+    let mut reader = HashingReader::new(upload_from.reader());
+    let mut local_key = None;
+    let result = copied
+        .and_then(|copied| match copied {
+            Some((method, file)) => {
+                tracing::debug!(
+                    pool = pool_name,
+                    volume = name,
+                    method = method.as_str(),
+                    "image copied into the volume"
+                );
+                if fill.hash {
+                    local_key =
+                        Some(
+                            key_of_prefix(&file, length).map_err(|error| StorageError::Io {
+                                action: "hash the copy of",
+                                path: upload_from.shown_path(),
+                                error,
+                            })?,
+                        );
+                }
+                Ok(())
+            }
+            None => upload(
+                conn,
+                vol,
+                pool_name,
+                name,
+                &upload_from.shown_path(),
+                &mut reader,
+                length,
+                sparse,
+                progress,
+            ),
+        })
+        .and_then(|()| {
+            if target_format == ImageFormat::Qcow2 {
+                trim_to(vol, length);
+            }
+            grow_to_with(vol, pool_name, name, wanted, allocate)
+        });
     match result {
         Ok(()) => {
-            let key = converted.is_none().then(|| reader.key());
+            let hashed = converted.is_none() && fill.hash;
+            let key = hashed.then(|| local_key.unwrap_or_else(|| reader.key()));
             Ok((volume, key))
         }
         Err(error) => {
@@ -539,6 +607,91 @@ fn create_hashed(
             Err(error)
         }
     }
+}
+
+/// Fills volume `name`, just made by libvirt, with the first `length`
+/// bytes of `source` (through its descriptor) by [`copy_into`]: a reflink
+/// when the pool's filesystem offers one, else a sparse copy; with
+/// `allocate` (a raw disk with `sparse = false`) by [`copy_allocated`].
+/// The file libvirt made is only written (its owner and mode stay), then
+/// set to `end` bytes (a raw disk keeps the size libvirt gave it).
+///
+/// `Ok(None)` when the volume is not a regular file on this host (a pool
+/// of another kind, libvirt's test driver, a remote libvirt): the caller
+/// uploads through libvirt instead.
+fn fill_local(
+    vol: &StorageVol,
+    pool_name: &str,
+    name: &str,
+    source: &ImageFile,
+    (length, end): (u64, u64),
+    allocate: bool,
+    progress: Option<&CopyProgress>,
+) -> Result<Option<(CopyMethod, File)>, StorageError> {
+    let xml = vol
+        .xml_desc(0)
+        .map_err(|e| StorageError::volume(pool_name, name, "reading the volume XML", e))?;
+    let described = describe_volume(&xml).map_err(|error| StorageError::VolumeXml {
+        pool: pool_name.to_string(),
+        volume: name.to_string(),
+        source: Box::new(error),
+    })?;
+    if described.kind.as_deref().is_some_and(|kind| kind != "file") {
+        return Ok(None);
+    }
+    let path = PathBuf::from(
+        vol.path()
+            .map_err(|e| StorageError::volume(pool_name, name, "reading the volume path", e))?,
+    );
+    if !path.is_absolute() {
+        return Ok(None);
+    }
+    let io_error = |action: &'static str, error: io::Error| StorageError::Io {
+        action,
+        path: path.clone(),
+        error,
+    };
+    // The file libvirt just created; never through a link.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(&path)
+    {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(io_error("open the new volume", error)),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|error| io_error("inspect the new volume", error))?;
+    if !meta.file_type().is_file() {
+        return Ok(None);
+    }
+    let copied = if allocate {
+        copy_allocated(source.file(), &file, length, end, progress)
+    } else {
+        copy_into(source.file(), &file, length, progress)
+    };
+    let method = copied.map_err(|error| source.io("copy into the new volume", error))?;
+    file.set_len(end)
+        .map_err(|error| io_error("set the size of the new volume", error))?;
+    Ok(Some((method, file)))
+}
+
+/// The [`parent_key`] of the first `length` bytes of `file` (the key a
+/// stream upload of exactly those bytes gets).
+fn key_of_prefix(file: &File, length: u64) -> io::Result<String> {
+    let image = ImageFile::from_file(file.try_clone()?, "");
+    let mut reader = HashingReader::new(image.reader().take(length));
+    let read = io::copy(&mut reader, &mut io::sink())?;
+    if read != length {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the copy holds {read} bytes, not {length}"),
+        ));
+    }
+    Ok(reader.key())
 }
 
 /// Creates volume `name` (raw, or qcow2 when `bytes` is a qcow2 image)
@@ -575,6 +728,7 @@ pub fn upload_bytes(
         &mut Cursor::new(bytes),
         length,
         false,
+        None,
     );
     match result {
         Ok(()) => {
@@ -622,9 +776,12 @@ pub fn create_overlay(
 /// The shared parent volume for `image` (in `format`), uploaded on first
 /// use and reused while the image is unchanged.
 ///
-/// Its name carries the SHA-256 of the bytes uploaded from the image's
-/// descriptor ([`parent_key`]), so a parent holds exactly what its name
-/// says whichever job uploaded it. The upload goes to a `.partial-` volume
+/// Its name carries the SHA-256 of the bytes it holds ([`parent_key`]:
+/// hashed as they are streamed from the image's descriptor, or read back
+/// from the volume after a copy on this host, see [`create_hashed`]), so a
+/// parent holds exactly what its name says whichever job made it. In a
+/// `dir` pool the parent is a reflink of the image where the file system
+/// allows it. The upload goes to a `.partial-` volume
 /// that is hard-linked to the parent name once complete (an existing
 /// parent of that name holds the same bytes and is used instead), so a
 /// parent name never points at half an image, even after a crash. This
@@ -638,19 +795,21 @@ pub fn ensure_parent(
     image: &ImageFile,
     format: ImageFormat,
 ) -> Result<Volume, StorageError> {
-    ensure_parent_capped(conn, pool, image, format, None)
+    ensure_parent_capped(conn, pool, image, format, None, None)
 }
 
 /// [`ensure_parent`] with the size checked before the start as a cap (see
-/// [`create_hashed`]); a parent found for the image is held to it too.
+/// [`create_hashed`]; a parent found for the image is held to it too) and
+/// a counter of the bytes uploaded.
 pub fn ensure_parent_capped(
     conn: &Connect,
     pool: &Pool,
     image: &ImageFile,
     format: ImageFormat,
     cap: Option<u64>,
+    progress: Option<&CopyProgress>,
 ) -> Result<Volume, StorageError> {
-    let parent = ensure_parent_uncapped(conn, pool, image, format, cap)?;
+    let parent = ensure_parent_uncapped(conn, pool, image, format, cap, progress)?;
     if let Some(cap) = cap {
         let capacity = parent
             .inner
@@ -674,6 +833,7 @@ fn ensure_parent_uncapped(
     image: &ImageFile,
     format: ImageFormat,
     cap: Option<u64>,
+    progress: Option<&CopyProgress>,
 ) -> Result<Volume, StorageError> {
     check_image_safe(image, format)?;
     let identity =
@@ -705,6 +865,10 @@ fn ensure_parent_uncapped(
         (format, format),
         (None, cap),
         true,
+        Fill {
+            progress,
+            hash: true,
+        },
     )?;
     let Some(key) = key else {
         // Cannot happen (same format, no conversion); refuse rather than
@@ -1052,7 +1216,11 @@ fn upload(
     reader: &mut dyn Read,
     length: u64,
     sparse: bool,
+    progress: Option<&CopyProgress>,
 ) -> Result<(), StorageError> {
+    if let Some(progress) = progress {
+        progress.start(length);
+    }
     // Length 0 means "to the end of the volume" to libvirt; nothing to send.
     if length == 0 {
         return Ok(());
@@ -1066,7 +1234,7 @@ fn upload(
         0
     };
     vol.upload(&stream, 0, length, flags).map_err(libvirt)?;
-    match send_all(&stream, reader, length, sparse) {
+    match send_all(&stream, reader, length, sparse, progress) {
         Ok(()) => stream.finish().map_err(libvirt),
         Err(failure) => {
             if let Err(error) = stream.abort() {
@@ -1094,6 +1262,7 @@ fn send_all(
     reader: &mut dyn Read,
     length: u64,
     sparse: bool,
+    progress: Option<&CopyProgress>,
 ) -> Result<(), SendFailure> {
     let mut buf = vec![0u8; CHUNK];
     let mut remaining = length;
@@ -1111,6 +1280,10 @@ fn send_all(
             )));
         }
         remaining -= got as u64;
+        if let Some(progress) = progress {
+            // Counted when read: the sends below finish before the next read.
+            progress.set_done(length - remaining);
+        }
         let chunk = &buf[..got];
         if !sparse {
             send_data(stream, chunk)?;
@@ -1332,6 +1505,7 @@ mod tests {
                 ImageFormat::Raw,
                 (None, Some(cap)),
                 true,
+                None,
             )
         };
 
@@ -1370,9 +1544,15 @@ mod tests {
         std::fs::write(&qcow2, header(1 << 40)).unwrap();
         let err = copy(&image, ImageFormat::Qcow2, checked).unwrap_err();
         assert!(matches!(err, StorageError::GrewAfterCheck { .. }), "{err}");
-        let err =
-            ensure_parent_capped(&node.conn, &pool, &image, ImageFormat::Qcow2, Some(checked))
-                .unwrap_err();
+        let err = ensure_parent_capped(
+            &node.conn,
+            &pool,
+            &image,
+            ImageFormat::Qcow2,
+            Some(checked),
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(err, StorageError::GrewAfterCheck { .. }), "{err}");
         assert!(!err.is_recoverable());
 
@@ -1393,6 +1573,7 @@ mod tests {
             ImageFormat::Qcow2,
             (None, Some(MIB)),
             true,
+            None,
         )
         .unwrap_err();
         assert!(err.to_string().contains("67108864 bytes to copy"), "{err}");
