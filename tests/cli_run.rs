@@ -978,7 +978,7 @@ fn run_shows_disk_preparation_progress() {
     }
     let config = std::fs::read_to_string(setup.client_config()).expect("read config");
     let config = config.replacen(
-        &format!("image_paths = [\"{GUEST_DIR}\"]"),
+        &format!("image_paths = [\"{}\"]", vm::guest_dir().display()),
         &format!("image_paths = [\"{}\"]", images.display()),
         1,
     );
