@@ -422,13 +422,19 @@ fn go_examples_validate() {
         );
         let is_ceph = file.components().any(|c| c.as_os_str() == "ceph");
         if is_ceph && file.ends_with("config.hcl") {
-            assert!(!output.status.success(), "Ceph pools accepted: {shown}");
+            // Go's example keeps the placeholder secret = "UPDATE_ME",
+            // which is no cephx key; the refusal names the field only.
+            assert!(
+                !output.status.success(),
+                "placeholder key accepted: {shown}"
+            );
             assert!(
                 text(&output.stderr).contains(
-                    "storage_pools.ceph[\"remote\"]: Ceph storage pools are not supported yet"
+                    "storage_pools.ceph[\"remote\"].authentication.secret: is not a cephx key"
                 ),
                 "unclear Ceph refusal: {shown}"
             );
+            assert!(!text(&output.stderr).contains("UPDATE_ME"), "{shown}");
             ceph_refused += 1;
         } else {
             assert!(output.status.success(), "does not validate: {shown}");

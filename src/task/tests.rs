@@ -189,6 +189,22 @@ impl Hypervisor for TestHypervisor {
         self.step("prepare_pool")?;
         self.inner.prepare_pool(pool)
     }
+    fn prepare_ceph_pool(
+        &self,
+        pool: &crate::config::plugin::CephPool,
+    ) -> Result<crate::libvirt::storage::rbd::RbdAccess, HypervisorError> {
+        self.step("prepare_ceph_pool")?;
+        self.inner.prepare_ceph_pool(pool)
+    }
+    fn create_rbd_volume(
+        &self,
+        pool: &crate::config::plugin::CephPool,
+        name: &str,
+        content: crate::hypervisor::RbdContent<'_>,
+    ) -> Result<(), HypervisorError> {
+        self.step("create_rbd_volume")?;
+        self.inner.create_rbd_volume(pool, name, content)
+    }
     fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError> {
         self.inner.pool_available(pool)
     }
