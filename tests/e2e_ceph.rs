@@ -1,0 +1,364 @@
+//! End to end through the plugin against the real single-node Ceph cluster
+//! of tests/setup/ceph.sh (cephx on): a TCG guest boots from an RBD disk
+//! (a chained disk: an RBD clone of a base volume holding the test image),
+//! with a second, empty RBD disk; after DestroyTask no RBD image of the task
+//! is left. A Ceph pool with a wrong key and one whose monitor does not
+//! answer fail with clear errors while a directory-pool task still starts
+//! and the driver stays healthy (issue 12).
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::host::{Need, CEPH_KEY_FILE, CEPH_POOL, CEPH_USER};
+use common::vm::{self, Alloc};
+use nomad_driver_virt::nomad::attribute::render;
+use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::fingerprint_response::HealthState;
+use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::{
+    DestroyTaskRequest, FingerprintRequest,
+};
+
+const BOOT_LIMIT: Duration = Duration::from_secs(300);
+
+const NEEDS: &[Need] = &[
+    Need::Root,
+    Need::Libvirtd,
+    Need::GuestImage,
+    Need::Ceph,
+    common::host::IP,
+    common::host::IPTABLES,
+    common::host::IPTABLES_SAVE,
+    common::host::IPTABLES_RESTORE,
+];
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-q", "-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .expect("run virsh")
+}
+
+/// RBD image names in the test pool, as client.ndvtest sees them.
+fn rbd_images() -> Vec<String> {
+    let output = Command::new("timeout")
+        .args(["60", "rbd", "--id", CEPH_USER, "--keyfile", CEPH_KEY_FILE])
+        .args(["-m", "127.0.0.1:6789", "ls", CEPH_POOL])
+        .output()
+        .expect("run rbd");
+    assert!(output.status.success(), "rbd ls: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn rbd_info(image: &str) -> String {
+    let output = Command::new("timeout")
+        .args(["60", "rbd", "--id", CEPH_USER, "--keyfile", CEPH_KEY_FILE])
+        .args(["-m", "127.0.0.1:6789", "info"])
+        .arg(format!("{CEPH_POOL}/{image}"))
+        .output()
+        .expect("run rbd");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn key() -> String {
+    std::fs::read_to_string(CEPH_KEY_FILE)
+        .expect("read the key")
+        .trim()
+        .to_string()
+}
+
+fn ceph_block(name: &str, hosts: &str, key: &str) -> String {
+    format!(
+        "  ceph \"{name}\" {{\n    pool  = \"{CEPH_POOL}\"\n    hosts = [{hosts}]\n    \
+         authentication {{\n      username = \"{CEPH_USER}\"\n      secret   = \"{key}\"\n    }}\n  }}\n"
+    )
+}
+
+/// The alloc's plugin config with extra blocks inside `storage_pools`.
+fn config_with(alloc: &Alloc, ceph_blocks: &str) -> String {
+    let base = alloc.plugin_config();
+    let marker = "storage_pools {\n";
+    assert!(base.contains(marker), "{base}");
+    base.replacen(marker, &format!("{marker}{ceph_blocks}"), 1)
+}
+
+/// Removes the libvirt rbd pools and secrets (usage = pool name) the
+/// driver made for the test's Ceph pools.
+struct CephPoolsGuard(Vec<String>);
+
+impl Drop for CephPoolsGuard {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            virsh(&["pool-destroy", name]);
+            virsh(&["pool-undefine", name]);
+            let listed = virsh(&["secret-list"]);
+            for line in String::from_utf8_lossy(&listed.stdout).lines() {
+                let mut parts = line.split_whitespace();
+                let (Some(uuid), Some("ceph"), Some(usage)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    continue;
+                };
+                if usage == name {
+                    virsh(&["secret-undefine", uuid]);
+                }
+            }
+        }
+    }
+}
+
+/// Removes the domain if a check panics before DestroyTask.
+struct DomainGuard(String);
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        virsh(&["destroy", &self.0]);
+        virsh(&["undefine", &self.0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_boots_from_an_rbd_clone_and_destroy_leaves_no_image() {
+    if !common::host_ready(NEEDS) {
+        return;
+    }
+    let alloc = Alloc::new("ceph");
+    let pool = vm::unique("ndvtest-ceph-");
+    let _pools = CephPoolsGuard(vec![pool.clone()]);
+    let key = key();
+    let before = rbd_images();
+    let plugin = common::launch().await;
+    plugin
+        .set_config_hcl(
+            &config_with(&alloc, &ceph_block(&pool, "\"127.0.0.1:6789\"", &key)),
+            None,
+        )
+        .await
+        .expect("set config");
+    let job = format!(
+        r#"
+disk {{
+  primary = true
+  chained = true
+  pool    = "{pool}"
+  source {{
+    image = "guest.qcow2"
+  }}
+}}
+disk {{
+  pool = "{pool}"
+  size = "8MiB"
+}}
+"#
+    );
+    let task = alloc.task_config(
+        plugin
+            .encode_task_config(&job, &HashMap::new())
+            .await
+            .expect("encode"),
+        256,
+    );
+    let task_id = task.id.clone();
+    let domain = vm::domain_name_of(&task);
+    let _guard = DomainGuard(domain.clone());
+    let started = Instant::now();
+    vm::start(&plugin, task).await.expect("StartTask");
+    eprintln!("StartTask took {:?}", started.elapsed());
+
+    // The disks are RBD network disks with the secret, never the key.
+    let xml = String::from_utf8_lossy(&virsh(&["dumpxml", &domain]).stdout).into_owned();
+    assert!(xml.contains("protocol='rbd'"), "{xml}");
+    assert!(
+        xml.contains(&format!("name='{CEPH_POOL}/{domain}_vda.img'")),
+        "{xml}"
+    );
+    assert!(
+        xml.contains(&format!("<auth username='{CEPH_USER}'>")),
+        "{xml}"
+    );
+    assert!(!xml.contains(&key), "the key is in the domain XML");
+
+    // The chained disk is a COW clone of the task's base volume; both and
+    // the empty disk are in RBD now.
+    let images = rbd_images();
+    let base = format!(
+        "{}{domain}_vda.img",
+        nomad_driver_virt::storage::PARENT_PREFIX
+    );
+    for name in [
+        format!("{domain}_vda.img"),
+        base.clone(),
+        format!("{domain}_vdb.img"),
+    ] {
+        assert!(images.contains(&name), "{name} missing from {images:?}");
+    }
+    let info = rbd_info(&format!("{domain}_vda.img"));
+    assert!(
+        info.contains(&format!("parent: {CEPH_POOL}/{base}@")),
+        "not a clone: {info}"
+    );
+    assert!(
+        rbd_info(&format!("{domain}_vdb.img")).contains("size 8 MiB"),
+        "{}",
+        rbd_info(&format!("{domain}_vdb.img"))
+    );
+
+    // The libvirt secret is private: its value cannot be read back.
+    let secrets = String::from_utf8_lossy(&virsh(&["secret-list"]).stdout).into_owned();
+    let uuid = secrets
+        .lines()
+        .find(|line| line.split_whitespace().nth(2) == Some(pool.as_str()))
+        .and_then(|line| line.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no ceph secret for {pool}: {secrets}"))
+        .to_string();
+    let value = virsh(&["secret-get-value", &uuid]);
+    assert!(!value.status.success(), "a private secret was read back");
+
+    // The fingerprint shows the pool active.
+    let mut stream = plugin
+        .driver()
+        .fingerprint(FingerprintRequest {})
+        .await
+        .expect("fingerprint")
+        .into_inner();
+    let first = stream.message().await.expect("stream").expect("message");
+    let attributes: HashMap<String, String> = first
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.clone(), render(v)))
+        .collect();
+    let prefix = format!("driver.virt.storage_pool.{pool}");
+    assert_eq!(attributes[&prefix], "ceph");
+    assert_eq!(attributes[&format!("{prefix}.state")], "active");
+    drop(stream);
+
+    alloc.wait_for_console("GUEST-BOOT", BOOT_LIMIT);
+    eprintln!("booted from RBD after {:?}", started.elapsed());
+
+    plugin
+        .driver()
+        .destroy_task(DestroyTaskRequest {
+            task_id: task_id.clone(),
+            force: true,
+        })
+        .await
+        .expect("DestroyTask");
+    assert!(!vm::domain_exists(&domain));
+    let after = rbd_images();
+    let left: Vec<&String> = after.iter().filter(|name| name.contains(&domain)).collect();
+    assert!(left.is_empty(), "RBD images left: {left:?}");
+    assert_eq!(after, before, "rbd ls {CEPH_POOL} changed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_key_or_a_silent_monitor_fail_clearly_and_directory_pools_still_work() {
+    if !common::host_ready(NEEDS) {
+        return;
+    }
+    let alloc = Alloc::new("cephbad");
+    let wrong = vm::unique("ndvtest-cephkey-");
+    let down = vm::unique("ndvtest-cephdown-");
+    let _pools = CephPoolsGuard(vec![wrong.clone(), down.clone()]);
+    // A well-formed key that is not client.ndvtest's.
+    let wrong_key = "AQBm1S5nAAAAABAAhk0wF8ZeXqkVa0DbhhGsQA==";
+    // A port nothing listens on.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let blocks = ceph_block(&wrong, "\"127.0.0.1:6789\"", wrong_key)
+        + &ceph_block(&down, &format!("\"127.0.0.1:{closed}\""), &key());
+    let plugin = common::launch().await;
+    plugin
+        .set_config_hcl(&config_with(&alloc, &blocks), None)
+        .await
+        .expect("set config");
+
+    for (pool, expected) in [
+        (&wrong, "authentication (username and secret)"),
+        (&down, "no Ceph monitor answers"),
+    ] {
+        let job = format!(
+            "disk {{\n  pool = \"{pool}\"\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\n"
+        );
+        let task = alloc.task_config(
+            plugin
+                .encode_task_config(&job, &HashMap::new())
+                .await
+                .expect("encode"),
+            128,
+        );
+        let domain = vm::domain_name_of(&task);
+        let _guard = DomainGuard(domain.clone());
+        let started = Instant::now();
+        let error = vm::start(&plugin, task)
+            .await
+            .expect_err("a task on a broken Ceph pool must not start");
+        let message = error.message().to_string();
+        eprintln!("{pool} after {:?}: {message}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "{pool}: took {:?}",
+            started.elapsed()
+        );
+        assert!(message.contains("disk[0].pool"), "{message}");
+        assert!(
+            message.contains(&format!("Ceph storage pool {pool:?}")),
+            "{message}"
+        );
+        assert!(message.contains(expected), "{message}");
+        assert!(!message.contains(wrong_key) && !message.contains(&key()));
+        assert!(!vm::domain_exists(&domain));
+    }
+
+    // The driver is healthy and says which pools are not usable.
+    let mut stream = plugin
+        .driver()
+        .fingerprint(FingerprintRequest {})
+        .await
+        .expect("fingerprint")
+        .into_inner();
+    let first = stream.message().await.expect("stream").expect("message");
+    assert_eq!(first.health, HealthState::Healthy as i32, "{first:?}");
+    let attributes: HashMap<String, String> = first
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.clone(), render(v)))
+        .collect();
+    for pool in [&wrong, &down] {
+        let state = &attributes[&format!("driver.virt.storage_pool.{pool}.state")];
+        assert_ne!(state, "active", "{pool}");
+    }
+    drop(stream);
+
+    // A directory-pool task still starts.
+    let job = "disk {\n  source {\n    image = \"guest.qcow2\"\n  }\n}\n";
+    let task = alloc.task_config(
+        plugin
+            .encode_task_config(job, &HashMap::new())
+            .await
+            .expect("encode"),
+        128,
+    );
+    let task_id = task.id.clone();
+    let domain = vm::domain_name_of(&task);
+    let _guard = DomainGuard(domain.clone());
+    vm::start(&plugin, task)
+        .await
+        .expect("a directory-pool task starts");
+    assert!(vm::domain_exists(&domain));
+    plugin
+        .driver()
+        .destroy_task(DestroyTaskRequest {
+            task_id,
+            force: true,
+        })
+        .await
+        .expect("DestroyTask");
+    assert!(!vm::domain_exists(&domain));
+}
