@@ -362,3 +362,120 @@ async fn a_wrong_key_or_a_silent_monitor_fail_clearly_and_directory_pools_still_
         .expect("DestroyTask");
     assert!(!vm::domain_exists(&domain));
 }
+
+/// A plugin killed right after a task's RBD images were made: the next
+/// plugin finds the start journal record and deletes them (clone, then
+/// its base with libvirt's snapshot); a disk the pool cannot hold is
+/// refused before any image is made.
+#[tokio::test(flavor = "multi_thread")]
+async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
+    use nomad_driver_virt::faults::CRASH_AT_ENV;
+    use nomad_driver_virt::nomad_client::LaunchOptions;
+    use nomad_driver_virt::pb::hashicorp::nomad::plugins::drivers::proto::InitRequest;
+    use nomad_driver_virt::task::journal::JOURNAL_DIR_ENV;
+
+    if !common::host_ready(NEEDS) {
+        return;
+    }
+    let alloc = Alloc::new("cephcrash");
+    let pool = vm::unique("ndvtest-cephcr-");
+    let _pools = CephPoolsGuard(vec![pool.clone()]);
+    let config = config_with(&alloc, &ceph_block(&pool, "\"127.0.0.1:6789\"", &key()));
+    let state = tempfile::tempdir().expect("state dir");
+    let launch = |crash: bool| {
+        let mut env = vec![
+            (
+                JOURNAL_DIR_ENV.to_string(),
+                state.path().display().to_string(),
+            ),
+            (
+                "NOMAD_DRIVER_VIRT_RECONCILE_DELAY".to_string(),
+                "0".to_string(),
+            ),
+        ];
+        if crash {
+            env.push((CRASH_AT_ENV.to_string(), "start:disk".to_string()));
+        }
+        let config = config.clone();
+        async move {
+            let plugin = common::launch_with(LaunchOptions {
+                env,
+                ..LaunchOptions::default()
+            })
+            .await;
+            plugin
+                .set_config_hcl(&config, None)
+                .await
+                .expect("set config");
+            plugin
+        }
+    };
+
+    let plugin = launch(false).await;
+    // Refused before anything is made: RBD images are raw.
+    let bad =
+        format!("disk {{\n  pool = \"{pool}\"\n  format = \"qcow2\"\n  size = \"8MiB\"\n}}\n");
+    let task = alloc.task_config(
+        plugin
+            .encode_task_config(&bad, &HashMap::new())
+            .await
+            .expect("encode"),
+        128,
+    );
+    let domain = vm::domain_name_of(&task);
+    let error = vm::start(&plugin, task).await.expect_err("qcow2 in RBD");
+    assert!(
+        error.message().contains("disk[0].format") && error.message().contains("raw"),
+        "{error:?}"
+    );
+    assert!(rbd_images().iter().all(|name| !name.contains(&domain)));
+    let _ = plugin.kill().await;
+
+    let crashing = launch(true).await;
+    let job = format!(
+        "disk {{\n  chained = true\n  pool = \"{pool}\"\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\n"
+    );
+    let task = alloc.task_config(
+        crashing
+            .encode_task_config(&job, &HashMap::new())
+            .await
+            .expect("encode"),
+        128,
+    );
+    let domain = vm::domain_name_of(&task);
+    let _guard = DomainGuard(domain.clone());
+    assert!(
+        vm::start(&crashing, task).await.is_err(),
+        "the plugin should have died"
+    );
+    let _ = crashing.kill().await;
+    let made: Vec<String> = rbd_images()
+        .into_iter()
+        .filter(|name| name.contains(&domain))
+        .collect();
+    assert_eq!(made.len(), 2, "base and clone before the crash: {made:?}");
+
+    let relaunched = launch(false).await;
+    relaunched
+        .driver()
+        .init(InitRequest {})
+        .await
+        .expect("init");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left: Vec<String> = rbd_images()
+            .into_iter()
+            .filter(|name| name.contains(&domain))
+            .collect();
+        let records = std::fs::read_dir(state.path()).map_or(0, |dir| dir.count());
+        if left.is_empty() && records == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still there after 120 s: {left:?}, {records} journal record(s)"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = relaunched.kill().await;
+}

@@ -793,6 +793,9 @@ pub fn boot(
             continue;
         }
         let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
+        if let PoolRef::Ceph(ceph) = &pool {
+            check_rbd_disk(disk, &field, &ceph.0.name)?;
+        }
         per_pool
             .entry(pool.name().to_string())
             .or_default()
