@@ -132,6 +132,11 @@ async fn a_guest_boots_from_an_rbd_clone_and_destroy_leaves_no_image() {
     let _pools = CephPoolsGuard(vec![pool.clone()]);
     let key = key();
     let before = rbd_images();
+    // A 64 MiB raw image that is all zeroes past its first bytes.
+    let sparse = alloc.task_dir().join("sparse.img");
+    let mut bytes = vec![0u8; 64 << 20];
+    bytes[..17].copy_from_slice(b"ndvtest-rbd-image");
+    std::fs::write(&sparse, bytes).expect("write sparse.img");
     let plugin = common::launch().await;
     plugin
         .set_config_hcl(
@@ -153,6 +158,12 @@ disk {{
 disk {{
   pool = "{pool}"
   size = "8MiB"
+}}
+disk {{
+  pool = "{pool}"
+  source {{
+    image = "sparse.img"
+  }}
 }}
 "#
     );
@@ -194,6 +205,7 @@ disk {{
         format!("{domain}_vda.img"),
         base.clone(),
         format!("{domain}_vdb.img"),
+        format!("{domain}_vdc.img"),
     ] {
         assert!(images.contains(&name), "{name} missing from {images:?}");
     }
@@ -206,6 +218,35 @@ disk {{
         rbd_info(&format!("{domain}_vdb.img")).contains("size 8 MiB"),
         "{}",
         rbd_info(&format!("{domain}_vdb.img"))
+    );
+
+    // The image went in whole, and sparsely: only the written blocks use
+    // space in RBD.
+    let vdc = format!("{CEPH_POOL}/{domain}_vdc.img");
+    let head = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "timeout 60 rbd --id {CEPH_USER} --keyfile {CEPH_KEY_FILE} -m 127.0.0.1:6789 \
+             export --no-progress {vdc} - | head -c 17"
+        ))
+        .output()
+        .expect("rbd export");
+    assert_eq!(head.stdout, b"ndvtest-rbd-image", "{head:?}");
+    let du = Command::new("timeout")
+        .args(["60", "rbd", "--id", CEPH_USER, "--keyfile", CEPH_KEY_FILE])
+        .args(["-m", "127.0.0.1:6789", "du", "--format", "json", &vdc])
+        .output()
+        .expect("rbd du");
+    let du: serde_json::Value =
+        serde_json::from_slice(&du.stdout).unwrap_or_else(|e| panic!("rbd du: {e}: {du:?}"));
+    let used = du["images"][0]["used_size"].as_u64().expect("used_size");
+    let provisioned = du["images"][0]["provisioned_size"]
+        .as_u64()
+        .expect("provisioned_size");
+    assert_eq!(provisioned, 64 << 20, "{du}");
+    assert!(
+        used <= 4 << 20,
+        "not sparse: {used} of {provisioned} bytes used"
     );
 
     // The libvirt secret is private: its value cannot be read back.
@@ -280,7 +321,7 @@ async fn a_wrong_key_or_a_silent_monitor_fail_clearly_and_directory_pools_still_
         .expect("set config");
 
     for (pool, expected) in [
-        (&wrong, "authentication (username and secret)"),
+        (&wrong, "cephx user or key was refused"),
         (&down, "no Ceph monitor answers"),
     ] {
         let job = format!(

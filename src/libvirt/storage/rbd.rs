@@ -162,13 +162,16 @@ pub fn ensure_rbd_pool(
         probe_monitors(config)?;
         if let Err(error) = pool.create(0) {
             if !pool.is_active().unwrap_or(false) {
+                // libvirt's text ends in an unrelated strerror ("No such
+                // file or directory"): logged, not shown as the cause.
+                tracing::warn!(pool = %name, error = %error.message(), "libvirt could not start the rbd pool");
                 return Err(unavailable(
                     config,
                     &format!(
-                        "libvirt could not connect ({}); the monitors accept connections, so \
-                         check storage_pools.ceph.{name}.authentication (username and secret) \
-                         and that the Ceph pool exists and the user may use it",
-                        error.message()
+                        "the monitors accept connections but libvirt could not connect to the \
+                         cluster: the cephx user or key was refused, or the Ceph pool is missing \
+                         or not open to the user; check storage_pools.ceph.{name}.authentication \
+                         (username and secret) and storage_pools.ceph.{name}.pool"
                     ),
                 ));
             }
