@@ -520,3 +520,77 @@ async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
     }
     let _ = relaunched.kill().await;
 }
+
+/// The secret and the rbd pool are made once and then reused; a changed
+/// monitor list redefines the pool, a changed key updates the secret's
+/// value (a wrong one makes the start fail, the right one works again).
+#[test]
+fn the_secret_and_the_rbd_pool_are_idempotent_and_follow_the_config() {
+    use nomad_driver_virt::config::plugin::{CephHost, CephKey, CephPool};
+    use nomad_driver_virt::libvirt::storage::rbd::ensure_rbd_pool;
+
+    if !common::host_ready(NEEDS) {
+        return;
+    }
+    let name = vm::unique("ndvtest-cephidem-");
+    let _pools = CephPoolsGuard(vec![name.clone()]);
+    let conn = virt::connect::Connect::open(Some("qemu:///system")).expect("connect");
+    let host = |port| CephHost {
+        name: "127.0.0.1".into(),
+        port: Some(port),
+    };
+    let mut config = CephPool {
+        name: name.clone(),
+        pool: CEPH_POOL.into(),
+        hosts: vec![host(6789)],
+        username: CEPH_USER.into(),
+        key: CephKey::new(key()),
+    };
+    let pool_xml = || String::from_utf8_lossy(&virsh(&["pool-dumpxml", &name]).stdout).into_owned();
+    let pool_uuid = || {
+        String::from_utf8_lossy(&virsh(&["pool-uuid", &name]).stdout)
+            .trim()
+            .to_string()
+    };
+
+    let (_, first) = ensure_rbd_pool(&conn, &config).expect("first");
+    let uuid = pool_uuid();
+    assert!(pool_xml().contains("port='6789'"), "{}", pool_xml());
+    let (_, again) = ensure_rbd_pool(&conn, &config).expect("again");
+    assert_eq!(first, again);
+    assert_eq!(pool_uuid(), uuid, "the pool was not redefined");
+    let secrets = String::from_utf8_lossy(&virsh(&["secret-list"]).stdout).into_owned();
+    assert_eq!(
+        secrets
+            .lines()
+            .filter(|line| line.contains(name.as_str()))
+            .count(),
+        1,
+        "{secrets}"
+    );
+
+    config.hosts = vec![host(3300)];
+    let (_, moved) = ensure_rbd_pool(&conn, &config).expect("new monitors");
+    assert_eq!(moved.secret_uuid, first.secret_uuid);
+    let xml = pool_xml();
+    assert!(
+        xml.contains("port='3300'") && !xml.contains("port='6789'"),
+        "{xml}"
+    );
+    let info = String::from_utf8_lossy(&virsh(&["pool-info", &name]).stdout).into_owned();
+    assert!(
+        info.lines()
+            .any(|line| line.starts_with("State:") && line.contains("running")),
+        "{info}"
+    );
+
+    // A wrong key goes into the secret: the (stopped) pool cannot start.
+    virsh(&["pool-destroy", &name]);
+    config.key = CephKey::new("AQBm1S5nAAAAABAAhk0wF8ZeXqkVa0DbhhGsQA==");
+    let error = ensure_rbd_pool(&conn, &config)
+        .expect_err("wrong key")
+        .to_string();
+    assert!(error.contains("cephx user or key was refused"), "{error}");
+    config.key = CephKey::new(key());
+    ensure_rbd_pool(&conn, &config).expect("the right key again");
+}

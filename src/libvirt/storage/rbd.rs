@@ -64,10 +64,13 @@ pub(crate) fn secret_xml(uuid: Option<&str>, usage: &str) -> String {
 }
 
 /// The XML of the libvirt `rbd` pool for `pool`.
-pub(crate) fn rbd_pool_xml(pool: &CephPool, secret_uuid: &str) -> String {
+pub(crate) fn rbd_pool_xml(pool: &CephPool, secret_uuid: &str, uuid: Option<&str>) -> String {
     let mut w = XmlWriter::new();
     w.open("pool", &[("type", "rbd")]);
     w.text("name", &[], &pool.name);
+    if let Some(uuid) = uuid {
+        w.text("uuid", &[], uuid);
+    }
     w.open("source", &[]);
     w.text("name", &[], &pool.pool);
     for host in &pool.hosts {
@@ -130,7 +133,6 @@ pub fn ensure_rbd_pool(
 ) -> Result<(Pool, RbdAccess), StorageError> {
     let name = &config.name;
     let secret_uuid = ensure_secret(conn, config)?;
-    let wanted = rbd_pool_xml(config, &secret_uuid);
     let pool = match conn.lookup_storage_pool_by_name(name) {
         Ok(pool) => {
             if !matches_config(&pool, config, &secret_uuid)? {
@@ -141,13 +143,18 @@ pub fn ensure_rbd_pool(
                         StorageError::pool(name, "stopping the pool to update it", e)
                     })?;
                 }
-                conn_define(conn, name, &wanted)?
+                // Same UUID, or libvirt refuses the definition.
+                let uuid = pool
+                    .uuid_string()
+                    .map_err(|e| StorageError::pool(name, "reading the pool UUID", e))?;
+                tracing::info!(pool = %name, "updating the rbd pool to the plugin config");
+                conn_define(conn, name, &rbd_pool_xml(config, &secret_uuid, Some(&uuid)))?
             } else {
                 pool
             }
         }
         Err(error) if has_code(&error, ErrorNumber::NoStoragePool) => {
-            let pool = conn_define(conn, name, &wanted)?;
+            let pool = conn_define(conn, name, &rbd_pool_xml(config, &secret_uuid, None))?;
             if let Err(error) = pool.set_autostart(true) {
                 tracing::warn!(pool = %name, error = %error, "could not mark the storage pool autostart");
             }
@@ -224,11 +231,12 @@ fn matches_config(
         });
     }
     // Compare with what we would define, parsed the same way.
-    let wanted =
-        xml::parse(&rbd_pool_xml(config, secret_uuid)).map_err(|source| StorageError::PoolXml {
+    let wanted = xml::parse(&rbd_pool_xml(config, secret_uuid, None)).map_err(|source| {
+        StorageError::PoolXml {
             pool: name.clone(),
             source: Box::new(source),
-        })?;
+        }
+    })?;
     let summary = |root: &xml::Element| {
         let source = root.child("source");
         let hosts: Vec<(String, String)> = source
@@ -496,7 +504,7 @@ mod tests {
 
     #[test]
     fn pool_and_secret_xml_are_escaped_and_keyless() {
-        let xml = rbd_pool_xml(&config(), "0b0c5f7e-1111-2222-3333-444455556666");
+        let xml = rbd_pool_xml(&config(), "0b0c5f7e-1111-2222-3333-444455556666", None);
         assert!(xml.contains("<name>ndvtest-ceph&lt;&amp;</name>"), "{xml}");
         assert!(
             xml.contains("<host name=\"127.0.0.1\" port=\"6789\"/>")
