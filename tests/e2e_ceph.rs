@@ -594,3 +594,128 @@ fn the_secret_and_the_rbd_pool_are_idempotent_and_follow_the_config() {
     config.key = CephKey::new(key());
     ensure_rbd_pool(&conn, &config).expect("the right key again");
 }
+
+/// Deletes an operator's RBD image (with libvirt's clone snapshots) through
+/// the libvirt pool, else with the rbd CLI.
+struct SourceImageGuard {
+    pool: String,
+    image: String,
+}
+
+impl Drop for SourceImageGuard {
+    fn drop(&mut self) {
+        virsh(&["pool-refresh", &self.pool]);
+        virsh(&[
+            "vol-delete",
+            &self.image,
+            "--pool",
+            &self.pool,
+            "--delete-snapshots",
+        ]);
+    }
+}
+
+/// Go's examples 05 and 06: `source.volume` in a Ceph pool is copied in
+/// full, or (chained) cloned; the operator's image is only read and stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_rbd_volume_is_copied_or_cloned() {
+    if !common::host_ready(NEEDS) {
+        return;
+    }
+    let alloc = Alloc::new("cephvol");
+    let pool = vm::unique("ndvtest-cephvol-");
+    let _pools = CephPoolsGuard(vec![pool.clone()]);
+    let source = vm::unique("ndvtest-src-");
+    let file = alloc.root.path().join("source.raw");
+    let mut bytes = vec![0u8; 16 << 20];
+    bytes[..18].copy_from_slice(b"ndvtest-rbd-source");
+    std::fs::write(&file, bytes).expect("write");
+    let imported = Command::new("timeout")
+        .args(["60", "rbd", "--id", CEPH_USER, "--keyfile", CEPH_KEY_FILE])
+        .args(["-m", "127.0.0.1:6789", "import", "--no-progress"])
+        .arg(&file)
+        .arg(format!("{CEPH_POOL}/{source}"))
+        .output()
+        .expect("rbd import");
+    assert!(imported.status.success(), "{imported:?}");
+    let _source_guard = SourceImageGuard {
+        pool: pool.clone(),
+        image: source.clone(),
+    };
+
+    let plugin = common::launch().await;
+    plugin
+        .set_config_hcl(
+            &config_with(&alloc, &ceph_block(&pool, "\"127.0.0.1:6789\"", &key())),
+            None,
+        )
+        .await
+        .expect("set config");
+    let job = format!(
+        "disk {{\n  pool = \"{pool}\"\n  size = \"32MiB\"\n  source {{\n    volume = \"{source}\"\n  }}\n}}\n\
+         disk {{\n  pool = \"{pool}\"\n  chained = true\n  source {{\n    volume = \"{source}\"\n  }}\n}}\n"
+    );
+    let task = alloc.task_config(
+        plugin
+            .encode_task_config(&job, &HashMap::new())
+            .await
+            .expect("encode"),
+        128,
+    );
+    let task_id = task.id.clone();
+    let domain = vm::domain_name_of(&task);
+    let _guard = DomainGuard(domain.clone());
+    vm::start(&plugin, task).await.expect("StartTask");
+
+    let copy = rbd_info(&format!("{domain}_vda.img"));
+    assert!(copy.contains("size 32 MiB"), "{copy}");
+    assert!(!copy.contains("parent:"), "a copy has no parent: {copy}");
+    let head = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "timeout 60 rbd --id {CEPH_USER} --keyfile {CEPH_KEY_FILE} -m 127.0.0.1:6789 \
+             export --no-progress {CEPH_POOL}/{domain}_vda.img - | head -c 18"
+        ))
+        .output()
+        .expect("rbd export");
+    assert_eq!(head.stdout, b"ndvtest-rbd-source", "{head:?}");
+    let clone = rbd_info(&format!("{domain}_vdb.img"));
+    assert!(
+        clone.contains(&format!("parent: {CEPH_POOL}/{source}@")),
+        "{clone}"
+    );
+
+    // A domain's disk cannot be a source.
+    let again = format!(
+        "disk {{\n  pool = \"{pool}\"\n  source {{\n    volume = \"{domain}_vda.img\"\n  }}\n}}\n"
+    );
+    let other = alloc.task_config(
+        plugin
+            .encode_task_config(&again, &HashMap::new())
+            .await
+            .expect("encode"),
+        128,
+    );
+    let error = vm::start(&plugin, other)
+        .await
+        .expect_err("another task's disk");
+    assert!(
+        error.message().contains("disk[0].source.volume"),
+        "{error:?}"
+    );
+
+    plugin
+        .driver()
+        .destroy_task(DestroyTaskRequest {
+            task_id,
+            force: true,
+        })
+        .await
+        .expect("DestroyTask");
+    let left: Vec<String> = rbd_images()
+        .into_iter()
+        .filter(|name| name.contains(&domain))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(rbd_images().contains(&source), "the operator's image stays");
+}

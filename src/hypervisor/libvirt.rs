@@ -144,6 +144,30 @@ impl Hypervisor for LibvirtHypervisor {
         self.with(|conn| Ok(storage::rbd::ensure_rbd_pool(conn, config)?.1))
     }
 
+    fn rbd_source_volume(&self, config: &CephPool, name: &str) -> Result<u64, HypervisorError> {
+        self.with(|conn| {
+            let pool = pool(conn, &config.name)?;
+            let capacity = storage::rbd::rbd_source_volume(&pool, name)?;
+            // Whatever its name, an image a domain uses is that domain's disk.
+            let spec = storage::rbd::rbd_disk_spec(config, name);
+            if let Some(user) = domain::disk_uses(conn)?
+                .into_iter()
+                .find(|used| used.paths.contains(&spec))
+            {
+                return Err(StorageError::UnsafeSourceVolume {
+                    pool: config.name.clone(),
+                    volume: name.to_string(),
+                    reason: format!(
+                        "domain {:?} uses it as a disk; name a volume no domain uses",
+                        user.domain
+                    ),
+                }
+                .into());
+            }
+            Ok(capacity)
+        })
+    }
+
     fn create_rbd_volume(
         &self,
         config: &CephPool,
@@ -163,6 +187,9 @@ impl Hypervisor for LibvirtHypervisor {
                 } => {
                     let volume = storage::rbd::create_rbd_volume(&pool, name, size)?;
                     storage::rbd::write_image(config, &volume, image, image_format)?;
+                }
+                RbdContent::Copy { source, size } => {
+                    storage::rbd::copy_rbd_volume(config, &pool, source, name, size)?;
                 }
                 RbdContent::Clone { parent, size } => {
                     let parent = storage::Volume::lookup(&pool, parent)?;

@@ -91,9 +91,13 @@ pub enum RbdContent<'a> {
         image_format: ImageFormat,
         size: u64,
     },
-    /// A copy-on-write RBD clone of volume `parent` in the same pool (one
-    /// the start made just before), grown to `size`.
+    /// A copy-on-write RBD clone of volume `parent` in the same pool (a
+    /// base the start made just before, or an operator's volume checked
+    /// with [`Hypervisor::rbd_source_volume`]), grown to `size`.
     Clone { parent: &'a str, size: u64 },
+    /// A full copy of the operator's volume `source` (checked with
+    /// [`Hypervisor::rbd_source_volume`]), grown to `size`.
+    Copy { source: &'a str, size: u64 },
 }
 
 /// A volume the driver made for a disk.
@@ -163,6 +167,10 @@ pub trait Hypervisor: Send + Sync + 'static {
         &self,
         pool: &CephPool,
     ) -> Result<crate::libvirt::storage::rbd::RbdAccess, HypervisorError>;
+    /// Checks an RBD image a job names as `source.volume` in a prepared Ceph
+    /// pool (see [`crate::libvirt::storage::rbd::rbd_source_volume`]);
+    /// returns its capacity.
+    fn rbd_source_volume(&self, pool: &CephPool, name: &str) -> Result<u64, HypervisorError>;
     /// Creates RBD volume `name` in the prepared Ceph pool.
     fn create_rbd_volume(
         &self,

@@ -5,7 +5,7 @@
 //! (so a crafted image cannot make it eat the host's memory or a core).
 
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::images::ImageFile;
@@ -235,6 +235,47 @@ pub fn write_to_rbd(
                 .trim()
                 .replace(&*target.key_file.to_string_lossy(), "<key file>")
                 .replace(STDIN_IMAGE, image.shown()),
+        });
+    }
+    Ok(())
+}
+
+/// Copies RBD image `source` into the existing, freshly created (all zero)
+/// RBD image `target` through librbd, skipping zero blocks. Both name the
+/// same cluster and key file. Runs under the same limits as the rest.
+pub fn copy_rbd_to_rbd(source: &RbdTarget<'_>, target: &RbdTarget<'_>) -> Result<(), StorageError> {
+    let shown = PathBuf::from(format!("rbd:{}/{}", source.ceph_pool, source.image));
+    let unsafe_target = |reason: String| StorageError::UnsafeImage {
+        path: shown.clone(),
+        reason,
+    };
+    let from = source.image_opts().map_err(unsafe_target)?;
+    let to = target.image_opts().map_err(unsafe_target)?;
+    let output = Command::new("prlimit")
+        .arg(format!("--as={MEMORY_LIMIT_BYTES}"))
+        .arg(format!("--cpu={CPU_LIMIT_SECONDS}"))
+        .args(["--", "qemu-img", "convert", "-q", "-n", "--target-is-zero"])
+        .arg("--object")
+        .arg(format!(
+            "secret,id=sec0,format=base64,file={}",
+            target.key_file.display()
+        ))
+        .args(["--image-opts", &from, "--target-image-opts", &to])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| StorageError::QemuImgSpawn {
+            action: "copy RBD image",
+            path: shown.clone(),
+            error,
+        })?;
+    if !output.status.success() {
+        return Err(StorageError::QemuImg {
+            action: "copy RBD image",
+            path: shown,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr)
+                .trim()
+                .replace(&*target.key_file.to_string_lossy(), "<key file>"),
         });
     }
     Ok(())

@@ -529,13 +529,33 @@ fn create_rbd_disk(
                 )?;
             }
         }
-        None => {
-            let size = disk.size.map(|size| size.0).ok_or_else(|| {
-                TaskError::Invalid(format!("{field}.size: is required for an empty disk"))
-            })?;
-            rollback.volume(pool, name)?;
-            hypervisor.create_rbd_volume(config, name, RbdContent::Empty { size })?;
-        }
+        None => match &disk.source {
+            // The operator's RBD image is only read: copied, or (chained)
+            // the parent of an RBD clone (libvirt leaves a protected
+            // snapshot `libvirt-<n>` on it, as with the Go driver).
+            Some(ConfigDiskSource::Volume { name: source, .. }) => {
+                let size = cap.or(disk.size.map(|size| size.0)).unwrap_or(0);
+                let source = source.as_str();
+                let content = match disk.chained {
+                    true => RbdContent::Clone {
+                        parent: source,
+                        size,
+                    },
+                    false => RbdContent::Copy { source, size },
+                };
+                rollback.volume(pool, name)?;
+                hypervisor
+                    .create_rbd_volume(config, name, content)
+                    .map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?;
+            }
+            _ => {
+                let size = disk.size.map(|size| size.0).ok_or_else(|| {
+                    TaskError::Invalid(format!("{field}.size: is required for an empty disk"))
+                })?;
+                rollback.volume(pool, name)?;
+                hypervisor.create_rbd_volume(config, name, RbdContent::Empty { size })?;
+            }
+        },
     }
     Ok(DiskSource::Rbd {
         access: access.clone(),
@@ -695,13 +715,10 @@ pub fn boot(
         };
         let field = format!("disk[{index}]");
         let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
-        if let PoolRef::Ceph(_) = pool {
-            return Err(TaskError::Invalid(format!(
-                "{field}.source.volume: disks in Ceph pool {:?} cannot start from a volume yet; \
-                 use source.image, or a directory pool for this disk",
-                pool.name()
-            )));
-        }
+        let ceph = match &pool {
+            PoolRef::Ceph(ceph) => Some(ceph.0.clone()),
+            PoolRef::Directory(_) => None,
+        };
         let pool = PoolRef::name_of(&pool);
         // A volume another start recorded is that task's, whatever its name.
         if let Some(task) = journal.task_using_volume(&pool, name.as_str()) {
@@ -712,9 +729,18 @@ pub fn boot(
                 pool
             )));
         }
-        let facts = hypervisor
-            .source_volume(&pool, name.as_str())
-            .map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?;
+        let facts = match &ceph {
+            // RBD images are raw.
+            Some(ceph) => hypervisor
+                .rbd_source_volume(ceph, name.as_str())
+                .map(|capacity| crate::hypervisor::SourceVolumeFacts {
+                    format: ImageFormat::Raw,
+                    capacity,
+                }),
+            None => hypervisor.source_volume(&pool, name.as_str()),
+        };
+        let facts =
+            facts.map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?;
         // Go: "size of disk must be equal to or greater than source".
         if let Some(size) = disk.size.filter(|size| size.0 < facts.capacity) {
             return Err(TaskError::Invalid(format!(

@@ -196,6 +196,13 @@ impl Hypervisor for TestHypervisor {
         self.step("prepare_ceph_pool")?;
         self.inner.prepare_ceph_pool(pool)
     }
+    fn rbd_source_volume(
+        &self,
+        pool: &crate::config::plugin::CephPool,
+        name: &str,
+    ) -> Result<u64, HypervisorError> {
+        self.inner.rbd_source_volume(pool, name)
+    }
     fn create_rbd_volume(
         &self,
         pool: &crate::config::plugin::CephPool,

@@ -406,6 +406,64 @@ pub fn clone_rbd_volume(
     Ok(Volume::new(vol, &pool.name, name))
 }
 
+/// Checks an operator's RBD image a job names as `source.volume` (only
+/// read: copied, or cloned when chained): a plain name that is not one of
+/// the driver's own and present in the pool (the caller checks that no
+/// domain uses it: [`rbd_disk_spec`]). Returns its capacity.
+pub fn rbd_source_volume(pool: &Pool, name: &str) -> Result<u64, StorageError> {
+    crate::storage::volume::check_volume_name(name)?;
+    if crate::storage::volume::is_driver_volume_name(name) {
+        return Err(StorageError::DriverOwnedVolume {
+            pool: pool.name.clone(),
+            volume: name.to_string(),
+        });
+    }
+    if !crate::config::plugin::is_ceph_name(name) {
+        return Err(StorageError::UnsafeSourceVolume {
+            pool: pool.name.clone(),
+            volume: name.to_string(),
+            reason: "an RBD image name here may use letters, digits, '-', '_' and '.'".into(),
+        });
+    }
+    let _ = super::pool::retry_busy(|| pool.inner.refresh(0));
+    let volume = Volume::lookup(pool, name)?;
+    volume.capacity()
+}
+
+/// How a domain's disk names RBD image `name` of `config`'s Ceph pool in
+/// [`crate::libvirt::domain::DiskUse::paths`].
+pub fn rbd_disk_spec(config: &CephPool, name: &str) -> String {
+    format!("rbd:{}/{name}", config.pool)
+}
+
+/// A full, independent copy of RBD image `source` (Go flattens a clone;
+/// qemu-img copies through librbd, skipping zeroes), `capacity` bytes.
+pub fn copy_rbd_volume(
+    config: &CephPool,
+    pool: &Pool,
+    source: &str,
+    name: &str,
+    capacity: u64,
+) -> Result<Volume, StorageError> {
+    let source_volume = Volume::lookup(pool, source)?;
+    let capacity = capacity.max(source_volume.capacity()?);
+    let volume = create_rbd_volume(pool, name, capacity)?;
+    let key_file = key_file(config)?;
+    let target = |image| RbdTarget {
+        ceph_pool: &config.pool,
+        image,
+        username: &config.username,
+        hosts: config
+            .hosts
+            .iter()
+            .map(|host| (host.name.as_str(), host.port.unwrap_or(0)))
+            .collect(),
+        key_file: &key_file.path,
+    };
+    qemu_img::copy_rbd_to_rbd(&target(source), &target(name))?;
+    Ok(volume)
+}
+
 /// Deletes a volume in an rbd pool with its snapshots (a clone's parent
 /// has libvirt's); a missing volume is fine.
 pub fn delete_rbd_volume(pool: &Pool, name: &str) -> Result<(), StorageError> {
