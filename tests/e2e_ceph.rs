@@ -1,8 +1,9 @@
 //! End to end through the plugin against the real single-node Ceph cluster
 //! of tests/setup/ceph.sh (cephx on): a TCG guest boots from an RBD disk
-//! (a chained disk: an RBD clone of a base volume holding the test image),
-//! with a second, empty RBD disk; after DestroyTask no RBD image of the task
-//! is left. A Ceph pool with a wrong key and one whose monitor does not
+//! (a chained disk: an RBD clone of the shared parent holding the test
+//! image, which a second task clones too), with an empty RBD disk and one
+//! written sparsely from a raw image; after DestroyTask no RBD image of the
+//! tasks is left, the parent going with the last clone. A Ceph pool with a wrong key and one whose monitor does not
 //! answer fail with clear errors while a directory-pool task still starts
 //! and the driver stays healthy (issue 12).
 
@@ -197,13 +198,16 @@ disk {{
     // The chained disk is a COW clone of the task's base volume; both and
     // the empty disk are in RBD now.
     let images = rbd_images();
-    let base = format!(
-        "{}{domain}_vda.img",
-        nomad_driver_virt::storage::PARENT_PREFIX
-    );
+    let prefix = format!("{}rbd-qcow2-", nomad_driver_virt::storage::PARENT_PREFIX);
+    let parents: Vec<&String> = images
+        .iter()
+        .filter(|name| name.starts_with(&prefix) && !name.ends_with(".done"))
+        .collect();
+    assert_eq!(parents.len(), 1, "one shared parent: {images:?}");
+    let parent = parents[0].clone();
     for name in [
         format!("{domain}_vda.img"),
-        base.clone(),
+        format!("{parent}.done"),
         format!("{domain}_vdb.img"),
         format!("{domain}_vdc.img"),
     ] {
@@ -211,7 +215,7 @@ disk {{
     }
     let info = rbd_info(&format!("{domain}_vda.img"));
     assert!(
-        info.contains(&format!("parent: {CEPH_POOL}/{base}@")),
+        info.contains(&format!("parent: {CEPH_POOL}/{parent}@")),
         "not a clone: {info}"
     );
     assert!(
@@ -278,6 +282,29 @@ disk {{
     assert_eq!(attributes[&format!("{prefix}.state")], "active");
     drop(stream);
 
+    // A second task chained on the same image clones the same parent.
+    let second_job = format!(
+        "disk {{\n  chained = true\n  pool = \"{pool}\"\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\n"
+    );
+    // Its own alloc: a task dir (and console log) of its own.
+    let second_alloc = Alloc::new("ceph2");
+    let second = second_alloc.task_config(
+        plugin
+            .encode_task_config(&second_job, &HashMap::new())
+            .await
+            .expect("encode"),
+        128,
+    );
+    let second_id = second.id.clone();
+    let second_domain = vm::domain_name_of(&second);
+    let _second_guard = DomainGuard(second_domain.clone());
+    vm::start(&plugin, second).await.expect("second StartTask");
+    let info = rbd_info(&format!("{second_domain}_vda.img"));
+    assert!(
+        info.contains(&format!("parent: {CEPH_POOL}/{parent}@")),
+        "not a clone of the shared parent: {info}"
+    );
+
     alloc.wait_for_console("GUEST-BOOT", BOOT_LIMIT);
     eprintln!("booted from RBD after {:?}", started.elapsed());
 
@@ -290,6 +317,21 @@ disk {{
         .await
         .expect("DestroyTask");
     assert!(!vm::domain_exists(&domain));
+    // The other task's clone still needs the parent.
+    let images = rbd_images();
+    assert!(images.contains(&parent), "{images:?}");
+    assert!(
+        images.iter().all(|name| !name.contains(&domain)),
+        "{images:?}"
+    );
+    plugin
+        .driver()
+        .destroy_task(DestroyTaskRequest {
+            task_id: second_id,
+            force: true,
+        })
+        .await
+        .expect("second DestroyTask");
     let after = rbd_images();
     let left: Vec<&String> = after.iter().filter(|name| name.contains(&domain)).collect();
     assert!(left.is_empty(), "RBD images left: {left:?}");
@@ -405,9 +447,10 @@ async fn a_wrong_key_or_a_silent_monitor_fail_clearly_and_directory_pools_still_
 }
 
 /// A plugin killed right after a task's RBD images were made: the next
-/// plugin finds the start journal record and deletes them (clone, then
-/// its base with libvirt's snapshot); a disk the pool cannot hold is
-/// refused before any image is made.
+/// plugin finds the start journal record and deletes them (the clone, then
+/// its shared parent with libvirt's snapshot and its marker, as no other
+/// clone uses it); a disk the pool cannot hold is refused before any image
+/// is made.
 #[tokio::test(flavor = "multi_thread")]
 async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
     use nomad_driver_virt::faults::CRASH_AT_ENV;
@@ -473,8 +516,13 @@ async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
     let _ = plugin.kill().await;
 
     let crashing = launch(true).await;
+    // An image of its own, so its shared parent is this test's alone.
+    let mut bytes = vec![0u8; 4 << 20];
+    let mark = vm::unique("ndvtest-crash-");
+    bytes[..mark.len()].copy_from_slice(mark.as_bytes());
+    std::fs::write(alloc.task_dir().join("crash.img"), bytes).expect("write crash.img");
     let job = format!(
-        "disk {{\n  chained = true\n  pool = \"{pool}\"\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\n"
+        "disk {{\n  chained = true\n  pool = \"{pool}\"\n  source {{\n    image = \"crash.img\"\n  }}\n}}\n"
     );
     let task = alloc.task_config(
         crashing
@@ -490,11 +538,20 @@ async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
         "the plugin should have died"
     );
     let _ = crashing.kill().await;
-    let made: Vec<String> = rbd_images()
-        .into_iter()
+    let images = rbd_images();
+    let made: Vec<&String> = images
+        .iter()
         .filter(|name| name.contains(&domain))
         .collect();
-    assert_eq!(made.len(), 2, "base and clone before the crash: {made:?}");
+    assert_eq!(made.len(), 1, "the clone before the crash: {images:?}");
+    let info = rbd_info(made[0]);
+    let parent = info
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("parent: "))
+        .and_then(|spec| spec.split('@').next())
+        .and_then(|spec| spec.strip_prefix(&format!("{CEPH_POOL}/")))
+        .unwrap_or_else(|| panic!("not a clone: {info}"))
+        .to_string();
 
     let relaunched = launch(false).await;
     relaunched
@@ -506,7 +563,7 @@ async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
     loop {
         let left: Vec<String> = rbd_images()
             .into_iter()
-            .filter(|name| name.contains(&domain))
+            .filter(|name| name.contains(&domain) || name.starts_with(&parent))
             .collect();
         let records = std::fs::read_dir(state.path()).map_or(0, |dir| dir.count());
         if left.is_empty() && records == 0 {

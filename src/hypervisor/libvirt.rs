@@ -188,6 +188,24 @@ impl Hypervisor for LibvirtHypervisor {
                     let volume = storage::rbd::create_rbd_volume(&pool, name, size)?;
                     storage::rbd::write_image(config, &volume, image, image_format)?;
                 }
+                RbdContent::Shared {
+                    image,
+                    image_format,
+                    identity,
+                    parent,
+                    size,
+                } => {
+                    storage::rbd::clone_shared_parent(
+                        config,
+                        &pool,
+                        image,
+                        image_format,
+                        identity,
+                        parent,
+                        name,
+                        size,
+                    )?;
+                }
                 RbdContent::Copy { source, size } => {
                     storage::rbd::copy_rbd_volume(config, &pool, source, name, size)?;
                 }

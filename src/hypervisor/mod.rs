@@ -95,6 +95,17 @@ pub enum RbdContent<'a> {
     /// base the start made just before, or an operator's volume checked
     /// with [`Hypervisor::rbd_source_volume`]), grown to `size`.
     Clone { parent: &'a str, size: u64 },
+    /// A chained disk from an image: an RBD clone of the shared parent
+    /// `parent` (named from the image's key, see
+    /// [`crate::libvirt::storage::rbd::shared_parent_name`]), uploaded first
+    /// when missing; the image must still have `identity` afterwards.
+    Shared {
+        image: &'a ImageFile,
+        image_format: ImageFormat,
+        identity: crate::storage::parent_key::Identity,
+        parent: &'a str,
+        size: u64,
+    },
     /// A full copy of the operator's volume `source` (checked with
     /// [`Hypervisor::rbd_source_volume`]), grown to `size`.
     Copy { source: &'a str, size: u64 },

@@ -500,33 +500,44 @@ fn create_rbd_disk(
             let size = cap
                 .or(disk.size.map(|size| size.0))
                 .ok_or_else(|| TaskError::Invalid(format!("{field}.size: is required")))?;
-            let content_name = if disk.chained {
-                format!("{}{name}", volume::PARENT_PREFIX)
-            } else {
-                name.to_string()
-            };
-            rollback.volume(pool, &content_name)?;
-            hypervisor
-                .create_rbd_volume(
-                    config,
-                    &content_name,
-                    RbdContent::Image {
-                        image,
-                        image_format,
-                        size,
-                    },
-                )
-                .map_err(|e| TaskError::from(e).in_field(&image_field))?;
             if disk.chained {
+                // Go's way: one parent per image (by its bytes' key) in
+                // the pool, each chained disk an RBD clone of it. Both are
+                // recorded: teardown deletes the clone, then the parent
+                // unless other clones still use it.
+                let (key, identity) = crate::storage::parent_key::key_of_file(image.file())
+                    .map_err(|error| {
+                        TaskError::from(image.io("read the image", error)).in_field(&image_field)
+                    })?;
+                let parent = crate::libvirt::storage::rbd::shared_parent_name(image_format, &key);
+                rollback.volume(pool, &parent)?;
                 rollback.volume(pool, name)?;
-                hypervisor.create_rbd_volume(
-                    config,
-                    name,
-                    RbdContent::Clone {
-                        parent: &content_name,
-                        size,
-                    },
-                )?;
+                hypervisor
+                    .create_rbd_volume(
+                        config,
+                        name,
+                        RbdContent::Shared {
+                            image,
+                            image_format,
+                            identity,
+                            parent: &parent,
+                            size,
+                        },
+                    )
+                    .map_err(|e| TaskError::from(e).in_field(&image_field))?;
+            } else {
+                rollback.volume(pool, name)?;
+                hypervisor
+                    .create_rbd_volume(
+                        config,
+                        name,
+                        RbdContent::Image {
+                            image,
+                            image_format,
+                            size,
+                        },
+                    )
+                    .map_err(|e| TaskError::from(e).in_field(&image_field))?;
             }
         }
         None => match &disk.source {

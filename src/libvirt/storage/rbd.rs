@@ -464,9 +464,159 @@ pub fn copy_rbd_volume(
     Ok(volume)
 }
 
+/// The shared parent of chained disks from an image whose bytes have key
+/// `key` (see [`crate::storage::parent_key`]), read as `image_format`: the
+/// raw conversion, in RBD.
+pub fn shared_parent_name(image_format: ImageFormat, key: &str) -> String {
+    format!(
+        "{}rbd-{}-{key}.img",
+        crate::storage::PARENT_PREFIX,
+        image_format.as_str()
+    )
+}
+
+/// The volume whose presence says the parent's upload finished (other
+/// hosts sharing the cluster see a parent while it is being written).
+fn done_marker(parent: &str) -> String {
+    format!("{parent}.done")
+}
+
+/// Whether `name` is a shared parent (not its marker).
+fn is_shared_parent(name: &str) -> bool {
+    name.starts_with(&format!("{}rbd-", crate::storage::PARENT_PREFIX)) && !name.ends_with(".done")
+}
+
+/// How long a start waits for another host to finish uploading a parent
+/// before it copies the image into its own volume instead.
+const PARENT_WAIT: Duration = Duration::from_secs(60);
+
+/// One lock per parent in this process: uploading, cloning and deleting a
+/// parent do not overlap.
+fn parent_lock(pool: &str, parent: &str) -> std::sync::Arc<std::sync::Mutex<()>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    locks.entry(format!("{pool}/{parent}")).or_default().clone()
+}
+
+fn find(pool: &Pool, name: &str) -> Result<Option<Volume>, StorageError> {
+    match Volume::lookup(pool, name) {
+        Ok(volume) => Ok(Some(volume)),
+        Err(StorageError::VolumeNotFound { .. }) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// A chained disk from an image: an RBD clone of the shared parent
+/// `parent` holding the image's raw conversion, uploaded first when no
+/// finished one exists. The image's identity must still be `identity`
+/// (what was hashed into the parent's name) when the upload ends, else
+/// the parent is deleted rather than published. A parent another host is
+/// still writing is waited for; after [`PARENT_WAIT`] the image is copied
+/// into `name` instead (a full copy, no sharing).
+#[allow(clippy::too_many_arguments)]
+pub fn clone_shared_parent(
+    config: &CephPool,
+    pool: &Pool,
+    image: &ImageFile,
+    image_format: ImageFormat,
+    identity: crate::storage::parent_key::Identity,
+    parent: &str,
+    name: &str,
+    size: u64,
+) -> Result<Volume, StorageError> {
+    let lock = parent_lock(&pool.name, parent);
+    let _held = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let marker = done_marker(parent);
+    let refresh = || {
+        let _ = super::pool::retry_busy(|| pool.inner.refresh(0));
+    };
+    refresh();
+    let mut existing = find(pool, parent)?;
+    let waited = std::time::Instant::now();
+    while existing.is_some() && find(pool, &marker)?.is_none() && waited.elapsed() < PARENT_WAIT {
+        std::thread::sleep(Duration::from_secs(2));
+        refresh();
+        existing = find(pool, parent)?;
+    }
+    match (existing, find(pool, &marker)?) {
+        (Some(parent), Some(_)) => clone_rbd_volume(pool, &parent, name, size),
+        (Some(_), None) => {
+            tracing::warn!(pool = %pool.name, parent, "a shared parent stays unfinished (another host's upload, or an interrupted one); copying the image instead");
+            let volume = create_rbd_volume(pool, name, size)?;
+            write_image(config, &volume, image, image_format)?;
+            Ok(volume)
+        }
+        (None, _) => {
+            let virtual_size = crate::storage::images::image_virtual_size(image, image_format)?;
+            if virtual_size > size {
+                return Err(StorageError::GrewAfterCheck {
+                    path: image.shown_path(),
+                    found: format!("its virtual size is {virtual_size} bytes, more"),
+                    cap: size,
+                });
+            }
+            let made = create_rbd_volume(pool, parent, virtual_size)?;
+            let discard = |why: &str| {
+                if let Err(error) = delete_rbd_volume(pool, parent) {
+                    tracing::warn!(pool = %pool.name, parent, why, error = %error, "could not delete an unfinished shared parent");
+                }
+            };
+            if let Err(error) = write_image(config, &made, image, image_format) {
+                discard("upload failed");
+                return Err(error);
+            }
+            let unchanged = crate::storage::parent_key::Identity::of(image.file())
+                .is_ok_and(|now| now == identity);
+            if !unchanged {
+                discard("image changed");
+                return Err(StorageError::UnsafeImage {
+                    path: image.shown_path(),
+                    reason: "it changed while it was uploaded; do not change the image while \
+                             the task starts"
+                        .into(),
+                });
+            }
+            match create_rbd_volume(pool, &marker, 512) {
+                Ok(_) | Err(StorageError::VolumeExists { .. }) => {}
+                Err(error) => {
+                    discard("marker failed");
+                    return Err(error);
+                }
+            }
+            clone_rbd_volume(pool, &made, name, size)
+        }
+    }
+}
+
 /// Deletes a volume in an rbd pool with its snapshots (a clone's parent
-/// has libvirt's); a missing volume is fine.
+/// has libvirt's); a missing volume is fine. A shared parent that still
+/// has clones (other tasks', maybe on other hosts) is kept: libvirt cannot
+/// unprotect its snapshot, and that is the answer, not an error; the last
+/// task to go deletes it, then its marker.
 pub fn delete_rbd_volume(pool: &Pool, name: &str) -> Result<(), StorageError> {
+    if is_shared_parent(name) {
+        let lock = parent_lock(&pool.name, name);
+        let _held = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        return match delete_one(pool, name) {
+            Ok(()) => delete_one(pool, &done_marker(name)),
+            Err(StorageError::Volume { source, .. })
+                if source.to_string().contains("unprotect") =>
+            {
+                tracing::debug!(pool = %pool.name, parent = name, "shared parent still has clones; kept");
+                Ok(())
+            }
+            Err(error) => Err(error),
+        };
+    }
+    delete_one(pool, name)
+}
+
+fn delete_one(pool: &Pool, name: &str) -> Result<(), StorageError> {
     let vol = match pool.inner.lookup_storage_vol_by_name(name) {
         Ok(vol) => vol,
         Err(error) if has_code(&error, ErrorNumber::NoStorageVolume) => return Ok(()),
