@@ -109,8 +109,9 @@ pub fn go_pool_type(libvirt_type: &str) -> &str {
 /// "missing" for a configured pool libvirt does not have yet: it is created
 /// on first use) and `.path`. Ceph pools get the same Go attributes (type
 /// `ceph`) and our `.state`, plus `.ceph_pool` (the Ceph pool's name); a
-/// Ceph pool whose cluster is unreachable or refuses the key stays
-/// `inactive` (or `missing`) while the driver and its other pools work.
+/// Ceph pool that refuses the key stays `inactive`, one whose monitors do
+/// not answer `missing` (it is defined only once they do), while the
+/// driver and its other pools work.
 pub fn add_pool_attributes(
     response: &mut FingerprintResponse,
     settings: &Settings,

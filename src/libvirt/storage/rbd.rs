@@ -132,6 +132,9 @@ pub fn ensure_rbd_pool(
     config: &CephPool,
 ) -> Result<(Pool, RbdAccess), StorageError> {
     let name = &config.name;
+    // First, and cheap (a TCP connect): a silent cluster fails within
+    // seconds instead of libvirt's 30 s, and nothing is defined for it.
+    probe_monitors(config)?;
     let secret_uuid = ensure_secret(conn, config)?;
     let pool = match conn.lookup_storage_pool_by_name(name) {
         Ok(pool) => {
@@ -166,7 +169,6 @@ pub fn ensure_rbd_pool(
         .is_active()
         .map_err(|e| StorageError::pool(name, "checking whether the pool is active", e))?;
     if !active {
-        probe_monitors(config)?;
         if let Err(error) = pool.create(0) {
             if !pool.is_active().unwrap_or(false) {
                 // libvirt's text ends in an unrelated strerror ("No such
