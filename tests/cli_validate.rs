@@ -591,3 +591,38 @@ fn huge_disk_sizes_are_refused_by_name() {
         );
     }
 }
+
+/// Go's Ceph example with its placeholders filled in (monitors and a
+/// cephx key) validates, and so does each of its jobs against it; the
+/// key is never echoed.
+#[test]
+fn the_go_ceph_example_validates_once_its_placeholders_are_filled() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/go-examples/storage/ceph");
+    let dir = tempfile::Builder::new()
+        .prefix("ndvtest-validate-ceph-")
+        .tempdir()
+        .expect("tempdir");
+    let key = "AQD8bvtpvFsSHxAAetpPOmzr4VBwu1zk7YQB+w==";
+    let config = std::fs::read_to_string(root.join("config.hcl"))
+        .expect("read the example")
+        .replacen(
+            "hosts = [\"UPDATE_ME\"]",
+            "hosts = [\"10.162.122.246:3300\", \"10.162.122.160:3300\"]",
+            1,
+        )
+        .replacen(
+            "secret   = \"UPDATE_ME\"",
+            &format!("secret   = \"{key}\""),
+            1,
+        );
+    assert!(!config.contains("UPDATE_ME"), "{config}");
+    let client = dir.path().join("config.hcl");
+    std::fs::write(&client, config).expect("write");
+    for job in 1..=6 {
+        let job = root.join(format!("{job:02}-python-server.nomad.hcl"));
+        let output = validate(&[&client, &job]);
+        let shown = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        assert!(output.status.success(), "{}: {shown}", job.display());
+        assert!(!shown.contains(key), "{shown}");
+    }
+}

@@ -113,6 +113,46 @@ impl Drop for CephPoolsGuard {
     }
 }
 
+/// If a check panics before DestroyTask: removes the RBD images of these
+/// domains, then shared parents nothing clones any more (with libvirt's
+/// snapshots, through libvirt pool `pool`) and their markers.
+struct RbdImagesGuard {
+    pool: String,
+    domains: Vec<String>,
+}
+
+impl Drop for RbdImagesGuard {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for name in rbd_images() {
+            if self
+                .domains
+                .iter()
+                .any(|domain| name.contains(domain.as_str()))
+            {
+                virsh(&["vol-delete", &name, "--pool", &self.pool]);
+            }
+        }
+        let prefix = format!("{}rbd-", nomad_driver_virt::storage::PARENT_PREFIX);
+        for name in rbd_images() {
+            if name.starts_with(&prefix) && !name.ends_with(".done") {
+                let deleted = virsh(&[
+                    "vol-delete",
+                    &name,
+                    "--pool",
+                    &self.pool,
+                    "--delete-snapshots",
+                ]);
+                if deleted.status.success() {
+                    virsh(&["vol-delete", &format!("{name}.done"), "--pool", &self.pool]);
+                }
+            }
+        }
+    }
+}
+
 /// Removes the domain if a check panics before DestroyTask.
 struct DomainGuard(String);
 
@@ -177,6 +217,12 @@ disk {{
     );
     let task_id = task.id.clone();
     let domain = vm::domain_name_of(&task);
+    // Dropped after the domain guards (declared later), so no domain
+    // holds an image it removes.
+    let mut rbd_guard = RbdImagesGuard {
+        pool: pool.clone(),
+        domains: vec![domain.clone()],
+    };
     let _guard = DomainGuard(domain.clone());
     let started = Instant::now();
     vm::start(&plugin, task).await.expect("StartTask");
@@ -298,6 +344,7 @@ disk {{
     let second_id = second.id.clone();
     let second_domain = vm::domain_name_of(&second);
     let _second_guard = DomainGuard(second_domain.clone());
+    rbd_guard.domains.push(second_domain.clone());
     vm::start(&plugin, second).await.expect("second StartTask");
     let info = rbd_info(&format!("{second_domain}_vda.img"));
     assert!(
