@@ -494,7 +494,8 @@ async fn a_wrong_key_or_a_silent_monitor_fail_clearly_and_directory_pools_still_
 }
 
 /// A plugin killed right after a task's RBD images were made: the next
-/// plugin finds the start journal record and deletes them (the clone, then
+/// plugin finds the start journal record and deletes them (starting the
+/// libvirt pool, which is stopped meanwhile) (the clone, then
 /// its shared parent with libvirt's snapshot and its marker, as no other
 /// clone uses it); a disk the pool cannot hold is refused before any image
 /// is made.
@@ -600,6 +601,10 @@ async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
         .unwrap_or_else(|| panic!("not a clone: {info}"))
         .to_string();
 
+    // As after a reboot whose autostart found no cluster: the libvirt pool
+    // is stopped; the cleanup starts it to reach the images.
+    let stopped = virsh(&["pool-destroy", &pool]);
+    assert!(stopped.status.success(), "{stopped:?}");
     let relaunched = launch(false).await;
     relaunched
         .driver()

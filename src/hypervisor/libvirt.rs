@@ -350,6 +350,7 @@ impl Hypervisor for LibvirtHypervisor {
             // RBD images go with their snapshots (a clone's parent has one).
             if let Ok(Some(pool)) = storage::lookup_pool(conn, &created.pool) {
                 if storage::rbd::is_rbd_pool(&pool) {
+                    storage::rbd::start_if_stopped(&pool);
                     let _ = storage::refresh_pool(&pool);
                     return Ok(storage::rbd::delete_rbd_volume(&pool, &created.name)?);
                 }

@@ -644,6 +644,19 @@ fn delete_one(pool: &Pool, name: &str) -> Result<(), StorageError> {
     }
 }
 
+/// Starts an rbd pool libvirt has stopped (after a reboot whose autostart
+/// found no cluster, or a failed refresh), so a teardown can reach its
+/// images without waiting for a start to prepare the pool. Best effort:
+/// the delete that follows reports what is wrong.
+pub fn start_if_stopped(pool: &Pool) {
+    if pool.inner.is_active().unwrap_or(true) {
+        return;
+    }
+    if let Err(error) = pool.inner.create(0) {
+        tracing::debug!(pool = %pool.name, error = %error.message(), "could not start the rbd pool for a teardown");
+    }
+}
+
 /// Whether libvirt's pool `name` is an rbd pool.
 pub fn is_rbd_pool(pool: &Pool) -> bool {
     pool.inner
