@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 bash tests/setup/host.sh
 # The tiny guest the end-to-end tests boot (cached between runs).
 bash tests/setup/guest.sh
+# Single-node Ceph cluster for the RBD pool tests (tests/e2e_ceph.rs):
+# idempotent, ~25-35 s cold once the packages are installed, ~6 s when up.
+bash tests/setup/ceph.sh
 
 # rustup's toolchain may live in root's home when CI runs with a bare PATH.
 if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
@@ -31,7 +34,11 @@ test_things() {
     ip -o link show | awk -F': ' '{ print $2 }'
     iptables-save | grep -v '^#' | sed -E 's/ \[[0-9]+:[0-9]+\]$//'
     ls /var/lib/nomad-driver-virt/journal | sed 's/^/start journal record /'
-  } 2>/dev/null | grep -iE 'ndvtest|^domain |^storage pool ndvtest|^start journal record |^TXT record ' | sort -u || true
+    # RBD images in the test pool (client.ndvtest may only see that pool;
+    # any image there is a test's) and libvirt secrets of the tests' pools.
+    timeout 60 rbd --id ndvtest --keyfile /etc/ceph/ceph.client.ndvtest.key -m 127.0.0.1:6789 ls ndvtest-rbd | sed 's/^/rbd image ndvtest-rbd\//'
+    virsh -q -c qemu:///system secret-list | awk '{ print "libvirt secret " $2 " " $3 " " $1 }'
+  } 2>/dev/null | grep -iE 'ndvtest|^domain |^storage pool ndvtest|^start journal record |^TXT record |^rbd image ' | sort -u || true
 }
 dhcp_hosts() { virsh -q -c qemu:///system net-dumpxml default | grep -c "<host " || true; }
 hosts_before=$(dhcp_hosts)

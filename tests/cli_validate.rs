@@ -422,13 +422,19 @@ fn go_examples_validate() {
         );
         let is_ceph = file.components().any(|c| c.as_os_str() == "ceph");
         if is_ceph && file.ends_with("config.hcl") {
-            assert!(!output.status.success(), "Ceph pools accepted: {shown}");
+            // Go's example keeps the placeholder secret = "UPDATE_ME",
+            // which is no cephx key; the refusal names the field only.
+            assert!(
+                !output.status.success(),
+                "placeholder key accepted: {shown}"
+            );
             assert!(
                 text(&output.stderr).contains(
-                    "storage_pools.ceph[\"remote\"]: Ceph storage pools are not supported yet"
+                    "storage_pools.ceph[\"remote\"].authentication.secret: is not a cephx key"
                 ),
                 "unclear Ceph refusal: {shown}"
             );
+            assert!(!text(&output.stderr).contains("UPDATE_ME"), "{shown}");
             ceph_refused += 1;
         } else {
             assert!(output.status.success(), "does not validate: {shown}");
@@ -583,5 +589,40 @@ fn huge_disk_sizes_are_refused_by_name() {
             stderr.contains("task \"vm\": disk[0].size"),
             "{size}: {stderr}"
         );
+    }
+}
+
+/// Go's Ceph example with its placeholders filled in (monitors and a
+/// cephx key) validates, and so does each of its jobs against it; the
+/// key is never echoed.
+#[test]
+fn the_go_ceph_example_validates_once_its_placeholders_are_filled() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/go-examples/storage/ceph");
+    let dir = tempfile::Builder::new()
+        .prefix("ndvtest-validate-ceph-")
+        .tempdir()
+        .expect("tempdir");
+    let key = "AQD8bvtpvFsSHxAAetpPOmzr4VBwu1zk7YQB+w==";
+    let config = std::fs::read_to_string(root.join("config.hcl"))
+        .expect("read the example")
+        .replacen(
+            "hosts = [\"UPDATE_ME\"]",
+            "hosts = [\"10.162.122.246:3300\", \"10.162.122.160:3300\"]",
+            1,
+        )
+        .replacen(
+            "secret   = \"UPDATE_ME\"",
+            &format!("secret   = \"{key}\""),
+            1,
+        );
+    assert!(!config.contains("UPDATE_ME"), "{config}");
+    let client = dir.path().join("config.hcl");
+    std::fs::write(&client, config).expect("write");
+    for job in 1..=6 {
+        let job = root.join(format!("{job:02}-python-server.nomad.hcl"));
+        let output = validate(&[&client, &job]);
+        let shown = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        assert!(output.status.success(), "{}: {shown}", job.display());
+        assert!(!shown.contains(key), "{shown}");
     }
 }

@@ -261,3 +261,42 @@ async fn every_go_driver_attribute_is_present_in_go_format() {
     assert_eq!(string("driver.virt.version"), env!("CARGO_PKG_VERSION"));
     plugin.kill().await.expect("exit");
 }
+
+/// A Ceph pool is fingerprinted with Go's attribute names (type "ceph")
+/// and ours; it is created on first use, so it is "missing" until then,
+/// and the driver stays healthy. The key shows up nowhere.
+#[tokio::test]
+async fn ceph_pools_are_fingerprinted_without_their_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = common::test_driver_node(dir.path());
+    let plugin = common::launch().await;
+    let key = "AQD8bvtpvFsSHxAAetpPOmzr4VBwu1zk7YQB+w==";
+    let config = common::test_driver_config(&node)
+        + &format!(
+            "storage_pools {{\n  ceph \"ndvtest-ceph\" {{\n    pool = \"ndvtest-rbd\"\n    \
+             hosts = [\"127.0.0.1:6789\"]\n    authentication {{\n      username = \"ndvtest\"\n      \
+             secret = \"{key}\"\n    }}\n  }}\n}}\n"
+        );
+    plugin
+        .set_config_hcl(&config, None)
+        .await
+        .expect("set config");
+    let mut stream = plugin
+        .driver()
+        .fingerprint(FingerprintRequest {})
+        .await
+        .expect("fingerprint")
+        .into_inner();
+    let first = stream.message().await.expect("stream").expect("message");
+    assert_eq!(first.health, HealthState::Healthy as i32, "{first:?}");
+    let attributes = rendered(&first);
+    let prefix = "driver.virt.storage_pool.ndvtest-ceph";
+    assert_eq!(attributes[prefix], "ceph");
+    assert_eq!(attributes[&format!("{prefix}.provider.libvirt")], "true");
+    assert_eq!(attributes[&format!("{prefix}.state")], "missing");
+    assert_eq!(attributes[&format!("{prefix}.ceph_pool")], "ndvtest-rbd");
+    assert!(!attributes.contains_key(&format!("{prefix}.default")));
+    let shown = format!("{first:?}");
+    assert!(!shown.contains(key) && !shown.contains("AQD8"), "{shown}");
+    plugin.kill().await.expect("exit");
+}

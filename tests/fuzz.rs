@@ -863,6 +863,11 @@ proptest! {
                     prop_assert_eq!(disk.attr("type"), Some("block"));
                     prop_assert_eq!(source.attr("dev"), path.to_str());
                 }
+                DiskSource::Rbd { access, image } => {
+                    prop_assert_eq!(disk.attr("type"), Some("network"));
+                    let name = format!("{}/{image}", access.ceph_pool);
+                    prop_assert_eq!(source.attr("name"), Some(name.as_str()));
+                }
             }
             prop_assert_eq!(disk.attr("device"), Some(want.device.as_str()));
             let target = disk.child("target").expect("target");

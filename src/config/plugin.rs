@@ -60,8 +60,7 @@ pub struct LibvirtConfig {
 pub struct StoragePoolsConfig {
     pub default: Option<String>,
     pub directory: Option<BTreeMap<String, DirectoryPoolConfig>>,
-    /// Go's Ceph RBD pools: accepted by the schema so a Go client config
-    /// parses, then refused by validation as not supported yet.
+    /// Go's Ceph RBD pools (libvirt `rbd` pools).
     pub ceph: Option<BTreeMap<String, CephPoolConfig>>,
 }
 
@@ -78,7 +77,46 @@ pub struct CephPoolConfig {
 #[serde(deny_unknown_fields)]
 pub struct CephAuthenticationConfig {
     pub username: Option<String>,
-    pub secret: Option<String>,
+    pub secret: Option<CephKey>,
+}
+
+/// A cephx key (base64, as `ceph auth get-key` prints it). Never shown:
+/// its `Debug` and `Display` print `<redacted>`, and it is not kept in task
+/// state, handles or errors; it reaches libvirt only through the secret API.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CephKey(String);
+
+impl CephKey {
+    pub fn new(key: impl Into<String>) -> Self {
+        CephKey(key.into())
+    }
+
+    /// The key as configured (base64 text). Only for handing to libvirt's
+    /// secret API or to a 0600 key file for qemu-img.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The decoded key bytes, as libvirt's secret value holds them.
+    pub fn decoded(&self) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(self.0.trim())
+            .ok()
+    }
+}
+
+impl std::fmt::Debug for CephKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Display for CephKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -221,6 +259,89 @@ pub struct DirectoryPool {
     pub path: PathBuf,
 }
 
+/// A Ceph monitor address from `hosts`: a name or address and an optional
+/// port (librados picks the default ports without one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CephHost {
+    pub name: String,
+    pub port: Option<u16>,
+}
+
+impl CephHost {
+    /// Parses `host`, `host:port`, `[v6]` or `[v6]:port`.
+    pub fn parse(text: &str) -> Result<CephHost, String> {
+        let text = text.trim();
+        let (name, port) = if let Some(rest) = text.strip_prefix('[') {
+            let (name, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("{text:?}: an IPv6 address needs its closing ']'"))?;
+            match after {
+                "" => (name, None),
+                after => match after.strip_prefix(':') {
+                    Some(port) => (name, Some(port)),
+                    None => return Err(format!("{text:?}: expected \":port\" after ']'")),
+                },
+            }
+        } else {
+            match text.rsplit_once(':') {
+                Some((name, _)) if name.contains(':') => {
+                    return Err(format!(
+                        "{text:?}: write an IPv6 address in brackets, e.g. \"[::1]:3300\""
+                    ))
+                }
+                Some((name, port)) => (name, Some(port)),
+                None => (text, None),
+            }
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '_'))
+            && !name.starts_with('-');
+        if !name_ok {
+            return Err(format!(
+                "{text:?} is not a monitor address; use \"host\" or \"host:port\" \
+                 (e.g. \"10.0.0.1:3300\" or \"[fd00::1]:6789\")"
+            ));
+        }
+        let port = match port {
+            None => None,
+            Some(port) => match port.parse::<u16>() {
+                Ok(port) if port > 0 => Some(port),
+                _ => return Err(format!("{text:?}: {port:?} is not a port (1-65535)")),
+            },
+        };
+        Ok(CephHost {
+            name: name.to_string(),
+            port,
+        })
+    }
+}
+
+/// A Ceph RBD storage pool: libvirt pool `name` (an `rbd` pool) on Ceph
+/// pool `pool`, reached through `hosts` as cephx user `username`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CephPool {
+    pub name: String,
+    pub pool: String,
+    pub hosts: Vec<CephHost>,
+    /// The cephx id without `client.` (as libvirt's `<auth username>`).
+    pub username: String,
+    pub key: CephKey,
+}
+
+/// Whether `name` can be a Ceph pool or user id here: what Ceph accepts
+/// and what is safe in a qemu option string and an RBD image spec.
+pub fn is_ceph_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+}
+
 /// The validated plugin settings with defaults applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -228,6 +349,8 @@ pub struct Settings {
     pub libvirt_credentials: Option<(String, String)>,
     pub image_paths: Vec<PathBuf>,
     pub pools: Vec<DirectoryPool>,
+    /// `storage_pools { ceph "name" { ... } }`.
+    pub ceph_pools: Vec<CephPool>,
     pub default_pool: String,
     pub accelerator: AcceleratorChoice,
     pub log_level: Option<LevelFilter>,
@@ -246,6 +369,20 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The Ceph pool named `name`, if one is configured.
+    pub fn ceph_pool(&self, name: &str) -> Option<&CephPool> {
+        self.ceph_pools.iter().find(|pool| pool.name == name)
+    }
+
+    /// Names of every configured pool (directory, then Ceph).
+    pub fn pool_names(&self) -> Vec<&str> {
+        self.pools
+            .iter()
+            .map(|pool| pool.name.as_str())
+            .chain(self.ceph_pools.iter().map(|pool| pool.name.as_str()))
+            .collect()
+    }
+
     /// Whether read-only shared directories may use virtiofs even where
     /// libvirt cannot enforce read-only virtiofs (before 11.0.0), as the Go
     /// driver's `allow_insecure_readonly_mounts` allows.
@@ -278,6 +415,7 @@ fn unreachable_default() -> Settings {
             name: DEFAULT_POOL_NAME.into(),
             path: DEFAULT_POOL_PATH.into(),
         }],
+        ceph_pools: Vec::new(),
         default_pool: DEFAULT_POOL_NAME.into(),
         accelerator: AcceleratorChoice::Auto,
         log_level: None,
@@ -376,13 +514,7 @@ impl PluginConfig {
                 ),
             }
         }
-        for name in pools_config.ceph.iter().flatten().map(|(name, _)| name) {
-            problems.add(
-                format!("storage_pools.ceph[{name:?}]"),
-                "Ceph storage pools are not supported yet by this driver; remove the block \
-                 (and disks' pool = \"...\" naming it) or keep those jobs on the Go driver for now",
-            );
-        }
+        let ceph_pools = ceph_pools(&pools_config, &mut problems);
         let configured_pools = pools_config.directory.as_ref().map_or(0, BTreeMap::len);
         if configured_pools == 0 {
             pools.push(DirectoryPool {
@@ -391,6 +523,17 @@ impl PluginConfig {
             });
         }
         let default_pool = match pools_config.default.as_deref() {
+            Some(name) if ceph_pools.iter().any(|pool| pool.name == name) => {
+                problems.add(
+                    "storage_pools.default",
+                    format!(
+                        "{name:?} is a Ceph pool; the default pool also holds each task's \
+                         cloud-init seed, which needs a directory pool: name a directory pool \
+                         here and set pool = {name:?} on the disks that belong in Ceph"
+                    ),
+                );
+                name.to_string()
+            }
             Some(name) if configured_pools > 0 => {
                 if !pools_config
                     .directory
@@ -488,7 +631,9 @@ impl PluginConfig {
             },
         };
 
-        let policy = self.policy(&pools, &mut problems);
+        let mut all_pools: Vec<&str> = pools.iter().map(|pool| pool.name.as_str()).collect();
+        all_pools.extend(ceph_pools.iter().map(|pool| pool.name.as_str()));
+        let policy = self.policy(&all_pools, &mut problems);
 
         problems.into_result(
             "plugin config",
@@ -497,6 +642,7 @@ impl PluginConfig {
                 libvirt_credentials,
                 image_paths,
                 pools,
+                ceph_pools,
                 default_pool,
                 accelerator,
                 log_level,
@@ -511,7 +657,7 @@ impl PluginConfig {
     }
 
     /// Checks the `allow_*` settings into a [`Policy`].
-    fn policy(&self, pools: &[DirectoryPool], problems: &mut Problems) -> Policy {
+    fn policy(&self, pools: &[&str], problems: &mut Problems) -> Policy {
         let names = |field: &str,
                      list: &Option<Vec<String>>,
                      valid: fn(&str) -> bool,
@@ -567,16 +713,12 @@ impl PluginConfig {
             problems,
         );
         for (index, name) in storage_pools.iter().flatten().enumerate() {
-            if !pools.iter().any(|pool| &pool.name == name) {
+            if !pools.contains(&name.as_str()) {
                 problems.add(
                     format!("allow_storage_pools[{index}]"),
                     format!(
                         "{name:?} is not a configured pool; configured: {}",
-                        pools
-                            .iter()
-                            .map(|p| p.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        pools.join(", ")
                     ),
                 );
             }
@@ -597,6 +739,137 @@ impl PluginConfig {
             clean_traffic: self.clean_traffic.unwrap_or(true),
         }
     }
+}
+
+/// Checks the `storage_pools { ceph "name" { ... } }` blocks. The key is
+/// checked to be base64 but never quoted in a message.
+fn ceph_pools(config: &StoragePoolsConfig, problems: &mut Problems) -> Vec<CephPool> {
+    let mut out = Vec::new();
+    for (name, pool) in config.ceph.iter().flatten() {
+        let field = format!("storage_pools.ceph[{name:?}]");
+        let mut ok = true;
+        if !super::names::is_object_name(name) {
+            problems.add(
+                field.clone(),
+                "pool names may use letters, digits, '-', '_' and '.', up to 64 characters",
+            );
+            ok = false;
+        }
+        if config
+            .directory
+            .iter()
+            .flatten()
+            .any(|(dir, _)| dir == name)
+        {
+            problems.add(
+                field.clone(),
+                format!("{name:?} is also a directory pool; give each pool its own name"),
+            );
+            ok = false;
+        }
+        let ceph_pool = match pool.pool.as_deref() {
+            Some(ceph_pool) if is_ceph_name(ceph_pool) => ceph_pool.to_string(),
+            Some(ceph_pool) => {
+                problems.add(
+                    format!("{field}.pool"),
+                    format!(
+                        "{ceph_pool:?} is not a Ceph pool name (letters, digits, '-', '_', '.')"
+                    ),
+                );
+                ok = false;
+                String::new()
+            }
+            None => {
+                problems.add(
+                    format!("{field}.pool"),
+                    "is required: the Ceph (RBD) pool that holds the volumes",
+                );
+                ok = false;
+                String::new()
+            }
+        };
+        let mut hosts = Vec::new();
+        match pool.hosts.as_deref() {
+            None | Some([]) => {
+                problems.add(
+                    format!("{field}.hosts"),
+                    "is required: the Ceph monitors, e.g. [\"10.0.0.1:3300\", \"10.0.0.2:3300\"]",
+                );
+                ok = false;
+            }
+            Some(list) => {
+                for (index, host) in list.iter().enumerate() {
+                    match CephHost::parse(host) {
+                        Ok(host) => hosts.push(host),
+                        Err(message) => {
+                            problems.add(format!("{field}.hosts[{index}]"), message);
+                            ok = false;
+                        }
+                    }
+                }
+            }
+        }
+        let auth = pool.authentication.clone().unwrap_or_default();
+        let username = match auth.username.as_deref() {
+            Some(user) if user.starts_with("client.") => {
+                problems.add(
+                    format!("{field}.authentication.username"),
+                    format!(
+                        "{user:?}: write the cephx id without \"client.\", e.g. {:?}",
+                        user.trim_start_matches("client.")
+                    ),
+                );
+                ok = false;
+                String::new()
+            }
+            Some(user) if is_ceph_name(user) => user.to_string(),
+            Some(user) => {
+                problems.add(
+                    format!("{field}.authentication.username"),
+                    format!("{user:?} is not a cephx user id (letters, digits, '-', '_', '.')"),
+                );
+                ok = false;
+                String::new()
+            }
+            None => {
+                problems.add(
+                    format!("{field}.authentication.username"),
+                    "is required: the cephx user id (without \"client.\"), e.g. \"nomad\"",
+                );
+                ok = false;
+                String::new()
+            }
+        };
+        let key = match &auth.secret {
+            Some(key) if key.decoded().is_some_and(|bytes| !bytes.is_empty()) => key.clone(),
+            Some(_) => {
+                problems.add(
+                    format!("{field}.authentication.secret"),
+                    "is not a cephx key: use the base64 key `ceph auth get-key client.<id>` prints",
+                );
+                ok = false;
+                CephKey::default()
+            }
+            None => {
+                problems.add(
+                    format!("{field}.authentication.secret"),
+                    "is required: the user's cephx key (`ceph auth get-key client.<id>`)",
+                );
+                ok = false;
+                CephKey::default()
+            }
+        };
+        if ok {
+            out.push(CephPool {
+                name: name.clone(),
+                pool: ceph_pool,
+                hosts,
+                username,
+                key,
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -693,28 +966,134 @@ mod tests {
         assert_eq!(error.errors[0].field, "storage_pools.default");
     }
 
-    #[test]
-    fn ceph_pools_parse_but_are_not_supported_yet() {
-        let config = PluginConfig {
+    fn ceph(pool: CephPoolConfig) -> PluginConfig {
+        PluginConfig {
             storage_pools: Some(StoragePoolsConfig {
-                ceph: Some(BTreeMap::from([(
-                    "remote".to_string(),
-                    CephPoolConfig {
-                        pool: Some("nomad-pool".into()),
-                        hosts: Some(vec!["10.0.0.1".into()]),
-                        authentication: Some(CephAuthenticationConfig {
-                            username: Some("nomad".into()),
-                            secret: Some("s".into()),
-                        }),
-                    },
-                )])),
+                ceph: Some(BTreeMap::from([("remote".to_string(), pool)])),
                 ..Default::default()
             }),
             ..Default::default()
-        };
-        let error = config.validate().expect_err("not supported");
-        assert_eq!(error.errors.len(), 1, "{error}");
-        assert_eq!(error.errors[0].field, "storage_pools.ceph[\"remote\"]");
-        assert!(error.errors[0].message.contains("not supported yet"));
+        }
+    }
+
+    const KEY: &str = "AQD8bvtpvFsSHxAAetpPOmzr4VBwu1zk7YQB+w==";
+
+    fn good_ceph() -> CephPoolConfig {
+        CephPoolConfig {
+            pool: Some("nomad-pool".into()),
+            hosts: Some(vec![
+                "10.0.0.1:3300".into(),
+                "[fd00::1]".into(),
+                "mon.example".into(),
+            ]),
+            authentication: Some(CephAuthenticationConfig {
+                username: Some("nomad".into()),
+                secret: Some(CephKey::new(KEY)),
+            }),
+        }
+    }
+
+    #[test]
+    fn ceph_pools_are_accepted_next_to_the_default_directory_pool() {
+        let settings = ceph(good_ceph()).validate().expect("valid");
+        assert_eq!(settings.default_pool, DEFAULT_POOL_NAME);
+        assert_eq!(settings.ceph_pools.len(), 1);
+        let pool = &settings.ceph_pools[0];
+        assert_eq!(pool.name, "remote");
+        assert_eq!(pool.pool, "nomad-pool");
+        assert_eq!(pool.username, "nomad");
+        assert_eq!(
+            pool.hosts,
+            vec![
+                CephHost {
+                    name: "10.0.0.1".into(),
+                    port: Some(3300)
+                },
+                CephHost {
+                    name: "fd00::1".into(),
+                    port: None
+                },
+                CephHost {
+                    name: "mon.example".into(),
+                    port: None
+                },
+            ]
+        );
+        assert_eq!(pool.key.decoded().map(|k| k.len()), Some(28));
+        assert_eq!(settings.pool_names(), vec![DEFAULT_POOL_NAME, "remote"]);
+    }
+
+    #[test]
+    fn the_ceph_key_is_never_shown() {
+        let settings = ceph(good_ceph()).validate().expect("valid");
+        let shown = format!("{settings:?} {:?}", ceph(good_ceph()));
+        assert!(!shown.contains(KEY), "{shown}");
+        assert!(!shown.contains("AQD8bvtp"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        // Nor in an error about it.
+        let mut bad = good_ceph();
+        bad.authentication = Some(CephAuthenticationConfig {
+            username: Some("nomad".into()),
+            secret: Some(CephKey::new("not base64 !!! secret-words")),
+        });
+        let error = ceph(bad).validate().expect_err("bad key").to_string();
+        assert!(error.contains("authentication.secret"), "{error}");
+        assert!(!error.contains("secret-words"), "{error}");
+    }
+
+    #[test]
+    fn ceph_pool_problems_are_named() {
+        let config = ceph(CephPoolConfig {
+            pool: Some("a/b".into()),
+            hosts: Some(vec!["10.0.0.1:99999".into(), "fd00::1".into(), "".into()]),
+            authentication: Some(CephAuthenticationConfig {
+                username: Some("client.nomad".into()),
+                secret: None,
+            }),
+        });
+        let error = config.validate().expect_err("invalid");
+        let fields: Vec<&str> = error.errors.iter().map(|e| e.field.as_str()).collect();
+        for field in [
+            "storage_pools.ceph[\"remote\"].pool",
+            "storage_pools.ceph[\"remote\"].hosts[0]",
+            "storage_pools.ceph[\"remote\"].hosts[1]",
+            "storage_pools.ceph[\"remote\"].hosts[2]",
+            "storage_pools.ceph[\"remote\"].authentication.username",
+            "storage_pools.ceph[\"remote\"].authentication.secret",
+        ] {
+            assert!(fields.contains(&field), "{field} missing from {error}");
+        }
+        let error = ceph(CephPoolConfig {
+            hosts: Some(vec![]),
+            ..good_ceph()
+        })
+        .validate()
+        .expect_err("no hosts");
+        assert_eq!(
+            error.errors[0].field,
+            "storage_pools.ceph[\"remote\"].hosts"
+        );
+    }
+
+    #[test]
+    fn a_ceph_pool_cannot_be_the_default_but_can_be_allowed() {
+        let mut config = ceph(good_ceph());
+        if let Some(pools) = config.storage_pools.as_mut() {
+            pools.default = Some("remote".into());
+        }
+        let error = config.validate().expect_err("ceph default");
+        assert_eq!(error.errors[0].field, "storage_pools.default");
+        assert!(
+            error.errors[0].message.contains("cloud-init seed"),
+            "{error}"
+        );
+
+        let mut config = ceph(good_ceph());
+        config.allow_storage_pools = Some(vec!["remote".into()]);
+        let settings = config.validate().expect("allowed");
+        assert_eq!(
+            settings.policy.storage_pools,
+            Some(vec!["remote".to_string()])
+        );
     }
 }

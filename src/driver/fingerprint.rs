@@ -107,7 +107,11 @@ pub fn go_pool_type(libvirt_type: &str) -> &str {
 /// spelling (`directory`), `.provider.libvirt = true`, `.default = true` for
 /// the default pool. Ours besides: `.state` = active or inactive (or
 /// "missing" for a configured pool libvirt does not have yet: it is created
-/// on first use) and `.path`.
+/// on first use) and `.path`. Ceph pools get the same Go attributes (type
+/// `ceph`) and our `.state`, plus `.ceph_pool` (the Ceph pool's name); a
+/// Ceph pool that refuses the key stays `inactive`, one whose monitors do
+/// not answer `missing` (it is defined only once they do), while the
+/// driver and its other pools work.
 pub fn add_pool_attributes(
     response: &mut FingerprintResponse,
     settings: &Settings,
@@ -141,6 +145,25 @@ pub fn add_pool_attributes(
                 .attributes
                 .insert(format!("{prefix}.default"), attribute::bool(true));
         }
+    }
+    for configured in &settings.ceph_pools {
+        let prefix = format!("driver.virt.storage_pool.{}", configured.name);
+        let found = pools.iter().find(|(name, _, _)| name == &configured.name);
+        let (kind, state) = match found {
+            Some((_, active, kind)) => (
+                go_pool_type(kind).to_string(),
+                crate::net::is_active_string(*active).to_string(),
+            ),
+            None => ("ceph".to_string(), "missing".to_string()),
+        };
+        let attributes = &mut response.attributes;
+        attributes.insert(prefix.clone(), attribute::string(&kind));
+        attributes.insert(format!("{prefix}.provider.libvirt"), attribute::bool(true));
+        attributes.insert(format!("{prefix}.state"), attribute::string(&state));
+        attributes.insert(
+            format!("{prefix}.ceph_pool"),
+            attribute::string(&configured.pool),
+        );
     }
 }
 

@@ -5,10 +5,10 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use super::{
-    CreatedDisk, DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError,
+    CreatedDisk, DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, RbdContent,
     SourceVolumeFacts, VolumeContent,
 };
-use crate::config::plugin::DirectoryPool;
+use crate::config::plugin::{CephPool, DirectoryPool};
 use crate::libvirt::conn::Connect;
 use crate::libvirt::domain_xml::{render_domain_xml, DomainSpec, DomainType};
 use crate::libvirt::events::LifecycleEvent;
@@ -133,6 +133,87 @@ impl Hypervisor for LibvirtHypervisor {
     fn prepare_pool(&self, config: &DirectoryPool) -> Result<(), HypervisorError> {
         self.with(|conn| {
             storage::ensure_directory_pool(conn, &config.name, &config.path)?;
+            Ok(())
+        })
+    }
+
+    fn prepare_ceph_pool(
+        &self,
+        config: &CephPool,
+    ) -> Result<storage::rbd::RbdAccess, HypervisorError> {
+        self.with(|conn| Ok(storage::rbd::ensure_rbd_pool(conn, config)?.1))
+    }
+
+    fn rbd_source_volume(&self, config: &CephPool, name: &str) -> Result<u64, HypervisorError> {
+        self.with(|conn| {
+            let pool = pool(conn, &config.name)?;
+            let capacity = storage::rbd::rbd_source_volume(&pool, name)?;
+            // Whatever its name, an image a domain uses is that domain's disk.
+            let spec = storage::rbd::rbd_disk_spec(config, name);
+            if let Some(user) = domain::disk_uses(conn)?
+                .into_iter()
+                .find(|used| used.paths.contains(&spec))
+            {
+                return Err(StorageError::UnsafeSourceVolume {
+                    pool: config.name.clone(),
+                    volume: name.to_string(),
+                    reason: format!(
+                        "domain {:?} uses it as a disk; name a volume no domain uses",
+                        user.domain
+                    ),
+                }
+                .into());
+            }
+            Ok(capacity)
+        })
+    }
+
+    fn create_rbd_volume(
+        &self,
+        config: &CephPool,
+        name: &str,
+        content: RbdContent<'_>,
+    ) -> Result<(), HypervisorError> {
+        self.with(|conn| {
+            let pool = pool(conn, &config.name)?;
+            match content {
+                RbdContent::Empty { size } => {
+                    storage::rbd::create_rbd_volume(&pool, name, size)?;
+                }
+                RbdContent::Image {
+                    image,
+                    image_format,
+                    size,
+                } => {
+                    let volume = storage::rbd::create_rbd_volume(&pool, name, size)?;
+                    storage::rbd::write_image(config, &volume, image, image_format)?;
+                }
+                RbdContent::Shared {
+                    image,
+                    image_format,
+                    identity,
+                    parent,
+                    size,
+                } => {
+                    storage::rbd::clone_shared_parent(
+                        config,
+                        &pool,
+                        image,
+                        image_format,
+                        identity,
+                        parent,
+                        name,
+                        size,
+                    )?;
+                }
+                RbdContent::Copy { source, size } => {
+                    storage::rbd::copy_rbd_volume(config, &pool, source, name, size)?;
+                }
+                RbdContent::Clone { parent, size } => {
+                    let parent = storage::Volume::lookup(&pool, parent)?;
+                    storage::rbd::clone_rbd_volume(&pool, &parent, name, size)?;
+                }
+            }
             Ok(())
         })
     }
@@ -275,6 +356,14 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn delete_volume(&self, created: &CreatedVolume) -> Result<(), HypervisorError> {
         self.with(|conn| {
+            // RBD images go with their snapshots (a clone's parent has one).
+            if let Ok(Some(pool)) = storage::lookup_pool(conn, &created.pool) {
+                if storage::rbd::is_rbd_pool(&pool) {
+                    storage::rbd::start_if_stopped(&pool);
+                    let _ = storage::refresh_pool(&pool);
+                    return Ok(storage::rbd::delete_rbd_volume(&pool, &created.name)?);
+                }
+            }
             Ok(storage::delete_created_volume(
                 conn,
                 &created.pool,

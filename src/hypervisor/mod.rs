@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use crate::config::plugin::DirectoryPool;
+use crate::config::plugin::{CephPool, DirectoryPool};
 use crate::guest_agent::GuestAgent;
 use crate::libvirt::domain_xml::{DomainSpec, DomainType};
 use crate::libvirt::events::LifecycleEvent;
@@ -83,6 +83,39 @@ pub enum VolumeContent<'a> {
     Bytes { data: &'a [u8], format: ImageFormat },
 }
 
+/// What a new RBD volume (a disk in a Ceph pool) holds. RBD images are
+/// raw and always sparse.
+#[derive(Debug, Clone, Copy)]
+pub enum RbdContent<'a> {
+    /// Zeroes, `size` bytes.
+    Empty { size: u64 },
+    /// The image converted to raw, written through librbd; the volume is
+    /// `size` bytes (at least the image's virtual size, checked before).
+    Image {
+        image: &'a ImageFile,
+        image_format: ImageFormat,
+        size: u64,
+    },
+    /// A copy-on-write RBD clone of volume `parent` in the same pool (a
+    /// base the start made just before, or an operator's volume checked
+    /// with [`Hypervisor::rbd_source_volume`]), grown to `size`.
+    Clone { parent: &'a str, size: u64 },
+    /// A chained disk from an image: an RBD clone of the shared parent
+    /// `parent` (named from the image's key, see
+    /// [`crate::libvirt::storage::rbd::shared_parent_name`]), uploaded first
+    /// when missing; the image must still have `identity` afterwards.
+    Shared {
+        image: &'a ImageFile,
+        image_format: ImageFormat,
+        identity: crate::storage::parent_key::Identity,
+        parent: &'a str,
+        size: u64,
+    },
+    /// A full copy of the operator's volume `source` (checked with
+    /// [`Hypervisor::rbd_source_volume`]), grown to `size`.
+    Copy { source: &'a str, size: u64 },
+}
+
 /// A volume the driver made for a disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreatedDisk {
@@ -142,6 +175,25 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// Makes sure the pool exists and is started.
     fn prepare_pool(&self, pool: &DirectoryPool) -> Result<(), HypervisorError>;
+    /// Makes sure the Ceph pool's secret and libvirt `rbd` pool exist and
+    /// the pool is started; returns what a domain's network disk needs. An
+    /// unreachable cluster or refused key is a clear error (within seconds
+    /// when no monitor answers).
+    fn prepare_ceph_pool(
+        &self,
+        pool: &CephPool,
+    ) -> Result<crate::libvirt::storage::rbd::RbdAccess, HypervisorError>;
+    /// Checks an RBD image a job names as `source.volume` in a prepared Ceph
+    /// pool (see [`crate::libvirt::storage::rbd::rbd_source_volume`]);
+    /// returns its capacity.
+    fn rbd_source_volume(&self, pool: &CephPool, name: &str) -> Result<u64, HypervisorError>;
+    /// Creates RBD volume `name` in the prepared Ceph pool.
+    fn create_rbd_volume(
+        &self,
+        pool: &CephPool,
+        name: &str,
+        content: RbdContent<'_>,
+    ) -> Result<(), HypervisorError>;
     /// Bytes free in a prepared pool (libvirt's pool info, after a refresh).
     fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError>;
     /// Whether libvirt has network filter `name`; `None` on libvirt's test

@@ -155,6 +155,10 @@ pub fn disk_use_in_xml(domain: &str, xml: &str) -> DiskUse {
                     found.paths.push(path.to_string());
                 }
             }
+            // An RBD network disk: "rbd:<ceph pool>/<image>".
+            if let (Some("rbd"), Some(name)) = (source.attr("protocol"), source.attr("name")) {
+                found.paths.push(format!("rbd:{name}"));
+            }
             if let (Some(pool), Some(volume)) = (source.attr("pool"), source.attr("volume")) {
                 found
                     .pool_volumes

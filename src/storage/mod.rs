@@ -158,6 +158,24 @@ pub enum StorageError {
         volume: String,
         reason: String,
     },
+    /// A Ceph pool whose monitors cannot be reached, or that refuses the
+    /// configured credentials (or lacks the Ceph pool). Never carries the key.
+    #[error(
+        "Ceph storage pool {pool:?} (Ceph pool {ceph_pool:?} on {hosts}, as client.{username}) \
+         is not usable: {problem}"
+    )]
+    CephUnavailable {
+        pool: String,
+        ceph_pool: String,
+        hosts: String,
+        username: String,
+        problem: String,
+    },
+    #[error(
+        "storage pool {pool:?} already exists in libvirt with type {pool_type:?}; the Ceph pool \
+         of the plugin config needs an \"rbd\" pool: use another pool name"
+    )]
+    CephPoolType { pool: String, pool_type: String },
     #[error("volume name {volume:?} is invalid: {reason}")]
     VolumeName { volume: String, reason: String },
     #[error("volume {volume:?} in storage pool {pool:?}: libvirt failed while {action}")]
@@ -212,10 +230,13 @@ impl StorageError {
             | StorageError::GrewAfterCheck { .. }
             | StorageError::PoolPathMismatch { .. }
             | StorageError::PoolType { .. }
+            | StorageError::CephPoolType { .. }
             | StorageError::VolumeName { .. }
             | StorageError::DriverOwnedVolume { .. }
             | StorageError::UnsafeSourceVolume { .. } => false,
-            StorageError::Io { .. }
+            // The cluster may come back, or the operator fix the key.
+            StorageError::CephUnavailable { .. }
+            | StorageError::Io { .. }
             | StorageError::QemuImgSpawn { .. }
             | StorageError::QemuImg { .. }
             | StorageError::PoolXml { .. }

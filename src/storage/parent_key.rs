@@ -77,6 +77,33 @@ pub fn upload_lock(identity: &Identity) -> Arc<Mutex<()>> {
     locks.entry(*identity).or_default().clone()
 }
 
+/// The key of the whole file, read through its descriptor with positional
+/// reads (the file offset is untouched), and its identity before the read.
+/// Remembered like upload keys, so an unchanged image is hashed once. A
+/// caller publishing something made from a later read must check that
+/// the identity still holds afterwards.
+pub fn key_of_file(file: &File) -> io::Result<(String, Identity)> {
+    use std::os::unix::fs::FileExt as _;
+    let before = Identity::of(file)?;
+    if let Some(key) = remembered(&before) {
+        return Ok((key, before));
+    }
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    loop {
+        let read = file.read_at(&mut buf, offset)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buf[..read]);
+        offset += read as u64;
+    }
+    let key = hex(&hasher.finalize());
+    remember(file, before, &key);
+    Ok((key, before))
+}
+
 /// A reader that hashes every byte it hands out.
 pub struct HashingReader<R> {
     inner: R,

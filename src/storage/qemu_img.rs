@@ -5,7 +5,7 @@
 //! (so a crafted image cannot make it eat the host's memory or a core).
 
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::images::ImageFile;
@@ -146,6 +146,141 @@ pub fn write_to_device(
     Ok(())
 }
 
+/// Where [`write_to_rbd`] writes: an RBD image reached through librbd
+/// with a cephx key read from `key_file` (base64, 0600, removed by its owner).
+#[derive(Debug)]
+pub struct RbdTarget<'a> {
+    pub ceph_pool: &'a str,
+    pub image: &'a str,
+    pub username: &'a str,
+    /// Monitors as (host, port); port 0 lets librados pick the defaults.
+    pub hosts: Vec<(&'a str, u16)>,
+    pub key_file: &'a Path,
+}
+
+impl RbdTarget<'_> {
+    /// qemu's `--target-image-opts` for the image. Every part is a checked
+    /// Ceph name or monitor address (no ',' or '='), so nothing needs
+    /// escaping; checked again here.
+    fn image_opts(&self) -> Result<String, String> {
+        let mut opts = format!(
+            "driver=rbd,pool={},image={},user={},key-secret=sec0",
+            self.ceph_pool, self.image, self.username
+        );
+        for (index, (host, port)) in self.hosts.iter().enumerate() {
+            opts.push_str(&format!(
+                ",server.{index}.host={host},server.{index}.port={port}"
+            ));
+        }
+        let parts = [self.ceph_pool, self.image, self.username];
+        if parts
+            .iter()
+            .chain(self.hosts.iter().map(|(host, _)| host))
+            .any(|part| part.is_empty() || part.contains([',', '=', '@', '/', ' ']))
+        {
+            return Err(format!("unsafe RBD target {opts:?}"));
+        }
+        Ok(opts)
+    }
+}
+
+/// Writes `image` (in `format`) into the existing, freshly created (all
+/// zero) RBD image `target` as raw bytes, confined like [`convert`]:
+/// qemu-img reads the descriptor the driver opened and writes through
+/// librbd, skipping zero blocks (`--target-is-zero`), so the RBD image
+/// stays sparse. The key reaches qemu-img in a file, never on its command
+/// line. The image must fit: `capacity` is the RBD image's size.
+pub fn write_to_rbd(
+    image: &ImageFile,
+    format: ImageFormat,
+    target: &RbdTarget<'_>,
+    capacity: u64,
+) -> Result<(), StorageError> {
+    super::check_image_safe(image, format)?;
+    let virtual_size = super::image_virtual_size(image, format)?;
+    if virtual_size > capacity {
+        return Err(StorageError::GrewAfterCheck {
+            path: image.shown_path(),
+            found: format!("its virtual size is {virtual_size} bytes, more"),
+            cap: capacity,
+        });
+    }
+    let opts = target
+        .image_opts()
+        .map_err(|reason| StorageError::UnsafeImage {
+            path: image.shown_path(),
+            reason,
+        })?;
+    let output = limited(image, "convert")?
+        .args(["-q", "-n", "--target-is-zero", "-f", format.as_str()])
+        .arg("--object")
+        .arg(format!(
+            "secret,id=sec0,format=base64,file={}",
+            target.key_file.display()
+        ))
+        .args(["--target-image-opts", STDIN_IMAGE])
+        .arg(&opts)
+        .output()
+        .map_err(|error| StorageError::QemuImgSpawn {
+            action: "write to RBD",
+            path: image.shown_path(),
+            error,
+        })?;
+    if !output.status.success() {
+        return Err(StorageError::QemuImg {
+            action: "write to RBD",
+            path: image.shown_path(),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr)
+                .trim()
+                .replace(&*target.key_file.to_string_lossy(), "<key file>")
+                .replace(STDIN_IMAGE, image.shown()),
+        });
+    }
+    Ok(())
+}
+
+/// Copies RBD image `source` into the existing, freshly created (all zero)
+/// RBD image `target` through librbd, skipping zero blocks. Both name the
+/// same cluster and key file. Runs under the same limits as the rest.
+pub fn copy_rbd_to_rbd(source: &RbdTarget<'_>, target: &RbdTarget<'_>) -> Result<(), StorageError> {
+    let shown = PathBuf::from(format!("rbd:{}/{}", source.ceph_pool, source.image));
+    let unsafe_target = |reason: String| StorageError::UnsafeImage {
+        path: shown.clone(),
+        reason,
+    };
+    let from = source.image_opts().map_err(unsafe_target)?;
+    let to = target.image_opts().map_err(unsafe_target)?;
+    let output = Command::new("prlimit")
+        .arg(format!("--as={MEMORY_LIMIT_BYTES}"))
+        .arg(format!("--cpu={CPU_LIMIT_SECONDS}"))
+        .args(["--", "qemu-img", "convert", "-q", "-n", "--target-is-zero"])
+        .arg("--object")
+        .arg(format!(
+            "secret,id=sec0,format=base64,file={}",
+            target.key_file.display()
+        ))
+        .args(["--image-opts", &from, "--target-image-opts", &to])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| StorageError::QemuImgSpawn {
+            action: "copy RBD image",
+            path: shown.clone(),
+            error,
+        })?;
+    if !output.status.success() {
+        return Err(StorageError::QemuImg {
+            action: "copy RBD image",
+            path: shown,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr)
+                .trim()
+                .replace(&*target.key_file.to_string_lossy(), "<key file>"),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +321,27 @@ mod tests {
         let command = limited(&image, "convert").expect("command");
         let args: Vec<_> = command.get_args().collect();
         assert_eq!(args[2..], ["--", "qemu-img", "convert"]);
+    }
+
+    #[test]
+    fn rbd_target_options_refuse_separators() {
+        let key = Path::new("/run/k");
+        let target = RbdTarget {
+            ceph_pool: "p",
+            image: "v.img",
+            username: "nomad",
+            hosts: vec![("127.0.0.1", 6789), ("::1", 0)],
+            key_file: key,
+        };
+        assert_eq!(
+            target.image_opts().unwrap(),
+            "driver=rbd,pool=p,image=v.img,user=nomad,key-secret=sec0,\
+             server.0.host=127.0.0.1,server.0.port=6789,server.1.host=::1,server.1.port=0"
+        );
+        let bad = RbdTarget {
+            image: "v,file=/etc/shadow",
+            ..target
+        };
+        assert!(bad.image_opts().is_err());
     }
 }

@@ -17,18 +17,19 @@ use crate::cloudinit::docs::{render, CloudInitInput};
 use crate::cloudinit::iso::build_seed_iso;
 use crate::cloudinit::password::random_salt;
 use crate::config::names::GuestDeviceName;
-use crate::config::plugin::{DirectoryPool, Settings};
+use crate::config::plugin::{CephPool, Settings};
 use crate::config::policy;
 use crate::config::task::{
     self as task_config, hostname_from_task_name, DiskKind, DiskSource as ConfigDiskSource,
 };
 use crate::faults::crash_point;
-use crate::hypervisor::{Hypervisor, VolumeContent};
+use crate::hypervisor::{Hypervisor, RbdContent, VolumeContent};
 use crate::libvirt::domain_xml::{
     DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec, DomainType,
     InterfaceSpec, ShareDriver, ShareSpec,
 };
 use crate::libvirt::host;
+use crate::libvirt::storage::rbd::RbdAccess;
 use crate::net::iptables::task_tag;
 use crate::net::{Attachment, DriverNetwork, Net, NetIntent, TeardownSpec, VmStartedBuildRequest};
 use crate::nomad::driver_state::CreatedVolume;
@@ -455,6 +456,144 @@ fn source_image_format(
     }
 }
 
+/// A configured pool, prepared for this start.
+#[derive(Debug, Clone)]
+enum PoolRef {
+    Directory(String),
+    Ceph(Box<(CephPool, RbdAccess)>),
+}
+
+impl PoolRef {
+    fn name(&self) -> &str {
+        match self {
+            PoolRef::Directory(name) => name,
+            PoolRef::Ceph(ceph) => &ceph.0.name,
+        }
+    }
+
+    fn name_of(pool: &PoolRef) -> String {
+        pool.name().to_string()
+    }
+}
+
+/// RBD images are raw and sparse: what a disk in a Ceph pool may not ask
+/// for otherwise (as the Go driver refuses them).
+fn check_rbd_disk(disk: &task_config::DiskSpec, field: &str, pool: &str) -> Result<(), TaskError> {
+    if let Some(format) = disk.format.filter(|format| format.as_str() != "raw") {
+        if !disk.chained {
+            return Err(TaskError::Invalid(format!(
+                "{field}.format: {:?} is not possible in Ceph pool {pool:?}: RBD volumes are \
+                 raw; set format = \"raw\" or remove it",
+                format.as_str()
+            )));
+        }
+    }
+    if disk.sparse == Some(false) {
+        return Err(TaskError::Invalid(format!(
+            "{field}.sparse: RBD volumes in Ceph pool {pool:?} are always sparse; remove sparse = false"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the RBD volume(s) of a disk in a Ceph pool, each recorded
+/// before it is made, and returns the disk's network source. A chained
+/// disk is an RBD copy-on-write clone of a base volume holding the image
+/// (both the task's: removed with it).
+#[allow(clippy::too_many_arguments)]
+fn create_rbd_disk(
+    hypervisor: &dyn Hypervisor,
+    rollback: &mut Rollback<'_>,
+    (config, access): (&CephPool, &RbdAccess),
+    disk: &task_config::DiskSpec,
+    field: &str,
+    name: &str,
+    image: Option<(&images::ImageFile, ImageFormat)>,
+    cap: Option<u64>,
+) -> Result<DiskSource, TaskError> {
+    check_rbd_disk(disk, field, &config.name)?;
+    let pool = &config.name;
+    let image_field = format!("{field}.source.image");
+    match image {
+        Some((image, image_format)) => {
+            // The checked size (the image's virtual size or more).
+            let size = cap
+                .or(disk.size.map(|size| size.0))
+                .ok_or_else(|| TaskError::Invalid(format!("{field}.size: is required")))?;
+            if disk.chained {
+                // Go's way: one parent per image (by its bytes' key) in
+                // the pool, each chained disk an RBD clone of it. Both are
+                // recorded: teardown deletes the clone, then the parent
+                // unless other clones still use it.
+                let (key, identity) = crate::storage::parent_key::key_of_file(image.file())
+                    .map_err(|error| {
+                        TaskError::from(image.io("read the image", error)).in_field(&image_field)
+                    })?;
+                let parent = crate::libvirt::storage::rbd::shared_parent_name(image_format, &key);
+                rollback.volume(pool, &parent)?;
+                rollback.volume(pool, name)?;
+                hypervisor
+                    .create_rbd_volume(
+                        config,
+                        name,
+                        RbdContent::Shared {
+                            image,
+                            image_format,
+                            identity,
+                            parent: &parent,
+                            size,
+                        },
+                    )
+                    .map_err(|e| TaskError::from(e).in_field(&image_field))?;
+            } else {
+                rollback.volume(pool, name)?;
+                hypervisor
+                    .create_rbd_volume(
+                        config,
+                        name,
+                        RbdContent::Image {
+                            image,
+                            image_format,
+                            size,
+                        },
+                    )
+                    .map_err(|e| TaskError::from(e).in_field(&image_field))?;
+            }
+        }
+        None => match &disk.source {
+            // The operator's RBD image is only read: copied, or (chained)
+            // the parent of an RBD clone (libvirt leaves a protected
+            // snapshot `libvirt-<n>` on it, as with the Go driver).
+            Some(ConfigDiskSource::Volume { name: source, .. }) => {
+                let size = cap.or(disk.size.map(|size| size.0)).unwrap_or(0);
+                let source = source.as_str();
+                let content = match disk.chained {
+                    true => RbdContent::Clone {
+                        parent: source,
+                        size,
+                    },
+                    false => RbdContent::Copy { source, size },
+                };
+                rollback.volume(pool, name)?;
+                hypervisor
+                    .create_rbd_volume(config, name, content)
+                    .map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?;
+            }
+            _ => {
+                let size = disk.size.map(|size| size.0).ok_or_else(|| {
+                    TaskError::Invalid(format!("{field}.size: is required for an empty disk"))
+                })?;
+                rollback.volume(pool, name)?;
+                hypervisor.create_rbd_volume(config, name, RbdContent::Empty { size })?;
+            }
+        },
+    }
+    Ok(DiskSource::Rbd {
+        access: access.clone(),
+        image: name.to_string(),
+    })
+}
+
 fn bus(bus: task_config::DiskBus) -> DiskBus {
     match bus {
         task_config::DiskBus::Sata => DiskBus::Sata,
@@ -639,28 +778,27 @@ pub fn boot(
     }
 
     // Each pool is prepared once per start, not per disk.
-    let mut prepared: HashMap<String, ()> = HashMap::new();
-    let mut pool_for = |name: &str, field: &str| -> Result<DirectoryPool, TaskError> {
-        let config = settings
-            .pools
-            .iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| {
-                TaskError::Invalid(format!(
-                    "{field}: {name:?} is not a configured storage pool; configured: {}",
-                    settings
-                        .pools
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?
-            .clone();
-        if prepared.insert(config.name.clone(), ()).is_none() {
-            hypervisor.prepare_pool(&config)?;
+    let mut prepared: HashMap<String, PoolRef> = HashMap::new();
+    let mut pool_for = |name: &str, field: &str| -> Result<PoolRef, TaskError> {
+        if let Some(pool) = prepared.get(name) {
+            return Ok(pool.clone());
         }
-        Ok(config)
+        let pool = if let Some(config) = settings.pools.iter().find(|p| p.name == name) {
+            hypervisor.prepare_pool(config)?;
+            PoolRef::Directory(config.name.clone())
+        } else if let Some(config) = settings.ceph_pool(name) {
+            let access = hypervisor
+                .prepare_ceph_pool(config)
+                .map_err(|e| TaskError::from(e).in_field(field))?;
+            PoolRef::Ceph(Box::new((config.clone(), access)))
+        } else {
+            return Err(TaskError::Invalid(format!(
+                "{field}: {name:?} is not a configured storage pool; configured: {}",
+                settings.pool_names().join(", ")
+            )));
+        };
+        prepared.insert(name.to_string(), pool.clone());
+        Ok(pool)
     };
 
     let pool_of = |disk: &task_config::DiskSpec| {
@@ -678,18 +816,32 @@ pub fn boot(
         };
         let field = format!("disk[{index}]");
         let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
+        let ceph = match &pool {
+            PoolRef::Ceph(ceph) => Some(ceph.0.clone()),
+            PoolRef::Directory(_) => None,
+        };
+        let pool = PoolRef::name_of(&pool);
         // A volume another start recorded is that task's, whatever its name.
-        if let Some(task) = journal.task_using_volume(&pool.name, name.as_str()) {
+        if let Some(task) = journal.task_using_volume(&pool, name.as_str()) {
             return Err(TaskError::Invalid(format!(
                 "{field}.source.volume: volume {:?} in pool {:?} is a disk of task {task:?}; \
                  name a volume the operator made",
                 name.as_str(),
-                pool.name
+                pool
             )));
         }
-        let facts = hypervisor
-            .source_volume(&pool.name, name.as_str())
-            .map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?;
+        let facts = match &ceph {
+            // RBD images are raw.
+            Some(ceph) => hypervisor
+                .rbd_source_volume(ceph, name.as_str())
+                .map(|capacity| crate::hypervisor::SourceVolumeFacts {
+                    format: ImageFormat::Raw,
+                    capacity,
+                }),
+            None => hypervisor.source_volume(&pool, name.as_str()),
+        };
+        let facts =
+            facts.map_err(|e| TaskError::from(e).in_field(&format!("{field}.source.volume")))?;
         // Go: "size of disk must be equal to or greater than source".
         if let Some(size) = disk.size.filter(|size| size.0 < facts.capacity) {
             return Err(TaskError::Invalid(format!(
@@ -768,16 +920,20 @@ pub fn boot(
             continue;
         }
         let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
+        if let PoolRef::Ceph(ceph) = &pool {
+            check_rbd_disk(disk, &field, &ceph.0.name)?;
+        }
         per_pool
-            .entry(pool.name)
+            .entry(pool.name().to_string())
             .or_default()
             .push((size_field, size));
     }
     let seed_pool = pool_for(&settings.default_pool, "storage_pools.default")?;
-    per_pool.entry(seed_pool.name.clone()).or_default();
+    let seed_pool = PoolRef::name_of(&seed_pool);
+    per_pool.entry(seed_pool.clone()).or_default();
     for (pool, disks) in &per_pool {
         let available = hypervisor.pool_available(pool)?;
-        let seed = if *pool == seed_pool.name {
+        let seed = if *pool == seed_pool {
             iso.len() as u64
         } else {
             0
@@ -818,6 +974,34 @@ pub fn boot(
             continue;
         }
         let pool = pool_for(&pool_of(disk), &format!("{field}.pool"))?;
+        if let PoolRef::Ceph(ceph) = &pool {
+            let (config, access) = &**ceph;
+            progress("Writing image to Ceph");
+            let image = start_plan.images[index].as_ref().zip(image_formats[index]);
+            let source = create_rbd_disk(
+                hypervisor,
+                &mut rollback,
+                (config, access),
+                disk,
+                &field,
+                &volume::disk_volume_name(&start_plan.domain_name, &device, ImageFormat::Raw),
+                image,
+                caps[index],
+            )?;
+            crash_point("start:disk");
+            disk_specs.push(DiskSpec {
+                source,
+                format: "raw".into(),
+                target_dev: device,
+                bus: bus(disk.bus()),
+                device: guest_device,
+                read_only: disk.read_only || disk.kind == DiskKind::Cdrom,
+                boot_order: disk.primary.then_some(1),
+                backing: None,
+            });
+            continue;
+        }
+        let pool = PoolRef::name_of(&pool);
         let disk_format = disk.format.unwrap_or_default();
         let format: ImageFormat = disk_format.as_str().parse().map_err(TaskError::Invalid)?;
         let sparse = disk.sparse(disk_format);
@@ -873,12 +1057,12 @@ pub fn boot(
                 sparse,
             }
         };
-        rollback.volume(&pool.name, &name)?;
+        rollback.volume(&pool, &name)?;
         let from_image = start_plan.images[index].is_some();
         let label = format!("Preparing {field} {device}");
         let created =
             with_progress_reports(&label, &counter, disk_progress_interval(), progress, || {
-                hypervisor.create_volume(&pool.name, &name, content)
+                hypervisor.create_volume(&pool, &name, content)
             })
             .map_err(|e| match from_image {
                 true => TaskError::from(e).in_field(&format!("{field}.source.image")),
@@ -913,9 +1097,9 @@ pub fn boot(
     }
 
     let seed_name = volume::seed_volume_name(&start_plan.domain_name);
-    rollback.volume(&seed_pool.name, &seed_name)?;
+    rollback.volume(&seed_pool, &seed_name)?;
     let seed_path = hypervisor.create_volume(
-        &seed_pool.name,
+        &seed_pool,
         &seed_name,
         VolumeContent::Bytes {
             data: &iso,

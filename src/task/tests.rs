@@ -189,6 +189,29 @@ impl Hypervisor for TestHypervisor {
         self.step("prepare_pool")?;
         self.inner.prepare_pool(pool)
     }
+    fn prepare_ceph_pool(
+        &self,
+        pool: &crate::config::plugin::CephPool,
+    ) -> Result<crate::libvirt::storage::rbd::RbdAccess, HypervisorError> {
+        self.step("prepare_ceph_pool")?;
+        self.inner.prepare_ceph_pool(pool)
+    }
+    fn rbd_source_volume(
+        &self,
+        pool: &crate::config::plugin::CephPool,
+        name: &str,
+    ) -> Result<u64, HypervisorError> {
+        self.inner.rbd_source_volume(pool, name)
+    }
+    fn create_rbd_volume(
+        &self,
+        pool: &crate::config::plugin::CephPool,
+        name: &str,
+        content: crate::hypervisor::RbdContent<'_>,
+    ) -> Result<(), HypervisorError> {
+        self.step("create_rbd_volume")?;
+        self.inner.create_rbd_volume(pool, name, content)
+    }
     fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError> {
         self.inner.pool_available(pool)
     }
@@ -2185,4 +2208,80 @@ async fn several_interfaces_become_nics_in_order_and_all_are_journaled() {
         ]
     );
     assert_nothing_left(&harness, "after the successor's cleanup");
+}
+
+/// A Ceph pool whose monitor does not answer: a task naming it fails at
+/// once with an error naming the disk's field and the pool, nothing is
+/// made (not even the libvirt secret or pool), and a task on the directory
+/// pool still starts. The operator's allow_storage_pools covers Ceph pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_ceph_pool_fails_its_tasks_clearly_and_directory_pools_still_work() {
+    use crate::config::plugin::{CephHost, CephKey, CephPool};
+    let harness = harness(None);
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let mut with_ceph = (*settings(&harness.node)).clone();
+    with_ceph.ceph_pools = vec![CephPool {
+        name: "ndvtest-ceph".into(),
+        pool: "rbd".into(),
+        hosts: vec![CephHost {
+            name: "127.0.0.1".into(),
+            port: Some(closed),
+        }],
+        username: "nomad".into(),
+        key: CephKey::new("AQD8bvtpvFsSHxAAetpPOmzr4VBwu1zk7YQB+w=="),
+    }];
+    let with_ceph = Arc::new(with_ceph);
+    let mut on_ceph = request(&harness.node, "ce9bce9b", false);
+    on_ceph.config.disks[1].pool =
+        Some(crate::config::names::ObjectName::parse("ndvtest-ceph").expect("name"));
+    let error = harness
+        .tasks
+        .start(on_ceph.clone(), with_ceph.clone())
+        .await
+        .expect_err("the cluster does not answer");
+    let message = error.to_string();
+    for part in [
+        "disk[1].pool: Ceph storage pool \"ndvtest-ceph\"",
+        "no Ceph monitor answers",
+        &format!("127.0.0.1:{closed}"),
+        "storage_pools.ceph.ndvtest-ceph.hosts",
+    ] {
+        assert!(message.contains(part), "{part} missing: {message}");
+    }
+    assert!(!message.contains("AQD8"), "{message}");
+    assert!(error.recoverable(), "the cluster may come back: {error}");
+    assert_nothing_left(&harness, "after the Ceph pool failed");
+    let conn = virt::connect::Connect::open(Some(&harness.node.uri)).expect("connect");
+    assert!(conn.lookup_storage_pool_by_name("ndvtest-ceph").is_err());
+
+    // The operator's allow_storage_pools holds for Ceph pools too.
+    let mut kept_out = (*with_ceph).clone();
+    kept_out.policy.storage_pools = Some(vec![POOL.into()]);
+    let message = harness
+        .tasks
+        .start(on_ceph, Arc::new(kept_out))
+        .await
+        .expect_err("not allowed")
+        .to_string();
+    assert!(
+        message.contains("disk[1].pool") && message.contains("allow_storage_pools"),
+        "{message}"
+    );
+
+    // The directory pool still works under the same settings.
+    let plain = request(&harness.node, "ce9bd1e0", false);
+    harness
+        .tasks
+        .start(plain.clone(), with_ceph)
+        .await
+        .expect("a directory-pool task starts");
+    harness
+        .tasks
+        .destroy(&plain.task_id, true)
+        .await
+        .expect("destroy");
+    assert_nothing_left(&harness, "after the directory-pool task");
 }

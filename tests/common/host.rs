@@ -29,6 +29,10 @@ pub enum Need {
     Libvirtd,
     /// The test guest image (tests/setup/guest.sh).
     GuestImage,
+    /// The single-node Ceph cluster of tests/setup/ceph.sh: answering,
+    /// with pool `ndvtest-rbd`, client.ndvtest's key readable, and
+    /// libvirt offering rbd pools.
+    Ceph,
     /// A program on PATH, and the Debian package that provides it.
     Tool {
         program: &'static str,
@@ -125,7 +129,14 @@ fn test_binary() -> String {
 fn missing(need: Need) -> Option<(String, String)> {
     static ROOT: OnceLock<bool> = OnceLock::new();
     static LIBVIRTD: OnceLock<bool> = OnceLock::new();
+    static CEPH: OnceLock<Option<String>> = OnceLock::new();
     match need {
+        Need::Ceph => CEPH.get_or_init(ceph_problem).clone().map(|reason| {
+            (
+                reason,
+                "run `bash tests/setup/host.sh` and `bash tests/setup/ceph.sh` as root".to_string(),
+            )
+        }),
         Need::Root => (!*ROOT.get_or_init(is_root)).then(|| {
             (
                 "not running as root".to_string(),
@@ -172,6 +183,37 @@ fn is_root() -> bool {
         .find_map(|line| line.strip_prefix("Uid:"))
         .and_then(|ids| ids.split_whitespace().nth(1))
         == Some("0")
+}
+
+/// The Ceph pool and user tests/setup/ceph.sh makes.
+pub const CEPH_POOL: &str = "ndvtest-rbd";
+pub const CEPH_USER: &str = "ndvtest";
+pub const CEPH_KEY_FILE: &str = "/etc/ceph/ceph.client.ndvtest.key";
+
+/// Why the test cluster is not usable, or `None` when it is.
+fn ceph_problem() -> Option<String> {
+    if std::fs::read_to_string(CEPH_KEY_FILE).is_err() {
+        return Some(format!("the Ceph test key {CEPH_KEY_FILE} is missing"));
+    }
+    let listed = std::process::Command::new("timeout")
+        .args(["30", "rbd", "--id", CEPH_USER, "--keyfile", CEPH_KEY_FILE])
+        .args(["-m", "127.0.0.1:6789", "ls", CEPH_POOL])
+        .stdin(std::process::Stdio::null())
+        .output();
+    if !listed.is_ok_and(|out| out.status.success()) {
+        return Some(format!(
+            "the Ceph test cluster does not answer (`rbd ls {CEPH_POOL}` as client.{CEPH_USER})"
+        ));
+    }
+    let caps = std::process::Command::new("virsh")
+        .args(["-q", "-c", "qemu:///system", "pool-capabilities"])
+        .output();
+    match caps {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).contains("type='rbd' supported='yes'") => {
+            None
+        }
+        _ => Some("libvirtd offers no rbd storage pools".to_string()),
+    }
 }
 
 fn libvirtd_answers() -> bool {

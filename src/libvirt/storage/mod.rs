@@ -15,6 +15,7 @@ use virt::storage_vol::StorageVol;
 use crate::storage::StorageError;
 
 pub mod pool;
+pub mod rbd;
 pub mod volume;
 
 pub use pool::{ensure_directory_pool, lookup_pool, pool_fingerprint, refresh_pool};
@@ -87,6 +88,25 @@ impl Volume {
     /// The volume's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Looks up volume `name` in `pool`.
+    pub fn lookup(pool: &Pool, name: &str) -> Result<Volume, StorageError> {
+        match pool.inner.lookup_storage_vol_by_name(name) {
+            Ok(vol) => Ok(Volume::new(vol, &pool.name, name)),
+            Err(error) if has_code(&error, virt::error::ErrorNumber::NoStorageVolume) => {
+                Err(StorageError::VolumeNotFound {
+                    pool: pool.name.clone(),
+                    volume: name.to_string(),
+                })
+            }
+            Err(error) => Err(StorageError::volume(
+                &pool.name,
+                name,
+                "looking up the volume",
+                error,
+            )),
+        }
     }
 
     /// The name of its pool.
