@@ -828,3 +828,84 @@ async fn an_operators_rbd_volume_is_copied_or_cloned() {
     assert!(left.is_empty(), "{left:?}");
     assert!(rbd_images().contains(&source), "the operator's image stays");
 }
+
+/// A chained disk whose upload into a new shared parent fails (a qcow2
+/// whose header checks out but whose L2 table offset is corrupt, so
+/// qemu-img stops with an I/O error mid-conversion): the start fails with
+/// the disk's field, the half-written parent is deleted, and the next
+/// start of the same image on this plugin is not blocked by the parent's
+/// lock (it used to deadlock: the failed upload deleted its parent
+/// through the function that takes that lock again).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_parent_upload_removes_the_parent_and_blocks_nothing() {
+    if !common::host_ready(NEEDS) {
+        return;
+    }
+    let alloc = Alloc::new("cephfail");
+    let pool = vm::unique("ndvtest-cephfail-");
+    let _pools = CephPoolsGuard(vec![pool.clone()]);
+    let before = rbd_images();
+    let image = alloc.task_dir().join("corrupt.qcow2");
+    let image_arg = image.to_str().expect("utf-8 path");
+    let run_tool = |program: &str, args: &[&str]| {
+        let output = Command::new(program).args(args).output().expect("run tool");
+        assert!(output.status.success(), "{program} {args:?}: {output:?}");
+    };
+    run_tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", image_arg, "16M"],
+    );
+    run_tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", image_arg],
+    );
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .expect("open image");
+        let mut offset = [0u8; 8];
+        file.read_exact_at(&mut offset, 40).expect("l1 offset");
+        let l1_offset = u64::from_be_bytes(offset);
+        // Copied flag set, the L2 offset not cluster-aligned.
+        let corrupt = (1u64 << 63) | 0x3_0200;
+        file.write_all_at(&corrupt.to_be_bytes(), l1_offset)
+            .expect("corrupt l1");
+    }
+    let plugin = common::launch().await;
+    plugin
+        .set_config_hcl(
+            &config_with(&alloc, &ceph_block(&pool, "\"127.0.0.1:6789\"", &key())),
+            None,
+        )
+        .await
+        .expect("set config");
+    let job = format!(
+        "disk {{\n  chained = true\n  pool = \"{pool}\"\n  source {{\n    image = \"corrupt.qcow2\"\n  }}\n}}\n"
+    );
+    for attempt in 0..2 {
+        let task = alloc.task_config(
+            plugin
+                .encode_task_config(&job, &HashMap::new())
+                .await
+                .expect("encode"),
+            128,
+        );
+        let domain = vm::domain_name_of(&task);
+        let _guard = DomainGuard(domain.clone());
+        let _images = RbdImagesGuard {
+            pool: pool.clone(),
+            domains: vec![domain.clone()],
+        };
+        let error = tokio::time::timeout(Duration::from_secs(120), vm::start(&plugin, task))
+            .await
+            .unwrap_or_else(|_| panic!("start {attempt} hangs"))
+            .expect_err("a corrupt image must not start");
+        let message = error.message().to_string();
+        assert!(message.contains("disk[0]"), "{message}");
+        assert!(!vm::domain_exists(&domain));
+        assert_eq!(rbd_images(), before, "attempt {attempt} left images");
+    }
+}

@@ -218,6 +218,8 @@ async fn bridge_ports_reach_the_guest_and_teardown_survives_a_plugin_crash() {
     );
     assert!(!vm::domain_exists(&domain), "refused start left a domain");
     drop(guard);
+    // Then on, as the error said (restored at the end: a fresh host has 0).
+    let _route_localnet = RouteLocalnet::set("virbr0", "1");
 
     let mut events = plugin
         .driver()

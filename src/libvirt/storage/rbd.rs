@@ -562,9 +562,15 @@ pub fn clone_shared_parent(
                     cap: size,
                 });
             }
+            // A marker whose parent is gone (a teardown that died between
+            // the two deletes) would publish the parent while it is being
+            // written: it goes first.
+            delete_one(pool, &marker)?;
             let made = create_rbd_volume(pool, parent, virtual_size)?;
+            // The parent's lock is held here: delete without taking it again
+            // (it is not reentrant).
             let discard = |why: &str| {
-                if let Err(error) = delete_rbd_volume(pool, parent) {
+                if let Err(error) = delete_one(pool, parent) {
                     tracing::warn!(pool = %pool.name, parent, why, error = %error, "could not delete an unfinished shared parent");
                 }
             };
