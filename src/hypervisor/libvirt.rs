@@ -191,7 +191,6 @@ impl Hypervisor for LibvirtHypervisor {
                 RbdContent::Shared {
                     image,
                     image_format,
-                    identity,
                     parent,
                     size,
                 } => {
@@ -200,7 +199,6 @@ impl Hypervisor for LibvirtHypervisor {
                         &pool,
                         image,
                         image_format,
-                        identity,
                         parent,
                         name,
                         size,

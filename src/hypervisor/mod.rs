@@ -103,11 +103,10 @@ pub enum RbdContent<'a> {
     /// A chained disk from an image: an RBD clone of the shared parent
     /// `parent` (named from the image's key, see
     /// [`crate::libvirt::storage::rbd::shared_parent_name`]), uploaded first
-    /// when missing; the image must still have `identity` afterwards.
+    /// when missing, from a private copy whose digest must match `parent`.
     Shared {
         image: &'a ImageFile,
         image_format: ImageFormat,
-        identity: crate::storage::parent_key::Identity,
         parent: &'a str,
         size: u64,
     },

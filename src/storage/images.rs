@@ -100,6 +100,32 @@ impl ImageFile {
         PathBuf::from(&self.shown)
     }
 
+    /// A copy of the image that only this process can reach: an unnamed
+    /// 0600 file (`O_TMPFILE`) in the temporary directory, filled from this
+    /// descriptor (a reflink where the file system has them). qemu-img
+    /// reads a qcow2 header again when it opens the file, so a header that
+    /// was checked must be the one it reads: a tenant who can write the
+    /// original could otherwise add a backing or data file in between.
+    pub fn private_copy(&self) -> Result<ImageFile, StorageError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = std::env::temp_dir();
+        let copy = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .open(&dir)
+            .map_err(|error| StorageError::Io {
+                action: "create a private copy of image",
+                path: self.shown_path(),
+                error,
+            })?;
+        let length = self.len()?;
+        crate::storage::copy::copy_into(&self.file, &copy, length, None)
+            .map_err(|error| self.io("make a private copy of image", error))?;
+        Ok(ImageFile::from_file(copy, self.shown.clone()))
+    }
+
     /// Its length now (fstat).
     pub fn len(&self) -> Result<u64, StorageError> {
         self.file

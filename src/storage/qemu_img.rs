@@ -46,6 +46,14 @@ fn limited_program(image: &ImageFile, program: &str) -> Result<Command, StorageE
     Ok(command)
 }
 
+/// A private copy of a qcow2 `image`, checked ([`super::check_image_safe`]):
+/// what qemu-img then opens is exactly what was checked.
+fn checked_private_copy(image: &ImageFile) -> Result<ImageFile, StorageError> {
+    let private = image.private_copy()?;
+    super::check_image_safe(&private, ImageFormat::Qcow2)?;
+    Ok(private)
+}
+
 /// Converts `image` (in `from`) to `to` with qemu-img into a new 0600
 /// temporary file in `std::env::temp_dir()`, removed on drop.
 pub fn convert(
@@ -53,6 +61,14 @@ pub fn convert(
     from: ImageFormat,
     to: ImageFormat,
 ) -> Result<TempFile, StorageError> {
+    let private;
+    let image = match from {
+        ImageFormat::Qcow2 => {
+            private = checked_private_copy(image)?;
+            &private
+        }
+        ImageFormat::Raw => image,
+    };
     let path = std::env::temp_dir().join(format!(
         "nomad-virt-convert-{}.{}",
         unique_suffix(),
@@ -105,7 +121,14 @@ pub fn write_to_device(
     device: &Path,
 ) -> Result<(), StorageError> {
     use std::io::{Seek, SeekFrom};
-    super::check_image_safe(image, format)?;
+    let private;
+    let image = match format {
+        ImageFormat::Qcow2 => {
+            private = checked_private_copy(image)?;
+            &private
+        }
+        ImageFormat::Raw => image,
+    };
     let virtual_size = super::image_virtual_size(image, format)?;
     let device_size = std::fs::File::open(device)
         .and_then(|mut file| file.seek(SeekFrom::End(0)))
@@ -196,7 +219,14 @@ pub fn write_to_rbd(
     target: &RbdTarget<'_>,
     capacity: u64,
 ) -> Result<(), StorageError> {
-    super::check_image_safe(image, format)?;
+    let private;
+    let image = match format {
+        ImageFormat::Qcow2 => {
+            private = checked_private_copy(image)?;
+            &private
+        }
+        ImageFormat::Raw => image,
+    };
     let virtual_size = super::image_virtual_size(image, format)?;
     if virtual_size > capacity {
         return Err(StorageError::GrewAfterCheck {
@@ -321,6 +351,62 @@ mod tests {
         let command = limited(&image, "convert").expect("command");
         let args: Vec<_> = command.get_args().collect();
         assert_eq!(args[2..], ["--", "qemu-img", "convert"]);
+    }
+
+    /// The checked qcow2 is the one qemu-img reads: a tenant who rewrites
+    /// the original in place after the check (adding a backing file that
+    /// names a host file) changes nothing in the conversion.
+    #[test]
+    fn qemu_img_reads_the_private_copy_that_was_checked() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let qemu_img = |args: &[&str]| {
+            let output = Command::new("qemu-img")
+                .args(args)
+                .output()
+                .expect("qemu-img");
+            assert!(output.status.success(), "{args:?}: {output:?}");
+        };
+        let original = dir.path().join("job.qcow2");
+        let attack = dir.path().join("attack.qcow2");
+        let secret = dir.path().join("host-secret");
+        std::fs::write(&secret, b"HOST-SECRET-BYTES").expect("secret");
+        let original_arg = original.to_str().expect("utf-8");
+        qemu_img(&["create", "-q", "-f", "qcow2", original_arg, "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            secret.to_str().expect("utf-8"),
+            attack.to_str().expect("utf-8"),
+            "1M",
+        ]);
+        let image = ImageFile::from_file(File::open(&original).expect("open"), "job.qcow2");
+
+        let private = checked_private_copy(&image).expect("a clean image passes");
+        let meta = private.file().metadata().expect("stat");
+        assert_eq!(meta.nlink(), 0, "the copy has no name");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+        // The same inode now holds a header with a backing file.
+        std::fs::write(&original, std::fs::read(&attack).expect("attack")).expect("rewrite");
+        assert!(super::super::check_image_safe(&image, ImageFormat::Qcow2).is_err());
+        let converted = convert(&private, ImageFormat::Qcow2, ImageFormat::Raw).expect("convert");
+        let bytes = std::fs::read(&converted.path).expect("read");
+        assert_eq!(bytes.len(), 1 << 20);
+        assert!(
+            bytes.iter().all(|byte| *byte == 0),
+            "host bytes reached the disk"
+        );
+        // Converting the rewritten image itself checks what it reads.
+        match convert(&image, ImageFormat::Qcow2, ImageFormat::Raw) {
+            Ok(_) => panic!("a backing file must be refused"),
+            Err(refused) => assert!(refused.to_string().contains("job.qcow2"), "{refused}"),
+        }
     }
 
     #[test]

@@ -525,8 +525,8 @@ fn create_rbd_disk(
                 // the pool, each chained disk an RBD clone of it. Both are
                 // recorded: teardown deletes the clone, then the parent
                 // unless other clones still use it.
-                let (key, identity) = crate::storage::parent_key::key_of_file(image.file())
-                    .map_err(|error| {
+                let (key, _) =
+                    crate::storage::parent_key::key_of_file(image.file()).map_err(|error| {
                         TaskError::from(image.io("read the image", error)).in_field(&image_field)
                     })?;
                 let parent = crate::libvirt::storage::rbd::shared_parent_name(image_format, &key);
@@ -539,7 +539,6 @@ fn create_rbd_disk(
                         RbdContent::Shared {
                             image,
                             image_format,
-                            identity,
                             parent: &parent,
                             size,
                         },

@@ -515,9 +515,9 @@ fn find(pool: &Pool, name: &str) -> Result<Option<Volume>, StorageError> {
 
 /// A chained disk from an image: an RBD clone of the shared parent
 /// `parent` holding the image's raw conversion, uploaded first when no
-/// finished one exists. The image's identity must still be `identity`
-/// (what was hashed into the parent's name) when the upload ends, else
-/// the parent is deleted rather than published. A parent another host is
+/// finished one exists. The upload is from a private copy of the image
+/// whose digest must be the one in the parent's name, else nothing is
+/// made. A parent another host is
 /// still writing is waited for; after [`PARENT_WAIT`] the image is copied
 /// into `name` instead (a full copy, no sharing).
 #[allow(clippy::too_many_arguments)]
@@ -526,7 +526,6 @@ pub fn clone_shared_parent(
     pool: &Pool,
     image: &ImageFile,
     image_format: ImageFormat,
-    identity: crate::storage::parent_key::Identity,
     parent: &str,
     name: &str,
     size: u64,
@@ -554,6 +553,22 @@ pub fn clone_shared_parent(
             Ok(volume)
         }
         (None, _) => {
+            // Uploaded from a private copy, hashed again: the parent then
+            // holds exactly the bytes its name is the digest of, whatever
+            // a tenant writes into the original meanwhile (the identity
+            // check below cannot see writes that leave ctime alone).
+            let private = image.private_copy()?;
+            let (key_now, _) = crate::storage::parent_key::key_of_file(private.file())
+                .map_err(|error| image.io("read the image", error))?;
+            if shared_parent_name(image_format, &key_now) != parent {
+                return Err(StorageError::UnsafeImage {
+                    path: image.shown_path(),
+                    reason: "it changed while the task started; do not change the image while \
+                             the task starts"
+                        .into(),
+                });
+            }
+            let image = &private;
             let virtual_size = crate::storage::images::image_virtual_size(image, image_format)?;
             if virtual_size > size {
                 return Err(StorageError::GrewAfterCheck {
@@ -577,17 +592,6 @@ pub fn clone_shared_parent(
             if let Err(error) = write_image(config, &made, image, image_format) {
                 discard("upload failed");
                 return Err(error);
-            }
-            let unchanged = crate::storage::parent_key::Identity::of(image.file())
-                .is_ok_and(|now| now == identity);
-            if !unchanged {
-                discard("image changed");
-                return Err(StorageError::UnsafeImage {
-                    path: image.shown_path(),
-                    reason: "it changed while it was uploaded; do not change the image while \
-                             the task starts"
-                        .into(),
-                });
             }
             match create_rbd_volume(pool, &marker, 512) {
                 Ok(_) | Err(StorageError::VolumeExists { .. }) => {}
