@@ -278,9 +278,23 @@ impl Bench {
         }
         let mut xml = String::new();
         let mut disk_index = 0;
+        // The live XML spells out the overlay's backing chain; the floor's
+        // own overlay has its backing file in its header instead.
+        let mut backing_store_depth = 0usize;
         for line in driver_xml.lines() {
             let trimmed = line.trim_start();
             if trimmed.starts_with("<uuid>") {
+                continue;
+            }
+            let opens = trimmed.starts_with("<backingStore") && !trimmed.ends_with("/>");
+            if opens {
+                backing_store_depth += 1;
+                continue;
+            }
+            if backing_store_depth > 0 {
+                if trimmed.starts_with("</backingStore>") {
+                    backing_store_depth -= 1;
+                }
                 continue;
             }
             let line = if trimmed.starts_with("<name>") {
