@@ -60,10 +60,7 @@ fi
 # The exec benchmark through the plugin's real gRPC (go-plugin transport,
 # ExecTask/ExecTaskStreaming into the test guest), in its short mode: it must
 # keep working. Its table is informational; the leftover check below covers it.
-# Not run here for now: on this session's fresh host its `--short` run hangs
-# at "ExecTaskStreaming `echo hi`" (no exit within 60 s, 2 of 2 runs) while
-# the e2e exec tests (e2e_exec, cli_run) pass; see CHANGELOG "Not yet".
-# cargo run --quiet --example bench_exec_rpc -- --short
+cargo run --quiet --example bench_exec_rpc -- --short
 
 # The README's first command, end to end: boot the hello VM, fetch its page
 # through the mapped port, then Ctrl-C it and expect a clean exit.

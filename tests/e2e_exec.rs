@@ -374,6 +374,26 @@ async fn exec_streams_and_signals_through_the_guest_agent() {
     assert!(err.contains("bye"), "{err:?}");
     drop(sender);
 
+    // -- stdin closed with the setup (`nomad alloc exec ... </dev/null`):
+    // the command sees EOF at once and exits, every time. The close used to
+    // race the command's own open of its stdin FIFO and could leave it
+    // blocked for ever.
+    for round in 0..8 {
+        let (sender, mut answers) = stream(
+            &plugin,
+            Setup {
+                task_id: task_id.clone(),
+                command: words(&["sh", "-c", "cat; echo eof"]),
+                tty: false,
+            },
+            Some(stdin(b"", true)),
+        )
+        .await;
+        let (out, _, code) = read_answers(&mut answers, None, Duration::from_secs(30)).await;
+        assert_eq!((out.trim(), code), ("eof", Some(0)), "round {round}");
+        drop(sender);
+    }
+
     // -- TTY: the initial size, then a resize
     let (sender, mut answers) = stream(
         &plugin,

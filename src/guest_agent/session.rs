@@ -96,6 +96,9 @@ const MIN_POLL: Duration = Duration::from_millis(2);
 const MAX_POLL: Duration = Duration::from_millis(100);
 /// How long the runner may take to create its FIFOs.
 const SETUP_LIMIT: Duration = Duration::from_secs(20);
+/// Idle ticks between checks that the runner is still alive (at most
+/// [`MAX_POLL`] apart, so a dead runner is noticed within a few seconds).
+const RUNNER_CHECK_EVERY: u32 = 16;
 
 pub(crate) async fn start(
     agent: GuestAgent,
@@ -144,6 +147,7 @@ pub(crate) async fn start(
         ctl_handle,
         pending_stdin: Vec::new(),
         stdin_closing: false,
+        stdin_held: false,
         resizes: Vec::new(),
         stdout: SegmentReader::new("out"),
         stderr: SegmentReader::new("err"),
@@ -412,6 +416,8 @@ struct Pump {
     ctl_handle: Option<i64>,
     pending_stdin: Vec<u8>,
     stdin_closing: bool,
+    /// The runner holds stdin's read end (its `pid` file exists).
+    stdin_held: bool,
     resizes: Vec<TerminalSize>,
     stdout: SegmentReader,
     stderr: SegmentReader,
@@ -458,6 +464,7 @@ impl Pump {
 
     async fn pump(&mut self) -> Result<Outcome, GuestAgentError> {
         let mut delay = MIN_POLL;
+        let mut idle_ticks: u32 = 0;
         loop {
             if self.events.is_closed() {
                 return Ok(Outcome::ClientGone);
@@ -473,7 +480,18 @@ impl Pump {
             }
 
             if !active {
-                if let Some(exit_code) = self.exit_code().await? {
+                idle_ticks = idle_ticks.wrapping_add(1);
+                let mut exit_code = self.exit_code().await?;
+                if exit_code.is_none() && idle_ticks.is_multiple_of(RUNNER_CHECK_EVERY) {
+                    // A runner killed in the guest never writes `exit`.
+                    if let Some(status) = self.runner_gone().await? {
+                        exit_code = self.exit_code().await?;
+                        if exit_code.is_none() {
+                            return Err(status);
+                        }
+                    }
+                }
+                if let Some(exit_code) = exit_code {
                     let out = self.stdout.drain(&self.agent, &self.dir).await?;
                     let err = self.stderr.drain(&self.agent, &self.dir).await?;
                     if !self.emit(out, err).await {
@@ -552,7 +570,7 @@ impl Pump {
         }
         while let Some(handle) = self.stdin_handle {
             if self.pending_stdin.is_empty() {
-                if self.stdin_closing {
+                if self.stdin_closing && self.runner_holds_stdin().await? {
                     self.stdin_handle = None;
                     close(&self.agent, handle).await?;
                     wrote = true;
@@ -572,6 +590,24 @@ impl Pump {
         Ok(wrote)
     }
 
+    /// Whether the runner has opened stdin's read end, after which closing
+    /// ours is a clean EOF for the command (see [`shell::SESSION_RUNNER`];
+    /// before that, the close would leave the command blocked opening it).
+    async fn runner_holds_stdin(&mut self) -> Result<bool, GuestAgentError> {
+        if self.stdin_held {
+            return Ok(true);
+        }
+        match open(&self.agent, &format!("{}/pid", self.dir), "r").await {
+            Ok(handle) => {
+                close(&self.agent, handle).await?;
+                self.stdin_held = true;
+                Ok(true)
+            }
+            Err(GuestAgentError::Agent(AgentCallError::Refused { .. })) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     async fn emit(&self, out: Vec<u8>, err: Vec<u8>) -> bool {
         for event in [
             (!out.is_empty()).then_some(SessionEvent::Stdout(out)),
@@ -585,6 +621,32 @@ impl Pump {
             }
         }
         true
+    }
+
+    /// The runner's failure if it has exited (normally it writes `exit`
+    /// first).
+    async fn runner_gone(&self) -> Result<Option<GuestAgentError>, GuestAgentError> {
+        let status: protocol::GuestExecStatus = self
+            .agent
+            .call(
+                "guest-exec-status",
+                Some(protocol::Pid {
+                    pid: self.runner_pid,
+                }),
+            )
+            .await?;
+        if !status.exited {
+            return Ok(None);
+        }
+        let stderr = protocol::decode(status.err_data.as_deref()).unwrap_or_default();
+        Ok(Some(GuestAgentError::WrapperFailed {
+            exit_code: status
+                .exitcode
+                .or(status.signal.map(|s| 128 + s))
+                .unwrap_or(-1),
+            stderr: String::from_utf8_lossy(&stderr).trim().to_string(),
+            tty_hint: "",
+        }))
     }
 
     /// The command's exit code once the runner has written it.

@@ -77,12 +77,22 @@ printf '\nNDV-EXEC-END %s %s\n' "$rc" "$to"
 /// `in` (the host writes at most one pipe buffer at a time, which is atomic);
 /// `ctl` takes "ROWS COLS" lines for TTY resizes. `exit` appears when the
 /// command has exited and both relays are done.
+///
+/// Stdin's read end is opened by the runner itself (fd 4, let through by the
+/// host's read-write open of `in`) and handed to the command. Were the command
+/// to open `in` on its own, a host that closed stdin before that open (a
+/// client with nothing to send closes at once) would leave the command
+/// blocked in open for ever, as a FIFO without writers blocks its readers.
+/// `pid` appears once fd 4 is held: only then may the host close its end.
+/// `runner` holds the runner's pid (its process group) for the cleanup.
 pub const SESSION_RUNNER: &str = r#"d=$1 tty=$2 rows=$3 cols=$4 line=$5; shift 5
 umask 077
 mkdir "$d" || exit 97
 cd "$d" || exit 97
+echo $$ >runner
 mkfifo in out err ctl || exit 97
 exec >log 2>&1 </dev/null
+exec 4<in
 relay() {
   n=0
   while :; do
@@ -98,22 +108,23 @@ relay() {
     n=$((n + 1))
   done
 }
-relay out <out &
+relay out <out 4<&- &
 ro=$!
-relay err <err &
+relay err <err 4<&- &
 re=$!
 rl=
 if [ "$tty" = 1 ]; then
-  ( exec <>ctl
+  ( exec <>ctl 4<&-
     while read -r r c; do
       p=$(cat pty 2>/dev/null) && [ -n "$p" ] && stty rows "$r" cols "$c" <"$p"
     done ) &
   rl=$!
-  setsid script -qfec "echo \$\$ >'$d/child'; tty >'$d/pty'; stty rows $rows cols $cols; exec $line" /dev/null <in >out 2>err &
+  setsid script -qfec "echo \$\$ >'$d/child'; tty >'$d/pty'; stty rows $rows cols $cols; exec $line" /dev/null <&4 4<&- >out 2>err &
 else
-  setsid "$@" <in >out 2>err &
+  setsid "$@" <&4 4<&- >out 2>err &
 fi
 p=$!
+exec 4<&-
 echo "$p" >pid
 wait "$p"; rc=$?
 kill -9 "-$p" 2>/dev/null
@@ -138,6 +149,7 @@ rm -rf "$d"
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::os::unix::process::CommandExt;
     use std::process::Command;
 
     /// Runs `sh -c '<quoted argv> ; printf ...'` on the host's /bin/sh and
@@ -184,6 +196,70 @@ mod tests {
         .collect();
         assert_eq!(round_trip(&argv), argv);
         assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+
+    fn wait_for(path: &std::path::Path) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !path.exists() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Drives the session runner on the host's /bin/sh as the driver does
+    /// through the agent (open `in` read-write once it exists, then close it
+    /// as soon as `pid` says the runner holds the read end), for a client
+    /// whose stdin is empty. The command must see EOF and exit, every time.
+    #[test]
+    fn a_session_whose_stdin_closes_at_once_runs_to_its_exit() {
+        for round in 0..30 {
+            let base = tempfile::tempdir().expect("tempdir");
+            let dir = base.path().join("session");
+            let mut runner = Command::new("/bin/sh")
+                .arg("-c")
+                .arg(SESSION_RUNNER)
+                .args([
+                    "ndv-session",
+                    dir.to_str().expect("utf-8 path"),
+                    "0",
+                    "0",
+                    "0",
+                ])
+                .args(["cat", "cat"])
+                .process_group(0)
+                .spawn()
+                .expect("run /bin/sh");
+            assert!(wait_for(&dir.join("in")), "round {round}: no stdin FIFO");
+            let stdin = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.join("in"))
+                .expect("open in");
+            assert!(wait_for(&dir.join("pid")), "round {round}: no pid");
+            drop(stdin);
+            let exited = wait_for(&dir.join("exit"));
+            // Whatever is left: the runner's group (relays) and the
+            // command's own session.
+            let command = std::fs::read_to_string(dir.join("pid")).unwrap_or_default();
+            for group in [runner.id().to_string(), command.trim().to_string()] {
+                if !group.is_empty() {
+                    let _ = Command::new("kill")
+                        .args(["-9", &format!("-{group}")])
+                        .status();
+                }
+            }
+            let _ = runner.wait();
+            assert!(exited, "round {round}: `cat` never saw stdin's end");
+            let code = std::fs::read_to_string(dir.join("exit")).expect("exit");
+            assert_eq!(code.trim(), "0", "round {round}");
+            assert!(
+                dir.join("runner").exists(),
+                "the cleanup needs the runner's pid"
+            );
+        }
     }
 
     proptest! {
