@@ -54,6 +54,19 @@ fn checked_private_copy(image: &ImageFile) -> Result<ImageFile, StorageError> {
     Ok(private)
 }
 
+/// What qemu-img must open instead of `image`: a checked private copy when
+/// the format is qcow2 (whose header qemu-img reads again and follows), none
+/// for raw (read as plain bytes).
+fn private_copy_if_qcow2(
+    image: &ImageFile,
+    format: ImageFormat,
+) -> Result<Option<ImageFile>, StorageError> {
+    match format {
+        ImageFormat::Qcow2 => checked_private_copy(image).map(Some),
+        ImageFormat::Raw => Ok(None),
+    }
+}
+
 /// Converts `image` (in `from`) to `to` with qemu-img into a new 0600
 /// temporary file in `std::env::temp_dir()`, removed on drop.
 pub fn convert(
@@ -61,14 +74,8 @@ pub fn convert(
     from: ImageFormat,
     to: ImageFormat,
 ) -> Result<TempFile, StorageError> {
-    let private;
-    let image = match from {
-        ImageFormat::Qcow2 => {
-            private = checked_private_copy(image)?;
-            &private
-        }
-        ImageFormat::Raw => image,
-    };
+    let private = private_copy_if_qcow2(image, from)?;
+    let image = private.as_ref().unwrap_or(image);
     let path = std::env::temp_dir().join(format!(
         "nomad-virt-convert-{}.{}",
         unique_suffix(),
@@ -121,14 +128,8 @@ pub fn write_to_device(
     device: &Path,
 ) -> Result<(), StorageError> {
     use std::io::{Seek, SeekFrom};
-    let private;
-    let image = match format {
-        ImageFormat::Qcow2 => {
-            private = checked_private_copy(image)?;
-            &private
-        }
-        ImageFormat::Raw => image,
-    };
+    let private = private_copy_if_qcow2(image, format)?;
+    let image = private.as_ref().unwrap_or(image);
     let virtual_size = super::image_virtual_size(image, format)?;
     let device_size = std::fs::File::open(device)
         .and_then(|mut file| file.seek(SeekFrom::End(0)))
@@ -219,14 +220,8 @@ pub fn write_to_rbd(
     target: &RbdTarget<'_>,
     capacity: u64,
 ) -> Result<(), StorageError> {
-    let private;
-    let image = match format {
-        ImageFormat::Qcow2 => {
-            private = checked_private_copy(image)?;
-            &private
-        }
-        ImageFormat::Raw => image,
-    };
+    let private = private_copy_if_qcow2(image, format)?;
+    let image = private.as_ref().unwrap_or(image);
     let virtual_size = super::image_virtual_size(image, format)?;
     if virtual_size > capacity {
         return Err(StorageError::GrewAfterCheck {
