@@ -13,7 +13,7 @@
 //! [`crate::libvirt::storage`].
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
@@ -130,6 +130,56 @@ pub fn unique_suffix() -> String {
     )
 }
 
+/// Prefixes of the temporary files named with [`unique_suffix`] (so their
+/// names carry the pid of the process that made them).
+const TEMP_FILE_PREFIXES: &[&str] = &["nomad-virt-convert-", "nomad-virt-cephx-"];
+
+/// Where those temporary files go: /run (cephx key files, when root) and
+/// the temp dir.
+pub fn temp_file_dirs() -> Vec<PathBuf> {
+    vec![PathBuf::from("/run"), std::env::temp_dir()]
+}
+
+/// Removes the temporary files (converted images, cephx key files) that a
+/// plugin killed mid-work left in `dirs`: those whose name carries the pid
+/// of a process that is gone. Only our own regular files; links and
+/// anything else are left alone, and unlinking never follows a name.
+/// Returns what was removed.
+pub fn remove_stale_temp_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = rustix::process::geteuid().as_raw();
+    let mut removed = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(temp_file_pid) else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+                continue;
+            }
+            let path = entry.path();
+            let ours = std::fs::symlink_metadata(&path)
+                .is_ok_and(|meta| meta.file_type().is_file() && meta.uid() == owner);
+            if ours && std::fs::remove_file(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
+}
+
+/// The pid in a temporary file's name, if it is one of ours.
+fn temp_file_pid(name: &str) -> Option<u32> {
+    let rest = TEMP_FILE_PREFIXES
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))?;
+    rest.split('-').next()?.parse().ok()
+}
+
 /// A temporary file removed on drop.
 pub struct TempFile {
     pub path: PathBuf,
@@ -148,6 +198,54 @@ impl Drop for TempFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_temp_files_of_dead_processes_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A pid that is gone: a child that exited and was reaped.
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let dead = child.id();
+        child.wait().expect("wait");
+        let live = std::process::id();
+        let parent = rustix::process::getppid().map_or(1, |pid| pid.as_raw_nonzero().get() as u32);
+        let path = |name: String| dir.path().join(name);
+        let stale_key = path(format!("nomad-virt-cephx-{dead}-0-1f.key"));
+        let stale_image = path(format!("nomad-virt-convert-{dead}-3-2e.raw"));
+        let mine = path(format!("nomad-virt-convert-{live}-0-1.raw"));
+        let another_live = path(format!("nomad-virt-cephx-{parent}-0-1.key"));
+        let unrelated = path(format!("something-{dead}-0-1.key"));
+        let link = path(format!("nomad-virt-cephx-{dead}-9-9.key"));
+        let target = path("target".into());
+        for file in [
+            &stale_key,
+            &stale_image,
+            &mine,
+            &another_live,
+            &unrelated,
+            &target,
+        ] {
+            std::fs::write(file, b"x").expect("write");
+        }
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+
+        let mut removed = remove_stale_temp_files(&[dir.path().to_path_buf()]);
+        removed.sort();
+        let mut expected = vec![stale_key.clone(), stale_image.clone()];
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert!(!stale_key.exists() && !stale_image.exists());
+        for kept in [&mine, &another_live, &unrelated, &target] {
+            assert!(kept.exists(), "{} must stay", kept.display());
+        }
+        assert!(
+            std::fs::symlink_metadata(&link).is_ok(),
+            "links are left alone"
+        );
+        assert_eq!(temp_file_pid("nomad-virt-cephx-12-0-ab.key"), Some(12));
+        assert_eq!(temp_file_pid("nomad-virt-cephx-x-0-ab.key"), None);
+    }
 
     #[test]
     fn names() {

@@ -138,6 +138,14 @@ impl Tasks {
             if let Err(error) = net.init() {
                 tracing::warn!(error = %error, "cannot prepare iptables chains for port mapping");
             }
+            // A plugin killed while qemu-img ran left its converted image
+            // or its cephx key file behind.
+            let removed = crate::storage::volume::remove_stale_temp_files(
+                &crate::storage::volume::temp_file_dirs(),
+            );
+            if !removed.is_empty() {
+                tracing::info!(files = ?removed, "removed temporary files a killed plugin left");
+            }
         });
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
