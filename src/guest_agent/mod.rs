@@ -50,6 +50,8 @@ pub enum GuestAgentError {
         stderr: String,
         tty_hint: &'static str,
     },
+    #[error("the exec session's runner in the guest ended ({how}) without reporting the command's exit; something in the guest killed it (the out-of-memory killer?)")]
+    RunnerDied { how: String },
     #[error("{what} did not finish within {limit:?}")]
     Deadline { what: String, limit: Duration },
     #[error("the exec session has ended")]

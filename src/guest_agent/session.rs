@@ -148,6 +148,7 @@ pub(crate) async fn start(
         pending_stdin: Vec::new(),
         stdin_closing: false,
         stdin_held: false,
+        runner_reaped: false,
         resizes: Vec::new(),
         stdout: SegmentReader::new("out"),
         stderr: SegmentReader::new("err"),
@@ -418,6 +419,8 @@ struct Pump {
     stdin_closing: bool,
     /// The runner holds stdin's read end (its `pid` file exists).
     stdin_held: bool,
+    /// The agent has reported the runner's exit (and forgotten its pid).
+    runner_reaped: bool,
     resizes: Vec<TerminalSize>,
     stdout: SegmentReader,
     stderr: SegmentReader,
@@ -456,10 +459,12 @@ impl Pump {
         }
         cleanup(&self.agent, &self.dir).await;
         // Collect the runner's status so the agent forgets it.
-        let _ = self
-            .agent
-            .wait_exited(self.runner_pid, Duration::from_secs(5))
-            .await;
+        if !self.runner_reaped {
+            let _ = self
+                .agent
+                .wait_exited(self.runner_pid, Duration::from_secs(5))
+                .await;
+        }
     }
 
     async fn pump(&mut self) -> Result<Outcome, GuestAgentError> {
@@ -625,7 +630,7 @@ impl Pump {
 
     /// The runner's failure if it has exited (normally it writes `exit`
     /// first).
-    async fn runner_gone(&self) -> Result<Option<GuestAgentError>, GuestAgentError> {
+    async fn runner_gone(&mut self) -> Result<Option<GuestAgentError>, GuestAgentError> {
         let status: protocol::GuestExecStatus = self
             .agent
             .call(
@@ -638,15 +643,15 @@ impl Pump {
         if !status.exited {
             return Ok(None);
         }
-        let stderr = protocol::decode(status.err_data.as_deref()).unwrap_or_default();
-        Ok(Some(GuestAgentError::WrapperFailed {
-            exit_code: status
-                .exitcode
-                .or(status.signal.map(|s| 128 + s))
-                .unwrap_or(-1),
-            stderr: String::from_utf8_lossy(&stderr).trim().to_string(),
-            tty_hint: "",
-        }))
+        // The agent has now forgotten the pid: asking again could reach
+        // another process that was given the same pid.
+        self.runner_reaped = true;
+        let how = match (status.exitcode, status.signal) {
+            (_, Some(signal)) => format!("signal {signal}"),
+            (Some(code), None) => format!("exit {code}"),
+            (None, None) => "no status".to_string(),
+        };
+        Ok(Some(GuestAgentError::RunnerDied { how }))
     }
 
     /// The command's exit code once the runner has written it.

@@ -79,20 +79,23 @@ printf '\nNDV-EXEC-END %s %s\n' "$rc" "$to"
 /// command has exited and both relays are done.
 ///
 /// Stdin's read end is opened by the runner itself (fd 4, let through by the
-/// host's read-write open of `in`) and handed to the command. Were the command
-/// to open `in` on its own, a host that closed stdin before that open (a
-/// client with nothing to send closes at once) would leave the command
-/// blocked in open for ever, as a FIFO without writers blocks its readers.
-/// `pid` appears once fd 4 is held: only then may the host close its end.
-/// `runner` holds the runner's pid (its process group) for the cleanup.
+/// host's read-write open of `in`) just before it starts the command, and
+/// handed over. Were the command to open `in` on its own, a host that closed
+/// stdin before that open (a client with nothing to send closes at once)
+/// would leave the command blocked in open for ever, as a FIFO without
+/// writers blocks its readers. `pid` appears once fd 4 is held: only then
+/// may the host close its end. `in` is made last, so `ctl` exists once the
+/// host sees `in`. `runner` holds the runner's pid (its process group) for
+/// the cleanup; before `exit` appears, the runner has reaped everything it
+/// started and empties `pid`, `child` and `runner`, so the cleanup of a
+/// finished session kills nothing (those ids may be reused by then).
 pub const SESSION_RUNNER: &str = r#"d=$1 tty=$2 rows=$3 cols=$4 line=$5; shift 5
 umask 077
 mkdir "$d" || exit 97
 cd "$d" || exit 97
 echo $$ >runner
-mkfifo in out err ctl || exit 97
+mkfifo out err ctl in || exit 97
 exec >log 2>&1 </dev/null
-exec 4<in
 relay() {
   n=0
   while :; do
@@ -108,19 +111,21 @@ relay() {
     n=$((n + 1))
   done
 }
-relay out <out 4<&- &
+relay out <out &
 ro=$!
-relay err <err 4<&- &
+relay err <err &
 re=$!
 rl=
 if [ "$tty" = 1 ]; then
-  ( exec <>ctl 4<&-
+  ( exec <>ctl
     while read -r r c; do
       p=$(cat pty 2>/dev/null) && [ -n "$p" ] && stty rows "$r" cols "$c" <"$p"
     done ) &
   rl=$!
+  exec 4<in
   setsid script -qfec "echo \$\$ >'$d/child'; tty >'$d/pty'; stty rows $rows cols $cols; exec $line" /dev/null <&4 4<&- >out 2>err &
 else
+  exec 4<in
   setsid "$@" <&4 4<&- >out 2>err &
 fi
 p=$!
@@ -129,8 +134,9 @@ echo "$p" >pid
 wait "$p"; rc=$?
 kill -9 "-$p" 2>/dev/null
 c=$(cat child 2>/dev/null) && kill -9 "-$c" 2>/dev/null
-[ -n "$rl" ] && kill "$rl" 2>/dev/null
-wait "$ro" "$re"
+[ -n "$rl" ] && kill -9 "$rl" 2>/dev/null
+wait
+: >pid; : >child; : >runner
 echo "$rc" >exit.tmp && mv exit.tmp exit
 "#;
 
@@ -209,30 +215,68 @@ mod tests {
         true
     }
 
+    /// A runner started on the host for a test: on drop, its process group
+    /// (relays, resize loop) and, if the command never finished, the
+    /// command's own session are killed, and the runner is reaped (until
+    /// then its pid, and so its group id, cannot be reused).
+    struct HostRunner {
+        runner: std::process::Child,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for HostRunner {
+        fn drop(&mut self) {
+            let mut groups = vec![self.runner.id().to_string()];
+            if !self.dir.join("exit").exists() {
+                let command = std::fs::read_to_string(self.dir.join("pid")).unwrap_or_default();
+                groups.push(command.trim().to_string());
+            }
+            // Through the syscall: procps `kill -9 -PGID` (without `--`)
+            // signals every process on the host.
+            for group in groups.iter().filter_map(|group| group.parse::<i32>().ok()) {
+                if group <= 1 {
+                    continue;
+                }
+                if let Some(group) = rustix::process::Pid::from_raw(group) {
+                    let _ =
+                        rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+                }
+            }
+            let _ = self.runner.wait();
+        }
+    }
+
     /// Drives the session runner on the host's /bin/sh as the driver does
     /// through the agent (open `in` read-write once it exists, then close it
     /// as soon as `pid` says the runner holds the read end), for a client
-    /// whose stdin is empty. The command must see EOF and exit, every time.
+    /// whose stdin is empty, with and without a TTY. The command must see
+    /// EOF and exit, every time, and the runner must leave no ids behind
+    /// for the cleanup to kill.
     #[test]
     fn a_session_whose_stdin_closes_at_once_runs_to_its_exit() {
         for round in 0..30 {
+            let tty = round % 3 == 2;
             let base = tempfile::tempdir().expect("tempdir");
             let dir = base.path().join("session");
-            let mut runner = Command::new("/bin/sh")
+            let (tty_arg, rows, cols) = if tty {
+                ("1", "24", "80")
+            } else {
+                ("0", "0", "0")
+            };
+            let runner = Command::new("/bin/sh")
                 .arg("-c")
                 .arg(SESSION_RUNNER)
-                .args([
-                    "ndv-session",
-                    dir.to_str().expect("utf-8 path"),
-                    "0",
-                    "0",
-                    "0",
-                ])
-                .args(["cat", "cat"])
+                .args(["ndv-session", dir.to_str().expect("utf-8 path")])
+                .args([tty_arg, rows, cols, "cat", "cat"])
                 .process_group(0)
                 .spawn()
                 .expect("run /bin/sh");
+            let runner = HostRunner {
+                runner,
+                dir: dir.clone(),
+            };
             assert!(wait_for(&dir.join("in")), "round {round}: no stdin FIFO");
+            assert!(dir.join("ctl").exists(), "ctl is made before in");
             let stdin = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -240,26 +284,41 @@ mod tests {
                 .expect("open in");
             assert!(wait_for(&dir.join("pid")), "round {round}: no pid");
             drop(stdin);
-            let exited = wait_for(&dir.join("exit"));
-            // Whatever is left: the runner's group (relays) and the
-            // command's own session.
-            let command = std::fs::read_to_string(dir.join("pid")).unwrap_or_default();
-            for group in [runner.id().to_string(), command.trim().to_string()] {
-                if !group.is_empty() {
-                    let _ = Command::new("kill")
-                        .args(["-9", &format!("-{group}")])
-                        .status();
-                }
-            }
-            let _ = runner.wait();
-            assert!(exited, "round {round}: `cat` never saw stdin's end");
-            let code = std::fs::read_to_string(dir.join("exit")).expect("exit");
-            assert_eq!(code.trim(), "0", "round {round}");
             assert!(
-                dir.join("runner").exists(),
-                "the cleanup needs the runner's pid"
+                wait_for(&dir.join("exit")),
+                "round {round} (tty {tty}): `cat` never saw stdin's end"
             );
+            let code = std::fs::read_to_string(dir.join("exit")).expect("exit");
+            assert_eq!(code.trim(), "0", "round {round} (tty {tty})");
+            for emptied in ["pid", "runner", "child"] {
+                let text = std::fs::read_to_string(dir.join(emptied)).unwrap_or_default();
+                assert_eq!(
+                    text, "",
+                    "round {round}: {emptied} must be emptied before exit"
+                );
+            }
+            drop(runner);
         }
+    }
+
+    /// The command never opens the stdin FIFO itself (that open could block
+    /// for ever, see [`SESSION_RUNNER`]): the runner opens it right before
+    /// starting the command and hands it over.
+    #[test]
+    fn only_the_runner_opens_stdin_and_hands_it_to_the_command() {
+        let lines: Vec<&str> = SESSION_RUNNER.lines().map(str::trim).collect();
+        let mut commands = 0;
+        for (index, line) in lines.iter().enumerate() {
+            if line.contains("<in") {
+                assert_eq!(*line, "exec 4<in", "line {index}");
+            }
+            if line.starts_with("setsid ") {
+                commands += 1;
+                assert_eq!(lines[index - 1], "exec 4<in", "line {index}");
+                assert!(line.contains("<&4 4<&-"), "line {index}: {line}");
+            }
+        }
+        assert_eq!(commands, 2, "the plain and the TTY command");
     }
 
     proptest! {
