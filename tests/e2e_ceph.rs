@@ -704,6 +704,63 @@ fn the_secret_and_the_rbd_pool_are_idempotent_and_follow_the_config() {
     ensure_rbd_pool(&conn, &config).expect("the right key again");
 }
 
+/// Starts run in parallel: several first starts on an rbd pool this plugin
+/// has not defined yet all get it, with one secret and one pool.
+#[test]
+fn concurrent_first_setups_of_an_rbd_pool_all_succeed() {
+    use nomad_driver_virt::config::plugin::{CephHost, CephKey, CephPool};
+    use nomad_driver_virt::libvirt::storage::rbd::ensure_rbd_pool;
+
+    if !common::host_ready(NEEDS) {
+        return;
+    }
+    let name = vm::unique("ndvtest-cephrace-");
+    let _pools = CephPoolsGuard(vec![name.clone()]);
+    let config = CephPool {
+        name: name.clone(),
+        pool: CEPH_POOL.into(),
+        hosts: vec![CephHost {
+            name: "127.0.0.1".into(),
+            port: Some(6789),
+        }],
+        username: CEPH_USER.into(),
+        key: CephKey::new(key()),
+    };
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let setups: Vec<_> = (0..4)
+        .map(|_| {
+            let config = config.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let conn = virt::connect::Connect::open(Some("qemu:///system")).expect("connect");
+                barrier.wait();
+                ensure_rbd_pool(&conn, &config)
+                    .map(|(_, access)| access.secret_uuid)
+                    .map_err(|error| error.to_string())
+            })
+        })
+        .collect();
+    let uuids: Vec<String> = setups
+        .into_iter()
+        .map(|setup| {
+            setup
+                .join()
+                .expect("setup thread")
+                .expect("every start gets the pool")
+        })
+        .collect();
+    assert!(uuids.iter().all(|uuid| *uuid == uuids[0]), "{uuids:?}");
+    let secrets = String::from_utf8_lossy(&virsh(&["secret-list"]).stdout).into_owned();
+    assert_eq!(
+        secrets
+            .lines()
+            .filter(|line| line.contains(name.as_str()))
+            .count(),
+        1,
+        "{secrets}"
+    );
+}
+
 /// Deletes an operator's RBD image (with libvirt's clone snapshots) through
 /// the libvirt pool, else with the rbd CLI.
 struct SourceImageGuard {

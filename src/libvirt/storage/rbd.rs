@@ -135,6 +135,13 @@ pub fn ensure_rbd_pool(
     // First, and cheap (a TCP connect): a silent cluster fails within
     // seconds instead of libvirt's 30 s, and nothing is defined for it.
     probe_monitors(config)?;
+    // Starts run in parallel: two first starts on this pool would both find
+    // no secret (or pool) and both define one, and the second definition
+    // fails. Setting it up is quick once the monitors answer.
+    let setup = named_lock(format!("setup:{name}"));
+    let _setting_up = setup
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let secret_uuid = ensure_secret(conn, config)?;
     let pool = match conn.lookup_storage_pool_by_name(name) {
         Ok(pool) => {
@@ -495,6 +502,11 @@ const PARENT_WAIT: Duration = Duration::from_secs(60);
 /// One lock per parent in this process: uploading, cloning and deleting a
 /// parent do not overlap.
 fn parent_lock(pool: &str, parent: &str) -> std::sync::Arc<std::sync::Mutex<()>> {
+    named_lock(format!("parent:{pool}/{parent}"))
+}
+
+/// A process-wide lock for `key`, made on first use.
+fn named_lock(key: String) -> std::sync::Arc<std::sync::Mutex<()>> {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
     static LOCKS: OnceLock<Mutex<HashMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
@@ -502,7 +514,7 @@ fn parent_lock(pool: &str, parent: &str) -> std::sync::Arc<std::sync::Mutex<()>>
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    locks.entry(format!("{pool}/{parent}")).or_default().clone()
+    locks.entry(key).or_default().clone()
 }
 
 fn find(pool: &Pool, name: &str) -> Result<Option<Volume>, StorageError> {
