@@ -709,7 +709,7 @@ fn the_secret_and_the_rbd_pool_are_idempotent_and_follow_the_config() {
 #[test]
 fn concurrent_first_setups_of_an_rbd_pool_all_succeed() {
     use nomad_driver_virt::config::plugin::{CephHost, CephKey, CephPool};
-    use nomad_driver_virt::libvirt::storage::rbd::ensure_rbd_pool;
+    use nomad_driver_virt::libvirt::storage::rbd::{ensure_rbd_pool, ensure_secret};
 
     if !common::host_ready(NEEDS) {
         return;
@@ -759,6 +759,35 @@ fn concurrent_first_setups_of_an_rbd_pool_all_succeed() {
         1,
         "{secrets}"
     );
+
+    // Two plugin processes do not share that lock: the secret's setup,
+    // called without it, still ends with one secret for all.
+    let other = CephPool {
+        name: vm::unique("ndvtest-cephrace-"),
+        ..config
+    };
+    let _other_pools = CephPoolsGuard(vec![other.name.clone()]);
+    let setups: Vec<_> = (0..4)
+        .map(|_| {
+            let other = other.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let conn = virt::connect::Connect::open(Some("qemu:///system")).expect("connect");
+                barrier.wait();
+                ensure_secret(&conn, &other).map_err(|error| error.to_string())
+            })
+        })
+        .collect();
+    let uuids: Vec<String> = setups
+        .into_iter()
+        .map(|setup| {
+            setup
+                .join()
+                .expect("thread")
+                .expect("every setup gets the secret")
+        })
+        .collect();
+    assert!(uuids.iter().all(|uuid| *uuid == uuids[0]), "{uuids:?}");
 }
 
 /// Deletes an operator's RBD image (with libvirt's clone snapshots) through

@@ -110,9 +110,15 @@ pub fn ensure_secret(conn: &Connect, pool: &CephPool) -> Result<String, StorageE
     let usage_type = virt::sys::VIR_SECRET_USAGE_TYPE_CEPH as i32;
     let secret = match conn.lookup_secret_by_usage(usage_type, &usage) {
         Ok(secret) => secret,
-        Err(error) if has_code(&error, ErrorNumber::NoSecret) => conn
-            .define_secret_xml(&secret_xml(None, &usage), 0)
-            .map_err(|e| fail("defining the secret", e))?,
+        Err(error) if has_code(&error, ErrorNumber::NoSecret) => {
+            match conn.define_secret_xml(&secret_xml(None, &usage), 0) {
+                Ok(secret) => secret,
+                // Another process defined it meanwhile.
+                Err(define_error) => conn
+                    .lookup_secret_by_usage(usage_type, &usage)
+                    .map_err(|_| fail("defining the secret", define_error))?,
+            }
+        }
         Err(error) => return Err(fail("looking up the secret", error)),
     };
     secret
@@ -135,43 +141,7 @@ pub fn ensure_rbd_pool(
     // First, and cheap (a TCP connect): a silent cluster fails within
     // seconds instead of libvirt's 30 s, and nothing is defined for it.
     probe_monitors(config)?;
-    // Starts run in parallel: two first starts on this pool would both find
-    // no secret (or pool) and both define one, and the second definition
-    // fails. Setting it up is quick once the monitors answer.
-    let setup = named_lock(format!("setup:{name}"));
-    let _setting_up = setup
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let secret_uuid = ensure_secret(conn, config)?;
-    let pool = match conn.lookup_storage_pool_by_name(name) {
-        Ok(pool) => {
-            if !matches_config(&pool, config, &secret_uuid)? {
-                // Redefine with the new hosts/pool/user: stop it first, as
-                // libvirt keeps the running definition until then.
-                if pool.is_active().unwrap_or(false) {
-                    pool.destroy().map_err(|e| {
-                        StorageError::pool(name, "stopping the pool to update it", e)
-                    })?;
-                }
-                // Same UUID, or libvirt refuses the definition.
-                let uuid = pool
-                    .uuid_string()
-                    .map_err(|e| StorageError::pool(name, "reading the pool UUID", e))?;
-                tracing::info!(pool = %name, "updating the rbd pool to the plugin config");
-                conn_define(conn, name, &rbd_pool_xml(config, &secret_uuid, Some(&uuid)))?
-            } else {
-                pool
-            }
-        }
-        Err(error) if has_code(&error, ErrorNumber::NoStoragePool) => {
-            let pool = conn_define(conn, name, &rbd_pool_xml(config, &secret_uuid, None))?;
-            if let Err(error) = pool.set_autostart(true) {
-                tracing::warn!(pool = %name, error = %error, "could not mark the storage pool autostart");
-            }
-            pool
-        }
-        Err(error) => return Err(StorageError::pool(name, "looking up the pool", error)),
-    };
+    let (pool, secret_uuid) = define_secret_and_pool(conn, config)?;
     let active = pool
         .is_active()
         .map_err(|e| StorageError::pool(name, "checking whether the pool is active", e))?;
@@ -210,6 +180,63 @@ pub fn ensure_rbd_pool(
             secret_uuid,
         },
     ))
+}
+
+/// Finds or defines the pool's secret and the libvirt pool (redefined when
+/// the config changed); returns the pool, not started, and the secret's
+/// UUID.
+fn define_secret_and_pool(
+    conn: &Connect,
+    config: &CephPool,
+) -> Result<(StoragePool, String), StorageError> {
+    let name = &config.name;
+    // Starts run in parallel: two first starts on this pool would both find
+    // no secret (or pool) and both define one, and the second definition
+    // fails. Held only for these quick definitions, not while the pool
+    // starts or refreshes (which waits on the cluster). Another plugin
+    // process is covered by looking up again after a failed definition.
+    let setup = named_lock(format!("setup:{name}"));
+    let _setting_up = setup
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let secret_uuid = ensure_secret(conn, config)?;
+    let pool = match conn.lookup_storage_pool_by_name(name) {
+        Ok(pool) => {
+            if !matches_config(&pool, config, &secret_uuid)? {
+                // Redefine with the new hosts/pool/user: stop it first, as
+                // libvirt keeps the running definition until then.
+                if pool.is_active().unwrap_or(false) {
+                    pool.destroy().map_err(|e| {
+                        StorageError::pool(name, "stopping the pool to update it", e)
+                    })?;
+                }
+                // Same UUID, or libvirt refuses the definition.
+                let uuid = pool
+                    .uuid_string()
+                    .map_err(|e| StorageError::pool(name, "reading the pool UUID", e))?;
+                tracing::info!(pool = %name, "updating the rbd pool to the plugin config");
+                conn_define(conn, name, &rbd_pool_xml(config, &secret_uuid, Some(&uuid)))?
+            } else {
+                pool
+            }
+        }
+        Err(error) if has_code(&error, ErrorNumber::NoStoragePool) => {
+            match conn_define(conn, name, &rbd_pool_xml(config, &secret_uuid, None)) {
+                Ok(pool) => {
+                    if let Err(error) = pool.set_autostart(true) {
+                        tracing::warn!(pool = %name, error = %error, "could not mark the storage pool autostart");
+                    }
+                    pool
+                }
+                // Another process defined it meanwhile.
+                Err(define_error) => conn
+                    .lookup_storage_pool_by_name(name)
+                    .map_err(|_| define_error)?,
+            }
+        }
+        Err(error) => return Err(StorageError::pool(name, "looking up the pool", error)),
+    };
+    Ok((pool, secret_uuid))
 }
 
 fn conn_define(conn: &Connect, name: &str, xml: &str) -> Result<StoragePool, StorageError> {
