@@ -208,13 +208,7 @@ disk {{
 }}
 "#
     );
-    let task = alloc.task_config(
-        plugin
-            .encode_task_config(&job, &HashMap::new())
-            .await
-            .expect("encode"),
-        256,
-    );
+    let task = alloc.task(&plugin, &job, 256).await;
     let task_id = task.id.clone();
     let domain = vm::domain_name_of(&task);
     // Dropped after the domain guards (declared later), so no domain
@@ -334,13 +328,7 @@ disk {{
     );
     // Its own alloc: a task dir (and console log) of its own.
     let second_alloc = Alloc::new("ceph2");
-    let second = second_alloc.task_config(
-        plugin
-            .encode_task_config(&second_job, &HashMap::new())
-            .await
-            .expect("encode"),
-        128,
-    );
+    let second = second_alloc.task(&plugin, &second_job, 128).await;
     let second_id = second.id.clone();
     let second_domain = vm::domain_name_of(&second);
     let _second_guard = DomainGuard(second_domain.clone());
@@ -416,13 +404,7 @@ async fn a_wrong_key_or_a_silent_monitor_fail_clearly_and_directory_pools_still_
         let job = format!(
             "disk {{\n  pool = \"{pool}\"\n  source {{\n    image = \"guest.qcow2\"\n  }}\n}}\n"
         );
-        let task = alloc.task_config(
-            plugin
-                .encode_task_config(&job, &HashMap::new())
-                .await
-                .expect("encode"),
-            128,
-        );
+        let task = alloc.task(&plugin, &job, 128).await;
         let domain = vm::domain_name_of(&task);
         let _guard = DomainGuard(domain.clone());
         let started = Instant::now();
@@ -468,13 +450,7 @@ async fn a_wrong_key_or_a_silent_monitor_fail_clearly_and_directory_pools_still_
 
     // A directory-pool task still starts.
     let job = "disk {\n  source {\n    image = \"guest.qcow2\"\n  }\n}\n";
-    let task = alloc.task_config(
-        plugin
-            .encode_task_config(job, &HashMap::new())
-            .await
-            .expect("encode"),
-        128,
-    );
+    let task = alloc.task(&plugin, job, 128).await;
     let task_id = task.id.clone();
     let domain = vm::domain_name_of(&task);
     let _guard = DomainGuard(domain.clone());
@@ -547,13 +523,7 @@ async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
     // Refused before anything is made: RBD images are raw.
     let bad =
         format!("disk {{\n  pool = \"{pool}\"\n  format = \"qcow2\"\n  size = \"8MiB\"\n}}\n");
-    let task = alloc.task_config(
-        plugin
-            .encode_task_config(&bad, &HashMap::new())
-            .await
-            .expect("encode"),
-        128,
-    );
+    let task = alloc.task(&plugin, &bad, 128).await;
     let domain = vm::domain_name_of(&task);
     let error = vm::start(&plugin, task).await.expect_err("qcow2 in RBD");
     assert!(
@@ -572,13 +542,7 @@ async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
     let job = format!(
         "disk {{\n  chained = true\n  pool = \"{pool}\"\n  source {{\n    image = \"crash.img\"\n  }}\n}}\n"
     );
-    let task = alloc.task_config(
-        crashing
-            .encode_task_config(&job, &HashMap::new())
-            .await
-            .expect("encode"),
-        128,
-    );
+    let task = alloc.task(&crashing, &job, 128).await;
     let domain = vm::domain_name_of(&task);
     let _guard = DomainGuard(domain.clone());
     assert!(
@@ -850,13 +814,7 @@ async fn an_operators_rbd_volume_is_copied_or_cloned() {
         "disk {{\n  pool = \"{pool}\"\n  size = \"32MiB\"\n  source {{\n    volume = \"{source}\"\n  }}\n}}\n\
          disk {{\n  pool = \"{pool}\"\n  chained = true\n  source {{\n    volume = \"{source}\"\n  }}\n}}\n"
     );
-    let task = alloc.task_config(
-        plugin
-            .encode_task_config(&job, &HashMap::new())
-            .await
-            .expect("encode"),
-        128,
-    );
+    let task = alloc.task(&plugin, &job, 128).await;
     let task_id = task.id.clone();
     let domain = vm::domain_name_of(&task);
     let _guard = DomainGuard(domain.clone());
@@ -884,13 +842,7 @@ async fn an_operators_rbd_volume_is_copied_or_cloned() {
     let again = format!(
         "disk {{\n  pool = \"{pool}\"\n  source {{\n    volume = \"{domain}_vda.img\"\n  }}\n}}\n"
     );
-    let other = alloc.task_config(
-        plugin
-            .encode_task_config(&again, &HashMap::new())
-            .await
-            .expect("encode"),
-        128,
-    );
+    let other = alloc.task(&plugin, &again, 128).await;
     let error = vm::start(&plugin, other)
         .await
         .expect_err("another task's disk");
@@ -972,13 +924,7 @@ async fn a_failed_parent_upload_removes_the_parent_and_blocks_nothing() {
         "disk {{\n  chained = true\n  pool = \"{pool}\"\n  source {{\n    image = \"corrupt.qcow2\"\n  }}\n}}\n"
     );
     for attempt in 0..2 {
-        let task = alloc.task_config(
-            plugin
-                .encode_task_config(&job, &HashMap::new())
-                .await
-                .expect("encode"),
-            128,
-        );
+        let task = alloc.task(&plugin, &job, 128).await;
         let domain = vm::domain_name_of(&task);
         let _guard = DomainGuard(domain.clone());
         let _images = RbdImagesGuard {

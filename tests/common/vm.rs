@@ -148,6 +148,17 @@ impl Alloc {
     }
 
     /// What Nomad's client would send for this task.
+    /// The task the task-config HCL `job` describes, encoded by the plugin
+    /// as Nomad's client would, in this allocation.
+    #[allow(dead_code)] // not every test binary starts tasks from HCL
+    pub async fn task(&self, plugin: &PluginClient, job: &str, memory_mb: i64) -> TaskConfig {
+        let msgpack = plugin
+            .encode_task_config(job, &HashMap::new())
+            .await
+            .expect("the plugin encodes the task config");
+        self.task_config(msgpack, memory_mb)
+    }
+
     pub fn task_config(&self, msgpack: Vec<u8>, memory_mb: i64) -> TaskConfig {
         let task_id = format!("{}/{}/{}", self.alloc_id, self.task_name, short_id());
         self.task_ids
