@@ -867,6 +867,107 @@ async fn an_operators_rbd_volume_is_copied_or_cloned() {
     assert!(rbd_images().contains(&source), "the operator's image stays");
 }
 
+/// A chained disk whose shared parent another host is still uploading (an
+/// image of that name without its `.done` marker) waits, then copies the
+/// image into the disk; the task runs, and its destroy leaves that parent
+/// alone: it is the other host's to finish or delete (the teardown used to
+/// name it, and deleted it here, where nothing held it open).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chained_disk_copies_when_the_parent_stays_unfinished_and_leaves_that_parent_alone() {
+    use nomad_driver_virt::libvirt::storage::rbd::{
+        ensure_rbd_pool, shared_parent_name, PARENT_WAIT_ENV,
+    };
+    use nomad_driver_virt::nomad_client::LaunchOptions;
+    use nomad_driver_virt::storage::images::ImageFormat;
+    use nomad_driver_virt::storage::parent_key::key_of_file;
+
+    if !common::host_ready(NEEDS) {
+        return;
+    }
+    let alloc = Alloc::new("cephwait");
+    let pool = vm::unique("ndvtest-cephwait-");
+    let _pools = CephPoolsGuard(vec![pool.clone()]);
+    let mut bytes = vec![0u8; 4 << 20];
+    let mark = vm::unique("ndvtest-wait-");
+    bytes[..mark.len()].copy_from_slice(mark.as_bytes());
+    let image = alloc.task_dir().join("wait.img");
+    std::fs::write(&image, bytes).expect("write wait.img");
+    let (content_key, _) =
+        key_of_file(&std::fs::File::open(&image).expect("open")).expect("content key");
+    let parent = shared_parent_name(ImageFormat::Raw, &content_key);
+
+    // The other host's upload under way: the parent, no marker.
+    let conn = virt::connect::Connect::open(Some("qemu:///system")).expect("connect");
+    let ceph = nomad_driver_virt::config::plugin::CephPool {
+        name: pool.clone(),
+        pool: CEPH_POOL.into(),
+        hosts: vec![nomad_driver_virt::config::plugin::CephHost {
+            name: "127.0.0.1".into(),
+            port: Some(6789),
+        }],
+        username: CEPH_USER.into(),
+        key: nomad_driver_virt::config::plugin::CephKey::new(key()),
+    };
+    ensure_rbd_pool(&conn, &ceph).expect("the rbd pool");
+    drop(conn);
+    let made = virsh(&["vol-create-as", &pool, &parent, "4M"]);
+    assert!(made.status.success(), "{made:?}");
+    let _parent = SourceImageGuard {
+        pool: pool.clone(),
+        image: parent.clone(),
+    };
+
+    let plugin = common::launch_with(LaunchOptions {
+        env: vec![(PARENT_WAIT_ENV.to_string(), "3".to_string())],
+        ..LaunchOptions::default()
+    })
+    .await;
+    plugin
+        .set_config_hcl(
+            &config_with(&alloc, &ceph_block(&pool, "\"127.0.0.1:6789\"", &key())),
+            None,
+        )
+        .await
+        .expect("set config");
+    let job = format!(
+        "disk {{\n  chained = true\n  pool = \"{pool}\"\n  source {{\n    image = \"wait.img\"\n  }}\n}}\n"
+    );
+    let task = alloc.task(&plugin, &job, 128).await;
+    let task_id = task.id.clone();
+    let domain = vm::domain_name_of(&task);
+    let _images = RbdImagesGuard {
+        pool: pool.clone(),
+        domains: vec![domain.clone()],
+    };
+    let _guard = DomainGuard(domain.clone());
+    tokio::time::timeout(Duration::from_secs(120), vm::start(&plugin, task))
+        .await
+        .expect("the start does not hang")
+        .expect("StartTask copies instead of waiting for ever");
+    let disk = format!("{domain}_vda.img");
+    let info = rbd_info(&disk);
+    assert!(info.contains("size 4 MiB"), "{info}");
+    assert!(!info.contains("parent:"), "a copy, not a clone: {info}");
+    assert!(rbd_images().contains(&parent));
+
+    plugin
+        .driver()
+        .destroy_task(DestroyTaskRequest {
+            task_id,
+            force: true,
+        })
+        .await
+        .expect("DestroyTask");
+    let images = rbd_images();
+    assert!(!images.contains(&disk), "{images:?}");
+    assert!(
+        images.contains(&parent),
+        "the other host's parent must stay: {images:?}"
+    );
+    assert!(!images.contains(&format!("{parent}.done")), "{images:?}");
+    let _ = plugin.kill().await;
+}
+
 /// A chained disk whose upload into a new shared parent fails (a qcow2
 /// whose header checks out but whose L2 table offset is corrupt, so
 /// qemu-img stops with an I/O error mid-conversion): the start fails with

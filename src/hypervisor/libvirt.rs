@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{
     CreatedDisk, DomainCounters, DomainState, HostFacts, Hypervisor, HypervisorError, RbdContent,
-    SourceVolumeFacts, VolumeContent,
+    RbdMade, SourceVolumeFacts, VolumeContent,
 };
 use crate::config::plugin::{CephPool, DirectoryPool};
 use crate::libvirt::conn::Connect;
@@ -173,9 +173,10 @@ impl Hypervisor for LibvirtHypervisor {
         config: &CephPool,
         name: &str,
         content: RbdContent<'_>,
-    ) -> Result<(), HypervisorError> {
+    ) -> Result<RbdMade, HypervisorError> {
         self.with(|conn| {
             let pool = pool(conn, &config.name)?;
+            let mut made = RbdMade::AsAsked;
             match content {
                 RbdContent::Empty { size } => {
                     storage::rbd::create_rbd_volume(&pool, name, size)?;
@@ -194,7 +195,7 @@ impl Hypervisor for LibvirtHypervisor {
                     parent,
                     size,
                 } => {
-                    storage::rbd::clone_shared_parent(
+                    let shared = storage::rbd::clone_shared_parent(
                         config,
                         &pool,
                         image,
@@ -203,6 +204,9 @@ impl Hypervisor for LibvirtHypervisor {
                         name,
                         size,
                     )?;
+                    if shared == storage::rbd::SharedDisk::CopiedWithoutParent {
+                        made = RbdMade::CopiedWithoutParent;
+                    }
                 }
                 RbdContent::Copy { source, size } => {
                     storage::rbd::copy_rbd_volume(config, &pool, source, name, size)?;
@@ -212,7 +216,7 @@ impl Hypervisor for LibvirtHypervisor {
                     storage::rbd::clone_rbd_volume(&pool, &parent, name, size)?;
                 }
             }
-            Ok(())
+            Ok(made)
         })
     }
 

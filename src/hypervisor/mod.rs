@@ -115,6 +115,17 @@ pub enum RbdContent<'a> {
     Copy { source: &'a str, size: u64 },
 }
 
+/// What [`Hypervisor::create_rbd_volume`] made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RbdMade {
+    /// The content asked for.
+    AsAsked,
+    /// [`RbdContent::Shared`] whose parent another host was still
+    /// uploading: the image was copied into the volume instead, and the
+    /// parent is not this disk's (its teardown must leave it alone).
+    CopiedWithoutParent,
+}
+
 /// A volume the driver made for a disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreatedDisk {
@@ -192,7 +203,7 @@ pub trait Hypervisor: Send + Sync + 'static {
         pool: &CephPool,
         name: &str,
         content: RbdContent<'_>,
-    ) -> Result<(), HypervisorError>;
+    ) -> Result<RbdMade, HypervisorError>;
     /// Bytes free in a prepared pool (libvirt's pool info, after a refresh).
     fn pool_available(&self, pool: &str) -> Result<u64, HypervisorError>;
     /// Whether libvirt has network filter `name`; `None` on libvirt's test

@@ -23,7 +23,7 @@ use crate::config::task::{
     self as task_config, hostname_from_task_name, DiskKind, DiskSource as ConfigDiskSource,
 };
 use crate::faults::crash_point;
-use crate::hypervisor::{Hypervisor, RbdContent, VolumeContent};
+use crate::hypervisor::{Hypervisor, RbdContent, RbdMade, VolumeContent};
 use crate::libvirt::domain_xml::{
     DiskBus, DiskDevice, DiskSource, DiskSpec, DomainMetadata, DomainSpec, DomainType,
     InterfaceSpec, ShareDriver, ShareSpec,
@@ -127,6 +127,15 @@ impl<'a> Rollback<'a> {
             name: name.to_string(),
         };
         Ok(self.record.update(|record| record.volumes.push(volume))?)
+    }
+
+    /// Takes back a recorded volume the start turned out not to make.
+    fn forget_volume(&mut self, pool: &str, name: &str) -> Result<(), TaskError> {
+        Ok(self.record.update(|record| {
+            record
+                .volumes
+                .retain(|volume| volume.pool != pool || volume.name != name);
+        })?)
     }
 
     fn domain(&mut self) -> Result<(), TaskError> {
@@ -532,7 +541,7 @@ fn create_rbd_disk(
                 let parent = crate::libvirt::storage::rbd::shared_parent_name(image_format, &key);
                 rollback.volume(pool, &parent)?;
                 rollback.volume(pool, name)?;
-                hypervisor
+                let made = hypervisor
                     .create_rbd_volume(
                         config,
                         name,
@@ -544,6 +553,10 @@ fn create_rbd_disk(
                         },
                     )
                     .map_err(|e| TaskError::from(e).in_field(&image_field))?;
+                if made == RbdMade::CopiedWithoutParent {
+                    // Another host's parent: its teardown is that host's.
+                    rollback.forget_volume(pool, &parent)?;
+                }
             } else {
                 rollback.volume(pool, name)?;
                 hypervisor

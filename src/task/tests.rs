@@ -208,7 +208,7 @@ impl Hypervisor for TestHypervisor {
         pool: &crate::config::plugin::CephPool,
         name: &str,
         content: crate::hypervisor::RbdContent<'_>,
-    ) -> Result<(), HypervisorError> {
+    ) -> Result<crate::hypervisor::RbdMade, HypervisorError> {
         self.step("create_rbd_volume")?;
         self.inner.create_rbd_volume(pool, name, content)
     }

@@ -525,6 +525,28 @@ fn is_shared_parent(name: &str) -> bool {
 /// How long a start waits for another host to finish uploading a parent
 /// before it copies the image into its own volume instead.
 const PARENT_WAIT: Duration = Duration::from_secs(60);
+/// Overrides [`PARENT_WAIT`] in seconds (tests).
+pub const PARENT_WAIT_ENV: &str = "NOMAD_DRIVER_VIRT_CEPH_PARENT_WAIT";
+
+/// The wait for another host's parent in force.
+fn parent_wait() -> Duration {
+    std::env::var(PARENT_WAIT_ENV)
+        .ok()
+        .and_then(|text| text.parse::<f64>().ok())
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .unwrap_or(PARENT_WAIT)
+}
+
+/// How [`clone_shared_parent`] made a chained disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedDisk {
+    /// An RBD clone of the shared parent (found finished, or uploaded now).
+    Cloned,
+    /// The parent stayed unfinished past the wait (another host still
+    /// uploading it): the image was copied into the disk, and the parent
+    /// is not this disk's to delete.
+    CopiedWithoutParent,
+}
 
 /// One lock per parent in this process: uploading, cloning and deleting a
 /// parent do not overlap.
@@ -568,7 +590,7 @@ pub fn clone_shared_parent(
     parent: &str,
     name: &str,
     size: u64,
-) -> Result<Volume, StorageError> {
+) -> Result<SharedDisk, StorageError> {
     let lock = parent_lock(&pool.name, parent);
     let _held = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let marker = done_marker(parent);
@@ -578,18 +600,22 @@ pub fn clone_shared_parent(
     refresh();
     let mut existing = find(pool, parent)?;
     let waited = std::time::Instant::now();
-    while existing.is_some() && find(pool, &marker)?.is_none() && waited.elapsed() < PARENT_WAIT {
+    let wait = parent_wait();
+    while existing.is_some() && find(pool, &marker)?.is_none() && waited.elapsed() < wait {
         std::thread::sleep(Duration::from_secs(2));
         refresh();
         existing = find(pool, parent)?;
     }
     match (existing, find(pool, &marker)?) {
-        (Some(parent), Some(_)) => clone_rbd_volume(pool, &parent, name, size),
+        (Some(parent), Some(_)) => {
+            clone_rbd_volume(pool, &parent, name, size)?;
+            Ok(SharedDisk::Cloned)
+        }
         (Some(_), None) => {
             tracing::warn!(pool = %pool.name, parent, "a shared parent stays unfinished (another host's upload, or an interrupted one); copying the image instead");
             let volume = create_rbd_volume(pool, name, size)?;
             write_image(config, &volume, image, image_format)?;
-            Ok(volume)
+            Ok(SharedDisk::CopiedWithoutParent)
         }
         (None, _) => {
             // Uploaded from a private copy, hashed again: the parent then
@@ -639,7 +665,8 @@ pub fn clone_shared_parent(
                     return Err(error);
                 }
             }
-            clone_rbd_volume(pool, &made, name, size)
+            clone_rbd_volume(pool, &made, name, size)?;
+            Ok(SharedDisk::Cloned)
         }
     }
 }
