@@ -204,8 +204,8 @@ impl Hypervisor for LibvirtHypervisor {
                         name,
                         size,
                     )?;
-                    if shared == storage::rbd::SharedDisk::CopiedWithoutParent {
-                        made = RbdMade::CopiedWithoutParent;
+                    if shared == storage::rbd::SharedDisk::ParentUnfinished {
+                        made = RbdMade::ParentUnfinished;
                     }
                 }
                 RbdContent::Copy { source, size } => {

@@ -121,9 +121,10 @@ pub enum RbdMade {
     /// The content asked for.
     AsAsked,
     /// [`RbdContent::Shared`] whose parent another host was still
-    /// uploading: the image was copied into the volume instead, and the
-    /// parent is not this disk's (its teardown must leave it alone).
-    CopiedWithoutParent,
+    /// uploading: nothing was made. The parent is not this disk's (its
+    /// teardown must leave it alone); make the disk as
+    /// [`RbdContent::Image`] instead.
+    ParentUnfinished,
 }
 
 /// A volume the driver made for a disk.

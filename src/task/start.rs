@@ -129,12 +129,17 @@ impl<'a> Rollback<'a> {
         Ok(self.record.update(|record| record.volumes.push(volume))?)
     }
 
-    /// Takes back a recorded volume the start turned out not to make.
+    /// Takes back the last record of a volume the start turned out not to
+    /// make (an earlier disk may have recorded the same one for itself).
     fn forget_volume(&mut self, pool: &str, name: &str) -> Result<(), TaskError> {
         Ok(self.record.update(|record| {
-            record
+            let last = record
                 .volumes
-                .retain(|volume| volume.pool != pool || volume.name != name);
+                .iter()
+                .rposition(|volume| volume.pool == pool && volume.name == name);
+            if let Some(last) = last {
+                record.volumes.remove(last);
+            }
         })?)
     }
 
@@ -553,9 +558,21 @@ fn create_rbd_disk(
                         },
                     )
                     .map_err(|e| TaskError::from(e).in_field(&image_field))?;
-                if made == RbdMade::CopiedWithoutParent {
-                    // Another host's parent: its teardown is that host's.
+                if made == RbdMade::ParentUnfinished {
+                    // Another host's parent, still being uploaded: never
+                    // this task's to delete, even if the copy fails.
                     rollback.forget_volume(pool, &parent)?;
+                    hypervisor
+                        .create_rbd_volume(
+                            config,
+                            name,
+                            RbdContent::Image {
+                                image,
+                                image_format,
+                                size,
+                            },
+                        )
+                        .map_err(|e| TaskError::from(e).in_field(&image_field))?;
                 }
             } else {
                 rollback.volume(pool, name)?;

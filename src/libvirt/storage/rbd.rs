@@ -543,9 +543,9 @@ pub enum SharedDisk {
     /// An RBD clone of the shared parent (found finished, or uploaded now).
     Cloned,
     /// The parent stayed unfinished past the wait (another host still
-    /// uploading it): the image was copied into the disk, and the parent
-    /// is not this disk's to delete.
-    CopiedWithoutParent,
+    /// uploading it): nothing was made. The disk is to be a copy of the
+    /// image instead, and the parent is not this disk's to delete.
+    ParentUnfinished,
 }
 
 /// One lock per parent in this process: uploading, cloning and deleting a
@@ -579,8 +579,8 @@ fn find(pool: &Pool, name: &str) -> Result<Option<Volume>, StorageError> {
 /// finished one exists. The upload is from a private copy of the image
 /// whose digest must be the one in the parent's name, else nothing is
 /// made. A parent another host is
-/// still writing is waited for; after [`PARENT_WAIT`] the image is copied
-/// into `name` instead (a full copy, no sharing).
+/// still writing is waited for; after [`PARENT_WAIT`] nothing is made and
+/// [`SharedDisk::ParentUnfinished`] says so (the caller copies the image).
 #[allow(clippy::too_many_arguments)]
 pub fn clone_shared_parent(
     config: &CephPool,
@@ -612,10 +612,14 @@ pub fn clone_shared_parent(
             Ok(SharedDisk::Cloned)
         }
         (Some(_), None) => {
-            tracing::warn!(pool = %pool.name, parent, "a shared parent stays unfinished (another host's upload, or an interrupted one); copying the image instead");
-            let volume = create_rbd_volume(pool, name, size)?;
-            write_image(config, &volume, image, image_format)?;
-            Ok(SharedDisk::CopiedWithoutParent)
+            tracing::warn!(
+                pool = %pool.name,
+                parent,
+                "a shared parent stays unfinished (another host's upload, or one whose host \
+                 died); the disk gets a copy of the image instead. If no host is uploading it, \
+                 remove it with `rbd rm <ceph pool>/{parent}`"
+            );
+            Ok(SharedDisk::ParentUnfinished)
         }
         (None, _) => {
             // Uploaded from a private copy, hashed again: the parent then
