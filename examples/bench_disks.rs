@@ -123,7 +123,7 @@ fn main() -> Result<(), BoxError> {
         shape.image_size / MIB,
         shape.image_size / 2 / MIB,
         common::profile(),
-        load_average()
+        common::load_average()
     );
     println!();
     println!("| method | pool file system | wall time (s) | first task (s) | later tasks, median (s) | allocated by the pool's files (st_blocks) | file system space used (statvfs delta) |");
@@ -153,17 +153,6 @@ fn mib(bytes: i128) -> String {
 fn which(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// The image: `size` bytes, 1 MiB of pseudo-random data at every other MiB.

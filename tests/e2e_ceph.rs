@@ -76,6 +76,30 @@ fn parent_of(image: &std::path::Path, format: ImageFormat) -> String {
     nomad_driver_virt::libvirt::storage::rbd::shared_parent_name(format, &content_key)
 }
 
+/// libvirt pool `name` on the test cluster's pool, as the test user.
+fn local_ceph_pool(name: &str) -> nomad_driver_virt::config::plugin::CephPool {
+    use nomad_driver_virt::config::plugin::{CephHost, CephKey, CephPool};
+    CephPool {
+        name: name.to_string(),
+        pool: CEPH_POOL.into(),
+        hosts: vec![CephHost {
+            name: "127.0.0.1".into(),
+            port: Some(6789),
+        }],
+        username: CEPH_USER.into(),
+        key: CephKey::new(key()),
+    }
+}
+
+/// A 4 MiB raw image at `path` whose content no other test has (its first
+/// bytes are a unique mark), so its shared parent is the caller's alone.
+fn write_unique_image(path: &std::path::Path, mark_prefix: &str) {
+    let mut bytes = vec![0u8; 4 << 20];
+    let mark = vm::unique(mark_prefix);
+    bytes[..mark.len()].copy_from_slice(mark.as_bytes());
+    std::fs::write(path, bytes).expect("write the image");
+}
+
 fn key() -> String {
     std::fs::read_to_string(CEPH_KEY_FILE)
         .expect("read the key")
@@ -542,10 +566,7 @@ async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
 
     let crashing = launch(true).await;
     // An image of its own, so its shared parent is this test's alone.
-    let mut bytes = vec![0u8; 4 << 20];
-    let mark = vm::unique("ndvtest-crash-");
-    bytes[..mark.len()].copy_from_slice(mark.as_bytes());
-    std::fs::write(alloc.task_dir().join("crash.img"), bytes).expect("write crash.img");
+    write_unique_image(&alloc.task_dir().join("crash.img"), "ndvtest-crash-");
     let job = format!(
         "disk {{\n  chained = true\n  pool = \"{pool}\"\n  source {{\n    image = \"crash.img\"\n  }}\n}}\n"
     );
@@ -606,7 +627,7 @@ async fn rbd_images_of_an_unfinished_start_are_removed_by_the_next_plugin() {
 /// value (a wrong one makes the start fail, the right one works again).
 #[test]
 fn the_secret_and_the_rbd_pool_are_idempotent_and_follow_the_config() {
-    use nomad_driver_virt::config::plugin::{CephHost, CephKey, CephPool};
+    use nomad_driver_virt::config::plugin::{CephHost, CephKey};
     use nomad_driver_virt::libvirt::storage::rbd::ensure_rbd_pool;
 
     if !common::host_ready(NEEDS) {
@@ -619,13 +640,7 @@ fn the_secret_and_the_rbd_pool_are_idempotent_and_follow_the_config() {
         name: "127.0.0.1".into(),
         port: Some(port),
     };
-    let mut config = CephPool {
-        name: name.clone(),
-        pool: CEPH_POOL.into(),
-        hosts: vec![host(6789)],
-        username: CEPH_USER.into(),
-        key: CephKey::new(key()),
-    };
+    let mut config = local_ceph_pool(&name);
     let pool_xml = || String::from_utf8_lossy(&virsh(&["pool-dumpxml", &name]).stdout).into_owned();
     let pool_uuid = || {
         String::from_utf8_lossy(&virsh(&["pool-uuid", &name]).stdout)
@@ -679,7 +694,6 @@ fn the_secret_and_the_rbd_pool_are_idempotent_and_follow_the_config() {
 /// has not defined yet all get it, with one secret and one pool.
 #[test]
 fn concurrent_first_setups_of_an_rbd_pool_all_succeed() {
-    use nomad_driver_virt::config::plugin::{CephHost, CephKey, CephPool};
     use nomad_driver_virt::libvirt::storage::rbd::{ensure_rbd_pool, ensure_secret};
 
     if !common::host_ready(NEEDS) {
@@ -687,16 +701,7 @@ fn concurrent_first_setups_of_an_rbd_pool_all_succeed() {
     }
     let name = vm::unique("ndvtest-cephrace-");
     let _pools = CephPoolsGuard(vec![name.clone()]);
-    let config = CephPool {
-        name: name.clone(),
-        pool: CEPH_POOL.into(),
-        hosts: vec![CephHost {
-            name: "127.0.0.1".into(),
-            port: Some(6789),
-        }],
-        username: CEPH_USER.into(),
-        key: CephKey::new(key()),
-    };
+    let config = local_ceph_pool(&name);
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
     let setups: Vec<_> = (0..4)
         .map(|_| {
@@ -733,10 +738,7 @@ fn concurrent_first_setups_of_an_rbd_pool_all_succeed() {
 
     // Two plugin processes do not share that lock: the secret's setup,
     // called without it, still ends with one secret for all.
-    let other = CephPool {
-        name: vm::unique("ndvtest-cephrace-"),
-        ..config
-    };
+    let other = local_ceph_pool(&vm::unique("ndvtest-cephrace-"));
     let _other_pools = CephPoolsGuard(vec![other.name.clone()]);
     let setups: Vec<_> = (0..4)
         .map(|_| {
@@ -890,26 +892,13 @@ async fn a_chained_disk_copies_when_the_parent_stays_unfinished_and_leaves_that_
     let alloc = Alloc::new("cephwait");
     let pool = vm::unique("ndvtest-cephwait-");
     let _pools = CephPoolsGuard(vec![pool.clone()]);
-    let mut bytes = vec![0u8; 4 << 20];
-    let mark = vm::unique("ndvtest-wait-");
-    bytes[..mark.len()].copy_from_slice(mark.as_bytes());
     let image = alloc.task_dir().join("wait.img");
-    std::fs::write(&image, bytes).expect("write wait.img");
+    write_unique_image(&image, "ndvtest-wait-");
     let parent = parent_of(&image, ImageFormat::Raw);
 
     // The other host's upload under way: the parent, no marker.
     let conn = virt::connect::Connect::open(Some("qemu:///system")).expect("connect");
-    let ceph = nomad_driver_virt::config::plugin::CephPool {
-        name: pool.clone(),
-        pool: CEPH_POOL.into(),
-        hosts: vec![nomad_driver_virt::config::plugin::CephHost {
-            name: "127.0.0.1".into(),
-            port: Some(6789),
-        }],
-        username: CEPH_USER.into(),
-        key: nomad_driver_virt::config::plugin::CephKey::new(key()),
-    };
-    ensure_rbd_pool(&conn, &ceph).expect("the rbd pool");
+    ensure_rbd_pool(&conn, &local_ceph_pool(&pool)).expect("the rbd pool");
     drop(conn);
     let made = virsh(&["vol-create-as", &pool, &parent, "4M"]);
     assert!(made.status.success(), "{made:?}");

@@ -176,7 +176,6 @@ impl Hypervisor for LibvirtHypervisor {
     ) -> Result<RbdMade, HypervisorError> {
         self.with(|conn| {
             let pool = pool(conn, &config.name)?;
-            let mut made = RbdMade::AsAsked;
             match content {
                 RbdContent::Empty { size } => {
                     storage::rbd::create_rbd_volume(&pool, name, size)?;
@@ -195,7 +194,7 @@ impl Hypervisor for LibvirtHypervisor {
                     parent,
                     size,
                 } => {
-                    let shared = storage::rbd::clone_shared_parent(
+                    return Ok(storage::rbd::clone_shared_parent(
                         config,
                         &pool,
                         image,
@@ -203,10 +202,7 @@ impl Hypervisor for LibvirtHypervisor {
                         parent,
                         name,
                         size,
-                    )?;
-                    if shared == storage::rbd::SharedDisk::ParentUnfinished {
-                        made = RbdMade::ParentUnfinished;
-                    }
+                    )?);
                 }
                 RbdContent::Copy { source, size } => {
                     storage::rbd::copy_rbd_volume(config, &pool, source, name, size)?;
@@ -216,7 +212,7 @@ impl Hypervisor for LibvirtHypervisor {
                     storage::rbd::clone_rbd_volume(&pool, &parent, name, size)?;
                 }
             }
-            Ok(made)
+            Ok(RbdMade::AsAsked)
         })
     }
 

@@ -115,17 +115,9 @@ pub enum RbdContent<'a> {
     Copy { source: &'a str, size: u64 },
 }
 
-/// What [`Hypervisor::create_rbd_volume`] made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RbdMade {
-    /// The content asked for.
-    AsAsked,
-    /// [`RbdContent::Shared`] whose parent another host was still
-    /// uploading: nothing was made. The parent is not this disk's (its
-    /// teardown must leave it alone); make the disk as
-    /// [`RbdContent::Image`] instead.
-    ParentUnfinished,
-}
+/// What [`Hypervisor::create_rbd_volume`] made; after
+/// [`RbdMade::ParentUnfinished`], make the disk as [`RbdContent::Image`].
+pub use crate::libvirt::storage::rbd::RbdMade;
 
 /// A volume the driver made for a disk.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -534,7 +534,10 @@ fn create_rbd_disk(
             let size = cap
                 .or(disk.size.map(|size| size.0))
                 .ok_or_else(|| TaskError::Invalid(format!("{field}.size: is required")))?;
-            if disk.chained {
+            // A chained disk clones the shared parent; any other disk (or
+            // a chained one whose parent another host is still uploading)
+            // gets a copy of the image.
+            let copy_image = if disk.chained {
                 // Go's way: one parent per image (by its bytes' key) in
                 // the pool, each chained disk an RBD clone of it. Both are
                 // recorded: teardown deletes the clone, then the parent
@@ -560,22 +563,15 @@ fn create_rbd_disk(
                     .map_err(|e| TaskError::from(e).in_field(&image_field))?;
                 if made == RbdMade::ParentUnfinished {
                     // Another host's parent, still being uploaded: never
-                    // this task's to delete, even if the copy fails.
+                    // this task's to delete, even if the copy below fails.
                     rollback.forget_volume(pool, &parent)?;
-                    hypervisor
-                        .create_rbd_volume(
-                            config,
-                            name,
-                            RbdContent::Image {
-                                image,
-                                image_format,
-                                size,
-                            },
-                        )
-                        .map_err(|e| TaskError::from(e).in_field(&image_field))?;
                 }
+                made == RbdMade::ParentUnfinished
             } else {
                 rollback.volume(pool, name)?;
+                true
+            };
+            if copy_image {
                 hypervisor
                     .create_rbd_volume(
                         config,

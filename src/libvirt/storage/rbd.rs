@@ -537,14 +537,16 @@ fn parent_wait() -> Duration {
         .unwrap_or(PARENT_WAIT)
 }
 
-/// How [`clone_shared_parent`] made a chained disk.
+/// What creating an RBD volume made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SharedDisk {
-    /// An RBD clone of the shared parent (found finished, or uploaded now).
-    Cloned,
-    /// The parent stayed unfinished past the wait (another host still
-    /// uploading it): nothing was made. The disk is to be a copy of the
-    /// image instead, and the parent is not this disk's to delete.
+pub enum RbdMade {
+    /// The content asked for (for a chained disk: an RBD clone of the
+    /// shared parent, found finished or uploaded now).
+    AsAsked,
+    /// A chained disk whose shared parent stayed unfinished past the wait
+    /// (another host still uploading it): nothing was made. The disk is to
+    /// be a copy of the image instead, and the parent is not this disk's
+    /// to delete.
     ParentUnfinished,
 }
 
@@ -580,7 +582,7 @@ fn find(pool: &Pool, name: &str) -> Result<Option<Volume>, StorageError> {
 /// whose digest must be the one in the parent's name, else nothing is
 /// made. A parent another host is
 /// still writing is waited for; after [`PARENT_WAIT`] nothing is made and
-/// [`SharedDisk::ParentUnfinished`] says so (the caller copies the image).
+/// [`RbdMade::ParentUnfinished`] says so (the caller copies the image).
 #[allow(clippy::too_many_arguments)]
 pub fn clone_shared_parent(
     config: &CephPool,
@@ -590,7 +592,7 @@ pub fn clone_shared_parent(
     parent: &str,
     name: &str,
     size: u64,
-) -> Result<SharedDisk, StorageError> {
+) -> Result<RbdMade, StorageError> {
     let lock = parent_lock(&pool.name, parent);
     let _held = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let marker = done_marker(parent);
@@ -609,7 +611,7 @@ pub fn clone_shared_parent(
     match (existing, find(pool, &marker)?) {
         (Some(parent), Some(_)) => {
             clone_rbd_volume(pool, &parent, name, size)?;
-            Ok(SharedDisk::Cloned)
+            Ok(RbdMade::AsAsked)
         }
         (Some(_), None) => {
             tracing::warn!(
@@ -619,7 +621,7 @@ pub fn clone_shared_parent(
                  died); the disk gets a copy of the image instead. If no host is uploading it, \
                  remove it with `rbd rm <ceph pool>/{parent}`"
             );
-            Ok(SharedDisk::ParentUnfinished)
+            Ok(RbdMade::ParentUnfinished)
         }
         (None, _) => {
             // Uploaded from a private copy, hashed again: the parent then
@@ -670,7 +672,7 @@ pub fn clone_shared_parent(
                 }
             }
             clone_rbd_volume(pool, &made, name, size)?;
-            Ok(SharedDisk::Cloned)
+            Ok(RbdMade::AsAsked)
         }
     }
 }
